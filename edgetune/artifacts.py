@@ -1,0 +1,254 @@
+"""Artifacts on disk: every stage turns folders into a folder plus a small JSON record.
+
+The record (``edgetune.json`` in the output folder) says what made the artifact: the
+stage, the content hashes of its inputs, its options, library versions, timings and
+results. Its ``fingerprint`` (stage + input hashes + options + edgetune version) is what
+``edgetune build`` compares to skip a stage whose inputs did not change.
+
+Outputs are written to a temporary sibling folder and renamed into place only when the
+stage succeeded, so an interrupted stage never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from . import __version__
+
+RECORD_NAME = "edgetune.json"
+RECORD_FORMAT = 1
+_CHUNK = 1 << 20
+_hash_cache: dict[tuple[str, int, int], str] = {}
+
+# Libraries whose versions matter for reproducing an artifact. Read from package
+# metadata, never by importing them (importing torch on a device is not allowed).
+TRACKED_PACKAGES = (
+    "onnxruntime", "onnxruntime-genai", "onnx", "numpy", "tokenizers", "torch", "transformers",
+    "peft", "optimum", "optimum-onnx", "neural-compressor", "bitsandbytes", "accelerate",
+    "onnx-ir", "onnxscript", "gguf", "deepspeed",
+)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, cached per (path, size, mtime) within the process."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _hash_cache:
+        return _hash_cache[key]
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    _hash_cache[key] = digest
+    return digest
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def iter_files(root: Path, *, exclude: tuple[str, ...] = (RECORD_NAME,)) -> Iterator[Path]:
+    """Regular files below root in a stable order, skipping the record itself."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            if rel in exclude or p.is_symlink():
+                continue
+            yield p
+
+
+def hash_path(path: str | os.PathLike) -> str:
+    """Content hash of a file, or of a folder (relative names + file hashes; record excluded)."""
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    if not p.is_dir():
+        raise FileNotFoundError(str(p))
+    h = hashlib.sha256()
+    for f in iter_files(p):
+        h.update(f.relative_to(p).as_posix().encode())
+        h.update(b"\0")
+        h.update(sha256_file(f).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str]:
+    out = {"edgetune": __version__, "python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "system": platform.system(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import cpuinfo  # py-cpuinfo, pure python
+
+        info["cpu"] = cpuinfo.get_cpu_info().get("brand_raw")
+    except Exception:  # pragma: no cover - best effort only
+        info["cpu"] = platform.processor() or None
+    try:
+        import psutil
+
+        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except Exception:  # pragma: no cover
+        pass
+    return info
+
+
+def _canonical(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "model_dump"):
+        return _canonical(obj.model_dump(mode="json"))
+    return obj
+
+
+def fingerprint(stage: str, input_hashes: Mapping[str, str], options: Mapping[str, Any]) -> str:
+    payload = json.dumps(
+        {"stage": stage, "inputs": _canonical(input_hashes), "options": _canonical(options), "edgetune": __version__},
+        sort_keys=True,
+        default=str,
+    )
+    return sha256_bytes(payload.encode())
+
+
+def read_record(folder: str | os.PathLike) -> dict[str, Any] | None:
+    p = Path(folder) / RECORD_NAME
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(_canonical(data), indent=2, default=str) + "\n")
+    os.replace(tmp, p)
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out``; on success it replaces ``out`` atomically.
+
+    On any exception the temporary folder is removed and ``out`` is left untouched.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+@dataclass
+class StageRun:
+    """Handle given to a stage body: write files into ``dir``, put figures into ``results``."""
+
+    stage: str
+    out: Path
+    dir: Path
+    record: dict[str, Any]
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def input_hashes(inputs: Mapping[str, Any]) -> dict[str, str]:
+    """Hash each input: paths by content, anything else by its JSON form. None is skipped."""
+    hashes: dict[str, str] = {}
+    for name, value in inputs.items():
+        if value is None:
+            continue
+        if isinstance(value, (str, os.PathLike)) and Path(value).exists():
+            hashes[name] = hash_path(value)
+        else:
+            hashes[name] = sha256_bytes(json.dumps(_canonical(value), sort_keys=True, default=str).encode())
+    return hashes
+
+
+def up_to_date(out: str | os.PathLike, stage: str, inputs: Mapping[str, Any], options: Mapping[str, Any]) -> dict | None:
+    """The existing record of ``out`` if it was made by this stage from the same inputs and options."""
+    record = read_record(out)
+    if not record or record.get("stage") != stage:
+        return None
+    if record.get("fingerprint") != fingerprint(stage, input_hashes(inputs), options):
+        return None
+    return record
+
+
+@contextmanager
+def stage_output(
+    out: str | os.PathLike,
+    stage: str,
+    *,
+    inputs: Mapping[str, Any],
+    options: Mapping[str, Any],
+) -> Iterator[StageRun]:
+    """Run a stage body into a temp folder, then write its record and rename into place.
+
+    ``inputs`` maps names to paths (hashed by content) or plain values; ``options`` is
+    any JSON-able mapping. The record lands in ``<out>/edgetune.json``.
+    """
+    out = Path(out)
+    hashes = input_hashes(inputs)
+    record: dict[str, Any] = {
+        "format": RECORD_FORMAT,
+        "stage": stage,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "inputs": {
+            name: {"path": str(v) if isinstance(v, (str, os.PathLike)) else None, "sha256": hashes[name]}
+            for name, v in inputs.items()
+            if name in hashes
+        },
+        "options": _canonical(options),
+        "fingerprint": fingerprint(stage, hashes, options),
+        "versions": package_versions(),
+        "machine": machine_info(),
+    }
+    t0 = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        run = StageRun(stage=stage, out=out, dir=tmp, record=record)
+        yield run
+        record["timings"] = {"total_s": round(time.perf_counter() - t0, 3), **record.get("timings", {})}
+        record["results"] = _canonical(run.results)
+        write_json(tmp / RECORD_NAME, record)

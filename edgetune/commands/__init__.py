@@ -1,0 +1,1 @@
+"""One module per CLI command. Keep them thin: parse options, call a stage function, emit."""

