@@ -1,0 +1,212 @@
+"""Reading data sets: JSONL, CSV, TSV, Parquet and plain text, with line-exact errors.
+
+Pure Python (no torch): the device-side validator reads data sets with it too.
+
+Record formats, detected from the fields of the first record (or forced with ``fmt``):
+
+=================== ==================================================
+``text``            ``{"text": ...}`` or a plain ``.txt`` file
+``prompt_completion`` ``{"prompt": ..., "completion": ...}``
+``messages``        ``{"messages": [{"role": ..., "content": ...}, ...]}``
+``classification``  ``{"text": ..., "label": ...}`` (CSV/TSV columns too)
+``tokens``          ``{"tokens": [...], "tags": [...]}`` (token classification)
+=================== ==================================================
+
+A malformed line raises :class:`BadInput` naming the file and line number.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import BadInput, MissingDependency
+
+FORMATS = ("text", "prompt_completion", "messages", "classification", "tokens")
+_ROLES = {"system", "user", "assistant", "tool"}
+
+
+@dataclass
+class Dataset:
+    path: Path
+    format: str
+    records: list[dict[str, Any]]
+    # original 1-based line numbers (or row numbers) of each record, for error messages
+    lines: list[int]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> list[str]:
+        """Sorted distinct labels (classification) or tags (tokens)."""
+        if self.format == "classification":
+            return sorted({str(r["label"]) for r in self.records})
+        if self.format == "tokens":
+            return sorted({str(t) for r in self.records for t in r["tags"]})
+        return []
+
+
+def _bad(path: Path, line: int | None, problem: str, hint: str) -> BadInput:
+    where = f"{path}:{line}" if line else str(path)
+    return BadInput(f"{where}: {problem}", hint=hint)
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise _bad(path, n, f"not valid JSON ({exc.msg} at column {exc.colno})", "one JSON object per line") from None
+            if not isinstance(obj, dict):
+                raise _bad(path, n, f"expected a JSON object, got {type(obj).__name__}", "one JSON object per line")
+            yield n, obj
+
+
+def _iter_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE)
+        header = next(reader, None)
+        if not header:
+            return
+        header = [h.strip() for h in header]
+        for row in reader:
+            n = reader.line_num
+            if not row or not any(c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise _bad(path, n, f"has {len(row)} columns, the header has {len(header)} ({', '.join(header)})", "fix the row or quote the field")
+            yield n, dict(zip(header, row))
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MissingDependency("reading Parquet needs pyarrow", hint="pip install pyarrow") from None
+    for n, row in enumerate(pq.read_table(path).to_pylist(), 1):
+        yield n, row
+
+
+def _iter_text(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    # a plain text file is one record: the whole text (chunked later by the consumer)
+    yield 1, {"text": path.read_text(encoding="utf-8")}
+
+
+def detect_format(record: dict[str, Any]) -> str | None:
+    keys = set(record)
+    if "messages" in keys:
+        return "messages"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if {"tokens", "tags"} <= keys:
+        return "tokens"
+    if {"text", "label"} <= keys:
+        return "classification"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+def _check(path: Path, n: int, rec: dict[str, Any], fmt: str) -> dict[str, Any]:
+    def need_str(field: str) -> str:
+        v = rec.get(field)
+        if not isinstance(v, str) or not v.strip():
+            raise _bad(path, n, f"field '{field}' must be a non-empty string", f"every '{fmt}' record needs '{field}'")
+        return v
+
+    if fmt == "text":
+        return {"text": need_str("text")}
+    if fmt == "prompt_completion":
+        return {"prompt": need_str("prompt"), "completion": need_str("completion")}
+    if fmt == "classification":
+        label = rec.get("label")
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise _bad(path, n, "field 'label' is missing or empty", "every classification record needs 'text' and 'label'")
+        return {"text": need_str("text"), "label": label.strip() if isinstance(label, str) else label}
+    if fmt == "messages":
+        msgs = rec.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise _bad(path, n, "field 'messages' must be a non-empty list", "use [{\"role\": \"user\", \"content\": \"...\"}, ...]")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+                raise _bad(path, n, f"message {i} needs a role in {sorted(_ROLES)} and a string content", "fix the message")
+        return {"messages": msgs}
+    if fmt == "tokens":
+        toks, tags = rec.get("tokens"), rec.get("tags")
+        if not isinstance(toks, list) or not isinstance(tags, list) or len(toks) != len(tags) or not toks:
+            raise _bad(path, n, "'tokens' and 'tags' must be non-empty lists of equal length", "one tag per token")
+        return {"tokens": [str(t) for t in toks], "tags": [str(t) for t in tags]}
+    raise BadInput(f"unknown data format '{fmt}'", hint=f"choose one of: {', '.join(FORMATS)}")
+
+
+def load_dataset(path: str | os.PathLike, *, fmt: str | None = None, limit: int | None = None) -> Dataset:
+    """Read and check every record; raise BadInput for a missing/empty file or a bad line."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"data file not found: {p}", hint="check the path")
+    if p.stat().st_size == 0:
+        raise BadInput(f"data file is empty: {p}", hint="give a file with at least one record")
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        it = _iter_jsonl(p)
+    elif suffix == ".csv":
+        it = _iter_delimited(p, ",")
+    elif suffix == ".tsv":
+        it = _iter_delimited(p, "\t")
+    elif suffix == ".parquet":
+        it = _iter_parquet(p)
+    elif suffix in (".txt", ".text", ".md"):
+        it = _iter_text(p)
+    else:
+        raise BadInput(f"unsupported data file type '{suffix}' ({p})", hint="use .jsonl, .csv, .tsv, .parquet or .txt")
+    records: list[dict[str, Any]] = []
+    lines: list[int] = []
+    for n, rec in it:
+        if fmt is None:
+            fmt = detect_format(rec)
+            if fmt is None:
+                raise _bad(p, n, f"cannot tell the record format from fields {sorted(rec)}", f"use fields of one of: {', '.join(FORMATS)}")
+        records.append(_check(p, n, rec, fmt))
+        lines.append(n)
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise BadInput(f"data file has no records: {p}", hint="give a file with at least one record")
+    return Dataset(path=p, format=fmt or "text", records=records, lines=lines)
+
+
+def split(ds: Dataset, eval_fraction: float = 0.1, *, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Deterministic shuffled train/eval split (at least one eval record when possible)."""
+    idx = list(range(len(ds)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, round(len(idx) * eval_fraction)) if len(idx) > 1 and eval_fraction > 0 else 0
+    ev, tr = idx[:n_eval], idx[n_eval:]
+
+    def take(ids: list[int]) -> Dataset:
+        return Dataset(ds.path, ds.format, [ds.records[i] for i in ids], [ds.lines[i] for i in ids])
+
+    return take(tr), take(ev)
+
+
+def texts(ds: Dataset) -> list[str]:
+    """Plain strings of a data set (for perplexity/calibration): text, prompt+completion, contents."""
+    out: list[str] = []
+    for r in ds.records:
+        if "text" in r:
+            out.append(r["text"])
+        elif "prompt" in r:
+            out.append(r["prompt"] + r["completion"])
+        elif "messages" in r:
+            out.append("\n".join(m["content"] for m in r["messages"]))
+        elif "tokens" in r:
+            out.append(" ".join(r["tokens"]))
+    return out
