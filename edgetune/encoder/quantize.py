@@ -1,0 +1,303 @@
+"""int8 and fp16 for encoder ONNX models with ``onnxruntime.quantization``.
+
+* ``dynamic``: int8 weights, activations quantized at run time (QOperator: MatMulInteger,
+  DynamicQuantizeLinear). No calibration; the CPU default.
+* ``static``: int8 weights and activations in QDQ format, activation ranges calibrated on
+  real texts (:class:`TextCalibrationReader`, any file ``edgetune.data.load_dataset`` reads)
+  with MinMax, Entropy, Percentile or Distribution; per-channel weights; symmetric or
+  asymmetric activations; ``quant_pre_process`` first; nodes or op types kept in float.
+* ``fp16``: float16 weights and compute with fp32 inputs/outputs, for GPU profiles.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .. import console
+from ..artifacts import sha256_bytes
+from ..errors import BadInput, require
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
+PROJECT_CALIBRATION = Path(__file__).resolve().parent.parent.parent / "calibration"
+DEFAULT_CALIBRATION = "sms-like.jsonl"
+
+
+@dataclass
+class Int8Options:
+    """What the profile's ``[quantization.int8]`` says, overridable per call."""
+
+    per_channel: bool = True
+    weight_type: str = "qint8"
+    activation_type: str = "quint8"
+    weight_symmetric: bool = True
+    activation_symmetric: bool = False
+    calibration_method: str = "minmax"
+    calibration_samples: int = 64
+    exclude_op_types: list[str] = field(default_factory=list)
+    exclude_nodes: list[str] = field(default_factory=list)
+    reduce_range: bool = False
+
+    @classmethod
+    def from_target(cls, target, **overrides: Any) -> "Int8Options":
+        q = target.quantization.int8
+        opts = cls(
+            per_channel=q.per_channel,
+            weight_type=q.weight_type,
+            activation_type=q.activation_type,
+            weight_symmetric=q.weight_symmetric,
+            activation_symmetric=q.activation_symmetric,
+            calibration_method=q.calibration_method,
+            calibration_samples=q.calibration_samples,
+            exclude_op_types=list(q.exclude_op_types),
+            exclude_nodes=list(q.exclude_nodes),
+        )
+        for k, v in overrides.items():
+            if v is None:
+                continue
+            if k in ("exclude_op_types", "exclude_nodes"):
+                v = list(getattr(opts, k)) + [x for x in v if x not in getattr(opts, k)]
+            setattr(opts, k, v)
+        if opts.calibration_method not in CALIBRATION_METHODS:
+            raise BadInput(f"unknown calibration method '{opts.calibration_method}'", hint=f"choose one of: {', '.join(CALIBRATION_METHODS)}")
+        return opts
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+@dataclass
+class CalibrationSet:
+    path: Path
+    texts: list[str]
+    sha256: str  # hash of the texts actually used (order and content)
+
+    @property
+    def count(self) -> int:
+        return len(self.texts)
+
+
+def resolve_calibration(path: str | os.PathLike | None) -> Path:
+    """A calibration file: the given path, a name in the project's calibration/, or the default set."""
+    if path is None:
+        p = PROJECT_CALIBRATION / DEFAULT_CALIBRATION
+        console.warn(f"no calibration data given; using the project's generic set {p.name} (pass --calibration with texts like yours)")
+        return p
+    p = Path(path).expanduser()
+    if not p.exists() and (PROJECT_CALIBRATION / str(path)).is_file():
+        return PROJECT_CALIBRATION / str(path)
+    return p
+
+
+def load_calibration(path: str | os.PathLike | None, *, samples: int) -> CalibrationSet:
+    """Read calibration texts (first ``samples`` records); missing/empty files raise BadInput (exit 2)."""
+    from ..data import load_dataset, texts
+
+    p = resolve_calibration(path)
+    if p.is_dir():
+        raise BadInput(f"calibration data must be a file, got the folder {p}", hint="give a .jsonl/.csv/.tsv/.txt file")
+    try:
+        ds = load_dataset(p, limit=samples)
+    except BadInput as exc:
+        raise BadInput(f"calibration: {exc.message}", hint=exc.hint) from None
+    items = [t for t in texts(ds) if t.strip()]
+    if ds.path.suffix.lower() in (".txt", ".text", ".md"):
+        # one record holding the whole text: calibrate on its non-empty lines
+        items = [line for line in items[0].splitlines() if line.strip()][:samples]
+    if not items:
+        raise BadInput(f"calibration: no usable text in {p}", hint="give records with a non-empty 'text' field")
+    digest = sha256_bytes("\n\0".join(items).encode())
+    return CalibrationSet(path=p, texts=items, sha256=digest)
+
+
+def encode_texts(tokenizer_dir: Path, items: list[str], *, input_names: list[str], sequence_length: int | None, batch_size: int = 1):
+    """Tokenize texts into the ONNX model's int64 inputs, batch by batch (numpy only: no torch)."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    tj = Path(tokenizer_dir) / "tokenizer.json"
+    if not tj.is_file():
+        raise BadInput(f"no tokenizer.json in {tokenizer_dir}", hint="give the export folder, or --tokenizer with the model's tokenizer")
+    tok = Tokenizer.from_file(str(tj))
+    max_len = sequence_length or 128
+    tok.enable_truncation(max_length=max_len)
+    if sequence_length:
+        tok.enable_padding(length=sequence_length, pad_id=tok.token_to_id("[PAD]") or 0)
+    else:
+        tok.enable_padding(pad_id=tok.token_to_id("[PAD]") or 0)
+    batches = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        if sequence_length and len(chunk) < batch_size:  # static batch: pad with repeats
+            chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        enc = tok.encode_batch(chunk)
+        feeds = {
+            "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64),
+        }
+        batches.append({k: v for k, v in feeds.items() if k in input_names})
+    return batches
+
+
+def model_input_spec(model_path: Path) -> tuple[list[str], int | None, int | None]:
+    """Input names and the static (batch, sequence_length) of the model, None where dynamic."""
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    inputs = [i for i in m.graph.input if i.name not in inits]
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    batch = dims[0] if dims else None
+    seq = dims[1] if len(dims) > 1 else None
+    return [i.name for i in inputs], batch, seq
+
+
+def _reader(batches: list[dict]):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class TextCalibrationReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(batches)
+
+        def get_next(self):
+            return next(self._it, None)
+
+        def rewind(self) -> None:
+            self._it = iter(batches)
+
+    return TextCalibrationReader()
+
+
+# ---------------------------------------------------------------------------- quantizers
+
+
+def _qtype(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}[name]
+
+
+def _op_types(model_path: Path, registry: Iterable[str], exclude: list[str]) -> list[str]:
+    import onnx
+
+    present = {n.op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node}
+    return sorted(op for op in registry if op in present and op not in set(exclude))
+
+
+def _check_nodes(model_path: Path, names: list[str]) -> None:
+    import onnx
+
+    have = {n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node}
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise BadInput(
+            f"node(s) to exclude not in the model: {', '.join(missing[:5])}",
+            hint="list node names with `edgetune quantize MODEL --coverage-only --json` or Netron",
+        )
+
+
+def head_nodes(model_path: Path) -> list[str]:
+    """Names of the classifier head: the quantizable nodes producing a graph output."""
+    import onnx
+
+    g = onnx.load(str(model_path), load_external_data=False).graph
+    outs = {o.name for o in g.output}
+    return [n.name for n in g.node if set(n.output) & outs and n.op_type in ("Gemm", "MatMul", "Add")]
+
+
+def quantize_dynamic_int8(src: Path, dst: Path, opts: Int8Options) -> dict[str, Any]:
+    """Dynamic int8 (QOperator): int8 weights, activation ranges computed at run time."""
+    require("onnxruntime", purpose="int8 quantization")
+    import onnx
+    from onnxruntime.quantization import quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    _check_nodes(src, opts.exclude_nodes)
+    ops = _op_types(src, IntegerOpsRegistry, opts.exclude_op_types)
+    quantize_dynamic(
+        src,
+        dst,
+        op_types_to_quantize=ops,
+        per_channel=opts.per_channel,
+        reduce_range=opts.reduce_range,
+        weight_type=_qtype(opts.weight_type),
+        nodes_to_exclude=opts.exclude_nodes or None,
+        # fused com.microsoft ops (Attention, SkipLayerNormalization) have no ONNX shape
+        # inference: tell the quantizer their outputs are float
+        extra_options={"WeightSymmetric": opts.weight_symmetric, "MatMulConstBOnly": True,
+                       "DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    return {"format": "qoperator", "op_types": ops, "per_channel": opts.per_channel, "weight_type": opts.weight_type,
+            "excluded_nodes": opts.exclude_nodes, "excluded_op_types": opts.exclude_op_types}
+
+
+def quantize_static_int8(src: Path, dst: Path, opts: Int8Options, *, batches: list[dict], work: Path) -> dict[str, Any]:
+    """Static int8 QDQ: quant_pre_process, calibrate on ``batches``, quantize weights and activations."""
+    require("onnxruntime", purpose="int8 quantization")
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    _check_nodes(src, opts.exclude_nodes)
+    pre = work / "preprocessed.onnx"
+    with console.step("quant_pre_process"):
+        quant_pre_process(str(src), str(pre), skip_optimization=False, auto_merge=True)
+    ops = _op_types(pre, QDQRegistry, opts.exclude_op_types)
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+        "distribution": CalibrationMethod.Distribution,
+    }[opts.calibration_method]
+    extra = {
+        "ActivationSymmetric": opts.activation_symmetric,
+        "WeightSymmetric": opts.weight_symmetric,
+        "CalibTensorRangeSymmetric": opts.activation_symmetric,
+        "CalibMovingAverage": opts.calibration_method == "minmax",
+    }
+    if opts.calibration_method == "percentile":
+        extra["CalibPercentile"] = 99.999
+    with console.step(f"calibrate {opts.calibration_method} on {len(batches)} batches"):
+        quantize_static(
+            str(pre),
+            str(dst),
+            _reader(batches),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=ops,
+            per_channel=opts.per_channel,
+            reduce_range=opts.reduce_range,
+            activation_type=_qtype(opts.activation_type),
+            weight_type=_qtype(opts.weight_type),
+            nodes_to_exclude=opts.exclude_nodes or None,
+            calibrate_method=method,
+            extra_options=extra,
+        )
+    return {"format": "qdq", "op_types": ops, "per_channel": opts.per_channel, "weight_type": opts.weight_type,
+            "activation_type": opts.activation_type, "weight_symmetric": opts.weight_symmetric,
+            "activation_symmetric": opts.activation_symmetric, "calibration_method": opts.calibration_method,
+            "excluded_nodes": opts.exclude_nodes, "excluded_op_types": opts.exclude_op_types, "pre_process": True}
+
+
+def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
+    """float16 weights and compute, fp32 inputs/outputs (for GPU profiles)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    m = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(m, str(dst))
+    return {"format": "fp16", "keep_io_types": True}
+
+
+def quant_summary(model_path: Path) -> dict[str, int]:
+    """Counts of the quantization ops in a graph (what a reader checks first)."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for n in onnx.load(str(model_path), load_external_data=False).graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                         "QLinearMatMul", "QGemm", "QAttention", "DynamicQuantizeMatMul"):
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
