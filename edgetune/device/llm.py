@@ -1,0 +1,227 @@
+"""Decoder LLMs on the device: an onnxruntime-genai folder, its tokenizer, generation and scoring.
+
+Generation runs through onnxruntime-genai (what `edgetune run` ships). Scoring (logits of every
+position, for perplexity/KL) runs the same ``model.onnx`` in a plain onnxruntime session with an
+empty KV cache, because the genai generator only exposes the last position's logits.
+
+Device-only imports: onnxruntime, onnxruntime_genai, numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ..errors import BadInput, MissingDependency
+from .session import create_session, resolve_target
+
+# onnxruntime-genai provider names for our target execution providers (cpu = none appended)
+_OG_PROVIDERS = {"cuda": "cuda", "dml": "dml", "openvino": "OpenVINO", "qnn": "QNN", "vitisai": "VitisAI", "webgpu": "WebGPU", "tensorrt": "NvTensorRtRtx"}
+
+
+def _og():
+    try:
+        import onnxruntime_genai as og
+    except ImportError as exc:  # pragma: no cover - device without genai
+        raise MissingDependency("onnxruntime-genai is not installed", hint="pip install onnxruntime-genai") from exc
+    return og
+
+
+@dataclass
+class LLM:
+    """A loaded decoder: ``model``/``tokenizer`` are onnxruntime-genai objects."""
+
+    folder: Path
+    model: Any
+    tokenizer: Any
+    config: dict
+    target: Any = None
+    load_time_s: float = 0.0
+    providers: list[str] = field(default_factory=list)
+    _session: Any = None
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.config["model"].get("eos_token_id")
+        return list(eos) if isinstance(eos, list) else [eos]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["model"]["vocab_size"])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.config["model"].get("context_length", 2048))
+
+
+def find_model_folder(path: str | Path) -> Path:
+    """An export folder with genai_config.json, or the model/ folder of a bundle."""
+    p = Path(path)
+    if (p / "genai_config.json").is_file():
+        return p
+    if (p / "manifest.json").is_file() and (p / "model" / "genai_config.json").is_file():
+        return p / "model"
+    raise BadInput(f"{p} is not an onnxruntime-genai model folder (no genai_config.json)", hint="give an `edgetune export` output or a bundle")
+
+
+def load(folder: str | Path, target: Any = None) -> LLM:
+    """Load a genai folder with the target's execution provider and session options."""
+    og = _og()
+    folder = find_model_folder(folder)
+    t = resolve_target(target)
+    config = json.loads((folder / "genai_config.json").read_text())
+    t0 = time.perf_counter()
+    cfg = og.Config(str(folder))
+    providers = ["cpu"]
+    if t is not None:
+        ep = t.runtime.execution_provider
+        if ep != "cpu":
+            cfg.clear_providers()
+            name = _OG_PROVIDERS.get(ep, ep)
+            cfg.append_provider(name)
+            for k, v in t.runtime.provider_options.items():
+                cfg.set_provider_option(name, str(k), str(v))
+            providers = [name, "cpu"]
+        so: dict[str, Any] = {}
+        if t.session.intra_op_threads:
+            so["intra_op_num_threads"] = t.session.intra_op_threads
+        if t.session.inter_op_threads:
+            so["inter_op_num_threads"] = t.session.inter_op_threads
+        if so:
+            cfg.overlay(json.dumps({"model": {"decoder": {"session_options": so}}}))
+    try:
+        model = og.Model(cfg)
+    except Exception as exc:
+        raise BadInput(f"onnxruntime-genai could not load {folder}: {exc}", hint="re-export the model") from exc
+    tokenizer = og.Tokenizer(model)
+    return LLM(folder=folder, model=model, tokenizer=tokenizer, config=config, target=t,
+               load_time_s=time.perf_counter() - t0, providers=providers)
+
+
+def encode(llm: LLM, text: str) -> np.ndarray:
+    """Token ids of ``text`` with the device tokenizer (onnxruntime-genai)."""
+    return np.asarray(llm.tokenizer.encode(text), dtype=np.int64)
+
+
+def decode(llm: LLM, ids) -> str:
+    return llm.tokenizer.decode(np.asarray(ids, dtype=np.int32))
+
+
+def prompt_ids(llm: LLM, prompt_or_messages: str | list[dict], *, chat: bool = True) -> np.ndarray:
+    """Ids of a prompt; with ``chat`` a string becomes one user message and the chat template applies."""
+    if isinstance(prompt_or_messages, str) and not chat:
+        return encode(llm, prompt_or_messages)
+    messages = [{"role": "user", "content": prompt_or_messages}] if isinstance(prompt_or_messages, str) else prompt_or_messages
+    template = _chat_template(llm.folder)
+    if template is None:
+        # no template: plain concatenation of contents
+        return encode(llm, "\n".join(m["content"] for m in messages))
+    text = llm.tokenizer.apply_chat_template(template_str=template, messages=json.dumps(messages), add_generation_prompt=True)
+    return encode(llm, text)
+
+
+def _chat_template(folder: Path) -> str | None:
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file():
+        tpl = json.loads(cfg.read_text()).get("chat_template")
+        if isinstance(tpl, str):
+            return tpl
+    return None
+
+
+def _generator(llm: LLM, max_length: int, *, min_length: int = 0):
+    og = _og()
+    params = og.GeneratorParams(llm.model)
+    opts: dict[str, Any] = {"max_length": int(max_length), "do_sample": False, "top_k": 1}
+    if min_length:
+        opts["min_length"] = int(min_length)
+    params.set_search_options(**opts)
+    return og.Generator(llm.model, params)
+
+
+def generate_ids(llm: LLM, ids, max_new_tokens: int = 128, *, ignore_eos: bool = False,
+                 on_token: Callable[[int], None] | None = None) -> list[int]:
+    """Greedy continuation of ``ids``: the new token ids (stops at EOS unless ``ignore_eos``)."""
+    ids = np.asarray(ids, dtype=np.int32)
+    total = len(ids) + int(max_new_tokens)
+    if total > llm.context_length:
+        raise BadInput(f"prompt ({len(ids)}) + max_new_tokens ({max_new_tokens}) exceeds the context length {llm.context_length}",
+                       hint="shorten the prompt or lower --max-tokens")
+    gen = _generator(llm, total, min_length=total if ignore_eos else 0)
+    gen.append_tokens(ids)
+    out: list[int] = []
+    while not gen.is_done() and len(out) < max_new_tokens:
+        gen.generate_next_token()
+        tok = int(gen.get_next_tokens()[0])
+        if not ignore_eos and tok in llm.eos_token_ids:
+            break
+        out.append(tok)
+        if on_token:
+            on_token(tok)
+    return out
+
+
+def generate(llm: LLM, prompt_or_messages: str | list[dict], max_new_tokens: int = 128, *, chat: bool = True,
+             stream: Callable[[str], None] | None = None) -> str:
+    """Greedy generation from a prompt (or chat messages): the generated text.
+
+    ``stream`` is called with each decoded piece as it is produced.
+    """
+    ids = prompt_ids(llm, prompt_or_messages, chat=chat)
+    on_token = None
+    if stream is not None:
+        ts = llm.tokenizer.create_stream()
+        on_token = lambda tok: stream(ts.decode(tok))  # noqa: E731
+    return decode(llm, generate_ids(llm, ids, max_new_tokens, on_token=on_token))
+
+
+# ---------------------------------------------------------------- scoring (full logits)
+
+def session(llm: LLM):
+    """A plain onnxruntime session on the decoder graph (created once)."""
+    if llm._session is None:
+        dec = llm.config["model"]["decoder"]
+        llm._session = create_session(llm.folder / dec["filename"], llm.target)
+    return llm._session
+
+
+def logits(llm: LLM, ids) -> np.ndarray:
+    """Logits [len(ids), vocab] (float32) of one forward pass over ``ids`` from an empty cache."""
+    sess = session(llm)
+    dec = llm.config["model"]["decoder"]
+    ids = np.asarray(ids, dtype=np.int64)[None, :]
+    n = ids.shape[1]
+    feeds: dict[str, np.ndarray] = {}
+    for inp in sess.get_inputs():
+        name = inp.name
+        if name == dec["inputs"].get("input_ids", "input_ids"):
+            feeds[name] = ids
+        elif name == dec["inputs"].get("attention_mask", "attention_mask"):
+            feeds[name] = np.ones((1, n), dtype=np.int64)
+        elif name == dec["inputs"].get("position_ids", "position_ids"):
+            feeds[name] = np.arange(n, dtype=np.int64)[None, :]
+        elif name.startswith("past_key_values") or "past" in name:
+            dtype = np.float16 if "float16" in inp.type else np.float32
+            kv = dec.get("num_key_value_heads", dec["num_attention_heads"])
+            feeds[name] = np.zeros((1, kv, 0, dec["head_size"]), dtype=dtype)
+        else:
+            raise BadInput(f"decoder input '{name}' is not understood by the scorer", hint="re-export with edgetune export")
+    out_name = dec["outputs"].get("logits", "logits")
+    (lg,) = sess.run([out_name], feeds)
+    return np.asarray(lg[0], dtype=np.float32)
+
+
+def iter_window_logits(llm: LLM, ids, windows) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
+    """For each (start, end, score_from) window: the logits of ids[start:end]."""
+    ids = np.asarray(ids, dtype=np.int64)
+    for w in windows:
+        start, end, _ = w
+        yield w, logits(llm, ids[start:end])
