@@ -44,6 +44,19 @@ def detect_task(config: dict[str, Any]) -> str:
     return "feature-extraction"
 
 
+def _labels(config_json: Path, config: dict[str, Any]) -> list[str]:
+    """Class labels in id order; transformers omits default LABEL_i maps, so write them back."""
+    cfg = json.loads(config_json.read_text())
+    id2label = cfg.get("id2label") or config.get("id2label")
+    if not id2label:
+        n = int(cfg.get("num_labels") or config.get("num_labels") or 2)
+        id2label = {str(i): f"LABEL_{i}" for i in range(n)}
+        cfg["id2label"] = id2label
+        cfg["label2id"] = {v: int(k) for k, v in id2label.items()}
+        config_json.write_text(json.dumps(cfg, indent=2) + "\n")
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
+
+
 def _size_mb(p: Path) -> float:
     return round(p.stat().st_size / 2**20, 3)
 
@@ -70,8 +83,7 @@ def export_encoder(
     """
     from ..models import inspect
     from ..targets import load_target
-    from . import coverage as cov
-    from . import optimize, pow2, quantize
+    from . import optimize, quantize
 
     target = load_target(target)
     info = inspect(model_dir)
@@ -138,54 +150,165 @@ def export_encoder(
             folded = work / "folded.onnx"
             res["offline_optimization"] = {"level": "basic", **optimize.offline_optimize(current, folded, level="basic")}
             current = folded
-        # 3. precision
-        final = run.dir / "model.onnx"
-        if keep_head_float and precision.startswith("int8"):
-            int8.exclude_nodes = list(dict.fromkeys(int8.exclude_nodes + quantize.head_nodes(current)))
-        if precision == "fp32":
-            shutil.copyfile(current, final)
-        elif precision == "fp16":
-            if fusions_on:  # the optimizer already converted (fusion-aware)
-                shutil.copyfile(current, final)
-                res["quantization"] = {"format": "fp16", "keep_io_types": True}
-            else:
-                res["quantization"] = quantize.to_fp16(current, final)
-        elif precision == "int8-dynamic":
-            with console.step("dynamic int8"):
-                res["quantization"] = quantize.quantize_dynamic_int8(current, final, int8)
-        else:
-            names, batch, seq = quantize.model_input_spec(current)
-            batches = quantize.encode_texts(info.path, calib.texts, input_names=names, sequence_length=seq,
-                                            batch_size=batch or 1)
-            qdq = final if not target.quantization.int8.power_of_two_scales else work / "qdq.onnx"
-            res["quantization"] = quantize.quantize_static_int8(current, qdq, int8, batches=batches, work=work)
-            res["calibration"] = {"file": str(calib.path), "samples": calib.count, "sha256": calib.sha256}
-            if target.quantization.int8.power_of_two_scales:
-                with console.step("power-of-two scales"):
-                    res["pow2"] = {"rounded": pow2.round_scales(qdq, final)}
-                check = pow2.check(final)
-                res["pow2"]["check"] = {k: v for k, v in check.items() if k != "not_pow2"} | {"not_pow2": len(check["not_pow2"])}
-                if not check["ok"]:
-                    raise CheckFailed(f"power-of-two check failed on {len(check['not_pow2'])} scale tensor(s)",
-                                      hint="report this as a bug with the model", result=check)
-        if precision.startswith("int8"):
-            res["quantization"]["ops"] = quantize.quant_summary(final)
-        # 4. operator coverage for accelerator profiles
-        if target.operators.supported:
-            report = cov.coverage(final, target.operators.supported, batch=g.batch_size, sequence_length=g.sequence_length)
-            (run.dir / "coverage.json").write_text(json.dumps(report, indent=2) + "\n")
-            res["coverage"] = cov.summary(report)
-            if report["unsupported_nodes"]:
-                console.warn(f"{target.name}: " + cov.format_report(report, limit=0).splitlines()[0])
+        # 3. precision, 4. power-of-two scales and operator coverage
+        _apply_precision(current, run.dir, precision=precision, target=target, int8=int8, calib=calib,
+                         tokenizer_dir=info.path, work=work, res=res, fused_fp16=fusions_on,
+                         keep_head_float=keep_head_float)
         # 5. tokenizer + config (labels)
         for name in TOKENIZER_FILES:
             if (raw_dir / name).is_file():
                 shutil.copyfile(raw_dir / name, run.dir / name)
         shutil.copyfile(raw_dir / "config.json", run.dir / "config.json")
-        cfg = info.config
-        if task != "feature-extraction" and cfg.get("id2label"):
-            res["labels"] = [cfg["id2label"][k] for k in sorted(cfg["id2label"], key=int)]
-        res["size_mb"] = _size_mb(final)
+        if task != "feature-extraction":
+            res["labels"] = _labels(run.dir / "config.json", info.config)
+        res["size_mb"] = _size_mb(run.dir / "model.onnx")
         res["fp32_size_mb"] = _size_mb(raw_dir / "model.onnx")
-        res["inputs"], _, _ = quantize.model_input_spec(final)
+        res["inputs"], _, _ = quantize.model_input_spec(run.dir / "model.onnx")
+    return Path(out)
+
+
+def _apply_precision(current: Path, out_dir: Path, *, precision: str, target, int8, calib, tokenizer_dir: Path,
+                     work: Path, res: dict[str, Any], fused_fp16: bool = False, keep_head_float: bool = False) -> None:
+    """Write ``out_dir/model.onnx`` from the float graph ``current`` at ``precision`` (+ pow2, coverage)."""
+    from . import coverage as cov
+    from . import pow2, quantize
+
+    g = target.graph
+    final = out_dir / "model.onnx"
+    if keep_head_float and precision.startswith("int8"):
+        int8.exclude_nodes = list(dict.fromkeys(int8.exclude_nodes + quantize.head_nodes(current)))
+    if precision == "fp32":
+        shutil.copyfile(current, final)
+    elif precision == "fp16":
+        if fused_fp16:  # the transformer optimizer already converted it (fusion-aware)
+            shutil.copyfile(current, final)
+            res["quantization"] = {"format": "fp16", "keep_io_types": True}
+        else:
+            res["quantization"] = quantize.to_fp16(current, final)
+    elif precision == "int8-dynamic":
+        with console.step("dynamic int8"):
+            res["quantization"] = quantize.quantize_dynamic_int8(current, final, int8)
+    else:
+        names, batch, seq = quantize.model_input_spec(current)
+        batches = quantize.encode_texts(tokenizer_dir, calib.texts, input_names=names, sequence_length=seq, batch_size=batch or 1)
+        pow2_on = target.quantization.int8.power_of_two_scales
+        qdq = work / "qdq.onnx" if pow2_on else final
+        res["quantization"] = quantize.quantize_static_int8(current, qdq, int8, batches=batches, work=work)
+        res["calibration"] = {"file": str(calib.path), "samples": calib.count, "sha256": calib.sha256}
+        if pow2_on:
+            with console.step("power-of-two scales"):
+                res["pow2"] = {"rounded": pow2.round_scales(qdq, final)}
+            check = pow2.check(final)
+            res["pow2"]["check"] = {k: v for k, v in check.items() if k != "not_pow2"} | {"not_pow2": len(check["not_pow2"])}
+            if not check["ok"]:
+                raise CheckFailed(f"power-of-two check failed on {len(check['not_pow2'])} scale tensor(s)",
+                                  hint="report this as a bug with the model", result=check)
+    if precision.startswith("int8"):
+        res["quantization"]["ops"] = quantize.quant_summary(final)
+    if target.operators.supported:
+        report = cov.coverage(final, target.operators.supported, batch=g.batch_size, sequence_length=g.sequence_length)
+        (out_dir / "coverage.json").write_text(json.dumps(report, indent=2) + "\n")
+        res["coverage"] = cov.summary(report)
+        if report["unsupported_nodes"]:
+            console.warn(f"{target.name}: " + cov.format_report(report, limit=0).splitlines()[0])
+
+
+METHODS = {"dynamic": "int8-dynamic", "static": "int8-static", "fp16": "fp16"}
+_FLOAT_SOURCE_HINT = "give the fp32 export (edgetune export --precision fp32) or an ONNX file straight from optimum"
+
+
+def _source(model: Path) -> tuple[Path, Path | None]:
+    """(model.onnx, folder with tokenizer/config files or None) for a file or an export folder."""
+    if model.is_dir():
+        onnx_file = model / "model.onnx"
+        if not onnx_file.is_file():
+            raise BadInput(f"no model.onnx in {model}", hint="give an ONNX file or an export folder")
+        return onnx_file, model
+    if model.suffix != ".onnx" or not model.is_file():
+        raise BadInput(f"not an ONNX model: {model}", hint="give a .onnx file or an export folder containing model.onnx")
+    return model, model.parent if (model.parent / "config.json").is_file() else None
+
+
+def quantize_model(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    target,
+    method: str | None = None,
+    calibration: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    calibration_method: str | None = None,
+    per_channel: bool | None = None,
+    exclude_nodes: list[str] | None = None,
+    exclude_op_types: list[str] | None = None,
+    keep_head_float: bool = False,
+) -> Path:
+    """Quantize an existing float encoder ONNX model (file or export folder) for ``target``.
+
+    ``method``: dynamic | static | fp16 (default: from the profile's ``precision.encoder``).
+    Static int8 tokenizes the calibration texts with the folder's tokenizer or ``tokenizer``.
+    """
+    import onnx
+
+    from ..artifacts import read_record
+    from ..targets import load_target
+    from . import quantize
+
+    target = load_target(target)
+    onnx_file, folder = _source(Path(model))
+    if method is None:
+        precision = target.precision.encoder
+        if precision == "fp32":
+            raise BadInput(f"target {target.name} keeps encoders in fp32: nothing to quantize", hint="pass --method dynamic|static|fp16")
+    elif method in METHODS:
+        precision = METHODS[method]
+    else:
+        raise BadInput(f"unknown method '{method}'", hint=f"choose one of: {', '.join(METHODS)}")
+    record = read_record(folder) if folder else None
+    prior = ((record or {}).get("results") or {}).get("precision")
+    graph = onnx.load(str(onnx_file), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    if (prior and prior != "fp32") or ops & {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger"}:
+        raise BadInput(f"{onnx_file} is already quantized ({prior or 'has Q/DQ nodes'})", hint=_FLOAT_SOURCE_HINT)
+    fused = sorted({n.op_type for n in graph.node if n.domain == "com.microsoft"})
+    if precision == "int8-static" and fused:
+        raise BadInput(
+            f"{onnx_file} has fused onnxruntime ops ({', '.join(fused)}); static QDQ needs the plain ONNX graph",
+            hint="export with a profile that has graph.transformer_fusions = false, or use --method dynamic",
+        )
+    int8 = quantize.Int8Options.from_target(target, calibration_method=calibration_method, per_channel=per_channel,
+                                            exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types)
+    calib = tok_dir = None
+    if precision == "int8-static":
+        calib = quantize.load_calibration(calibration, samples=int8.calibration_samples)
+        tok_dir = Path(tokenizer) if tokenizer else folder
+        if tok_dir is None or not (tok_dir / "tokenizer.json").is_file():
+            raise BadInput(f"static int8 needs the model's tokenizer to read the calibration texts; none next to {onnx_file}",
+                           hint="pass --tokenizer DIR (a folder with tokenizer.json)")
+    options = {"target": target.model_dump(mode="json", exclude={"source", "description", "budgets"}),
+               "precision": precision, "int8": int8.__dict__, "keep_head_float": keep_head_float}
+    inputs = {"model": onnx_file, "calibration": calib.path if calib else None,
+              "calibration_texts": calib.sha256 if calib else None}
+    with console.step(f"quantize {onnx_file.name} -> {precision} for {target.name}"), \
+            stage_output(out, "quantize", inputs=inputs, options=options) as run, \
+            tempfile.TemporaryDirectory(prefix="edgetune-quantize-") as tmpd:
+        res = run.results
+        prev = (record or {}).get("results") or {}
+        res.update(kind="encoder", task=prev.get("task"), precision=precision, target=target.name, source=str(onnx_file),
+                   execution_provider=target.runtime.execution_provider)
+        names, batch, seq = quantize.model_input_spec(onnx_file)
+        res.update(static_shapes=bool(batch and seq))
+        if batch and seq:
+            res.update(batch_size=batch, sequence_length=seq)
+        _apply_precision(onnx_file, run.dir, precision=precision, target=target, int8=int8, calib=calib,
+                         tokenizer_dir=tok_dir, work=Path(tmpd), res=res, keep_head_float=keep_head_float)
+        if folder:
+            for name in TOKENIZER_FILES + ("config.json",):
+                if (folder / name).is_file():
+                    shutil.copyfile(folder / name, run.dir / name)
+        if prev.get("labels"):
+            res["labels"] = prev["labels"]
+        res["size_mb"] = _size_mb(run.dir / "model.onnx")
+        res["source_size_mb"] = _size_mb(onnx_file)
+        res["inputs"] = names
     return Path(out)
