@@ -1,0 +1,59 @@
+"""Latency, memory and size measurements (device side: stdlib + numpy).
+
+Warm-up runs are excluded; every figure keeps its spread (min, p50, p90, p99, max, std).
+Peak memory is the peak resident set of the process (``getrusage``), which is why the latency
+benchmark runs in a fresh process (``python -m edgetune.device.bench``): its peak is the model's
+load + run, not the host's torch reference.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def summary(samples: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(samples, dtype=np.float64)
+    if a.size == 0:
+        return {}
+    return {
+        "n": int(a.size),
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+        "min": float(a.min()),
+        "p50": float(np.percentile(a, 50)),
+        "p90": float(np.percentile(a, 90)),
+        "p99": float(np.percentile(a, 99)),
+        "max": float(a.max()),
+    }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB.
+
+    On Linux this is ``VmHWM`` of /proc/self/status (the high-water mark of this address
+    space): unlike ``getrusage``'s ``ru_maxrss``, it does not inherit the parent's peak
+    across fork + exec, which would charge the host's torch to the benchmark.
+    """
+    import resource
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def size_on_disk_mb(folder: str | os.PathLike) -> float:
+    p = Path(folder)
+    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file() and not f.is_symlink()]
+    return sum(f.stat().st_size for f in files) / 2**20

@@ -1,0 +1,110 @@
+"""The validation report: versioned JSON (schema in docs/validation.md), Markdown, optional PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+def check(name: str, value: Any, limit: Any, op: str, *, detail: str | None = None) -> dict[str, Any]:
+    """One check: ``value op limit`` (op in <=, >=, ==); a None value fails (not measured)."""
+    if value is None:
+        passed = False
+    elif op == "<=":
+        passed = value <= limit
+    elif op == ">=":
+        passed = value >= limit
+    else:
+        passed = value == limit
+    out = {"name": name, "value": value, "limit": limit, "op": op, "passed": bool(passed)}
+    if detail:
+        out["detail"] = detail
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def markdown(report: dict[str, Any], plots: list[str]) -> str:
+    lines = [f"# Validation: {report['model']['path']}", ""]
+    status = "PASSED" if report["passed"] else "FAILED: " + ", ".join(c["name"] for c in report["checks"] if not c["passed"])
+    lines += [f"**{status}** on target `{report['target']['name']}` ({', '.join(report['runtime']['providers'])})", ""]
+    lines += ["| check | value | limit | result |", "|---|---|---|---|"]
+    for c in report["checks"]:
+        lines.append(f"| {c['name']} | {_fmt(c['value'])} | {c['op']} {_fmt(c['limit'])} | {'pass' if c['passed'] else '**FAIL**'} |")
+    acc = report.get("accuracy") or {}
+    if acc:
+        lines += ["", "## Accuracy vs reference", "", "| figure | value |", "|---|---|"]
+        for k, v in acc.items():
+            if not isinstance(v, (dict, list)):
+                lines.append(f"| {k} | {_fmt(v)} |")
+    tok = report.get("tokenizer") or {}
+    if tok:
+        lines += ["", "## Tokenizer parity", "", f"{tok.get('checked', 0)} strings checked, {tok.get('mismatches', 0)} mismatches."]
+        if tok.get("first_mismatch"):
+            fm = tok["first_mismatch"]
+            lines += ["", f"First difference ({fm['where']}): `{fm['text'][:80]!r}`", f"- reference: {fm['reference'][:24]}", f"- device: {fm['device'][:24]}"]
+    lat = report.get("latency") or {}
+    if lat:
+        lines += ["", "## Latency and memory", "", "| figure | p50 | p90 | p99 | std | n |", "|---|---|---|---|---|---|"]
+        for k in ("time_to_first_token_ms", "decode_tokens_per_s", "latency_ms"):
+            s = lat.get(k)
+            if s:
+                lines.append(f"| {k} | {_fmt(s['p50'])} | {_fmt(s['p90'])} | {_fmt(s['p99'])} | {_fmt(s['std'])} | {s['n']} |")
+        for k in ("load_time_s", "peak_memory_mb", "size_mb", "throughput_per_s", "prompt_tokens", "output_tokens"):
+            if lat.get(k) is not None:
+                lines.append(f"| {k} | {_fmt(lat[k])} | | | | |")
+    for p in plots:
+        lines += ["", f"![{p}]({p})"]
+    m = report["machine"]
+    lines += ["", "## Environment", "", f"- machine: {m.get('cpu')} ({m.get('machine')}, {m.get('cpu_count')} cores, {m.get('memory_gib')} GiB)",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict[str, Any], folder: Path, series: dict[str, Any]) -> list[str]:
+    """PNG plots where matplotlib is installed (skipped silently otherwise)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    if series.get("nll_model") is not None and series.get("nll_reference") is not None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.hist([series["nll_reference"], series["nll_model"]], bins=50, label=["reference", "model"], alpha=0.7)
+        ax.set_xlabel("per-token NLL (nats)")
+        ax.set_ylabel("tokens")
+        ax.legend()
+        ax.set_title("Accuracy vs reference")
+        fig.tight_layout()
+        fig.savefig(folder / "accuracy.png", dpi=100)
+        plt.close(fig)
+        made.append("accuracy.png")
+    if series.get("kl") is not None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.hist(series["kl"], bins=50)
+        ax.set_xlabel("KL(reference || model) per token")
+        ax.set_yscale("log")
+        fig.tight_layout()
+        fig.savefig(folder / "kl.png", dpi=100)
+        plt.close(fig)
+        made.append("kl.png")
+    return made
+
+
+def write(folder: Path, report: dict[str, Any], series: dict[str, Any] | None = None) -> None:
+    made = plots(report, folder, series or {})
+    report["files"] = [REPORT_JSON, REPORT_MD, *made]
+    (folder / REPORT_JSON).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (folder / REPORT_MD).write_text(markdown(report, made))

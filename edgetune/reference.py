@@ -1,0 +1,262 @@
+"""Reference packs: the fp32 reference's numbers, computed once (on the host) and stored.
+
+A pack is a folder with ``reference.json`` (metadata, texts, prompts) and ``reference.npz``
+(arrays; read with ``np.load(allow_pickle=False)``). The device compares an export against a
+pack without the reference model, torch or transformers.
+
+Sources:
+* an HF folder (``config.json`` + safetensors): computed with torch/transformers (host only);
+* an onnxruntime-genai export or an encoder export (e.g. the fp32 export): computed with the
+  device runner;
+* an existing pack folder: loaded.
+
+Decoder pack arrays: ``ids`` (evaluation tokens), ``nll`` (per scored token), ``top_ids`` /
+``top_logp`` (top-k next-token log-probs per scored token), ``prompt_ids``/``prompt_offsets``,
+``golden_ids``/``golden_offsets`` (greedy outputs), ``tricky_ids``/``tricky_offsets``.
+Encoder pack arrays: ``pred`` (index into ``labels``), ``tricky_ids``/``tricky_offsets``, ``ids``/``ids_offsets``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BadInput, require
+
+SCHEMA_VERSION = 1
+PACK_JSON = "reference.json"
+PACK_NPZ = "reference.npz"
+
+# Strings where tokenizers commonly disagree: unicode, whitespace runs, special tokens, digits.
+TRICKY = [
+    "héllo wörld, naïve café, Ærøskøbing",
+    "你好，世界。こんにちは 안녕하세요",
+    "emoji 🙂👍🏽 and ZWJ 👨‍👩‍👧",
+    "  leading and trailing spaces  ",
+    "tabs\tand\nnewlines\r\nand\n\n\nblank lines",
+    "numbers 0123456789 3.14159 1,000,000",
+    "<|im_start|>user\nhi<|im_end|>",
+    "<|endoftext|> [CLS] [SEP] </s> <s>",
+    "code: def f(x):\n    return x**2  # comment",
+    "URL https://example.com/a?b=c&d=e",
+]
+
+DEFAULT_PROMPTS = [
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "List three colors.",
+    "Explain what a CPU does in one sentence.",
+]
+
+
+@dataclass
+class Pack:
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    def ragged(self, name: str) -> list[np.ndarray]:
+        data, off = self.arrays[f"{name}_ids"], self.arrays[f"{name}_offsets"]
+        return [data[off[i] : off[i + 1]] for i in range(len(off) - 1)]
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(folder / PACK_NPZ, **self.arrays)
+        (folder / PACK_JSON).write_text(json.dumps(self.meta, indent=2, ensure_ascii=False) + "\n")
+        return folder
+
+
+def _ragged(seqs) -> tuple[np.ndarray, np.ndarray]:
+    seqs = [np.asarray(s, dtype=np.int64).ravel() for s in seqs]
+    off = np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64)
+    data = np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
+    return data.astype(np.int64), off
+
+
+def is_pack(path: str | os.PathLike) -> bool:
+    return (Path(path) / PACK_JSON).is_file() and (Path(path) / PACK_NPZ).is_file()
+
+
+def load_pack(folder: str | os.PathLike) -> Pack:
+    folder = Path(folder)
+    if not is_pack(folder):
+        raise BadInput(f"{folder} is not a reference pack (needs {PACK_JSON} and {PACK_NPZ})", hint="make one with edgetune validate --reference <fp32 model>")
+    meta = json.loads((folder / PACK_JSON).read_text())
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise BadInput(f"{folder}: reference pack schema {meta.get('schema_version')} is not {SCHEMA_VERSION}", hint="rebuild the pack")
+    with np.load(folder / PACK_NPZ, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return Pack(meta, arrays)
+
+
+def text_sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def source_kind(path: str | os.PathLike) -> str:
+    p = Path(path)
+    if is_pack(p):
+        return "pack"
+    if (p / "genai_config.json").is_file() or (p / "model" / "genai_config.json").is_file():
+        return "genai"
+    if (p / "model.onnx").is_file() or (p / "model" / "model.onnx").is_file():
+        return "onnx-encoder"
+    if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+        return "hf"
+    raise BadInput(f"reference {p} is not an HF folder, an ONNX export or a reference pack", hint="give the fp32 model folder")
+
+
+# ---------------------------------------------------------------- decoder
+
+def _decoder_meta(source, text, window, stride, method, topk, max_new_tokens, prompts, how) -> dict:
+    from .artifacts import package_versions
+
+    return {
+        "schema_version": SCHEMA_VERSION, "kind": "decoder", "source": str(source), "computed_with": how,
+        "text": text, "text_sha256": text_sha(text), "window": window, "stride": stride, "method": method,
+        "topk": topk, "max_new_tokens": max_new_tokens, "prompts": prompts, "tricky": TRICKY,
+        "versions": package_versions(),
+    }
+
+
+def _score_into(ids, windows_, logits_fn, topk):
+    from .device import metrics as M
+
+    nll, tids, tlp = [], [], []
+    for w in windows_:
+        lg = logits_fn(ids[w[0] : w[1]])
+        rows, tg = M.window_targets(ids, w)
+        nll.append(M.nll(lg[rows], tg))
+        i, v = M.topk(lg[rows], topk)
+        tids.append(i)
+        tlp.append(v)
+    return (np.concatenate(nll).astype(np.float64), np.concatenate(tids).astype(np.int32), np.concatenate(tlp).astype(np.float32))
+
+
+def build_decoder_reference(source, text: str, *, window: int, stride: int | None, method: str = "sliding",
+                            topk: int = 64, max_new_tokens: int = 32, prompts: list | None = None,
+                            eval_tokens: int | None = None) -> Pack:
+    from .device import metrics as M
+
+    prompts = prompts or DEFAULT_PROMPTS
+    kind = source_kind(source)
+    if kind == "genai":
+        from .device import llm as L
+
+        m = L.load(source)
+        ids = L.encode(m, text)
+        if eval_tokens:
+            ids = ids[:eval_tokens]
+        logits_fn = lambda x: L.logits(m, x)  # noqa: E731
+        prompt_ids = [L.prompt_ids(m, p) for p in prompts]
+        golden = [L.generate_ids(m, p, max_new_tokens) for p in prompt_ids]
+        tricky = [L.encode(m, s) for s in TRICKY]
+        how = "onnxruntime-genai"
+    elif kind == "hf":
+        torch = require("torch", purpose="computing the reference with PyTorch")
+        from .models import load_causal_lm, load_tokenizer
+
+        tok = load_tokenizer(source)
+        model = load_causal_lm(source).eval()
+        ids = np.asarray(tok(text)["input_ids"], dtype=np.int64)
+        if eval_tokens:
+            ids = ids[:eval_tokens]
+
+        def logits_fn(x):
+            with torch.inference_mode():
+                return model(torch.from_numpy(np.asarray(x, dtype=np.int64))[None]).logits[0].float().numpy()
+
+        prompt_ids = []
+        for p in prompts:
+            msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
+            if tok.chat_template:
+                prompt_ids.append(np.asarray(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True), dtype=np.int64).ravel())
+            else:
+                prompt_ids.append(np.asarray(tok("\n".join(m["content"] for m in msgs))["input_ids"], dtype=np.int64))
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        golden = []
+        for p in prompt_ids:
+            with torch.inference_mode():
+                out = model.generate(torch.from_numpy(p)[None], max_new_tokens=max_new_tokens, do_sample=False,
+                                     attention_mask=torch.ones(1, len(p), dtype=torch.long), pad_token_id=next(iter(eos), 0))
+            new = [int(t) for t in out[0, len(p):]]
+            golden.append([t for t in new[: next((i for i, t in enumerate(new) if t in eos), len(new))]])
+        tricky = [np.asarray(tok(s)["input_ids"], dtype=np.int64) for s in TRICKY]
+        how = "torch"
+    else:
+        raise BadInput(f"reference {source} is not a decoder model", hint="give the fp32 HF folder or fp32 export of the same model")
+    if len(ids) < 2:
+        raise BadInput("the evaluation text has fewer than 2 tokens", hint="give a longer --data file")
+    ws = M.windows(len(ids), window, stride, method)
+    nll, tids, tlp = _score_into(ids, ws, logits_fn, topk)
+    arrays = {"ids": ids.astype(np.int64), "nll": nll, "top_ids": tids, "top_logp": tlp}
+    for name, seqs in (("prompt", prompt_ids), ("golden", golden), ("tricky", tricky)):
+        arrays[f"{name}_ids"], arrays[f"{name}_offsets"] = _ragged(seqs)
+    meta = _decoder_meta(source, text, window, stride, method, topk, max_new_tokens,
+                         [p if isinstance(p, str) else p for p in prompts], how)
+    meta["n_tokens"] = int(len(ids))
+    meta["perplexity"] = M.perplexity(nll)
+    return Pack(meta, arrays)
+
+
+# ---------------------------------------------------------------- encoder
+
+def build_encoder_reference(source, texts: list[str], labels_true: list[str] | None = None) -> Pack:
+    from .artifacts import package_versions
+
+    kind = source_kind(source)
+    if kind == "onnx-encoder":
+        from .device import encoder as E
+
+        enc = E.load(source)
+        lg = E.logits(enc, texts)
+        labels = enc.labels or [str(i) for i in range(lg.shape[-1])]
+        from tokenizers import Tokenizer
+
+        raw = Tokenizer.from_file(str(enc.folder / "tokenizer.json"))
+        raw.no_padding()
+        raw.enable_truncation(512)
+        tok_ids = [np.asarray(e.ids) for e in raw.encode_batch(TRICKY)]
+        data_ids = [np.asarray(e.ids) for e in raw.encode_batch(texts)]
+        how = "onnxruntime"
+    elif kind == "hf":
+        torch = require("torch", purpose="computing the reference with PyTorch")
+        transformers = require("transformers")
+        tok = transformers.AutoTokenizer.from_pretrained(str(source))
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(str(source), use_safetensors=True).eval()
+        out = []
+        for i in range(0, len(texts), 16):
+            b = tok(texts[i : i + 16], padding=True, truncation=True, max_length=512, return_tensors="pt")
+            with torch.inference_mode():
+                out.append(model(**b).logits.float().numpy())
+        lg = np.concatenate(out)
+        labels = [str(model.config.id2label[i]) for i in range(lg.shape[-1])]
+        tok_ids = [np.asarray(tok(s, truncation=True, max_length=512)["input_ids"]) for s in TRICKY]
+        data_ids = [np.asarray(tok(s, truncation=True, max_length=512)["input_ids"]) for s in texts]
+        how = "torch"
+    else:
+        raise BadInput(f"reference {source} is not an encoder model", hint="give the fp32 HF folder or fp32 export")
+    arrays = {"pred": lg.argmax(-1).astype(np.int64)}
+    arrays["tricky_ids"], arrays["tricky_offsets"] = _ragged(tok_ids)
+    arrays["data_ids"], arrays["data_offsets"] = _ragged(data_ids)
+    meta = {"schema_version": SCHEMA_VERSION, "kind": "encoder", "source": str(source), "computed_with": how,
+            "labels": labels, "texts": texts, "text_sha256": text_sha("\x00".join(texts)), "tricky": TRICKY,
+            "versions": package_versions()}
+    if labels_true is not None:
+        from .device.metrics import accuracy, macro_f1
+
+        pred = [labels[i] for i in arrays["pred"]]
+        meta["accuracy"] = accuracy(labels_true, pred)
+        meta["f1"] = macro_f1(labels_true, pred)
+    return Pack(meta, arrays)

@@ -1,0 +1,338 @@
+"""The validate stage: accuracy vs a reference, tokenizer parity, latency and memory, budgets.
+
+``validate(model, target=..., reference=..., data=..., out=...)`` writes a report folder
+(``report.json`` with ``schema_version``, ``report.md``, PNG plots, the reference pack under
+``reference/`` so the device can re-run without the reference model) and returns the report.
+A missed budget or a failed check raises :class:`CheckFailed` (exit 1) after the report is written.
+
+With a stored reference pack this module imports only the device stack (onnxruntime(-genai),
+numpy, tokenizers); torch is needed only to compute a reference from an HF folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import artifacts, console
+from .errors import BadInput, CheckFailed
+from .targets import load_target
+
+DEFAULTS: dict[str, Any] = {
+    "window": 512,          # perplexity window (tokens); capped at the model's context length
+    "stride": None,         # sliding stride; default window // 2
+    "method": "sliding",    # or "chunked" (llama.cpp's llama-perplexity)
+    "eval_tokens": 2048,    # tokens of the data scored (from its start)
+    "topk": 64,             # reference top-k stored for KL
+    "max_tokens": 32,       # new tokens per prompt (generation agreement) and decode length (latency)
+    "prompt_tokens": 128,   # prompt length of the latency run
+    "repeats": 5,
+    "warmup": 1,
+    "batch": 1,
+    "latency": True,
+}
+
+
+def model_kind(folder: Path) -> tuple[str, Path]:
+    """('decoder'|'encoder', model folder) of an export or bundle folder."""
+    p = Path(folder)
+    if not p.exists():
+        raise BadInput(f"model not found: {p}", hint="give an export folder or a bundle folder")
+    for cand in (p, p / "model"):
+        if (cand / "genai_config.json").is_file():
+            return "decoder", cand
+        if (cand / "model.onnx").is_file():
+            return "encoder", cand
+    raise BadInput(f"{p} is neither an onnxruntime-genai export, an encoder export nor a bundle", hint="run edgetune export first")
+
+
+def _read_text(data) -> str:
+    from .data import load_dataset, texts
+
+    ds = load_dataset(data)
+    return "\n\n".join(texts(ds))
+
+
+def _read_prompts(path) -> list:
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"prompts file not found: {p}", hint="one prompt per line (.txt) or JSONL with 'prompt' or 'messages'")
+    if p.suffix.lower() == ".txt":
+        out = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        from .data import load_dataset
+
+        ds = load_dataset(p)
+        out = [r.get("messages") or r.get("prompt") or r.get("text") for r in ds.records]
+    if not out:
+        raise BadInput(f"no prompts in {p}", hint="add at least one prompt")
+    return out
+
+
+def _first_mismatch(where: str, texts: list[str], ref: list, dev: list) -> tuple[int, dict | None]:
+    bad, first = 0, None
+    for text, a, b in zip(texts, ref, dev):
+        a, b = [int(x) for x in a], [int(x) for x in b]
+        if a != b:
+            bad += 1
+            if first is None:
+                i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                first = {"where": where, "text": text, "position": i, "reference": a[max(0, i - 4) : i + 8], "device": b[max(0, i - 4) : i + 8]}
+    return bad, first
+
+
+def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window):
+    from . import reference as R
+
+    if reference is None:
+        return None
+    src = Path(reference)
+    if not src.exists():
+        raise BadInput(f"reference not found: {src}", hint="give the fp32 model folder, an fp32 export or a reference pack")
+    if R.is_pack(src):
+        pack = R.load_pack(src)
+        if pack.kind != kind:
+            raise BadInput(f"reference pack {src} is for a {pack.kind}, the model is an {kind}", hint="use the matching reference")
+        return pack
+    with console.step(f"reference ({R.source_kind(src)})"):
+        if kind == "decoder":
+            if text is None:
+                raise BadInput("validating an LLM against a reference model needs --data (a text or JSONL file)", hint="e.g. --data eval.txt")
+            return R.build_decoder_reference(src, text, window=window, stride=opts["stride"], method=opts["method"], topk=opts["topk"],
+                                             max_new_tokens=opts["max_tokens"], prompts=prompts, eval_tokens=opts["eval_tokens"])
+        if texts is None:
+            raise BadInput("validating an encoder against a reference needs --data with labelled examples", hint="JSONL/CSV/TSV with text and label")
+        return R.build_encoder_reference(src, texts, labels)
+
+
+def _decoder(folder, target, pack, text, opts, report, series):
+    from .device import llm as L
+    from .device import metrics as M
+
+    m = L.load(folder, target)
+    report["runtime"]["providers"] = m.providers
+    window = min(opts["window"], m.context_length)
+    acc: dict[str, Any] = {}
+    if pack is None:
+        if text is None:
+            return
+        ids = L.encode(m, text)[: opts["eval_tokens"]]
+        nll = [M.nll(L.logits(m, ids[w[0] : w[1]])[M.window_targets(ids, w)[0]], M.window_targets(ids, w)[1])
+               for w in M.windows(len(ids), window, opts["stride"], opts["method"])]
+        acc["perplexity"] = M.perplexity(np.concatenate(nll))
+        acc["tokens"] = int(len(ids))
+        report["accuracy"] = acc
+        return
+    meta, ids = pack.meta, pack.arrays["ids"]
+    if text is not None and R_sha(text) != meta["text_sha256"]:
+        raise BadInput("--data is not the text the reference pack was made from", hint="omit --data to use the pack's text")
+    text = meta["text"]
+    # tokenizer parity: the device tokenizer vs the reference tokenizer's stored ids
+    dev_ids = L.encode(m, text)[: len(ids)]
+    bad_d, first_d = _first_mismatch("data", [text], [ids], [dev_ids])
+    dev_tricky = [L.encode(m, s) for s in meta["tricky"]]
+    bad_t, first_t = _first_mismatch("tricky strings", meta["tricky"], pack.ragged("tricky"), dev_tricky)
+    report["tokenizer"] = {"checked": 1 + len(meta["tricky"]), "mismatches": bad_d + bad_t, "first_mismatch": first_d or first_t}
+    # scoring on the reference's tokens, same windows
+    nll, kl, top1 = [], [], []
+    off = 0
+    ws = M.windows(len(ids), meta["window"], meta["stride"], meta["method"])
+    for w in console.progress(ws, desc="scoring"):
+        lg = L.logits(m, ids[w[0] : w[1]])
+        rows, tg = M.window_targets(ids, w)
+        lg = lg[rows]
+        k = len(tg)
+        nll.append(M.nll(lg, tg))
+        kl.append(M.kl_topk(pack.arrays["top_ids"][off : off + k].astype(np.int64), pack.arrays["top_logp"][off : off + k].astype(np.float64), lg))
+        top1.append(lg.argmax(-1) == pack.arrays["top_ids"][off : off + k, 0])
+        off += k
+    nll_m, kl_a, top1_a = np.concatenate(nll), np.concatenate(kl), np.concatenate(top1)
+    ppl_m, ppl_r = M.perplexity(nll_m), M.perplexity(pack.arrays["nll"])
+    acc.update({
+        "perplexity": ppl_m, "reference_perplexity": ppl_r, "perplexity_increase_pct": 100.0 * (ppl_m / ppl_r - 1.0),
+        "kl_divergence": float(kl_a.mean()), "kl_divergence_p99": float(np.percentile(kl_a, 99)),
+        "top1_agreement": float(top1_a.mean()), "tokens_scored": int(len(nll_m)), "method": meta["method"],
+        "window": meta["window"], "stride": meta["stride"], "kl_topk": meta["topk"],
+    })
+    series.update(nll_model=nll_m, nll_reference=pack.arrays["nll"], kl=kl_a)
+    # greedy generation agreement on the prompts (golden outputs from the reference)
+    agree, exact, gens = [], 0, []
+    for i, (p, g) in enumerate(zip(pack.ragged("prompt"), pack.ragged("golden"))):
+        got = L.generate_ids(m, p, int(meta["max_new_tokens"]))
+        a = M.prefix_agreement([int(x) for x in g], got)
+        agree.append(a)
+        exact += int(a == 1.0 and len(got) == len(g))
+        gens.append({"prompt": meta["prompts"][i] if i < len(meta["prompts"]) else None, "agreement": a,
+                     "golden": L.decode(m, g), "output": L.decode(m, got)})
+    if agree:
+        acc["generation_agreement"] = float(np.mean(agree))
+        acc["generation_exact_match"] = exact / len(agree)
+    report["accuracy"] = acc
+    report["generations"] = gens
+
+
+def R_sha(text: str) -> str:
+    from .reference import text_sha
+
+    return text_sha(text)
+
+
+def _encoder(folder, target, pack, texts, labels, report, series):
+    from tokenizers import Tokenizer
+
+    from .device import encoder as E
+    from .device import metrics as M
+
+    enc = E.load(folder, target)
+    report["runtime"]["providers"] = enc.session.get_providers()
+    if pack is None and texts is None:
+        return
+    if pack is not None:
+        if texts is None:
+            texts = pack.meta["texts"]
+        elif R_sha("\x00".join(texts)) != pack.meta["text_sha256"]:
+            raise BadInput("--data is not the data the reference pack was made from", hint="omit --data to use the pack's texts")
+        raw = Tokenizer.from_file(str(enc.folder / "tokenizer.json"))
+        raw.no_padding()
+        raw.enable_truncation(512)
+        bad_d, first_d = _first_mismatch("data", texts, pack.ragged("data"), [e.ids for e in raw.encode_batch(texts)])
+        bad_t, first_t = _first_mismatch("tricky strings", pack.meta["tricky"], pack.ragged("tricky"), [e.ids for e in raw.encode_batch(pack.meta["tricky"])])
+        report["tokenizer"] = {"checked": len(texts) + len(pack.meta["tricky"]), "mismatches": bad_d + bad_t, "first_mismatch": first_d or first_t}
+    pred = [lab for lab, _ in E.classify(enc, texts)]
+    acc: dict[str, Any] = {"examples": len(texts)}
+    if labels is not None:
+        acc["accuracy"] = 100.0 * M.accuracy(labels, pred)
+        acc["f1"] = M.macro_f1(labels, pred)
+    if pack is not None:
+        ref = [pack.meta["labels"][i] for i in pack.arrays["pred"]]
+        acc["agreement_with_reference"] = M.accuracy(ref, pred)
+        if labels is not None:
+            acc["reference_accuracy"] = 100.0 * M.accuracy(labels, ref)
+            acc["reference_f1"] = M.macro_f1(labels, ref)
+            acc["accuracy_drop"] = acc["reference_accuracy"] - acc["accuracy"]
+    report["accuracy"] = acc
+
+
+def _checks(report, target) -> list[dict]:
+    from .device.report import check
+
+    b = target.budgets
+    acc, lat = report.get("accuracy") or {}, report.get("latency") or {}
+    out = []
+    tok = report.get("tokenizer")
+    if tok is not None:
+        fm = tok.get("first_mismatch")
+        out.append(check("tokenizer_parity", tok["mismatches"], 0, "==",
+                         detail=None if not fm else f"first difference in {fm['where']} at token {fm['position']}: {fm['text'][:40]!r}"))
+
+    def p50(key):
+        s = lat.get(key)
+        return s.get("p50") if s else None
+
+    pairs = [
+        ("perplexity_increase_pct", acc.get("perplexity_increase_pct"), b.max_perplexity_increase_pct, "<="),
+        ("kl_divergence", acc.get("kl_divergence"), b.max_kl_divergence, "<="),
+        ("top1_agreement", acc.get("top1_agreement"), b.min_top1_agreement, ">="),
+        ("generation_agreement", acc.get("generation_agreement"), b.min_generation_agreement, ">="),
+        ("accuracy_drop", acc.get("accuracy_drop"), b.max_accuracy_drop, "<="),
+        ("size_mb", lat.get("size_mb") if lat else report["model"].get("size_mb"), b.max_size_mb, "<="),
+        ("peak_memory_mb", lat.get("peak_memory_mb"), b.max_peak_memory_mb, "<="),
+        ("load_time_s", lat.get("load_time_s"), b.max_load_time_s, "<="),
+        ("time_to_first_token_ms", p50("time_to_first_token_ms"), b.max_time_to_first_token_ms, "<="),
+        ("decode_tokens_per_s", p50("decode_tokens_per_s"), b.min_decode_tokens_per_s, ">="),
+        ("p90_ms", (lat.get("latency_ms") or {}).get("p90"), b.max_p90_ms, "<="),
+    ]
+    kind = report["model"]["kind"]
+    for name, value, limit, op in pairs:
+        if limit is None:
+            continue
+        if value is None:
+            # a budget that does not apply to this kind of model, or a figure not measured in this run
+            if (kind == "encoder" and name in ("perplexity_increase_pct", "kl_divergence", "top1_agreement", "generation_agreement",
+                                               "time_to_first_token_ms", "decode_tokens_per_s")) or \
+               (kind == "decoder" and name in ("accuracy_drop", "p90_ms")):
+                continue
+            report.setdefault("not_measured", []).append(name)
+            continue
+        out.append(check(name, value, limit, op))
+    return out
+
+
+def validate(model, *, target, reference=None, data=None, out=None, prompts=None, **options) -> dict:
+    """Validate ``model`` (export or bundle) on this machine against ``target``; returns the report."""
+    from .device.measure import size_on_disk_mb
+    from .device.report import SCHEMA_VERSION, write
+
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise BadInput(f"unknown validate option(s): {', '.join(sorted(unknown))}", hint=f"known: {', '.join(DEFAULTS)}")
+    opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+    if opts["method"] not in ("sliding", "chunked"):
+        raise BadInput(f"unknown perplexity method '{opts['method']}'", hint="use sliding or chunked")
+    if opts["stride"] is None and opts["method"] == "sliding":
+        opts["stride"] = opts["window"] // 2
+    if opts["window"] < 2 or (opts["stride"] is not None and not 1 <= opts["stride"] <= opts["window"]):
+        raise BadInput(f"invalid window/stride {opts['window']}/{opts['stride']}", hint="need window >= 2 and 1 <= stride <= window")
+    t = load_target(target)
+    kind, folder = model_kind(Path(model))
+    out = Path(out) if out else Path(model).resolve().parent / f"{Path(model).resolve().name}.validation"
+    text = texts = labels = None
+    if data is not None:
+        if kind == "decoder":
+            text = _read_text(data)
+        else:
+            from .data import load_dataset
+
+            ds = load_dataset(data)
+            if ds.format != "classification":
+                raise BadInput(f"{data}: encoder validation needs labelled examples (text + label), got '{ds.format}'", hint="give a classification data set")
+            texts = [r["text"] for r in ds.records]
+            labels = [str(r["label"]) for r in ds.records]
+    prompt_list = _read_prompts(prompts) if prompts else None
+    record = artifacts.read_record(folder) or {}
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"path": str(model), "folder": str(folder), "kind": kind, "size_mb": size_on_disk_mb(folder),
+                  "precision": (record.get("results") or {}).get("precision")},
+        "target": {"name": t.name, "source": t.source, "execution_provider": t.runtime.execution_provider},
+        "reference": None,
+        "runtime": {"providers": []},
+        "options": opts,
+        "machine": artifacts.machine_info(),
+        "versions": artifacts.package_versions(),
+    }
+    series: dict[str, Any] = {}
+    with artifacts.stage_output(out, "validate", inputs={"model": folder, "reference": reference, "data": data, "prompts": prompts},
+                                options={**opts, "target": t.name}) as run:
+        pack = _get_pack(reference, kind, text=text, texts=texts, labels=labels, prompts=prompt_list, opts=opts, window=opts["window"])
+        if pack is not None:
+            if not (reference and Path(reference, "reference.json").is_file()):
+                pack.save(run.dir / "reference")
+            report["reference"] = {"source": str(reference), "computed_with": pack.meta.get("computed_with"),
+                                   "pack": str(out / "reference") if not Path(reference, "reference.json").is_file() else str(reference)}
+        with console.step("accuracy"):
+            if kind == "decoder":
+                _decoder(folder, t, pack, text, opts, report, series)
+            else:
+                _encoder(folder, t, pack, texts, labels, report, series)
+        if opts["latency"]:
+            from .device.bench import run_in_subprocess
+
+            with console.step("latency"):
+                report["latency"] = run_in_subprocess(folder, t.source, kind=kind, prompt_tokens=opts["prompt_tokens"], max_tokens=opts["max_tokens"],
+                                                      repeats=opts["repeats"], warmup=opts["warmup"], batch=opts["batch"])
+        report["checks"] = _checks(report, t)
+        report["passed"] = all(c["passed"] for c in report["checks"])
+        report["failed"] = [c["name"] for c in report["checks"] if not c["passed"]]
+        report["report_dir"] = str(out)
+        write(run.dir, report, series)
+        run.results.update({"passed": report["passed"], "failed": report["failed"], "kind": kind,
+                            **{k: v for k, v in (report.get("accuracy") or {}).items() if isinstance(v, (int, float))}})
+    if not report["passed"]:
+        raise CheckFailed(f"validation failed: {', '.join(report['failed'])} (report: {out / 'report.md'})", result=report)
+    return report
