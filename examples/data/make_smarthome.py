@@ -1,0 +1,52 @@
+"""Writes smarthome_train.jsonl / smarthome_eval.jsonl: a device-command assistant.
+
+The assistant turns a spoken request into one compact JSON command an edge hub executes.
+Deterministic (seeded); rerun to regenerate: python examples/data/make_smarthome.py
+"""
+
+import json
+import random
+from pathlib import Path
+
+SYSTEM = "You control a smart home. Reply with one JSON command only."
+ROOMS = ["kitchen", "living room", "bedroom", "bathroom", "office", "garage", "hallway", "kids room"]
+TEMPLATES = [
+    ("Turn on the {room} lights", lambda r, n: {"device": "light", "room": r, "action": "on"}),
+    ("Switch off the lights in the {room}", lambda r, n: {"device": "light", "room": r, "action": "off"}),
+    ("Dim the {room} lights to {n} percent", lambda r, n: {"device": "light", "room": r, "action": "dim", "level": n}),
+    ("Set the {room} thermostat to {t} degrees", lambda r, n: {"device": "thermostat", "room": r, "action": "set", "celsius": 16 + n % 10}),
+    ("Open the {room} blinds", lambda r, n: {"device": "blinds", "room": r, "action": "open"}),
+    ("Close the blinds in the {room}", lambda r, n: {"device": "blinds", "room": r, "action": "close"}),
+    ("Play some music in the {room}", lambda r, n: {"device": "speaker", "room": r, "action": "play"}),
+    ("Stop the music in the {room}", lambda r, n: {"device": "speaker", "room": r, "action": "stop"}),
+    ("Set a timer for {n} minutes", lambda r, n: {"device": "timer", "action": "start", "minutes": n}),
+    ("Lock the front door", lambda r, n: {"device": "lock", "room": "front door", "action": "lock"}),
+    ("Is the {room} window open?", lambda r, n: {"device": "window", "room": r, "action": "status"}),
+    ("Start the vacuum in the {room}", lambda r, n: {"device": "vacuum", "room": r, "action": "start"}),
+]
+POLITE = ["", "Please ", "Hey, ", "Could you "]
+
+
+def make(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        text, fn = rng.choice(TEMPLATES)
+        room, num = rng.choice(ROOMS), rng.randrange(5, 95, 5)
+        cmd = fn(room, num)
+        prefix, body = rng.choice(POLITE), text.format(room=room, n=num, t=16 + num % 10)
+        prompt = prefix + (body[0].lower() + body[1:] if prefix else body)
+        out.append({"messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": json.dumps(cmd, separators=(",", ":"))},
+        ]})
+    return out
+
+
+if __name__ == "__main__":
+    here = Path(__file__).parent
+    for name, n, seed in (("smarthome_train.jsonl", 320, 1), ("smarthome_eval.jsonl", 40, 2)):
+        with open(here / name, "w") as f:
+            for rec in make(n, seed):
+                f.write(json.dumps(rec) + "\n")
