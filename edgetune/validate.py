@@ -280,6 +280,11 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
         raise BadInput(f"invalid window/stride {opts['window']}/{opts['stride']}", hint="need window >= 2 and 1 <= stride <= window")
     t = load_target(target)
     kind, folder = model_kind(Path(model))
+    if kind == "decoder":
+        ctx = json.loads((folder / "genai_config.json").read_text())["model"].get("context_length") or opts["window"]
+        if opts["window"] > ctx:
+            opts["window"] = int(ctx)
+            opts["stride"] = min(opts["stride"] or ctx // 2, ctx)
     out = Path(out) if out else Path(model).resolve().parent / f"{Path(model).resolve().name}.validation"
     text = texts = labels = None
     if data is not None:

@@ -1,0 +1,72 @@
+"""`edgetune validate`: accuracy vs a reference, tokenizer parity, latency, budgets."""
+
+from __future__ import annotations
+
+import click
+
+from .. import console
+from ..cli import common_options
+from ..errors import CheckFailed
+
+
+def _human(r: dict) -> str:
+    lines = []
+    acc = r.get("accuracy") or {}
+    keys = ["perplexity", "reference_perplexity", "perplexity_increase_pct", "kl_divergence", "top1_agreement",
+            "generation_agreement", "accuracy", "reference_accuracy", "accuracy_drop", "f1"]
+    for k in keys:
+        if k in acc:
+            lines.append(f"{k:28s} {acc[k]:.4g}")
+    lat = r.get("latency") or {}
+    for k in ("time_to_first_token_ms", "decode_tokens_per_s", "latency_ms"):
+        if lat.get(k):
+            s = lat[k]
+            lines.append(f"{k:28s} p50 {s['p50']:.4g}  p90 {s['p90']:.4g}  p99 {s['p99']:.4g}  (n={s['n']}, std {s['std']:.3g})")
+    for k in ("load_time_s", "peak_memory_mb", "size_mb", "throughput_per_s"):
+        if lat.get(k) is not None:
+            lines.append(f"{k:28s} {lat[k]:.4g}")
+    rows = [{"check": c["name"], "value": f"{c['value']:.4g}" if isinstance(c["value"], float) else c["value"],
+             "limit": f"{c['op']} {c['limit']}", "result": "pass" if c["passed"] else "FAIL"} for c in r.get("checks", [])]
+    if rows:
+        lines += ["", console.table(rows)]
+    for c in r.get("checks", []):
+        if not c["passed"] and c.get("detail"):
+            lines.append(f"{c['name']}: {c['detail']}")
+    lines.append(f"\nreport: {r.get('report_dir')}/report.md  ->  {'PASSED' if r.get('passed') else 'FAILED: ' + ', '.join(r.get('failed', []))}")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("model", type=click.Path())
+@click.option("--target", "-t", required=True, help="Target profile name or .toml path (budgets, execution provider, session options).")
+@click.option("--reference", "-r", type=click.Path(), help="fp32 reference: HF folder (host, torch), fp32 ONNX export, or a stored reference pack.")
+@click.option("--data", "-d", type=click.Path(), help="Evaluation data: text/JSONL for LLMs, labelled examples for encoders.")
+@click.option("--prompts", type=click.Path(), help="Prompts for greedy generation agreement (.txt lines or JSONL prompt/messages).")
+@click.option("--out", "-o", type=click.Path(), help="Report folder (default: <model>.validation next to the model).")
+@click.option("--max-tokens", type=int, help="New tokens per prompt and in the latency run [32].")
+@click.option("--prompt-tokens", type=int, help="Prompt length of the latency run [128].")
+@click.option("--eval-tokens", type=int, help="Tokens of the data scored for perplexity [2048].")
+@click.option("--window", type=int, help="Perplexity window / context in tokens [512, capped at the model's context].")
+@click.option("--stride", type=int, help="Sliding-window stride [window/2].")
+@click.option("--method", type=click.Choice(["sliding", "chunked"]), help="Perplexity windows: sliding, or chunked like llama.cpp's llama-perplexity.")
+@click.option("--topk", type=int, help="Reference top-k kept for KL [64].")
+@click.option("--repeats", type=int, help="Timed repetitions [5].")
+@click.option("--warmup", type=int, help="Untimed warm-up runs [1].")
+@click.option("--batch", type=int, help="Encoder batch size in the latency run [1].")
+@click.option("--no-latency", is_flag=True, help="Skip the latency/memory run.")
+@common_options
+def validate(model, target, reference, data, prompts, out, no_latency, **opts):
+    """Validate MODEL (export or bundle) on this machine against TARGET's budgets.
+
+    Exit 1 when a check or budget fails (the report is written first).
+    """
+    from ..validate import validate as run
+
+    try:
+        result = run(model, target=target, reference=reference, data=data, prompts=prompts, out=out,
+                     latency=not no_latency, **opts)
+    except CheckFailed as exc:
+        if isinstance(exc.result, dict):
+            console.emit(exc.result, _human)
+        raise
+    console.emit(result, _human)
