@@ -174,6 +174,13 @@ def _reader(batches: list[dict]):
 # ---------------------------------------------------------------------------- quantizers
 
 
+def _stdout_to_stderr():
+    import contextlib
+    import sys
+
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 def _qtype(name: str):
     from onnxruntime.quantization import QuantType
 
@@ -206,6 +213,27 @@ def head_nodes(model_path: Path) -> list[str]:
     g = onnx.load(str(model_path), load_external_data=False).graph
     outs = {o.name for o in g.output}
     return [n.name for n in g.node if set(n.output) & outs and n.op_type in ("Gemm", "MatMul", "Add")]
+
+
+def mask_only_nodes(model_path: Path) -> list[str]:
+    """Nodes computing only from ``attention_mask`` (and constants): the additive mask path.
+
+    Its fill value (float32 min, -3.4e38) cannot be quantized meaningfully and breaks
+    histogram calibration (Entropy/Percentile), so static quantization keeps it in float.
+    """
+    import onnx
+
+    g = onnx.load(str(model_path), load_external_data=False).graph
+    inits = {i.name for i in g.initializer}
+    deps: dict[str, frozenset[str]] = {i.name: frozenset([i.name]) for i in g.input if i.name not in inits}
+    out = []
+    for n in g.node:  # ONNX graphs are topologically sorted
+        d = frozenset().union(*(deps.get(i, frozenset()) for i in n.input if i))
+        for o in n.output:
+            deps[o] = d
+        if d == frozenset(["attention_mask"]):
+            out.append(n.name)
+    return out
 
 
 def quantize_dynamic_int8(src: Path, dst: Path, opts: Int8Options) -> dict[str, Any]:
@@ -246,6 +274,15 @@ def quantize_static_int8(src: Path, dst: Path, opts: Int8Options, *, batches: li
     with console.step("quant_pre_process"):
         quant_pre_process(str(src), str(pre), skip_optimization=False, auto_merge=True)
     ops = _op_types(pre, QDQRegistry, opts.exclude_op_types)
+    mask_nodes = mask_only_nodes(pre)
+    # pre-processing renames nothing the user can name, but may drop folded nodes
+    excluded = list(dict.fromkeys(opts.exclude_nodes + mask_nodes))
+    # calibration goes by op type, not by node: drop op types whose every node is excluded,
+    # or their tensors (the -3.4e38 mask) still reach the histogram calibrators
+    import onnx
+
+    nodes = onnx.load(str(pre), load_external_data=False).graph.node
+    ops = [op for op in ops if any(n.op_type == op and n.name not in set(excluded) for n in nodes)]
     method = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,
@@ -260,7 +297,8 @@ def quantize_static_int8(src: Path, dst: Path, opts: Int8Options, *, batches: li
     }
     if opts.calibration_method == "percentile":
         extra["CalibPercentile"] = 99.999
-    with console.step(f"calibrate {opts.calibration_method} on {len(batches)} batches"):
+    # onnxruntime's histogram calibrators print progress on stdout: keep stdout for results
+    with console.step(f"calibrate {opts.calibration_method} on {len(batches)} batches"), _stdout_to_stderr():
         quantize_static(
             str(pre),
             str(dst),
@@ -271,14 +309,15 @@ def quantize_static_int8(src: Path, dst: Path, opts: Int8Options, *, batches: li
             reduce_range=opts.reduce_range,
             activation_type=_qtype(opts.activation_type),
             weight_type=_qtype(opts.weight_type),
-            nodes_to_exclude=opts.exclude_nodes or None,
+            nodes_to_exclude=excluded or None,
             calibrate_method=method,
             extra_options=extra,
         )
     return {"format": "qdq", "op_types": ops, "per_channel": opts.per_channel, "weight_type": opts.weight_type,
             "activation_type": opts.activation_type, "weight_symmetric": opts.weight_symmetric,
             "activation_symmetric": opts.activation_symmetric, "calibration_method": opts.calibration_method,
-            "excluded_nodes": opts.exclude_nodes, "excluded_op_types": opts.exclude_op_types, "pre_process": True}
+            "excluded_nodes": opts.exclude_nodes, "excluded_op_types": opts.exclude_op_types, "pre_process": True,
+            "mask_path_kept_float": len(mask_nodes)}
 
 
 def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
