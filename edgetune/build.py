@@ -1,0 +1,457 @@
+"""`edgetune build`: the whole pipeline from one TOML file, incremental and resumable.
+
+Stages: materialize -> finetune -> merge -> export (per target) -> validate (per target)
+-> bundle (per target). Each stage writes its folder under ``<output>/.work/`` atomically
+(``artifacts.stage_output``) and the build keeps, per stage, a small state file with the
+stage's fingerprint (content hashes of its inputs + its options) and the signature of the
+output it made. A stage whose fingerprint and output are unchanged is skipped; an
+interrupted build re-runs only the stages that did not finish (fine-tuning also resumes
+from its last checkpoint).
+
+Bundles land in ``<output>/<target>/`` (+ ``<target>.tar.gz``) only when validation
+passed. A bundle that misses a budget is still written, to ``<output>/rejected/<target>/``,
+so it can be inspected and run, but never where a deploy script picks bundles up; the
+build then exits 1 after printing the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import artifacts, console
+from .errors import BadInput, CheckFailed
+
+STATE_DIR = "state"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelCfg(_Strict):
+    base: str = Field(description="model alias (smollm2, minilm), HF folder or .gguf, relative to the config file")
+
+
+class DataCfg(_Strict):
+    train: str | None = None
+    eval: str | None = None
+
+
+class FinetuneCfg(_Strict):
+    model_config = ConfigDict(extra="allow")  # every other key is a FinetuneOptions field
+    method: str = "lora"  # or "none" to bundle the base model as is
+
+
+class TargetCfg(_Strict):
+    name: str
+    precision: str | None = None
+    archive: bool = True
+    calibration: str | None = None  # encoders, int8-static
+
+
+class ValidateCfg(_Strict):
+    model_config = ConfigDict(extra="allow")  # passed to edgetune.validate.validate (window, eval_tokens, repeats, ...)
+    data: str | None = None
+    prompts: str | None = None
+    reference: Literal["merged", "base", "none"] = "merged"
+
+
+class BuildConfig(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str
+    output: str = "build"
+    model: ModelCfg
+    data: DataCfg = DataCfg()
+    finetune: FinetuneCfg = FinetuneCfg(method="none")
+    targets: list[TargetCfg]
+    validation: ValidateCfg = Field(default_factory=ValidateCfg, alias="validate")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[TargetCfg]) -> list[TargetCfg]:
+        if not v:
+            raise ValueError("at least one [[targets]] entry is needed")
+        names = [t.name for t in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"target names repeat: {names}")
+        return v
+
+
+def load_config(path: str | os.PathLike) -> tuple[BuildConfig, Path]:
+    """Parse and check a build config; returns it and the folder relative paths are resolved against."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"build config not found: {p}", hint="give a .toml file, e.g. examples/smollm2-lora-cpu.toml")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"{p}: invalid TOML ({exc})", hint="fix the syntax at the position shown") from exc
+    try:
+        cfg = BuildConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        raise BadInput(f"{p}: {where}: {err['msg']}", hint="see docs/bundles.md for the build config fields") from exc
+    if cfg.finetune.method != "none":
+        from .finetune.options import FinetuneOptions
+
+        opts = {k: v for k, v in cfg.finetune.model_dump().items()}
+        FinetuneOptions.from_dict(opts).check()
+        if not cfg.data.train:
+            raise BadInput(f"{p}: finetune.method = '{cfg.finetune.method}' needs data.train", hint="add [data] train = \"file.jsonl\" or set finetune.method = \"none\"")
+    return cfg, p.resolve().parent
+
+
+@dataclass
+class StageInfo:
+    stage: str
+    target: str | None
+    status: str  # ran | skipped | failed
+    seconds: float
+    out: str
+
+
+@dataclass
+class Build:
+    cfg: BuildConfig
+    root: Path
+    force: bool = False
+    stages: list[StageInfo] = field(default_factory=list)
+
+    @property
+    def output(self) -> Path:
+        return self.path(self.cfg.output)
+
+    @property
+    def work(self) -> Path:
+        return self.output / ".work"
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    def maybe_path(self, value: str | None) -> Path | None:
+        if value is None:
+            return None
+        p = self.path(value)
+        if not p.exists():
+            raise BadInput(f"{value} not found (resolved to {p})", hint="paths in a build config are relative to the config file")
+        return p
+
+    # -- the incremental stage runner -------------------------------------------------
+    def stage(self, sid: str, out: Path, inputs: dict[str, Any], options: dict[str, Any], body: Callable[[], Any],
+              *, target: str | None = None) -> dict[str, Any]:
+        """Run ``body`` unless the state says ``out`` was made from the same inputs and options."""
+        fp = artifacts.fingerprint(sid, artifacts.input_hashes(inputs), options)
+        state_file = self.work / STATE_DIR / f"{sid}.json"
+        state = _read_json(state_file)
+        t0 = time.perf_counter()
+        label = f"{sid}"
+        if not self.force and state and state.get("fingerprint") == fp and _signature(out) == state.get("output"):
+            self.stages.append(StageInfo(sid.split(".")[0], target, "skipped", round(time.perf_counter() - t0, 2), str(out)))
+            console.log(f"[{label}] up to date, skipped")
+            return state
+        status, error = "ran", None
+        with console.step(label):
+            try:
+                body()
+            except CheckFailed as exc:  # the stage wrote its output (a report) and then failed a gate
+                status, error = "failed", exc.one_line()
+        state = {"fingerprint": fp, "output": _signature(out), "status": status, "error": error}
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        artifacts.write_json(state_file, state)
+        self.stages.append(StageInfo(sid.split(".")[0], target, status, round(time.perf_counter() - t0, 2), str(out)))
+        return state
+
+
+def _read_json(p: Path) -> dict | None:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _signature(out: Path) -> str | None:
+    """What identifies the output a stage made: its record or manifest (+ archive), cheap to read."""
+    parts = []
+    for name in (artifacts.RECORD_NAME, "manifest.json", "report.json"):
+        f = out / name
+        if f.is_file():
+            parts.append(artifacts.sha256_file(f))
+    arc = out.with_name(out.name + ".tar.gz")
+    if (out / "manifest.json").is_file() and arc.is_file():
+        parts.append(artifacts.sha256_file(arc))
+    return artifacts.sha256_bytes("|".join(parts).encode()) if parts else None
+
+
+# -- stage bodies: the real stage functions, with fallbacks while a module is missing ----------
+
+def _finetune(base: Path, data: Path, out: Path, cfg: FinetuneCfg) -> None:
+    from .finetune import FinetuneOptions, finetune, work_dir
+
+    opts = FinetuneOptions.from_dict(cfg.model_dump())
+    if (work_dir(out) / "spec.json").is_file():
+        try:  # an interrupted run: continue from its last checkpoint
+            finetune(base, data, out, options=opts, resume=True)
+            return
+        except BadInput:
+            console.log("[finetune] the interrupted run had other inputs; starting over")
+    finetune(base, data, out, options=opts)
+
+
+def _merge(base: Path, adapter: Path, out: Path) -> None:
+    try:
+        from .merge import merge  # the merge stage (LLM issue)
+    except ImportError:
+        merge = None
+    if merge is not None:
+        merge(base, adapter, out)
+        return
+    _merge_fallback(base, adapter, out)
+
+
+def _merge_fallback(base: Path, adapter: Path, out: Path) -> None:
+    """peft merge_and_unload into the fp32 base, saved as safetensors (used until edgetune.merge lands)."""
+    from .errors import require
+
+    transformers = require("transformers", purpose="merge")
+    torch = require("torch", purpose="merge")
+    peft = require("peft", purpose="merge")
+    acfg = json.loads((adapter / "adapter_config.json").read_text())
+    cls = transformers.AutoModelForSequenceClassification if acfg.get("task_type") == "SEQ_CLS" else transformers.AutoModelForCausalLM
+    kwargs: dict[str, Any] = {}
+    if acfg.get("task_type") == "SEQ_CLS" and (adapter / "config.json").is_file():
+        kwargs["config"] = transformers.AutoConfig.from_pretrained(str(adapter))
+    with artifacts.stage_output(out, "merge", inputs={"base": base, "adapter": adapter}, options={"dtype": "float32"}) as run:
+        model = cls.from_pretrained(str(base), dtype=torch.float32, use_safetensors=True, **kwargs)
+        model = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model.save_pretrained(str(run.dir), safe_serialization=True)
+        tok = transformers.AutoTokenizer.from_pretrained(str(adapter if (adapter / "tokenizer_config.json").is_file() else base))
+        tok.save_pretrained(str(run.dir))
+        run.results.update(kind="merged", task_type=acfg.get("task_type"))
+
+
+def _export(model: Path, out: Path, target: str, precision: str | None, calibration: Path | None) -> None:
+    from .models import inspect
+
+    kind = inspect(model).kind
+    if kind == "encoder":
+        from .encoder.export import export_encoder
+
+        export_encoder(model, out, target=target, precision=precision, calibration=calibration)
+        return
+    try:
+        from .export import export  # dispatching export stage (LLM issue)
+    except ImportError:
+        export = None
+    if export is not None:
+        export(model, out, target=target, precision=precision)
+        return
+    _export_llm_fallback(model, out, target, precision)
+
+
+def _export_llm_fallback(model: Path, out: Path, target: str, precision: str | None) -> None:
+    """onnxruntime-genai's model builder, driven by the target profile (until edgetune.export lands)."""
+    import tempfile
+
+    from .errors import require
+    from .targets import load_target
+
+    t = load_target(target)
+    precision = precision or t.precision.llm
+    ep = t.runtime.resolved_builder_provider
+    extra: dict[str, str] = {}
+    if precision == "int4":
+        q = t.quantization.int4
+        extra = {"int4_block_size": str(q.block_size), "int4_is_symmetric": str(q.symmetric).lower(),
+                 "int4_accuracy_level": str(q.accuracy_level)}
+    builder = require("onnxruntime_genai.models.builder", purpose="LLM export")
+    options = {"precision": precision, "execution_provider": ep, "extra": extra, "target": t.name}
+    with artifacts.stage_output(out, "export", inputs={"model": model}, options=options) as run, \
+            tempfile.TemporaryDirectory(prefix="edgetune-genai-") as cache:
+        with _stdout_to_stderr():
+            kv = builder.parse_extra_options("", str(model), str(run.dir), precision, ep, cache, [f"{k}={v}" for k, v in extra.items()])
+            builder.create_model("", str(model), str(run.dir), precision, ep, cache, **kv)
+        size = sum(p.stat().st_size for p in run.dir.iterdir() if p.is_file())
+        run.results.update(kind="decoder", precision=precision, target=t.name, execution_provider=t.runtime.execution_provider,
+                           size_mb=round(size / 2**20, 3), exporter="onnxruntime-genai builder")
+
+
+class _stdout_to_stderr:
+    """Libraries print progress on stdout; stdout belongs to the result (--json)."""
+
+    def __enter__(self):
+        import sys
+
+        self._saved = os.dup(1)
+        sys.stdout.flush()
+        os.dup2(2, 1)
+
+    def __exit__(self, *exc):
+        import sys
+
+        sys.stdout.flush()
+        os.dup2(self._saved, 1)
+        os.close(self._saved)
+
+
+# -- the orchestrator -------------------------------------------------------------------------
+
+def build(config: str | os.PathLike, *, force: bool = False) -> dict[str, Any]:
+    """Run the build described by ``config``; returns the summary (raises CheckFailed after
+    writing everything when a target missed its budgets)."""
+    from .models import materialize
+    from .targets import load_target
+
+    cfg, root = load_config(config)
+    b = Build(cfg, root, force=force)
+    for t in cfg.targets:
+        load_target(t.name if not t.name.endswith(".toml") else str(b.path(t.name)))  # fail before any work
+    train = b.maybe_path(cfg.data.train)
+    vdata = b.maybe_path(cfg.validation.data)
+    prompts = b.maybe_path(cfg.validation.prompts)
+    t_start = time.perf_counter()
+    b.work.mkdir(parents=True, exist_ok=True)
+
+    base_spec = cfg.model.base
+    if b.path(base_spec).exists():  # a folder or .gguf next to the config; otherwise an alias
+        base_spec = str(b.path(base_spec))
+    t0 = time.perf_counter()
+    with console.step("materialize"):
+        info = materialize(base_spec)
+    b.stages.append(StageInfo("materialize", None, "ran", round(time.perf_counter() - t0, 2), str(info.path)))
+    base = Path(info.path)
+
+    model = base
+    if cfg.finetune.method != "none":
+        adapter = b.work / "adapter"
+        ft_opts = cfg.finetune.model_dump()
+        b.stage("finetune", adapter, {"model": base, "data": train}, ft_opts, lambda: _finetune(base, train, adapter, cfg.finetune))
+        merged = b.work / "merged"
+        b.stage("merge", merged, {"base": base, "adapter": adapter}, {}, lambda: _merge(base, adapter, merged))
+        model = merged
+
+    rows = []
+    failed_targets = []
+    for tc in cfg.targets:
+        tname = tc.name if not tc.name.endswith(".toml") else str(b.path(tc.name))
+        target = load_target(tname)
+        key = target.name
+        export_dir = b.work / f"export-{key}"
+        calib = b.maybe_path(tc.calibration)
+        b.stage(f"export.{key}", export_dir, {"model": model, "calibration": calib, "target": target.model_dump(mode="json", exclude={"source"})},
+                {"precision": tc.precision}, lambda: _export(model, export_dir, tname, tc.precision, calib), target=key)
+
+        report_dir = b.work / f"validate-{key}"
+        vopts = {k: v for k, v in cfg.validation.model_dump().items() if k not in ("data", "prompts", "reference")}
+        reference = {"merged": model, "base": base, "none": None}[cfg.validation.reference]
+        vstate = b.stage(f"validate.{key}", report_dir,
+                         {"model": export_dir, "reference": reference, "data": vdata, "prompts": prompts,
+                          "target": target.model_dump(mode="json", exclude={"source"})}, vopts,
+                         lambda: _validate(export_dir, tname, reference, vdata, prompts, report_dir, vopts), target=key)
+        report = _read_json(report_dir / "report.json") or {}
+        passed = bool(report.get("passed")) and vstate.get("status") != "failed"
+
+        final = b.output / key
+        rejected = b.output / "rejected" / key
+        dest, other = (final, rejected) if passed else (rejected, final)
+        # a stale bundle from an earlier run must not stay where it no longer belongs
+        for stale in (other, other.with_name(other.name + ".tar.gz")):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            elif stale.is_file():
+                stale.unlink()
+        b.stage(f"bundle.{key}", dest, {"model": export_dir, "report": report_dir}, {"archive": tc.archive, "name": f"{cfg.name}-{key}", "passed": passed},
+                lambda: _bundle(export_dir, dest, tname, report_dir, tc.archive, f"{cfg.name}-{key}"), target=key)
+        manifest = _read_json(dest / "manifest.json") or {}
+        rows.append(_summary_row(key, dest, manifest, report, passed, tc.archive))
+        if not passed:
+            failed_targets.append(key)
+
+    result = {
+        "name": cfg.name,
+        "config": str(Path(config)),
+        "output": str(b.output),
+        "passed": not failed_targets,
+        "targets": rows,
+        "stages": [s.__dict__ for s in b.stages],
+        "skipped_all": all(s.status == "skipped" for s in b.stages if s.stage != "materialize"),
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }
+    artifacts.write_json(b.output / "build-summary.json", result)
+    if failed_targets:
+        raise CheckFailed(f"{len(failed_targets)} target(s) missed their budgets: {', '.join(failed_targets)} "
+                          f"(bundles kept for inspection in {b.output / 'rejected'})", result=result)
+    return result
+
+
+def _validate(export_dir: Path, target: str, reference: Path | None, data: Path | None, prompts: Path | None, out: Path, vopts: dict) -> None:
+    from .validate import validate
+
+    validate(export_dir, target=target, reference=reference, data=data, out=out, prompts=prompts, **vopts)
+
+
+def _bundle(export_dir: Path, dest: Path, target: str, report_dir: Path, archive: bool, name: str) -> None:
+    from .bundle import archive_path, make_bundle
+
+    arc = archive_path(dest)
+    if arc.exists() and not archive:
+        arc.unlink()
+    make_bundle(export_dir, dest, target=target, report=report_dir if (report_dir / "report.json").is_file() else None,
+                archive=archive, name=name)
+
+
+def _summary_row(key: str, dest: Path, manifest: dict, report: dict, passed: bool, archive: bool) -> dict[str, Any]:
+    figs = manifest.get("figures") or {}
+    acc = report.get("accuracy") or {}
+    lat = report.get("latency") or {}
+
+    def p50(k):
+        v = lat.get(k)
+        return v.get("p50") if isinstance(v, dict) else None
+
+    accuracy = None
+    for k, fmt in (("perplexity_increase_pct", "ppl {:+.2f}%"), ("accuracy_drop", "acc drop {:.3f}"), ("top1_agreement", "top1 {:.3f}")):
+        if acc.get(k) is not None:
+            accuracy = fmt.format(acc[k])
+            break
+    latency = None
+    if p50("decode_tokens_per_s") is not None:
+        latency = f"{p50('decode_tokens_per_s'):.1f} tok/s"
+        if p50("time_to_first_token_ms") is not None:
+            latency += f", ttft {p50('time_to_first_token_ms'):.0f} ms"
+    elif isinstance(lat.get("latency_ms"), dict):
+        latency = f"p50 {lat['latency_ms'].get('p50'):.2f} ms"
+    return {
+        "target": key,
+        "precision": manifest.get("precision"),
+        "size_mb": round(figs["size_mb"], 2) if isinstance(figs.get("size_mb"), (int, float)) else None,
+        "accuracy": accuracy,
+        "latency": latency,
+        "result": "pass" if passed else "FAIL: " + ",".join(report.get("failed") or ["validation"]),
+        "bundle": str(dest),
+        "archive": str(dest.with_name(dest.name + ".tar.gz")) if archive else None,
+        "accuracy_figures": {k: v for k, v in acc.items() if isinstance(v, (int, float))},
+        "latency_figures": {"decode_tokens_per_s_p50": p50("decode_tokens_per_s"), "time_to_first_token_ms_p50": p50("time_to_first_token_ms"),
+                            "latency_ms_p50": (lat.get("latency_ms") or {}).get("p50") if isinstance(lat.get("latency_ms"), dict) else None},
+    }
+
+
+def summary_text(result: dict[str, Any]) -> str:
+    ran = [s for s in result["stages"] if s["status"] == "ran" and s["stage"] != "materialize"]
+    skipped = [s for s in result["stages"] if s["status"] == "skipped"]
+    head = f"build {result['name']}: {len(ran)} stage(s) ran, {len(skipped)} skipped, {result['seconds']:.1f}s"
+    table = console.table(result["targets"], ["target", "precision", "size_mb", "accuracy", "latency", "result", "bundle"])
+    return f"{head}\n{table}"
+
+
+__all__ = ["BuildConfig", "load_config", "build", "summary_text"]

@@ -1,0 +1,33 @@
+"""`edgetune build CONFIG.toml`: the whole pipeline, one bundle per target, incremental."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .. import console
+from ..cli import common_options
+
+
+@click.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Re-run every stage even when its inputs and options did not change.")
+@common_options
+def build(config: Path, force: bool) -> None:
+    """Run materialize -> finetune -> merge -> export -> validate -> bundle from CONFIG.
+
+    Stages whose inputs (content hashes) and options did not change are skipped; an
+    interrupted build resumes. Prints a summary per target; exit 1 when a target missed
+    its budgets (its bundle then goes to OUTPUT/rejected/, never OUTPUT/<target>/).
+    """
+    from ..build import build as run_build, summary_text
+    from ..errors import CheckFailed
+
+    try:
+        result = run_build(config, force=force)
+    except CheckFailed as exc:
+        if isinstance(exc.result, dict) and "targets" in exc.result:
+            console.emit(exc.result, summary_text)
+        raise
+    console.emit(result, summary_text)
