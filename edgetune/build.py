@@ -163,7 +163,8 @@ class Build:
         status, error = "ran", None
         with console.step(label):
             try:
-                body()
+                with _stdout_to_stderr():  # stdout carries only the result (--json); libraries print there
+                    body()
             except CheckFailed as exc:  # the stage wrote its output (a report) and then failed a gate
                 status, error = "failed", exc.one_line()
         state = {"fingerprint": fp, "output": _signature(out), "status": status, "error": error}
@@ -292,14 +293,17 @@ class _stdout_to_stderr:
     def __enter__(self):
         import sys
 
-        self._saved = os.dup(1)
         sys.stdout.flush()
+        self._saved = os.dup(1)
         os.dup2(2, 1)
+        self._py = sys.stdout
+        sys.stdout = sys.stderr
 
     def __exit__(self, *exc):
         import sys
 
         sys.stdout.flush()
+        sys.stdout = self._py
         os.dup2(self._saved, 1)
         os.close(self._saved)
 
@@ -326,7 +330,7 @@ def build(config: str | os.PathLike, *, force: bool = False) -> dict[str, Any]:
     if b.path(base_spec).exists():  # a folder or .gguf next to the config; otherwise an alias
         base_spec = str(b.path(base_spec))
     t0 = time.perf_counter()
-    with console.step("materialize"):
+    with console.step("materialize"), _stdout_to_stderr():
         info = materialize(base_spec)
     b.stages.append(StageInfo("materialize", None, "ran", round(time.perf_counter() - t0, 2), str(info.path)))
     base = Path(info.path)

@@ -1,0 +1,184 @@
+"""`edgetune build` on a tiny config: end to end, skip on re-run, budgets, SIGKILL + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edgetune.bundle import verify
+from edgetune.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "examples" / "data" / "smarthome_train.jsonl"
+
+CONFIG = """
+name = "tiny"
+output = "out"
+
+[model]
+base = "{base}"
+
+[data]
+train = "train.jsonl"
+
+[finetune]
+method = "lora"
+max_steps = {steps}
+batch_size = 2
+max_seq_len = 256
+save_steps = 1
+eval_fraction = 0.0
+
+{targets}
+
+[validate]
+data = "eval.txt"
+prompts = "prompts.txt"
+eval_tokens = 128
+window = 32
+max_tokens = 4
+prompt_tokens = 16
+repeats = {repeats}
+warmup = 0
+"""
+
+CPU = '[[targets]]\nname = "cpu-x86"\nprecision = "fp32"\n'
+TIGHT = '[[targets]]\nname = "tight.toml"\nprecision = "fp32"\narchive = false\n'
+
+
+def write_config(root: Path, base: Path, *, steps: int = 2, targets: str = CPU, repeats: int = 1) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "train.jsonl").write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:16]))
+    (root / "eval.txt").write_text("The quick brown fox jumps over the lazy dog. Turn on the kitchen lights. " * 30)
+    (root / "prompts.txt").write_text("Turn on the lights\nWhat is the weather\n")
+    (root / "tight.toml").write_text('extends = "cpu-x86"\nname = "tight"\n[budgets]\nmax_size_mb = 0.001\n')
+    cfg = root / "build.toml"
+    cfg.write_text(CONFIG.format(base=base, steps=steps, targets=targets, repeats=repeats))
+    return cfg
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    cap = capsys.readouterr()
+    return exc.value.code, cap.out, cap.err
+
+
+@pytest.fixture(scope="module")
+def first_build(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("build")
+    cfg = write_config(root, tiny_llama)
+    with pytest.raises(SystemExit) as exc:
+        main(["build", str(cfg), "--json", "--quiet"])
+    assert exc.value.code == 0
+    return root, cfg, json.loads((root / "out" / "build-summary.json").read_text())
+
+
+def test_build_produces_verified_bundle_and_summary(first_build):
+    root, _, res = first_build
+    assert res["passed"] and [t["target"] for t in res["targets"]] == ["cpu-x86"]
+    ran = [s["stage"] for s in res["stages"] if s["status"] == "ran"]
+    assert ran == ["materialize", "finetune", "merge", "export", "validate", "bundle"]
+    row = res["targets"][0]
+    assert row["result"] == "pass" and row["size_mb"] > 0 and "ppl" in row["accuracy"] and "tok/s" in row["latency"]
+    bundle = root / "out" / "cpu-x86"
+    assert verify(bundle)["ok"] and verify(root / "out" / "cpu-x86.tar.gz")["ok"]
+    m = json.loads((bundle / "manifest.json").read_text())
+    prov = m["provenance"]["summary"]
+    assert {"base_model", "dataset", "adapter"} <= set(prov)
+    assert not any(p.name.startswith(".") for p in (root / "out").iterdir() if p.name != ".work")
+
+
+def test_second_run_skips_every_stage(first_build, capsys):
+    root, cfg, first = first_build
+    arc = (root / "out" / "cpu-x86.tar.gz").read_bytes()
+    t0 = time.perf_counter()
+    code, out, err = run_cli(["build", str(cfg)], capsys)
+    took = time.perf_counter() - t0
+    assert code == 0
+    assert "0 stage(s) ran, 5 skipped" in out and "cpu-x86" in out and "pass" in out
+    for stage in ("finetune", "merge", "export.cpu-x86", "validate.cpu-x86", "bundle.cpu-x86"):
+        assert f"[{stage}] up to date, skipped" in err
+    assert (root / "out" / "cpu-x86.tar.gz").read_bytes() == arc
+    print(f"second build: {took:.2f}s")
+
+
+def test_changed_option_reruns_only_downstream_stages(first_build, tiny_llama, capsys):
+    root, cfg, _ = first_build
+    write_config(root, tiny_llama, repeats=2)
+    try:
+        code, out, _ = run_cli(["build", str(cfg), "--json", "--quiet"], capsys)
+        assert code == 0
+        status = {s["stage"]: s["status"] for s in json.loads(out)["stages"]}
+        assert status == {"materialize": "ran", "finetune": "skipped", "merge": "skipped", "export": "skipped",
+                          "validate": "ran", "bundle": "ran"}
+    finally:
+        write_config(root, tiny_llama)
+
+
+def test_missed_budget_exits_1_and_keeps_bundle_out_of_the_deploy_path(first_build, tiny_llama, capsys):
+    root, cfg, _ = first_build
+    write_config(root, tiny_llama, targets=CPU + TIGHT)
+    try:
+        code, out, err = run_cli(["build", str(cfg), "--json", "--quiet"], capsys)
+        assert code == 1 and "tight" in err and "missed their budgets" in err
+        res = json.loads(out)
+        rows = {r["target"]: r for r in res["targets"]}
+        assert rows["cpu-x86"]["result"] == "pass" and rows["tight"]["result"].startswith("FAIL") and "size_mb" in rows["tight"]["result"]
+        assert not (root / "out" / "tight").exists()
+        rejected = root / "out" / "rejected" / "tight"
+        assert verify(rejected)["ok"]
+        assert json.loads((rejected / "manifest.json").read_text())["figures"]["passed"] is False
+        assert (root / "out" / ".work" / "validate-tight" / "report.md").is_file()
+    finally:
+        write_config(root, tiny_llama)
+
+
+def test_bad_config_is_exit_2_naming_the_field(tmp_path, capsys):
+    cfg = tmp_path / "b.toml"
+    cfg.write_text('name = "x"\n[model]\nbase = "smollm2"\n[[targets]]\nname = "cpu-x86"\nprecison = "int4"\n')
+    code, _, err = run_cli(["build", str(cfg)], capsys)
+    assert code == 2 and "targets.0.precison" in err
+    cfg.write_text('name = "x"\n[model]\nbase = "smollm2"\n[finetune]\nmethod = "lora"\n[[targets]]\nname = "cpu-x86"\n')
+    code, _, err = run_cli(["build", str(cfg)], capsys)
+    assert code == 2 and "data.train" in err
+    cfg.write_text('name = "x"\n[model]\nbase = "smollm2"\n[[targets]]\nname = "no-such-target"\n')
+    code, _, err = run_cli(["build", str(cfg)], capsys)
+    assert code == 2 and "no-such-target" in err
+
+
+@pytest.mark.slow  # two tiny builds in fresh processes: ~50 s on 2 cores
+def test_sigkill_mid_stage_then_rerun_finishes(tmp_path, tiny_llama):
+    cfg = write_config(tmp_path / "k", tiny_llama, steps=4)
+    cmd = [sys.executable, "-m", "edgetune", "build", str(cfg), "--json"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    try:
+        for line in proc.stderr:  # kill right after the first training step (a checkpoint exists)
+            seen.append(line)
+            if "[finetune] step 2/" in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    out = tmp_path / "k" / "out"
+    assert not (out / "cpu-x86").exists() and not (out / "cpu-x86.tar.gz").exists()
+    assert not (out / ".work" / "adapter").exists()  # the unfinished stage left nothing that looks complete
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(done.stdout)
+    assert res["passed"] and verify(out / "cpu-x86")["ok"]
+    assert "resum" in done.stderr.lower(), done.stderr[-3000:]
+    assert not [p for p in out.rglob(".*tmp-*")]
+    shutil.rmtree(tmp_path / "k")
