@@ -190,6 +190,9 @@ def _encoder(folder, target, pack, texts, labels, report, series):
 
     enc = E.load(folder, target)
     report["runtime"]["providers"] = enc.session.get_providers()
+    if enc.task not in ("classification", "sequence-classification") and (pack is not None or texts is not None):
+        raise BadInput(f"accuracy validation of '{enc.task}' encoders is not supported yet (only sequence classification)",
+                       hint="run with --no-data and no --reference for latency only")
     if pack is None and texts is None:
         return
     if pack is not None:
