@@ -212,6 +212,48 @@ def build_decoder_reference(source, text: str, *, window: int, stride: int | Non
 
 # ---------------------------------------------------------------- encoder
 
+def build_token_reference(source, words: list[list[str]]) -> Pack:
+    """Reference tags per word for a token classifier (first sub-token of each word)."""
+    from .artifacts import package_versions
+
+    kind = source_kind(source)
+    if kind == "onnx-encoder":
+        from .device import encoder as E
+
+        enc = E.load(source)
+        tags = E.token_classify(enc, words)
+        labels = enc.labels
+        how = "onnxruntime"
+    elif kind == "hf":
+        torch = require("torch", purpose="computing the reference with PyTorch")
+        transformers = require("transformers")
+        tok = transformers.AutoTokenizer.from_pretrained(str(source))
+        model = transformers.AutoModelForTokenClassification.from_pretrained(str(source), use_safetensors=True).eval()
+        labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+        tags = []
+        for ws in words:
+            b = tok(ws, is_split_into_words=True, truncation=True, max_length=512, return_tensors="pt")
+            with torch.inference_mode():
+                pred = model(**b).logits[0].argmax(-1).tolist()
+            t, seen = ["O"] * len(ws), set()
+            for pos, w in enumerate(b.word_ids(0)):
+                if w is not None and w not in seen:
+                    seen.add(w)
+                    t[w] = labels[pred[pos]]
+            tags.append(t)
+        how = "torch"
+    else:
+        raise BadInput(f"reference {source} is not an encoder model", hint="give the fp32 HF folder or fp32 export")
+    index = {lab: i for i, lab in enumerate(labels)}
+    arrays = {}
+    arrays["tags_ids"], arrays["tags_offsets"] = _ragged([[index.get(t, -1) for t in ts] for ts in tags])
+    joined = ["\x01".join(ws) for ws in words]
+    meta = {"schema_version": SCHEMA_VERSION, "kind": "encoder", "task": "token-classification", "source": str(source),
+            "computed_with": how, "labels": labels, "words": words, "text_sha256": text_sha("\x00".join(joined)),
+            "versions": package_versions()}
+    return Pack(meta, arrays)
+
+
 def build_encoder_reference(source, texts: list[str], labels_true: list[str] | None = None) -> Pack:
     from .artifacts import package_versions
 

@@ -107,6 +107,8 @@ def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window):
                                              max_new_tokens=opts["max_tokens"], prompts=prompts, eval_tokens=opts["eval_tokens"])
         if texts is None:
             raise BadInput("validating an encoder against a reference needs --data with labelled examples", hint="JSONL/CSV/TSV with text and label")
+        if texts and isinstance(texts[0], list):
+            return R.build_token_reference(src, texts)
         return R.build_encoder_reference(src, texts, labels)
 
 
@@ -190,9 +192,13 @@ def _encoder(folder, target, pack, texts, labels, report, series):
 
     enc = E.load(folder, target)
     report["runtime"]["providers"] = enc.session.get_providers()
+    if enc.task == "token-classification":
+        return _token_encoder(enc, pack, texts, labels, report)
     if enc.task not in ("classification", "sequence-classification") and (pack is not None or texts is not None):
-        raise BadInput(f"accuracy validation of '{enc.task}' encoders is not supported yet (only sequence classification)",
-                       hint="run with --no-data and no --reference for latency only")
+        raise BadInput(f"accuracy validation of '{enc.task}' encoders is not supported (classification and token classification are)",
+                       hint="run without --data/--reference for latency only")
+    if texts is not None and texts and isinstance(texts[0], list):
+        raise BadInput("token-tagged data (tokens/tags) given for a sequence classifier", hint="give text + label examples")
     if pack is None and texts is None:
         return
     if pack is not None:
@@ -218,6 +224,38 @@ def _encoder(folder, target, pack, texts, labels, report, series):
             acc["reference_accuracy"] = 100.0 * M.accuracy(labels, ref)
             acc["reference_f1"] = M.macro_f1(labels, ref)
             acc["accuracy_drop"] = acc["reference_accuracy"] - acc["accuracy"]
+    report["accuracy"] = acc
+
+
+def _token_encoder(enc, pack, words, gold, report):
+    from .device import encoder as E
+    from .device import metrics as M
+
+    if words is not None and words and not isinstance(words[0], list):
+        raise BadInput("a token classifier needs token-tagged data ({\"tokens\": [...], \"tags\": [...]})", hint="give JSONL with tokens and tags")
+    if pack is not None:
+        if pack.meta.get("task") != "token-classification":
+            raise BadInput("the reference pack is not for a token classifier", hint="use the matching reference")
+        if words is None:
+            words = pack.meta["words"]
+    if words is None:
+        return
+    pred = E.token_classify(enc, words)
+    acc: dict[str, Any] = {"examples": len(words)}
+    if gold is not None:
+        acc["accuracy"] = 100.0 * M.entity_f1(gold, pred)  # entity F1 in %, so accuracy_drop is in points
+        acc["entity_f1"] = M.entity_f1(gold, pred)
+    if pack is not None:
+        labels = pack.meta["labels"]
+        ref = [[labels[i] if i >= 0 else "O" for i in seq] for seq in pack.ragged("tags")]
+        flat_r = [t for s in ref for t in s]
+        flat_p = [t for s in pred for t in s]
+        acc["agreement_with_reference"] = M.accuracy(flat_r, flat_p)
+        if gold is not None:
+            acc["reference_entity_f1"] = M.entity_f1(gold, ref)
+            acc["reference_accuracy"] = 100.0 * acc["reference_entity_f1"]
+            acc["accuracy_drop"] = acc["reference_accuracy"] - acc["accuracy"]
+    acc["metric"] = "entity_f1"
     report["accuracy"] = acc
 
 
@@ -297,10 +335,15 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
             from .data import load_dataset
 
             ds = load_dataset(data)
-            if ds.format != "classification":
-                raise BadInput(f"{data}: encoder validation needs labelled examples (text + label), got '{ds.format}'", hint="give a classification data set")
-            texts = [r["text"] for r in ds.records]
-            labels = [str(r["label"]) for r in ds.records]
+            if ds.format == "classification":
+                texts = [r["text"] for r in ds.records]
+                labels = [str(r["label"]) for r in ds.records]
+            elif ds.format == "tokens":  # token classification: words and their tags
+                texts = [r["tokens"] for r in ds.records]
+                labels = [r["tags"] for r in ds.records]
+            else:
+                raise BadInput(f"{data}: encoder validation needs labelled examples (text + label, or tokens + tags), got '{ds.format}'",
+                               hint="give a classification or token-tagged data set")
     prompt_list = _read_prompts(prompts) if prompts else None
     record = artifacts.read_record(folder) or {}
     report: dict[str, Any] = {

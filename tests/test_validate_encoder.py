@@ -78,3 +78,32 @@ def test_encoder_with_flipped_head_fails_accuracy_drop(enc_work, tiny_bert, tmp_
     assert "accuracy_drop" in r["failed"] and r["accuracy"]["agreement_with_reference"] == 0.0
     assert r["accuracy"]["reference_accuracy"] == 100.0 and r["accuracy"]["accuracy_drop"] == 100.0
     assert (tmp_path / "rep" / "report.md").is_file()
+
+
+def test_token_classifier_entity_f1_vs_reference(tmp_path, tiny_bert):
+    """A tiny BERT token classifier: entity F1 of the fp32 export equals the PyTorch reference's."""
+    import torch
+    from transformers import BertConfig, BertForTokenClassification
+
+    from edgetune.encoder.export import export_encoder
+    from edgetune.validate import validate
+
+    src = tmp_path / "tok-src"
+    import shutil
+
+    shutil.copytree(tiny_bert, src, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    tags = ["O", "B-LOC", "I-LOC", "B-PER"]
+    cfg = BertConfig.from_pretrained(tiny_bert, num_labels=4, id2label=dict(enumerate(tags)), label2id={t: i for i, t in enumerate(tags)})
+    cfg.architectures = ["BertForTokenClassification"]
+    torch.manual_seed(0)
+    BertForTokenClassification(cfg).eval().save_pretrained(src, safe_serialization=True)
+    rows = [{"tokens": ["Paris", "is", "in", "France"], "tags": ["B-LOC", "O", "O", "B-LOC"]},
+            {"tokens": ["the", "quick", "brown", "fox", "jumps"], "tags": ["O", "O", "O", "B-PER", "O"]},
+            {"tokens": ["naïve", "café", "in", "New", "York"], "tags": ["O", "O", "O", "B-LOC", "I-LOC"]}] * 4
+    (tmp_path / "ner.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    exp = export_encoder(src, tmp_path / "exp", target="cpu-x86", precision="fp32")
+    r = validate(exp, target="cpu-x86", reference=src, data=tmp_path / "ner.jsonl", out=tmp_path / "rep", latency=False)
+    a = r["accuracy"]
+    assert a["metric"] == "entity_f1" and a["agreement_with_reference"] == 1.0
+    assert a["entity_f1"] == pytest.approx(a["reference_entity_f1"]) and a["accuracy_drop"] == pytest.approx(0.0)
+    assert any(c["name"] == "accuracy_drop" and c["passed"] for c in r["checks"])

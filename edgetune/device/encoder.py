@@ -91,6 +91,26 @@ def logits(enc: Encoder, texts: list[str], *, batch_size: int = 16) -> np.ndarra
     return np.concatenate(out, axis=0)
 
 
+def token_classify(enc: Encoder, words: list[list[str]]) -> list[list[str]]:
+    """One tag per word (the prediction at each word's first sub-token), for token classifiers."""
+    name = enc.session.get_outputs()[0].name
+    out: list[list[str]] = []
+    names = {i.name for i in enc.session.get_inputs()}
+    for ws in words:
+        e = enc.tokenizer.encode(ws, is_pretokenized=True)
+        feeds = {"input_ids": np.array([e.ids], np.int64), "attention_mask": np.array([e.attention_mask], np.int64),
+                 "token_type_ids": np.array([e.type_ids], np.int64)}
+        (lg,) = enc.session.run([name], {k: v for k, v in feeds.items() if k in names})
+        pred = lg[0].argmax(-1)
+        tags, seen = ["O"] * len(ws), set()
+        for pos, w in enumerate(e.word_ids):
+            if w is not None and w not in seen and e.attention_mask[pos]:
+                seen.add(w)
+                tags[w] = enc.labels[pred[pos]] if pred[pos] < len(enc.labels) else str(pred[pos])
+        out.append(tags)
+    return out
+
+
 def classify(enc: Encoder, texts: list[str]) -> list[tuple[str, float]]:
     """(label, probability) per text."""
     lg = logits(enc, texts)
