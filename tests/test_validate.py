@@ -151,3 +151,22 @@ def test_profile_reports_ops_and_providers(work, capsys):
     full = json.loads(run_cli(["profile", str(fp32), "-t", "cpu-x86", "--top", "100", "--repeats", "1", "--json"], capsys)[1])
     assert {"GroupQueryAttention", "MatMul"} <= {o["op_type"] for o in full["top_op_types"]}
     assert set(r["by_provider"]) == {"CPUExecutionProvider"} and r["fallback_nodes"] == 0
+
+
+def test_onnx_reference_with_llama_cpp_chunks(work, tmp_path):
+    """The fp32 export as reference (no torch), llama.cpp-style chunked windows; plots and samples land."""
+    from edgetune.validate import validate
+
+    root, fp32 = work
+    r = validate(fp32, target="cpu-x86", reference=fp32, data=root / "eval.txt", out=tmp_path / "rep", method="chunked",
+                 window=64, max_tokens=4, prompt_tokens=8, repeats=3)
+    a = r["accuracy"]
+    assert r["reference"]["computed_with"] == "onnxruntime-genai" and a["method"] == "chunked"
+    assert a["perplexity"] == pytest.approx(a["reference_perplexity"], rel=1e-9) and a["kl_divergence"] < 1e-9
+    n_tokens = json.loads((tmp_path / "rep" / "reference" / "reference.json").read_text())["n_tokens"]
+    assert n_tokens > 128 and a["tokens_scored"] == 32 * (n_tokens // 64)  # second half of each full 64-token chunk
+    assert len(r["latency"]["samples"]["decode_tokens_per_s"]) == 3
+    files = set(r["files"])
+    assert {"report.json", "report.md"} <= files
+    pytest.importorskip("matplotlib")
+    assert {"accuracy.png", "latency.png"} <= files and (tmp_path / "rep" / "latency.png").stat().st_size > 1000

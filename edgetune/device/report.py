@@ -100,6 +100,19 @@ def plots(report: dict[str, Any], folder: Path, series: dict[str, Any]) -> list[
         fig.savefig(folder / "kl.png", dpi=100)
         plt.close(fig)
         made.append("kl.png")
+    samples = (report.get("latency") or {}).get("samples") or {}
+    samples = {k: v for k, v in samples.items() if v}
+    if samples:
+        fig, axes = plt.subplots(1, len(samples), figsize=(4.5 * len(samples), 3.2), squeeze=False)
+        for ax, (k, v) in zip(axes[0], samples.items()):
+            ax.hist(v, bins=min(30, max(5, len(v))))
+            ax.set_xlabel(k)
+            ax.set_ylabel("runs")
+        fig.suptitle("Latency distribution (warm-up excluded)")
+        fig.tight_layout()
+        fig.savefig(folder / "latency.png", dpi=100)
+        plt.close(fig)
+        made.append("latency.png")
     return made
 
 
