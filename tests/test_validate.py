@@ -170,3 +170,13 @@ def test_onnx_reference_with_llama_cpp_chunks(work, tmp_path):
     assert {"report.json", "report.md"} <= files
     pytest.importorskip("matplotlib")
     assert {"accuracy.png", "latency.png"} <= files and (tmp_path / "rep" / "latency.png").stat().st_size > 1000
+
+
+def test_missing_execution_provider_exits_3(work, capsys):
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("TensorRT is available here")
+    _, fp32 = work
+    code, _, err = run_cli(["profile", str(fp32), "-t", "gpu-tensorrt"], capsys)
+    assert code == 3 and "TensorrtExecutionProvider" in err

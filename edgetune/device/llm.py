@@ -97,6 +97,9 @@ def load(folder: str | Path, target: Any = None) -> LLM:
     try:
         model = og.Model(cfg)
     except Exception as exc:
+        if providers[0] != "cpu":
+            raise MissingDependency(f"onnxruntime-genai could not use execution provider '{providers[0]}' (target '{t.name}'): {exc}",
+                                    hint="install the onnxruntime-genai build for this accelerator, or pick a CPU target") from exc
         raise BadInput(f"onnxruntime-genai could not load {folder}: {exc}", hint="re-export the model") from exc
     tokenizer = og.Tokenizer(model)
     return LLM(folder=folder, model=model, tokenizer=tokenizer, config=config, target=t,
