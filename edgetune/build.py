@@ -125,11 +125,12 @@ class Build:
     cfg: BuildConfig
     root: Path
     force: bool = False
+    output_override: Path | None = None
     stages: list[StageInfo] = field(default_factory=list)
 
     @property
     def output(self) -> Path:
-        return self.path(self.cfg.output)
+        return self.output_override or self.path(self.cfg.output)
 
     @property
     def work(self) -> Path:
@@ -310,14 +311,14 @@ class _stdout_to_stderr:
 
 # -- the orchestrator -------------------------------------------------------------------------
 
-def build(config: str | os.PathLike, *, force: bool = False) -> dict[str, Any]:
+def build(config: str | os.PathLike, *, force: bool = False, output: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run the build described by ``config``; returns the summary (raises CheckFailed after
     writing everything when a target missed its budgets)."""
     from .models import materialize
     from .targets import load_target
 
     cfg, root = load_config(config)
-    b = Build(cfg, root, force=force)
+    b = Build(cfg, root, force=force, output_override=Path(output).resolve() if output else None)
     for t in cfg.targets:
         load_target(t.name if not t.name.endswith(".toml") else str(b.path(t.name)))  # fail before any work
     train = b.maybe_path(cfg.data.train)

@@ -12,9 +12,11 @@ from ..cli import common_options
 
 @click.command()
 @click.argument("config", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Output folder (overrides `output` in CONFIG): bundles land in OUTPUT/<target>/, work in OUTPUT/.work/.")
 @click.option("--force", is_flag=True, help="Re-run every stage even when its inputs and options did not change.")
 @common_options
-def build(config: Path, force: bool) -> None:
+def build(config: Path, output: Path | None, force: bool) -> None:
     """Run materialize -> finetune -> merge -> export -> validate -> bundle from CONFIG.
 
     Stages whose inputs (content hashes) and options did not change are skipped; an
@@ -25,7 +27,7 @@ def build(config: Path, force: bool) -> None:
     from ..errors import CheckFailed
 
     try:
-        result = run_build(config, force=force)
+        result = run_build(config, force=force, output=output)
     except CheckFailed as exc:
         if isinstance(exc.result, dict) and "targets" in exc.result:
             console.emit(exc.result, summary_text)
