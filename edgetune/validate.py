@@ -12,8 +12,6 @@ numpy, tokenizers); torch is needed only to compute a reference from an HF folde
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -123,15 +121,18 @@ def _decoder(folder, target, pack, text, opts, report, series):
     if pack is None:
         if text is None:
             return
+        # no reference: the model's own perplexity on the data (its tokenizer's ids)
         ids = L.encode(m, text)[: opts["eval_tokens"]]
-        nll = [M.nll(L.logits(m, ids[w[0] : w[1]])[M.window_targets(ids, w)[0]], M.window_targets(ids, w)[1])
-               for w in M.windows(len(ids), window, opts["stride"], opts["method"])]
+        nll = []
+        for w in M.windows(len(ids), window, opts["stride"], opts["method"]):
+            rows, tg = M.window_targets(ids, w)
+            nll.append(M.nll(L.logits(m, ids[w[0] : w[1]])[rows], tg))
         acc["perplexity"] = M.perplexity(np.concatenate(nll))
         acc["tokens"] = int(len(ids))
         report["accuracy"] = acc
         return
     meta, ids = pack.meta, pack.arrays["ids"]
-    if text is not None and R_sha(text) != meta["text_sha256"]:
+    if text is not None and _text_sha(text) != meta["text_sha256"]:
         raise BadInput("--data is not the text the reference pack was made from", hint="omit --data to use the pack's text")
     text = meta["text"]
     # tokenizer parity: the device tokenizer vs the reference tokenizer's stored ids
@@ -178,7 +179,7 @@ def _decoder(folder, target, pack, text, opts, report, series):
     report["generations"] = gens
 
 
-def R_sha(text: str) -> str:
+def _text_sha(text: str) -> str:
     from .reference import text_sha
 
     return text_sha(text)
@@ -204,7 +205,7 @@ def _encoder(folder, target, pack, texts, labels, report, series):
     if pack is not None:
         if texts is None:
             texts = pack.meta["texts"]
-        elif R_sha("\x00".join(texts)) != pack.meta["text_sha256"]:
+        elif _text_sha("\x00".join(texts)) != pack.meta["text_sha256"]:
             raise BadInput("--data is not the data the reference pack was made from", hint="omit --data to use the pack's texts")
         raw = Tokenizer.from_file(str(enc.folder / "tokenizer.json"))
         raw.no_padding()
