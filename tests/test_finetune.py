@@ -141,7 +141,7 @@ def test_cli_malformed_line_exits_2(tiny_llama, tmp_path, capsys):
 
 
 def test_cli_json_result(tiny_llama, tmp_path):
-    res = CliRunner().invoke(cli, ["finetune", str(tiny_llama), str(CHAT), "-o", str(tmp_path / "o"), "--max-steps", "3", "--limit", "20", "--max-seq-len", "64", "--json", "--quiet"])
+    res = CliRunner().invoke(cli, ["finetune", str(tiny_llama), str(CHAT), "-o", str(tmp_path / "o"), "--max-steps", "3", "--limit", "20", "--max-seq-len", "192", "--json", "--quiet"])
     assert res.exit_code == 0, res.output
     result = json.loads(res.stdout)
     assert result["global_step"] == 3 and Path(result["out"]).is_dir()
@@ -176,3 +176,32 @@ def test_resume_after_kill_9(tiny_llama, tmp_path):
     assert r["resumed_from_step"] >= 4 and r["resumed_from_step"] % 4 == 0
     curve = json.loads((out / "loss_curve.json").read_text())
     assert curve[-1]["step"] == 40 and curve[0]["step"] == 1  # history carried over from the checkpoint
+
+
+def test_deepspeed_presets_and_user_config(tmp_path):
+    from edgetune.finetune.deepspeed import resolve_config
+
+    z2, z3, off = resolve_config("zero2"), resolve_config("zero3"), resolve_config("offload")
+    assert z2["zero_optimization"]["stage"] == 2 and z3["zero_optimization"]["stage"] == 3
+    assert z3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True  # complete adapter on save
+    assert off["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert z2["train_micro_batch_size_per_gpu"] == "auto"  # the Trainer fills it from --batch-size
+    for name in ("zero2", "zero3", "offload"):  # the shipped examples are what the presets generate
+        assert json.loads((ROOT / "examples" / "deepspeed" / f"{name}.json").read_text()) == resolve_config(name)
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"train_batch_size": 8}')
+    with pytest.raises(BadInput, match="zero_optimization"):
+        resolve_config(str(bad))
+    with pytest.raises(BadInput, match="neither a preset nor a file"):
+        FinetuneOptions(deepspeed="zero9").check()
+    with pytest.raises(BadInput, match="cannot be combined"):
+        FinetuneOptions(method="qlora", deepspeed="zero2").check()
+
+
+def test_cli_config_file_and_flags(tiny_llama, tmp_path):
+    cfg = tmp_path / "ft.json"
+    cfg.write_text(json.dumps({"options": {"max_steps": 2, "limit": 16, "max_seq_len": 192, "rank": 4}}))
+    res = CliRunner().invoke(cli, ["finetune", str(tiny_llama), str(CHAT), "-o", str(tmp_path / "o"), "--config", str(cfg), "--rank", "2", "--json", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["global_step"] == 2
+    assert json.loads((tmp_path / "o" / "adapter_config.json").read_text())["r"] == 2  # the flag wins over the file

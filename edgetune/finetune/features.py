@@ -78,8 +78,11 @@ def causal_features(tok, ds: Dataset, *, max_seq_len: int, loss_on_answer_only: 
                     out.append({"input_ids": block_ids, "labels": block_lab})
         feats = out
     else:
+        n_all = len(feats)
         feats = [{"input_ids": f["input_ids"][:max_seq_len], "labels": f["labels"][:max_seq_len]} for f in feats]
         feats = [f for f in feats if any(t != IGNORE for t in f["labels"][1:])]
+        if 0 < len(feats) < n_all:
+            console.warn(f"{ds.path}: {n_all - len(feats)} of {n_all} samples have no answer tokens within --max-seq-len {max_seq_len} and are skipped")
     if not feats:
         raise BadInput(f"{ds.path}: no trainable tokens after tokenization", hint="raise --max-seq-len or check that answers are not empty")
     return feats

@@ -13,7 +13,6 @@ and the work folder is removed then.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -150,7 +149,7 @@ def load_model(path: Path, task: str, opts: FinetuneOptions, label_names: list[s
 
 # ---------------------------------------------------------------------------- progress
 
-def _progress_callback(total_steps_hint: int):
+def _progress_callback():
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -241,7 +240,6 @@ def run_training(spec: dict[str, Any]) -> None:
         from .deepspeed import resolve_config
 
         ds_config = resolve_config(opts.deepspeed)
-    steps_per_epoch = math.ceil(len(train_f) / (opts.batch_size * opts.grad_accum * max(1, int(os.environ.get("WORLD_SIZE", "1")))))
     args = transformers.TrainingArguments(
         output_dir=str(wd / "checkpoints"),
         per_device_train_batch_size=opts.batch_size,
@@ -296,7 +294,7 @@ def run_training(spec: dict[str, Any]) -> None:
     trainer = _Trainer(
         model=model, args=args, train_dataset=train_f, eval_dataset=eval_f or None,
         data_collator=F.Collator(tok.pad_token_id), compute_metrics=metric_fn,
-        callbacks=[_progress_callback(steps_per_epoch)],
+        callbacks=[_progress_callback()],
     )
     # logs go through our progress callback on stderr; the Printer would write dicts to stdout
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
