@@ -274,8 +274,9 @@ def _export_llm_fallback(model: Path, out: Path, target: str, precision: str | N
     extra: dict[str, str] = {}
     if precision == "int4":
         q = t.quantization.int4
-        extra = {"int4_block_size": str(q.block_size), "int4_is_symmetric": str(q.symmetric).lower(),
-                 "int4_accuracy_level": str(q.accuracy_level)}
+        # 0.15.2 names (the int4_* aliases are deprecated there and ignored from 0.16)
+        extra = {"block_size": str(q.block_size), "is_symmetric": str(q.symmetric).lower(),
+                 "accuracy_level": str(q.accuracy_level)}
     builder = require("onnxruntime_genai.models.builder", purpose="LLM export")
     options = {"precision": precision, "execution_provider": ep, "extra": extra, "target": t.name}
     with artifacts.stage_output(out, "export", inputs={"model": model}, options=options) as run, \

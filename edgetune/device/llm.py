@@ -112,6 +112,8 @@ def encode(llm: LLM, text: str) -> np.ndarray:
 
 
 def decode(llm: LLM, ids) -> str:
+    if len(ids) == 0:  # onnxruntime-genai 0.15.2: Tokenizer.decode([]) dies with SIGFPE
+        return ""
     return llm.tokenizer.decode(np.asarray(ids, dtype=np.int32))
 
 
