@@ -138,7 +138,7 @@ class Build:
 
     def path(self, value: str) -> Path:
         p = Path(value).expanduser()
-        return p if p.is_absolute() else self.root / p
+        return Path(os.path.normpath(p if p.is_absolute() else self.root / p))
 
     def maybe_path(self, value: str | None) -> Path | None:
         if value is None:
