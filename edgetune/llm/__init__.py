@@ -1,0 +1,1 @@
+"""Decoder LLMs: ONNX export through onnxruntime-genai's model builder."""
