@@ -1,0 +1,29 @@
+"""`edgetune merge BASE ADAPTER --out DIR`."""
+
+from __future__ import annotations
+
+import click
+
+from .. import artifacts, console
+from ..cli import common_options
+
+
+@click.command()
+@click.argument("base")
+@click.argument("adapter", type=click.Path(path_type=str))
+@click.option("--out", "-o", required=True, type=click.Path(), help="Folder for the merged HF model (safetensors).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--gate-data", type=click.Path(exists=True, dir_okay=False), help="Held-out texts for the merge gate (default: built-in prompts).")
+@click.option("--max-abs-diff", type=float, default=1e-3, show_default=True, help="Gate: max |logit difference| vs base + adapter.")
+@click.option("--max-kl", type=float, default=1e-4, show_default=True, help="Gate: max KL(base + adapter || merged) per token.")
+@click.option("--min-top1", type=float, default=0.99, show_default=True, help="Gate: min top-1 agreement.")
+@common_options
+def merge(base, adapter, out, dtype, gate_data, max_abs_diff, max_kl, min_top1) -> None:
+    """Merge a PEFT ADAPTER (LoRA/DoRA, causal LM or SEQ_CLS/TOKEN_CLS) into BASE and gate the result."""
+    from ..merge import merge as run_merge
+
+    path = run_merge(base, adapter, out, dtype=dtype, gate_data=gate_data, max_abs_diff=max_abs_diff, max_kl=max_kl, min_top1=min_top1)
+    rec = artifacts.read_record(path)
+    result = {"out": str(path), **rec["results"]}
+    console.emit(result, lambda r: f"merged -> {r['out']}  gate: max|dlogit|={r['gate']['max_abs_diff']:.2e} "
+                                   f"KL={r['gate']['kl']:.2e} top-1={r['gate']['top1_agreement']:.3f}")

@@ -1,0 +1,104 @@
+"""Merge gate: merged == base + adapter within tolerance; tampered merges and corrupt adapters are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgetune.cli import main
+from edgetune.errors import CheckFailed
+from edgetune.merge import merge
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    cap = capsys.readouterr()
+    return exc.value.code, cap.out, cap.err
+
+
+def make_adapter(base, out, *, dora=False, task="CAUSAL_LM"):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+                     use_dora=dora, task_type=task)
+    peft_model = get_peft_model(model, cfg)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_llama, tmp_path_factory):
+    return make_adapter(tiny_llama, tmp_path_factory.mktemp("a") / "lora")
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merge_gate_passes_and_changes_weights(tiny_llama, tmp_path, dora, lora):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    adapter = make_adapter(tiny_llama, tmp_path / "dora", dora=True) if dora else lora
+    out = merge(tiny_llama, adapter, tmp_path / "merged")
+    gate = json.loads((out / "edgetune.json").read_text())["results"]["gate"]
+    assert gate["passed"] and gate["max_abs_diff"] < 1e-3 and gate["top1_agreement"] == 1.0
+    assert gate["use_dora"] is dora
+    ids = torch.tensor([[5, 9, 30, 2]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()(ids).logits
+    assert (merged - base).abs().max() > 1e-3  # the adapter is non-trivial and landed in the weights
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_tampered_merge_fails_gate(tiny_llama, lora, tmp_path, monkeypatch):
+    import torch
+    from peft.tuners.tuners_utils import BaseTuner
+
+    real = BaseTuner.merge_and_unload
+
+    def tampered(self, *a, **k):
+        m = real(self, *a, **k)
+        with torch.no_grad():
+            m.model.layers[0].self_attn.q_proj.weight.add_(0.5)
+        return m
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", tampered)
+    with pytest.raises(CheckFailed, match="merge gate failed"):
+        merge(tiny_llama, lora, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_missing_config_exits_2(tiny_llama, lora, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_model.safetensors").write_bytes((lora / "adapter_model.safetensors").read_bytes())
+    code, _, err = run_cli(["merge", str(tiny_llama), str(broken), "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and "adapter_config.json" in err and "Traceback" not in err
+
+
+def test_cli_not_safetensors_exits_2(tiny_llama, lora, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((lora / "adapter_config.json").read_text())
+    (broken / "adapter_model.safetensors").write_bytes(b"PK\x03\x04 not a safetensors file")
+    code, _, err = run_cli(["merge", str(tiny_llama), str(broken), "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and "safetensors" in err
+
+
+def test_cli_wrong_shapes_exits_2(tiny_llama, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    adapter = make_adapter(tiny_llama, tmp_path / "a")
+    w = load_file(str(adapter / "adapter_model.safetensors"))
+    key = next(k for k in w if "lora_A" in k)
+    w[key] = torch.zeros(w[key].shape[0] + 3, w[key].shape[1])
+    save_file(w, str(adapter / "adapter_model.safetensors"))
+    code, _, err = run_cli(["merge", str(tiny_llama), str(adapter), "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and "does not fit" in err
+    assert not (tmp_path / "m").exists()
