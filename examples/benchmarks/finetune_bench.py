@@ -33,7 +33,7 @@ def child(method: str, steps: int, seq_len: int, batch: int, model: str) -> None
     console.configure(quiet=True)
     with tempfile.TemporaryDirectory(prefix="ftbench-") as tmp:
         opts = FinetuneOptions(method=method, max_steps=steps, batch_size=batch, max_seq_len=seq_len, packing=True,
-                               loss_on_answer_only=False, lr=1e-3, save_steps=10_000, eval_fraction=0.05, limit=400)
+                               loss_on_answer_only=False, lr=1e-3, save_steps=10_000, eval_fraction=0.05, limit=120)
         t0 = time.perf_counter()
         out = finetune(model, DATA, Path(tmp) / "a", options=opts)
         wall = time.perf_counter() - t0
@@ -70,6 +70,7 @@ def main() -> None:
             print(f"{m}: failed: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
             continue
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # partial results survive an interrupted run
     if not rows:
         sys.exit(1)
     ref = rows[0]
