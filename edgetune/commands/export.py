@@ -18,7 +18,7 @@ from ..cli import common_options
 @click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), help="Override the int4 block size.")
 @click.option("--int4-accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits accuracy_level (4 = int8 activations).")
 @click.option("--int4-symmetric/--int4-asymmetric", default=None, help="Symmetric (int4) or asymmetric (uint4 + zero points).")
-@click.option("--adapter", "adapters", multiple=True, type=click.Path(exists=True), help="Separate LoRA adapter (not implemented yet).")
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(exists=True), help="LoRA adapter folder kept separate (repeatable): written as <name>.onnx_adapter, chosen at run time.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), help="Calibration data (encoder int8-static).")
 @click.option("--task", help="Encoder task (sequence-classification, token-classification, feature-extraction).")
 @common_options

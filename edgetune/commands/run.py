@@ -33,11 +33,12 @@ def _open(path: Path, stack) -> Path:
 @click.option("--raw", is_flag=True, help="LLM: no chat template, continue the prompt text as is.")
 @click.option("--system", default=None, help="LLM: a system message for --prompt/--chat.")
 @click.option("--text", "-x", "texts", multiple=True, help="Encoder: a text to classify (repeatable); none: one per stdin line.")
+@click.option("--adapter", "-a", default=None, help="LLM: a runtime LoRA adapter shipped in the bundle, by name (<name>.onnx_adapter).")
 @click.option("--max-tokens", "-n", default=128, show_default=True, type=click.IntRange(1), help="LLM: new tokens at most.")
 @click.option("--verify/--no-verify", "check", default=True, show_default=True, help="Check the bundle against its manifest first.")
 @common_options
 def run(bundle: Path, prompts: tuple[str, ...], chat: bool, raw: bool, system: str | None, texts: tuple[str, ...],
-        max_tokens: int, check: bool) -> None:
+        adapter: str | None, max_tokens: int, check: bool) -> None:
     """Run the model of BUNDLE (folder or .tar.gz): generate/chat for LLMs, classify for encoders."""
     from contextlib import ExitStack
 
@@ -56,23 +57,25 @@ def run(bundle: Path, prompts: tuple[str, ...], chat: bool, raw: bool, system: s
         if kind == "decoder":
             if texts:
                 raise BadInput("--text is for encoder bundles; this bundle is an LLM", hint="use --prompt or --chat")
-            _run_llm(folder, target_arg, prompts, chat, raw, system, max_tokens)
+            _run_llm(folder, target_arg, prompts, chat, raw, system, max_tokens, adapter)
         elif kind == "encoder":
-            if prompts or chat:
-                raise BadInput("--prompt/--chat are for LLM bundles; this bundle is an encoder", hint="use --text")
+            if prompts or chat or adapter:
+                raise BadInput("--prompt/--chat/--adapter are for LLM bundles; this bundle is an encoder", hint="use --text")
             _run_encoder(folder, target_arg, list(texts))
         else:
             raise BadInput(f"{bundle}: unknown bundle kind '{kind}'", hint="rebuild the bundle with this edgetune")
 
 
-def _run_llm(folder: Path, target: str | None, prompts, chat: bool, raw: bool, system: str | None, max_tokens: int) -> None:
+def _run_llm(folder: Path, target: str | None, prompts, chat: bool, raw: bool, system: str | None, max_tokens: int,
+             adapter: str | None = None) -> None:
     from ..device import llm as dev
     from ..errors import BadInput
 
     if not prompts and not chat:
         raise BadInput("nothing to run", hint="give --prompt TEXT (repeatable) or --chat")
-    m = dev.load(folder / "model", target)
-    console.log(f"[run] loaded {folder.name} in {m.load_time_s:.2f}s on {', '.join(m.providers)}")
+    m = dev.load(folder / "model", target, adapter=adapter)
+    with_adapter = f" with adapter {adapter}" if adapter else ""
+    console.log(f"[run] loaded {folder.name}{with_adapter} in {m.load_time_s:.2f}s on {', '.join(m.providers)}")
     stream = None if console.MODE.json else (lambda piece: print(piece, end="", flush=True))
 
     def one(messages_or_text) -> dict:
@@ -109,7 +112,7 @@ def _run_llm(folder: Path, target: str | None, prompts, chat: bool, raw: bool, s
         msg = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
         results.append({"prompt": p, **one(p if raw else msg)})
     if console.MODE.json:
-        console.emit({"bundle": str(folder), "kind": "decoder", "results": results})
+        console.emit({"bundle": str(folder), "kind": "decoder", "adapter": adapter, "results": results})
     for r in results:
         console.log(f"[run] {r['new_tokens']} tokens in {r['seconds']:.2f}s ({r['tokens_per_s']} tok/s)")
 

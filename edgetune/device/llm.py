@@ -4,6 +4,11 @@ Generation runs through onnxruntime-genai (what `edgetune run` ships). Scoring (
 position, for perplexity/KL) runs the same ``model.onnx`` in a plain onnxruntime session with an
 empty KV cache, because the genai generator only exposes the last position's logits.
 
+Runtime LoRA adapters (``<name>.onnx_adapter`` next to the graph, from ``edgetune export --adapter``):
+``load(folder, adapter=NAME)`` or ``set_adapter(llm, NAME)`` selects one; generation activates it on
+each genai generator (``og.Adapters`` + ``set_active_adapter``), scoring passes it in the run options.
+No adapter = the base model (the LoRA inputs default to zero-size tensors).
+
 Device-only imports: onnxruntime, onnxruntime_genai, numpy.
 """
 
@@ -21,6 +26,7 @@ from ..errors import BadInput, MissingDependency
 from .session import create_session, resolve_target
 
 # onnxruntime-genai provider names for our target execution providers (cpu = none appended)
+ADAPTER_SUFFIX = ".onnx_adapter"
 _OG_PROVIDERS = {"cuda": "cuda", "dml": "dml", "openvino": "OpenVINO", "qnn": "QNN", "vitisai": "VitisAI", "webgpu": "WebGPU", "tensorrt": "NvTensorRtRtx"}
 
 
@@ -43,7 +49,12 @@ class LLM:
     target: Any = None
     load_time_s: float = 0.0
     providers: list[str] = field(default_factory=list)
+    adapter: str | None = None  # the active runtime LoRA adapter (None = base model)
+    adapter_files: dict[str, Path] = field(default_factory=dict)
     _session: Any = None
+    _og_adapters: Any = None
+    _og_loaded: set = field(default_factory=set)
+    _ort_adapters: dict = field(default_factory=dict)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -69,8 +80,37 @@ def find_model_folder(path: str | Path) -> Path:
     raise BadInput(f"{p} is not an onnxruntime-genai model folder (no genai_config.json)", hint="give an `edgetune export` output or a bundle")
 
 
-def load(folder: str | Path, target: Any = None) -> LLM:
-    """Load a genai folder with the target's execution provider and session options."""
+def adapter_files(folder: str | Path) -> dict[str, Path]:
+    """Runtime LoRA adapters shipped with a model folder: name -> ``<name>.onnx_adapter``."""
+    folder = find_model_folder(folder)
+    return {p.name[: -len(ADAPTER_SUFFIX)]: p for p in sorted(folder.glob("*" + ADAPTER_SUFFIX)) if p.is_file()}
+
+
+def set_adapter(llm: LLM, name: str | None) -> None:
+    """Make ``name`` the active LoRA adapter of ``llm`` (None: the base model)."""
+    if name is None:
+        llm.adapter = None
+        return
+    path = llm.adapter_files.get(name)
+    if path is None:
+        have = ", ".join(sorted(llm.adapter_files))
+        raise BadInput(f"adapter '{name}' is not in {llm.folder}",
+                       hint=f"available: {have}" if have else "this model was exported without --adapter (edgetune export BASE --adapter DIR)")
+    if name not in llm._og_loaded:
+        og = _og()
+        if llm._og_adapters is None:
+            llm._og_adapters = og.Adapters(llm.model)
+        try:
+            llm._og_adapters.load(str(path), name)
+        except Exception as exc:
+            raise BadInput(f"onnxruntime-genai could not load adapter {path.name}: {str(exc).splitlines()[0][:200]}",
+                           hint="the adapter does not belong to this model; re-export both together") from exc
+        llm._og_loaded.add(name)
+    llm.adapter = name
+
+
+def load(folder: str | Path, target: Any = None, *, adapter: str | None = None) -> LLM:
+    """Load a genai folder with the target's execution provider and session options (and a LoRA adapter)."""
     og = _og()
     folder = find_model_folder(folder)
     t = resolve_target(target)
@@ -102,8 +142,10 @@ def load(folder: str | Path, target: Any = None) -> LLM:
                                     hint="install the onnxruntime-genai build for this accelerator, or pick a CPU target") from exc
         raise BadInput(f"onnxruntime-genai could not load {folder}: {exc}", hint="re-export the model") from exc
     tokenizer = og.Tokenizer(model)
-    return LLM(folder=folder, model=model, tokenizer=tokenizer, config=config, target=t,
-               load_time_s=time.perf_counter() - t0, providers=providers)
+    llm = LLM(folder=folder, model=model, tokenizer=tokenizer, config=config, target=t,
+              load_time_s=time.perf_counter() - t0, providers=providers, adapter_files=adapter_files(folder))
+    set_adapter(llm, adapter)
+    return llm
 
 
 def encode(llm: LLM, text: str) -> np.ndarray:
@@ -149,7 +191,10 @@ def _generator(llm: LLM, max_length: int, *, min_length: int = 0):
     if min_length:
         opts["min_length"] = int(min_length)
     params.set_search_options(**opts)
-    return og.Generator(llm.model, params)
+    gen = og.Generator(llm.model, params)
+    if llm.adapter:
+        gen.set_active_adapter(llm._og_adapters, llm.adapter)
+    return gen
 
 
 def generate_ids(llm: LLM, ids, max_new_tokens: int = 128, *, ignore_eos: bool = False,
@@ -194,8 +239,33 @@ def session(llm: LLM):
     """A plain onnxruntime session on the decoder graph (created once)."""
     if llm._session is None:
         dec = llm.config["model"]["decoder"]
-        llm._session = create_session(llm.folder / dec["filename"], llm.target)
+        if llm.adapter_files:
+            # the LoRA inputs default to initializers; onnxruntime warns about each of them at load
+            import onnxruntime as ort
+
+            from .session import providers, session_options
+
+            so = session_options(llm.target)
+            so.log_severity_level = 3
+            llm._session = ort.InferenceSession(str(llm.folder / dec["filename"]), sess_options=so, providers=providers(llm.target))
+        else:
+            llm._session = create_session(llm.folder / dec["filename"], llm.target)
     return llm._session
+
+
+def _run_options(llm: LLM):
+    """Run options that activate the selected LoRA adapter in a plain onnxruntime session (None: base)."""
+    if not llm.adapter:
+        return None
+    import onnxruntime as ort
+
+    if llm.adapter not in llm._ort_adapters:
+        ad = ort.LoraAdapter()
+        ad.Load(str(llm.adapter_files[llm.adapter]))
+        llm._ort_adapters[llm.adapter] = ad
+    ro = ort.RunOptions()
+    ro.add_active_adapter(llm._ort_adapters[llm.adapter])
+    return ro
 
 
 def logits(llm: LLM, ids) -> np.ndarray:
@@ -220,7 +290,7 @@ def logits(llm: LLM, ids) -> np.ndarray:
         else:
             raise BadInput(f"decoder input '{name}' is not understood by the scorer", hint="re-export with edgetune export")
     out_name = dec["outputs"].get("logits", "logits")
-    (lg,) = sess.run([out_name], feeds)
+    (lg,) = sess.run([out_name], feeds, _run_options(llm))
     return np.asarray(lg[0], dtype=np.float32)
 
 

@@ -155,8 +155,11 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     precision = precision or t.precision.llm
     if precision not in ("fp32", "fp16", "bf16", "int8", "int4"):
         raise BadInput(f"unknown precision '{precision}'", hint="use fp32, fp16, bf16, int8 or int4")
-    if adapters:
-        raise BadInput("separate runtime LoRA adapters are not implemented yet", hint="merge the adapter first: edgetune merge BASE ADAPTER --out DIR")
+    if adapters:  # runtime-switchable LoRAs: the base graph once (through this function) + one .onnx_adapter each
+        from .adapters import export_with_adapters
+
+        return export_with_adapters(model_dir, out, target=target, precision=precision, int4=int4, adapters=adapters,
+                                    calibration=calibration)
     if calibration is not None:
         raise BadInput("--calibration is only used by GPTQ, which is not implemented yet", hint="drop --calibration or use algorithm rtn/k_quant")
     ep = t.runtime.resolved_builder_provider
