@@ -3,6 +3,12 @@
 The gate compares the merged model with the unmerged PeftModel (what was trained) on
 held-out inputs: max/mean absolute logit difference, KL(reference || merged) and top-1
 agreement. Beyond tolerance -> CheckFailed (exit 1), with the figures in the error.
+
+QLoRA adapters (trained on a bitsandbytes 4-bit base) are merged into the de-quantized
+full-precision base like any LoRA; the gate then also measures the distance of the merged model
+to what was actually trained, the 4-bit base + adapter (same quantization settings as in
+training, read from the finetune record), under ``results.gate.vs_trained_4bit``. That distance
+is the 4-bit quantization error of the base: informational unless a tolerance is given.
 """
 
 from __future__ import annotations
@@ -61,14 +67,43 @@ def _inputs(tokenizer, task: str, gate_data: Path | None, limit: int = 16) -> li
     return list(texts(load_dataset(gate_data)))[:limit]
 
 
-def gate_figures(reference, candidate, encodings) -> dict[str, float]:
-    """Logit agreement of ``candidate`` with ``reference`` over a list of tokenized inputs."""
+QLORA_DEFAULTS = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+
+
+def trained_quantization(adapter: Path, qlora: bool | None = None) -> dict[str, Any] | None:
+    """The 4-bit settings an adapter was trained with, or None for an adapter trained on a float base.
+
+    ``qlora`` None: decided by the finetune record (``edgetune.json`` / ``finetune_config.json``
+    method ``qlora``); True: QLoRA, settings from the record when it has them, else nf4 +
+    double quantization; False: never.
+    """
+    if qlora is False:
+        return None
+    opts: dict[str, Any] = (artifacts.read_record(adapter) or {}).get("options") or {}
+    if not opts and (adapter / "finetune_config.json").is_file():
+        try:
+            opts = json.loads((adapter / "finetune_config.json").read_text()).get("options") or {}
+        except (OSError, json.JSONDecodeError, AttributeError):
+            opts = {}
+    recorded = opts.get("method") == "qlora"
+    if not recorded and not qlora:
+        return None
+    if not recorded:
+        return {**QLORA_DEFAULTS, "source": "defaults (nf4, double quantization)"}
+    cdt = opts.get("compute_dtype") or "auto"
+    if cdt == "auto":  # what finetune resolves "auto" to, given its precision
+        cdt = {"bf16": "bfloat16", "fp16": "float16"}.get(opts.get("precision"), "float32")
+    return {"quant_type": opts.get("quant_type") or "nf4", "double_quant": bool(opts.get("double_quant", True)),
+            "compute_dtype": cdt, "source": "finetune record"}
+
+
+def compare_logits(reference, candidate) -> dict[str, float]:
+    """Logit agreement of ``candidate`` with ``reference`` (two lists of [batch, seq, vocab] logits)."""
     torch = require("torch")
     diffs, kls, agree, n = [], [], 0, 0
     with torch.no_grad():
-        for enc in encodings:
-            a = reference(**enc).logits.float()
-            b = candidate(**enc).logits.float()
+        for a, b in zip(reference, candidate):
+            a, b = a.float(), b.float()
             d = (a - b).abs()
             diffs.append((d.max().item(), d.mean().item()))
             lp, lq = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
@@ -80,12 +115,47 @@ def gate_figures(reference, candidate, encodings) -> dict[str, float]:
         "mean_abs_diff": sum(y for _, y in diffs) / len(diffs),
         "kl": max(kls),
         "top1_agreement": agree / n,
-        "inputs": len(encodings),
+        "inputs": len(reference),
     }
 
 
+def gate_figures(reference, candidate, encodings) -> dict[str, float]:
+    """Logit agreement of ``candidate`` with ``reference`` (two models) over a list of tokenized inputs."""
+    torch = require("torch")
+    with torch.no_grad():
+        return compare_logits([reference(**e).logits for e in encodings], [candidate(**e).logits for e in encodings])
+
+
+def vs_trained_4bit(cls, base_dir: Path, adapter: Path, quant: dict[str, Any], encodings, merged_logits, *,
+                    kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Figures of the merged logits vs the 4-bit base + adapter (the model the adapter was trained as)."""
+    torch = require("torch", purpose="QLoRA merge gate")
+    transformers = require("transformers", purpose="QLoRA merge gate")
+    peft = require("peft", purpose="QLoRA merge gate")
+    require("bitsandbytes", purpose="QLoRA merge gate (the 4-bit base the adapter was trained on)")
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant["quant_type"],
+                                          bnb_4bit_use_double_quant=quant["double_quant"],
+                                          bnb_4bit_compute_dtype=getattr(torch, quant["compute_dtype"]))
+    on_gpu = torch.cuda.is_available()
+    model = cls.from_pretrained(str(base_dir), quantization_config=bnb, dtype=torch.float32, use_safetensors=True,
+                                device_map={"": 0 if on_gpu else "cpu"}, **(kwargs or {})).eval()
+    n4 = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
+    if not n4:
+        raise CheckFailed("the 4-bit reference has no 4-bit layers (bitsandbytes did not quantize the base)",
+                          hint="check the bitsandbytes install (python -m bitsandbytes)")
+    model = peft.PeftModel.from_pretrained(model, str(adapter)).eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        trained = [model(**{k: v.to(device) for k, v in e.items()}).logits.float().cpu() for e in encodings]
+    del model
+    return {**compare_logits(trained, merged_logits), "linear4bit_layers": n4,
+            "reference": f"{quant['quant_type']} 4-bit base (double quant {quant['double_quant']}, compute {quant['compute_dtype']}) + adapter",
+            **{k: quant[k] for k in ("quant_type", "double_quant", "compute_dtype", "source")}}
+
+
 def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs_diff: float = 1e-3,
-          max_kl: float = 1e-4, min_top1: float = 0.99) -> Path:
+          max_kl: float = 1e-4, min_top1: float = 0.99, qlora: bool | None = None,
+          max_kl_vs_4bit: float | None = None, min_top1_vs_4bit: float | None = None) -> Path:
     from .models import materialize
 
     adapter, out = Path(adapter), Path(out)
@@ -102,7 +172,14 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
     if task != "CAUSAL_LM" and (adapter / "config.json").is_file():
         kwargs["config"] = transformers.AutoConfig.from_pretrained(str(adapter))
     tok_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base_dir
-    options = {"dtype": dtype, "max_abs_diff": max_abs_diff, "max_kl": max_kl, "min_top1": min_top1}
+    options: dict[str, Any] = {"dtype": dtype, "max_abs_diff": max_abs_diff, "max_kl": max_kl, "min_top1": min_top1}
+    strict_4bit = max_kl_vs_4bit is not None or min_top1_vs_4bit is not None
+    quant = trained_quantization(adapter, True if strict_4bit and qlora is None else qlora)
+    if quant is not None:
+        options["vs_trained_4bit"] = {**{k: quant[k] for k in ("quant_type", "double_quant", "compute_dtype")},
+                                      "max_kl": max_kl_vs_4bit, "min_top1": min_top1_vs_4bit}
+        if qlora or strict_4bit:  # asked for explicitly: a missing bitsandbytes is an error (exit 3), not a skip
+            require("bitsandbytes", purpose="QLoRA merge gate (the 4-bit base the adapter was trained on)")
     with artifacts.stage_output(out, "merge", inputs={"base": base_dir, "adapter": adapter, "gate_data": gate_data},
                                 options=options) as run:
         with console.step("load base + adapter"):
@@ -122,15 +199,9 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
         target_dtype = getattr(torch, dtype)
         merged = merged.to(target_dtype)
 
-        class _Ref:
-            def __init__(self):
-                self.i = -1
-
-            def __call__(self, **_):
-                self.i += 1
-                return type("O", (), {"logits": ref_logits[self.i]})
-
-        figures = gate_figures(_Ref(), lambda **e: type("O", (), {"logits": merged(**e).logits.float()}), encodings)
+        with torch.no_grad():
+            merged_logits = [merged(**e).logits.float() for e in encodings]
+        figures = compare_logits(ref_logits, merged_logits)
         passed = figures["max_abs_diff"] <= max_abs_diff * (1 if dtype == "float32" else 1000) and \
             figures["kl"] <= max_kl * (1 if dtype == "float32" else 100) and figures["top1_agreement"] >= min_top1
         gate = {**figures, "passed": passed, "reference": "unmerged PeftModel (base + adapter), float32",
@@ -139,9 +210,30 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
             raise CheckFailed(f"merge gate failed: max|dlogit|={figures['max_abs_diff']:.3g} (<= {max_abs_diff}), "
                               f"KL={figures['kl']:.3g} (<= {max_kl}), top-1={figures['top1_agreement']:.3f} (>= {min_top1})",
                               result=gate)
+        if quant is not None:
+            gate["vs_trained_4bit"] = _gate_vs_4bit(cls, base_dir, adapter, quant, encodings, merged_logits, kwargs,
+                                                    max_kl_vs_4bit, min_top1_vs_4bit)
         merged.save_pretrained(str(run.dir), safe_serialization=True)
         tokenizer.save_pretrained(str(run.dir))
         run.results.update(kind="merged", task_type=task, dtype=dtype, gate=gate)
     return out
 
 
+def _gate_vs_4bit(cls, base_dir, adapter, quant, encodings, merged_logits, kwargs, max_kl, min_top1) -> dict[str, Any]:
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:  # auto-detected QLoRA, nothing asked: say so, do not fail
+        console.log("[merge] QLoRA adapter: bitsandbytes is not installed, the distance to the 4-bit base + adapter is not measured")
+        return {"skipped": "bitsandbytes is not installed", "source": quant["source"]}
+    with console.step(f"QLoRA: merged vs the {quant['quant_type']} 4-bit base + adapter"):
+        vs4 = vs_trained_4bit(cls, base_dir, adapter, quant, encodings, merged_logits, kwargs=kwargs)
+    strict = max_kl is not None or min_top1 is not None
+    ok = (max_kl is None or vs4["kl"] <= max_kl) and (min_top1 is None or vs4["top1_agreement"] >= min_top1)
+    vs4.update(max_kl=max_kl, min_top1=min_top1, passed=ok if strict else None)
+    if not ok:
+        raise CheckFailed(f"merged model is too far from the 4-bit base + adapter it was trained as: KL={vs4['kl']:.3g}"
+                          + (f" (<= {max_kl})" if max_kl is not None else "") + f", top-1={vs4['top1_agreement']:.3f}"
+                          + (f" (>= {min_top1})" if min_top1 is not None else ""),
+                          hint="the 4-bit quantization error of the base is large for this model; evaluate the merged model "
+                               "(edgetune validate) or train with LoRA on the float base", result=vs4)
+    return vs4

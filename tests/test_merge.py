@@ -47,6 +47,7 @@ def test_merge_gate_passes_and_changes_weights(tiny_llama, tmp_path, dora, lora)
     gate = json.loads((out / "edgetune.json").read_text())["results"]["gate"]
     assert gate["passed"] and gate["max_abs_diff"] < 1e-3 and gate["top1_agreement"] == 1.0
     assert gate["use_dora"] is dora
+    assert "vs_trained_4bit" not in gate  # a LoRA trained on the float base has no 4-bit reference
     ids = torch.tensor([[5, 9, 30, 2]])
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()(ids).logits
@@ -102,3 +103,74 @@ def test_cli_wrong_shapes_exits_2(tiny_llama, tmp_path, capsys):
     code, _, err = run_cli(["merge", str(tiny_llama), str(adapter), "--out", str(tmp_path / "m")], capsys)
     assert code == 2 and "does not fit" in err
     assert not (tmp_path / "m").exists()
+
+
+# ------------------------------------------------------------------ QLoRA: distance to what was trained
+
+def _as_qlora(adapter, out, **options):
+    """A copy of ``adapter`` whose finetune record says it was trained with QLoRA (what edgetune finetune writes)."""
+    import shutil
+
+    shutil.copytree(adapter, out)
+    (out / "edgetune.json").write_text(json.dumps({"format": 1, "stage": "finetune", "options": {"method": "qlora", **options}}))
+    return out
+
+
+def _trained_logits(base, adapter, quant_type, double_quant, ids):
+    """Independent reference: the bitsandbytes 4-bit base + the unmerged adapter, as in training."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+                           bnb_4bit_compute_dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=q, dtype=torch.float32, device_map={"": "cpu"})
+    with torch.no_grad():
+        return PeftModel.from_pretrained(m, str(adapter)).eval()(ids).logits
+
+
+def test_qlora_merge_measures_distance_to_the_4bit_model(tiny_llama, lora, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("bitsandbytes")
+    adapter = _as_qlora(lora, tmp_path / "q", quant_type="fp4", double_quant=False, compute_dtype="auto", precision="auto")
+    out = merge(tiny_llama, adapter, tmp_path / "merged")
+    rec = json.loads((out / "edgetune.json").read_text())
+    gate = rec["results"]["gate"]
+    assert gate["passed"] and gate["max_abs_diff"] < 1e-3  # merged == float base + adapter, as for any LoRA
+    v = gate["vs_trained_4bit"]
+    assert (v["quant_type"], v["double_quant"], v["compute_dtype"], v["source"]) == ("fp4", False, "float32", "finetune record")
+    assert v["linear4bit_layers"] == 14 and v["passed"] is None  # informational without a tolerance
+    assert v["max_abs_diff"] > 1e-3 and 0 < v["kl"] < 0.5 and v["top1_agreement"] > 0.5
+    assert rec["options"]["vs_trained_4bit"]["quant_type"] == "fp4"
+    # the figure is the real distance: recompute it from an independent 4-bit model on one gate prompt
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(tiny_llama))("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()(ids).logits
+    d = (merged - _trained_logits(tiny_llama, adapter, "fp4", False, ids)).abs().max().item()
+    assert 1e-3 < d <= v["max_abs_diff"] + 1e-5
+    # other settings give another 4-bit model: the settings really reach bitsandbytes
+    d_nf4 = (merged - _trained_logits(tiny_llama, adapter, "nf4", True, ids)).abs().max().item()
+    assert abs(d_nf4 - d) > 1e-4
+
+
+def test_qlora_flag_defaults_and_tolerance(tiny_llama, lora, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    code, out, _ = run_cli(["merge", str(tiny_llama), str(lora), "--out", str(tmp_path / "m"), "--qlora",
+                            "--vs-4bit-max-kl", "1.0", "--json"], capsys)
+    assert code == 0
+    v = json.loads(out)["gate"]["vs_trained_4bit"]
+    assert (v["quant_type"], v["double_quant"], v["source"]) == ("nf4", True, "defaults (nf4, double quantization)")
+    assert v["passed"] is True and v["max_kl"] == 1.0
+    code, _, err = run_cli(["merge", str(tiny_llama), str(lora), "--out", str(tmp_path / "bad"), "--qlora",
+                            "--vs-4bit-min-top1", "1.01"], capsys)
+    assert code == 1 and "too far from the 4-bit base + adapter" in err and "top-1=" in err
+    assert not (tmp_path / "bad").exists()
+    # --no-qlora wins over the record
+    adapter = _as_qlora(lora, tmp_path / "q")
+    code, out, _ = run_cli(["merge", str(tiny_llama), str(adapter), "--out", str(tmp_path / "n"), "--no-qlora", "--json"], capsys)
+    assert code == 0 and "vs_trained_4bit" not in json.loads(out)["gate"]
+
