@@ -74,10 +74,132 @@ def test_phi3_int4_exports(tiny_phi3, tmp_path):
     assert rec["matmulnbits"] and rec["int4"]["algorithm"] == "rtn"
 
 
-def test_unavailable_algorithm_is_bad_input(tiny_llama, tmp_path):
-    with pytest.raises(BadInput, match="hqq"):
-        export(tiny_llama, tmp_path / "x", target="cpu-x86", precision="int4", int4={"algorithm": "hqq"})
+@pytest.mark.parametrize("algorithm,why", [("inc-awq", "jit trace"), ("inc-autoround", "auto-round package")])
+def test_unavailable_algorithm_is_bad_input(tiny_llama, tmp_path, algorithm, why):
+    with pytest.raises(BadInput, match=why):
+        export(tiny_llama, tmp_path / "x", target="cpu-x86", precision="int4", int4={"algorithm": algorithm})
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------ tied embeddings, int4 algorithms
+
+IDS = [5, 17, 42, 99, 7, 3]
+
+
+@pytest.fixture(scope="module")
+def ref_logits(tiny_llama):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    assert ref.config.tie_word_embeddings  # the fixture exercises the tied-embedding paths
+    with torch.no_grad():
+        return ref(torch.tensor([IDS])).logits[0, -1].numpy()
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    texts = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.",
+             "Turn on the kitchen lights.", "def f(x):\n    return x**2"]
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return p
+
+
+def genai_logits(folder, vocab):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    gen = og.Generator(model, og.GeneratorParams(model))
+    gen.append_tokens(np.array([IDS], dtype=np.int32))
+    return np.asarray(gen.get_logits()).reshape(-1, vocab)[-1]
+
+
+def check_close(folder, ref, tol):
+    got = genai_logits(folder, ref.shape[-1])
+    assert np.abs(got - ref).max() < tol and got.argmax() == ref.argmax()
+
+
+@pytest.mark.parametrize("precision,int4,tol", [("int8", None, 0.02), ("int4", {"symmetric": False}, 0.3)])
+def test_tied_int8_and_asymmetric_int4_load(tiny_llama, ref_logits, tmp_path, precision, int4, tol):
+    """Builder 0.15.2 breaks these on tied embeddings unless the embedding is untied (shared_embeddings=false)."""
+    out = export(tiny_llama, tmp_path / precision, target="cpu-x86", precision=precision, int4=int4)
+    rec = json.loads((out / "edgetune.json").read_text())["results"]
+    bits = 8 if precision == "int8" else 4
+    assert rec["matmulnbits"] and all(a["bits"] == bits for a in rec["matmulnbits"])
+    assert all(a["zero_points"] == (precision == "int4") for a in rec["matmulnbits"])
+    assert rec["embeddings"] == "float Gather, own table"
+    assert rec["tokenizer_check"]["mismatches"] == 0
+    check_close(out, ref_logits, tol)
+
+
+def test_symmetric_int4_keeps_shared_quantized_embedding(tiny_llama, tmp_path):
+    out = export(tiny_llama, tmp_path / "s", target="cpu-x86", precision="int4")
+    assert json.loads((out / "edgetune.json").read_text())["results"]["embeddings"].startswith("int4 GatherBlockQuantized")
+
+
+@pytest.mark.parametrize("algorithm", ["hqq", "gptq"])
+def test_onnxruntime_quantizer_algorithms(tiny_llama, ref_logits, calib_file, tmp_path, algorithm):
+    int4 = {"algorithm": algorithm, "symmetric": algorithm != "hqq"}
+    kw = {"calibration": calib_file} if algorithm == "gptq" else {}
+    out = export(tiny_llama, tmp_path / algorithm, target="cpu-x86", precision="int4", int4=int4, **kw)
+    rec = json.loads((out / "edgetune.json").read_text())["results"]
+    q = rec["quantization"]
+    assert q["quantizer"] == "onnxruntime MatMulNBitsQuantizer"
+    assert q["config"] == {"hqq": "HQQWeightOnlyQuantConfig", "gptq": "GPTQWeightOnlyQuantConfig"}[algorithm]
+    # 11 MatMuls: 2 layers x (qkv, o, gate, up, down) + lm_head; HQQ always has zero points
+    assert sum(a["count"] for a in rec["matmulnbits"]) == 11
+    assert all(a["bits"] == 4 and a["block_size"] == 32 and a["zero_points"] == (algorithm == "hqq") for a in rec["matmulnbits"])
+    if algorithm == "gptq":
+        assert q["calibration"]["samples"] == 4 and q["calibration"]["tokens"] > 20
+    assert rec["tokenizer_check"]["mismatches"] == 0
+    check_close(out, ref_logits, 0.3)
+
+
+@pytest.mark.parametrize("algorithm", ["inc-rtn", "inc-gptq"])
+def test_neural_compressor_algorithms(tiny_llama, ref_logits, calib_file, tmp_path, algorithm):
+    kw = {"calibration": calib_file} if algorithm == "inc-gptq" else {}
+    out = export(tiny_llama, tmp_path / algorithm, target="cpu-x86", precision="int4", int4={"algorithm": algorithm}, **kw)
+    rec = json.loads((out / "edgetune.json").read_text())["results"]
+    q = rec["quantization"]
+    assert q["quantizer"] == "neural-compressor" and q["layers"] == 14
+    # every graph weight outside lm_head dequantizes to exactly neural-compressor's weight
+    assert q["weight_parity"]["compared"] == 10 and q["weight_parity"]["max_abs_diff"] < 1e-6 and not q["weight_parity"]["unmatched"]
+    assert all(a["bits"] == 4 and a["block_size"] == 32 for a in rec["matmulnbits"])
+    assert rec["tokenizer_check"]["mismatches"] == 0
+    check_close(out, ref_logits, 0.3)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"precision": "int4", "calibration": "CALIB"}, "only used by the int4 algorithms gptq"),
+    ({"precision": "int4", "int4": {"algorithm": "hqq", "symmetric": True}}, "asymmetric by construction"),
+    ({"precision": "int8", "int4": {"algorithm": "gptq"}}, "int8 is made by the builder"),
+    ({"precision": "int4", "int4": {"algorithm": "gptq"}, "calibration": "MISSING"}, "not found"),
+])
+def test_bad_quantization_options_are_bad_input(tiny_llama, calib_file, tmp_path, kwargs, match):
+    kwargs = dict(kwargs)
+    if kwargs.get("calibration") == "CALIB":
+        kwargs["calibration"] = calib_file
+    elif kwargs.get("calibration") == "MISSING":
+        kwargs["calibration"] = tmp_path / "nope.jsonl"
+    with pytest.raises(BadInput, match=match):
+        export(tiny_llama, tmp_path / "x", target="cpu-x86", **kwargs)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_gptq_with_calibration(tiny_llama, calib_file, tmp_path, capsys):
+    code, out, _ = run_cli(["export", str(tiny_llama), "-t", "cpu-x86", "--out", str(tmp_path / "g"), "--precision", "int4",
+                            "--int4-algorithm", "gptq", "--calibration", str(calib_file), "--json"], capsys)
+    assert code == 0
+    res = json.loads(out)
+    assert res["quantization"]["calibration"]["samples"] == 4 and res["int4"]["algorithm"] == "gptq"
+
+
+def test_cli_refused_algorithm_one_line(tiny_llama, tmp_path, capsys):
+    code, _, err = run_cli(["export", str(tiny_llama), "-t", "cpu-x86", "--out", str(tmp_path / "a"),
+                            "--precision", "int4", "--int4-algorithm", "inc-awq"], capsys)
+    assert code == 2 and "inc-awq" in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists()
 
 
 def test_cli_export_json(tiny_llama, tmp_path, capsys):

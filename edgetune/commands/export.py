@@ -14,12 +14,15 @@ from ..cli import common_options
 @click.option("--out", "-o", required=True, type=click.Path(), help="Output folder.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "int4",
                                                  "int8-dynamic", "int8-static"]), help="Default: the profile's.")
-@click.option("--int4-algorithm", type=click.Choice(["rtn", "k_quant", "hqq", "gptq"]), help="Override the profile's int4 algorithm.")
+@click.option("--int4-algorithm", type=click.Choice(["rtn", "k_quant", "hqq", "gptq", "inc-rtn", "inc-gptq", "inc-awq", "inc-autoround"]),
+              help="Override the profile's int4 algorithm: rtn/k_quant (builder), hqq/gptq (onnxruntime quantizer), "
+                   "inc-rtn/inc-gptq (neural-compressor); inc-awq/inc-autoround are refused (see docs/llm.md).")
 @click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), help="Override the int4 block size.")
 @click.option("--int4-accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits accuracy_level (4 = int8 activations).")
 @click.option("--int4-symmetric/--int4-asymmetric", default=None, help="Symmetric (int4) or asymmetric (uint4 + zero points).")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(exists=True), help="LoRA adapter folder kept separate (repeatable): written as <name>.onnx_adapter, chosen at run time.")
-@click.option("--calibration", type=click.Path(exists=True, dir_okay=False), help="Calibration data (encoder int8-static).")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
+              help="Calibration texts (.jsonl/.csv/.tsv/.txt): encoder int8-static, decoder int4 gptq/inc-gptq.")
 @click.option("--task", help="Encoder task (sequence-classification, token-classification, feature-extraction).")
 @common_options
 def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_accuracy_level, int4_symmetric,

@@ -17,9 +17,11 @@ from typing import Any, Iterable
 from .. import artifacts, console
 from ..errors import BadInput, CheckFailed, require
 from ..targets import load_target
+from .quantize import (BUILDER_ALGORITHMS, CALIBRATED, INC_ALGORITHMS, ORT_ALGORITHMS, UNAVAILABLE, ZERO_POINTS_ALWAYS,
+                       check_algorithm, encode_calibration, inc_checkpoint, inc_weight_parity, load_calibration,
+                       quantize_onnx)
 
-BUILDER_ALGORITHMS = ("rtn", "k_quant")  # algo_config values the 0.15.2 builder accepts
-OTHER_ALGORITHMS = ("hqq", "gptq", "inc-rtn", "inc-gptq", "inc-awq", "inc-autoround")
+OTHER_ALGORITHMS = ORT_ALGORITHMS + INC_ALGORITHMS + tuple(UNAVAILABLE)
 TOKENIZER_PROBES = (
     "Hello, world!",
     "  leading spaces and\ttabs\nnewlines",
@@ -51,13 +53,16 @@ def int4_options(target, int4: dict | None) -> dict[str, Any]:
     unknown = set(q) - {"algorithm", "block_size", "symmetric", "accuracy_level"} - set(target.quantization.int4.model_dump())
     if unknown:
         raise BadInput(f"unknown int4 option(s): {', '.join(sorted(unknown))}", hint="use algorithm, block_size, symmetric, accuracy_level")
-    if q["algorithm"] not in BUILDER_ALGORITHMS:
-        raise BadInput(
-            f"int4 algorithm '{q['algorithm']}' is not available in this edgetune build",
-            hint=f"use one of {', '.join(BUILDER_ALGORITHMS)} (HQQ/GPTQ/neural-compressor paths are not implemented yet, see docs/llm.md)",
-        )
+    check_algorithm(q["algorithm"])
     if q["block_size"] not in (16, 32, 64, 128, 256):
         raise BadInput(f"int4 block size {q['block_size']} is not supported", hint="use 16, 32, 64, 128 or 256")
+    if q["algorithm"] == "hqq" and q["symmetric"]:
+        # HQQ fits a float zero point per block: it is asymmetric by construction.
+        if (int4 or {}).get("symmetric"):
+            raise BadInput("int4 algorithm 'hqq' is asymmetric by construction (a zero point per block)",
+                           hint="drop --int4-symmetric or use --int4-asymmetric with hqq")
+        console.warn("hqq is asymmetric by construction: the profile's symmetric=true is not used")
+        q["symmetric"] = False
     return q
 
 
@@ -160,38 +165,105 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
 
         return export_with_adapters(model_dir, out, target=target, precision=precision, int4=int4, adapters=adapters,
                                     calibration=calibration)
-    if calibration is not None:
-        raise BadInput("--calibration is only used by GPTQ, which is not implemented yet", hint="drop --calibration or use algorithm rtn/k_quant")
     ep = t.runtime.resolved_builder_provider
     q = int4_options(t, int4) if precision in ("int4", "int8") else None
+    algorithm = q["algorithm"] if q else None
+    if precision == "int8" and algorithm not in BUILDER_ALGORITHMS:
+        raise BadInput(f"int8 is made by the builder (rtn or k_quant), not by int4 algorithm '{algorithm}'",
+                       hint="use --int4-algorithm rtn with --precision int8, or --precision int4")
+    calibrated = precision == "int4" and algorithm in CALIBRATED
+    if calibration is not None and not calibrated:
+        raise BadInput("--calibration is only used by the int4 algorithms gptq and inc-gptq",
+                       hint="drop --calibration or pass --precision int4 --int4-algorithm gptq (or inc-gptq)")
+    calib = load_calibration(calibration) if calibrated else None  # read (and fail) before any work
     extra: dict[str, str] = {}
     if q:
         extra = {"block_size": str(q["block_size"]), "is_symmetric": str(q["symmetric"]).lower(),
                  "accuracy_level": str(q["accuracy_level"])}
-        if q["algorithm"] != "rtn":  # rtn = the quantizer's default RTN path (algo_config=rtn breaks on tied embeddings)
-            extra["algo_config"] = q["algorithm"]
-    builder = require("onnxruntime_genai.models.builder", purpose="LLM export")
-    options = {"precision": precision, "execution_provider": ep, "extra": extra, "target": t.model_dump(mode="json", exclude={"source"})}
-    with artifacts.stage_output(out, "export", inputs={"model": model_dir}, options=options) as run, \
-            tempfile.TemporaryDirectory(prefix="edgetune-genai-") as cache:
-        with console.step(f"onnxruntime-genai builder ({precision}, {ep})"), _stdout_to_stderr():
-            src = _builder_input(model_dir, Path(cache))
-            kv = builder.parse_extra_options("", str(src), str(run.dir), precision, ep, cache,
-                                             [f"{k}={v}" for k, v in extra.items()])
-            builder.create_model("", str(src), str(run.dir), precision, ep, cache, **kv)
+        if algorithm == "k_quant":  # rtn = the quantizer's default RTN path (algo_config=rtn breaks on tied embeddings)
+            extra["algo_config"] = algorithm
+        if precision == "int8" or not q["symmetric"]:
+            # Builder 0.15.2 shares a tied lm_head with a GatherBlockQuantized embedding that only reads
+            # symmetric int4 ("Gather only supports 4 bits", uint8 Reshape type error): untie, so the
+            # embedding stays a float Gather and lm_head gets its own MatMulNBits.
+            extra["shared_embeddings"] = "false"
+    options = {"precision": precision, "execution_provider": ep, "extra": extra, "int4": q,
+               "calibration": calib.sha256 if calib else None, "target": t.model_dump(mode="json", exclude={"source"})}
+    inputs = {"model": model_dir, "calibration": calib.path if calib else None}
+    with artifacts.stage_output(out, "export", inputs=inputs, options=options) as run, \
+            tempfile.TemporaryDirectory(prefix="edgetune-genai-") as cache_name:
+        cache = Path(cache_name)
+        src = _builder_input(model_dir, cache)
+        token_ids = encode_calibration(model_dir, calib.texts) if calib else None
+        qinfo: dict[str, Any] = {"quantizer": "onnxruntime-genai builder"} if q else {}
+        parity = None
+        if precision == "int4" and algorithm in ORT_ALGORITHMS:
+            # fp32 graph with its own embedding table (untied), then its MatMuls quantized
+            _build(src, cache / "fp32", "fp32", ep, cache, {"shared_embeddings": "false"})
+            with console.step(f"onnxruntime MatMulNBitsQuantizer ({algorithm} int4)"), _stdout_to_stderr():
+                qinfo = quantize_onnx(cache / "fp32", run.dir, algorithm=algorithm, q=q, token_ids=token_ids)
+        elif precision == "int4" and algorithm in INC_ALGORITHMS:
+            with console.step(f"neural-compressor ({algorithm} int4)"), _stdout_to_stderr():
+                qmodel, qinfo = inc_checkpoint(src, cache / "inc", algorithm=algorithm, q=q, token_ids=token_ids)
+            _build(cache / "inc", run.dir, precision, ep, cache, extra)
+            with console.step("weights: graph vs neural-compressor"):
+                parity = inc_weight_parity(qmodel, run.dir)
+            del qmodel
+            if not parity["compared"] or parity["max_abs_diff"] > 1e-5 * max(1.0, parity["max_abs_weight"]):
+                raise CheckFailed(f"the graph's int4 weights differ from neural-compressor's (max |diff| {parity['max_abs_diff']:.3g} "
+                                  f"over {parity['compared']} MatMulNBits nodes)", hint="the builder misread the GPTQ-layout checkpoint")
+        else:
+            _build(src, run.dir, precision, ep, cache, extra)
         _configure_genai(run.dir, t)
         nbits = matmulnbits_attributes(run.dir)
         if precision in ("int4", "int8"):
             bits = 4 if precision == "int4" else 8
+
+            def zero_points_ok(a) -> bool:
+                if not q["symmetric"]:
+                    return a["zero_points"]
+                return algorithm in ZERO_POINTS_ALWAYS or not a["zero_points"]
+
             bad = [a for a in nbits if a.get("bits") != bits or a.get("block_size") != q["block_size"]
-                   or a.get("accuracy_level", 0) != q["accuracy_level"] or a["zero_points"] == q["symmetric"]]
+                   or a.get("accuracy_level", 0) != q["accuracy_level"] or not zero_points_ok(a)]
             if not nbits or bad:
                 raise CheckFailed(f"the graph's MatMulNBits nodes do not carry the requested options: {bad or 'none found'}",
                                   hint="the builder ignored an option; check the onnxruntime-genai version")
         tok = check_tokenizer(run.dir, model_dir) if ep == "cpu" else None
         size = sum(p.stat().st_size for p in run.dir.iterdir() if p.is_file())
+        if calib:
+            qinfo["calibration"] = {"file": str(calib.path), "samples": calib.count, "sha256": calib.sha256,
+                                    "tokens": sum(len(x) for x in token_ids or [])}
+        if parity:
+            qinfo["weight_parity"] = parity
         run.results.update(kind="decoder", precision=precision, target=t.name, execution_provider=t.runtime.execution_provider,
                            builder_provider=ep, int4=q if precision == "int4" else None, int8=q if precision == "int8" else None,
+                           quantization=qinfo or None, embeddings=embedding_kind(run.dir),
                            matmulnbits=nbits, size_mb=round(size / 2**20, 3), tokenizer_check=tok,
                            exporter="onnxruntime-genai builder")
     return out
+
+
+def _build(src: Path, out_dir: Path, precision: str, ep: str, cache: Path, extra: dict[str, str]) -> None:
+    builder = require("onnxruntime_genai.models.builder", purpose="LLM export")
+    with console.step(f"onnxruntime-genai builder ({precision}, {ep})"), _stdout_to_stderr():
+        kv = builder.parse_extra_options("", str(src), str(out_dir), precision, ep, str(cache),
+                                         [f"{k}={v}" for k, v in extra.items()])
+        builder.create_model("", str(src), str(out_dir), precision, ep, str(cache), **kv)
+
+
+def embedding_kind(folder: Path) -> str:
+    """How the graph stores the token embedding, read back from it."""
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        if not node.name.startswith("/model/embed_tokens/"):
+            continue
+        if node.op_type == "GatherBlockQuantized":
+            bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+            return f"int{bits} GatherBlockQuantized, shared with lm_head"
+        if node.op_type == "Gather":
+            return "float Gather, own table" if node.input[0] in inits else "float Gather, shared with lm_head"
+    return "unknown"

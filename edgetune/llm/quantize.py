@@ -1,0 +1,318 @@
+"""int4 algorithms the onnxruntime-genai 0.15.2 builder does not run itself.
+
+* ``hqq``, ``gptq``: onnxruntime's ``MatMulNBitsQuantizer`` (``HQQWeightOnlyQuantConfig``,
+  ``GPTQWeightOnlyQuantConfig``) on the builder's fp32 export. The builder's own ``algo_config``
+  only knows ``default``/``rtn``/``k_quant`` (``make_algo_config`` in builders/base.py).
+* ``inc-rtn``, ``inc-gptq``: neural-compressor 3.10 weight-only quantization in torch
+  (``RTNConfig``/``GPTQConfig`` with ``prepare``/``convert``), saved in the Hugging Face GPTQ layout
+  (qweight/qzeros/scales/g_idx), which the builder accepts as input. neural-compressor's save
+  leaves ``*.scale_bf16_to_fp8`` tensors the builder does not know, all-zero biases for layers
+  that have none, and no ``g_idx``: they are dropped/added here. The export then proves that the
+  graph's MatMulNBits weights dequantize to exactly neural-compressor's weights.
+* ``inc-awq``, ``inc-autoround``: refused (:data:`UNAVAILABLE` says why).
+
+Host only: torch, transformers and neural-compressor are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .. import console
+from ..errors import BadInput, CheckFailed, require
+
+BUILDER_ALGORITHMS = ("rtn", "k_quant")  # algo_config values the 0.15.2 builder accepts
+ORT_ALGORITHMS = ("hqq", "gptq")  # MatMulNBitsQuantizer on the fp32 export
+INC_ALGORITHMS = ("inc-rtn", "inc-gptq")  # neural-compressor (torch) -> GPTQ layout -> builder
+CALIBRATED = ("gptq", "inc-gptq")
+# Algorithms whose MatMulNBits nodes carry zero points even for symmetric weights (k_quant
+# stores them always, HQQ is asymmetric by construction, the builder's GPTQ-checkpoint path
+# always writes qzeros).
+ZERO_POINTS_ALWAYS = ("k_quant", "hqq", "inc-rtn", "inc-gptq")
+UNAVAILABLE = {
+    "inc-awq": (
+        "int4 algorithm 'inc-awq' cannot work with the pinned versions: neural-compressor 3.10's AWQ finds the "
+        "layers to absorb its scales into with a torch.jit trace that fails on transformers 4.57 models, so it "
+        "leaves MulLinear input scales that neither the builder nor onnxruntime-genai can load",
+        "use inc-gptq or inc-rtn (or hqq/gptq)",
+    ),
+    "inc-autoround": (
+        "int4 algorithm 'inc-autoround' needs the auto-round package, which is not in edgetune's pinned dependency "
+        "set (it pulls datasets/pyarrow, and its default calibration downloads a hub data set)",
+        "use inc-gptq or inc-rtn (or hqq/gptq)",
+    ),
+}
+ALL_ALGORITHMS = BUILDER_ALGORITHMS + ORT_ALGORITHMS + INC_ALGORITHMS + tuple(UNAVAILABLE)
+
+PROJECT_CALIBRATION = Path(__file__).resolve().parent.parent.parent / "calibration"
+DEFAULT_CALIBRATION = "llm-general.jsonl"
+CALIBRATION_SAMPLES = 32
+CALIBRATION_MAX_TOKENS = 128
+
+
+def check_algorithm(name: str) -> None:
+    if name in UNAVAILABLE:
+        msg, hint = UNAVAILABLE[name]
+        raise BadInput(msg, hint=hint)
+    if name not in ALL_ALGORITHMS:
+        raise BadInput(f"unknown int4 algorithm '{name}'", hint=f"use one of {', '.join(a for a in ALL_ALGORITHMS if a not in UNAVAILABLE)}")
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+def load_calibration(path: str | os.PathLike | None, *, samples: int = CALIBRATION_SAMPLES):
+    """Calibration texts for GPTQ: the given file (anything edgetune.data reads) or the project's LLM set."""
+    from ..encoder.quantize import load_calibration as _load
+
+    if path is None:
+        path = PROJECT_CALIBRATION / DEFAULT_CALIBRATION
+        console.warn(f"no calibration data given; using the project's generic set {path.name} (pass --calibration with texts like yours)")
+    return _load(path, samples=samples)
+
+
+def encode_calibration(model_dir: Path, texts: list[str], max_tokens: int = CALIBRATION_MAX_TOKENS) -> list[list[int]]:
+    transformers = require("transformers", purpose="GPTQ calibration")
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    out = [tok.encode(t, add_special_tokens=True)[:max_tokens] for t in texts]
+    out = [ids for ids in out if ids]
+    if not out:
+        raise BadInput("calibration: the texts tokenize to nothing", hint="give non-empty texts")
+    return out
+
+
+# ---------------------------------------------------------------------------- onnxruntime quantizer
+
+
+def _feeds(model, genai_cfg: dict, token_ids: list[list[int]]) -> list[dict[str, Any]]:
+    """Prefill inputs (empty KV cache) for a builder decoder graph, one dict per text."""
+    import numpy as np
+
+    dec = genai_cfg["model"]["decoder"]
+    head = int(dec["head_size"])
+    feeds = []
+    for ids in token_ids:
+        a = np.array([ids], dtype=np.int64)
+        f: dict[str, Any] = {}
+        for inp in model.graph.input:
+            name = inp.name
+            if name == "input_ids":
+                f[name] = a
+            elif name == "attention_mask":
+                f[name] = np.ones_like(a)
+            elif name == "position_ids":
+                f[name] = np.arange(a.shape[1], dtype=np.int64)[None]
+            elif name.startswith("past_key_values."):
+                kv_heads = inp.type.tensor_type.shape.dim[1].dim_value or int(dec["num_key_value_heads"])
+                f[name] = np.zeros((1, kv_heads, 0, head), dtype=np.float32)
+            else:
+                raise BadInput(f"GPTQ calibration: the decoder graph has an input '{name}' edgetune cannot feed",
+                               hint="use int4 algorithm hqq, rtn or k_quant for this model")
+        feeds.append(f)
+    return feeds
+
+
+class _Reader:
+    """A re-iterable CalibrationDataReader (onnxruntime's GPTQ deep-copies and iterates it)."""
+
+    def __init__(self, feeds):
+        self.feeds = feeds
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self.feeds)
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+
+def quantize_onnx(fp32_dir: Path, out_dir: Path, *, algorithm: str, q: dict, token_ids: list[list[int]] | None = None) -> dict[str, Any]:
+    """HQQ or GPTQ int4 of a builder fp32 export; writes the int4 folder to out_dir."""
+    onnx = require("onnx", purpose="int4 quantization")
+    mnq = require("onnxruntime.quantization.matmul_nbits_quantizer", purpose="int4 quantization")
+    require("onnx_ir", purpose="int4 quantization (MatMulNBitsQuantizer)")
+    model = onnx.load(str(fp32_dir / "model.onnx"))
+    if algorithm == "hqq":
+        require("torch", purpose="HQQ int4 quantization")
+        cfg = mnq.HQQWeightOnlyQuantConfig(block_size=q["block_size"], bits=4)
+    elif algorithm == "gptq":
+        genai_cfg = json.loads((fp32_dir / "genai_config.json").read_text())
+        cfg = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Reader(_feeds(model, genai_cfg, token_ids or [])))
+    else:  # pragma: no cover - guarded by the caller
+        raise BadInput(f"'{algorithm}' is not an onnxruntime quantizer algorithm")
+    quant = mnq.MatMulNBitsQuantizer(model, bits=4, block_size=q["block_size"], is_symmetric=q["symmetric"],
+                                     accuracy_level=q["accuracy_level"], algo_config=cfg)
+    quant.process()
+    qmodel = quant.model.model
+    # HQQ nodes carry no accuracy_level: it only picks the compute type, so set what the profile asks.
+    for node in qmodel.graph.node:
+        if node.op_type == "MatMulNBits" and q["accuracy_level"] and \
+                not any(a.name == "accuracy_level" for a in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", q["accuracy_level"]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in fp32_dir.iterdir():
+        if f.is_file() and not f.name.startswith("model.onnx"):
+            shutil.copy2(f, out_dir / f.name)
+    onnx.save_model(qmodel, str(out_dir / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    info: dict[str, Any] = {"quantizer": "onnxruntime MatMulNBitsQuantizer", "config": type(cfg).__name__}
+    if algorithm == "gptq":
+        info.update(percdamp=cfg.percdamp, gptq_block_size=cfg.block_size, actorder=cfg.actorder)
+    return info
+
+
+# ---------------------------------------------------------------------------- neural-compressor
+
+
+def inc_checkpoint(model_dir: Path, out_dir: Path, *, algorithm: str, q: dict, token_ids: list[list[int]] | None = None):
+    """neural-compressor weight-only int4 in torch, saved in the GPTQ layout the builder reads.
+
+    Returns (quantized torch model, info). The model is kept for :func:`inc_weight_parity`.
+    """
+    torch = require("torch", purpose="neural-compressor quantization")
+    transformers = require("transformers", purpose="neural-compressor quantization")
+    nc = require("neural_compressor.torch.quantization", extra="host", purpose="neural-compressor quantization")
+    from safetensors.torch import load_file, save_file
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    had_bias = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
+    common = dict(bits=4, group_size=q["block_size"], use_sym=q["symmetric"])
+    with torch.no_grad():
+        if algorithm == "inc-rtn":
+            qmodel = nc.convert(nc.prepare(model, nc.RTNConfig(**common, use_layer_wise=False)))
+            info: dict[str, Any] = {"config": "RTNConfig"}
+        elif algorithm == "inc-gptq":
+            cfg = nc.GPTQConfig(**common)
+            prepared = nc.prepare(model, cfg)
+            for ids in token_ids or []:
+                prepared(torch.tensor([ids]))
+            qmodel = nc.convert(prepared)
+            info = {"config": "GPTQConfig", "percdamp": cfg.percdamp, "gptq_block_size": cfg.block_size, "act_order": cfg.act_order}
+        else:  # pragma: no cover - guarded by the caller
+            raise BadInput(f"'{algorithm}' is not a neural-compressor algorithm")
+    qmodel.eval()
+    nc.save(qmodel, str(out_dir), format="huggingface")
+    # GPTQ layout the builder reads: drop INC-only tensors and zero biases, add g_idx.
+    dropped: list[str] = []
+    quantized = 0
+    for f in sorted(out_dir.glob("*.safetensors")):
+        sd = load_file(str(f))
+        new = {}
+        for k, v in sd.items():
+            if k.endswith(".scale_bf16_to_fp8"):
+                dropped.append(k)
+                continue
+            if k.endswith(".bias") and k[:-5] not in had_bias and not bool(v.any()):
+                dropped.append(k)
+                continue
+            new[k] = v
+            if k.endswith(".qweight") and k[:-8] + ".g_idx" not in sd:
+                in_features = v.shape[0] * 32 // 4
+                new[k[:-8] + ".g_idx"] = torch.arange(in_features, dtype=torch.int32) // q["block_size"]
+                quantized += 1
+        save_file(new, str(f), metadata={"format": "pt"})
+    cfg_json = json.loads((out_dir / "config.json").read_text())
+    qc = cfg_json.get("quantization_config") or {}
+    if qc.get("quant_method") != "gptq" or qc.get("bits") != 4 or qc.get("group_size") != q["block_size"]:
+        raise CheckFailed(f"neural-compressor saved an unexpected quantization_config: {qc}",
+                          hint="check the neural-compressor version (3.10 is pinned)")
+    for f in model_dir.iterdir():  # tokenizer and chat template next to the checkpoint
+        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) or f.suffix == ".jinja"):
+            shutil.copy2(f, out_dir / f.name)
+    info.update(quantizer="neural-compressor", layers=quantized, dropped_tensors=len(dropped),
+                lm_head="float in the checkpoint; quantized by the builder (RTN) with the export's int4 options")
+    return qmodel, info
+
+
+def dequantize_matmulnbits(b, scales, zero_points, *, k: int, n: int, bits: int, block_size: int):
+    """Float weight [N, K] of a MatMulNBits node's B/scales/zero_points."""
+    import numpy as np
+
+    blocks = -(-k // block_size)
+    b = np.asarray(b, dtype=np.uint8).reshape(n, blocks, -1)
+    if bits == 4:
+        qv = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, blocks, -1).astype(np.float32)
+    else:
+        qv = b.astype(np.float32)
+    s = np.asarray(scales, dtype=np.float32).reshape(n, blocks)
+    if zero_points is None:
+        z = np.full((n, blocks), 2 ** (bits - 1), dtype=np.float32)
+    elif zero_points.dtype == np.uint8:
+        zp = zero_points.reshape(n, -1)
+        if bits == 4:
+            zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)
+        z = zp[:, :blocks].astype(np.float32)
+    else:
+        z = np.asarray(zero_points, dtype=np.float32).reshape(n, blocks)
+    w = (qv - z[..., None]) * s[..., None]
+    return w.reshape(n, -1)[:, :k]
+
+
+_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/")
+_PARTS = {
+    ("attn", "qkv_proj"): ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("attn", "o_proj"): ("self_attn.o_proj",),
+    ("mlp", "gate_proj"): ("mlp.gate_proj",),
+    ("mlp", "up_proj"): ("mlp.up_proj",),
+    ("mlp", "down_proj"): ("mlp.down_proj",),
+    ("mlp", "gate_up_proj"): ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def inc_weight_parity(qmodel, onnx_dir: Path) -> dict[str, Any]:
+    """Max |W_graph - W_inc| over the graph's MatMulNBits nodes that map to neural-compressor layers."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    torch = require("torch", purpose="neural-compressor parity")
+    model = onnx.load(str(onnx_dir / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    modules = dict(qmodel.named_modules())
+    prefix = "model.layers"
+
+    def inc_weight(name: str):
+        m = modules.get(f"{prefix}.{name}")
+        if m is None or not hasattr(m, "unpack"):
+            return None
+        p = m.unpack()
+        w, s, zp = p["int_weight"], p["scales"].float(), p.get("zp")
+        g = torch.arange(m.in_features) // m.group_size if getattr(m, "g_idx", None) is None else m.g_idx.long()
+        if zp is not None:
+            w = (w - zp[:, g]).to(torch.int8)
+        return (w.float() * s[:, g]).numpy()
+
+    compared, unmatched, worst, scale = 0, [], 0.0, 0.0
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        m = _NODE.match(node.name)
+        parts = _PARTS.get((m.group(2), m.group(3))) if m else None
+        if not parts:
+            if not node.name.startswith("/lm_head"):
+                unmatched.append(node.name)
+            continue
+        layer = m.group(1)
+        ws = [inc_weight(f"{layer}.{p}") for p in parts]
+        if any(w is None for w in ws):
+            unmatched.append(node.name)
+            continue
+        want = np.concatenate(ws, axis=0)
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+        arr = [numpy_helper.to_array(inits[i]) if i in inits else None for i in list(node.input)[1:4]] + [None] * 3
+        got = dequantize_matmulnbits(arr[0], arr[1], arr[2], k=a["K"], n=a["N"], bits=a["bits"], block_size=a["block_size"])
+        if got.shape != want.shape:
+            raise CheckFailed(f"graph weight {node.name} has shape {got.shape}, neural-compressor's {want.shape}",
+                              hint="the builder misread the GPTQ-layout checkpoint")
+        worst = max(worst, float(np.abs(got - want).max()))
+        scale = max(scale, float(np.abs(want).max()))
+        compared += 1
+    return {"compared": compared, "unmatched": unmatched, "max_abs_diff": worst, "max_abs_weight": scale}
