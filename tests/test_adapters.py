@@ -164,6 +164,9 @@ def test_bad_adapters_exit_2(tiny_llama, loras, tmp_path, capsys):
     code, _, err = run_cli(["export", str(tiny_llama), "-t", "cpu-x86", "--adapter", str(loras["chat"]), "--adapter", str(loras["chat"]),
                             "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "two adapters are named 'chat'" in err
+    code, _, err = run_cli(["export", str(tiny_llama), "-t", "cpu-x86", "--int4-algorithm", "hqq", "--adapter", str(loras["chat"]),
+                            "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "not 'hqq'" in err and "rtn" in err
     assert not (tmp_path / "x").exists()
 
 

@@ -31,6 +31,7 @@ ADAPTER_SUFFIX = ".onnx_adapter"
 INDEX = "adapters.json"
 INDEX_FORMAT = 1
 CHECK_PROMPTS = ("The capital of France is", "Turn on the kitchen lights at 7 pm.")
+BUILDER_QUANT = ("rtn", "k_quant")  # int4/int8 made by the builder itself (its to_nbits honours nodes_to_exclude)
 FP32_TOLERANCE = 1e-3  # max |logit diff| of ORT (graph + adapter file) vs PyTorch (base + PEFT adapter)
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -330,13 +331,19 @@ def check_adapters(folder: Path, model_dir: Path, specs: list[LoraSpec], *, stri
 def export_with_adapters(model_dir: Path, out: Path, *, target, precision: str, int4=None, adapters=(), calibration=None) -> Path:
     """``edgetune export BASE --adapter A1 --adapter A2``: the base graph once, one .onnx_adapter per adapter."""
     from ..targets import load_target
-    from .export import export_llm
+    from .export import export_llm, int4_options
 
     model_dir, out = Path(model_dir), Path(out)
     t = load_target(target)
     if precision == "bf16":
         raise BadInput("separate adapters need float32 or float16 graph inputs, bf16 has no numpy type to write them with",
                        hint="use --precision fp32, fp16 or int4")
+    algorithm = int4_options(t, int4)["algorithm"] if precision in ("int4", "int8") else None
+    if algorithm not in (None, *BUILDER_QUANT):
+        # hqq/gptq re-quantize the fp32 graph without knowing the LoRA MatMuls; inc-* feed the builder a
+        # GPTQ-layout checkpoint that peft cannot wrap
+        raise BadInput(f"separate adapters work with the builder's own int4 algorithms ({', '.join(BUILDER_QUANT)}), not '{algorithm}'",
+                       hint=f"use --int4-algorithm rtn or k_quant, or {_MERGE_HINT}")
     specs = [read_lora(a) for a in adapters]
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
