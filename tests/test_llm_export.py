@@ -128,7 +128,8 @@ def test_tied_int8_and_asymmetric_int4_load(tiny_llama, ref_logits, tmp_path, pr
     bits = 8 if precision == "int8" else 4
     assert rec["matmulnbits"] and all(a["bits"] == bits for a in rec["matmulnbits"])
     assert all(a["zero_points"] == (precision == "int4") for a in rec["matmulnbits"])
-    assert rec["embeddings"] == "float Gather, own table"
+    # untied: int8 keeps a float table (onnxruntime only makes 4-bit GatherBlockQuantized), int4 quantizes it
+    assert rec["embeddings"] == ("float Gather, own table" if precision == "int8" else "int4 GatherBlockQuantized, own table")
     assert rec["tokenizer_check"]["mismatches"] == 0
     check_close(out, ref_logits, tol)
 
@@ -147,6 +148,7 @@ def test_onnxruntime_quantizer_algorithms(tiny_llama, ref_logits, calib_file, tm
     q = rec["quantization"]
     assert q["quantizer"] == "onnxruntime MatMulNBitsQuantizer"
     assert q["config"] == {"hqq": "HQQWeightOnlyQuantConfig", "gptq": "GPTQWeightOnlyQuantConfig"}[algorithm]
+    assert rec["embeddings"] == "int4 GatherBlockQuantized, own table"
     # 11 MatMuls: 2 layers x (qkv, o, gate, up, down) + lm_head; HQQ always has zero points
     assert sum(a["count"] for a in rec["matmulnbits"]) == 11
     assert all(a["bits"] == 4 and a["block_size"] == 32 and a["zero_points"] == (algorithm == "hqq") for a in rec["matmulnbits"])

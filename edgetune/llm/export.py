@@ -19,7 +19,7 @@ from ..errors import BadInput, CheckFailed, require
 from ..targets import load_target
 from .quantize import (BUILDER_ALGORITHMS, CALIBRATED, INC_ALGORITHMS, ORT_ALGORITHMS, UNAVAILABLE, ZERO_POINTS_ALWAYS,
                        check_algorithm, encode_calibration, inc_checkpoint, inc_weight_parity, load_calibration,
-                       quantize_onnx)
+                       quantize_embedding_in, quantize_onnx)
 
 OTHER_ALGORITHMS = ORT_ALGORITHMS + INC_ALGORITHMS + tuple(UNAVAILABLE)
 TOKENIZER_PROBES = (
@@ -214,6 +214,11 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
                                   f"over {parity['compared']} MatMulNBits nodes)", hint="the builder misread the GPTQ-layout checkpoint")
         else:
             _build(src, run.dir, precision, ep, cache, extra)
+        if precision == "int4" and algorithm not in ORT_ALGORITHMS and extra.get("shared_embeddings") == "false":
+            # untied by us (asymmetric int4): store the now separate embedding as int4 too, not float
+            with console.step("int4 embedding (GatherBlockQuantized)"), _stdout_to_stderr():
+                if quantize_embedding_in(run.dir, block_size=q["block_size"], symmetric=q["symmetric"]):
+                    qinfo["embedding"] = f"int4 {'symmetric' if q['symmetric'] else 'asymmetric'} RTN (DefaultWeightOnlyQuantConfig)"
         _configure_genai(run.dir, t)
         nbits = matmulnbits_attributes(run.dir)
         if precision in ("int4", "int8"):
@@ -263,7 +268,7 @@ def embedding_kind(folder: Path) -> str:
             continue
         if node.op_type == "GatherBlockQuantized":
             bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
-            return f"int{bits} GatherBlockQuantized, shared with lm_head"
+            return f"int{bits} GatherBlockQuantized, " + ("own table" if node.input[0] in inits else "shared with lm_head")
         if node.op_type == "Gather":
             return "float Gather, own table" if node.input[0] in inits else "float Gather, shared with lm_head"
     return "unknown"

@@ -134,6 +134,38 @@ class _Reader:
         return iter(self.feeds)
 
 
+def quantize_embedding(model, *, block_size: int, symmetric: bool):
+    """int4 RTN of an own (untied) float embedding table: Gather -> GatherBlockQuantized.
+
+    Returns (model, quantized?). onnxruntime's quantizer only makes 4-bit GatherBlockQuantized, so
+    int8 exports keep a float embedding.
+    """
+    mnq = require("onnxruntime.quantization.matmul_nbits_quantizer", purpose="int4 quantization")
+    inits = {i.name for i in model.graph.initializer}
+    embed = [n.name for n in model.graph.node
+             if n.op_type == "Gather" and n.name.startswith("/model/embed_tokens/") and n.input[0] in inits]
+    if not embed:
+        return model, False
+    gq = mnq.MatMulNBitsQuantizer(model, algo_config=mnq.DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=symmetric, bits=4, op_types_to_quantize=("Gather",),
+        quant_axes=(("Gather", 1),)), nodes_to_include=embed)
+    gq.process()
+    return gq.model.model, True
+
+
+def quantize_embedding_in(folder: Path, *, block_size: int, symmetric: bool) -> bool:
+    """:func:`quantize_embedding` on a saved export folder (model.onnx + model.onnx.data rewritten)."""
+    onnx = require("onnx", purpose="int4 quantization")
+    model = onnx.load(str(folder / "model.onnx"))
+    model, done = quantize_embedding(model, block_size=block_size, symmetric=symmetric)
+    if done:
+        for f in ("model.onnx", "model.onnx.data"):
+            (folder / f).unlink(missing_ok=True)
+        onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=0)
+    return done
+
+
 def quantize_onnx(fp32_dir: Path, out_dir: Path, *, algorithm: str, q: dict, token_ids: list[list[int]] | None = None) -> dict[str, Any]:
     """HQQ or GPTQ int4 of a builder fp32 export; writes the int4 folder to out_dir."""
     onnx = require("onnx", purpose="int4 quantization")
@@ -152,6 +184,9 @@ def quantize_onnx(fp32_dir: Path, out_dir: Path, *, algorithm: str, q: dict, tok
                                      accuracy_level=q["accuracy_level"], algo_config=cfg)
     quant.process()
     qmodel = quant.model.model
+    # The fp32 input has its own (untied) embedding table; store it like the builder's rtn export
+    # does, as symmetric int4 RTN (GatherBlockQuantized), instead of float.
+    qmodel, embed = quantize_embedding(qmodel, block_size=q["block_size"], symmetric=True)
     # HQQ nodes carry no accuracy_level: it only picks the compute type, so set what the profile asks.
     for node in qmodel.graph.node:
         if node.op_type == "MatMulNBits" and q["accuracy_level"] and \
@@ -163,7 +198,8 @@ def quantize_onnx(fp32_dir: Path, out_dir: Path, *, algorithm: str, q: dict, tok
             shutil.copy2(f, out_dir / f.name)
     onnx.save_model(qmodel, str(out_dir / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=0)
-    info: dict[str, Any] = {"quantizer": "onnxruntime MatMulNBitsQuantizer", "config": type(cfg).__name__}
+    info: dict[str, Any] = {"quantizer": "onnxruntime MatMulNBitsQuantizer", "config": type(cfg).__name__,
+                            "embedding": "int4 symmetric RTN (DefaultWeightOnlyQuantConfig)" if embed else "float"}
     if algorithm == "gptq":
         info.update(percdamp=cfg.percdamp, gptq_block_size=cfg.block_size, actorder=cfg.actorder)
     return info
