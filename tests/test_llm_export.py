@@ -134,6 +134,14 @@ def test_tied_int8_and_asymmetric_int4_load(tiny_llama, ref_logits, tmp_path, pr
     check_close(out, ref_logits, tol)
 
 
+def test_k_quant_symmetric_carries_zero_points(tiny_llama, ref_logits, tmp_path):
+    """k_quant always stores zero points; the graph check must not mistake that for an ignored option."""
+    out = export(tiny_llama, tmp_path / "kq", target="cpu-x86", precision="int4", int4={"algorithm": "k_quant"})
+    rec = json.loads((out / "edgetune.json").read_text())["results"]
+    assert rec["int4"]["symmetric"] and all(a["zero_points"] for a in rec["matmulnbits"])
+    check_close(out, ref_logits, 0.3)
+
+
 def test_symmetric_int4_keeps_shared_quantized_embedding(tiny_llama, tmp_path):
     out = export(tiny_llama, tmp_path / "s", target="cpu-x86", precision="int4")
     assert json.loads((out / "edgetune.json").read_text())["results"]["embeddings"].startswith("int4 GatherBlockQuantized")
