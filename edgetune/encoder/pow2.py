@@ -4,9 +4,14 @@ AMD's quantizer (amd-quark) does this but pins an older onnx, so edgetune rounds
 of an onnxruntime QDQ model itself and checks the result:
 
 * activation scales (QuantizeLinear/DequantizeLinear pairs share one scale initializer):
-  rounded **up** to the next power of two, so the calibrated range is never clipped;
-* weight scales: for each tensor (or channel) the power of two (floor or ceil of log2)
-  with the lower quantization error on the original weights, which are re-quantized;
+  chosen by **MinMSE** over the calibration activations when they are given
+  (:func:`minmse_activation_scales`, what AMD's quantizer does for XINT8: among the powers
+  of two from "no clipping" down to 32x smaller, the one whose quantize-dequantize error
+  over all calibration values is lowest, which may clip outliers); scales that are already
+  powers of two are kept, any other is rounded **up** (no clipping of the calibrated range);
+* weight scales: for each tensor (or channel) MinMSE among the no-clipping power of two
+  and its halvings (a few outlier weights are clipped when that lowers the error of the
+  whole tensor); the original weights are re-quantized;
 * int32 bias scales: set to the product of the (new) input and weight scales, as the
   integer accumulator needs, and the bias re-quantized.
 
@@ -22,6 +27,7 @@ from typing import Any
 import numpy as np
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
+WEIGHT_STEPS = 5  # MinMSE weight candidates: the no-clipping power of two and 5 halvings (32x)
 
 
 def is_pow2(value: float) -> bool:
@@ -51,31 +57,37 @@ def _requantize(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, dtype: np.dtyp
     return np.clip(np.round(w / scale) + zp.astype(np.int64), lo, hi).astype(dtype)
 
 
-def _best_weight_scale(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, dtype: np.dtype, axis: int | None) -> np.ndarray:
-    """Per tensor/channel: floor or ceil power of two, whichever reconstructs w better (MinMSE)."""
-    lo_s = np.exp2(np.floor(np.log2(scale))).astype(np.float32)
-    hi_s = np.exp2(np.ceil(np.log2(scale))).astype(np.float32)
+def _weight_sse(w: np.ndarray, s: float, zp: int, dtype: np.dtype) -> float:
+    q = np.clip(np.round(w / s) + zp, *_qrange(dtype))
+    return float(np.sum(((q - zp) * s - w).astype(np.float64) ** 2))
+
+
+def _best_weight_scale(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, dtype: np.dtype, axis: int | None,
+                       steps: int = WEIGHT_STEPS) -> np.ndarray:
+    """Per tensor/channel MinMSE: among 2**ceil(log2(scale)) and ``steps`` halvings of it (which
+    clip the largest weights), the power of two that reconstructs w with the lowest squared error."""
+    hi = np.exp2(np.ceil(np.log2(scale))).astype(np.float32)
     if scale.size == 1:
-        errs = []
-        for cand in (lo_s, hi_s):
-            q = _requantize(w, cand, zp, dtype, None)
-            errs.append(float(np.mean(((q.astype(np.float32) - zp.astype(np.float32)) * cand - w) ** 2)))
-        return lo_s if errs[0] <= errs[1] else hi_s
+        cands = [float(hi.reshape(-1)[0]) / 2**i for i in range(steps + 1)]
+        errs = [_weight_sse(w, c, int(zp.reshape(-1)[0]), dtype) for c in cands]
+        return np.array(cands[int(np.argmin(errs))], dtype=np.float32).reshape(scale.shape)
     out = np.empty_like(scale, dtype=np.float32)
     wt = np.moveaxis(w, axis, 0)
     for c in range(scale.size):
-        best, best_err = None, None
-        for cand in (lo_s[c], hi_s[c]):
-            q = np.clip(np.round(wt[c] / cand) + int(zp.flat[c]), *_qrange(dtype))
-            err = float(np.mean(((q - int(zp.flat[c])) * cand - wt[c]) ** 2))
-            if best_err is None or err < best_err:
-                best, best_err = cand, err
-        out[c] = best
+        cands = [float(hi.flat[c]) / 2**i for i in range(steps + 1)]
+        errs = [_weight_sse(wt[c], x, int(zp.flat[c]), dtype) for x in cands]
+        out.flat[c] = cands[int(np.argmin(errs))]
     return out
 
 
-def round_scales(model_in: str | Path, model_out: str | Path) -> dict[str, Any]:
-    """Rewrite every Q/DQ scale of a QDQ model to a power of two; returns counts of what changed."""
+def round_scales(model_in: str | Path, model_out: str | Path, *, float_model: str | Path | None = None) -> dict[str, Any]:
+    """Rewrite every Q/DQ scale of a QDQ model to a power of two; returns counts of what changed.
+
+    ``float_model``: the float graph the QDQ model was quantized from. Its weights (found by
+    the quantizer's ``NAME_quantized`` naming) are the ones re-quantized; without it the
+    int8 weights are dequantized first, which keeps their current rounding (and makes a
+    second pass over an already rounded model a no-op).
+    """
     import onnx
     from onnx import numpy_helper
 
@@ -93,8 +105,11 @@ def round_scales(model_in: str | Path, model_out: str | Path) -> dict[str, Any]:
     def put(name: str, value: np.ndarray) -> None:
         inits[name].CopyFrom(numpy_helper.from_array(value, name))
 
+    originals: dict[str, Any] = {}
+    if float_model is not None:
+        originals = {i.name: i for i in onnx.load(str(float_model)).graph.initializer}
     new_scale: dict[str, np.ndarray] = {}
-    weights = biases = activations = 0
+    weights = biases = activations = from_float = 0
     dq_nodes = [n for n in g.node if n.op_type == "DequantizeLinear"]
     # 1. weights: DQ nodes whose quantized input is an 8-bit initializer
     for n in dq_nodes:
@@ -117,7 +132,12 @@ def round_scales(model_in: str | Path, model_out: str | Path) -> dict[str, Any]:
         shape = [1] * q.ndim
         if s.size > 1:
             shape[axis] = -1
-        w = (q.astype(np.float32) - zp.astype(np.float32).reshape(shape if s.size > 1 else ())) * s.reshape(shape if s.size > 1 else ())
+        orig = originals.get(q_name.removesuffix("_quantized"))
+        if orig is not None and tuple(orig.dims) == q.shape and orig.data_type == onnx.TensorProto.FLOAT:
+            w = numpy_helper.to_array(orig).astype(np.float32)
+            from_float += 1
+        else:
+            w = (q.astype(np.float32) - zp.astype(np.float32).reshape(shape if s.size > 1 else ())) * s.reshape(shape if s.size > 1 else ())
         s2 = _best_weight_scale(w, s, zp, q.dtype, axis if s.size > 1 else None).reshape(s.shape)
         put(q_name, _requantize(w, s2, zp, q.dtype, axis if s.size > 1 else None))
         put(s_name, s2.astype(np.float32))
@@ -148,6 +168,9 @@ def round_scales(model_in: str | Path, model_out: str | Path) -> dict[str, Any]:
             continue
         s = arr(s_name).astype(np.float32)
         b = arr(q_name).astype(np.float64) * s.astype(np.float64)
+        orig = originals.get(q_name.removesuffix("_quantized"))
+        if orig is not None and tuple(orig.dims) == b.shape and orig.data_type == onnx.TensorProto.FLOAT:
+            b = numpy_helper.to_array(orig).astype(np.float64)
         target = None
         for user in consumers.get(n.output[0], []):
             ins = [producers.get(x) for x in user.input[:2]]
@@ -163,7 +186,10 @@ def round_scales(model_in: str | Path, model_out: str | Path) -> dict[str, Any]:
         new_scale[s_name] = s2
         biases += 1
     onnx.save(model, str(model_out))
-    return {"weight_scales": weights, "activation_scales": activations, "bias_scales": biases}
+    out = {"weight_scales": weights, "activation_scales": activations, "bias_scales": biases}
+    if float_model is not None:
+        out["weights_from_float"] = from_float
+    return out
 
 
 def check(model_path: str | Path) -> dict[str, Any]:
@@ -199,3 +225,300 @@ def check(model_path: str | Path) -> dict[str, Any]:
         "not_pow2": bad,
         "not_constant": missing,
     }
+
+
+# ---------------------------------------------------------------------------- MinMSE (activations)
+
+_PASSTHROUGH = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
+
+def activation_groups(model) -> dict[str, list[str]]:
+    """Activation scale initializer -> the float tensors quantized with it (QuantizeLinear inputs).
+
+    Tensors that only move data (Reshape/Transpose/... outputs whose input uses the same
+    scale) carry the same values as their source and are left out of the list.
+    """
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    q_scale = {n.input[0]: n.input[1] for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+    groups: dict[str, list[str]] = {}
+    for tensor, s_name in q_scale.items():
+        p = producers.get(tensor)
+        if p is not None and p.op_type in _PASSTHROUGH:
+            # the passthrough's input comes through a DQ of a Q with the same scale: same values
+            src = producers.get(p.input[0])
+            if src is not None and src.op_type == "DequantizeLinear" and src.input[1] == s_name:
+                groups.setdefault(s_name, [])
+                continue
+        groups.setdefault(s_name, []).append(tensor)
+    return groups
+
+
+def _sse(x: np.ndarray, scales: np.ndarray, zp: int, qmin: int, qmax: int) -> np.ndarray:
+    """Sum of squared quantize-dequantize errors of x for each candidate scale (float64 sums)."""
+    out = np.empty(len(scales), dtype=np.float64)
+    lo, hi = qmin - zp, qmax - zp
+    for i, s in enumerate(scales):
+        q = np.clip(np.rint(x / s), lo, hi)
+        q *= s
+        q -= x
+        out[i] = float(np.dot(q.ravel(), q.ravel()))
+    return out
+
+
+def minmse_activation_scales(qdq_model: str | Path, float_model: str | Path, batches: list[dict],
+                             model_out: str | Path, *, steps: int = 6, headroom: int = 2,
+                             details: dict | None = None) -> dict[str, Any]:
+    """Set every activation scale of a QDQ model to the power of two with the lowest MSE (MinMSE).
+
+    ``float_model`` is the float graph the QDQ model was made from (its tensor names);
+    ``batches`` the calibration feeds. For each activation scale, the candidates are the
+    powers of two from ``2**headroom`` times the no-clipping scale (``ceil(log2(absmax/qmax))``)
+    down through ``steps`` halvings; the whole calibration set is streamed once through an
+    augmented copy of the float model and each candidate's sum of squared errors kept.
+    Zero points (128 for symmetric uint8, 0 for int8) and dtypes stay as the quantizer set them.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(qdq_model))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    groups = activation_groups(model)
+    fm = onnx.load(str(float_model))
+    fnames = {o for n in fm.graph.node for o in n.output} | {i.name for i in fm.graph.input}
+
+    def float_name(t: str) -> str | None:
+        for cand in (t, t.removesuffix("_QuantizeLinear_Input")):
+            if cand in fnames:
+                return cand
+        return None
+
+    wanted: dict[str, list[str]] = {}
+    for s_name, tensors in groups.items():
+        wanted[s_name] = [f for f in (float_name(t) for t in tensors) if f is not None]
+    # candidates: centred on the quantizer's own (MinMax) scale; the true absmax, seen while
+    # streaming, can only move the no-clipping candidate up by a little (moving-average MinMax)
+    meta: dict[str, tuple[np.ndarray, int, int, int]] = {}
+    for s_name in list(wanted):
+        s0 = float(numpy_helper.to_array(inits[s_name]).reshape(-1)[0])
+        if not (s0 > 0 and math.isfinite(s0)):
+            wanted[s_name] = []
+            s0 = 1.0
+        zp_name = next(n.input[2] for n in g.node if n.op_type == "QuantizeLinear" and n.input[1] == s_name)
+        zp_arr = numpy_helper.to_array(inits[zp_name])
+        qmin, qmax = _qrange(zp_arr.dtype)
+        k0 = int(math.ceil(math.log2(s0)))
+        ks = np.arange(k0 + headroom, k0 - steps - 1, -1)
+        meta[s_name] = (np.exp2(ks).astype(np.float32), int(zp_arr.reshape(-1)[0]), qmin, qmax)
+    fetch = sorted({t for ts in wanted.values() for t in ts})
+    sse = {s: np.zeros(len(meta[s][0])) for s in wanted}
+    absmax = {s: 0.0 for s in wanted}
+    by_tensor: dict[str, list[str]] = {}
+    for s_name, ts in wanted.items():
+        for t in ts:
+            by_tensor.setdefault(t, []).append(s_name)
+    for values in _stream(fm, fetch, batches):
+        for t, arr in values.items():
+            x = np.asarray(arr, dtype=np.float32)
+            for s_name in by_tensor[t]:
+                scales, zp, qmin, qmax = meta[s_name]
+                sse[s_name] += _sse(x, scales, zp, qmin, qmax)
+                absmax[s_name] = max(absmax[s_name], float(np.abs(x).max()) if x.size else 0.0)
+    changed = clipped = 0
+    for s_name in wanted:
+        scales, zp, qmin, qmax = meta[s_name]
+        if not wanted[s_name]:
+            continue
+        best = float(scales[int(np.argmin(sse[s_name]))])
+        old = numpy_helper.to_array(inits[s_name])
+        new = np.full(old.shape, best, dtype=np.float32)
+        inits[s_name].CopyFrom(numpy_helper.from_array(new, s_name))
+        if details is not None:
+            details[s_name] = {"candidates": scales.tolist(), "sse": sse[s_name].tolist(), "absmax": absmax[s_name],
+                               "chosen": best, "tensors": wanted[s_name], "zero_point": zp}
+        changed += 1
+        if absmax[s_name] > (qmax - zp) * best:
+            clipped += 1
+    # scales whose tensors the float model lacks (or pure passthroughs): leave to round_scales (ceil)
+    onnx.save(model, str(model_out))
+    return {"method": "minmse", "activation_scales": changed, "clipping": clipped,
+            "not_calibrated": len(groups) - changed, "batches": len(batches)}
+
+
+# ---------------------------------------------------------------------------- equalization (float graph)
+
+
+def _stream(model, tensors: list[str], batches: list[dict]):
+    """Run a copy of ``model`` exposing ``tensors`` as outputs; yield {name: array} per batch."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in have:
+            m.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    for feeds in batches:
+        yield dict(zip(tensors, sess.run(list(tensors), feeds)))
+
+
+def _const_weight(node, inits) -> tuple[str, bool] | None:
+    """(weight initializer, transposed) of a MatMul/Gemm whose B is a 2-D initializer; else None."""
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+        return None
+    attrs = {a.name: a.i for a in node.attribute}
+    if attrs.get("transA", 0) or len(inits[node.input[1]].dims) != 2:
+        return None
+    return node.input[1], bool(attrs.get("transB", 0))
+
+
+def _pow2_round(x: np.ndarray) -> np.ndarray:
+    return np.exp2(np.round(np.log2(x))).astype(np.float32)
+
+
+def equalize(float_in: str | Path, float_out: str | Path, batches: list[dict], *, smooth_after: tuple[str, ...] = ("LayerNormalization",),
+             migration: float = 0.5, outlier_ratio: float = 4.0) -> dict[str, Any]:
+    """Move per-channel ranges between activations and weights so per-tensor scales fit.
+
+    An exact rewrite of the float graph, before quantization, with power-of-two factors (a
+    multiply by 2**k is a shift for fixed-point hardware and exact in float):
+
+    * **SmoothQuant** (AMD's quantizer offers it for transformers): where a tensor X made
+      by a float op (``smooth_after``, LayerNormalization by default) feeds MatMul/Gemm
+      with constant weights (directly or through a Reshape keeping the last axis), those
+      consumers read ``X * (1/a)`` from a new ``Mul`` and the weight rows are multiplied by
+      ``a``; ``a_c = sqrt(max|X_c| / max|W_c|)`` (``migration`` 0.5) rounded to a power of
+      two and normalised so the median channel keeps 1. Other consumers (the residual Add)
+      still read X. This takes the LayerNorm outlier channels out of the int8 MatMul inputs.
+    * **output-channel equalization** (as cross-layer equalization does, with an explicit
+      float ``Mul`` because a residual Add and LayerNorm follow): a MatMul/Gemm with
+      constant weights whose output (directly or through one Reshape) only feeds float Adds
+      and whose output channels c reach more than ``outlier_ratio`` times the median channel
+      range gets weight column c (and bias) divided by ``b_c`` (power of two) and a
+      ``Mul(b)`` after it, so its int8 output is not dominated by one outlier channel.
+
+    Channel ranges come from the calibration ``batches``. Returns counts.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(float_in))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def keeps_last_axis(reshape, channels: int) -> bool:
+        shape = inits.get(reshape.input[1]) if len(reshape.input) > 1 else None
+        return shape is not None and int(numpy_helper.to_array(shape).reshape(-1)[-1]) == channels
+
+    def channels_of(name: str) -> int | None:
+        for n in consumers.get(name, []):
+            w = _const_weight(n, inits)
+            if w is not None and n.input[0] == name:
+                dims = inits[w[0]].dims
+                return int(dims[1] if w[1] else dims[0])
+        return None
+
+    # 1. SmoothQuant sites: X -> [(matmul, reshape or None)]
+    smooth: dict[str, list] = {}
+    for n in g.node:
+        if n.op_type not in smooth_after:
+            continue
+        x = n.output[0]
+        users = []
+        for c in consumers.get(x, []):
+            if _const_weight(c, inits) is not None and c.input[0] == x:
+                users.append((c, None))
+            elif c.op_type == "Reshape":
+                k = channels_of(c.output[0])
+                if k is not None and keeps_last_axis(c, k):
+                    users += [(c2, c) for c2 in consumers.get(c.output[0], [])
+                              if _const_weight(c2, inits) is not None and c2.input[0] == c.output[0]]
+        if users and all(len(consumers.get(r.output[0], [])) == 1 for _, r in users if r is not None):
+            smooth[x] = users
+    # 2. output-equalization sites: matmul output -> (matmul, reshape or None)
+    outeq: dict[str, tuple] = {}
+    for n in g.node:
+        if _const_weight(n, inits) is None:
+            continue
+        via, users = None, consumers.get(n.output[0], [])
+        if len(users) == 1 and users[0].op_type == "Reshape":
+            via = users[0]
+            users = consumers.get(via.output[0], [])
+        if users and all(u.op_type == "Add" for u in users):
+            outeq[n.output[0]] = (n, via)
+    # channel ranges over the calibration set
+    ranges: dict[str, np.ndarray] = {}
+    wanted = list(smooth) + list(outeq)
+    if wanted:
+        for values in _stream(model, wanted, batches):
+            for t, v in values.items():
+                a = np.abs(np.asarray(v, dtype=np.float32).reshape(-1, v.shape[-1])).max(axis=0)
+                ranges[t] = a if t not in ranges else np.maximum(ranges[t], a)
+    new_nodes: dict[str, list] = {}
+    smoothed = equalized = 0
+    for x, users in smooth.items():
+        wmax = np.zeros_like(ranges[x])
+        for c, _ in users:
+            name, trans = _const_weight(c, inits)
+            wmax = np.maximum(wmax, np.abs(numpy_helper.to_array(inits[name])).max(axis=0 if trans else 1))
+        a = np.power(np.maximum(ranges[x], 1e-6), migration) / np.power(np.maximum(wmax, 1e-6), 1 - migration)
+        a = _pow2_round(a)
+        a = (a / _pow2_round(np.array([np.median(a)]))[0]).astype(np.float32)
+        if np.all(a == 1):
+            continue
+        inv = numpy_helper.from_array((1.0 / a).astype(np.float32), f"{x}_smooth_inv")
+        g.initializer.append(inv)
+        xs = f"{x}_smooth"
+        new_nodes.setdefault(x, []).append(helper.make_node("Mul", [x, inv.name], [xs], name=f"{x}_smooth_mul"))
+        done: set[str] = set()
+        for c, via in users:
+            (via if via is not None else c).input[0] = xs
+            name, trans = _const_weight(c, inits)
+            if name in done:
+                continue
+            done.add(name)
+            w = numpy_helper.to_array(inits[name])
+            w = w * (a[None, :] if trans else a[:, None])
+            inits[name].CopyFrom(numpy_helper.from_array(w.astype(np.float32), name))
+        smoothed += 1
+    for y, (n, via) in outeq.items():
+        r = ranges[y]
+        b = np.exp2(np.maximum(0.0, np.ceil(np.log2(np.maximum(r, 1e-12) / (outlier_ratio * np.median(r)))))).astype(np.float32)
+        if np.all(b == 1):
+            continue
+        name, trans = _const_weight(n, inits)
+        w = numpy_helper.to_array(inits[name])
+        w = w / (b[:, None] if trans else b[None, :])
+        inits[name].CopyFrom(numpy_helper.from_array(w.astype(np.float32), name))
+        if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] in inits:
+            bias = numpy_helper.to_array(inits[n.input[2]])
+            inits[n.input[2]].CopyFrom(numpy_helper.from_array((bias / b).astype(np.float32), n.input[2]))
+        last = via if via is not None else n
+        out = last.output[0]
+        last.output[0] = f"{out}_equalized"
+        factor = numpy_helper.from_array(b, f"{out}_equalize_scale")
+        g.initializer.append(factor)
+        new_nodes.setdefault(last.output[0], []).append(
+            helper.make_node("Mul", [last.output[0], factor.name], [out], name=f"{out}_equalize_mul"))
+        equalized += 1
+    if new_nodes:
+        nodes = []
+        for n in g.node:
+            nodes.append(onnx.NodeProto.FromString(n.SerializeToString()))
+            for o in n.output:
+                nodes.extend(new_nodes.get(o, []))
+        del g.node[:]
+        g.node.extend(nodes)
+    onnx.save(model, str(float_out))
+    return {"smoothquant": smoothed, "output_equalized": equalized, "migration": migration, "outlier_ratio": outlier_ratio}

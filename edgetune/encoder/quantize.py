@@ -39,6 +39,8 @@ class Int8Options:
     exclude_op_types: list[str] = field(default_factory=list)
     exclude_nodes: list[str] = field(default_factory=list)
     reduce_range: bool = False
+    # XINT8 (Vitis AI): power-of-two scales chosen by MinMSE, after SmoothQuant/equalization
+    power_of_two: bool = False
 
     @classmethod
     def from_target(cls, target, **overrides: Any) -> "Int8Options":
@@ -53,6 +55,7 @@ class Int8Options:
             calibration_samples=q.calibration_samples,
             exclude_op_types=list(q.exclude_op_types),
             exclude_nodes=list(q.exclude_nodes),
+            power_of_two=q.power_of_two_scales,
         )
         for k, v in overrides.items():
             if v is None:
@@ -273,6 +276,14 @@ def quantize_static_int8(src: Path, dst: Path, opts: Int8Options, *, batches: li
     pre = work / "preprocessed.onnx"
     with console.step("quant_pre_process"):
         quant_pre_process(str(src), str(pre), skip_optimization=False, auto_merge=True)
+    xint8: dict[str, Any] = {}
+    if opts.power_of_two:
+        from . import pow2
+
+        eq = work / "equalized.onnx"
+        with console.step(f"SmoothQuant + output equalization on {len(batches)} batches"):
+            xint8["equalize"] = pow2.equalize(pre, eq, batches)
+        pre = eq
     ops = _op_types(pre, QDQRegistry, opts.exclude_op_types)
     mask_nodes = mask_only_nodes(pre)
     # pre-processing renames nothing the user can name, but may drop folded nodes
@@ -298,10 +309,11 @@ def quantize_static_int8(src: Path, dst: Path, opts: Int8Options, *, batches: li
     if opts.calibration_method == "percentile":
         extra["CalibPercentile"] = 99.999
     # onnxruntime's histogram calibrators print progress on stdout: keep stdout for results
+    raw = work / "qdq-float-scales.onnx" if opts.power_of_two else dst
     with console.step(f"calibrate {opts.calibration_method} on {len(batches)} batches"), _stdout_to_stderr():
         quantize_static(
             str(pre),
-            str(dst),
+            str(raw),
             _reader(batches),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=ops,
@@ -313,11 +325,20 @@ def quantize_static_int8(src: Path, dst: Path, opts: Int8Options, *, batches: li
             calibrate_method=method,
             extra_options=extra,
         )
-    return {"format": "qdq", "op_types": ops, "per_channel": opts.per_channel, "weight_type": opts.weight_type,
+    if opts.power_of_two:
+        mse = work / "qdq-minmse.onnx"
+        with console.step(f"MinMSE power-of-two activation scales on {len(batches)} batches"):
+            xint8["activations"] = pow2.minmse_activation_scales(raw, pre, batches, mse)
+        with console.step("MinMSE power-of-two weight scales"):
+            xint8["weights"] = pow2.round_scales(mse, dst, float_model=pre)
+    res = {"format": "qdq", "op_types": ops, "per_channel": opts.per_channel, "weight_type": opts.weight_type,
             "activation_type": opts.activation_type, "weight_symmetric": opts.weight_symmetric,
             "activation_symmetric": opts.activation_symmetric, "calibration_method": opts.calibration_method,
             "excluded_nodes": opts.exclude_nodes, "excluded_op_types": opts.exclude_op_types, "pre_process": True,
             "mask_path_kept_float": len(mask_nodes)}
+    if xint8:
+        res["xint8"] = xint8
+    return res
 
 
 def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
