@@ -66,7 +66,8 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, json_output: bool, quiet: bool, **kwargs: Any) -> Any:
         console.configure(quiet=quiet, json_output=json_output)
-        return func(*args, **kwargs)
+        with console.results_only_stdout():
+            return func(*args, **kwargs)
 
     return wrapper
 

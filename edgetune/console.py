@@ -2,6 +2,9 @@
 
 * Results go to stdout: JSON with ``--json``, a short human summary otherwise.
 * Logs and progress go to stderr, and ``--quiet`` silences them (errors still print).
+* Libraries print on stdout (DeepSpeed's logger, the genai builder, calibrators): while a
+  command runs, :func:`results_only_stdout` sends everything written to stdout to stderr
+  and keeps the real stdout for :func:`emit`, so ``--json`` output always parses.
 * Long work reports progress: a redrawn bar on a terminal, one line per step otherwise
   (so build logs stay readable).
 
@@ -11,6 +14,7 @@ Library code calls :func:`log`, :func:`step` and :func:`progress`; only the CLI 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -27,6 +31,38 @@ class _Mode:
 
 
 MODE = _Mode()
+_RESULTS: list[Any] = []  # stack of the streams results go to (set by results_only_stdout)
+
+
+@contextmanager
+def results_only_stdout() -> Iterator[None]:
+    """While the block runs, stdout (Python's and file descriptor 1) goes to stderr; emit() still
+    writes to the real stdout. Where sys.stdout is not fd 1 (a test's capture), only Python's is swapped."""
+    real = sys.stdout
+    try:
+        fd_backed = real.fileno() == 1
+    except (AttributeError, OSError, ValueError):
+        fd_backed = False
+    saved = None
+    if fd_backed:
+        real.flush()
+        saved = os.dup(1)
+        os.dup2(2, 1)
+        out = os.fdopen(os.dup(saved), "w", encoding=getattr(real, "encoding", None) or "utf-8", closefd=True)
+    else:
+        out = real
+    _RESULTS.append(out)
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        _RESULTS.pop()
+        sys.stdout = real
+        if saved is not None:
+            out.close()
+            sys.stderr.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def configure(*, quiet: bool = False, json_output: bool = False) -> None:
@@ -111,10 +147,15 @@ def to_json(obj: Any, *, indent: int | None = 2) -> str:
     return json.dumps(obj, indent=indent, default=_default, sort_keys=False)
 
 
+def out(text: str = "", end: str = "\n") -> None:
+    """Write result text on the real stdout (e.g. tokens streamed by `edgetune run`)."""
+    print(text, end=end, file=_RESULTS[-1] if _RESULTS else sys.stdout, flush=True)
+
+
 def emit(result: Any, human: Callable[[Any], str] | str | None = None) -> None:
     """Print a command's result on stdout: JSON under --json, else the human text."""
     if MODE.json:
-        print(to_json(result), flush=True)
+        out(to_json(result))
         return
     if human is None:
         text = to_json(result)
@@ -123,7 +164,7 @@ def emit(result: Any, human: Callable[[Any], str] | str | None = None) -> None:
     else:
         text = human
     if text:
-        print(text, flush=True)
+        out(text)
 
 
 def table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

@@ -172,3 +172,28 @@ def test_hash_path_ignores_record_and_sees_content(tmp_path):
 def test_cli_runner_targets_table():
     r = CliRunner().invoke(cli, ["targets", "list"])
     assert r.exit_code == 0 and "fpga-vitisai" in r.output
+
+
+def test_library_output_on_stdout_never_reaches_the_result():
+    """Libraries print on stdout (DeepSpeed's logger, the genai builder, C++ code via fd 1):
+    under a command, all of it goes to stderr and stdout holds only the JSON result."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "from edgetune import console\n"
+        "console.configure(json_output=True)\n"
+        "with console.results_only_stdout():\n"
+        "    print('[WARNING] a library logger on sys.stdout')\n"
+        "    os.write(1, b'native code writing to fd 1\\n')\n"
+        "    console.emit({'ok': True})\n"
+        "print('after the command, stdout is stdout again')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    first, rest = p.stdout.split("}\n", 1)
+    assert json.loads(first + "}") == {"ok": True}
+    assert rest == "after the command, stdout is stdout again\n"
+    assert "a library logger" in p.stderr and "native code" in p.stderr

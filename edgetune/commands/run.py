@@ -76,7 +76,7 @@ def _run_llm(folder: Path, target: str | None, prompts, chat: bool, raw: bool, s
     m = dev.load(folder / "model", target, adapter=adapter)
     with_adapter = f" with adapter {adapter}" if adapter else ""
     console.log(f"[run] loaded {folder.name}{with_adapter} in {m.load_time_s:.2f}s on {', '.join(m.providers)}")
-    stream = None if console.MODE.json else (lambda piece: print(piece, end="", flush=True))
+    stream = None if console.MODE.json else (lambda piece: console.out(piece, end=""))
 
     def one(messages_or_text) -> dict:
         t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def _run_llm(folder: Path, target: str | None, prompts, chat: bool, raw: bool, s
         out_ids = dev.generate_ids(m, ids, max_tokens, on_token=on_token)
         dt = time.perf_counter() - t0
         if stream:
-            print(flush=True)
+            console.out()
         return {"output": dev.decode(m, out_ids), "prompt_tokens": int(len(ids)), "new_tokens": len(out_ids),
                 "seconds": round(dt, 3), "tokens_per_s": round(len(out_ids) / dt, 1) if dt > 0 else None}
 
