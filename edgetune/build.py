@@ -164,7 +164,7 @@ class Build:
         status, error = "ran", None
         with console.step(label):
             try:
-                with _stdout_to_stderr():  # stdout carries only the result (--json); libraries print there
+                with console.results_only_stdout():  # stdout carries only the result (--json); libraries print there
                     body()
             except CheckFailed as exc:  # the stage wrote its output (a report) and then failed a gate
                 status, error = "failed", exc.one_line()
@@ -195,7 +195,7 @@ def _signature(out: Path) -> str | None:
     return artifacts.sha256_bytes("|".join(parts).encode()) if parts else None
 
 
-# -- stage bodies: the real stage functions, with fallbacks while a module is missing ----------
+# -- stage bodies: the real stage functions ----------------------------------------------------
 
 def _finetune(base: Path, data: Path, out: Path, cfg: FinetuneCfg) -> None:
     from .finetune import FinetuneOptions, finetune, work_dir
@@ -211,103 +211,15 @@ def _finetune(base: Path, data: Path, out: Path, cfg: FinetuneCfg) -> None:
 
 
 def _merge(base: Path, adapter: Path, out: Path) -> None:
-    try:
-        from .merge import merge  # the merge stage (LLM issue)
-    except ImportError:
-        merge = None
-    if merge is not None:
-        merge(base, adapter, out)
-        return
-    _merge_fallback(base, adapter, out)
+    from .merge import merge
 
-
-def _merge_fallback(base: Path, adapter: Path, out: Path) -> None:
-    """peft merge_and_unload into the fp32 base, saved as safetensors (used until edgetune.merge lands)."""
-    from .errors import require
-
-    transformers = require("transformers", purpose="merge")
-    torch = require("torch", purpose="merge")
-    peft = require("peft", purpose="merge")
-    acfg = json.loads((adapter / "adapter_config.json").read_text())
-    cls = transformers.AutoModelForSequenceClassification if acfg.get("task_type") == "SEQ_CLS" else transformers.AutoModelForCausalLM
-    kwargs: dict[str, Any] = {}
-    if acfg.get("task_type") == "SEQ_CLS" and (adapter / "config.json").is_file():
-        kwargs["config"] = transformers.AutoConfig.from_pretrained(str(adapter))
-    with artifacts.stage_output(out, "merge", inputs={"base": base, "adapter": adapter}, options={"dtype": "float32"}) as run:
-        model = cls.from_pretrained(str(base), dtype=torch.float32, use_safetensors=True, **kwargs)
-        model = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-        model.save_pretrained(str(run.dir), safe_serialization=True)
-        tok = transformers.AutoTokenizer.from_pretrained(str(adapter if (adapter / "tokenizer_config.json").is_file() else base))
-        tok.save_pretrained(str(run.dir))
-        run.results.update(kind="merged", task_type=acfg.get("task_type"))
+    merge(base, adapter, out)
 
 
 def _export(model: Path, out: Path, target: str, precision: str | None, calibration: Path | None) -> None:
-    from .models import inspect
+    from .export import export
 
-    kind = inspect(model).kind
-    if kind == "encoder":
-        from .encoder.export import export_encoder
-
-        export_encoder(model, out, target=target, precision=precision, calibration=calibration)
-        return
-    try:
-        from .export import export  # dispatching export stage (LLM issue)
-    except ImportError:
-        export = None
-    if export is not None:
-        export(model, out, target=target, precision=precision)
-        return
-    _export_llm_fallback(model, out, target, precision)
-
-
-def _export_llm_fallback(model: Path, out: Path, target: str, precision: str | None) -> None:
-    """onnxruntime-genai's model builder, driven by the target profile (until edgetune.export lands)."""
-    import tempfile
-
-    from .errors import require
-    from .targets import load_target
-
-    t = load_target(target)
-    precision = precision or t.precision.llm
-    ep = t.runtime.resolved_builder_provider
-    extra: dict[str, str] = {}
-    if precision == "int4":
-        q = t.quantization.int4
-        # 0.15.2 names (the int4_* aliases are deprecated there and ignored from 0.16)
-        extra = {"block_size": str(q.block_size), "is_symmetric": str(q.symmetric).lower(),
-                 "accuracy_level": str(q.accuracy_level)}
-    builder = require("onnxruntime_genai.models.builder", purpose="LLM export")
-    options = {"precision": precision, "execution_provider": ep, "extra": extra, "target": t.name}
-    with artifacts.stage_output(out, "export", inputs={"model": model}, options=options) as run, \
-            tempfile.TemporaryDirectory(prefix="edgetune-genai-") as cache:
-        with _stdout_to_stderr():
-            kv = builder.parse_extra_options("", str(model), str(run.dir), precision, ep, cache, [f"{k}={v}" for k, v in extra.items()])
-            builder.create_model("", str(model), str(run.dir), precision, ep, cache, **kv)
-        size = sum(p.stat().st_size for p in run.dir.iterdir() if p.is_file())
-        run.results.update(kind="decoder", precision=precision, target=t.name, execution_provider=t.runtime.execution_provider,
-                           size_mb=round(size / 2**20, 3), exporter="onnxruntime-genai builder")
-
-
-class _stdout_to_stderr:
-    """Libraries print progress on stdout; stdout belongs to the result (--json)."""
-
-    def __enter__(self):
-        import sys
-
-        sys.stdout.flush()
-        self._saved = os.dup(1)
-        os.dup2(2, 1)
-        self._py = sys.stdout
-        sys.stdout = sys.stderr
-
-    def __exit__(self, *exc):
-        import sys
-
-        sys.stdout.flush()
-        sys.stdout = self._py
-        os.dup2(self._saved, 1)
-        os.close(self._saved)
+    export(model, out, target=target, precision=precision, **({"calibration": calibration} if calibration else {}))
 
 
 # -- the orchestrator -------------------------------------------------------------------------
@@ -332,7 +244,7 @@ def build(config: str | os.PathLike, *, force: bool = False, output: str | os.Pa
     if b.path(base_spec).exists():  # a folder or .gguf next to the config; otherwise an alias
         base_spec = str(b.path(base_spec))
     t0 = time.perf_counter()
-    with console.step("materialize"), _stdout_to_stderr():
+    with console.step("materialize"), console.results_only_stdout():
         info = materialize(base_spec)
     b.stages.append(StageInfo("materialize", None, "ran", round(time.perf_counter() - t0, 2), str(info.path)))
     base = Path(info.path)
