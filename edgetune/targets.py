@@ -73,6 +73,10 @@ class Int4(_Strict):
     symmetric: bool = True
     # MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.
     accuracy_level: Literal[0, 1, 2, 3, 4] = 0
+    # The output head (lm_head MatMul), the most quantization-sensitive matrix: int4 like the
+    # blocks, int8 (MatMulNBits bits=8, llama.cpp's Q8_0 output head) or fp32 (plain MatMul).
+    # Not int4 untie a tied embedding (the embedding stays int4 GatherBlockQuantized).
+    lm_head: Literal["int4", "int8", "fp32"] = "int4"
 
 
 class Int8(_Strict):

@@ -56,7 +56,7 @@ def test_int4_options_reach_graph(tiny_llama, tmp_path, block_size, accuracy_lev
 
     out = export(tiny_llama, tmp_path / "int4", target="cpu-x86", precision="int4",
                  int4={"block_size": block_size, "accuracy_level": accuracy_level})
-    attrs = matmulnbits_attributes(out)
+    attrs = matmulnbits_attributes(out, skip_prefix="/lm_head/")  # the head follows int4.lm_head (see below)
     assert attrs and all(a["bits"] == 4 and a["block_size"] == block_size and a.get("accuracy_level", 0) == accuracy_level for a in attrs)
     model = og.Model(str(out))
     params = og.GeneratorParams(model)
@@ -126,8 +126,9 @@ def test_tied_int8_and_asymmetric_int4_load(tiny_llama, ref_logits, tmp_path, pr
     out = export(tiny_llama, tmp_path / precision, target="cpu-x86", precision=precision, int4=int4)
     rec = json.loads((out / "edgetune.json").read_text())["results"]
     bits = 8 if precision == "int8" else 4
-    assert rec["matmulnbits"] and all(a["bits"] == bits for a in rec["matmulnbits"])
-    assert all(a["zero_points"] == (precision == "int4") for a in rec["matmulnbits"])
+    body = matmulnbits_attributes(out, skip_prefix="/lm_head/")
+    assert body and all(a["bits"] == bits for a in body)
+    assert all(a["zero_points"] == (precision == "int4") for a in body)
     # untied: int8 keeps a float table (onnxruntime only makes 4-bit GatherBlockQuantized), int4 quantizes it
     assert rec["embeddings"] == ("float Gather, own table" if precision == "int8" else "int4 GatherBlockQuantized, own table")
     assert rec["tokenizer_check"]["mismatches"] == 0
@@ -138,12 +139,12 @@ def test_k_quant_symmetric_carries_zero_points(tiny_llama, ref_logits, tmp_path)
     """k_quant always stores zero points; the graph check must not mistake that for an ignored option."""
     out = export(tiny_llama, tmp_path / "kq", target="cpu-x86", precision="int4", int4={"algorithm": "k_quant"})
     rec = json.loads((out / "edgetune.json").read_text())["results"]
-    assert rec["int4"]["symmetric"] and all(a["zero_points"] for a in rec["matmulnbits"])
+    assert rec["int4"]["symmetric"] and all(a["zero_points"] for a in matmulnbits_attributes(out, skip_prefix="/lm_head/"))
     check_close(out, ref_logits, 0.3)
 
 
 def test_symmetric_int4_keeps_shared_quantized_embedding(tiny_llama, tmp_path):
-    out = export(tiny_llama, tmp_path / "s", target="cpu-x86", precision="int4")
+    out = export(tiny_llama, tmp_path / "s", target="cpu-x86", precision="int4", int4={"lm_head": "int4"})
     assert json.loads((out / "edgetune.json").read_text())["results"]["embeddings"].startswith("int4 GatherBlockQuantized")
 
 
@@ -157,9 +158,10 @@ def test_onnxruntime_quantizer_algorithms(tiny_llama, ref_logits, calib_file, tm
     assert q["quantizer"] == "onnxruntime MatMulNBitsQuantizer"
     assert q["config"] == {"hqq": "HQQWeightOnlyQuantConfig", "gptq": "GPTQWeightOnlyQuantConfig"}[algorithm]
     assert rec["embeddings"] == "int4 GatherBlockQuantized, own table"
-    # 11 MatMuls: 2 layers x (qkv, o, gate, up, down) + lm_head; HQQ always has zero points
-    assert sum(a["count"] for a in rec["matmulnbits"]) == 11
-    assert all(a["bits"] == 4 and a["block_size"] == 32 and a["zero_points"] == (algorithm == "hqq") for a in rec["matmulnbits"])
+    # 10 MatMuls: 2 layers x (qkv, o, gate, up, down), + lm_head as int4.lm_head says; HQQ always has zero points
+    body = matmulnbits_attributes(out, skip_prefix="/lm_head/")
+    assert sum(a["count"] for a in body) == 10 and rec["lm_head"]["kind"] == rec["int4"]["lm_head"]
+    assert all(a["bits"] == 4 and a["block_size"] == 32 and a["zero_points"] == (algorithm == "hqq") for a in body)
     if algorithm == "gptq":
         assert q["calibration"]["samples"] == 4 and q["calibration"]["tokens"] > 20
     assert rec["tokenizer_check"]["mismatches"] == 0
@@ -175,7 +177,8 @@ def test_neural_compressor_algorithms(tiny_llama, ref_logits, calib_file, tmp_pa
     assert q["quantizer"] == "neural-compressor" and q["layers"] == 14
     # every graph weight outside lm_head dequantizes to exactly neural-compressor's weight
     assert q["weight_parity"]["compared"] == 10 and q["weight_parity"]["max_abs_diff"] < 1e-6 and not q["weight_parity"]["unmatched"]
-    assert all(a["bits"] == 4 and a["block_size"] == 32 for a in rec["matmulnbits"])
+    assert all(a["bits"] == 4 and a["block_size"] == 32 for a in matmulnbits_attributes(out, skip_prefix="/lm_head/"))
+    assert rec["lm_head"]["kind"] == rec["int4"]["lm_head"]
     assert rec["tokenizer_check"]["mismatches"] == 0
     check_close(out, ref_logits, 0.3)
 
@@ -224,3 +227,78 @@ def test_cli_adapter_path_refused(tiny_llama, tmp_path, capsys):
     code, _, err = run_cli(["export", str(tiny_llama), "-t", "cpu-x86", "--out", str(tmp_path / "e"),
                             "--adapter", str(tmp_path)], capsys)
     assert code == 2 and "merge" in err
+
+
+# ------------------------------------------------------------------ lm_head precision, embedding block
+
+
+def generates(folder, n=12):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=n)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([[5, 6, 7]], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return len(gen.get_sequence(0)) == n
+
+
+@pytest.mark.parametrize("lm_head,op,bits", [("int4", "MatMulNBits", 4), ("int8", "MatMulNBits", 8), ("fp32", "MatMul", 32)])
+def test_int4_lm_head_reaches_graph(tiny_llama, ref_logits, tmp_path, lm_head, op, bits):
+    from edgetune.llm.export import lm_head_attributes
+
+    out = export(tiny_llama, tmp_path / lm_head, target="cpu-x86", precision="int4", int4={"lm_head": lm_head})
+    rec = json.loads((out / "edgetune.json").read_text())["results"]
+    head = lm_head_attributes(out)  # read back from the graph
+    assert head["op"] == op and head["bits"] == bits and rec["lm_head"] == head and rec["int4"]["lm_head"] == lm_head
+    # the blocks stay int4; a non-int4 head unties the embedding, which stays int4
+    assert all(a["bits"] == 4 for a in matmulnbits_attributes(out, skip_prefix="/lm_head/"))
+    assert rec["embeddings"] == ("int4 GatherBlockQuantized, " + ("shared with lm_head" if lm_head == "int4" else "own table"))
+    assert rec["tokenizer_check"]["mismatches"] == 0
+    check_close(out, ref_logits, 0.3)
+    assert generates(out)
+
+
+def test_lm_head_bad_value(tiny_llama, tmp_path):
+    with pytest.raises(BadInput, match="int4, int8, fp32"):
+        export(tiny_llama, tmp_path / "x", target="cpu-x86", precision="int4", int4={"lm_head": "int2"})
+    prof = tmp_path / "p.toml"
+    prof.write_text('name = "p"\nextends = "cpu-x86"\n[quantization.int4]\nlm_head = "int2"\n')
+    from edgetune.targets import load_target
+    with pytest.raises(BadInput, match="int4.*int8.*fp32"):
+        load_target(str(prof))
+
+
+def test_cli_int4_lm_head(tiny_llama, tmp_path, capsys):
+    code, out, _ = run_cli(["export", str(tiny_llama), "-t", "cpu-x86", "--out", str(tmp_path / "h"), "--precision", "int4",
+                            "--int4-lm-head", "int8", "--json"], capsys)
+    assert code == 0
+    assert json.loads(out)["lm_head"]["bits"] == 8
+
+
+def test_block_not_dividing_hidden_unties_embedding(tmp_path):
+    """Tied int4 GatherBlockQuantized needs block | hidden (SmolLM2: 576 % 128 failed in /model/embed_tokens/Reshape)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tiny_models import _decoder_common, build_bpe_tokenizer
+
+    src = tmp_path / "h96"
+    src.mkdir()
+    tok = build_bpe_tokenizer(src)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**{**_decoder_common(tok), "hidden_size": 96, "intermediate_size": 192,
+                                      "num_attention_heads": 3, "num_key_value_heads": 1},
+                                   tie_word_embeddings=True, rope_theta=10000.0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(src, safe_serialization=True)
+    with torch.no_grad():
+        ref = model(torch.tensor([IDS])).logits[0, -1].numpy()
+    out = export(src, tmp_path / "int4", target="cpu-x86", precision="int4", int4={"block_size": 64, "lm_head": "int4"})
+    rec = json.loads((out / "edgetune.json").read_text())["results"]
+    assert rec["embeddings"] == "int4 GatherBlockQuantized, own table"  # untied: 96 % 64 != 0
+    assert rec["quantization"]["embedding"].endswith("block 32")  # largest block dividing 96
+    assert all(a["block_size"] == 64 for a in rec["matmulnbits"]) and rec["lm_head"]["bits"] == 4
+    check_close(out, ref, 0.3)
+    assert generates(out)

@@ -24,7 +24,9 @@ def test_int4_answers_paris(int4_export):
     assert "Paris" in answer, answer
     rec = json.loads((int4_export / "edgetune.json").read_text())["results"]
     assert rec["tokenizer_check"]["mismatches"] == 0
-    assert rec["matmulnbits"] and all(a["bits"] == 4 and a["block_size"] == 32 for a in rec["matmulnbits"])
+    body = [a for a in rec["matmulnbits"] if a["bits"] == 4]
+    assert body and all(a["block_size"] == 32 for a in body) and sum(a["count"] for a in body) >= 30 * 4
+    assert rec["lm_head"]["kind"] == rec["int4"]["lm_head"]  # the profile default (docs/llm.md)
 
 
 def test_gpu_cuda_int4_export_is_produced_on_cpu(smollm2_dir, tmp_path):

@@ -20,18 +20,21 @@ from ..cli import common_options
 @click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), help="Override the int4 block size.")
 @click.option("--int4-accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits accuracy_level (4 = int8 activations).")
 @click.option("--int4-symmetric/--int4-asymmetric", default=None, help="Symmetric (int4) or asymmetric (uint4 + zero points).")
+@click.option("--int4-lm-head", type=click.Choice(["int4", "int8", "fp32"]),
+              help="Output head (lm_head) of an int4 export: int4, int8 (MatMulNBits bits=8) or fp32.")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(exists=True), help="LoRA adapter folder kept separate (repeatable): written as <name>.onnx_adapter, chosen at run time.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
               help="Calibration texts (.jsonl/.csv/.tsv/.txt): encoder int8-static, decoder int4 gptq/inc-gptq.")
 @click.option("--task", help="Encoder task (sequence-classification, token-classification, feature-extraction).")
 @common_options
 def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_accuracy_level, int4_symmetric,
-           adapters, calibration, task) -> None:
+           int4_lm_head, adapters, calibration, task) -> None:
     """Export MODEL (alias, GGUF or HF folder) to ONNX for target T."""
     from ..export import export as run_export
 
     int4 = {"algorithm": int4_algorithm, "block_size": int(int4_block_size) if int4_block_size else None,
-            "accuracy_level": int4_accuracy_level, "symmetric": int4_symmetric}
+            "accuracy_level": int4_accuracy_level, "symmetric": int4_symmetric,
+            "lm_head": int4_lm_head}
     int4 = {k: v for k, v in int4.items() if v is not None}
     opts = {}
     if int4:

@@ -18,9 +18,10 @@ from .. import artifacts, console
 from ..errors import BadInput, CheckFailed, require
 from ..targets import load_target
 from .quantize import (BUILDER_ALGORITHMS, CALIBRATED, INC_ALGORITHMS, ORT_ALGORITHMS, UNAVAILABLE, ZERO_POINTS_ALWAYS,
-                       check_algorithm, encode_calibration, inc_checkpoint, inc_weight_parity, load_calibration,
-                       quantize_embedding_in, quantize_onnx)
+                       check_algorithm, embedding_block_size, encode_calibration, inc_checkpoint, inc_weight_parity,
+                       load_calibration, quantize_embedding_in, quantize_lm_head_in, quantize_onnx)
 
+LM_HEAD_CHOICES = ("int4", "int8", "fp32")
 OTHER_ALGORITHMS = ORT_ALGORITHMS + INC_ALGORITHMS + tuple(UNAVAILABLE)
 TOKENIZER_PROBES = (
     "Hello, world!",
@@ -52,10 +53,16 @@ def int4_options(target, int4: dict | None) -> dict[str, Any]:
     q.update({k: v for k, v in (int4 or {}).items() if v is not None})
     unknown = set(q) - {"algorithm", "block_size", "symmetric", "accuracy_level"} - set(target.quantization.int4.model_dump())
     if unknown:
-        raise BadInput(f"unknown int4 option(s): {', '.join(sorted(unknown))}", hint="use algorithm, block_size, symmetric, accuracy_level")
+        raise BadInput(f"unknown int4 option(s): {', '.join(sorted(unknown))}", hint="use algorithm, block_size, symmetric, accuracy_level, lm_head")
     check_algorithm(q["algorithm"])
     if q["block_size"] not in (16, 32, 64, 128, 256):
         raise BadInput(f"int4 block size {q['block_size']} is not supported", hint="use 16, 32, 64, 128 or 256")
+    if q.get("lm_head", "int4") not in LM_HEAD_CHOICES:
+        raise BadInput(f"int4 lm_head '{q['lm_head']}' is not supported", hint="use " + ", ".join(LM_HEAD_CHOICES))
+    if q["algorithm"] == "gptq" and q["lm_head"] != "int4":
+        # onnxruntime's GPTQ quantizes every MatMul (it ignores nodes_to_exclude)
+        raise BadInput(f"int4 algorithm 'gptq' quantizes lm_head to int4; lm_head '{q['lm_head']}' is not available with it",
+                       hint="use --int4-lm-head int4 with gptq, or another algorithm")
     if q["algorithm"] == "hqq" and q["symmetric"]:
         # HQQ fits a float zero point per block: it is asymmetric by construction.
         if (int4 or {}).get("symmetric"):
@@ -66,7 +73,7 @@ def int4_options(target, int4: dict | None) -> dict[str, Any]:
     return q
 
 
-def matmulnbits_attributes(folder: Path) -> list[dict[str, Any]]:
+def matmulnbits_attributes(folder: Path, skip_prefix: str | None = None) -> list[dict[str, Any]]:
     """Distinct attribute sets of the MatMulNBits nodes in the exported graph."""
     import onnx
 
@@ -74,7 +81,7 @@ def matmulnbits_attributes(folder: Path) -> list[dict[str, Any]]:
     seen: dict[str, dict[str, Any]] = {}
     counts: dict[str, int] = {}
     for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
+        if node.op_type != "MatMulNBits" or (skip_prefix and node.name.startswith(skip_prefix)):
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         attrs = {k: v for k, v in attrs.items() if k in ("bits", "block_size", "accuracy_level")}
@@ -84,6 +91,31 @@ def matmulnbits_attributes(folder: Path) -> list[dict[str, Any]]:
         seen[key] = attrs
         counts[key] = counts.get(key, 0) + 1
     return [{**v, "count": counts[k]} for k, v in seen.items()]
+
+
+def lm_head_attributes(folder: Path) -> dict[str, Any] | None:
+    """How the graph stores the output head (/lm_head/ MatMul or MatMulNBits), read back from it."""
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    for node in model.graph.node:
+        if node.name.startswith("/lm_head/") and node.op_type in ("MatMul", "MatMulNBits"):
+            if node.op_type == "MatMul":
+                return {"node": node.name, "op": "MatMul", "bits": 32, "kind": "fp32"}
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            return {"node": node.name, "op": "MatMulNBits", "bits": attrs.get("bits"), "block_size": attrs.get("block_size"),
+                    "accuracy_level": attrs.get("accuracy_level", 0), "kind": f"int{attrs.get('bits')}"}
+    return None
+
+
+def _hidden_size(model_dir: Path) -> int | None:
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    h = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")
+    return int(h) if h else None
 
 
 def _configure_genai(folder: Path, target) -> None:
@@ -187,6 +219,20 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
             # symmetric int4 ("Gather only supports 4 bits", uint8 Reshape type error): untie, so the
             # embedding stays a float Gather and lm_head gets its own MatMulNBits.
             extra["shared_embeddings"] = "false"
+        if precision == "int4" and q["lm_head"] != "int4":
+            # lm_head left float by the builder (then int8 by us, or kept fp32); a tied embedding is
+            # untied (GatherBlockQuantized reads 4 bits only) and stored int4 after the build.
+            extra["shared_embeddings"] = "false"
+            extra["nodes_to_exclude"] = "/lm_head/MatMul"
+        hidden = _hidden_size(model_dir)
+        if precision == "int4" and hidden and hidden % q["block_size"]:
+            # A tied int4 embedding (GatherBlockQuantized) needs the block to divide the hidden size
+            # (576 % 128 fails at run time in /model/embed_tokens/Reshape): untie; the own table is
+            # then stored int4 with the largest block that divides (quantize_embedding).
+            extra["shared_embeddings"] = "false"
+            emb = embedding_block_size(hidden, q["block_size"])
+            console.warn(f"hidden size {hidden} is not a multiple of int4 block {q['block_size']}: embedding untied from lm_head, "
+                         + (f"stored int4 with block {emb}" if emb else "kept float"))
     options = {"precision": precision, "execution_provider": ep, "extra": extra, "int4": q,
                "calibration": calib.sha256 if calib else None, "target": t.model_dump(mode="json", exclude={"source"})}
     inputs = {"model": model_dir, "calibration": calib.path if calib else None}
@@ -218,9 +264,22 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
             # untied by us (asymmetric int4): store the now separate embedding as int4 too, not float
             with console.step("int4 embedding (GatherBlockQuantized)"), _stdout_to_stderr():
                 if quantize_embedding_in(run.dir, block_size=q["block_size"], symmetric=q["symmetric"]):
-                    qinfo["embedding"] = f"int4 {'symmetric' if q['symmetric'] else 'asymmetric'} RTN (DefaultWeightOnlyQuantConfig)"
+                    emb = embedding_block_size(_hidden_size(model_dir) or q["block_size"], q["block_size"])
+                    qinfo["embedding"] = (f"int4 {'symmetric' if q['symmetric'] else 'asymmetric'} RTN (DefaultWeightOnlyQuantConfig)"
+                                          f", block {emb}")
+        if precision == "int4" and q["lm_head"] == "int8":
+            with console.step("int8 lm_head (MatMulNBits bits=8)"), _stdout_to_stderr():
+                # CPU: 8-bit MatMulNBits at accuracy_level 0 dequantizes the whole head every step (SmolLM2:
+                # ~1 tok/s instead of ~11); level 4 (int8 activations) runs MLAS's int8 kernel at int4 speed.
+                head_level = (q["accuracy_level"] or 4) if ep == "cpu" else q["accuracy_level"]
+                quantize_lm_head_in(run.dir, bits=8, block_size=q["block_size"], symmetric=q["symmetric"],
+                                    accuracy_level=head_level)
         _configure_genai(run.dir, t)
         nbits = matmulnbits_attributes(run.dir)
+        head = lm_head_attributes(run.dir)
+        if precision == "int4" and head and head["kind"] != q["lm_head"]:
+            raise CheckFailed(f"the graph's lm_head is {head['kind']} ({head['op']}), not the requested {q['lm_head']}",
+                              hint="the builder ignored nodes_to_exclude; check the onnxruntime-genai version")
         if precision in ("int4", "int8"):
             bits = 4 if precision == "int4" else 8
 
@@ -229,9 +288,13 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
                     return a["zero_points"]
                 return algorithm in ZERO_POINTS_ALWAYS or not a["zero_points"]
 
-            bad = [a for a in nbits if a.get("bits") != bits or a.get("block_size") != q["block_size"]
+            if precision == "int4" and q["lm_head"] == "int8":  # the head is checked above
+                nbits_body = matmulnbits_attributes(run.dir, skip_prefix="/lm_head/")
+            else:
+                nbits_body = nbits
+            bad = [a for a in nbits_body if a.get("bits") != bits or a.get("block_size") != q["block_size"]
                    or a.get("accuracy_level", 0) != q["accuracy_level"] or not zero_points_ok(a)]
-            if not nbits or bad:
+            if not nbits_body or bad:
                 raise CheckFailed(f"the graph's MatMulNBits nodes do not carry the requested options: {bad or 'none found'}",
                                   hint="the builder ignored an option; check the onnxruntime-genai version")
         tok = check_tokenizer(run.dir, model_dir) if ep == "cpu" else None
@@ -244,7 +307,7 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
         run.results.update(kind="decoder", precision=precision, target=t.name, execution_provider=t.runtime.execution_provider,
                            builder_provider=ep, int4=q if precision == "int4" else None, int8=q if precision == "int8" else None,
                            quantization=qinfo or None, embeddings=embedding_kind(run.dir),
-                           matmulnbits=nbits, size_mb=round(size / 2**20, 3), tokenizer_check=tok,
+                           matmulnbits=nbits, lm_head=head, size_mb=round(size / 2**20, 3), tokenizer_check=tok,
                            exporter="onnxruntime-genai builder")
     return out
 

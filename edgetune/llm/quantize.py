@@ -146,11 +146,51 @@ def quantize_embedding(model, *, block_size: int, symmetric: bool):
              if n.op_type == "Gather" and n.name.startswith("/model/embed_tokens/") and n.input[0] in inits]
     if not embed:
         return model, False
+    table = next(n.input[0] for n in model.graph.node if n.name == embed[0])
+    hidden = next(int(i.dims[-1]) for i in model.graph.initializer if i.name == table)
+    block = embedding_block_size(hidden, block_size)
+    if block is None:
+        return model, False
     gq = mnq.MatMulNBitsQuantizer(model, algo_config=mnq.DefaultWeightOnlyQuantConfig(
-        block_size=block_size, is_symmetric=symmetric, bits=4, op_types_to_quantize=("Gather",),
+        block_size=block, is_symmetric=symmetric, bits=4, op_types_to_quantize=("Gather",),
         quant_axes=(("Gather", 1),)), nodes_to_include=embed)
     gq.process()
     return gq.model.model, True
+
+
+def embedding_block_size(hidden: int, block_size: int) -> int | None:
+    """Block size for an int4 GatherBlockQuantized embedding of width ``hidden``.
+
+    GatherBlockQuantized reshapes the table to [vocab, hidden / block]: the block must divide
+    the hidden size (SmolLM2: 576 = 9 x 64, so block 128/256 fails at run time in a Reshape).
+    The requested block when it divides, else the largest power of two below it that does
+    (>= 16), else None (keep the table in float).
+    """
+    b = block_size
+    while b >= 16:
+        if hidden % b == 0:
+            return b
+        b //= 2
+    return None
+
+
+def quantize_lm_head_in(folder: Path, *, bits: int, block_size: int, symmetric: bool, accuracy_level: int) -> bool:
+    """Quantize the float lm_head MatMul of a saved export to MatMulNBits with ``bits`` (8: llama.cpp's Q8_0 head)."""
+    onnx = require("onnx", purpose="lm_head quantization")
+    mnq = require("onnxruntime.quantization.matmul_nbits_quantizer", purpose="lm_head quantization")
+    model = onnx.load(str(folder / "model.onnx"))
+    inits = {i.name for i in model.graph.initializer}
+    head = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.startswith("/lm_head/") and n.input[1] in inits]
+    if not head:
+        return False
+    quant = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                     accuracy_level=accuracy_level or None, nodes_to_include=head, algo_config=None)
+    quant.process()
+    for f in ("model.onnx", "model.onnx.data"):
+        (folder / f).unlink(missing_ok=True)
+    onnx.save_model(quant.model.model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    return True
 
 
 def quantize_embedding_in(folder: Path, *, block_size: int, symmetric: bool) -> bool:
@@ -180,8 +220,9 @@ def quantize_onnx(fp32_dir: Path, out_dir: Path, *, algorithm: str, q: dict, tok
         cfg = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Reader(_feeds(model, genai_cfg, token_ids or [])))
     else:  # pragma: no cover - guarded by the caller
         raise BadInput(f"'{algorithm}' is not an onnxruntime quantizer algorithm")
+    exclude = ["/lm_head/MatMul"] if q.get("lm_head", "int4") != "int4" else []  # made by the caller (int8) or kept float
     quant = mnq.MatMulNBitsQuantizer(model, bits=4, block_size=q["block_size"], is_symmetric=q["symmetric"],
-                                     accuracy_level=q["accuracy_level"], algo_config=cfg)
+                                     accuracy_level=q["accuracy_level"], algo_config=cfg, nodes_to_exclude=exclude)
     quant.process()
     qmodel = quant.model.model
     # The fp32 input has its own (untied) embedding table; store it like the builder's rtn export
