@@ -40,7 +40,7 @@ def resolve_task(task: str, ds: Dataset, kind: str) -> str:
     if task == "auto":
         task = by_format
     if task == "causal-lm" and kind != "decoder":
-        raise BadInput(f"causal-lm fine-tuning needs a decoder model; this one is an encoder", hint="use text+label data (seq-cls) or tokens+tags (token-cls)")
+        raise BadInput("causal-lm fine-tuning needs a decoder model; this one is an encoder", hint="use text+label data (seq-cls) or tokens+tags (token-cls)")
     if task in ("seq-cls", "token-cls") and ds.format != {"seq-cls": "classification", "token-cls": "tokens"}[task]:
         need = "text+label" if task == "seq-cls" else "tokens+tags"
         raise BadInput(f"task {task} needs {need} records, {ds.path} has '{ds.format}' records", hint="fix the data or --task")

@@ -8,8 +8,6 @@ records them: the record proves the options reached the graph.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,22 +28,6 @@ TOKENIZER_PROBES = (
     "<|im_start|>user\nWhat is 2+2?<|im_end|>",
     "def f(x):\n    return x**2  # code",
 )
-
-
-class _stdout_to_stderr:
-    """The builder prints on stdout; stdout belongs to the result (--json)."""
-
-    def __enter__(self):
-        sys.stdout.flush()
-        self._saved = os.dup(1)
-        os.dup2(2, 1)
-        self._py, sys.stdout = sys.stdout, sys.stderr
-
-    def __exit__(self, *exc):
-        sys.stdout.flush()
-        sys.stdout = self._py
-        os.dup2(self._saved, 1)
-        os.close(self._saved)
 
 
 def int4_options(target, int4: dict | None) -> dict[str, Any]:
@@ -246,10 +228,10 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
         if precision == "int4" and algorithm in ORT_ALGORITHMS:
             # fp32 graph with its own embedding table (untied), then its MatMuls quantized
             _build(src, cache / "fp32", "fp32", ep, cache, {"shared_embeddings": "false"})
-            with console.step(f"onnxruntime MatMulNBitsQuantizer ({algorithm} int4)"), _stdout_to_stderr():
+            with console.step(f"onnxruntime MatMulNBitsQuantizer ({algorithm} int4)"), console.results_only_stdout():
                 qinfo = quantize_onnx(cache / "fp32", run.dir, algorithm=algorithm, q=q, token_ids=token_ids)
         elif precision == "int4" and algorithm in INC_ALGORITHMS:
-            with console.step(f"neural-compressor ({algorithm} int4)"), _stdout_to_stderr():
+            with console.step(f"neural-compressor ({algorithm} int4)"), console.results_only_stdout():
                 qmodel, qinfo = inc_checkpoint(src, cache / "inc", algorithm=algorithm, q=q, token_ids=token_ids)
             _build(cache / "inc", run.dir, precision, ep, cache, extra)
             with console.step("weights: graph vs neural-compressor"):
@@ -262,13 +244,13 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
             _build(src, run.dir, precision, ep, cache, extra)
         if precision == "int4" and algorithm not in ORT_ALGORITHMS and extra.get("shared_embeddings") == "false":
             # untied by us (asymmetric int4): store the now separate embedding as int4 too, not float
-            with console.step("int4 embedding (GatherBlockQuantized)"), _stdout_to_stderr():
+            with console.step("int4 embedding (GatherBlockQuantized)"), console.results_only_stdout():
                 if quantize_embedding_in(run.dir, block_size=q["block_size"], symmetric=q["symmetric"]):
                     emb = embedding_block_size(_hidden_size(model_dir) or q["block_size"], q["block_size"])
                     qinfo["embedding"] = (f"int4 {'symmetric' if q['symmetric'] else 'asymmetric'} RTN (DefaultWeightOnlyQuantConfig)"
                                           f", block {emb}")
         if precision == "int4" and q["lm_head"] == "int8":
-            with console.step("int8 lm_head (MatMulNBits bits=8)"), _stdout_to_stderr():
+            with console.step("int8 lm_head (MatMulNBits bits=8)"), console.results_only_stdout():
                 # CPU: 8-bit MatMulNBits at accuracy_level 0 dequantizes the whole head every step (SmolLM2:
                 # ~1 tok/s instead of ~11); level 4 (int8 activations) runs MLAS's int8 kernel at int4 speed.
                 head_level = (q["accuracy_level"] or 4) if ep == "cpu" else q["accuracy_level"]
@@ -314,7 +296,7 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
 
 def _build(src: Path, out_dir: Path, precision: str, ep: str, cache: Path, extra: dict[str, str]) -> None:
     builder = require("onnxruntime_genai.models.builder", purpose="LLM export")
-    with console.step(f"onnxruntime-genai builder ({precision}, {ep})"), _stdout_to_stderr():
+    with console.step(f"onnxruntime-genai builder ({precision}, {ep})"), console.results_only_stdout():
         kv = builder.parse_extra_options("", str(src), str(out_dir), precision, ep, str(cache),
                                          [f"{k}={v}" for k, v in extra.items()])
         builder.create_model("", str(src), str(out_dir), precision, ep, str(cache), **kv)
