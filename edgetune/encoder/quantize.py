@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,13 +179,6 @@ def _reader(batches: list[dict]):
 # ---------------------------------------------------------------------------- quantizers
 
 
-def _stdout_to_stderr():
-    import contextlib
-    import sys
-
-    return contextlib.redirect_stdout(sys.stderr)
-
-
 def _qtype(name: str):
     from onnxruntime.quantization import QuantType
 
@@ -275,7 +270,11 @@ def quantize_static_int8(src: Path, dst: Path, opts: Int8Options, *, batches: li
     _check_nodes(src, opts.exclude_nodes)
     pre = work / "preprocessed.onnx"
     with console.step("quant_pre_process"):
-        quant_pre_process(str(src), str(pre), skip_optimization=False, auto_merge=True)
+        # when symbolic shape inference is incomplete, onnxruntime saves "sym_shape_infer_temp.onnx"
+        # (+ external data) into the current directory: keep that inside the work folder
+        src_abs, pre_abs = str(Path(src).resolve()), str(pre.resolve())
+        with contextlib.chdir(work):
+            quant_pre_process(src_abs, pre_abs, skip_optimization=False, auto_merge=True)
     xint8: dict[str, Any] = {}
     if opts.power_of_two:
         from . import pow2
@@ -310,7 +309,7 @@ def quantize_static_int8(src: Path, dst: Path, opts: Int8Options, *, batches: li
         extra["CalibPercentile"] = 99.999
     # onnxruntime's histogram calibrators print progress on stdout: keep stdout for results
     raw = work / "qdq-float-scales.onnx" if opts.power_of_two else dst
-    with console.step(f"calibrate {opts.calibration_method} on {len(batches)} batches"), _stdout_to_stderr():
+    with console.step(f"calibrate {opts.calibration_method} on {len(batches)} batches"), console.results_only_stdout():
         quantize_static(
             str(pre),
             str(raw),
