@@ -5,7 +5,7 @@ the same `edgetune.finetune.finetune` a user calls, on the example smart-home ch
 
     .venv/bin/python examples/benchmarks/finetune_bench.py [--steps 16] [--seq-len 96] [--batch 4]
 
-Peak memory is the process's peak RSS on CPU (model load included) and
+Peak memory is the process's peak RSS (VmHWM) on CPU (model load included) and
 torch.cuda.max_memory_allocated on a GPU. Tokens/s counts non-padding tokens over the
 Trainer's training loop (loading and evaluation excluded).
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,9 @@ def child(method: str, steps: int, seq_len: int, batch: int, model: str) -> None
         out = finetune(model, DATA, Path(tmp) / "a", options=opts)
         wall = time.perf_counter() - t0
         r = json.loads((out / "edgetune.json").read_text())["results"]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    from edgetune.device.measure import peak_rss_mb
+
+    peak = peak_rss_mb()  # VmHWM: unlike ru_maxrss, not inherited from the parent across fork+exec
     import torch
 
     if torch.cuda.is_available():

@@ -1,0 +1,322 @@
+"""Markdown and PNG plots from the benchmark's results.json (pure functions of the results dict).
+
+    python report.py runs/bench/results.json     # re-render results.md and the plots
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+DASH = "–"
+
+
+def fmt(v: Any, spec: str = ".1f", suffix: str = "") -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return DASH
+    if isinstance(v, str):
+        return v
+    return f"{format(v, spec)}{suffix}"
+
+
+def ratio(v: Any) -> str:
+    return DASH if v is None else f"{v:.2f}x"
+
+
+def _cell(s: str) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _status(row: dict) -> str | None:
+    """One-cell message for a row that has no figures (refused, failed, timed out)."""
+    if row.get("status", "ok") == "ok":
+        return None
+    err = " ".join((row.get("error") or "").split())
+    err = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", err)  # onnxruntime's prefix says nothing
+    err = re.sub(r"/onnxruntime_src/\S+ ", "", err)  # nor its source paths
+    if len(err) > 260:  # keep the start (what failed) and the end (why)
+        err = f"{err[:110]} ... {err[-140:]}"
+    return f"**{row.get('status')}**: {err}"
+
+
+def _quality_cells(q: dict | None) -> list[str]:
+    q = q or {}
+    top1 = q.get("top1_agreement")
+    gen = q.get("generation_agreement")
+    return [fmt(q.get("perplexity"), ".3f"), fmt(q.get("perplexity_increase_pct"), "+.2f"), fmt(q.get("kl_divergence"), ".4f"),
+            fmt(None if top1 is None else 100 * top1, ".1f"), fmt(None if gen is None else 100 * gen, ".0f")]
+
+
+def _speed_cells(s: dict | None) -> list[str]:
+    s = s or {}
+    return [fmt(s.get("decode_tok_s"), ".1f"), fmt(s.get("ttft_ms"), ".0f"), fmt(s.get("peak_rss_mb"), ".0f")]
+
+
+def quant_section(llm: dict) -> str:
+    head = ["variant", "size MB", "PPL", "ΔPPL %", "mean KL", "top-1 %", "gen. agr. %", "decode tok/s", "TTFT ms", "peak MB"]
+    rows = []
+    for r in llm.get("quant", []):
+        msg = _status(r)
+        if msg:
+            rows.append([r["label"], fmt(r.get("size_mb"), ".1f"), msg] + [""] * (len(head) - 3))
+            continue
+        rows.append([r["label"], fmt(r.get("size_mb"), ".1f")] + _quality_cells(r.get("quality")) + _speed_cells(r.get("speed")))
+    ref = llm.get("reference") or {}
+    s = llm.get("settings", {})
+    lines = ["## Quantization (onnxruntime-genai, CPU EP)", "",
+             f"Perplexity on {fmt(ref.get('tokens_scored'), 'd')} tokens of {s.get('text_name', 'the evaluation text')} "
+             f"({s.get('method')} windows of {s.get('window')}, stride {s.get('stride')}); KL over the fp32 reference's top-{s.get('topk')} + rest; "
+             f"reference (PyTorch fp32) PPL {fmt(ref.get('perplexity'), '.3f')}. Speed: {s.get('prompt_tokens')}-token prompt, "
+             f"{s.get('new_tokens')} new tokens, median of {s.get('repeats')} runs (1 when a run takes > 30 s), "
+             f"session options: {llm.get('runtime_label', 'defaults')}.", "",
+             table(head, rows)]
+    if llm.get("quality_note"):
+        lines += ["", f"_{llm['quality_note']}_"]
+    return "\n".join(lines)
+
+
+def engines_section(llm: dict) -> str:
+    head = ["engine", "weights", "threads", "decode tok/s", "vs PyTorch", "TTFT ms", "peak MB", "size MB", "PPL", "ΔPPL %", "mean KL", "top-1 %"]
+    rows = []
+    for r in llm.get("engines", []):
+        msg = _status(r)
+        if msg:
+            rows.append([r["label"], r.get("weights", ""), msg] + [""] * (len(head) - 3))
+            continue
+        s, q = r.get("speed") or {}, r.get("quality") or {}
+        top1 = q.get("top1_agreement")
+        rows.append([r["label"], r.get("weights", ""), fmt(s.get("threads"), "d"), fmt(s.get("decode_tok_s"), ".1f"), ratio(r.get("vs_torch")),
+                     fmt(s.get("ttft_ms"), ".0f"), fmt(s.get("peak_rss_mb"), ".0f"), fmt(r.get("size_mb"), ".1f"),
+                     fmt(q.get("perplexity"), ".3f"), fmt(q.get("perplexity_increase_pct"), "+.2f"), fmt(q.get("kl_divergence"), ".4f"),
+                     fmt(None if top1 is None else 100 * top1, ".1f")])
+    s = llm.get("settings", {})
+    lines = ["## Engines side by side", "",
+             f"Same prompt token ids ({s.get('prompt_tokens')} tokens) and token count ({s.get('new_tokens')} new, EOS ignored, greedy) "
+             f"for every engine, each in its own process.", "", table(head, rows)]
+    for n in llm.get("engine_notes", []):
+        lines += ["", f"_{n}_"]
+    return "\n".join(lines)
+
+
+def tuning_section(llm: dict) -> str:
+    head = ["step", "setting", "decode tok/s", "vs baseline", "TTFT ms", "ΔPPL %", "top-1 %", "kept"]
+    rows = []
+    for r in llm.get("tuning", []):
+        msg = _status(r)
+        if msg:
+            rows.append([r.get("step", ""), r["label"], msg, "", "", "", "", ""])
+            continue
+        s, q = r.get("speed") or {}, r.get("quality") or {}
+        top1 = q.get("top1_agreement")
+        rows.append([r.get("step", ""), r["label"], fmt(s.get("decode_tok_s"), ".1f"), ratio(r.get("vs_baseline")), fmt(s.get("ttft_ms"), ".0f"),
+                     fmt(q.get("perplexity_increase_pct"), "+.2f"), fmt(None if top1 is None else 100 * top1, ".1f"),
+                     "yes" if r.get("kept") else ("n/a" if r.get("kept") is None else "no")])
+    lines = ["## Tuning (what edgetune controls, int4 on CPU)", "", table(head, rows)]
+    t = llm.get("tuned")
+    if t:
+        lines += ["", f"Tuned = {t.get('label')}: **{ratio(t.get('vs_baseline'))}** the target-default decode speed."]
+    for n in llm.get("tuning_notes", []):
+        lines += ["", f"_{n}_"]
+    return "\n".join(lines)
+
+
+def headline_section(llm: dict) -> str:
+    h = llm.get("headline") or {}
+    out = ["## Headline", ""]
+    for line in h.get("lines", []):
+        out.append(f"- {line}")
+    return "\n".join(out)
+
+
+def finetune_section(ft: dict) -> str:
+    if ft.get("skipped"):
+        return f"## Fine-tuning\n\n_skipped: {ft['skipped']}_"
+    head = ["method", "train tok/s", "vs first", "peak MiB", "trainable params", "eval loss (base)", "wall s"]
+    rows = []
+    ref = next((r for r in ft.get("rows", []) if r.get("status", "ok") == "ok"), None)
+    for r in ft.get("rows", []):
+        msg = _status(r)
+        if msg:
+            rows.append([r.get("method", r.get("label", "?")), msg, "", "", "", "", ""])
+            continue
+        rows.append([r["method"], fmt(r.get("tokens_per_second"), ".1f"),
+                     ratio(r["tokens_per_second"] / ref["tokens_per_second"]) if ref else DASH,
+                     fmt(r.get("peak_mib"), ".0f"), fmt(r.get("trainable"), ","),
+                     f"{fmt(r.get('eval_loss'), '.3f')} ({fmt(r.get('base_eval_loss'), '.3f')})", fmt(r.get("wall_s"), ".0f")])
+    s = ft.get("settings", {})
+    return "\n".join(["## Fine-tuning (SmolLM2-135M, CPU)", "",
+                      f"{s.get('steps')} steps x batch {s.get('batch')} x {s.get('seq_len')} tokens (packed), examples/data/smarthome_train.jsonl; "
+                      "each method in its own process (peak = process peak RSS, model load included).", "", table(head, rows)])
+
+
+def encoder_section(enc: dict) -> str:
+    if enc.get("skipped"):
+        return f"## Encoder\n\n_skipped: {enc['skipped']}_"
+    head = ["model", "accuracy %", "drop pt", "macro F1", "p50 ms", "p99 ms", "size MB", "peak MB"]
+    rows = []
+    for r in enc.get("rows", []):
+        msg = _status(r)
+        if msg:
+            rows.append([r["label"], msg, "", "", "", "", "", ""])
+            continue
+        lat = r.get("latency") or {}
+        rows.append([r["label"], fmt(r.get("accuracy"), ".2f"), fmt(r.get("accuracy_drop"), "+.2f"), fmt(r.get("f1"), ".3f"),
+                     fmt(lat.get("p50"), ".2f"), fmt(lat.get("p99"), ".2f"), fmt(r.get("size_mb"), ".1f"), fmt(r.get("peak_memory_mb"), ".0f")])
+    s = enc.get("settings", {})
+    lines = ["## Encoder (all-MiniLM-L6-v2 SMS-spam classifier, CPU)", "",
+             f"Held-out {s.get('n_eval')} messages of sms_spam_train.tsv (classifier head trained on {s.get('n_train')} others); "
+             f"latency of one {s.get('sequence_tokens')}-token input, batch 1, {s.get('repeats')} runs after {s.get('warmup')} warm-up, "
+             f"fresh process per model.", "", table(head, rows)]
+    if enc.get("tuning"):
+        th = ["session (int8 dynamic)", "p50 ms", "vs default", "p99 ms"]
+        tr = []
+        for r in enc["tuning"]:
+            msg = _status(r)
+            if msg:
+                tr.append([r["label"], msg, "", ""])
+                continue
+            tr.append([r["label"], fmt((r.get("latency") or {}).get("p50"), ".2f"), ratio(r.get("vs_default")), fmt((r.get("latency") or {}).get("p99"), ".2f")])
+        lines += ["", table(th, tr)]
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    m = results.get("machine", {})
+    v = results.get("versions", {})
+    llm = results.get("llm") or {}
+    parts = [f"# edgetune benchmarks: {results.get('model', 'SmolLM2-135M-Instruct')} on {m.get('cpu') or m.get('machine', '?')}",
+             "",
+             f"Machine: {m.get('cpu')}, {m.get('cpu_count')} logical CPUs ({m.get('physical_cores', '?')} cores), "
+             f"{fmt(m.get('memory_gib'), '.0f')} GiB; load average at start {m.get('loadavg_start', DASH)}, at end {m.get('loadavg_end', DASH)}. "
+             f"Run: `{results.get('command', '')}` ({fmt(results.get('wall_s'), '.0f')} s, {results.get('created', '')}).",
+             "",
+             "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + "."]
+    for n in results.get("notes", []):
+        parts += ["", f"> {n}"]
+    if llm.get("skipped"):
+        parts += ["", f"## LLM\n\n_skipped: {llm['skipped']}_"]
+    elif llm:
+        parts += ["", headline_section(llm), "", quant_section(llm), "", engines_section(llm), "", tuning_section(llm)]
+    if results.get("finetune") is not None:
+        parts += ["", finetune_section(results["finetune"])]
+    if results.get("encoder") is not None:
+        parts += ["", encoder_section(results["encoder"])]
+    if results.get("plots"):
+        parts += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results["plots"]]
+    return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------- plots
+
+def plots(results: dict, out: Path) -> list[str]:
+    """PNG plots next to results.md; returns the file names written (none without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    llm = results.get("llm") or {}
+    ok = [r for r in llm.get("quant", []) if r.get("status", "ok") == "ok" and (r.get("speed") or {}).get("decode_tok_s")]
+    if ok:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for r in ok:
+            x = r["speed"]["decode_tok_s"]
+            y = (r.get("quality") or {}).get("perplexity_increase_pct")
+            if y is None:
+                continue
+            ax.scatter(x, y, s=max(20, (r.get("size_mb") or 50) / 2), alpha=0.6)
+            ax.annotate(r["label"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel("decode tokens/s (higher is better)")
+        ax.set_ylabel("perplexity increase vs PyTorch fp32, % (lower is better)")
+        ax.set_title("SmolLM2-135M quantization: speed vs quality (marker area ~ size on disk)")
+        fig.tight_layout()
+        fig.savefig(out / "quant_tradeoff.png", dpi=110)
+        plt.close(fig)
+        written.append("quant_tradeoff.png")
+    eng = [r for r in llm.get("engines", []) if r.get("status", "ok") == "ok" and (r.get("speed") or {}).get("decode_tok_s")]
+    if eng:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        labels = [r["label"] for r in eng]
+        vals = [r["speed"]["decode_tok_s"] for r in eng]
+        bars = ax.barh(labels, vals, color="tab:blue")
+        for b, r in zip(bars, eng):
+            ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {b.get_width():.0f} tok/s ({ratio(r.get('vs_torch'))})", va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("decode tokens/s")
+        ax.set_title("Engines on the same prompt and token count")
+        ax.set_xlim(0, max(vals) * 1.35)
+        fig.tight_layout()
+        fig.savefig(out / "engines.png", dpi=110)
+        plt.close(fig)
+        written.append("engines.png")
+    tun = [r for r in llm.get("tuning", []) if r.get("status", "ok") == "ok" and (r.get("speed") or {}).get("decode_tok_s")]
+    if tun:
+        fig, ax = plt.subplots(figsize=(8, 0.4 * len(tun) + 1.5))
+        bars = ax.barh([r["label"] for r in tun], [r["speed"]["decode_tok_s"] for r in tun],
+                       color=["tab:green" if r.get("kept") else "tab:gray" for r in tun])
+        for b, r in zip(bars, tun):
+            ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {ratio(r.get('vs_baseline'))}", va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("decode tokens/s (green: kept in the tuned configuration)")
+        ax.set_title("int4 CPU tuning")
+        ax.set_xlim(0, max(r["speed"]["decode_tok_s"] for r in tun) * 1.2)
+        fig.tight_layout()
+        fig.savefig(out / "tuning.png", dpi=110)
+        plt.close(fig)
+        written.append("tuning.png")
+    ft = [r for r in (results.get("finetune") or {}).get("rows", []) if r.get("status", "ok") == "ok"]
+    if ft:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
+        names = [r["method"] for r in ft]
+        a1.bar(names, [r["tokens_per_second"] for r in ft], color="tab:orange")
+        a1.set_title("training tokens/s")
+        a2.bar(names, [r["peak_mib"] for r in ft], color="tab:purple")
+        a2.set_title("peak memory, MiB")
+        fig.tight_layout()
+        fig.savefig(out / "finetune.png", dpi=110)
+        plt.close(fig)
+        written.append("finetune.png")
+    enc = [r for r in (results.get("encoder") or {}).get("rows", []) if r.get("status", "ok") == "ok" and r.get("latency")]
+    if enc:
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        names = [r["label"] for r in enc]
+        xs = range(len(enc))
+        ax.bar([x - 0.2 for x in xs], [r["latency"]["p50"] for r in enc], width=0.4, label="p50")
+        ax.bar([x + 0.2 for x in xs], [r["latency"]["p99"] for r in enc], width=0.4, label="p99")
+        for x, r in zip(xs, enc):
+            ax.text(x, r["latency"]["p99"], f"acc {fmt(r.get('accuracy'), '.1f')}%", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(list(xs), names)
+        ax.set_ylabel("latency, ms")
+        ax.legend()
+        ax.set_title("MiniLM SMS-spam classifier on CPU")
+        fig.tight_layout()
+        fig.savefig(out / "encoder.png", dpi=110)
+        plt.close(fig)
+        written.append("encoder.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    path = Path((argv or sys.argv[1:] or ["runs/bench/results.json"])[0])
+    results = json.loads(path.read_text())
+    results["plots"] = plots(results, path.parent)
+    (path.parent / "results.md").write_text(markdown(results))
+    print(path.parent / "results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
