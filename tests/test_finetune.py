@@ -100,10 +100,11 @@ def test_sequence_classifier_saves_head(tiny_bert, tmp_path):
         for i in range(80):
             label = "on" if i % 2 else "off"
             f.write(json.dumps({"text": f"turn the lights {label} please", "label": label}) + "\n")
-    out = finetune(tiny_bert, data, tmp_path / "cls", options=_opts(max_steps=30, lr=5e-3, limit=None, eval_fraction=0.2))
+    # 30 steps at batch 4 left the random tiny BERT at chance on some runs (eval loss ~0.69): train until it has learned
+    out = finetune(tiny_bert, data, tmp_path / "cls", options=_opts(max_steps=60, batch_size=8, lr=1e-2, save_steps=100, limit=None, eval_fraction=0.2))
     r = _results(out)
     assert r["task"] == "seq-cls" and r["label_names"] == ["off", "on"]
-    assert r["eval_accuracy"] == 1.0
+    assert r["eval_accuracy"] == 1.0 and r["eval_loss"] < 0.2
     keys = _adapter_tensors(out)
     assert any("classifier" in k for k in keys)  # the new head is saved (modules_to_save)
 
