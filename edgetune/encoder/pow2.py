@@ -255,21 +255,49 @@ def activation_groups(model) -> dict[str, list[str]]:
     return groups
 
 
-def _sse(x: np.ndarray, scales: np.ndarray, zp: int, qmin: int, qmax: int) -> np.ndarray:
-    """Sum of squared quantize-dequantize errors of x for each candidate scale (float64 sums)."""
+def _sse(x: np.ndarray, scales: np.ndarray, zp: int, qmin: int, qmax: int, w: np.ndarray | None = None) -> np.ndarray:
+    """Sum of squared quantize-dequantize errors of x for each candidate scale (float64 sums).
+
+    With ``w`` (the [K, N] weights of the MatMuls reading x, K = last axis of x) the error
+    is measured where it matters, on their outputs: ``sum(((Q(x) - x) @ w) ** 2)``.
+    """
     out = np.empty(len(scales), dtype=np.float64)
     lo, hi = qmin - zp, qmax - zp
+    if w is not None:
+        x = x.reshape(-1, w.shape[0])
     for i, s in enumerate(scales):
         q = np.clip(np.rint(x / s), lo, hi)
         q *= s
         q -= x
+        if w is not None:
+            q = q @ w
         out[i] = float(np.dot(q.ravel(), q.ravel()))
     return out
 
 
+def _reader_weights(inits: dict, consumers: dict, tensor: str) -> np.ndarray | None:
+    """[K, N]: the constant weights of every MatMul/Gemm reading ``tensor`` as its A input
+    (directly or through one Reshape), side by side; None if anything else reads it."""
+    from onnx import numpy_helper
+
+    mats = []
+    for n in consumers.get(tensor, []):
+        users = consumers.get(n.output[0], []) if n.op_type == "Reshape" and n.input[0] == tensor else [n]
+        for u in users:
+            w = _const_weight(u, inits)
+            if w is None or u.input[0] not in (tensor, n.output[0]):
+                return None
+            arr = numpy_helper.to_array(inits[w[0]]).astype(np.float32)
+            mats.append(arr.T if w[1] else arr)
+    if not mats or len({m.shape[0] for m in mats}) != 1:
+        return None
+    return np.concatenate(mats, axis=1)
+
+
 def minmse_activation_scales(qdq_model: str | Path, float_model: str | Path, batches: list[dict],
                              model_out: str | Path, *, steps: int = 6, headroom: int = 2,
-                             details: dict | None = None) -> dict[str, Any]:
+                             details: dict | None = None, real_only: bool = True,
+                             objective: str = "output") -> dict[str, Any]:
     """Set every activation scale of a QDQ model to the power of two with the lowest MSE (MinMSE).
 
     ``float_model`` is the float graph the QDQ model was made from (its tensor names);
@@ -313,18 +341,29 @@ def minmse_activation_scales(qdq_model: str | Path, float_model: str | Path, bat
         ks = np.arange(k0 + headroom, k0 - steps - 1, -1)
         meta[s_name] = (np.exp2(ks).astype(np.float32), int(zp_arr.reshape(-1)[0]), qmin, qmax)
     fetch = sorted({t for ts in wanted.values() for t in ts})
+    readers: dict[str, np.ndarray | None] = {}
+    if objective == "output":
+        finits = {i.name: i for i in fm.graph.initializer}
+        fcons: dict[str, list] = {}
+        for n in fm.graph.node:
+            for i in n.input:
+                fcons.setdefault(i, []).append(n)
+        readers = {t: _reader_weights(finits, fcons, t) for t in fetch}
     sse = {s: np.zeros(len(meta[s][0])) for s in wanted}
     absmax = {s: 0.0 for s in wanted}
     by_tensor: dict[str, list[str]] = {}
     for s_name, ts in wanted.items():
         for t in ts:
             by_tensor.setdefault(t, []).append(s_name)
-    for values in _stream(fm, fetch, batches):
+    for values, mask in _stream(fm, fetch, batches):
         for t, arr in values.items():
-            x = np.asarray(arr, dtype=np.float32)
+            x = real_tokens(np.asarray(arr, dtype=np.float32), mask if real_only else None)
+            w = readers.get(t)
+            if w is not None and x.shape[-1] != w.shape[0]:
+                w = None
             for s_name in by_tensor[t]:
                 scales, zp, qmin, qmax = meta[s_name]
-                sse[s_name] += _sse(x, scales, zp, qmin, qmax)
+                sse[s_name] += _sse(x, scales, zp, qmin, qmax, w)
                 absmax[s_name] = max(absmax[s_name], float(np.abs(x).max()) if x.size else 0.0)
     changed = clipped = 0
     for s_name in wanted:
@@ -343,15 +382,39 @@ def minmse_activation_scales(qdq_model: str | Path, float_model: str | Path, bat
             clipped += 1
     # scales whose tensors the float model lacks (or pure passthroughs): leave to round_scales (ceil)
     onnx.save(model, str(model_out))
-    return {"method": "minmse", "activation_scales": changed, "clipping": clipped,
+    return {"method": "minmse", "objective": objective, "weighted": sum(w is not None for w in readers.values()),
+            "activation_scales": changed, "clipping": clipped,
             "not_calibrated": len(groups) - changed, "batches": len(batches)}
 
 
 # ---------------------------------------------------------------------------- equalization (float graph)
 
 
+def real_tokens(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The part of an activation that belongs to real tokens (``attention_mask`` 1), padding dropped.
+
+    With static shapes most positions of a short text are padding: their values never reach
+    the output (the mask removes them from attention) but would dominate calibration
+    statistics. Tensors laid out [B*S, ...] or [B, ..., S, ...] (first axis after the batch
+    with the sequence length) are cut to the real rows; anything else is returned as is.
+    """
+    if mask is None or x.ndim < 2:
+        return x
+    b, seq = mask.shape
+    keep = mask.astype(bool)
+    if seq <= 1 or keep.all():
+        return x
+    if x.ndim == 2 and x.shape[0] == b * seq:
+        return x[keep.reshape(-1)]
+    if x.ndim >= 3 and x.shape[0] == b:
+        for ax in range(1, x.ndim):
+            if x.shape[ax] == seq:
+                return np.moveaxis(x, ax, 1)[keep]
+    return x
+
+
 def _stream(model, tensors: list[str], batches: list[dict]):
-    """Run a copy of ``model`` exposing ``tensors`` as outputs; yield {name: array} per batch."""
+    """Run a copy of ``model`` exposing ``tensors`` as outputs; yield ({name: array}, attention mask or None) per batch."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -366,7 +429,7 @@ def _stream(model, tensors: list[str], batches: list[dict]):
     so.log_severity_level = 3
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     for feeds in batches:
-        yield dict(zip(tensors, sess.run(list(tensors), feeds)))
+        yield dict(zip(tensors, sess.run(list(tensors), feeds))), feeds.get("attention_mask")
 
 
 def _const_weight(node, inits) -> tuple[str, bool] | None:
@@ -383,8 +446,32 @@ def _pow2_round(x: np.ndarray) -> np.ndarray:
     return np.exp2(np.round(np.log2(x))).astype(np.float32)
 
 
+def _fake_pow2(x: np.ndarray, *, weights: np.ndarray | None = None) -> np.ndarray:
+    """x quantized per tensor to symmetric int8 with the MinMSE power-of-two scale (errors
+    measured on ``x @ weights`` when given), then dequantized."""
+    amax = float(np.abs(x).max())
+    if not amax > 0:
+        return x
+    k0 = math.ceil(math.log2(amax / 127))
+    best = None
+    for k in range(k0, k0 - WEIGHT_STEPS - 1, -1):
+        s = 2.0**k
+        e = np.clip(np.rint(x / s), -128, 127) * s - x
+        err = float(np.sum((e @ weights) ** 2 if weights is not None else e**2))
+        if best is None or err < best[0]:
+            best = (err, s)
+    s = best[1]
+    return (np.clip(np.rint(x / s), -128, 127) * s).astype(np.float32)
+
+
+def _matmul_error(x: np.ndarray, w: np.ndarray, a: np.ndarray) -> float:
+    """Squared error of (x/a) @ (a*w) with both sides int8 pow2 per tensor, against x @ w."""
+    xs, ws = x / a[None, :], w * a[:, None]
+    return float(np.sum((_fake_pow2(xs, weights=ws) @ _fake_pow2(ws) - x @ w) ** 2))
+
+
 def equalize(float_in: str | Path, float_out: str | Path, batches: list[dict], *, smooth_after: tuple[str, ...] = ("LayerNormalization",),
-             migration: float = 0.5, outlier_ratio: float = 4.0) -> dict[str, Any]:
+             migrations: tuple = (None, 0.25, 0.5, 0.75), outlier_ratio: float = 4.0, real_only: bool = True) -> dict[str, Any]:
     """Move per-channel ranges between activations and weights so per-tensor scales fit.
 
     An exact rewrite of the float graph, before quantization, with power-of-two factors (a
@@ -394,9 +481,11 @@ def equalize(float_in: str | Path, float_out: str | Path, batches: list[dict], *
       by a float op (``smooth_after``, LayerNormalization by default) feeds MatMul/Gemm
       with constant weights (directly or through a Reshape keeping the last axis), those
       consumers read ``X * (1/a)`` from a new ``Mul`` and the weight rows are multiplied by
-      ``a``; ``a_c = sqrt(max|X_c| / max|W_c|)`` (``migration`` 0.5) rounded to a power of
-      two and normalised so the median channel keeps 1. Other consumers (the residual Add)
-      still read X. This takes the LayerNorm outlier channels out of the int8 MatMul inputs.
+      ``a``; ``a_c = max|X_c|**m / max|W_c|**(1-m)`` rounded to a power of two and normalised
+      so the median channel keeps 1. The migration strength m is searched per site among
+      ``migrations`` (None: no smoothing) for the lowest error of the int8 MatMul output
+      on the calibration rows. Other consumers (the residual Add) still read X. This takes
+      the LayerNorm outlier channels out of the int8 MatMul inputs.
     * **output-channel equalization** (as cross-layer equalization does, with an explicit
       float ``Mul`` because a residual Add and LayerNorm follow): a MatMul/Gemm with
       constant weights whose output (directly or through one Reshape) only feeds float Adds
@@ -459,22 +548,46 @@ def equalize(float_in: str | Path, float_out: str | Path, batches: list[dict], *
             outeq[n.output[0]] = (n, via)
     # channel ranges over the calibration set
     ranges: dict[str, np.ndarray] = {}
+    samples: dict[str, list[np.ndarray]] = {x: [] for x in smooth}
     wanted = list(smooth) + list(outeq)
     if wanted:
-        for values in _stream(model, wanted, batches):
+        for values, mask in _stream(model, wanted, batches):
             for t, v in values.items():
-                a = np.abs(np.asarray(v, dtype=np.float32).reshape(-1, v.shape[-1])).max(axis=0)
+                v = real_tokens(np.asarray(v, dtype=np.float32), mask if real_only else None)
+                v = v.reshape(-1, v.shape[-1])
+                a = np.abs(v).max(axis=0)
                 ranges[t] = a if t not in ranges else np.maximum(ranges[t], a)
+                if t in samples:
+                    samples[t].append(v)
     new_nodes: dict[str, list] = {}
     smoothed = equalized = 0
+    chosen: list[float] = []
     for x, users in smooth.items():
-        wmax = np.zeros_like(ranges[x])
+        mats, wmax = [], np.zeros_like(ranges[x])
         for c, _ in users:
             name, trans = _const_weight(c, inits)
-            wmax = np.maximum(wmax, np.abs(numpy_helper.to_array(inits[name])).max(axis=0 if trans else 1))
-        a = np.power(np.maximum(ranges[x], 1e-6), migration) / np.power(np.maximum(wmax, 1e-6), 1 - migration)
-        a = _pow2_round(a)
-        a = (a / _pow2_round(np.array([np.median(a)]))[0]).astype(np.float32)
+            w = numpy_helper.to_array(inits[name]).astype(np.float32)
+            mats.append(w.T if trans else w)
+            wmax = np.maximum(wmax, np.abs(mats[-1]).max(axis=1))
+        xs = np.concatenate(samples.pop(x))
+        if len(xs) > 4096:
+            xs = xs[np.linspace(0, len(xs) - 1, 4096).astype(int)]
+        wcat = np.concatenate(mats, axis=1)
+        # migration strength per site (as AWQ/SmoothQuant's auto search): the candidate whose
+        # per-tensor pow2 int8 MatMul output is closest to the float one on the calibration rows
+        best = None
+        for m in migrations:
+            if m is None:
+                a = np.ones_like(wmax)
+            else:
+                a = np.power(np.maximum(ranges[x], 1e-6), m) / np.power(np.maximum(wmax, 1e-6), 1 - m)
+                a = _pow2_round(a)
+                a = (a / _pow2_round(np.array([np.median(a)]))[0]).astype(np.float32)
+            err = _matmul_error(xs, wcat, a)
+            if best is None or err < best[0]:
+                best = (err, m, a)
+        _, m, a = best
+        chosen.append(-1.0 if m is None else m)
         if np.all(a == 1):
             continue
         inv = numpy_helper.from_array((1.0 / a).astype(np.float32), f"{x}_smooth_inv")
@@ -521,4 +634,4 @@ def equalize(float_in: str | Path, float_out: str | Path, batches: list[dict], *
         del g.node[:]
         g.node.extend(nodes)
     onnx.save(model, str(float_out))
-    return {"smoothquant": smoothed, "output_equalized": equalized, "migration": migration, "outlier_ratio": outlier_ratio}
+    return {"smoothquant": smoothed, "output_equalized": equalized, "migration": chosen, "outlier_ratio": outlier_ratio}
