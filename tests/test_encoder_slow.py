@@ -43,10 +43,10 @@ def classifier(sms, tmp_path_factory):
     base = real_model("minilm")
     train, _, _ = sms
     tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)  # before from_pretrained: it draws the new classifier head from the global RNG
     model = BertForSequenceClassification.from_pretrained(
         base, num_labels=2, id2label={0: "ham", 1: "spam"}, label2id={"ham": 0, "spam": 1}
     ).eval()
-    torch.manual_seed(0)
     texts = [r["text"] for r in train]
     y = torch.tensor([1 if r["label"] == "spam" else 0 for r in train])
     feats = []
