@@ -9,6 +9,11 @@ reports every unsupported node with its share of the model's work, measured two 
   graph optimizations off (so node names match the file), as a proxy for the share of
   work that would fall back.
 
+For a QDQ model it also reports how much of the work is int8: a node counts as int8 when
+every float tensor it reads comes out of a DequantizeLinear (the QDQ node units an EP like
+Vitis AI can take as integer ops); the others compute in float (LayerNorm, Softmax, GELU's
+Erf, residual Adds kept out of quantization) even when their op type is supported.
+
 Needs onnx, numpy (and onnxruntime for timing): runs on a device too.
 """
 
@@ -49,6 +54,18 @@ def _static_copy(model, batch: int, seq: int):
         return onnx.shape_inference.infer_shapes(m, data_prop=True)
     except Exception:  # custom-domain ops: shapes stay partial, FLOPs get estimated where known
         return m
+
+
+def _float_tensors(model) -> set[str]:
+    """Names of the float32 tensors of an (inferred) model."""
+    import onnx
+
+    g = model.graph
+    out = {i.name for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            out.add(vi.name)
+    return out
 
 
 def _shapes(model) -> dict[str, list[int]]:
@@ -150,7 +167,13 @@ def coverage(model_path: str | Path, supported: list[str], *, batch: int = 1, se
 
     model_path = Path(model_path)
     model = onnx.load(str(model_path), load_external_data=False)
-    shapes = _shapes(_static_copy(model, batch, sequence_length))
+    inferred = _static_copy(model, batch, sequence_length)
+    shapes = _shapes(inferred)
+    floats = _float_tensors(inferred)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    qdq = any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    float_flops = 0
+    float_ops: Counter = Counter()
     allowed = set(supported)
     everything = not allowed
     times = node_times(model_path, batch, sequence_length) if timing else {}
@@ -161,6 +184,11 @@ def coverage(model_path: str | Path, supported: list[str], *, batch: int = 1, se
         f = node_flops(node, shapes)
         total_flops += f
         key = _op_key(node)
+        if qdq and node.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(
+                i in floats and (i not in producers or producers[i].op_type != "DequantizeLinear") for i in node.input if i):
+            float_flops += f
+            if f or node.op_type not in _ZERO:
+                float_ops[key] += 1
         ok = everything or key in allowed or (node.domain in ("", "ai.onnx") and node.op_type in allowed)
         if not ok:
             rows.append({"node": node.name or f"#{i}", "op_type": key, "flops": f, "time_us": round(times.get(node.name, 0.0), 1)})
@@ -180,6 +208,8 @@ def coverage(model_path: str | Path, supported: list[str], *, batch: int = 1, se
         "unsupported_pct_time": round(100 * unsup_time / total_time, 2) if timing and total_time else None,
         "unsupported_by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
         "unsupported": rows,
+        "int8_pct_flops": round(100 * (total_flops - float_flops) / total_flops, 3) if qdq and total_flops else None,
+        "float_compute_by_op": dict(sorted(float_ops.items(), key=lambda kv: -kv[1])) if qdq else None,
         "shapes": {"batch": batch, "sequence_length": sequence_length},
         "operator_list": "all" if everything else f"{len(allowed)} ops",
     }
@@ -187,8 +217,8 @@ def coverage(model_path: str | Path, supported: list[str], *, batch: int = 1, se
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     """The short form kept in a record (no per-node list)."""
-    return {k: report[k] for k in ("nodes", "unsupported_nodes", "unsupported_pct_nodes", "unsupported_pct_flops",
-                                   "unsupported_pct_time", "unsupported_by_op")}
+    return {k: report.get(k) for k in ("nodes", "unsupported_nodes", "unsupported_pct_nodes", "unsupported_pct_flops",
+                                       "unsupported_pct_time", "unsupported_by_op", "int8_pct_flops", "float_compute_by_op")}
 
 
 def format_report(report: dict[str, Any], *, limit: int = 20) -> str:
@@ -198,6 +228,9 @@ def format_report(report: dict[str, Any], *, limit: int = 20) -> str:
         + (f", {report['unsupported_pct_time']}% of CPU time" if report.get("unsupported_pct_time") is not None else "")
         + ")",
     ]
+    if report.get("int8_pct_flops") is not None:
+        floats = ", ".join(f"{k} x{v}" for k, v in (report.get("float_compute_by_op") or {}).items())
+        lines.append(f"int8 (Q/DQ) compute: {report['int8_pct_flops']}% of FLOPs" + (f"; in float: {floats}" if floats else ""))
     if report["unsupported_by_op"]:
         lines.append("by op type: " + ", ".join(f"{k} x{v}" for k, v in report["unsupported_by_op"].items()))
         rows = sorted(report["unsupported"], key=lambda r: -r["flops"])[:limit]
