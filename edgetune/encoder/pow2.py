@@ -1,21 +1,27 @@
 """Power-of-two quantization scales for QDQ graphs (what the Vitis AI EP's XINT8 wants).
 
-AMD's quantizer (amd-quark) does this but pins an older onnx, so edgetune rounds the scales
-of an onnxruntime QDQ model itself and checks the result:
+AMD's quantizer (amd-quark) does this but pins an older onnx, so edgetune makes the
+scales of an onnxruntime QDQ model powers of two itself and checks the result. The XINT8
+recipe (``quantize_static_int8`` with ``power_of_two``) is, in order:
 
-* activation scales (QuantizeLinear/DequantizeLinear pairs share one scale initializer):
-  chosen by **MinMSE** over the calibration activations when they are given
-  (:func:`minmse_activation_scales`, what AMD's quantizer does for XINT8: among the powers
-  of two from "no clipping" down to 32x smaller, the one whose quantize-dequantize error
-  over all calibration values is lowest, which may clip outliers); scales that are already
-  powers of two are kept, any other is rounded **up** (no clipping of the calibrated range);
-* weight scales: for each tensor (or channel) MinMSE among the no-clipping power of two
-  and its halvings (a few outlier weights are clipped when that lowers the error of the
-  whole tensor); the original weights are re-quantized;
-* int32 bias scales: set to the product of the (new) input and weight scales, as the
-  integer accumulator needs, and the bias re-quantized.
+1. :func:`equalize` on the float graph: SmoothQuant after LayerNorm and output-channel
+   equalization of MatMul/Gemm outputs that feed float Adds, with power-of-two factors
+   (exact rewrites; per-tensor scales then fit the outlier channels of BERT-like models);
+2. onnxruntime ``quantize_static`` (QDQ, symmetric uint8 activations, int8 weights);
+3. :func:`minmse_activation_scales`: each activation scale becomes the power of two with
+   the lowest quantize-dequantize error over the calibration set (AMD's MinMSE), counted
+   on real tokens only and, for tensors read by constant-weight MatMuls, measured on those
+   MatMuls' outputs; candidates from 4x above onnxruntime's MinMax scale down through 6
+   halvings (clipping outliers when that is cheaper);
+4. :func:`round_scales` with the float graph: weights re-quantized from the float
+   initializers with MinMSE pow2 scales (no-clipping scale and 5 halvings), int32 bias
+   scales set to input scale x weight scale and the biases re-quantized.
 
-Needs only onnx and numpy.
+:func:`round_scales` alone (no float graph) keeps pow2 scales as they are, rounds any
+other activation scale **up** and re-quantizes the dequantized weights: a second pass
+over a finished model changes nothing. :func:`check` reads every Q/DQ scale back.
+
+Needs onnx and numpy (onnxruntime for the calibration passes).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@
   real texts (:class:`TextCalibrationReader`, any file ``edgetune.data.load_dataset`` reads)
   with MinMax, Entropy, Percentile or Distribution; per-channel weights; symmetric or
   asymmetric activations; ``quant_pre_process`` first; nodes or op types kept in float.
+  With ``power_of_two`` (profiles with ``power_of_two_scales``, Vitis AI XINT8) the QDQ
+  model gets the recipe of :mod:`edgetune.encoder.pow2`: pow2 SmoothQuant/equalization
+  before quantization, MinMSE pow2 activation and weight scales after it.
 * ``fp16``: float16 weights and compute with fp32 inputs/outputs, for GPU profiles.
 """
 
