@@ -19,8 +19,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import BadInput
+from .resources import data_dir
 
-PROJECT_TARGETS = Path(__file__).resolve().parent.parent / "targets"
+# targets/ of the checkout, or the copy a regular `pip install .` puts under <prefix>/share/edgetune/.
+PROJECT_TARGETS = data_dir("targets")
 
 ExecutionProvider = Literal["cpu", "cuda", "tensorrt", "vitisai", "openvino", "qnn", "dml", "webgpu", "coreml"]
 # The providers onnxruntime-genai's model builder can specialize a graph for; the others

@@ -24,9 +24,10 @@ from typing import Any, Iterable
 from .. import console
 from ..artifacts import sha256_bytes
 from ..errors import BadInput, require
+from ..resources import data_dir
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
-PROJECT_CALIBRATION = Path(__file__).resolve().parent.parent.parent / "calibration"
+PROJECT_CALIBRATION = data_dir("calibration")  # the checkout's, or <prefix>/share/edgetune/calibration
 DEFAULT_CALIBRATION = "sms-like.jsonl"
 
 

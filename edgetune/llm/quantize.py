@@ -25,6 +25,7 @@ from typing import Any
 
 from .. import console
 from ..errors import BadInput, CheckFailed, require
+from ..resources import data_dir
 
 BUILDER_ALGORITHMS = ("rtn", "k_quant")  # algo_config values the 0.15.2 builder accepts
 ORT_ALGORITHMS = ("hqq", "gptq")  # MatMulNBitsQuantizer on the fp32 export
@@ -49,7 +50,7 @@ UNAVAILABLE = {
 }
 ALL_ALGORITHMS = BUILDER_ALGORITHMS + ORT_ALGORITHMS + INC_ALGORITHMS + tuple(UNAVAILABLE)
 
-PROJECT_CALIBRATION = Path(__file__).resolve().parent.parent.parent / "calibration"
+PROJECT_CALIBRATION = data_dir("calibration")  # the checkout's, or <prefix>/share/edgetune/calibration
 DEFAULT_CALIBRATION = "llm-general.jsonl"
 CALIBRATION_SAMPLES = 32
 CALIBRATION_MAX_TOKENS = 128
