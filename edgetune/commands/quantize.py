@@ -48,7 +48,10 @@ def _human(r: dict) -> str:
 def quantize(model: Path, target: str, out: Path | None, method, calibration, calibration_method, per_channel,
              exclude_node, exclude_op_type, keep_head_float, tokenizer, coverage_only, timing, fail_on_fallback) -> None:
     """Quantize an encoder ONNX model (file or export folder) for a target, or report its operator coverage."""
+    from ..errors import require
     from ..targets import load_target
+
+    require("onnx", purpose="edgetune quantize (ONNX graph rewrites)")  # host extra; a device install lacks it: exit 3
 
     tgt = load_target(target)
     if coverage_only:
