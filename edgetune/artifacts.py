@@ -12,6 +12,7 @@ stage succeeded, so an interrupted stage never leaves a folder that looks comple
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -98,18 +99,24 @@ def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict[str, Any]:
+    """py-cpuinfo's report, computed once per process (it takes ~2 s: it runs CPUID in a subprocess)."""
+    try:
+        import cpuinfo  # py-cpuinfo, pure python
+
+        return dict(cpuinfo.get_cpu_info())
+    except Exception:  # pragma: no cover - best effort only
+        return {}
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "system": platform.system(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
     }
-    try:
-        import cpuinfo  # py-cpuinfo, pure python
-
-        info["cpu"] = cpuinfo.get_cpu_info().get("brand_raw")
-    except Exception:  # pragma: no cover - best effort only
-        info["cpu"] = platform.processor() or None
+    info["cpu"] = cpu_info().get("brand_raw") or platform.processor() or None
     try:
         import psutil
 

@@ -8,7 +8,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
-from .artifacts import TRACKED_PACKAGES, machine_info
+from .artifacts import TRACKED_PACKAGES, cpu_info, machine_info
 from .targets import ORT_PROVIDER_NAMES, list_targets
 
 _FEATURE_FLAGS = {
@@ -25,13 +25,7 @@ _FEATURE_FLAGS = {
 
 
 def cpu_features() -> dict[str, bool]:
-    flags: set[str] = set()
-    try:
-        import cpuinfo
-
-        flags = {f.lower() for f in cpuinfo.get_cpu_info().get("flags", [])}
-    except Exception:  # pragma: no cover
-        pass
+    flags: set[str] = {f.lower() for f in cpu_info().get("flags", [])}
     if not flags:
         try:  # Linux fallback
             for line in open("/proc/cpuinfo"):
