@@ -137,6 +137,17 @@ def test_device_venv_is_a_base_install(device):
         assert p.returncode != 0 and "ModuleNotFoundError" in p.stderr, f"{name} is importable on the device"
 
 
+# README "Device footprint": the goal for the whole base venv (pip and setuptools included).
+FOOTPRINT_GOAL_MIB = 300
+
+
+def test_device_venv_footprint_within_goal(device):
+    """Catches a heavy package slipping into the base install (sizes are deterministic for the pins)."""
+    total = sum(f.stat().st_size for f in VENV.rglob("*") if f.is_file() and not f.is_symlink())
+    mib = total / 2**20
+    assert mib <= FOOTPRINT_GOAL_MIB, f"the device venv is {mib:.0f} MiB, over the README goal of {FOOTPRINT_GOAL_MIB} MiB"
+
+
 def test_help_lists_every_command(device):
     from edgetune.cli import COMMANDS
 
