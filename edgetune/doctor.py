@@ -64,9 +64,9 @@ HOST_INSTALL_HINT = "pip install -c constraints.txt torch==2.13.0 && pip install
 COMMAND_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
     "finetune": (("torch", "transformers", "peft", "accelerate"), "trains adapters with PyTorch"),
     "merge": (("torch", "transformers", "peft"), "folds an adapter into its base with PyTorch"),
-    "export": (("torch", "transformers", "onnx"), "converts a PyTorch/HF model to ONNX"),
+    "export": (("torch", "transformers", "onnx", "onnx_ir"), "converts a PyTorch/HF model to ONNX"),
     "quantize": (("onnx",), "rewrites ONNX graphs (onnxruntime.quantization needs onnx)"),
-    "build": (("torch", "transformers", "peft", "accelerate", "onnx"), "runs finetune/merge/export/validate/bundle"),
+    "build": (("torch", "transformers", "peft", "accelerate", "onnx", "onnx_ir"), "runs finetune/merge/export/validate/bundle"),
     "validate": ((), "against a stored reference pack or an fp32 ONNX export; an HF reference model needs torch, transformers"),
     "profile": ((), ""),
     "bundle": ((), ""),
