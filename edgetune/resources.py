@@ -21,7 +21,9 @@ def data_dir(name: str) -> Path:
     Returns the checkout path when neither exists, so error messages name a real location.
     """
     source = SOURCE_ROOT / name
-    if source.is_dir():
+    # a checkout has pyproject.toml next to the package; in site-packages a folder of that
+    # name would belong to some other distribution
+    if source.is_dir() and (SOURCE_ROOT / "pyproject.toml").is_file():
         return source
     try:
         from importlib import metadata
