@@ -172,6 +172,13 @@ def make_bundle(model: str | os.PathLike, out: str | os.PathLike, *, target, rep
     t = load_target(target)
     rec = read_record(folder) or {}
     results = rec.get("results") or {}
+    made_for = results.get("target")
+    if made_for and made_for != t.name:
+        # the graph is specialized for its target (builder provider, quantization recipe, static shapes):
+        # a bundle must not claim another target's profile and budgets
+        raise BadInput(f"{model} was exported for {made_for} ({results.get('execution_provider') or '?'}), not for {t.name} "
+                       f"({t.runtime.execution_provider})",
+                       hint=f"export it for {t.name} first (edgetune export ... -t {t.name}), or bundle with -t {made_for}")
     report_data = None
     report_dir = Path(report) if report else None
     if report_dir is not None:
