@@ -413,7 +413,11 @@ def stage_output(
         "machine": machine_info(),
     }
     t0 = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    # what a full disk message says was needed, when less had been written: the inputs' size
+    # (an fp32 export or a merge is about its input; quantized outputs are smaller)
+    estimate = sum(_tree_bytes(Path(v)) if Path(v).is_dir() else Path(v).stat().st_size
+                   for v in inputs.values() if isinstance(v, (str, os.PathLike)) and Path(v).exists())
+    with atomic_dir(out, needed_bytes=estimate or None) as tmp:
         run = StageRun(stage=stage, out=out, dir=tmp, record=record)
         yield run
         record["timings"] = {"total_s": round(time.perf_counter() - t0, 3), **record.get("timings", {})}

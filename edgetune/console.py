@@ -257,11 +257,17 @@ def out(text: str = "", end: str = "\n") -> None:
     print(text, end=end, file=_RESULTS[-1] if _RESULTS else sys.stdout, flush=True)
 
 
-def emit(result: Any, human: Callable[[Any], str] | str | None = None) -> None:
-    """Print a command's result on stdout: JSON under --json, else the human text."""
+def emit(result: Any, human: Callable[[Any], str] | str | None = None, *, summary: bool = True) -> None:
+    """Print a command's result on stdout: JSON under --json, else the human text.
+
+    ``summary``: the text only reports work done (export, build, ...), so ``--quiet`` hides it
+    (a quiet successful command prints nothing); ``summary=False`` for results that are the
+    answer itself (``run``, ``targets``, ``doctor``)."""
     _STATE["emitted"] += 1
     if MODE.json:
         out(to_json(result))
+        return
+    if MODE.quiet and summary:
         return
     if human is None:
         text = to_json(result)

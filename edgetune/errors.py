@@ -135,8 +135,11 @@ def no_space(path, *, needed_bytes: int | None = None, cause: BaseException | No
         free = shutil.disk_usage(mount).free
     except OSError:
         free = None
-    need = f" (needed ~{max(1, round(needed_bytes / 2**20))} MB" if needed_bytes else " (needed more"
-    need += f", {free / 2**20:.0f} MB free)" if free is not None else ")"
+    def mb(n: float) -> str:
+        return f"{n / 2**20:.1f}" if n < 10 * 2**20 else f"{n / 2**20:.0f}"
+
+    need = f" (needed ~{mb(needed_bytes)} MB" if needed_bytes else " (needed more"
+    need += f", {mb(free)} MB free)" if free is not None else ")"
     quota = " or disk quota exceeded" if getattr(cause, "errno", None) == _errno.EDQUOT else ""
     return NoSpace(f"no space left on {device}{quota} while writing {path}{need}; nothing partial was kept",
                    hint="free some space or give an output folder on another disk, then re-run")

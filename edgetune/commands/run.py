@@ -133,4 +133,4 @@ def _run_encoder(folder: Path, target: str | None, texts: list[str]) -> None:
     rows = [{"text": t, "label": lab, "probability": round(p, 4)} for t, (lab, p) in zip(texts, preds)]
     console.log(f"[run] {len(texts)} text(s) in {dt * 1000:.1f} ms")
     console.emit({"bundle": str(folder), "kind": "encoder", "results": rows},
-                 lambda r: "\n".join(f"{x['label']}\t{x['probability']:.3f}\t{x['text']}" for x in r["results"]))
+                 lambda r: "\n".join(f"{x['label']}\t{x['probability']:.3f}\t{x['text']}" for x in r["results"]), summary=False)

@@ -450,7 +450,7 @@ def _finetune(model, data, out: Path, opts: FinetuneOptions, resume: bool) -> Pa
     if opts.eval_data:
         inputs["eval_data"] = Path(opts.eval_data)
     try:
-        _train_and_write(wd, spec_path, out, inputs, opts, task, info, model, data)
+        _train_and_write(wd, spec, spec_path, out, inputs, opts, task, info, model, data)
     except (BadInput, OSError):
         # a problem found before the first checkpoint (bad --target-modules, a full disk): leave nothing behind
         if created and latest_checkpoint(wd / "checkpoints") is None:
@@ -460,7 +460,7 @@ def _finetune(model, data, out: Path, opts: FinetuneOptions, resume: bool) -> Pa
     return out
 
 
-def _train_and_write(wd: Path, spec_path: Path, out: Path, inputs: dict, opts: FinetuneOptions, task: str, info, model, data) -> None:
+def _train_and_write(wd: Path, spec: dict, spec_path: Path, out: Path, inputs: dict, opts: FinetuneOptions, task: str, info, model, data) -> None:
     with console.step(f"finetune {opts.method} {task}"):
         if opts.num_processes > 1:
             from .deepspeed import launch
