@@ -147,7 +147,7 @@ def unknown_keys(raw: Any, model: type[BaseModel] = None, where: str = "") -> li
         if sub is None:
             continue
         for i, item in enumerate(value if is_list and isinstance(value, list) else [value]):
-            out += unknown_keys(item, sub, f"{loc}[{i}]" if is_list else loc)
+            out += unknown_keys(item, sub, f"{loc}.{i}" if is_list else loc)
     return out
 
 
@@ -197,7 +197,7 @@ def load_config(path: str | os.PathLike) -> tuple[BuildConfig, Path]:
         raise BadInput(f"{p}: invalid TOML ({exc})", hint="fix the syntax at the position shown") from exc
     unknown = unknown_keys(raw)
     if unknown:
-        parts = [f"{where}: '{key}'{_did_you_mean(key, known)}" for where, key, known in unknown]
+        parts = [f"{key if where == '(top level)' else where + '.' + key}{_did_you_mean(key, known)}" for where, key, known in unknown]
         where, _, known = unknown[0]
         raise BadInput(f"{p}: unknown key(s) {'; '.join(parts)}",
                        hint=f"known in {where}: {', '.join(known)} (see docs/bundles.md)")

@@ -187,8 +187,13 @@ def warn(message: str) -> None:
 
 @contextmanager
 def step(name: str) -> Iterator[None]:
-    """Log the start and duration of a stage: `[export] ... done in 12.3s`."""
-    log(f"[{name}] started")
+    """One progress line per stage: `[export] done in 12.3s` (or `failed after`).
+
+    On a terminal a `[export] ...` line shows while it runs and is overwritten by the result;
+    in a log (not a terminal) only the result line is written."""
+    tty = not MODE.quiet and _isatty(err())
+    if tty:
+        print(f"[{name}] ...", end="\r", file=err(), flush=True)
     t0 = time.perf_counter()
     try:
         yield
@@ -196,6 +201,13 @@ def step(name: str) -> Iterator[None]:
         log(f"[{name}] failed after {time.perf_counter() - t0:.1f}s")
         raise
     log(f"[{name}] done in {time.perf_counter() - t0:.1f}s")
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def progress(items: Iterable[T], *, total: int | None = None, desc: str = "") -> Iterator[T]:
