@@ -259,7 +259,13 @@ def output_lock(out: str | os.PathLike, *, what: str = "output folder") -> Itera
             _HELD[key] -= 1
         return
     lock_path = _lock_file(out)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+    except PermissionError:  # a read-only cache: locks in the temp folder instead
+        import tempfile
+
+        lock_path = Path(tempfile.gettempdir()) / f"edgetune-locks-{os.getuid()}" / lock_path.name
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
     info_path = lock_path.with_name(lock_path.name + ".json")
     lock = FileLock(str(lock_path), timeout=0)
     try:

@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 
 from edgetune import artifacts
-from edgetune.errors import BAD_INPUT, INTERNAL, NO_SPACE, BadInput, NoSpace, translate
+from edgetune.errors import BadInput
+
+# exit codes (README): 2 bad input, 3 missing dependency, 4 internal error (a bug), 5 no space left
+BAD_INPUT, INTERNAL, NO_SPACE = 2, 4, 5
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = ROOT / "examples" / "data" / "smarthome_train.jsonl"
@@ -170,6 +173,8 @@ def test_finetune_bad_target_modules_lists_the_models_modules(tmp_path, tiny_lla
 
 
 def test_full_disk_is_exit_5_and_leaves_nothing(tmp_path):
+    from edgetune.errors import NoSpace, translate
+
     # the mechanism, on any machine: a stage body that hits ENOSPC
     out = tmp_path / "out"
     with pytest.raises(NoSpace) as e:
@@ -205,6 +210,8 @@ def test_export_onto_a_full_tmpfs(tmp_path, tiny_llama):
 
 
 def test_not_writable_and_undecodable_are_user_errors(tmp_path):
+    from edgetune.errors import translate
+
     ro = translate(OSError(errno.EROFS, "Read-only file system", "/mnt/ro/out"))
     assert ro.exit_code == BAD_INPUT and "read-only file system: /mnt/ro/out" in ro.message
     denied = translate(PermissionError(errno.EACCES, "Permission denied", "/root/x"))
