@@ -241,7 +241,7 @@ def output_lock(out: str | os.PathLike, *, what: str = "output folder") -> Itera
     dependency, pure Python), so it excludes writers on this machine (not across NFS clients). It fails
     fast instead of waiting: a second build into the same folder is almost always a mistake (two
     precisions into one output), and a waiting process would then silently overwrite the first one's
-    result. The holder (pid, command, start time) is written to ``.<name>.lock.json`` and named in
+    result. The holder (pid, command, start time) is written to ``<lock file>.json`` and named in
     the error. The lock is re-entrant within a process (a build holding its output folder may run
     stages that lock their own folders, and nested calls on the same folder are fine).
     """
@@ -250,7 +250,7 @@ def output_lock(out: str | os.PathLike, *, what: str = "output folder") -> Itera
     from .errors import BadInput
 
     out = Path(out).absolute()
-    key = str(out)
+    key = os.path.realpath(out)
     if key in _HELD:
         _HELD[key] += 1
         try:
