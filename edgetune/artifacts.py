@@ -329,13 +329,18 @@ def atomic_dir(out: str | os.PathLike, *, needed_bytes: int | None = None) -> It
     out = Path(out)
     with output_lock(out):
         check_replaceable(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
         try:
+            out.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise no_space(out, needed_bytes=needed_bytes, cause=exc) from exc
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                from .errors import BadInput
+
+                what = "is on a read-only file system" if exc.errno == errno.EROFS else "is not writable (permission denied)"
+                raise BadInput(f"cannot write {out}: {out.parent} {what}", hint="give an output folder you can write to") from exc
             raise
         try:
             yield tmp

@@ -209,6 +209,18 @@ def test_export_onto_a_full_tmpfs(tmp_path, tiny_llama):
         subprocess.run(["umount", str(disk)], check=False)
 
 
+def test_export_into_a_read_only_folder(tmp_path, tiny_llama):
+    disk = tmp_path / "ro"
+    if not _mount_tmpfs(disk, "1m,ro"):
+        pytest.skip("needs root and a tmpfs mount")
+    try:
+        r = cli("export", str(tiny_llama), "-t", "cpu-x86", "-o", str(disk / "exp"), "--precision", "fp32", "--json")
+        assert r.returncode == BAD_INPUT, r.stderr[-1000:]
+        assert "read-only file system" in one_json(r.stdout)["error"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
 def test_not_writable_and_undecodable_are_user_errors(tmp_path):
     from edgetune.errors import translate
 
