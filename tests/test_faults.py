@@ -373,3 +373,31 @@ def test_json_on_usage_and_internal_errors(capsys):
         assert err == {"ok": False, "exit_code": 4, "error": "internal error: RuntimeError: kaput", "hint": err["hint"]}
     finally:
         group.commands.pop("boom-faults", None)
+
+
+def test_known_config_names_are_derived_from_the_code(tmp_path, tiny_llama, monkeypatch):
+    """[validate] accepts every edgetune.validate option and [finetune] every FinetuneOptions field;
+    DeepSpeed sub-keys are checked against our list where DeepSpeed is not importable."""
+    import dataclasses
+
+    from edgetune.build import load_config
+    from edgetune.finetune import deepspeed as ds
+    from edgetune.finetune.options import FinetuneOptions
+    from edgetune.validate import DEFAULTS
+
+    lines = [f'name = "t"\n[model]\nbase = "{tiny_llama}"\n[[targets]]\nname = "cpu-x86"\n[validate]']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in DEFAULTS.items() if v is not None]
+    cfg = tmp_path / "all.toml"
+    cfg.write_text("\n".join(lines) + "\n")
+    parsed, _ = load_config(cfg)
+    assert set(parsed.validation.model_extra) == {k for k, v in DEFAULTS.items() if v is not None}
+    names = {f.name for f in dataclasses.fields(FinetuneOptions)}
+    from edgetune.build import unknown_keys
+
+    assert unknown_keys({"finetune": {n: 1 for n in names}}) == []
+    assert unknown_keys({"finetune": {"rnak": 1}})[0][1] == "rnak"
+    monkeypatch.setattr(ds, "_zero_model", lambda: None)
+    with pytest.raises(BadInput, match="did you mean 'overlap_comm'"):
+        ds.check_config({"zero_optimization": {"stage": 2, "overlap_comms": True}}, "x.json")
+    for name in ("zero2", "zero3", "offload"):
+        ds.check_config(ds.preset(name), name)
