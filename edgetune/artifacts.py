@@ -12,6 +12,7 @@ stage succeeded, so an interrupted stage never leaves a folder that looks comple
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import functools
 import hashlib
 import json
@@ -20,6 +21,7 @@ import platform
 import shutil
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -165,28 +167,204 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     os.replace(tmp, p)
 
 
+# -- output folders: ownership, locking, atomic replacement ------------------------------------
+
+# `--force` on a command sets this (edgetune.cli): replace an output folder edgetune did not write.
+_REPLACE_FOREIGN: ContextVar[bool] = ContextVar("edgetune_replace_foreign", default=False)
+
+
 @contextmanager
-def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+def replace_foreign(allowed: bool = True) -> Iterator[None]:
+    """Within the block, output folders that edgetune did not write may be replaced (``--force``)."""
+    token = _REPLACE_FOREIGN.set(allowed)
+    try:
+        yield
+    finally:
+        _REPLACE_FOREIGN.reset(token)
+
+
+def is_edgetune_output(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` is something edgetune wrote: a stage record (edgetune.json with a stage),
+    a bundle manifest, or a build output (build-summary.json / .work with stage states)."""
+    p = Path(folder)
+    rec = read_record(p)
+    if isinstance(rec, dict) and rec.get("stage") and "fingerprint" in rec:
+        return True
+    try:
+        manifest = json.loads((p / "manifest.json").read_text())
+        if isinstance(manifest, dict) and manifest.get("format") == "edgetune-bundle":
+            return True
+    except (OSError, ValueError):
+        pass
+    return (p / "build-summary.json").is_file() or (p / ".work" / "state").is_dir()
+
+
+def check_replaceable(out: str | os.PathLike, *, what: str = "output folder") -> None:
+    """Refuse (exit 2) to replace ``out`` unless it is absent, empty, or an edgetune artifact.
+
+    Never deleting what edgetune did not write: ``-o ~/Documents`` must not wipe the folder.
+    ``--force`` (``replace_foreign``) overrides for folders; a file is never replaced.
+    """
+    from .errors import BadInput
+
+    p = Path(out)
+    if not p.exists() and not p.is_symlink():
+        return
+    if p.is_symlink() or not p.is_dir():
+        raise BadInput(f"{what} {p} exists and is not a folder", hint="give a new folder name")
+    if _REPLACE_FOREIGN.get() or is_edgetune_output(p):
+        return
+    try:
+        entries = sorted(x.name for x in p.iterdir())
+    except OSError:
+        entries = ["?"]
+    if not entries:
+        return
+    shown = ", ".join(entries[:3]) + (f" (+{len(entries) - 3} more)" if len(entries) > 3 else "")
+    raise BadInput(f"{what} {p} is not empty and was not written by edgetune ({shown}); refusing to replace it",
+                   hint="give a new or empty folder, or add --force to replace it")
+
+
+def lock_dir() -> Path:
+    """Where output locks live: $EDGETUNE_LOCK_DIR, else <cache>/locks ($EDGETUNE_CACHE or ~/.cache/edgetune).
+
+    Not next to the output: a lock file must outlive its release (unlinking a locked file splits
+    waiters across inodes), and edgetune must not leave files in folders the user owns.
+    """
+    root = os.environ.get("EDGETUNE_LOCK_DIR") or Path(os.environ.get("EDGETUNE_CACHE") or Path.home() / ".cache" / "edgetune") / "locks"
+    return Path(root)
+
+
+def _lock_file(out: Path) -> Path:
+    real = os.path.realpath(out)
+    return lock_dir() / f"{Path(real).name[:40]}-{sha256_bytes(real.encode())[:16]}.lock"
+
+
+@contextmanager
+def output_lock(out: str | os.PathLike, *, what: str = "output folder") -> Iterator[None]:
+    """Hold an advisory lock on ``out`` while a stage or build writes it; a second writer fails fast (exit 2).
+
+    Uses the ``filelock`` package (an flock on ``<lock_dir>/<name>-<hash of the real path>.lock``; a base
+    dependency, pure Python), so it excludes writers on this machine (not across NFS clients). It fails
+    fast instead of waiting: a second build into the same folder is almost always a mistake (two
+    precisions into one output), and a waiting process would then silently overwrite the first one's
+    result. The holder (pid, command, start time) is written to ``<lock file>.json`` and named in
+    the error. The lock is re-entrant within a process (a build holding its output folder may run
+    stages that lock their own folders, and nested calls on the same folder are fine).
+    """
+    from filelock import FileLock, Timeout
+
+    from .errors import BadInput
+
+    out = Path(out).absolute()
+    key = os.path.realpath(out)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    lock_path = _lock_file(out)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+    except PermissionError:  # a read-only cache: locks in the temp folder instead
+        import tempfile
+
+        lock_path = Path(tempfile.gettempdir()) / f"edgetune-locks-{os.getuid()}" / lock_path.name
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+    info_path = lock_path.with_name(lock_path.name + ".json")
+    lock = FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = _read_holder(info_path)
+        raise BadInput(f"{what} {out} is being written by another edgetune process ({holder})",
+                       hint="wait for it to finish, or give another output folder") from None
+    _HELD[key] = 1
+    try:
+        try:
+            import sys
+
+            info_path.write_text(json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv)[:300],
+                                             "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}))
+        except OSError:
+            pass
+        yield
+    finally:
+        _HELD.pop(key, None)
+        try:
+            info_path.unlink()
+        except OSError:
+            pass
+        lock.release()
+
+
+_HELD: dict[str, int] = {}
+
+
+def _read_holder(info_path: Path) -> str:
+    try:
+        h = json.loads(info_path.read_text())
+        return f"pid {h.get('pid')}, since {h.get('since')}: {h.get('command')}"
+    except (OSError, ValueError):
+        return "holder unknown"
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for n in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, n)).st_size
+            except OSError:
+                pass
+    return total
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, *, needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; on success it replaces ``out`` atomically.
 
-    On any exception the temporary folder is removed and ``out`` is left untouched.
+    ``out`` is locked for the whole write (``output_lock``) and must be replaceable
+    (``check_replaceable``). On any exception the temporary folder is removed and ``out`` is left
+    untouched; a full disk becomes :class:`edgetune.errors.NoSpace` (exit 5) naming the device and
+    roughly how much was needed (what had been written when it ran out, or ``needed_bytes``).
     """
+    from .errors import no_space
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    with output_lock(out):
+        check_replaceable(out)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise no_space(out, needed_bytes=needed_bytes, cause=exc) from exc
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                from .errors import BadInput
+
+                what = "is on a read-only file system" if exc.errno == errno.EROFS else "is not writable (permission denied)"
+                raise BadInput(f"cannot write {out}: {out.parent} {what}", hint="give an output folder you can write to") from exc
+            raise
+        try:
+            yield tmp
+        except BaseException as exc:
+            full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            written = _tree_bytes(tmp) if full else 0
+            shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                raise no_space(out, needed_bytes=max(written, needed_bytes or 0) or None, cause=exc) from exc
+            raise
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
 
 
 @dataclass
@@ -253,7 +431,11 @@ def stage_output(
         "machine": machine_info(),
     }
     t0 = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    # what a full disk message says was needed, when less had been written: the inputs' size
+    # (an fp32 export or a merge is about its input; quantized outputs are smaller)
+    estimate = sum(_tree_bytes(Path(v)) if Path(v).is_dir() else Path(v).stat().st_size
+                   for v in inputs.values() if isinstance(v, (str, os.PathLike)) and Path(v).exists())
+    with atomic_dir(out, needed_bytes=estimate or None) as tmp:
         run = StageRun(stage=stage, out=out, dir=tmp, record=record)
         yield run
         record["timings"] = {"total_s": round(time.perf_counter() - t0, 3), **record.get("timings", {})}

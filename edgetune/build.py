@@ -86,8 +86,108 @@ class BuildConfig(_Strict):
         return v
 
 
+def _extra_keys(model: type[BaseModel]) -> set[str] | None:
+    """Known keys of a section that passes extra keys on (None: the section forbids extras).
+
+    Derived from the code that consumes them, so a field added there is known here too:
+    [finetune] -> FinetuneOptions' fields, [validate] -> edgetune.validate.DEFAULTS.
+    """
+    if model is FinetuneCfg:
+        import dataclasses
+
+        from .finetune.options import FinetuneOptions
+
+        return {f.name for f in dataclasses.fields(FinetuneOptions)}
+    if model is ValidateCfg:
+        from .validate import DEFAULTS
+
+        return set(DEFAULTS)
+    return None
+
+
+def _section_model(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """(the pydantic model of a field, whether it is a list of them) from its annotation."""
+    import typing
+
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    if origin is list and args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0], True
+    for a in args:  # Optional[Model] / Model | None
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a, False
+    return None, False
+
+
+def unknown_keys(raw: Any, model: type[BaseModel] = None, where: str = "") -> list[tuple[str, str, list[str]]]:
+    """Every key of ``raw`` that ``model`` (default BuildConfig) does not know, recursively:
+    (location, key, known keys there). Known = the model's fields and aliases (+ _extra_keys)."""
+    model = model or BuildConfig
+    if not isinstance(raw, dict):
+        return []
+    known: dict[str, Any] = {}
+    for name, f in model.model_fields.items():
+        known[name] = f
+        if f.alias:
+            known[f.alias] = f
+    extra = _extra_keys(model)
+    names = set(known) | (extra or set())
+    out = []
+    for key, value in raw.items():
+        loc = f"{where}.{key}" if where else key
+        if key not in names:
+            out.append((where or "(top level)", key, sorted(names)))
+            continue
+        f = known.get(key)
+        if f is None:
+            continue
+        sub, is_list = _section_model(f.annotation)
+        if sub is None:
+            continue
+        for i, item in enumerate(value if is_list and isinstance(value, list) else [value]):
+            out += unknown_keys(item, sub, f"{loc}.{i}" if is_list else loc)
+    return out
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_values(p: Path, cfg: BuildConfig) -> None:
+    """Values the pydantic models pass on unchecked: [validate] extras (typed by validate.DEFAULTS),
+    [[targets]] precision (the target schema's precisions)."""
+    from .targets import Precision
+    from .validate import DEFAULTS
+
+    for key, value in (cfg.validation.model_extra or {}).items():
+        default = DEFAULTS.get(key)
+        if default is None or value is None:
+            continue
+        want = (int, float) if isinstance(default, float) else type(default)
+        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, want):
+            raise BadInput(f"{p}: validate.{key} = {value!r} should be {type(default).__name__} (like {default!r})",
+                           hint="fix the value in [validate]")
+    method = (cfg.validation.model_extra or {}).get("method")
+    if method is not None and method not in ("sliding", "chunked"):
+        raise BadInput(f"{p}: validate.method = {method!r}{_did_you_mean(str(method), ['sliding', 'chunked'])}",
+                       hint="use sliding or chunked")
+    import typing
+
+    precisions = [v for f in Precision.model_fields.values() for v in typing.get_args(f.annotation)]
+    for i, t in enumerate(cfg.targets):
+        if t.precision is not None and t.precision not in precisions:
+            raise BadInput(f"{p}: targets[{i}].precision = {t.precision!r}{_did_you_mean(t.precision, precisions)}",
+                           hint=f"use one of: {', '.join(dict.fromkeys(precisions))}")
+
+
 def load_config(path: str | os.PathLike) -> tuple[BuildConfig, Path]:
-    """Parse and check a build config; returns it and the folder relative paths are resolved against."""
+    """Parse and check a build config (every section, before any work); returns it and the folder
+    relative paths are resolved against. Unknown keys anywhere exit 2 with a did-you-mean."""
     p = Path(path)
     if not p.is_file():
         raise BadInput(f"build config not found: {p}", hint="give a .toml file, e.g. examples/smollm2-lora-cpu.toml")
@@ -95,12 +195,19 @@ def load_config(path: str | os.PathLike) -> tuple[BuildConfig, Path]:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise BadInput(f"{p}: invalid TOML ({exc})", hint="fix the syntax at the position shown") from exc
+    unknown = unknown_keys(raw)
+    if unknown:
+        parts = [f"{key if where == '(top level)' else where + '.' + key}{_did_you_mean(key, known)}" for where, key, known in unknown]
+        where, _, known = unknown[0]
+        raise BadInput(f"{p}: unknown key(s) {'; '.join(parts)}",
+                       hint=f"known in {where}: {', '.join(known)} (see docs/bundles.md)")
     try:
         cfg = BuildConfig.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "(top level)"
         raise BadInput(f"{p}: {where}: {err['msg']}", hint="see docs/bundles.md for the build config fields") from exc
+    _check_values(p, cfg)
     if cfg.finetune.method != "none":
         from .finetune.options import FinetuneOptions
 
@@ -232,11 +339,22 @@ def build(config: str | os.PathLike, *, force: bool = False, output: str | os.Pa
 
     cfg, root = load_config(config)
     b = Build(cfg, root, force=force, output_override=Path(output).resolve() if output else None)
-    for t in cfg.targets:
-        load_target(t.name if not t.name.endswith(".toml") else str(b.path(t.name)))  # fail before any work
+    for t in cfg.targets:  # fail before any work: profiles, paths
+        load_target(t.name if not t.name.endswith(".toml") else str(b.path(t.name)))
+        b.maybe_path(t.calibration)
     train = b.maybe_path(cfg.data.train)
     vdata = b.maybe_path(cfg.validation.data)
     prompts = b.maybe_path(cfg.validation.prompts)
+    from .models import resolve
+
+    resolve(str(b.path(cfg.model.base)) if b.path(cfg.model.base).exists() else cfg.model.base)  # alias or path exists
+    # one build at a time per output folder: a second one (say fp32 while int4 runs) fails fast (exit 2)
+    # instead of validating and bundling the other one's export
+    with artifacts.output_lock(b.output, what="build output"):
+        return _build(b, cfg, config, train, vdata, prompts, materialize, load_target)
+
+
+def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materialize, load_target) -> dict[str, Any]:
     t_start = time.perf_counter()
     b.work.mkdir(parents=True, exist_ok=True)
 
@@ -285,6 +403,7 @@ def build(config: str | os.PathLike, *, force: bool = False, output: str | os.Pa
         # a stale bundle from an earlier run must not stay where it no longer belongs
         for stale in (other, other.with_name(other.name + ".tar.gz")):
             if stale.is_dir():
+                artifacts.check_replaceable(stale, what="stale bundle folder")  # never delete what edgetune did not write
                 shutil.rmtree(stale)
             elif stale.is_file():
                 stale.unlink()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .artifacts import RECORD_NAME, atomic_dir, read_record
+from .artifacts import RECORD_NAME, atomic_dir, output_lock, read_record
 from .errors import BadInput
 
 FORMAT = "edgetune-bundle"
@@ -158,11 +158,9 @@ def make_bundle(model: str | os.PathLike, out: str | os.PathLike, *, target, rep
     """Bundle the export ``model`` (with the validation ``report`` folder) into ``out``; returns the manifest.
 
     ``target`` is a profile name or path (resolved and written as ``target.toml``). With
-    ``archive=True`` also writes ``<out>.tar.gz`` (reproducible). Writes are atomic.
+    ``archive=True`` also writes ``<out>.tar.gz`` (reproducible). Writes are atomic, and the
+    export must have been made for ``target`` (its record says so; otherwise exit 2).
     """
-    import tomli_w
-
-    from .archive import pack
     from .targets import load_target
 
     model = Path(model)
@@ -172,6 +170,13 @@ def make_bundle(model: str | os.PathLike, out: str | os.PathLike, *, target, rep
     t = load_target(target)
     rec = read_record(folder) or {}
     results = rec.get("results") or {}
+    made_for = results.get("target")
+    if made_for and made_for != t.name:
+        # the graph is specialized for its target (builder provider, quantization recipe, static shapes):
+        # a bundle must not claim another target's profile and budgets
+        raise BadInput(f"{model} was exported for {made_for} ({results.get('execution_provider') or '?'}), not for {t.name} "
+                       f"({t.runtime.execution_provider})",
+                       hint=f"export it for {t.name} first (edgetune export ... -t {t.name}), or bundle with -t {made_for}")
     report_data = None
     report_dir = Path(report) if report else None
     if report_dir is not None:
@@ -179,6 +184,16 @@ def make_bundle(model: str | os.PathLike, out: str | os.PathLike, *, target, rep
             raise BadInput(f"{report_dir} has no report.json", hint="give the folder written by `edgetune validate --out`")
         report_data = json.loads((report_dir / "report.json").read_text())
     out = Path(out)
+    with output_lock(out, what="bundle folder"):  # the folder and its archive, as one write
+        return _write_bundle(out, folder, kind, t, rec, results, report_dir, report_data, archive, name)
+
+
+def _write_bundle(out: Path, folder: Path, kind: str, t, rec: dict, results: dict, report_dir: Path | None,
+                  report_data: dict | None, archive: bool, name: str | None) -> dict[str, Any]:
+    import tomli_w
+
+    from .archive import pack
+
     with atomic_dir(out) as tmp:
         _copy_tree(folder, tmp / "model")
         profile = t.model_dump(mode="json", exclude={"source"}, exclude_none=True)

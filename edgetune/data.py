@@ -57,22 +57,36 @@ def _bad(path: Path, line: int | None, problem: str, hint: str) -> BadInput:
     return BadInput(f"{where}: {problem}", hint=hint)
 
 
+def read_utf8(path: str | os.PathLike) -> str:
+    """The text of ``path``; bytes that are not UTF-8 raise BadInput naming file:line:column."""
+    p = Path(path)
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise _bad(p, line, f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {col}: {exc.reason})",
+                   "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise _bad(path, n, f"not valid JSON ({exc.msg} at column {exc.colno})", "one JSON object per line") from None
-            if not isinstance(obj, dict):
-                raise _bad(path, n, f"expected a JSON object, got {type(obj).__name__}", "one JSON object per line")
-            yield n, obj
+    for n, line in enumerate(read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise _bad(path, n, f"not valid JSON ({exc.msg} at column {exc.colno})", "one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise _bad(path, n, f"expected a JSON object, got {type(obj).__name__}", "one JSON object per line")
+        yield n, obj
 
 
 def _iter_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8", newline="") as f:
+    import io
+
+    with io.StringIO(read_utf8(path), newline="") as f:
         reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE)
         header = next(reader, None)
         if not header:
@@ -98,7 +112,7 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _iter_text(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     # a plain text file is one record: the whole text (chunked later by the consumer)
-    yield 1, {"text": path.read_text(encoding="utf-8")}
+    yield 1, {"text": read_utf8(path)}
 
 
 def detect_format(record: dict[str, Any]) -> str | None:

@@ -49,13 +49,26 @@ def available_providers() -> list[str]:
         return []
 
 
-def genai_info() -> dict[str, Any]:
-    try:
-        import onnxruntime_genai as og
+def import_health(module: str, dist: str) -> dict[str, Any]:
+    """Whether an installed package really imports: {installed, available, version, error}.
 
-        return {"version": og.__version__, "available": True}
-    except Exception as exc:  # pragma: no cover
-        return {"available": False, "error": str(exc)}
+    A package whose metadata is there but whose import fails (a missing shared library, a broken
+    wheel) is reported as broken with the reason, not as healthy (its version alone says nothing)."""
+    try:
+        version = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        version = None
+    try:
+        mod = __import__(module)
+    except Exception as exc:  # ImportError, OSError from a shared library, ...
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        return {"installed": version is not None, "available": False, "version": version,
+                "error": f"{type(exc).__name__}: {reason}" if version else "not installed"}
+    return {"installed": True, "available": True, "version": getattr(mod, "__version__", version), "error": None}
+
+
+def genai_info() -> dict[str, Any]:
+    return import_health("onnxruntime_genai", "onnxruntime-genai")
 
 
 # What each command needs beyond the base install, as importable module names (= the pip
@@ -100,6 +113,8 @@ def report() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     providers = available_providers()
+    genai = genai_info()
+    ort_health = import_health("onnxruntime", "onnxruntime")
     feats = cpu_features()
     arch = platform.machine().lower().replace("arm64", "aarch64").replace("amd64", "x86_64")
     targets = []
@@ -131,7 +146,8 @@ def report() -> dict[str, Any]:
         "versions": versions,
         "host_extra_installed": versions.get("torch") is not None and versions.get("transformers") is not None,
         "execution_providers": providers,
-        "onnxruntime_genai": genai_info(),
+        "onnxruntime_genai": genai,
+        "onnxruntime": ort_health,
         "cpu_features": feats,
         "targets": targets,
         "commands": command_availability(),
@@ -143,10 +159,23 @@ def human(r: dict[str, Any]) -> str:
     lines.append("cpu features: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in r["cpu_features"].items()))
     lines.append("execution providers: " + ", ".join(r["execution_providers"]))
     lines.append("versions:")
-    lines += [f"  {k:22s} {v or '-- not installed'}" for k, v in r["versions"].items()]
+    broken = {"onnxruntime-genai": r.get("onnxruntime_genai") or {}, "onnxruntime": r.get("onnxruntime") or {}}
+    for name, h in broken.items():
+        if h.get("installed") and not h.get("available"):
+            lines.insert(0, f"BROKEN: {name} {h.get('version')} is installed but cannot be imported: {h.get('error')}")
+
+    def version_text(k: str, v: str | None) -> str:
+        h = broken.get(k) or {}
+        if h.get("installed") and not h.get("available"):
+            return f"{v} -- BROKEN, cannot be imported ({h.get('error')})"
+        return v or "-- not installed"
+
+    lines += [f"  {k:22s} {version_text(k, v)}" for k, v in r["versions"].items()]
     lines.append("targets:")
     for t in r["targets"]:
         state = "validate here" if t["validate_here"] else f"accuracy only ({t['why_not']})"
+        if not (r.get("onnxruntime_genai") or {}).get("available", True):
+            state += " (encoders only: onnxruntime-genai cannot be imported)"
         lines.append(f"  {t['name']:18s} {state}")
     lines += _commands_human(r)
     return "\n".join(lines)

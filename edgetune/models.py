@@ -26,7 +26,7 @@ from typing import Any
 
 from . import console
 from .artifacts import hash_path, stage_output, up_to_date
-from .errors import BadInput, require
+from .errors import BadInput, reading, require
 
 # model_type -> onnxruntime-genai builder support (0.15.2) for decoder LLMs
 DECODER_ARCHITECTURES = {
@@ -123,8 +123,18 @@ def inspect(folder: str | os.PathLike) -> ModelInfo:
 
 
 def _gguf_metadata(path: Path) -> dict[str, Any]:
+    """Special-token metadata of a GGUF file; a truncated or corrupt file raises BadInput (exit 2).
+
+    gguf's reader fails on a damaged header with whatever numpy raises (ValueError, IndexError),
+    and accepts a file cut inside the tensor data: the tensor extents are checked against the size.
+    """
     gguf = require("gguf", purpose="reading GGUF files")
-    reader = gguf.GGUFReader(str(path))
+    with reading(path, "GGUF"):
+        reader = gguf.GGUFReader(str(path))
+        size = path.stat().st_size
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        if end > size:
+            raise ValueError(f"tensor data ends at byte {end}, the file has {size} bytes")
     meta: dict[str, Any] = {}
     for key in (
         "tokenizer.ggml.bos_token_id",
@@ -217,6 +227,7 @@ def materialize(spec: str | os.PathLike, *, cache_dir: Path | None = None, dtype
     options = {"dtype": dtype}
     if up_to_date(out, "gguf-import", {"gguf": path}, options):
         return inspect(out)
+    meta = _gguf_metadata(path)  # a truncated or corrupt file fails here, before any work
     transformers = require("transformers", purpose="loading GGUF files")
     torch = require("torch")
     with console.step(f"import {path.name}"), stage_output(out, "gguf-import", inputs={"gguf": path}, options=options) as run:
@@ -226,7 +237,6 @@ def materialize(spec: str | os.PathLike, *, cache_dir: Path | None = None, dtype
             model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=getattr(torch, dtype), **kwargs)
         except ValueError as exc:
             raise BadInput(f"cannot load {path.name} through transformers' GGUF loader ({exc})", hint="use a GGUF of a supported architecture") from None
-        meta = _gguf_metadata(path)
         model.config.eos_token_id = meta.get("eos_token_id", model.config.eos_token_id)
         if meta.get("padding_token_id") is not None:
             model.config.pad_token_id = meta["padding_token_id"]

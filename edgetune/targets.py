@@ -229,13 +229,17 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise BadInput(f"{path}: 'extends' forms a cycle", hint="remove the circular extends")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise BadInput(f"{path}: invalid TOML ({exc})", hint="fix the syntax") from exc
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    base = _read_raw(_find(parent, relative_to=path.parent), seen + (path,))
+    try:
+        parent_path = _find(parent, relative_to=path.parent)
+    except BadInput as exc:  # name the file whose `extends` points nowhere, not just the missing name
+        raise BadInput(f"{path}: extends = {parent!r}: {exc.message}", hint=exc.hint) from None
+    base = _read_raw(parent_path, seen + (path,))
     base.pop("name", None)
     base.pop("description", None)
     return _merge(base, data)

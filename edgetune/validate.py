@@ -61,7 +61,9 @@ def _read_prompts(path) -> list:
     if not p.is_file():
         raise BadInput(f"prompts file not found: {p}", hint="one prompt per line (.txt) or JSONL with 'prompt' or 'messages'")
     if p.suffix.lower() == ".txt":
-        out = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from .data import read_utf8
+
+        out = [line.strip() for line in read_utf8(p).splitlines() if line.strip()]
     else:
         from .data import load_dataset
 
@@ -84,14 +86,31 @@ def _first_mismatch(where: str, texts: list[str], ref: list, dev: list) -> tuple
     return bad, first
 
 
+def reference_source(reference) -> Path:
+    """The folder a reference is computed from. Accepts what `edgetune export` accepts (a model alias,
+    a .gguf file, an HF folder; the first two materialized to a cached HF folder, host only) plus an
+    ONNX export or a stored reference pack."""
+    from .models import ALIASES
+
+    text = str(reference)
+    src = Path(text).expanduser()
+    if (not src.exists() and text in ALIASES) or (src.is_file() and src.suffix == ".gguf"):
+        from .models import materialize
+
+        with console.step(f"materialize reference {src.name}"), console.results_only_stdout():
+            return Path(materialize(text).path)
+    if not src.exists():
+        raise BadInput(f"reference not found: {src}",
+                       hint=f"give the fp32 model (alias {', '.join(ALIASES)}, .gguf or HF folder), an fp32 export or a reference pack")
+    return src
+
+
 def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window):
     from . import reference as R
 
     if reference is None:
         return None
-    src = Path(reference)
-    if not src.exists():
-        raise BadInput(f"reference not found: {src}", hint="give the fp32 model folder, an fp32 export or a reference pack")
+    src = reference_source(reference)
     if R.is_pack(src):
         pack = R.load_pack(src)
         if pack.kind != kind:

@@ -14,7 +14,8 @@ from ..cli import common_options
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Output folder (overrides `output` in CONFIG): bundles land in OUTPUT/<target>/, work in OUTPUT/.work/.")
-@click.option("--force", is_flag=True, help="Re-run every stage even when its inputs and options did not change.")
+@click.option("--force", is_flag=True, help="Re-run every stage even when its inputs and options did not change "
+              "(and replace output folders edgetune did not write).")
 @common_options
 def build(config: Path, output: Path | None, force: bool) -> None:
     """Run materialize -> finetune -> merge -> export -> validate -> bundle from CONFIG.
@@ -26,8 +27,11 @@ def build(config: Path, output: Path | None, force: bool) -> None:
     from ..build import build as run_build, summary_text
     from ..errors import CheckFailed
 
+    from ..artifacts import replace_foreign
+
     try:
-        result = run_build(config, force=force, output=output)
+        with replace_foreign(force):
+            result = run_build(config, force=force, output=output)
     except CheckFailed as exc:
         if isinstance(exc.result, dict) and "targets" in exc.result:
             console.emit(exc.result, summary_text)

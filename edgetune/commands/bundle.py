@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .. import console
-from ..cli import common_options
+from ..cli import common_options, force_option
 
 
 @click.command()
@@ -17,10 +17,14 @@ from ..cli import common_options
 @click.option("--report", "-r", type=click.Path(path_type=Path), default=None,
               help="Validation report folder (from `edgetune validate --out`): report + golden I/O go in the bundle.")
 @click.option("--archive/--no-archive", default=False, show_default=True, help="Also write a reproducible OUT.tar.gz.")
+@force_option
 @common_options
 def bundle(model: Path, out: Path, target: str, report: Path | None, archive: bool) -> None:
     """Bundle the export folder MODEL for TARGET with its manifest (sizes + SHA-256 of every file)."""
+    from ..artifacts import check_replaceable
     from ..bundle import archive_path, make_bundle
+
+    check_replaceable(out, what="bundle folder")
 
     with console.step(f"bundle {out}"):
         manifest = make_bundle(model, out, target=target, report=report, archive=archive)

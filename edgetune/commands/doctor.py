@@ -13,4 +13,4 @@ from ..doctor import human, report
 @common_options
 def doctor() -> None:
     """Versions, execution providers, CPU features, and which targets can be validated here."""
-    console.emit(report(), human)
+    console.emit(report(), human, summary=False)

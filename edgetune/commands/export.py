@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import artifacts, console
-from ..cli import common_options
+from ..cli import common_options, force_option
 
 
 @click.command()
@@ -26,11 +26,14 @@ from ..cli import common_options
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
               help="Calibration texts (.jsonl/.csv/.tsv/.txt): encoder int8-static, decoder int4 gptq/inc-gptq.")
 @click.option("--task", help="Encoder task (sequence-classification, token-classification, feature-extraction).")
+@force_option
 @common_options
 def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_accuracy_level, int4_symmetric,
            int4_lm_head, adapters, calibration, task) -> None:
     """Export MODEL (alias, GGUF or HF folder) to ONNX for target T."""
     from ..export import export as run_export
+
+    artifacts.check_replaceable(out)  # before the model is converted or loaded
 
     int4 = {"algorithm": int4_algorithm, "block_size": int(int4_block_size) if int4_block_size else None,
             "accuracy_level": int4_accuracy_level, "symmetric": int4_symmetric,

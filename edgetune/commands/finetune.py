@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .. import console
-from ..cli import common_options
+from ..cli import common_options, force_option
 from ..finetune.options import DEEPSPEED_PRESETS, METHODS, SCHEDULES, TASKS, FinetuneOptions
 
 
@@ -59,6 +59,7 @@ def _summary(r: dict) -> str:
 @click.option("--limit", type=int, default=None, help="Use only the first N records.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None, help="JSON file of options (keys as in finetune_config.json); command-line flags you set win.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run from its last checkpoint in OUT.work/.")
+@force_option
 @common_options
 def finetune(model: str, data: Path, out: Path, config_file: Path | None, resume: bool, **kw) -> None:
     """Fine-tune MODEL (alias, HF folder or .gguf) on DATA into an adapter folder."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import artifacts, console
-from ..cli import common_options
+from ..cli import common_options, force_option
 
 
 @click.command()
@@ -22,10 +22,13 @@ from ..cli import common_options
                    "(default: read from the finetune record).")
 @click.option("--vs-4bit-max-kl", type=float, default=None, help="QLoRA: fail if KL(4-bit base + adapter || merged) is above this.")
 @click.option("--vs-4bit-min-top1", type=float, default=None, help="QLoRA: fail if top-1 agreement with the 4-bit base + adapter is below this.")
+@force_option
 @common_options
 def merge(base, adapter, out, dtype, gate_data, max_abs_diff, max_kl, min_top1, qlora, vs_4bit_max_kl, vs_4bit_min_top1) -> None:
     """Merge a PEFT ADAPTER (LoRA/DoRA, causal LM or SEQ_CLS/TOKEN_CLS) into BASE and gate the result."""
     from ..merge import merge as run_merge
+
+    artifacts.check_replaceable(out)
 
     path = run_merge(base, adapter, out, dtype=dtype, gate_data=gate_data, max_abs_diff=max_abs_diff, max_kl=max_kl, min_top1=min_top1,
                      qlora=qlora, max_kl_vs_4bit=vs_4bit_max_kl, min_top1_vs_4bit=vs_4bit_min_top1)

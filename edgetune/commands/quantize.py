@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from .. import console
-from ..cli import common_options
+from ..cli import common_options, force_option
 from ..errors import BadInput, CheckFailed
 
 
@@ -44,6 +44,7 @@ def _human(r: dict) -> str:
 @click.option("--coverage-only", is_flag=True, help="Only report which nodes the target's accelerator cannot run.")
 @click.option("--timing", is_flag=True, help="With --coverage-only: add each node's share of CPU time (onnxruntime profile).")
 @click.option("--fail-on-fallback", is_flag=True, help="With --coverage-only: exit 1 when any node falls back to the CPU.")
+@force_option
 @common_options
 def quantize(model: Path, target: str, out: Path | None, method, calibration, calibration_method, per_channel,
              exclude_node, exclude_op_type, keep_head_float, tokenizer, coverage_only, timing, fail_on_fallback) -> None:

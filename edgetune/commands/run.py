@@ -73,6 +73,7 @@ def _run_llm(folder: Path, target: str | None, prompts, chat: bool, raw: bool, s
 
     if not prompts and not chat:
         raise BadInput("nothing to run", hint="give --prompt TEXT (repeatable) or --chat")
+    dev.check_prompt_length(folder / "model", prompts, max_tokens, system=system)  # before any native code sees them
     m = dev.load(folder / "model", target, adapter=adapter)
     with_adapter = f" with adapter {adapter}" if adapter else ""
     console.log(f"[run] loaded {folder.name}{with_adapter} in {m.load_time_s:.2f}s on {', '.join(m.providers)}")
@@ -132,4 +133,4 @@ def _run_encoder(folder: Path, target: str | None, texts: list[str]) -> None:
     rows = [{"text": t, "label": lab, "probability": round(p, 4)} for t, (lab, p) in zip(texts, preds)]
     console.log(f"[run] {len(texts)} text(s) in {dt * 1000:.1f} ms")
     console.emit({"bundle": str(folder), "kind": "encoder", "results": rows},
-                 lambda r: "\n".join(f"{x['label']}\t{x['probability']:.3f}\t{x['text']}" for x in r["results"]))
+                 lambda r: "\n".join(f"{x['label']}\t{x['probability']:.3f}\t{x['text']}" for x in r["results"]), summary=False)

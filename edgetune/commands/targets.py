@@ -30,7 +30,7 @@ def list_cmd() -> None:
         }
         for t in list_targets()
     ]
-    console.emit(items, lambda rows: console.table(rows, ["name", "kind", "execution_provider", "llm", "encoder", "description"]))
+    console.emit(items, lambda rows: console.table(rows, ["name", "kind", "execution_provider", "llm", "encoder", "description"]), summary=False)
 
 
 @targets.command("show")
@@ -39,7 +39,7 @@ def list_cmd() -> None:
 def show_cmd(name: str) -> None:
     """Print the resolved profile NAME (a name from `targets list` or a .toml path)."""
     target = load_target(name)
-    console.emit(target.model_dump(mode="json"), lambda d: _toml(d))
+    console.emit(target.model_dump(mode="json"), lambda d: _toml(d), summary=False)
 
 
 def _drop_none(value):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import console
-from ..cli import common_options
+from ..cli import common_options, force_option
 from ..errors import CheckFailed
 
 
@@ -54,6 +54,7 @@ def _human(r: dict) -> str:
 @click.option("--warmup", type=int, help="Untimed warm-up runs [1].")
 @click.option("--batch", type=int, help="Encoder batch size in the latency run [1].")
 @click.option("--no-latency", is_flag=True, help="Skip the latency/memory run.")
+@force_option
 @common_options
 def validate(model, target, reference, data, prompts, out, no_latency, **opts):
     """Validate MODEL (export or bundle) on this machine against TARGET's budgets.

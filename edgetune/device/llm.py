@@ -31,11 +31,10 @@ _OG_PROVIDERS = {"cuda": "cuda", "dml": "dml", "openvino": "OpenVINO", "qnn": "Q
 
 
 def _og():
-    try:
-        import onnxruntime_genai as og
-    except ImportError as exc:  # pragma: no cover - device without genai
-        raise MissingDependency("onnxruntime-genai is not installed", hint="pip install onnxruntime-genai") from exc
-    return og
+    from ..errors import import_or_explain
+
+    # "not installed" only when it is not; a broken install says "installed but cannot be imported: <reason>"
+    return import_or_explain("onnxruntime_genai", dist="onnxruntime-genai", hint="pip install onnxruntime-genai")
 
 
 @dataclass
@@ -107,6 +106,40 @@ def set_adapter(llm: LLM, name: str | None) -> None:
                            hint="the adapter does not belong to this model; re-export both together") from exc
         llm._og_loaded.add(name)
     llm.adapter = name
+
+
+def context_length(folder: str | Path) -> int:
+    """The context (tokens) of a genai folder, from genai_config.json, without loading the model."""
+    folder = find_model_folder(folder)
+    return int(json.loads((folder / "genai_config.json").read_text())["model"].get("context_length", 2048))
+
+
+def check_prompt_length(folder: str | Path, prompts, max_new_tokens: int = 0, *, system: str | None = None) -> None:
+    """Bound prompts before they reach native code: BadInput (exit 2) when a prompt's tokens (plus
+    ``max_new_tokens``) do not fit the context.
+
+    Counted with the `tokenizers` library on the folder's tokenizer.json, before onnxruntime-genai
+    loads the model: onnxruntime-genai 0.15.2 crashes (SIGSEGV in og.Model) in `edgetune run -p`
+    with a ~100,000-character prompt, so the check must not need an og.Model. The chat template
+    adds a few tokens more; generate_ids checks the exact count again.
+    """
+    folder = find_model_folder(folder)
+    ctx = context_length(folder)
+    tj = folder / "tokenizer.json"
+    if not tj.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tj))
+    for p in prompts:
+        text = p if isinstance(p, str) else "\n".join(str(m.get("content", "")) for m in p)
+        if system:
+            text = system + "\n" + text
+        n = len(tok.encode(text, add_special_tokens=False).ids)
+        if n >= ctx or n + max_new_tokens > ctx:
+            plus = f" + --max-tokens {max_new_tokens}" if n < ctx else ""
+            raise BadInput(f"prompt ({n} tokens{plus}) exceeds the context ({ctx} tokens) of {folder.parent.name if folder.name == 'model' else folder.name}",
+                           hint=f"shorten the prompt to fewer than {max(1, ctx - max_new_tokens)} tokens or lower --max-tokens")
 
 
 def load(folder: str | Path, target: Any = None, *, adapter: str | None = None) -> LLM:
@@ -203,7 +236,7 @@ def generate_ids(llm: LLM, ids, max_new_tokens: int = 128, *, ignore_eos: bool =
     ids = np.asarray(ids, dtype=np.int32)
     total = len(ids) + int(max_new_tokens)
     if total > llm.context_length:
-        raise BadInput(f"prompt ({len(ids)}) + max_new_tokens ({max_new_tokens}) exceeds the context length {llm.context_length}",
+        raise BadInput(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context ({llm.context_length} tokens)",
                        hint="shorten the prompt or lower --max-tokens")
     gen = _generator(llm, total, min_length=total if ignore_eos else 0)
     gen.append_tokens(ids)

@@ -101,6 +101,10 @@ class FinetuneOptions:
             raise bad(f"unknown compute dtype '{self.compute_dtype}'", "choose auto, float32, bfloat16 or float16")
         if self.deepspeed is not None and self.deepspeed not in DEEPSPEED_PRESETS and not Path(self.deepspeed).is_file():
             raise bad(f"--deepspeed '{self.deepspeed}' is neither a preset nor a file", f"use {', '.join(DEEPSPEED_PRESETS)} or a DeepSpeed JSON path")
+        if self.deepspeed is not None and self.deepspeed not in DEEPSPEED_PRESETS:
+            from .deepspeed import resolve_config
+
+            resolve_config(self.deepspeed)  # every key checked before any model is loaded or process launched
         if self.deepspeed and self.method == "qlora":
             raise bad("QLoRA (bitsandbytes 4-bit) cannot be combined with DeepSpeed ZeRO here", "use --method lora with --deepspeed, or QLoRA without it")
         if self.num_processes > 1 and not self.deepspeed:

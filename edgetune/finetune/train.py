@@ -88,6 +88,31 @@ def _linear_names(model, exclude: tuple[str, ...]) -> list[str]:
     return sorted(names)
 
 
+def check_target_modules(opts: FinetuneOptions, model) -> None:
+    """--target-modules must name modules of this model: BadInput (exit 2) listing its linear layers.
+
+    Checked before peft builds the adapter (peft would raise NoMatchingPeftModuleError deep inside).
+    A name matches like peft's: the last component(s) of a module's dotted name.
+    """
+    targets = opts.target_modules
+    if opts.method == "ia3" and targets == "all-linear":
+        return
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        import difflib
+
+        linear = _linear_names(model, ())
+        close = sorted({m for t in missing for m in difflib.get_close_matches(t, linear, n=1)})
+        mean = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise BadInput(f"--target-modules {', '.join(missing)} not found in {model.config.model_type} model{mean}",
+                       hint=f"its linear modules are: {', '.join(linear)}; or use all-linear")
+
+
 def peft_config(opts: FinetuneOptions, task: str, model):
     peft = require("peft", purpose="fine-tuning adapters")
     task_type = {"causal-lm": peft.TaskType.CAUSAL_LM, "seq-cls": peft.TaskType.SEQ_CLS, "token-cls": peft.TaskType.TOKEN_CLS}[task]
@@ -231,6 +256,7 @@ def run_training(spec: dict[str, Any]) -> None:
     model = load_model(model_path, task, opts, label_names)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
+    check_target_modules(opts, model)
     model = peft.get_peft_model(model, peft_config(opts, task, model))
     trainable, total = model.get_nb_trainable_parameters()
 
@@ -382,9 +408,19 @@ def _plot(curve: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def finetune(model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *, options: FinetuneOptions | None = None, resume: bool = False) -> Path:
-    """Fine-tune ``model`` on ``data`` into the adapter folder ``out`` (see docs/finetune.md)."""
+    """Fine-tune ``model`` on ``data`` into the adapter folder ``out`` (see docs/finetune.md).
+
+    ``out`` (and its work folder ``<out>.work``) is locked for the whole run: a second run into
+    the same folder fails fast (exit 2) instead of mixing checkpoints.
+    """
     opts = (options or FinetuneOptions()).check()
     out = Path(out)
+    artifacts.check_replaceable(out)
+    with artifacts.output_lock(out):
+        return _finetune(model, data, out, opts, resume)
+
+
+def _finetune(model, data, out: Path, opts: FinetuneOptions, resume: bool) -> Path:
     info = materialize(model)
     ds = load_dataset(data, limit=opts.limit)
     task = resolve_task(opts.task, ds, info.kind)
@@ -400,8 +436,12 @@ def finetune(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
         if {k: v for k, v in old.items() if k != "resume"} != spec:
             raise BadInput(f"--resume with different model, data or options than the interrupted run in {wd}", hint="use the same arguments, or drop --resume to start over")
     elif wd.exists():
+        if not spec_path.is_file():
+            raise BadInput(f"{wd} exists and is not an edgetune work folder (no spec.json); refusing to delete it",
+                           hint="move it away or choose another --out")
         console.log(f"[finetune] starting over: removing the previous work folder {wd}")
         shutil.rmtree(wd)
+    created = not wd.exists()
     wd.mkdir(parents=True, exist_ok=True)
     spec["resume"] = resume
     artifacts.write_json(spec_path, spec)
@@ -409,6 +449,18 @@ def finetune(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
     inputs = {"model": info.path, "data": Path(data)}
     if opts.eval_data:
         inputs["eval_data"] = Path(opts.eval_data)
+    try:
+        _train_and_write(wd, spec, spec_path, out, inputs, opts, task, info, model, data)
+    except (BadInput, OSError):
+        # a problem found before the first checkpoint (bad --target-modules, a full disk): leave nothing behind
+        if created and latest_checkpoint(wd / "checkpoints") is None:
+            shutil.rmtree(wd, ignore_errors=True)
+        raise
+    shutil.rmtree(wd, ignore_errors=True)
+    return out
+
+
+def _train_and_write(wd: Path, spec: dict, spec_path: Path, out: Path, inputs: dict, opts: FinetuneOptions, task: str, info, model, data) -> None:
     with console.step(f"finetune {opts.method} {task}"):
         if opts.num_processes > 1:
             from .deepspeed import launch
@@ -441,8 +493,6 @@ def finetune(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
             metrics = {k: result[k] for k in ("eval_loss", "base_eval_loss", "eval_accuracy") if result.get(k) is not None}
             artifacts.write_json(run.dir / "eval_metrics.json", metrics)
             run.results.update({"method": opts.method, "model_type": info.model_type, **result})
-    shutil.rmtree(wd, ignore_errors=True)
-    return out
 
 
 def _single_process_dist_env() -> None:
