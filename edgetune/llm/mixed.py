@@ -95,14 +95,17 @@ def sensitivity(model_dir: Path, int4_dir: Path, token_ids: list[list[int]], *, 
     mods = dict(model.named_modules())
     nodes = {n: _modules_of(n) for n in qweights}
     nodes = {n: p for n, p in nodes.items() if p and all(x in mods for x in p)}
+    # H = X^T X per distinct input module (gate/up and fused q/k/v read the same input): float32, [K, K]
+    first = {n: parts[0] for n, parts in nodes.items()}
+    key = {n: re.sub(r"mlp\.(gate|up)_proj$", "mlp.gate_proj", m) for n, m in first.items()}
     hess: dict[str, Any] = {}
     hooks = []
-    for n, parts in nodes.items():
-        def hook(_m, inp, _out, n=n):
-            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+    for mod in sorted(set(key.values())):
+        def hook(_m, inp, _out, mod=mod):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
             h = x.T @ x
-            hess[n] = h if n not in hess else hess[n] + h
-        hooks.append(mods[parts[0]].register_forward_hook(hook))  # all parts of a fused node read the same input
+            hess[mod] = h if mod not in hess else hess[mod] + h
+        hooks.append(mods[mod].register_forward_hook(hook))
     sub = list(range(min(confirm_samples, len(token_ids))))
     ref_logp = {}
     with torch.no_grad():
@@ -119,7 +122,7 @@ def sensitivity(model_dir: Path, int4_dir: Path, token_ids: list[list[int]], *, 
             wq = torch.from_numpy(np.asarray(qweights[n], dtype=np.float64))
             if wq.shape != w.shape:
                 continue
-            hm = hess[n]
+            hm = hess[key[n]].double()
             dw = wq - w
             num = float(((dw @ hm) * dw).sum())
             den = float(((w @ hm) * w).sum()) or 1.0
