@@ -118,15 +118,18 @@ def sensitivity(model_dir: Path, int4_dir: Path, token_ids: list[list[int]], *, 
     ranking = []
     with torch.no_grad():
         for n, parts in nodes.items():
-            w = torch.cat([mods[p].weight.detach().double() for p in parts], 0)
-            wq = torch.from_numpy(np.asarray(qweights[n], dtype=np.float64))
+            w = torch.cat([mods[p].weight.detach() for p in parts], 0)
+            wq = torch.from_numpy(np.asarray(qweights[n], dtype=np.float32))
             if wq.shape != w.shape:
                 continue
             hm = hess[key[n]].double()
-            dw = wq - w
-            num = float(((dw @ hm) * dw).sum())
-            den = float(((w @ hm) * w).sum()) or 1.0
-            ranking.append({"node": n, "score": num / den})
+            num = den = 0.0
+            for r0 in range(0, w.shape[0], 4096):  # row chunks: the head is [vocab, hidden]
+                wc = w[r0:r0 + 4096].double()
+                dw = wq[r0:r0 + 4096].double() - wc
+                num += float(((dw @ hm) * dw).sum())
+                den += float(((wc @ hm) * wc).sum())
+            ranking.append({"node": n, "score": num / (den or 1.0)})
     ranking.sort(key=lambda r: -r["score"])
     # KL confirmation of the top few: only that MatMul at int4, the rest fp32
     with torch.no_grad():
