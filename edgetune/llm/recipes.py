@@ -109,8 +109,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def auto_export(model_dir, out, *, target, calibration=None, data=None, candidates=None, validate_options=None,
-                twins: bool = True) -> Path:
-    """Search the recipes (see the module docstring); returns ``out``."""
+                twins: bool = True, sensitivity_options=None) -> Path:
+    """Search the recipes (see the module docstring); returns ``out``.
+
+    ``sensitivity_options``: ``confirm`` / ``confirm_samples`` of :func:`edgetune.llm.mixed.sensitivity`
+    and ``samples`` (calibration texts used to rank, default all 32).
+    """
     from ..validate import validate
     from . import kernels
     from .export import export_llm
@@ -166,10 +170,12 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
                 if m.get("sensitivity") and m["sensitivity"].get("ranking"):
                     sens_by_alg[alg] = m["sensitivity"]
                 elif any(c.get("mixed") for c in cands) and alg in ("rtn", "k_quant"):
+                    so = dict(sensitivity_options or {})
                     if token_ids is None:
-                        token_ids = encode_calibration(model_dir, calib.texts)
+                        token_ids = encode_calibration(model_dir, calib.texts[: so.pop("samples", None) or len(calib.texts)])
+                    so.pop("samples", None)
                     with console.step(f"recipe search: sensitivity of the {alg} int4 weights"):
-                        sens_by_alg[alg] = sensitivity(model_dir, folder, token_ids)
+                        sens_by_alg[alg] = sensitivity(model_dir, folder, token_ids, **so)
             variants = [(name, folder, False)]
             if twins and _level4_twin_ok(cand, t, rec):
                 twin = work / f"{name}@level4"
