@@ -208,8 +208,8 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
         final_work = work / "final"
         if cand["twin"]:  # re-export for a record of its own (level 4 as an option, not a patched graph)
             int4 = {**(cand.get("int4") or {}), "accuracy_level": 4}
-            kw = {"mixed": {"layers": artifacts.read_record(vdir)["results"]["quantization"]["mixed"]["layers"]}} \
-                if (artifacts.read_record(vdir)["results"].get("quantization") or {}).get("mixed") else {}
+            m = (artifacts.read_record(vdir)["results"].get("quantization") or {}).get("mixed")
+            kw = {"mixed": {"layers": m["layers"], "sensitivity": m.get("sensitivity")}} if m else {}
             export_llm(model_dir, final_work, target=t, precision=cand.get("precision"), int4=int4, **kw)
         else:
             shutil.move(str(vdir), str(final_work))
