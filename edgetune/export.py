@@ -16,12 +16,30 @@ def export(model, out, *, target, precision=None, **options) -> Path:
         from .llm.export import export_llm
 
         options.pop("task", None)
+        recipe = options.pop("recipe", None)
+        if recipe is None and precision is None and not options.get("int4") and not options.get("adapters") \
+                and not options.get("mixed"):
+            from .targets import load_target
+
+            recipe = load_target(target).quantization.recipe
+        search = {k: options.pop(k) for k in ("data", "candidates", "validate_options") if k in options}
+        if recipe == "auto":
+            from .llm.recipes import auto_export
+
+            if precision is not None or {k for k in options if k != "calibration"}:
+                raise BadInput("--recipe auto chooses precision and int4 options itself",
+                               hint="drop --precision/--int4-*/--mixed-8bit/--adapter, or use --recipe profile")
+            return auto_export(folder, out, target=target, **options, **search)
+        if recipe not in (None, "profile"):
+            raise BadInput(f"unknown recipe '{recipe}'", hint="use profile or auto")
+        if search:
+            raise BadInput(f"{', '.join(search)} only apply to --recipe auto", hint="add --recipe auto")
         return export_llm(folder, out, target=target, precision=precision, **options)
     try:
         enc = importlib.import_module("edgetune.encoder.export")
     except ImportError as e:
         raise BadInput(f"encoder export is unavailable ({e})", hint="install edgetune with its encoder extras") from None
-    for k in ("int4", "adapters"):
+    for k in ("int4", "adapters", "mixed", "recipe", "candidates", "data", "allow_slow_kernel"):
         if options.pop(k, None):
             raise BadInput(f"{k} options apply to decoder LLMs, not to a {info.model_type} encoder")
     return enc.export_encoder(folder, out, target=target, precision=precision, **options)

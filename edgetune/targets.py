@@ -96,6 +96,10 @@ class Int8(_Strict):
 
 
 class Quantization(_Strict):
+    # Decoder export recipe when the caller names no precision/int4 options: "profile" = [precision].llm
+    # with [quantization.int4]; "auto" = search the candidate recipes against [budgets] and keep the
+    # fastest that passes (edgetune.llm.recipes; minutes per model, so opt-in per profile).
+    recipe: Literal["profile", "auto"] = "profile"
     int4: Int4 = Int4()
     int8: Int8 = Int8()
 

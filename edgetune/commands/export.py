@@ -26,10 +26,18 @@ from ..cli import common_options, force_option
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
               help="Calibration texts (.jsonl/.csv/.tsv/.txt): encoder int8-static, decoder int4 gptq/inc-gptq.")
 @click.option("--task", help="Encoder task (sequence-classification, token-classification, feature-extraction).")
+@click.option("--recipe", type=click.Choice(["profile", "auto"]),
+              help="Decoders: 'auto' searches the candidate recipes against the target's budgets and keeps the fastest that "
+                   "passes (docs/llm.md); default: the profile's [quantization].recipe.")
+@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), help="--recipe auto: text/JSONL to validate candidates on.")
+@click.option("--recipe-candidates", help="--recipe auto: comma-separated candidate names (default: all, see docs/llm.md).")
+@click.option("--mixed-8bit", type=click.FloatRange(0, 1, min_open=True),
+              help="int4 rtn/k_quant: keep this fraction of the decoder MatMuls, the most sensitive on the calibration texts, at 8 bits.")
+@click.option("--allow-slow-kernel", is_flag=True, help="Ship MatMulNBits nodes that miss the CPU's prepacked kernels (e.g. hqq's float zero points).")
 @force_option
 @common_options
 def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_accuracy_level, int4_symmetric,
-           int4_lm_head, adapters, calibration, task) -> None:
+           int4_lm_head, adapters, calibration, task, recipe, eval_data, recipe_candidates, mixed_8bit, allow_slow_kernel) -> None:
     """Export MODEL (alias, GGUF or HF folder) to ONNX for target T."""
     from ..export import export as run_export
 
@@ -48,6 +56,16 @@ def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_
         opts["calibration"] = calibration
     if task:
         opts["task"] = task
+    if recipe:
+        opts["recipe"] = recipe
+    if eval_data:
+        opts["data"] = eval_data
+    if recipe_candidates:
+        opts["candidates"] = [c.strip() for c in recipe_candidates.split(",") if c.strip()]
+    if mixed_8bit:
+        opts["mixed"] = {"fraction": mixed_8bit}
+    if allow_slow_kernel:
+        opts["allow_slow_kernel"] = True
     path = run_export(model, out, target=target, precision=precision, **opts)
     rec = artifacts.read_record(path)
     result = {"out": str(path), **rec.get("results", {})}

@@ -15,6 +15,8 @@ from typing import Any, Iterable
 from .. import artifacts, console
 from ..errors import BadInput, CheckFailed, require
 from ..targets import load_target
+from . import kernels
+from .mixed import base_name
 from .quantize import (BUILDER_ALGORITHMS, CALIBRATED, INC_ALGORITHMS, ORT_ALGORITHMS, UNAVAILABLE, ZERO_POINTS_ALWAYS,
                        check_algorithm, embedding_block_size, encode_calibration, inc_checkpoint, inc_weight_parity,
                        load_calibration, quantize_embedding_in, quantize_lm_head_in, quantize_onnx)
@@ -55,15 +57,16 @@ def int4_options(target, int4: dict | None) -> dict[str, Any]:
     return q
 
 
-def matmulnbits_attributes(folder: Path, skip_prefix: str | None = None) -> list[dict[str, Any]]:
+def matmulnbits_attributes(folder: Path, skip_prefix: str | None = None, skip: Iterable[str] = ()) -> list[dict[str, Any]]:
     """Distinct attribute sets of the MatMulNBits nodes in the exported graph."""
     import onnx
 
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     seen: dict[str, dict[str, Any]] = {}
     counts: dict[str, int] = {}
+    skip = set(skip)
     for node in model.graph.node:
-        if node.op_type != "MatMulNBits" or (skip_prefix and node.name.startswith(skip_prefix)):
+        if node.op_type != "MatMulNBits" or (skip_prefix and node.name.startswith(skip_prefix)) or base_name(node.name) in skip:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         attrs = {k: v for k, v in attrs.items() if k in ("bits", "block_size", "accuracy_level")}
@@ -168,7 +171,15 @@ def _builder_input(model_dir: Path, scratch: Path) -> Path:
     return model_dir
 
 
-def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=(), calibration=None) -> Path:
+def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=(), calibration=None, mixed=None,
+               allow_slow_kernel=False) -> Path:
+    """Export an HF decoder folder for ``target``.
+
+    ``mixed``: layer-wise mixed precision (int4 builder algorithms): ``{"layers": [builder node names]}``
+    kept at 8 bits, or ``{"fraction": f}`` / ``{"count": n}`` of the body MatMuls chosen by measured
+    sensitivity on the calibration texts (:mod:`edgetune.llm.mixed`). ``allow_slow_kernel``: ship a graph
+    whose MatMulNBits miss the CPU's prepacked kernels (:mod:`edgetune.llm.kernels`), refused otherwise.
+    """
     model_dir, out = Path(model_dir), Path(out)
     t = load_target(target)
     precision = precision or t.precision.llm
@@ -185,9 +196,15 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     if precision == "int8" and algorithm not in BUILDER_ALGORITHMS:
         raise BadInput(f"int8 is made by the builder (rtn or k_quant), not by int4 algorithm '{algorithm}'",
                        hint="use --int4-algorithm rtn with --precision int8, or --precision int4")
-    calibrated = precision == "int4" and algorithm in CALIBRATED
+    cpu = t.runtime.execution_provider == "cpu"
+    from .mixed import check_mixed_request
+
+    measure = check_mixed_request(mixed, precision=precision, algorithm=algorithm)
+    if cpu and algorithm in kernels.SLOW_ALGORITHMS and precision == "int4" and not allow_slow_kernel:
+        raise BadInput(kernels.SLOW_ALGORITHMS[algorithm], hint="use rtn or k_quant (or pass --allow-slow-kernel to ship it anyway)")
+    calibrated = precision == "int4" and (algorithm in CALIBRATED or measure)
     if calibration is not None and not calibrated:
-        raise BadInput("--calibration is only used by the int4 algorithms gptq and inc-gptq",
+        raise BadInput("--calibration is only used by the int4 algorithms gptq and inc-gptq and by mixed precision",
                        hint="drop --calibration or pass --precision int4 --int4-algorithm gptq (or inc-gptq)")
     calib = load_calibration(calibration) if calibrated else None  # read (and fail) before any work
     extra: dict[str, str] = {}
@@ -196,6 +213,8 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
                  "accuracy_level": str(q["accuracy_level"])}
         if algorithm == "k_quant":  # rtn = the quantizer's default RTN path (algo_config=rtn breaks on tied embeddings)
             extra["algo_config"] = algorithm
+        if precision == "int8":  # 8-bit MatMulNBits is prepacked on the CPU at accuracy_level 4 only
+            extra["accuracy_level"] = str(kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider))
         if precision == "int8" or not q["symmetric"]:
             # Builder 0.15.2 shares a tied lm_head with a GatherBlockQuantized embedding that only reads
             # symmetric int4 ("Gather only supports 4 bits", uint8 Reshape type error): untie, so the
@@ -215,7 +234,8 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
             emb = embedding_block_size(hidden, q["block_size"])
             console.warn(f"hidden size {hidden} is not a multiple of int4 block {q['block_size']}: embedding untied from lm_head, "
                          + (f"stored int4 with block {emb}" if emb else "kept float"))
-    options = {"precision": precision, "execution_provider": ep, "extra": extra, "int4": q,
+    options = {"precision": precision, "execution_provider": ep, "extra": extra, "int4": q, "mixed": mixed,
+               "allow_slow_kernel": allow_slow_kernel,
                "calibration": calib.sha256 if calib else None, "target": t.model_dump(mode="json", exclude={"source"})}
     inputs = {"model": model_dir, "calibration": calib.path if calib else None}
     with artifacts.stage_output(out, "export", inputs=inputs, options=options) as run, \
@@ -241,7 +261,19 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
                 raise CheckFailed(f"the graph's int4 weights differ from neural-compressor's (max |diff| {parity['max_abs_diff']:.3g} "
                                   f"over {parity['compared']} MatMulNBits nodes)", hint="the builder misread the GPTQ-layout checkpoint")
         else:
+            plan = None
+            if mixed:
+                from .mixed import plan_mixed
+
+                plan = plan_mixed(mixed, src=src, model_dir=model_dir, cache=cache, token_ids=token_ids,
+                                  build=lambda d: _build(src, d, precision, ep, cache, extra))
+                extra = {**extra, "nodes_to_exclude": ",".join(filter(None, [extra.get("nodes_to_exclude"), *plan["layers"]]))}
             _build(src, run.dir, precision, ep, cache, extra)
+            if plan:
+                from .mixed import finish_mixed
+
+                with console.step(f"mixed precision: {len(plan['layers'])} MatMuls at 8 bits"), console.results_only_stdout():
+                    qinfo["mixed"] = finish_mixed(run.dir, plan, q=q, execution_provider=t.runtime.execution_provider)
         if precision == "int4" and algorithm not in ORT_ALGORITHMS and extra.get("shared_embeddings") == "false":
             # untied by us (asymmetric int4): store the now separate embedding as int4 too, not float
             with console.step("int4 embedding (GatherBlockQuantized)"), console.results_only_stdout():
@@ -253,7 +285,7 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
             with console.step("int8 lm_head (MatMulNBits bits=8)"), console.results_only_stdout():
                 # CPU: 8-bit MatMulNBits at accuracy_level 0 dequantizes the whole head every step (SmolLM2:
                 # ~1 tok/s instead of ~11); level 4 (int8 activations) runs MLAS's int8 kernel at int4 speed.
-                head_level = (q["accuracy_level"] or 4) if ep == "cpu" else q["accuracy_level"]
+                head_level = kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider)
                 quantize_lm_head_in(run.dir, bits=8, block_size=q["block_size"], symmetric=q["symmetric"],
                                     accuracy_level=head_level)
         _configure_genai(run.dir, t)
@@ -270,15 +302,22 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
                     return a["zero_points"]
                 return algorithm in ZERO_POINTS_ALWAYS or not a["zero_points"]
 
-            if precision == "int4" and q["lm_head"] == "int8":  # the head is checked above
-                nbits_body = matmulnbits_attributes(run.dir, skip_prefix="/lm_head/")
+            eight = set((qinfo.get("mixed") or {}).get("layers", []))  # checked by finish_mixed
+            if precision == "int4" and (q["lm_head"] == "int8" or eight):  # the head is checked above
+                nbits_body = matmulnbits_attributes(run.dir, skip_prefix="/lm_head/", skip=eight)
             else:
                 nbits_body = nbits
+            level = kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider) if bits == 8 else q["accuracy_level"]
             bad = [a for a in nbits_body if a.get("bits") != bits or a.get("block_size") != q["block_size"]
-                   or a.get("accuracy_level", 0) != q["accuracy_level"] or not zero_points_ok(a)]
+                   or a.get("accuracy_level", 0) != level or not zero_points_ok(a)]
             if not nbits_body or bad:
                 raise CheckFailed(f"the graph's MatMulNBits nodes do not carry the requested options: {bad or 'none found'}",
                                   hint="the builder ignored an option; check the onnxruntime-genai version")
+        paths = kernels.kernel_paths(run.dir)
+        slow = kernels.slow_nodes(paths)
+        if cpu and slow and not allow_slow_kernel:
+            raise CheckFailed(f"{len(slow)} MatMulNBits nodes would run off the CPU's prepacked kernels ({slow[0]['node']}: {slow[0]['path']})",
+                              hint="use rtn or k_quant, accuracy_level 4 for 8-bit, or --allow-slow-kernel")
         tok = check_tokenizer(run.dir, model_dir) if ep == "cpu" else None
         size = sum(p.stat().st_size for p in run.dir.iterdir() if p.is_file())
         if calib:
@@ -289,7 +328,7 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
         run.results.update(kind="decoder", precision=precision, target=t.name, execution_provider=t.runtime.execution_provider,
                            builder_provider=ep, int4=q if precision == "int4" else None, int8=q if precision == "int8" else None,
                            quantization=qinfo or None, embeddings=embedding_kind(run.dir),
-                           matmulnbits=nbits, lm_head=head, size_mb=round(size / 2**20, 3), tokenizer_check=tok,
+                           matmulnbits=nbits, lm_head=head, kernel_paths={**kernels.summary(paths), "nodes": paths}, size_mb=round(size / 2**20, 3), tokenizer_check=tok,
                            exporter="onnxruntime-genai builder")
     return out
 

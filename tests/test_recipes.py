@@ -1,0 +1,216 @@
+"""Kernel paths per MatMulNBits node, layer-wise mixed precision and the automatic recipe, on the tiny Llama."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edgetune.errors import BadInput, CheckFailed
+from edgetune.export import export
+from edgetune.llm import kernels
+
+FAST_VALIDATE = {"repeats": 1, "warmup": 0, "max_tokens": 8, "prompt_tokens": 16, "eval_tokens": 256}
+
+
+def results(folder):
+    return json.loads((folder / "edgetune.json").read_text())["results"]
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    texts = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.",
+             "Turn on the kitchen lights.", "def f(x):\n    return x**2", "Once upon a time there was a tiny model."]
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return p
+
+
+# ------------------------------------------------------------------ kernel paths
+
+
+@pytest.mark.parametrize("precision,int4,kw", [
+    ("int4", {"algorithm": "rtn"}, {}),
+    ("int4", {"algorithm": "rtn", "symmetric": False, "accuracy_level": 4}, {}),
+    ("int4", {"algorithm": "k_quant", "lm_head": "int8"}, {}),
+    ("int4", {"algorithm": "gptq"}, {"calibration": "CALIB"}),
+    ("int4", {"algorithm": "inc-rtn"}, {}),
+    ("int8", {"algorithm": "rtn"}, {}),
+])
+def test_every_algorithm_on_prepacked_kernels(tiny_llama, calib_file, tmp_path, precision, int4, kw):
+    kw = {k: (calib_file if v == "CALIB" else v) for k, v in kw.items()}
+    out = export(tiny_llama, tmp_path / "x", target="cpu-x86", precision=precision, int4=int4, **kw)
+    rec = results(out)
+    paths = kernels.kernel_paths(out)  # read from the graph again, not trusted from the record
+    assert len(paths) == 11 and rec["kernel_paths"]["nodes"] == paths and rec["kernel_paths"]["slow"] == []
+    assert all(p["path"] == kernels.PREPACKED and p["zero_points"] in ("none", "uint8") for p in paths)
+    # 8-bit MatMulNBits (int8 export, int8 head) run at accuracy_level 4 on the CPU: level 0 dequantizes every call
+    assert all(p["accuracy_level"] == 4 for p in paths if p["bits"] == 8)
+    assert any(p["bits"] == 8 for p in paths) == (precision == "int8" or int4.get("lm_head") == "int8")
+
+
+def test_hqq_float_zero_points_refused_on_cpu(tiny_llama, tmp_path):
+    with pytest.raises(BadInput, match="float zero points"):
+        export(tiny_llama, tmp_path / "h", target="cpu-x86", precision="int4", int4={"algorithm": "hqq", "symmetric": False})
+    assert not (tmp_path / "h").exists()
+    out = export(tiny_llama, tmp_path / "h", target="cpu-x86", precision="int4", int4={"algorithm": "hqq", "symmetric": False},
+                 allow_slow_kernel=True)
+    paths = kernels.kernel_paths(out)
+    assert paths and all(p["zero_points"] == "float32" and p["path"] == kernels.SLOW_FLOAT_ZP for p in paths if p["node"] != "/lm_head/MatMul_Q4")
+    assert len(results(out)["kernel_paths"]["slow"]) >= 10
+
+
+def test_slow_8bit_level_is_detected(tiny_llama, tmp_path):
+    out = export(tiny_llama, tmp_path / "i8", target="cpu-x86", precision="int8")
+    dst = tmp_path / "i8-level0"
+    shutil.copytree(out, dst)
+    assert kernels.set_accuracy_level(dst, 0) == 11
+    assert all(p["path"] == kernels.SLOW_8BIT_LEVEL for p in kernels.kernel_paths(dst))
+
+
+# ------------------------------------------------------------------ mixed precision
+
+
+def _outlier_llama(src, dst, node_module="model.layers.1.mlp.down_proj"):
+    """The tiny Llama with one outlier per int4 block in one MatMul: its int4 error dwarfs the others'."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(src, dst)
+    m = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    w = dict(m.named_modules())[node_module].weight
+    with torch.no_grad():
+        w[:, ::32] *= 30.0
+    m.save_pretrained(str(dst), safe_serialization=True)
+    return dst
+
+
+def test_mixed_precision_measures_and_records(tiny_llama, calib_file, tmp_path):
+    src = _outlier_llama(tiny_llama, tmp_path / "outlier")
+    # confirm=0: the ranking is the activation-weighted error proxy alone (KL confirmation: below)
+    out = export(src, tmp_path / "m", target="cpu-x86", precision="int4", int4={"lm_head": "int8"}, mixed={"count": 2, "confirm": 0},
+                 calibration=calib_file)
+    m = results(out)["quantization"]["mixed"]
+    ranking = m["sensitivity"]["ranking"]
+    # 10 body MatMuls (the int8 head is not an int4 candidate); the outlier layer is found
+    assert len(ranking) == 10 and all(r["score"] >= 0 for r in ranking) and not any("kl" in r for r in ranking)
+    assert ranking[0]["node"] == "/model/layers.1/mlp/down_proj/MatMul"
+    assert ranking[0]["score"] > 1.5 * ranking[1]["score"]
+    assert m["layers"] == [r["node"] for r in ranking if r["node"] != "/lm_head/MatMul"][:2]
+    # the chosen layers (and the int8 head) are 8-bit in the graph, every other MatMul int4
+    paths = {p["node"].rsplit("_Q", 1)[0]: p for p in kernels.kernel_paths(out)}
+    eight = {n for n, p in paths.items() if p["bits"] == 8}
+    assert eight == set(m["layers"]) | {"/lm_head/MatMul"}
+    assert all(p["bits"] == 4 and p["accuracy_level"] == 0 for n, p in paths.items() if n not in eight)
+    assert all(p["accuracy_level"] == 4 and p["path"] == kernels.PREPACKED for n, p in paths.items() if n in eight)
+    why = {w["node"]: w["why"] for w in m["widths"]}
+    assert why["/model/layers.1/mlp/down_proj/MatMul"].startswith("8-bit: sensitivity rank 1")
+    # keeping the outlier layer at 8 bits brings the logits closer to PyTorch than plain int4
+    ref, mixed_logits, plain = _last_logits(src), _genai_logits(out), _genai_logits(
+        export(src, tmp_path / "p", target="cpu-x86", precision="int4", int4={"lm_head": "int8"}))
+    assert np.abs(mixed_logits - ref).mean() < np.abs(plain - ref).mean()
+
+
+def test_sensitivity_kl_confirms_top(tiny_llama, calib_file, tmp_path):
+    from edgetune.llm.mixed import sensitivity
+    from edgetune.llm.quantize import encode_calibration, load_calibration
+
+    int4 = export(tiny_llama, tmp_path / "q", target="cpu-x86", precision="int4")
+    ids = encode_calibration(tiny_llama, load_calibration(calib_file).texts)
+    s = sensitivity(tiny_llama, int4, ids, confirm=3, confirm_samples=2)
+    r = s["ranking"]
+    assert len(r) == 11 and [x["rank"] for x in r] == list(range(1, 12)) and s["confirm_samples"] == 2
+    assert all(x["kl"] > 0 for x in r[:3]) and not any("kl" in x for x in r[3:])
+    assert r[0]["kl"] >= r[1]["kl"] >= r[2]["kl"]
+    proxy_top3 = sorted(r, key=lambda x: -x["score"])[:3]
+    assert {x["node"] for x in proxy_top3} == {x["node"] for x in r[:3]}  # KL reorders the proxy's top few only
+
+
+def test_mixed_given_layers(tiny_llama, tmp_path):
+    layers = ["/model/layers.0/attn/o_proj/MatMul", "/model/layers.1/mlp/up_proj/MatMul"]
+    out = export(tiny_llama, tmp_path / "g", target="cpu-x86", precision="int4", int4={"algorithm": "k_quant"}, mixed={"layers": layers})
+    assert {p["node"].rsplit("_Q", 1)[0] for p in kernels.kernel_paths(out) if p["bits"] == 8} == set(layers)
+    assert results(out)["quantization"]["mixed"]["how"] == "given"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"precision": "int8", "mixed": {"fraction": 0.2}}, "applies to int4"),
+    ({"precision": "int4", "int4": {"algorithm": "gptq"}, "mixed": {"fraction": 0.2}}, "rtn, k_quant"),
+    ({"precision": "int4", "mixed": {"fraction": 0.2, "count": 2}}, "one of fraction"),
+    ({"precision": "int4", "mixed": {"layers": ["/lm_head/MatMul"]}}, "not a decoder-layer MatMul"),
+    ({"recipe": "auto", "precision": "int4"}, "chooses precision"),
+    ({"data": "x.txt"}, "only apply to --recipe auto"),
+])
+def test_bad_mixed_and_recipe_options(tiny_llama, tmp_path, kwargs, match):
+    with pytest.raises(BadInput, match=match):
+        export(tiny_llama, tmp_path / "x", target="cpu-x86", **kwargs)
+    assert not (tmp_path / "x").exists()
+
+
+def _last_logits(model_dir, ids=(5, 17, 42, 99, 7, 3)):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(torch.tensor([list(ids)])).logits[0, -1].numpy()
+
+
+def _genai_logits(folder, ids=(5, 17, 42, 99, 7, 3)):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    gen = og.Generator(model, og.GeneratorParams(model))
+    gen.append_tokens(np.array([list(ids)], dtype=np.int32))
+    logits = np.asarray(gen.get_logits())
+    return logits.reshape(-1, logits.shape[-1])[-1]
+
+
+# ------------------------------------------------------------------ automatic recipe
+
+
+def test_auto_recipe_picks_fastest_passing(tiny_llama, calib_file, tmp_path):
+    out = export(tiny_llama, tmp_path / "auto", target="cpu-x86", recipe="auto", calibration=calib_file, data=calib_file,
+                 candidates=["rtn-head4", "rtn-head8-mixed25"], validate_options=FAST_VALIDATE)
+    rec = results(out)
+    search = rec["recipe"]
+    names = [r["recipe"] for r in search["table"]]
+    # the level-4 twins are tried too (cpu-x86 says accuracy_level 0; symmetric rtn has no zero points)
+    assert names == ["rtn-head4", "rtn-head4@level4", "rtn-head8-mixed25", "rtn-head8-mixed25@level4"]
+    passing = [r for r in search["table"] if r["passed"]]
+    assert passing and all(r["decode_tokens_per_s"] > 0 and r["size_mb"] > 0 and r["kl_divergence"] is not None for r in search["table"])
+    best = max(passing, key=lambda r: r["decode_tokens_per_s"])
+    assert search["chosen"] == best["recipe"]
+    # the folder is the winner's export, and its graph is what the winner's name says
+    level = 4 if best["recipe"].endswith("@level4") else 0
+    assert all(p["accuracy_level"] == level for p in kernels.kernel_paths(out) if p["bits"] == 4)
+    assert any(p["bits"] == 8 for p in kernels.kernel_paths(out)) == ("mixed" in best["recipe"])
+    assert search["sensitivity"]["rtn"]["top"]
+    # only the winner is kept: no candidate work folder left next to the output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto"]
+
+
+def test_auto_recipe_nothing_passes_exits_1_with_table(tiny_llama, calib_file, tmp_path):
+    prof = tmp_path / "tiny-budget.toml"
+    prof.write_text('name = "tiny-budget"\nextends = "cpu-x86"\n[budgets]\nmax_size_mb = 0.001\n')
+    with pytest.raises(CheckFailed, match=r"no recipe meets the budgets(.|\n)*rtn-head4 \|") as exc:
+        export(tiny_llama, tmp_path / "auto", target=str(prof), recipe="auto", calibration=calib_file, data=calib_file,
+               candidates=["rtn-head4"], validate_options=FAST_VALIDATE)
+    assert exc.value.exit_code == 1
+    table = exc.value.result["table"]
+    assert [r["recipe"] for r in table] == ["rtn-head4", "rtn-head4@level4"]
+    assert all(not r["passed"] and "size_mb" in r["failed"] for r in table)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-budget.toml"]
+
+
+def test_recipe_profile_field(tmp_path):
+    from edgetune.targets import load_target
+
+    prof = tmp_path / "a.toml"
+    prof.write_text('name = "a"\nextends = "cpu-x86"\n[quantization]\nrecipe = "auto"\n')
+    assert load_target(str(prof)).quantization.recipe == "auto" and load_target("cpu-x86").quantization.recipe == "profile"
+    prof.write_text('name = "a"\nextends = "cpu-x86"\n[quantization]\nrecipe = "best"\n')
+    with pytest.raises(BadInput, match="recipe"):
+        load_target(str(prof))
