@@ -171,14 +171,25 @@ def _builder_input(model_dir: Path, scratch: Path) -> Path:
 def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=(), calibration=None) -> Path:
     model_dir, out = Path(model_dir), Path(out)
     t = load_target(target)
-    precision = precision or t.precision.llm
-    if precision not in ("fp32", "fp16", "bf16", "int8", "int4"):
-        raise BadInput(f"unknown precision '{precision}'", hint="use fp32, fp16, bf16, int8 or int4")
+    default_gguf = False
+    if precision is None and t.runtime.resolved_builder_provider == "cpu":
+        from .gguf_export import gguf_source
+
+        default_gguf = gguf_source(model_dir) is not None  # a GGUF not fine-tuned: keep its own weights
+    precision = precision or ("gguf" if default_gguf else t.precision.llm)
+    if precision not in ("fp32", "fp16", "bf16", "int8", "int4", "gguf"):
+        raise BadInput(f"unknown precision '{precision}'", hint="use fp32, fp16, bf16, int8, int4 or gguf")
     if adapters:  # runtime-switchable LoRAs: the base graph once (through this function) + one .onnx_adapter each
         from .adapters import export_with_adapters
 
         return export_with_adapters(model_dir, out, target=target, precision=precision, int4=int4, adapters=adapters,
                                     calibration=calibration)
+    if precision == "gguf":  # the GGUF's own quantized weights, transcoded exactly (edgetune/llm/gguf_export.py)
+        from .gguf_export import export_gguf
+
+        if calibration is not None:
+            raise BadInput("--calibration is not used by --precision gguf (the GGUF's weights are kept)", hint="drop --calibration")
+        return export_gguf(model_dir, out, target=target, int4=int4, default=default_gguf)
     ep = t.runtime.resolved_builder_provider
     q = int4_options(t, int4) if precision in ("int4", "int8") else None
     algorithm = q["algorithm"] if q else None
