@@ -1,0 +1,131 @@
+"""GGUF -> MatMulNBits transcode: every supported GGML type round-trips exactly; others are refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+ort = pytest.importorskip("onnxruntime")
+
+from edgetune.llm.blockform import BlockForm, float_zero_point_graph, matmul_graph  # noqa: E402
+from edgetune.llm.gguf_blocks import QUANT_TYPES, to_blockform  # noqa: E402
+
+
+def _session(model):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("type_name", QUANT_TYPES)
+def test_each_type_round_trips_exactly(type_name):
+    from tiny_gguf import tensor_data
+
+    rng = np.random.default_rng(1)
+    n, k = 48, 512
+    raw, qtype = tensor_data(rng, type_name, rng.standard_normal((n, k)).astype(np.float32) * 0.05)
+    ref = gguf.quants.dequantize(raw, qtype).reshape(n, k)
+    form = to_blockform(raw, type_name, n, k)
+    w = form.dequantize()
+    assert np.abs(w - ref).max() <= 1e-6 * np.abs(ref).max(), type_name  # gguf's own dequantize
+    model, info = matmul_graph(form, accuracy_level=0)
+    mnb = [nd for nd in model.graph.node if nd.op_type == "MatMulNBits"]
+    assert len(mnb) == 1 and len(mnb[0].input) == 3  # symmetric: no zero_points input (prepacked path)
+    assert info["correction"] == (type_name in ("Q4_1", "Q4_K", "Q5_1", "Q5_K"))
+    x = rng.standard_normal((1, 3, k)).astype(np.float32)
+    y = _session(model).run(None, {"X": x})[0]
+    want = x[0].astype(np.float64) @ ref.T.astype(np.float64)
+    assert np.abs(y[0] - want).max() <= 1e-5 * np.abs(want).max(), type_name
+
+
+def test_block_sum_form_equals_float_zero_point_node():
+    """w = s*(q - z) with float z (HQQ's form): the symmetric node + correction == MatMulNBits with float zero points."""
+    rng = np.random.default_rng(2)
+    n, k, block = 64, 256, 32
+    q = rng.integers(0, 16, (n, k), dtype=np.uint8)
+    s = rng.uniform(0.01, 0.05, (n, k // block)).astype(np.float32)
+    z = rng.uniform(0, 15, (n, k // block)).astype(np.float32)
+    x = rng.standard_normal((1, 5, k)).astype(np.float32)
+    fast, info = matmul_graph(BlockForm.from_float_zero_points(q, s, z, 4, block))
+    slow = float_zero_point_graph(q, s, z, 4, block)
+    assert info["correction"] and len(next(nd for nd in fast.graph.node if nd.op_type == "MatMulNBits").input) == 3
+    a, b = _session(fast).run(None, {"X": x})[0], _session(slow).run(None, {"X": x})[0]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    pytest.importorskip("torch")
+    from tiny_gguf import write_tiny_llama_gguf
+    from tiny_models import build_bpe_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-gguf")
+    build_bpe_tokenizer(d)
+    return write_tiny_llama_gguf(d / "tiny.gguf", d)
+
+
+def test_tiny_llama_gguf_end_to_end(tiny_gguf, tmp_path):
+    """export (default precision = gguf) -> every tensor exact, loads in onnxruntime-genai, logits == PyTorch's."""
+    import torch
+
+    from edgetune.device import llm as dev
+    from edgetune.export import export
+    from edgetune.llm.gguf_export import transcode
+    from edgetune.models import load_causal_lm, materialize
+
+    out = export(tiny_gguf, tmp_path / "gguf", target="cpu-x86")
+    rec = json.loads((out / "edgetune.json").read_text())["results"]
+    assert rec["precision"] == "gguf" and "default" in rec["precision_note"]
+    g = rec["gguf"]
+    assert {t["type"] for t in g["tensors"]} >= set(QUANT_TYPES) | {"F16", "F32"}
+    assert g["max_rel_diff_vs_gguf_dequantize"] <= 1e-6 and g["max_rel_diff_vs_builder_fp32"] <= 1e-6
+    assert all(t["permuted_rows"] for t in g["tensors"] if ".attn_q." in t["gguf"] or ".attn_k." in t["gguf"])
+    assert g["all_prepacked"] and g["embedding"]["shared_with_lm_head"] and rec["tokenizer_check"]["mismatches"] == 0
+    assert all(a["zero_points"] is False for a in rec["matmulnbits"])
+    kinds = {n["node"]: n for n in g["nodes"]}
+    assert kinds["/model/layers.1/mlp/gate_proj/MatMul"]["form"] == "float MatMul"
+    # accuracy_level 0 for every node (8-bit too): the graph computes the dequantized model in fp32
+    folder = materialize(tiny_gguf).path
+    exact = tmp_path / "exact"
+    exact.mkdir()
+    import shutil
+    import tempfile
+
+    from edgetune.llm.export import _build
+
+    with tempfile.TemporaryDirectory() as scratch:
+        _build(folder, exact / "fp32", "fp32", "cpu", exact, {})
+        (exact / "q").mkdir()
+        transcode(exact / "fp32", exact / "q", tiny_gguf, json.loads((folder / "config.json").read_text()),
+                  accuracy_level=0, eight_bit_level=None)
+    shutil.rmtree(exact / "fp32")
+    ids = np.array([5, 17, 42, 99, 3, 250, 7, 64], dtype=np.int64)
+    got = dev.logits(dev.load(exact / "q"), ids)
+    with torch.no_grad():
+        want = load_causal_lm(folder)(torch.tensor(ids)[None]).logits[0].numpy()
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), np.abs(got - want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_unsupported_type_exits_2_naming_it(tiny_gguf, tmp_path):
+    from edgetune.errors import BadInput
+    from edgetune.export import export
+    from tiny_gguf import write_tiny_llama_gguf
+
+    bad = write_tiny_llama_gguf(tmp_path / "q2k.gguf", tiny_gguf.parent, override={"ffn_down": "Q2_K"})
+    with pytest.raises(BadInput) as err:
+        export(bad, tmp_path / "out", target="cpu-x86", precision="gguf")
+    assert err.value.exit_code == 2 and "Q2_K" in err.value.one_line(), err.value.one_line()
+    assert not (tmp_path / "out").exists()
+
+
+def test_gguf_precision_needs_a_gguf_source(tiny_llama, tmp_path):
+    from edgetune.errors import BadInput
+    from edgetune.export import export
+
+    with pytest.raises(BadInput, match="no GGUF source") as err:
+        export(tiny_llama, tmp_path / "o", target="cpu-x86", precision="gguf")
+    assert err.value.exit_code == 2
