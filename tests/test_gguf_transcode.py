@@ -129,3 +129,28 @@ def test_gguf_precision_needs_a_gguf_source(tiny_llama, tmp_path):
     with pytest.raises(BadInput, match="no GGUF source") as err:
         export(tiny_llama, tmp_path / "o", target="cpu-x86", precision="gguf")
     assert err.value.exit_code == 2
+
+
+FOUR_BIT = {"attn_q": "Q4_K", "attn_k": "Q4_1", "attn_v": "Q4_0", "attn_output": "Q4_0", "ffn_gate": "Q4_1", "ffn_up": "Q4_K",
+            "ffn_down": "Q4_1"}
+
+
+def test_runtime_adapter_over_gguf_base(tiny_gguf, tmp_path):
+    """--adapter over the transcoded base: LoRA MatMuls stay float graph inputs, base + adapter == PyTorch base + PEFT."""
+    import onnx
+
+    from edgetune.export import export
+    from edgetune.models import materialize
+    from test_adapters import make_lora
+    from tiny_gguf import write_tiny_llama_gguf
+
+    src = write_tiny_llama_gguf(tmp_path / "q4.gguf", tiny_gguf.parent, override=FOUR_BIT)  # all 4-bit: accuracy_level 0 throughout
+    lora = make_lora(materialize(src).path, tmp_path / "chat", targets=["q_proj", "v_proj", "down_proj"], seed=1)
+    out = export(src, tmp_path / "x", target="cpu-x86", adapters=[lora])
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert {n.op_type for n in graph.node if "/lora_" in n.name} == {"MatMul"}
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 2 * 7 + 1
+    res = json.loads((out / "edgetune.json").read_text())["results"]
+    assert res["precision"] == "gguf" and res["gguf"]["max_rel_diff_vs_gguf_dequantize"] <= 1e-6
+    fig = res["adapter_check"]["adapters"]
+    assert fig["(base)"]["max_abs_diff"] < 1e-3 and fig["chat"]["max_abs_diff"] < 1e-3, fig
