@@ -56,6 +56,38 @@ def test_block_sum_form_equals_float_zero_point_node():
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
+def test_hqq_float_zero_points_converted_exactly():
+    """onnxruntime's HQQ writes float zero points (slow path); convert_float_zero_points gives the same output fast."""
+    import copy
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    mnq = pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
+    pytest.importorskip("torch")
+    from edgetune.llm.blockform import convert_float_zero_points
+
+    rng = np.random.default_rng(3)
+    k, n = 256, 96
+    w = numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32) * 0.05, "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"], name="/m/MatMul")], "g",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, "S", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, "S", n])], initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    quant = mnq.MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=False, accuracy_level=0,
+                                     algo_config=mnq.HQQWeightOnlyQuantConfig(block_size=32, bits=4))
+    quant.process()
+    slow = quant.model.model
+    assert next(i for i in slow.graph.initializer if "zero_points" in i.name).data_type == TensorProto.FLOAT
+    fast = copy.deepcopy(slow)
+    done = convert_float_zero_points(fast)
+    assert len(done) == 1 and done[0]["correction"]
+    assert all(len(nd.input) == 3 for nd in fast.graph.node if nd.op_type == "MatMulNBits")
+    x = rng.standard_normal((1, 4, k)).astype(np.float32)
+    a, b = _session(fast).run(None, {"X": x})[0], _session(slow).run(None, {"X": x})[0]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     pytest.importorskip("torch")

@@ -150,9 +150,15 @@ class GraphEdit:
         return out
 
     def const_i64(self, values: list[int]) -> str:
+        """A small int64 shape/axes tensor as a Constant node (never moved to external data: shape inference reads it)."""
+        from onnx import helper, numpy_helper
+
         key = tuple(values)
         if key not in self._consts:
-            self._consts[key] = self.initializer(f"{self.prefix}/const/{'_'.join(str(v) for v in values)}", np.array(values, np.int64))
+            name = f"{self.prefix}/const/{'_'.join(str(v) for v in values)}"
+            self.nodes.append(helper.make_node("Constant", [], [name], name=f"{name}/Constant",
+                                               value=numpy_helper.from_array(np.array(values, np.int64), f"{name}/value")))
+            self._consts[key] = name
         return self._consts[key]
 
     def blocksums(self, x: str, k: int, block: int) -> str:
@@ -225,3 +231,76 @@ def float_zero_point_graph(q: np.ndarray, scales: np.ndarray, zero_points: np.nd
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)])
     model.ir_version = 10
     return model
+
+
+def convert_float_zero_points(model, *, skip=lambda node: False) -> list[dict[str, Any]]:
+    """Rewrite, in place, every MatMulNBits with *float* zero points (HQQ) into the exact fast form.
+
+    ``w = s * (q - z)`` with float ``z`` -> symmetric MatMulNBits (same q and s, default zero point)
+    + block-sum correction with offsets ``s * (z0 - z)``. The last new node writes the old output.
+    Returns one record per converted node.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    edit = GraphEdit(prefix="/blockform")
+    done: list[dict[str, Any]] = []
+    replaced: set[str] = set()
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or len(node.input) < 4 or not node.input[3] or skip(node):
+            continue
+        zp = inits.get(node.input[3])
+        if zp is None or zp.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            continue
+        if len(node.input) > 4 and any(node.input[4:]):  # g_idx / bias: leave alone
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        n, k, bits, block = attrs["N"], attrs["K"], attrs.get("bits", 4), attrs["block_size"]
+        if k % block or bits not in (4, 8) or node.input[1] not in inits or node.input[2] not in inits:
+            continue
+        kb = k // block
+        q = unpack(numpy_helper.to_array(inits[node.input[1]]).reshape(n, -1), bits, k)
+        s = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(n, kb)
+        z = numpy_helper.to_array(zp).astype(np.float32).reshape(n, kb)
+        form = BlockForm.from_float_zero_points(q, s, z, bits, block)
+        form.stored_scales = lambda s=s: s  # keep the scales exactly as the quantizer wrote them (float32)
+        base = node.name or node.output[0]
+        info = edit.linear(node.input[0], node.output[0], form, name=base, weight_name=node.input[1].replace("_Q4", "").replace("_Q8", ""),
+                           accuracy_level=attrs.get("accuracy_level", 0))
+        done.append({"node": node.name, **info, "from": "float zero points"})
+        replaced.add(node.name or node.output[0])
+    if not done:
+        return done
+    nodes = [nd for nd in graph.node if (nd.name or nd.output[0]) not in replaced or nd.op_type != "MatMulNBits"] + edit.nodes
+    _topo(nodes, graph)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for nd in graph.node for i in nd.input}
+    keep = [i for i in graph.initializer if i.name in used] + [i for i in edit.initializers if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return done
+
+
+def _topo(nodes: list, graph) -> None:
+    """Order ``nodes`` so that each is after the producers of its inputs (stable otherwise)."""
+    avail = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    producer = {o: nd for nd in nodes for o in nd.output}
+    out, done = [], set()
+    for root in nodes:
+        stack = [(root, False)]
+        while stack:
+            nd, expanded = stack.pop()
+            if id(nd) in done:
+                continue
+            if expanded:
+                done.add(id(nd))
+                out.append(nd)
+                continue
+            stack.append((nd, True))
+            for i in reversed(nd.input):
+                p = producer.get(i)
+                if p is not None and id(p) not in done and i not in avail:
+                    stack.append((p, False))
+    nodes[:] = out

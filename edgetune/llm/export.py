@@ -16,7 +16,7 @@ from .. import artifacts, console
 from ..errors import BadInput, CheckFailed, require
 from ..targets import load_target
 from .quantize import (BUILDER_ALGORITHMS, CALIBRATED, INC_ALGORITHMS, ORT_ALGORITHMS, UNAVAILABLE, ZERO_POINTS_ALWAYS,
-                       check_algorithm, embedding_block_size, encode_calibration, inc_checkpoint, inc_weight_parity,
+                       ZERO_POINTS_FOLDED, check_algorithm, embedding_block_size, encode_calibration, inc_checkpoint, inc_weight_parity,
                        load_calibration, quantize_embedding_in, quantize_lm_head_in, quantize_onnx)
 
 LM_HEAD_CHOICES = ("int4", "int8", "fp32")
@@ -277,6 +277,8 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
             bits = 4 if precision == "int4" else 8
 
             def zero_points_ok(a) -> bool:
+                if algorithm in ZERO_POINTS_FOLDED:  # converted to the symmetric + correction form: none may remain
+                    return not a["zero_points"]
                 if not q["symmetric"]:
                     return a["zero_points"]
                 return algorithm in ZERO_POINTS_ALWAYS or not a["zero_points"]
