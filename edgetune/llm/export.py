@@ -175,7 +175,10 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     if precision is None and t.runtime.resolved_builder_provider == "cpu":
         from .gguf_export import gguf_source
 
-        default_gguf = gguf_source(model_dir) is not None  # a GGUF not fine-tuned: keep its own weights
+        try:
+            default_gguf = gguf_source(model_dir) is not None  # a GGUF not fine-tuned: keep its own weights
+        except BadInput as exc:  # its GGUF moved or changed: the profile's precision, said so
+            console.warn(f"precision gguf not used by default: {exc.one_line()}")
     precision = precision or ("gguf" if default_gguf else t.precision.llm)
     if precision not in ("fp32", "fp16", "bf16", "int8", "int4", "gguf"):
         raise BadInput(f"unknown precision '{precision}'", hint="use fp32, fp16, bf16, int8, int4 or gguf")
