@@ -124,15 +124,13 @@ def test_tiny_llama_gguf_end_to_end(tiny_gguf, tmp_path):
     exact = tmp_path / "exact"
     exact.mkdir()
     import shutil
-    import tempfile
 
     from edgetune.llm.export import _build
 
-    with tempfile.TemporaryDirectory() as scratch:
-        _build(folder, exact / "fp32", "fp32", "cpu", exact, {})
-        (exact / "q").mkdir()
-        transcode(exact / "fp32", exact / "q", tiny_gguf, json.loads((folder / "config.json").read_text()),
-                  accuracy_level=0, eight_bit_level=None)
+    _build(folder, exact / "fp32", "fp32", "cpu", exact, {})
+    (exact / "q").mkdir()
+    transcode(exact / "fp32", exact / "q", tiny_gguf, json.loads((folder / "config.json").read_text()),
+              accuracy_level=0, eight_bit_level=None)
     shutil.rmtree(exact / "fp32")
     ids = np.array([5, 17, 42, 99, 3, 250, 7, 64], dtype=np.int64)
     got = dev.logits(dev.load(exact / "q"), ids)

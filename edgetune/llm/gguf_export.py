@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import artifacts, console
 from ..errors import BadInput, CheckFailed, require
-from .blockform import MS_DOMAIN, BlockForm, GraphEdit, exact_float
+from .blockform import MS_DOMAIN, BlockForm, GraphEdit, _topo, exact_float
 
 TOLERANCE = 1e-6  # max |w_onnx - w_gguf| / max |w_gguf| per tensor (fp32 rounding of the offset fold)
 # 8-bit MatMulNBits at accuracy_level 0 on the CPU dequantizes B to fp32 and runs SGEMM on every call
@@ -157,7 +157,7 @@ def transcode(src: Path, dst: Path, gguf_path: Path, config: dict[str, Any], *, 
               eight_bit_level: int | None) -> dict[str, Any]:
     """Rewrite the builder's fp32 export in ``src`` into ``dst`` with the GGUF's blocks."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     g = GGUFTensors(gguf_path, config)
     model = onnx.load(str(src / "model.onnx"), load_external_data=True)
@@ -251,7 +251,7 @@ def transcode(src: Path, dst: Path, gguf_path: Path, config: dict[str, Any], *, 
     # ---- splice: old MatMuls (and the float embedding Gather/Transpose) out, new nodes in, then topological order
     drop = set(new_nodes_by_old) | set(embedding.get("drop_nodes", ()))
     new_list = [n for n in graph.node if n.name not in drop] + list(edit.nodes)
-    _topological_sort(new_list, graph)
+    _topo(new_list, graph)
     del graph.node[:]
     graph.node.extend(new_list)
     used = {i for n in graph.node for i in n.input}
@@ -277,35 +277,8 @@ def transcode(src: Path, dst: Path, gguf_path: Path, config: dict[str, Any], *, 
             "tolerance": TOLERANCE, "all_prepacked": all(n.get("prepacked_path") is not False for n in nodes_out)}
 
 
-def _topological_sort(nodes: list, graph) -> None:
-    """Order ``nodes`` so every input is produced before use (graph inputs/initializers are available)."""
-    avail = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    produced_by = {}
-    for n in nodes:
-        for o in n.output:
-            produced_by[o] = n
-    out, done = [], set()
-    for root in nodes:
-        stack = [(root, False)]
-        while stack:
-            n, expanded = stack.pop()
-            key = id(n)
-            if key in done:
-                continue
-            if expanded:
-                done.add(key)
-                out.append(n)
-                continue
-            stack.append((n, True))
-            for i in n.input:
-                p = produced_by.get(i)
-                if p is not None and id(p) not in done and i not in avail:
-                    stack.append((p, False))
-    nodes[:] = out
-
-
 def _embedding(graph, inits, producers, g: GGUFTensors, heads, edit: GraphEdit, proved, tensors, nodes_out, seen_gguf) -> dict:
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     gather = next((n for n in graph.node if n.name == "/model/embed_tokens/Gather"), None)
     gname = g.gguf_name("model.embed_tokens.weight")
