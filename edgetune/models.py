@@ -225,7 +225,14 @@ def materialize(spec: str | os.PathLike, *, cache_dir: Path | None = None, dtype
     cache_dir = cache_dir or cache_root()
     out = cache_dir / "gguf" / f"{path.stem}-{hash_path(path)[:12]}"
     options = {"dtype": dtype}
-    if up_to_date(out, "gguf-import", {"gguf": path}, options):
+    record = up_to_date(out, "gguf-import", {"gguf": path}, options)
+    if record:
+        src = (record.get("inputs") or {}).get("gguf") or {}
+        if src.get("path") != str(path):  # same content found at another path: the record names where it is now
+            src["path"] = str(path)
+            from .artifacts import RECORD_NAME, write_json
+
+            write_json(out / RECORD_NAME, record)
         return inspect(out)
     meta = _gguf_metadata(path)  # a truncated or corrupt file fails here, before any work
     transformers = require("transformers", purpose="loading GGUF files")

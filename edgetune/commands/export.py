@@ -12,8 +12,9 @@ from ..cli import common_options, force_option
 @click.argument("model")
 @click.option("--target", "-t", required=True, help="Target profile name or .toml path.")
 @click.option("--out", "-o", required=True, type=click.Path(), help="Output folder.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "int4",
-                                                 "int8-dynamic", "int8-static"]), help="Default: the profile's.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "int4", "gguf",
+                                                 "int8-dynamic", "int8-static"]),
+              help="Default: gguf for a GGUF input that is not fine-tuned (its own weights, exact), else the profile's.")
 @click.option("--int4-algorithm", type=click.Choice(["rtn", "k_quant", "hqq", "gptq", "inc-rtn", "inc-gptq", "inc-awq", "inc-autoround"]),
               help="Override the profile's int4 algorithm: rtn/k_quant (builder), hqq/gptq (onnxruntime quantizer), "
                    "inc-rtn/inc-gptq (neural-compressor); inc-awq/inc-autoround are refused (see docs/llm.md).")
@@ -69,4 +70,5 @@ def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_
     path = run_export(model, out, target=target, precision=precision, **opts)
     rec = artifacts.read_record(path)
     result = {"out": str(path), **rec.get("results", {})}
-    console.emit(result, lambda r: f"{r.get('kind')} {r.get('precision')} -> {r['out']} ({r.get('size_mb')} MB)")
+    console.emit(result, lambda r: f"{r.get('kind')} {r.get('precision')} -> {r['out']} ({r.get('size_mb')} MB)"
+                 + (f"\n{r['precision_note']}" if r.get("precision_note") else ""))

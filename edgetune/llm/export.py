@@ -18,7 +18,7 @@ from ..targets import load_target
 from . import kernels
 from .mixed import base_name
 from .quantize import (BUILDER_ALGORITHMS, CALIBRATED, INC_ALGORITHMS, ORT_ALGORITHMS, UNAVAILABLE, ZERO_POINTS_ALWAYS,
-                       check_algorithm, embedding_block_size, encode_calibration, inc_checkpoint, inc_weight_parity,
+                       ZERO_POINTS_FOLDED, check_algorithm, embedding_block_size, encode_calibration, inc_checkpoint, inc_weight_parity,
                        load_calibration, quantize_embedding_in, quantize_lm_head_in, quantize_onnx)
 
 LM_HEAD_CHOICES = ("int4", "int8", "fp32")
@@ -182,14 +182,28 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     """
     model_dir, out = Path(model_dir), Path(out)
     t = load_target(target)
-    precision = precision or t.precision.llm
-    if precision not in ("fp32", "fp16", "bf16", "int8", "int4"):
-        raise BadInput(f"unknown precision '{precision}'", hint="use fp32, fp16, bf16, int8 or int4")
+    default_gguf = False
+    if precision is None and t.runtime.resolved_builder_provider == "cpu":
+        from .gguf_export import gguf_source
+
+        try:
+            default_gguf = gguf_source(model_dir) is not None  # a GGUF not fine-tuned: keep its own weights
+        except BadInput as exc:  # its GGUF moved or changed: the profile's precision, said so
+            console.warn(f"precision gguf not used by default: {exc.one_line()}")
+    precision = precision or ("gguf" if default_gguf else t.precision.llm)
+    if precision not in ("fp32", "fp16", "bf16", "int8", "int4", "gguf"):
+        raise BadInput(f"unknown precision '{precision}'", hint="use fp32, fp16, bf16, int8, int4 or gguf")
     if adapters:  # runtime-switchable LoRAs: the base graph once (through this function) + one .onnx_adapter each
         from .adapters import export_with_adapters
 
         return export_with_adapters(model_dir, out, target=target, precision=precision, int4=int4, adapters=adapters,
                                     calibration=calibration)
+    if precision == "gguf":  # the GGUF's own quantized weights, transcoded exactly (edgetune/llm/gguf_export.py)
+        from .gguf_export import export_gguf
+
+        if calibration is not None:
+            raise BadInput("--calibration is not used by --precision gguf (the GGUF's weights are kept)", hint="drop --calibration")
+        return export_gguf(model_dir, out, target=target, int4=int4, default=default_gguf)
     ep = t.runtime.resolved_builder_provider
     q = int4_options(t, int4) if precision in ("int4", "int8") else None
     algorithm = q["algorithm"] if q else None
@@ -298,6 +312,8 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
             bits = 4 if precision == "int4" else 8
 
             def zero_points_ok(a) -> bool:
+                if algorithm in ZERO_POINTS_FOLDED:  # converted to the symmetric + correction form: none may remain
+                    return not a["zero_points"]
                 if not q["symmetric"]:
                     return a["zero_points"]
                 return algorithm in ZERO_POINTS_ALWAYS or not a["zero_points"]

@@ -32,9 +32,11 @@ ORT_ALGORITHMS = ("hqq", "gptq")  # MatMulNBitsQuantizer on the fp32 export
 INC_ALGORITHMS = ("inc-rtn", "inc-gptq")  # neural-compressor (torch) -> GPTQ layout -> builder
 CALIBRATED = ("gptq", "inc-gptq")
 # Algorithms whose MatMulNBits nodes carry zero points even for symmetric weights (k_quant
-# stores them always, HQQ is asymmetric by construction, the builder's GPTQ-checkpoint path
-# always writes qzeros).
-ZERO_POINTS_ALWAYS = ("k_quant", "hqq", "inc-rtn", "inc-gptq")
+# stores them always, the builder's GPTQ-checkpoint path always writes qzeros).
+ZERO_POINTS_ALWAYS = ("k_quant", "inc-rtn", "inc-gptq")
+# Asymmetric by construction but stored without zero points: HQQ's float zero points are folded
+# into an exact block-sum correction (blockform.convert_float_zero_points).
+ZERO_POINTS_FOLDED = ("hqq",)
 UNAVAILABLE = {
     "inc-awq": (
         "int4 algorithm 'inc-awq' cannot work with the pinned versions: neural-compressor 3.10's AWQ finds the "
@@ -226,6 +228,11 @@ def quantize_onnx(fp32_dir: Path, out_dir: Path, *, algorithm: str, q: dict, tok
                                      accuracy_level=q["accuracy_level"], algo_config=cfg, nodes_to_exclude=exclude)
     quant.process()
     qmodel = quant.model.model
+    fast = []
+    if algorithm == "hqq":  # float zero points skip prepacking (~20x slower): the exact symmetric + block-sum form instead
+        from .blockform import convert_float_zero_points
+
+        fast = convert_float_zero_points(qmodel)
     # The fp32 input has its own (untied) embedding table; store it like the builder's rtn export
     # does, as symmetric int4 RTN (GatherBlockQuantized), instead of float.
     qmodel, embed = quantize_embedding(qmodel, block_size=q["block_size"], symmetric=True)
@@ -242,6 +249,9 @@ def quantize_onnx(fp32_dir: Path, out_dir: Path, *, algorithm: str, q: dict, tok
                     location="model.onnx.data", size_threshold=0)
     info: dict[str, Any] = {"quantizer": "onnxruntime MatMulNBitsQuantizer", "config": type(cfg).__name__,
                             "embedding": "int4 symmetric RTN (DefaultWeightOnlyQuantConfig)" if embed else "float"}
+    if fast:
+        info["float_zero_points"] = (f"converted on {len(fast)} MatMulNBits nodes to symmetric MatMulNBits + exact block-sum "
+                                     "correction (edgetune/llm/blockform.py)")
     if algorithm == "gptq":
         info.update(percdamp=cfg.percdamp, gptq_block_size=cfg.block_size, actorder=cfg.actorder)
     return info

@@ -1,0 +1,186 @@
+"""GGUF -> MatMulNBits transcode: every supported GGML type round-trips exactly; others are refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+ort = pytest.importorskip("onnxruntime")
+
+from edgetune.llm.blockform import BlockForm, float_zero_point_graph, matmul_graph  # noqa: E402
+from edgetune.llm.gguf_blocks import QUANT_TYPES, to_blockform  # noqa: E402
+
+
+def _session(model):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("type_name", QUANT_TYPES)
+def test_each_type_round_trips_exactly(type_name):
+    from tiny_gguf import tensor_data
+
+    rng = np.random.default_rng(1)
+    n, k = 48, 512
+    raw, qtype = tensor_data(rng, type_name, rng.standard_normal((n, k)).astype(np.float32) * 0.05)
+    ref = gguf.quants.dequantize(raw, qtype).reshape(n, k)
+    form = to_blockform(raw, type_name, n, k)
+    w = form.dequantize()
+    assert np.abs(w - ref).max() <= 1e-6 * np.abs(ref).max(), type_name  # gguf's own dequantize
+    model, info = matmul_graph(form, accuracy_level=0)
+    mnb = [nd for nd in model.graph.node if nd.op_type == "MatMulNBits"]
+    assert len(mnb) == 1 and len(mnb[0].input) == 3  # symmetric: no zero_points input (prepacked path)
+    assert info["correction"] == (type_name in ("Q4_1", "Q4_K", "Q5_1", "Q5_K"))
+    x = rng.standard_normal((1, 3, k)).astype(np.float32)
+    y = _session(model).run(None, {"X": x})[0]
+    want = x[0].astype(np.float64) @ ref.T.astype(np.float64)
+    assert np.abs(y[0] - want).max() <= 1e-5 * np.abs(want).max(), type_name
+
+
+def test_block_sum_form_equals_float_zero_point_node():
+    """w = s*(q - z) with float z (HQQ's form): the symmetric node + correction == MatMulNBits with float zero points."""
+    rng = np.random.default_rng(2)
+    n, k, block = 64, 256, 32
+    q = rng.integers(0, 16, (n, k), dtype=np.uint8)
+    s = rng.uniform(0.01, 0.05, (n, k // block)).astype(np.float32)
+    z = rng.uniform(0, 15, (n, k // block)).astype(np.float32)
+    x = rng.standard_normal((1, 5, k)).astype(np.float32)
+    fast, info = matmul_graph(BlockForm.from_float_zero_points(q, s, z, 4, block))
+    slow = float_zero_point_graph(q, s, z, 4, block)
+    assert info["correction"] and len(next(nd for nd in fast.graph.node if nd.op_type == "MatMulNBits").input) == 3
+    a, b = _session(fast).run(None, {"X": x})[0], _session(slow).run(None, {"X": x})[0]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def test_hqq_float_zero_points_converted_exactly():
+    """onnxruntime's HQQ writes float zero points (slow path); convert_float_zero_points gives the same output fast."""
+    import copy
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    mnq = pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
+    pytest.importorskip("torch")
+    from edgetune.llm.blockform import convert_float_zero_points
+
+    rng = np.random.default_rng(3)
+    k, n = 256, 96
+    w = numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32) * 0.05, "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"], name="/m/MatMul")], "g",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, "S", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, "S", n])], initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    quant = mnq.MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=False, accuracy_level=0,
+                                     algo_config=mnq.HQQWeightOnlyQuantConfig(block_size=32, bits=4))
+    quant.process()
+    slow = quant.model.model
+    assert next(i for i in slow.graph.initializer if "zero_points" in i.name).data_type == TensorProto.FLOAT
+    fast = copy.deepcopy(slow)
+    done = convert_float_zero_points(fast)
+    assert len(done) == 1 and done[0]["correction"]
+    assert all(len(nd.input) == 3 for nd in fast.graph.node if nd.op_type == "MatMulNBits")
+    x = rng.standard_normal((1, 4, k)).astype(np.float32)
+    a, b = _session(fast).run(None, {"X": x})[0], _session(slow).run(None, {"X": x})[0]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    pytest.importorskip("torch")
+    from tiny_gguf import write_tiny_llama_gguf
+    from tiny_models import build_bpe_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-gguf")
+    build_bpe_tokenizer(d)
+    return write_tiny_llama_gguf(d / "tiny.gguf", d)
+
+
+def test_tiny_llama_gguf_end_to_end(tiny_gguf, tmp_path):
+    """export (default precision = gguf) -> every tensor exact, loads in onnxruntime-genai, logits == PyTorch's."""
+    import torch
+
+    from edgetune.device import llm as dev
+    from edgetune.export import export
+    from edgetune.llm.gguf_export import transcode
+    from edgetune.models import load_causal_lm, materialize
+
+    out = export(tiny_gguf, tmp_path / "gguf", target="cpu-x86")
+    rec = json.loads((out / "edgetune.json").read_text())["results"]
+    assert rec["precision"] == "gguf" and "default" in rec["precision_note"]
+    g = rec["gguf"]
+    assert {t["type"] for t in g["tensors"]} >= set(QUANT_TYPES) | {"F16", "F32"}
+    assert g["max_rel_diff_vs_gguf_dequantize"] <= 1e-6 and g["max_rel_diff_vs_builder_fp32"] <= 1e-6
+    assert all(t["permuted_rows"] for t in g["tensors"] if ".attn_q." in t["gguf"] or ".attn_k." in t["gguf"])
+    assert g["all_prepacked"] and g["embedding"]["shared_with_lm_head"] and rec["tokenizer_check"]["mismatches"] == 0
+    assert all(a["zero_points"] is False for a in rec["matmulnbits"])
+    kinds = {n["node"]: n for n in g["nodes"]}
+    assert kinds["/model/layers.1/mlp/gate_proj/MatMul"]["form"] == "float MatMul"
+    # accuracy_level 0 for every node (8-bit too): the graph computes the dequantized model in fp32
+    folder = materialize(tiny_gguf).path
+    exact = tmp_path / "exact"
+    exact.mkdir()
+    import shutil
+
+    from edgetune.llm.export import _build
+
+    _build(folder, exact / "fp32", "fp32", "cpu", exact, {})
+    (exact / "q").mkdir()
+    transcode(exact / "fp32", exact / "q", tiny_gguf, json.loads((folder / "config.json").read_text()),
+              accuracy_level=0, eight_bit_level=None)
+    shutil.rmtree(exact / "fp32")
+    ids = np.array([5, 17, 42, 99, 3, 250, 7, 64], dtype=np.int64)
+    got = dev.logits(dev.load(exact / "q"), ids)
+    with torch.no_grad():
+        want = load_causal_lm(folder)(torch.tensor(ids)[None]).logits[0].numpy()
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), np.abs(got - want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_unsupported_type_exits_2_naming_it(tiny_gguf, tmp_path):
+    from edgetune.errors import BadInput
+    from edgetune.export import export
+    from tiny_gguf import write_tiny_llama_gguf
+
+    bad = write_tiny_llama_gguf(tmp_path / "q2k.gguf", tiny_gguf.parent, override={"ffn_down": "Q2_K"})
+    with pytest.raises(BadInput) as err:
+        export(bad, tmp_path / "out", target="cpu-x86", precision="gguf")
+    assert err.value.exit_code == 2 and "Q2_K" in err.value.one_line(), err.value.one_line()
+    assert not (tmp_path / "out").exists()
+
+
+def test_gguf_precision_needs_a_gguf_source(tiny_llama, tmp_path):
+    from edgetune.errors import BadInput
+    from edgetune.export import export
+
+    with pytest.raises(BadInput, match="no GGUF source") as err:
+        export(tiny_llama, tmp_path / "o", target="cpu-x86", precision="gguf")
+    assert err.value.exit_code == 2
+
+
+FOUR_BIT = {"attn_q": "Q4_K", "attn_k": "Q4_1", "attn_v": "Q4_0", "attn_output": "Q4_0", "ffn_gate": "Q4_1", "ffn_up": "Q4_K",
+            "ffn_down": "Q4_1"}
+
+
+def test_runtime_adapter_over_gguf_base(tiny_gguf, tmp_path):
+    """--adapter over the transcoded base: LoRA MatMuls stay float graph inputs, base + adapter == PyTorch base + PEFT."""
+    import onnx
+
+    from edgetune.export import export
+    from edgetune.models import materialize
+    from test_adapters import make_lora
+    from tiny_gguf import write_tiny_llama_gguf
+
+    src = write_tiny_llama_gguf(tmp_path / "q4.gguf", tiny_gguf.parent, override=FOUR_BIT)  # all 4-bit: accuracy_level 0 throughout
+    lora = make_lora(materialize(src).path, tmp_path / "chat", targets=["q_proj", "v_proj", "down_proj"], seed=1)
+    out = export(src, tmp_path / "x", target="cpu-x86", adapters=[lora])
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert {n.op_type for n in graph.node if "/lora_" in n.name} == {"MatMul"}
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 2 * 7 + 1
+    res = json.loads((out / "edgetune.json").read_text())["results"]
+    assert res["precision"] == "gguf" and res["gguf"]["max_rel_diff_vs_gguf_dequantize"] <= 1e-6
+    fig = res["adapter_check"]["adapters"]
+    assert fig["(base)"]["max_abs_diff"] < 1e-3 and fig["chat"]["max_abs_diff"] < 1e-3, fig

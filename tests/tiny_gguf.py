@@ -1,0 +1,126 @@
+"""Tiny GGUF files written with the `gguf` package: a 2-layer Llama whose tensors use the GGML types
+edgetune transcodes (and, on request, one it refuses), loadable by transformers' GGUF loader.
+
+Types gguf-py can quantize (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are made from random float weights with
+``gguf.quants.quantize``; the K-quants (Q4_K, Q5_K, Q6_K) and refused types (Q2_K) are random raw
+blocks of the right byte layout with small finite fp16 super-block scales.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2
+# layer -> module -> GGML type; layer 0 mixes types inside the packed q/k/v MatMul
+LAYER_TYPES = [
+    {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q4_0", "ffn_gate": "Q4_1", "ffn_up": "Q5_0", "ffn_down": "Q5_1"},
+    {"attn_q": "Q4_1", "attn_k": "Q4_1", "attn_v": "Q4_1", "attn_output": "Q8_0", "ffn_gate": "F16", "ffn_up": "F32", "ffn_down": "Q4_K"},
+]
+
+
+def _raw_blocks(rng, type_name: str, rows: int, cols: int) -> np.ndarray:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    nb = rows * cols // bs
+    b = rng.integers(0, 256, (nb, ts), dtype=np.uint8)
+    f16 = lambda lo, hi: rng.uniform(lo, hi, nb).astype(np.float16).view(np.uint8).reshape(nb, 2)  # noqa: E731
+    if type_name in ("Q4_K", "Q5_K"):
+        b[:, 0:2], b[:, 2:4] = f16(2e-4, 6e-4), f16(2e-4, 6e-4)
+    elif type_name == "Q6_K":
+        b[:, 208:210] = f16(2e-4, 6e-4)
+    elif type_name == "Q2_K":
+        b[:, 80:82], b[:, 82:84] = f16(1e-3, 3e-3), f16(1e-3, 3e-3)
+    else:
+        raise ValueError(type_name)
+    return b.reshape(rows, -1)
+
+
+def tensor_data(rng, type_name: str, w: np.ndarray):
+    """(data, raw_dtype) for GGUFWriter.add_tensor of a float [rows, cols] weight in ``type_name``."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    t = GGMLQuantizationType[type_name]
+    if type_name == "F32":
+        return w.astype(np.float32), None
+    if type_name == "F16":
+        return w.astype(np.float16), None
+    if type_name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        return quantize(w.astype(np.float32), t), t
+    return _raw_blocks(rng, type_name, *w.shape), t
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf q/k permutation (transformers reverses it on load)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_llama_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, embedding_type: str = "Q4_1",
+                          override: dict[str, str] | None = None) -> Path:
+    """A tied-embedding 2-layer Llama GGUF with the tokenizer of ``tokenizer_dir`` (a ByteLevel BPE)."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    tj = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    vocab = dict(tj["model"]["vocab"])
+    for a in tj.get("added_tokens", []):
+        vocab[a["content"]] = a["id"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    specials = {a["content"]: a["id"] for a in tj.get("added_tokens", [])}
+    n_vocab = len(tokens)
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_block_count(LAYERS)
+    w.add_context_length(512)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(n_vocab)
+    w.add_rope_dimension_count(HIDDEN // HEADS)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(specials["<|im_start|>"])
+    w.add_eos_token_id(specials["<|im_end|>"])
+    w.add_pad_token_id(specials["<|im_end|>"])
+    w.add_unk_token_id(specials["<|endoftext|>"])
+    w.add_add_bos_token(False)
+
+    def add(name: str, type_name: str, shape: tuple[int, int], scale: float = 0.05, n_head: int | None = None):
+        x = rng.standard_normal(shape).astype(np.float32) * scale
+        if n_head:
+            x = _permute(x, n_head)
+        data, raw = tensor_data(rng, type_name, x)
+        w.add_tensor(name, data, raw_dtype=raw)
+
+    head_dim = HIDDEN // HEADS
+    add("token_embd.weight", embedding_type, (n_vocab, HIDDEN), 0.5)
+    for i, types in enumerate(LAYER_TYPES):
+        types = {**types, **(override or {})}
+        w.add_tensor(f"blk.{i}.attn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        add(f"blk.{i}.attn_q.weight", types["attn_q"], (HIDDEN, HIDDEN), n_head=HEADS)
+        add(f"blk.{i}.attn_k.weight", types["attn_k"], (KV_HEADS * head_dim, HIDDEN), n_head=KV_HEADS)
+        add(f"blk.{i}.attn_v.weight", types["attn_v"], (KV_HEADS * head_dim, HIDDEN))
+        add(f"blk.{i}.attn_output.weight", types["attn_output"], (HIDDEN, HIDDEN))
+        add(f"blk.{i}.ffn_gate.weight", types["ffn_gate"], (FFN, HIDDEN))
+        add(f"blk.{i}.ffn_up.weight", types["ffn_up"], (FFN, HIDDEN))
+        add(f"blk.{i}.ffn_down.weight", types["ffn_down"], (HIDDEN, FFN))
+    w.add_tensor("output_norm.weight", np.ones(HIDDEN, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
