@@ -151,8 +151,7 @@ def test_symmetric_int4_keeps_shared_quantized_embedding(tiny_llama, tmp_path):
 @pytest.mark.parametrize("algorithm", ["hqq", "gptq"])
 def test_onnxruntime_quantizer_algorithms(tiny_llama, ref_logits, calib_file, tmp_path, algorithm):
     int4 = {"algorithm": algorithm, "symmetric": algorithm != "hqq"}
-    # hqq's float zero points miss the CPU's prepacked kernels: refused on cpu-x86 unless allowed (tests/test_recipes.py)
-    kw = {"calibration": calib_file} if algorithm == "gptq" else {"allow_slow_kernel": True}
+    kw = {"calibration": calib_file} if algorithm == "gptq" else {}
     out = export(tiny_llama, tmp_path / algorithm, target="cpu-x86", precision="int4", int4=int4, **kw)
     rec = json.loads((out / "edgetune.json").read_text())["results"]
     q = rec["quantization"]

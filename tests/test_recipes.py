@@ -51,15 +51,31 @@ def test_every_algorithm_on_prepacked_kernels(tiny_llama, calib_file, tmp_path, 
     assert any(p["bits"] == 8 for p in paths) == (precision == "int8" or int4.get("lm_head") == "int8")
 
 
-def test_hqq_float_zero_points_refused_on_cpu(tiny_llama, tmp_path):
-    with pytest.raises(BadInput, match="float zero points"):
-        export(tiny_llama, tmp_path / "h", target="cpu-x86", precision="int4", int4={"algorithm": "hqq", "symmetric": False})
-    assert not (tmp_path / "h").exists()
-    out = export(tiny_llama, tmp_path / "h", target="cpu-x86", precision="int4", int4={"algorithm": "hqq", "symmetric": False},
-                 allow_slow_kernel=True)
+def test_hqq_runs_on_the_prepacked_path(tiny_llama, tmp_path):
+    # HQQ's float zero points are folded into the symmetric + block-sum form: no float zero point reaches the graph
+    out = export(tiny_llama, tmp_path / "h", target="cpu-x86", precision="int4", int4={"algorithm": "hqq", "symmetric": False})
     paths = kernels.kernel_paths(out)
-    assert paths and all(p["zero_points"] == "float32" and p["path"] == kernels.SLOW_FLOAT_ZP for p in paths if p["node"] != "/lm_head/MatMul_Q4")
-    assert len(results(out)["kernel_paths"]["slow"]) >= 10
+    assert paths and all(p["zero_points"] in ("none", "uint8") and p["path"] == kernels.PREPACKED for p in paths)
+    assert results(out)["kernel_paths"]["slow"] == []
+
+
+def test_float_zero_points_are_detected_as_slow(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n, block = 32, 8, 32
+    inits = [numpy_helper.from_array(np.zeros((n, k // block, block // 2), np.uint8), "B"),
+             numpy_helper.from_array(np.ones(n * k // block, np.float32), "S"),
+             numpy_helper.from_array(np.full(n * k // block, 7.5, np.float32), "Z")]
+    node = helper.make_node("MatMulNBits", ["X", "B", "S", "Z"], ["Y"], domain="com.microsoft", name="mm",
+                            K=k, N=n, bits=4, block_size=block, accuracy_level=4)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, n])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]),
+              str(tmp_path / "model.onnx"))
+    (p,) = kernels.kernel_paths(tmp_path)
+    assert p["zero_points"] == "float32" and p["path"] == kernels.SLOW_FLOAT_ZP
+    assert kernels.summary([p])["slow"] == ["mm"]
 
 
 def test_slow_8bit_level_is_detected(tiny_llama, tmp_path):

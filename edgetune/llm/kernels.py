@@ -26,14 +26,11 @@ PREPACKED = "prepacked"
 SLOW_8BIT_LEVEL = "8-bit below accuracy_level 4: B dequantized every call"
 SLOW_FLOAT_ZP = "float zero points: no prepacking, B dequantized every call"
 SLOW_G_IDX = "g_idx (act-order): no prepacking, B dequantized every call"
-# int4 algorithms whose graph misses the prepacked CPU kernels today. HQQ: onnxruntime's
-# HQQWeightOnlyQuantConfig writes FLOAT zero points. The exact conversion to the fast path
-# (integer zero point 0 + a block-sum correction, w = s*q + m) is the `gguf` branch's work;
-# until it is used here, HQQ on a CPU target is refused unless the caller allows slow kernels.
-SLOW_ALGORITHMS = {
-    "hqq": ("int4 algorithm 'hqq' writes float zero points, which onnxruntime's CPU MatMulNBits cannot prepack: "
-            "B is dequantized on every call (~20x slower per MatMul)"),
-}
+# int4 algorithms whose graph would miss the prepacked CPU kernels (refused on CPU targets unless the
+# caller allows slow kernels). Empty today: HQQ's float zero points (onnxruntime's
+# HQQWeightOnlyQuantConfig) are folded into the exact symmetric + block-sum form
+# (edgetune.llm.blockform.convert_float_zero_points), and every graph is still checked node by node.
+SLOW_ALGORITHMS: dict[str, str] = {}
 # 8-bit MatMulNBits on the CPU wants accuracy_level 4 (see the module docstring).
 CPU_8BIT_ACCURACY_LEVEL = 4
 
