@@ -168,10 +168,18 @@ def _builder_input(model_dir: Path, scratch: Path) -> Path:
     return model_dir
 
 
-def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=(), calibration=None) -> Path:
+def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=(), calibration=None, float_adapter=None) -> Path:
     model_dir, out = Path(model_dir), Path(out)
     t = load_target(target)
     precision = precision or t.precision.llm
+    if float_adapter:  # one graph: this base export + the LoRA as float side branches (never quantized)
+        if adapters:
+            raise BadInput("--float-adapter and --adapter cannot be combined",
+                           hint="bake one adapter in float (--float-adapter) or keep adapters switchable (--adapter), not both")
+        from .float_adapter import export_with_float_adapter
+
+        return export_with_float_adapter(model_dir, out, target=target, precision=precision, int4=int4, adapter=float_adapter,
+                                         calibration=calibration)
     if precision not in ("fp32", "fp16", "bf16", "int8", "int4"):
         raise BadInput(f"unknown precision '{precision}'", hint="use fp32, fp16, bf16, int8 or int4")
     if adapters:  # runtime-switchable LoRAs: the base graph once (through this function) + one .onnx_adapter each
