@@ -69,6 +69,11 @@ def test_int4_base_keeps_the_branches_float(tiny_llama, lora, tmp_path, head):
     assert len(body) == 2 * 7 and all(a["bits"] == 4 and a["block_size"] == q.block_size
                                       and a.get("accuracy_level", 0) == q.accuracy_level for a in body)
     assert [a["bits"] for a in attrs if a["head"]] == ([8] if head == "int8" else [4])
+    # the contract with base transcoders: each branch adds to its base linear's output tensor
+    made_by = {o: n for n in g.node for o in n.output}
+    adds = [n for n in g.node if n.name.endswith("/lora/Add")]
+    assert len(adds) == 8 and all(made_by[a.input[0]].op_type == "MatMulNBits" and "lora_" not in made_by[a.input[0]].name
+                                  and made_by[a.input[1]].name.endswith("/lora_B/MatMul") for a in adds)
     res = json.loads((out / "edgetune.json").read_text())["results"]
     check = res["float_adapter_check"]
     # informational for a quantized base: its distance to the merged fp32 model is recorded
