@@ -56,6 +56,9 @@ class TargetCfg(_Strict):
     precision: str | None = None
     archive: bool = True
     calibration: str | None = None  # encoders, int8-static
+    # decoders with a fine-tune: export the merged model, or the base + the LoRA as float side
+    # branches that are never quantized (edgetune export BASE --float-adapter ADAPTER)
+    adapter: Literal["merged", "float"] = "merged"
 
 
 class ValidateCfg(_Strict):
@@ -215,6 +218,10 @@ def load_config(path: str | os.PathLike) -> tuple[BuildConfig, Path]:
         FinetuneOptions.from_dict(opts).check()
         if not cfg.data.train:
             raise BadInput(f"{p}: finetune.method = '{cfg.finetune.method}' needs data.train", hint="add [data] train = \"file.jsonl\" or set finetune.method = \"none\"")
+    floats = [t.name for t in cfg.targets if t.adapter == "float"]
+    if floats and cfg.finetune.method not in ("lora", "qlora"):
+        raise BadInput(f"{p}: targets.{floats[0]}: adapter = \"float\" needs a LoRA fine-tune, finetune.method is '{cfg.finetune.method}'",
+                       hint="set finetune.method = \"lora\" (or qlora), or drop adapter = \"float\" to bundle the merged model")
     return cfg, p.resolve().parent
 
 
@@ -323,10 +330,14 @@ def _merge(base: Path, adapter: Path, out: Path) -> None:
     merge(base, adapter, out)
 
 
-def _export(model: Path, out: Path, target: str, precision: str | None, calibration: Path | None) -> None:
+def _export(model: Path, out: Path, target: str, precision: str | None, calibration: Path | None,
+            float_adapter: Path | None = None) -> None:
     from .export import export
 
-    export(model, out, target=target, precision=precision, **({"calibration": calibration} if calibration else {}))
+    opts = {"calibration": calibration} if calibration else {}
+    if float_adapter:
+        opts["float_adapter"] = float_adapter
+    export(model, out, target=target, precision=precision, **opts)
 
 
 # -- the orchestrator -------------------------------------------------------------------------
@@ -367,7 +378,7 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
     b.stages.append(StageInfo("materialize", None, "ran", round(time.perf_counter() - t0, 2), str(info.path)))
     base = Path(info.path)
 
-    model = base
+    model, adapter = base, None
     if cfg.finetune.method != "none":
         adapter = b.work / "adapter"
         ft_opts = cfg.finetune.model_dump()
@@ -384,8 +395,12 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
         key = target.name
         export_dir = b.work / f"export-{key}"
         calib = b.maybe_path(tc.calibration)
-        b.stage(f"export.{key}", export_dir, {"model": model, "calibration": calib, "target": target.model_dump(mode="json", exclude={"source"})},
-                {"precision": tc.precision}, lambda: _export(model, export_dir, tname, tc.precision, calib), target=key)
+        # adapter = "float": the base + the LoRA as float branches; validated against the merged model all the same
+        xmodel, xadapter = (base, adapter) if tc.adapter == "float" else (model, None)
+        b.stage(f"export.{key}", export_dir, {"model": xmodel, "calibration": calib, "target": target.model_dump(mode="json", exclude={"source"}),
+                                              **({"float_adapter": xadapter} if xadapter else {})},
+                {"precision": tc.precision, **({"adapter": "float"} if xadapter else {})},
+                lambda: _export(xmodel, export_dir, tname, tc.precision, calib, xadapter), target=key)
 
         report_dir = b.work / f"validate-{key}"
         vopts = {k: v for k, v in cfg.validation.model_dump().items() if k not in ("data", "prompts", "reference")}

@@ -118,7 +118,7 @@ def provenance(folder: Path, *, depth: int = 8) -> dict[str, Any]:
                 flat.setdefault("base_model", digest)
             elif stage.startswith("finetune") and name == "data":
                 flat.setdefault("dataset", digest)
-            elif stage.startswith("merge") and name in ("adapter",):
+            elif (stage.startswith("merge") and name == "adapter") or (stage.startswith("export") and name == "float_adapter"):
                 flat.setdefault("adapter", digest)
             elif stage.startswith("merge") and name in ("base", "model"):
                 flat.setdefault("base_model", digest)

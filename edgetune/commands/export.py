@@ -24,6 +24,9 @@ from ..cli import common_options, force_option
 @click.option("--int4-lm-head", type=click.Choice(["int4", "int8", "fp32"]),
               help="Output head (lm_head) of an int4 export: int4, int8 (MatMulNBits bits=8) or fp32.")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(exists=True), help="LoRA adapter folder kept separate (repeatable): written as <name>.onnx_adapter, chosen at run time.")
+@click.option("--float-adapter", type=click.Path(exists=True, file_okay=False),
+              help="LoRA adapter folder baked into the graph as float side branches over the (quantized) base: "
+                   "the trained delta is never rounded (plain LoRA only; DoRA: merge first).")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
               help="Calibration texts (.jsonl/.csv/.tsv/.txt): encoder int8-static, decoder int4 gptq/inc-gptq.")
 @click.option("--task", help="Encoder task (sequence-classification, token-classification, feature-extraction).")
@@ -38,7 +41,8 @@ from ..cli import common_options, force_option
 @force_option
 @common_options
 def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_accuracy_level, int4_symmetric,
-           int4_lm_head, adapters, calibration, task, recipe, eval_data, recipe_candidates, mixed_8bit, allow_slow_kernel) -> None:
+           int4_lm_head, adapters, float_adapter, calibration, task, recipe, eval_data, recipe_candidates, mixed_8bit,
+           allow_slow_kernel) -> None:
     """Export MODEL (alias, GGUF or HF folder) to ONNX for target T."""
     from ..export import export as run_export
 
@@ -53,6 +57,8 @@ def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_
         opts["int4"] = int4
     if adapters:
         opts["adapters"] = adapters
+    if float_adapter:
+        opts["float_adapter"] = float_adapter
     if calibration:
         opts["calibration"] = calibration
     if task:

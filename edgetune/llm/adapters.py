@@ -171,10 +171,12 @@ def _write_probe(specs: list[LoraSpec], folder: Path) -> list[str]:
 
 
 @contextmanager
-def builder_hooks(builder, probe: Path, plan: dict[str, dict[str, Any]]) -> Iterator[None]:
-    """Patch the builder for one export: LoRA (the probe) on, LoRA weights turned into graph inputs.
+def builder_hooks(builder, probe: Path, plan: dict[str, dict[str, Any]], *, as_inputs: bool = True) -> Iterator[None]:
+    """Patch the builder for one export: LoRA (``probe``) on, its MatMuls kept float (out of int4/int8).
 
-    ``plan`` receives, per targeted module, the graph input names of its lora_A/lora_B weights.
+    With ``as_inputs`` (runtime adapters) the LoRA weights become graph inputs and ``plan`` receives,
+    per targeted module, their input names; without (a fixed float adapter) the weights stay
+    initializers and ``plan`` receives the lora_A/lora_B node names.
     """
     Model = builder.Model
     saved = (builder.parse_extra_options, Model.make_matmul_lora, Model.save_model)
@@ -207,7 +209,10 @@ def builder_hooks(builder, probe: Path, plan: dict[str, dict[str, Any]]) -> Iter
         return out
 
     def save_model(self, out_dir):
-        _lora_weights_to_inputs(self, nodes, plan)
+        if as_inputs:
+            _lora_weights_to_inputs(self, nodes, plan)
+        else:
+            _exclude_lora(self, nodes, plan)
         return saved[2](self, out_dir)
 
     builder.parse_extra_options, Model.make_matmul_lora, Model.save_model = parse_extra_options, make_matmul_lora, save_model
@@ -215,6 +220,14 @@ def builder_hooks(builder, probe: Path, plan: dict[str, dict[str, Any]]) -> Iter
         yield
     finally:
         builder.parse_extra_options, Model.make_matmul_lora, Model.save_model = saved
+
+
+def _exclude_lora(model, nodes: dict[str, tuple[str, str]], plan: dict[str, dict[str, Any]]) -> None:
+    """Keep a baked LoRA's MatMuls out of the builder's int4/int8 pass (``to_nbits`` honours nodes_to_exclude)."""
+    exclude = model.quant_attrs.setdefault("nodes_to_exclude", []) if isinstance(getattr(model, "quant_attrs", None), dict) else []
+    for module, (a_name, b_name) in sorted(nodes.items()):
+        exclude.extend([a_name, b_name])
+        plan[module] = {"lora_A": a_name, "lora_B": b_name}
 
 
 def _lora_weights_to_inputs(model, nodes: dict[str, tuple[str, str]], plan: dict[str, dict[str, Any]]) -> None:

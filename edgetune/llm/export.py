@@ -172,13 +172,14 @@ def _builder_input(model_dir: Path, scratch: Path) -> Path:
 
 
 def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=(), calibration=None, mixed=None,
-               allow_slow_kernel=False) -> Path:
+               allow_slow_kernel=False, float_adapter=None) -> Path:
     """Export an HF decoder folder for ``target``.
 
     ``mixed``: layer-wise mixed precision (int4 builder algorithms): ``{"layers": [builder node names]}``
     kept at 8 bits, or ``{"fraction": f}`` / ``{"count": n}`` of the body MatMuls chosen by measured
     sensitivity on the calibration texts (:mod:`edgetune.llm.mixed`). ``allow_slow_kernel``: ship a graph
     whose MatMulNBits miss the CPU's prepacked kernels (:mod:`edgetune.llm.kernels`), refused otherwise.
+    ``float_adapter``: a LoRA adapter folder kept as float side branches over this base (:mod:`.float_adapter`).
     """
     model_dir, out = Path(model_dir), Path(out)
     t = load_target(target)
@@ -193,6 +194,14 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     precision = precision or ("gguf" if default_gguf else t.precision.llm)
     if precision not in ("fp32", "fp16", "bf16", "int8", "int4", "gguf"):
         raise BadInput(f"unknown precision '{precision}'", hint="use fp32, fp16, bf16, int8, int4 or gguf")
+    if float_adapter:  # one graph: this base export + the LoRA as float side branches (never quantized)
+        if adapters:
+            raise BadInput("--float-adapter and --adapter cannot be combined",
+                           hint="bake one adapter in float (--float-adapter) or keep adapters switchable (--adapter), not both")
+        from .float_adapter import export_with_float_adapter
+
+        return export_with_float_adapter(model_dir, out, target=target, precision=precision, int4=int4, adapter=float_adapter,
+                                         calibration=calibration)
     if adapters:  # runtime-switchable LoRAs: the base graph once (through this function) + one .onnx_adapter each
         from .adapters import export_with_adapters
 

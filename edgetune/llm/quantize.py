@@ -186,8 +186,13 @@ def quantize_lm_head_in(folder: Path, *, bits: int, block_size: int, symmetric: 
     head = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.startswith("/lm_head/") and n.input[1] in inits]
     if not head:
         return False
+    # onnxruntime 1.32's MatMulNBitsQuantizer quantizes a node when it is in nodes_to_include *or* of a
+    # quantizable op type, so nodes_to_include alone does not restrict it: every other float MatMul (the
+    # LoRA branches of a float or runtime adapter) must be excluded by name.
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in head]
     quant = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
-                                     accuracy_level=accuracy_level or None, nodes_to_include=head, algo_config=None)
+                                     accuracy_level=accuracy_level or None, nodes_to_include=head, nodes_to_exclude=others,
+                                     algo_config=None)
     quant.process()
     for f in ("model.onnx", "model.onnx.data"):
         (folder / f).unlink(missing_ok=True)
