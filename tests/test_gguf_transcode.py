@@ -184,3 +184,25 @@ def test_runtime_adapter_over_gguf_base(tiny_gguf, tmp_path):
     assert res["precision"] == "gguf" and res["gguf"]["max_rel_diff_vs_gguf_dequantize"] <= 1e-6
     fig = res["adapter_check"]["adapters"]
     assert fig["(base)"]["max_abs_diff"] < 1e-3 and fig["chat"]["max_abs_diff"] < 1e-3, fig
+
+
+def test_float_adapter_over_gguf_base_is_what_was_trained(tiny_gguf, tmp_path):
+    """--float-adapter over the exact GGUF base: one graph, LoRA branches float, == PyTorch dequantized base + PEFT."""
+    from edgetune.export import export
+    from edgetune.llm.float_adapter import lora_graph
+    from edgetune.models import materialize
+    from test_adapters import make_lora
+    from tiny_gguf import write_tiny_llama_gguf
+
+    src = write_tiny_llama_gguf(tmp_path / "q4.gguf", tiny_gguf.parent, override=FOUR_BIT)
+    base = materialize(src).path
+    lora = make_lora(base, tmp_path / "chat", targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                     seed=2)
+    out = export(base, tmp_path / "x", target="cpu-x86", precision="gguf", float_adapter=lora)
+    res = json.loads((out / "edgetune.json").read_text())["results"]
+    assert res["precision"] == "gguf" and res["gguf"]["max_rel_diff_vs_gguf_dequantize"] <= 1e-6
+    graph = lora_graph(out)
+    assert not graph["not_float"] and graph["ops"]["MatMul"] == 2 * 7 * 2  # 7 modules x 2 layers, A and B each
+    vs = res["float_adapter_check"]["vs"]
+    assert vs["peft_unmerged"]["max_abs_diff"] < 1e-3, vs
+    assert res["float_adapter_check"]["adapter_effect_max_abs"] > 100 * vs["peft_unmerged"]["max_abs_diff"]
