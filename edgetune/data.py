@@ -210,3 +210,21 @@ def texts(ds: Dataset) -> list[str]:
         elif "tokens" in r:
             out.append(" ".join(r["tokens"]))
     return out
+
+
+def task_examples(ds: Dataset) -> list[dict[str, Any]]:
+    """Examples with a gold answer: chat ``messages`` whose last turn is the assistant's (the
+    prompt is every turn before it, rendered with the chat template) and prompt/completion pairs
+    (the prompt is used as raw text, as fine-tuning does). Empty when the data has no gold answers.
+
+    Each: ``{"prompt": str | list[message], "chat": bool, "gold": str}``.
+    """
+    out: list[dict[str, Any]] = []
+    if ds.format == "messages":
+        for r in ds.records:
+            msgs = r["messages"]
+            if len(msgs) >= 2 and msgs[-1]["role"] == "assistant":
+                out.append({"prompt": msgs[:-1], "chat": True, "gold": msgs[-1]["content"]})
+    elif ds.format == "prompt_completion":
+        out = [{"prompt": r["prompt"], "chat": False, "gold": r["completion"]} for r in ds.records]
+    return out

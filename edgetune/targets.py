@@ -147,6 +147,9 @@ class Budgets(_Strict):
     min_top1_agreement: float | None = Field(None, ge=0, le=1)
     min_generation_agreement: float | None = Field(None, ge=0, le=1)
     max_accuracy_drop: float | None = Field(None, ge=0, le=100)  # percentage points
+    # task accuracy on data with gold answers (LLMs: greedy answers, exact match or token F1, %)
+    max_task_accuracy_drop: float | None = Field(None, ge=0, le=100)  # points below the reference's
+    min_task_accuracy: float | None = Field(None, ge=0, le=100)  # %, also encoders (accuracy / entity F1)
 
 
 class Target(_Strict):
