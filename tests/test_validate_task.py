@@ -59,7 +59,7 @@ def run_cli(args, capsys):
     return exc.value.code, cap.out, cap.err
 
 
-PROMPTS = ["What is the capital of France? ", "Turn on the kitchen", "Edge devices run", "The quick brown",
+PROMPTS = ["The lazy dog", "Turn on the kitchen", "Edge devices run", "The quick brown",
            "Hello world! Numbers", "Turn on the lights and set the"]
 CAP = 12  # new tokens per answer: a random model never stops, so the gold is its answer at this cap
 

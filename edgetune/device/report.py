@@ -37,9 +37,15 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
     lines = [f"# Validation: {report['model']['path']}", ""]
     status = "PASSED" if report["passed"] else "FAILED: " + ", ".join(c["name"] for c in report["checks"] if not c["passed"])
     lines += [f"**{status}** on target `{report['target']['name']}` ({', '.join(report['runtime']['providers'])})", ""]
+    dev = report.get("device") or {}
+    if dev and not dev.get("available", True):
+        lines += [f"**Cross-build**: the {dev['execution_provider']} execution provider is not on this machine. Accuracy was validated "
+                  f"with the same graph on {dev['accuracy_on']}; on-device latency: **not measured**.", ""]
     lines += ["| check | value | limit | result |", "|---|---|---|---|"]
     for c in report["checks"]:
         lines.append(f"| {c['name']} | {_fmt(c['value'])} | {c['op']} {_fmt(c['limit'])} | {'pass' if c['passed'] else '**FAIL**'} |")
+    if report.get("not_measured"):
+        lines += ["", "Not measured here: " + ", ".join(report["not_measured"])]
     acc = report.get("accuracy") or {}
     if acc:
         lines += ["", "## Accuracy vs reference", "", "| figure | value |", "|---|---|"]
