@@ -430,14 +430,14 @@ def _pct(v) -> str:
 
 def _task_summary(base_task: dict | None, rows: list[dict]) -> dict | None:
     """Task accuracy base -> fine-tuned -> each bundle (percent, the primary metric)."""
-    firsts = [r["task"] for r in rows if r.get("task")]
+    firsts = [r["task_figures"] for r in rows if r.get("task_figures")]
     if not firsts and not base_task:
         return None
     metric = (firsts[0]["metric"] if firsts else base_task.get("metric"))
     return {"metric": metric,
             "base": base_task.get(metric) if base_task else None,
             "finetuned": next((t["finetuned"] for t in firsts if t.get("finetuned") is not None), None),
-            "bundles": {r["target"]: r["task"]["bundle"] for r in rows if r.get("task")}}
+            "bundles": {r["target"]: r["task_figures"]["bundle"] for r in rows if r.get("task_figures")}}
 
 
 def _summary_row(key: str, dest: Path, manifest: dict, report: dict, passed: bool, archive: bool,
