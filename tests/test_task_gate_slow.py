@@ -48,8 +48,10 @@ def test_poor_int4_recipe_is_rejected_by_the_task_gate(tmp_path, smollm2_dir, ca
     text = text.replace(f'train = "{cfg["data"]["train"]}"', f'train = "{ex / cfg["data"]["train"]}"')
     text = text.replace(f'data = "{cfg["validate"]["data"]}"', f'data = "{ex / cfg["validate"]["data"]}"')
     text = text.replace(f'prompts = "{cfg["validate"]["prompts"]}"', f'prompts = "{ex / cfg["validate"]["prompts"]}"')
-    text = text.replace('name = "cpu-x86"', f'name = "{tmp_path / "poor.toml"}"', 1)
-    text = text.replace(f'precision = "{cfg["targets"][0]["precision"]}"', 'precision = "int4"', 1)
+    tgt = cfg["targets"][0]
+    if "precision" in tgt:
+        text = text.replace(f'precision = "{tgt["precision"]}"', "", 1)
+    text = text.replace(f'name = "{tgt["name"]}"', f'name = "{tmp_path / "poor.toml"}"\nprecision = "int4"', 1)
     text = text.replace("[validate]", "[validate]\ntask_examples = 16\nlatency = false", 1)
     (tmp_path / "build.toml").write_text(text)
     with pytest.raises(SystemExit) as exc:
