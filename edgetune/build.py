@@ -66,6 +66,9 @@ class ValidateCfg(_Strict):
     data: str | None = None
     prompts: str | None = None
     reference: Literal["merged", "base", "none"] = "merged"
+    rows: str | None = None  # records of `data` to validate on, 1-based inclusive: "1501-2000", "1501-"
+    drop_overlap: bool = False  # drop validation examples whose input occurs in the training data (else: refuse)
+    require_device: bool = False  # the target's execution provider missing here is fatal (else: cross-build)
 
 
 class BuildConfig(_Strict):
@@ -342,9 +345,72 @@ def _export(model: Path, out: Path, target: str, precision: str | None, calibrat
 
 # -- the orchestrator -------------------------------------------------------------------------
 
-def build(config: str | os.PathLike, *, force: bool = False, output: str | os.PathLike | None = None) -> dict[str, Any]:
+def _held_out(b: "Build", vdata: Path, train: Path | None) -> tuple[Path, dict[str, Any]]:
+    """The validation data actually used: ``[validate] rows`` selected, never overlapping the
+    training examples the fine-tune saw (same input after folding case and whitespace).
+
+    Overlap is refused (BadInput, exit 2) unless ``drop_overlap`` splits it off explicitly.
+    When rows are selected or examples dropped, the result is written to ``.work/validate-data.jsonl``.
+    """
+    from .data import content_key, load_dataset, parse_rows, write_jsonl
+
+    v = b.cfg.validation
+    ds = load_dataset(vdata)
+    recs, lines = ds.records, ds.lines
+    info: dict[str, Any] = {"file": str(vdata), "rows": v.rows, "examples": len(recs), "overlap": 0, "dropped": 0}
+    if v.rows:
+        start, end = parse_rows(v.rows)
+        if start >= len(recs):
+            raise BadInput(f"[validate] rows = {v.rows!r}: {vdata} has only {len(recs)} records", hint="pick a range inside the file")
+        recs, lines = recs[start:end], lines[start:end]
+    if train is not None and b.cfg.finetune.method != "none":
+        limit = b.cfg.finetune.model_dump().get("limit")
+        seen = {content_key(r) for r in load_dataset(train, limit=limit).records}
+        hit = [i for i, r in enumerate(recs) if content_key(r) in seen]
+        info["overlap"] = len(hit)
+        if hit and not v.drop_overlap:
+            r0 = recs[hit[0]]
+            snippet = content_key(r0)[2:60]
+            raise BadInput(f"[validate] data {vdata}: {len(hit)} of {len(recs)} validation examples also occur in the training data "
+                           f"(first: line {lines[hit[0]]}, {snippet!r}); that is not a held-out score",
+                           hint="validate on held-out data: a disjoint [validate] rows range, another file, or drop_overlap = true to drop them")
+        if hit:
+            drop = set(hit)
+            recs = [r for i, r in enumerate(recs) if i not in drop]
+            info["dropped"] = len(hit)
+            console.log(f"[validate] dropped {len(hit)} validation example(s) that also occur in the training data (drop_overlap)")
+    if not recs:
+        raise BadInput(f"[validate] data {vdata}: no validation examples left", hint="pick other rows or another file")
+    info["examples"] = len(recs)
+    if v.rows or info["dropped"]:
+        out = write_jsonl(recs, b.work / "validate-data.jsonl")
+        return out, info
+    return vdata, info
+
+
+def _task_base(base: Path, data: Path, out: Path) -> None:
+    """Greedy answers of the base model to the task data (one batched PyTorch pass) and their scores."""
+    from .data import load_dataset, task_examples
+    from .device.metrics import task_scores
+    from .reference import task_answers
+
+    examples = task_examples(load_dataset(data))
+    with artifacts.stage_output(out, "task-base", inputs={"model": base, "data": data}, options={}) as run:
+        got = task_answers(base, examples)
+        sc = task_scores([e["gold"] for e in examples], got["answers"])
+        sc.pop("correct")
+        artifacts.write_json(run.dir / "task.json", {**sc, "answers": got["answers"], "computed_with": got["computed_with"]})
+        run.results.update({k: v for k, v in sc.items() if isinstance(v, (int, float, str))})
+
+
+def build(config: str | os.PathLike, *, force: bool = False, output: str | os.PathLike | None = None,
+          require_device: bool | None = None) -> dict[str, Any]:
     """Run the build described by ``config``; returns the summary (raises CheckFailed after
-    writing everything when a target missed its budgets)."""
+    writing everything when a target missed its budgets).
+
+    ``require_device`` (default: ``[validate] require_device``, false): a target whose execution
+    provider this machine lacks is fatal (exit 3) instead of a cross-build (accuracy on the CPU
+    provider with the same graph, latency "not measured")."""
     from .models import materialize
     from .targets import load_target
 
@@ -368,6 +434,11 @@ def build(config: str | os.PathLike, *, force: bool = False, output: str | os.Pa
 def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materialize, load_target) -> dict[str, Any]:
     t_start = time.perf_counter()
     b.work.mkdir(parents=True, exist_ok=True)
+    held_out = None
+    if vdata is not None:
+        vdata, held_out = _held_out(b, vdata, train)
+    if require_device is None:
+        require_device = cfg.validation.require_device
 
     base_spec = cfg.model.base
     if b.path(base_spec).exists():  # a folder or .gguf next to the config; otherwise an alias
@@ -387,6 +458,13 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
         b.stage("merge", merged, {"base": base, "adapter": adapter}, {}, lambda: _merge(base, adapter, merged))
         model = merged
 
+    # task accuracy of the base model (the "before" of the summary): one greedy pass on the host
+    base_task = None
+    if vdata is not None and cfg.finetune.method != "none" and _has_gold(vdata) and _is_decoder(base):
+        task_dir = b.work / "task-base"
+        b.stage("task.base", task_dir, {"model": base, "data": vdata}, {}, lambda: _task_base(base, vdata, task_dir))
+        base_task = _read_json(task_dir / "task.json")
+
     rows = []
     failed_targets = []
     for tc in cfg.targets:
@@ -403,7 +481,8 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
                 lambda: _export(xmodel, export_dir, tname, tc.precision, calib, xadapter), target=key)
 
         report_dir = b.work / f"validate-{key}"
-        vopts = {k: v for k, v in cfg.validation.model_dump().items() if k not in ("data", "prompts", "reference")}
+        vopts = {k: v for k, v in cfg.validation.model_dump().items() if k not in ("data", "prompts", "reference", "rows", "drop_overlap")}
+        vopts["require_device"] = require_device
         reference = {"merged": model, "base": base, "none": None}[cfg.validation.reference]
         vstate = b.stage(f"validate.{key}", report_dir,
                          {"model": export_dir, "reference": reference, "data": vdata, "prompts": prompts,
@@ -425,7 +504,7 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
         b.stage(f"bundle.{key}", dest, {"model": export_dir, "report": report_dir}, {"archive": tc.archive, "name": f"{cfg.name}-{key}", "passed": passed},
                 lambda: _bundle(export_dir, dest, tname, report_dir, tc.archive, f"{cfg.name}-{key}"), target=key)
         manifest = _read_json(dest / "manifest.json") or {}
-        rows.append(_summary_row(key, dest, manifest, report, passed, tc.archive))
+        rows.append(_summary_row(key, dest, manifest, report, passed, tc.archive, base_task))
         if not passed:
             failed_targets.append(key)
 
@@ -435,6 +514,8 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
         "output": str(b.output),
         "passed": not failed_targets,
         "targets": rows,
+        "validation_data": held_out,
+        "task": _task_summary(base_task, rows),
         "stages": [s.__dict__ for s in b.stages],
         "skipped_all": all(s.status == "skipped" for s in b.stages if s.stage != "materialize"),
         "seconds": round(time.perf_counter() - t_start, 2),
@@ -462,10 +543,54 @@ def _bundle(export_dir: Path, dest: Path, target: str, report_dir: Path, archive
                 archive=archive, name=name)
 
 
-def _summary_row(key: str, dest: Path, manifest: dict, report: dict, passed: bool, archive: bool) -> dict[str, Any]:
+def _has_gold(data: Path) -> bool:
+    from .data import load_dataset, task_examples
+
+    return bool(task_examples(load_dataset(data)))
+
+
+def _is_decoder(model: Path) -> bool:
+    from .models import inspect
+
+    try:
+        return inspect(model).kind == "decoder"
+    except BadInput:
+        return False
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1f}%"
+
+
+def _task_summary(base_task: dict | None, rows: list[dict]) -> dict | None:
+    """Task accuracy base -> fine-tuned -> each bundle (percent, the primary metric)."""
+    firsts = [r["task_figures"] for r in rows if r.get("task_figures")]
+    if not firsts and not base_task:
+        return None
+    metric = (firsts[0]["metric"] if firsts else base_task.get("metric"))
+    return {"metric": metric,
+            "base": base_task.get(metric) if base_task else None,
+            "finetuned": next((t["finetuned"] for t in firsts if t.get("finetuned") is not None), None),
+            "bundles": {r["target"]: r["task_figures"]["bundle"] for r in rows if r.get("task_figures")}}
+
+
+def _summary_row(key: str, dest: Path, manifest: dict, report: dict, passed: bool, archive: bool,
+                 base_task: dict | None = None) -> dict[str, Any]:
     figs = manifest.get("figures") or {}
     acc = report.get("accuracy") or {}
     lat = report.get("latency") or {}
+    dev = report.get("device") or {}
+    task = report.get("task") or {}
+    metric = task.get("metric")
+    tfig = None
+    if metric and report.get("model", {}).get("kind") == "decoder":
+        tfig = {"metric": metric, "base": base_task.get(metric) if base_task else None,
+                "finetuned": (task.get("reference") or {}).get(metric), "bundle": (task.get("model") or {}).get(metric),
+                "drop": task.get("drop"), "exact_match": (task.get("model") or {}).get("exact_match"),
+                "valid_format": (task.get("model") or {}).get("valid_format")}
+    elif metric:  # encoders: the fine-tuned fp32 reference and the bundle
+        tfig = {"metric": metric, "base": None, "finetuned": (task.get("reference") or {}).get(metric),
+                "bundle": (task.get("model") or {}).get(metric), "drop": task.get("drop")}
 
     def p50(k):
         v = lat.get(k)
@@ -483,6 +608,8 @@ def _summary_row(key: str, dest: Path, manifest: dict, report: dict, passed: boo
             latency += f", ttft {p50('time_to_first_token_ms'):.0f} ms"
     elif isinstance(lat.get("latency_ms"), dict):
         latency = f"p50 {lat['latency_ms'].get('p50'):.2f} ms"
+    if dev and not dev.get("available", True):
+        latency = f"not measured (no {dev.get('execution_provider')} here)"
     return {
         "target": key,
         "precision": manifest.get("precision"),
@@ -492,7 +619,13 @@ def _summary_row(key: str, dest: Path, manifest: dict, report: dict, passed: boo
         "result": "pass" if passed else "FAIL: " + ",".join(report.get("failed") or ["validation"]),
         "bundle": str(dest),
         "archive": str(dest.with_name(dest.name + ".tar.gz")) if archive else None,
+        "base": _pct(tfig["base"]) if tfig else None,
+        "fine-tuned": _pct(tfig["finetuned"]) if tfig else None,
+        "task": _pct(tfig["bundle"]) if tfig else None,
+        "task_metric": metric,
         "accuracy_figures": {k: v for k, v in acc.items() if isinstance(v, (int, float))},
+        "task_figures": tfig,
+        "device": dev or None,
         "latency_figures": {"decode_tokens_per_s_p50": p50("decode_tokens_per_s"), "time_to_first_token_ms_p50": p50("time_to_first_token_ms"),
                             "latency_ms_p50": (lat.get("latency_ms") or {}).get("p50") if isinstance(lat.get("latency_ms"), dict) else None},
     }
@@ -502,8 +635,13 @@ def summary_text(result: dict[str, Any]) -> str:
     ran = [s for s in result["stages"] if s["status"] == "ran" and s["stage"] != "materialize"]
     skipped = [s for s in result["stages"] if s["status"] == "skipped"]
     head = f"build {result['name']}: {len(ran)} stage(s) ran, {len(skipped)} skipped, {result['seconds']:.1f}s"
-    table = console.table(result["targets"], ["target", "precision", "size_mb", "accuracy", "latency", "result", "bundle"])
-    return f"{head}\n{table}"
+    cols = ["target", "precision", "size_mb"]
+    if any(r.get("task") for r in result["targets"]):
+        cols += ["base", "fine-tuned", "task"]  # task accuracy (exact match or token F1, %): base -> fine-tuned -> bundle
+    table = console.table(result["targets"], cols + ["accuracy", "latency", "result", "bundle"])
+    t = result.get("task") or {}
+    note = f"\ntask accuracy = {t['metric']} on the held-out [validate] data (base -> fine-tuned fp32 -> bundle)" if t else ""
+    return f"{head}\n{table}{note}"
 
 
 __all__ = ["BuildConfig", "load_config", "build", "summary_text"]

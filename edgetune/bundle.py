@@ -148,6 +148,10 @@ def _figures(report: dict[str, Any] | None, model_results: dict[str, Any]) -> di
         if lat.get(key) is not None:
             keep[key] = lat[key]
     figs["latency"] = keep
+    if report.get("device"):
+        figs["device"] = report["device"]  # latency "not measured" on a cross-build (the target's provider absent)
+    if report.get("not_measured"):
+        figs["not_measured"] = report["not_measured"]
     figs["checks"] = [{k: c.get(k) for k in ("name", "value", "limit", "op", "passed")} for c in report.get("checks") or []]
     figs["measured_on"] = {k: (report.get("machine") or {}).get(k) for k in ("system", "machine", "cpu", "cpu_count")}
     return figs

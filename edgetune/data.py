@@ -224,3 +224,64 @@ def texts(ds: Dataset) -> list[str]:
         elif "tokens" in r:
             out.append(" ".join(r["tokens"]))
     return out
+
+
+def task_examples(ds: Dataset) -> list[dict[str, Any]]:
+    """Examples with a gold answer: chat ``messages`` whose last turn is the assistant's (the
+    prompt is every turn before it, rendered with the chat template) and prompt/completion pairs
+    (the prompt is used as raw text, as fine-tuning does). Empty when the data has no gold answers.
+
+    Each: ``{"prompt": str | list[message], "chat": bool, "gold": str}``.
+    """
+    out: list[dict[str, Any]] = []
+    if ds.format == "messages":
+        for r in ds.records:
+            msgs = r["messages"]
+            if len(msgs) >= 2 and msgs[-1]["role"] == "assistant":
+                out.append({"prompt": msgs[:-1], "chat": True, "gold": msgs[-1]["content"]})
+    elif ds.format == "prompt_completion":
+        out = [{"prompt": r["prompt"], "chat": False, "gold": r["completion"]} for r in ds.records]
+    return out
+
+
+def content_key(rec: dict[str, Any]) -> str:
+    """What makes two examples the same input, for held-out checks: the model's input with case
+    and whitespace folded (chat turns before the last assistant answer, the prompt, the text, the
+    words); labels and answers are left out, since the same input with another label is still seen."""
+    def fold(s: str) -> str:
+        return " ".join(str(s).lower().split())
+
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if len(msgs) >= 2 and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        return "m:" + json.dumps([[m["role"], fold(m["content"])] for m in msgs], ensure_ascii=False)
+    if "prompt" in rec:
+        return "p:" + fold(rec["prompt"])
+    if "tokens" in rec:
+        return "w:" + fold(" ".join(rec["tokens"]))
+    return "t:" + fold(rec.get("text", ""))
+
+
+def parse_rows(spec: str) -> tuple[int, int | None]:
+    """'a-b' / 'a-' / 'a' (records, 1-based, inclusive) -> (start index, end index or None)."""
+    text = str(spec).strip()
+    a, sep, b = text.partition("-")
+    try:
+        start = int(a)
+        end = (int(b) if b.strip() else None) if sep else start
+    except ValueError:
+        raise BadInput(f"rows = {spec!r} is not a record range", hint="use 'FIRST-LAST' (1-based, inclusive), e.g. '1501-2000', or '1501-' for the rest") from None
+    if start < 1 or (end is not None and end < start):
+        raise BadInput(f"rows = {spec!r} is not a valid range", hint="records count from 1 and FIRST <= LAST")
+    return start - 1, end
+
+
+def write_jsonl(records: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Write records as JSONL atomically (temp file + rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, p)
+    return p

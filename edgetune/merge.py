@@ -171,6 +171,13 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
     kwargs: dict[str, Any] = {}
     if task != "CAUSAL_LM" and (adapter / "config.json").is_file():
         kwargs["config"] = transformers.AutoConfig.from_pretrained(str(adapter))
+    elif task != "CAUSAL_LM":
+        # a classifier adapter from `edgetune finetune` records its label names, not a config.json:
+        # without them the merged model would say LABEL_0/LABEL_1 and never match the data's labels
+        names = ((artifacts.read_record(adapter) or {}).get("results") or {}).get("label_names")
+        if names:
+            kwargs["config"] = transformers.AutoConfig.from_pretrained(
+                str(base_dir), num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     tok_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base_dir
     options: dict[str, Any] = {"dtype": dtype, "max_abs_diff": max_abs_diff, "max_kl": max_kl, "min_top1": min_top1}
     strict_4bit = max_kl_vs_4bit is not None or min_top1_vs_4bit is not None

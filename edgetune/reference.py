@@ -12,7 +12,9 @@ Sources:
 
 Decoder pack arrays: ``ids`` (evaluation tokens), ``nll`` (per scored token), ``top_ids`` /
 ``top_logp`` (top-k next-token log-probs per scored token), ``prompt_ids``/``prompt_offsets``,
-``golden_ids``/``golden_offsets`` (greedy outputs), ``tricky_ids``/``tricky_offsets``.
+``golden_ids``/``golden_offsets`` (greedy outputs), ``tricky_ids``/``tricky_offsets``; with task
+data (gold answers) also ``task_prompt_*`` / ``task_answer_*`` (the reference's greedy answers;
+examples, gold and answer texts in ``meta['task']``).
 Encoder pack arrays: ``pred`` (index into ``labels``), ``tricky_ids``/``tricky_offsets``, ``ids``/``ids_offsets``.
 """
 
@@ -145,7 +147,8 @@ def _score_into(ids, windows_, logits_fn, topk):
 
 def build_decoder_reference(source, text: str, *, window: int, stride: int | None, method: str = "sliding",
                             topk: int = 64, max_new_tokens: int = 32, prompts: list | None = None,
-                            eval_tokens: int | None = None) -> Pack:
+                            eval_tokens: int | None = None, task: list[dict[str, Any]] | None = None) -> Pack:
+    """A decoder pack; with ``task`` (examples with gold answers) also the reference's greedy answers."""
     from .device import metrics as M
 
     prompts = prompts or DEFAULT_PROMPTS
@@ -207,7 +210,10 @@ def build_decoder_reference(source, text: str, *, window: int, stride: int | Non
                          [p if isinstance(p, str) else p for p in prompts], how)
     meta["n_tokens"] = int(len(ids))
     meta["perplexity"] = M.perplexity(nll)
-    return Pack(meta, arrays)
+    pack = Pack(meta, arrays)
+    if task:
+        add_task(pack, task, task_answers(source, task))
+    return pack
 
 
 # ---------------------------------------------------------------- encoder
@@ -302,3 +308,87 @@ def build_encoder_reference(source, texts: list[str], labels_true: list[str] | N
         meta["accuracy"] = accuracy(labels_true, pred)
         meta["f1"] = macro_f1(labels_true, pred)
     return Pack(meta, arrays)
+
+
+# ---------------------------------------------------------------- task answers (greedy, gold-capped)
+
+TASK_BATCH = 8  # prompts per batched PyTorch generate call (left padding)
+
+
+def answer_cap(gold_tokens: int) -> int:
+    """New-token cap of one task example: the gold's length plus slack (1.5x + 8). A longer
+    answer is wrong for exact match anyway, and the cap keeps reference and device runs cheap."""
+    return int(gold_tokens * 1.5) + 8
+
+
+def task_answers(source, examples: list[dict[str, Any]], *, batch_size: int = TASK_BATCH) -> dict[str, Any]:
+    """Greedy answers of ``source`` (HF folder: PyTorch, batched with left padding; genai export:
+    onnxruntime-genai, one by one) to task examples (:func:`edgetune.data.task_examples`).
+
+    Returns ``{"prompt_ids": [...], "answer_ids": [...], "answers": [...], "caps": [...], "computed_with"}``.
+    Prompt ids: the chat template with the generation prompt for chat examples, the raw prompt
+    (no special tokens, as fine-tuning renders it) otherwise.
+    """
+    kind = source_kind(source)
+    if kind == "genai":
+        from .device import llm as L
+
+        m = L.load(source)
+        prompt_ids = [L.prompt_ids(m, e["prompt"], chat=e["chat"]) for e in examples]
+        caps = [answer_cap(len(L.encode(m, e["gold"]))) for e in examples]
+        answer_ids = [L.generate_ids(m, p, c) for p, c in zip(prompt_ids, caps)]
+        answers = [L.decode(m, a) for a in answer_ids]
+        return {"prompt_ids": prompt_ids, "answer_ids": answer_ids, "answers": answers, "caps": caps, "computed_with": "onnxruntime-genai"}
+    if kind != "hf":
+        raise BadInput(f"task answers need an HF folder or a genai export, got {source}", hint="give the fp32 model folder")
+    torch = require("torch", purpose="computing reference answers with PyTorch")
+    from .models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(source)
+    model = load_causal_lm(source).eval()
+    prompt_ids = []
+    for e in examples:
+        if e["chat"] and tok.chat_template:
+            ids = tok.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=True)
+        elif e["chat"]:
+            ids = tok("\n".join(m["content"] for m in e["prompt"]), add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(e["prompt"], add_special_tokens=False)["input_ids"]
+        prompt_ids.append(np.asarray(ids, dtype=np.int64).ravel())
+    caps = [answer_cap(len(tok(e["gold"], add_special_tokens=False)["input_ids"])) for e in examples]
+    eos = model.generation_config.eos_token_id
+    eos = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
+    answer_ids: list[list[int]] = [[] for _ in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch: little padding
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        width = max(len(prompt_ids[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):  # left padding: every prompt ends at the last column
+            n = len(prompt_ids[i])
+            ids[r, width - n :] = torch.from_numpy(prompt_ids[i])
+            mask[r, width - n :] = 1
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max(caps[i] for i in idx), do_sample=False,
+                                 num_beams=1, pad_token_id=pad, eos_token_id=eos or None)
+        for r, i in enumerate(idx):
+            new = [int(t) for t in out[r, width:]]
+            stop = next((k for k, t in enumerate(new) if t in eos), len(new))
+            answer_ids[i] = new[: min(stop, caps[i])]
+    answers = [tok.decode(a, skip_special_tokens=False) for a in answer_ids]
+    return {"prompt_ids": prompt_ids, "answer_ids": answer_ids, "answers": answers, "caps": caps, "computed_with": "torch"}
+
+
+def add_task(pack: Pack, examples: list[dict[str, Any]], got: dict[str, Any]) -> Pack:
+    """Store task examples and the reference's answers in a decoder pack (``meta['task']``,
+    arrays ``task_prompt_*`` and ``task_answer_*``)."""
+    pack.meta["task"] = {
+        "computed_with": got["computed_with"],
+        "examples": [{"prompt": e["prompt"], "chat": e["chat"], "gold": e["gold"], "answer": a, "max_new_tokens": int(c)}
+                     for e, a, c in zip(examples, got["answers"], got["caps"])],
+    }
+    pack.arrays["task_prompt_ids"], pack.arrays["task_prompt_offsets"] = _ragged(got["prompt_ids"])
+    pack.arrays["task_answer_ids"], pack.arrays["task_answer_offsets"] = _ragged(got["answer_ids"])
+    return pack

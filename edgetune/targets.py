@@ -153,6 +153,10 @@ class Budgets(_Strict):
     min_top1_agreement: float | None = Field(None, ge=0, le=1)
     min_generation_agreement: float | None = Field(None, ge=0, le=1)
     max_accuracy_drop: float | None = Field(None, ge=0, le=100)  # percentage points
+    # LLM task accuracy on data with gold answers (greedy answers; exact match, or token F1 for free text; %).
+    # Encoders use max_accuracy_drop (same points).
+    max_task_accuracy_drop: float | None = Field(None, ge=0, le=100)  # points below the reference's
+    min_task_accuracy: float | None = Field(None, ge=0, le=100)  # %, the model's own (a floor)
 
 
 class Target(_Strict):

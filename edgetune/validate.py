@@ -33,7 +33,24 @@ DEFAULTS: dict[str, Any] = {
     "warmup": 1,
     "batch": 1,
     "latency": True,
+    "task_examples": None,  # use only the first N examples with gold answers (None: all)
+    "failing_examples": 5,  # failing task examples listed side by side in the report
+    # The target's execution provider missing on this machine: True = fatal (exit 3); False = a
+    # cross-build: accuracy on the CPU provider with the same graph, latency "not measured".
+    "require_device": True,
 }
+
+
+def _provider_available(t) -> bool:
+    import onnxruntime as ort
+
+    return t.ort_providers[0] in ort.get_available_providers()
+
+
+def _cpu_stand_in(t):
+    """The target with its execution provider replaced by the CPU one (same graph, session options)."""
+    rt = t.runtime.model_copy(update={"execution_provider": "cpu", "fallback_providers": [], "provider_options": {}})
+    return t.model_copy(update={"runtime": rt})
 
 
 def model_kind(folder: Path) -> tuple[str, Path]:
@@ -105,7 +122,7 @@ def reference_source(reference) -> Path:
     return src
 
 
-def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window):
+def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window, task=None):
     from . import reference as R
 
     if reference is None:
@@ -121,7 +138,8 @@ def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window):
             if text is None:
                 raise BadInput("validating an LLM against a reference model needs --data (a text or JSONL file)", hint="e.g. --data eval.txt")
             return R.build_decoder_reference(src, text, window=window, stride=opts["stride"], method=opts["method"], topk=opts["topk"],
-                                             max_new_tokens=opts["max_tokens"], prompts=prompts, eval_tokens=opts["eval_tokens"])
+                                             max_new_tokens=opts["max_tokens"], prompts=prompts, eval_tokens=opts["eval_tokens"],
+                                             task=task)
         if texts is None:
             raise BadInput("validating an encoder against a reference needs --data with labelled examples", hint="JSONL/CSV/TSV with text and label")
         if texts and isinstance(texts[0], list):
@@ -129,7 +147,7 @@ def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window):
         return R.build_encoder_reference(src, texts, labels)
 
 
-def _decoder(folder, target, pack, text, opts, report, series):
+def _decoder(folder, target, pack, text, opts, report, series, task=None):
     from .device import llm as L
     from .device import metrics as M
 
@@ -149,6 +167,7 @@ def _decoder(folder, target, pack, text, opts, report, series):
         acc["perplexity"] = M.perplexity(np.concatenate(nll))
         acc["tokens"] = int(len(ids))
         report["accuracy"] = acc
+        _task_decoder(m, None, task, opts, report)
         return
     meta, ids = pack.meta, pack.arrays["ids"]
     if text is not None and _text_sha(text) != meta["text_sha256"]:
@@ -196,6 +215,96 @@ def _decoder(folder, target, pack, text, opts, report, series):
         acc["generation_exact_match"] = exact / len(agree)
     report["accuracy"] = acc
     report["generations"] = gens
+    _task_decoder(m, pack, task, opts, report)
+
+
+def _failing(rows: list[dict], n: int) -> list[dict]:
+    """The first ``n`` examples the model gets wrong; regressions (reference right) first."""
+    wrong = [r for r in rows if not r["model_correct"]]
+    wrong.sort(key=lambda r: (not r.get("reference_correct", False), r["index"]))
+    return wrong[:n]
+
+
+def _task_shape(metric: str, ref: dict | None, model: dict, failing: list[dict], **extra) -> dict:
+    """The ``report['task']`` block, the same for LLMs and encoders: reference, model, drop, failing examples."""
+    out = {"metric": metric, "examples": model.get("examples"), "reference": ref, "model": model,
+           "drop": None if ref is None or ref.get(metric) is None or model.get(metric) is None else ref[metric] - model[metric],
+           "failing_examples": failing}
+    out.update(extra)
+    return out
+
+
+def _task_decoder(m, pack, task, opts, report) -> None:
+    """Greedy answers of the model to examples with gold answers, scored vs the gold and vs the
+    reference's stored answers (same prompt token ids as the reference; parity checked)."""
+    from .device import llm as L
+    from .device import metrics as M
+
+    stored = (pack.meta.get("task") if pack is not None else None) or None
+    if stored is not None:
+        examples = stored["examples"]
+        if task is not None and [e["gold"] for e in task] != [e["gold"] for e in examples]:
+            raise BadInput("--data's gold answers are not those the reference pack was made from", hint="omit --data to use the pack's examples")
+        ref_prompts = pack.ragged("task_prompt")
+    elif task:
+        examples = [dict(e, max_new_tokens=None) for e in task]
+        ref_prompts = None
+    else:
+        return
+    dev_prompts, caps = [], []
+    for e in examples:
+        dev_prompts.append(L.prompt_ids(m, e["prompt"], chat=e["chat"]))
+        caps.append(e.get("max_new_tokens") or _cap(m, e["gold"]))
+    bad_p = first_p = None
+    if ref_prompts is not None:
+        texts = [json.dumps(e["prompt"], ensure_ascii=False) if e["chat"] else e["prompt"] for e in examples]
+        bad_p, first_p = _first_mismatch("task prompts (chat template)", texts, ref_prompts, dev_prompts)
+        tok = report.setdefault("tokenizer", {"checked": 0, "mismatches": 0, "first_mismatch": None})
+        tok["checked"] += len(examples)
+        tok["mismatches"] += bad_p
+        tok["first_mismatch"] = tok.get("first_mismatch") or first_p
+    # generate from the reference's prompt ids (what it answered to); parity above says whether the device's own agree
+    prompts = ref_prompts if ref_prompts is not None else dev_prompts
+    answers = []
+    for p, c in console.progress(list(zip(prompts, caps)), desc="task answers"):
+        answers.append(L.decode(m, L.generate_ids(m, [int(x) for x in p], int(c))))
+    golds = [e["gold"] for e in examples]
+    sm = M.task_scores(golds, answers)
+    sr = M.task_scores(golds, [e["answer"] for e in examples]) if stored is not None else None
+    rows = []
+    for i, e in enumerate(examples):
+        row = {"index": i, "prompt": _prompt_text(e), "gold": e["gold"], "model": answers[i], "model_correct": bool(sm["correct"][i])}
+        if sr is not None:
+            row.update(reference=e["answer"], reference_correct=bool(sr["correct"][i]))
+        rows.append(row)
+    metric = sm["metric"]
+    strip = lambda d: None if d is None else {k: v for k, v in d.items() if k != "correct"}  # noqa: E731
+    extra = {"prompt_mismatches": bad_p}
+    if sr is not None:
+        extra["answer_agreement"] = sum(M.exact_match(e["answer"], a) for e, a in zip(examples, answers)) / len(examples)
+    report["task"] = _task_shape(metric, strip(sr), strip(sm), _failing(rows, int(opts["failing_examples"])), **extra)
+    acc = report.setdefault("accuracy", {})
+    acc.update({"task_metric": metric, "task_examples": sm["examples"], "task_accuracy": sm["task_accuracy"],
+                "task_exact_match": sm["exact_match"], "task_valid_format": sm["valid_format"], "task_token_f1": sm["token_f1"]})
+    if sr is not None:
+        acc.update({"reference_task_accuracy": sr["task_accuracy"], "reference_task_exact_match": sr["exact_match"],
+                    "reference_task_valid_format": sr["valid_format"], "reference_task_token_f1": sr["token_f1"],
+                    "task_accuracy_drop": sr["task_accuracy"] - sm["task_accuracy"], "task_answer_agreement": extra["answer_agreement"]})
+
+
+def _cap(m, gold: str) -> int:
+    from .device import llm as L
+    from .reference import answer_cap
+
+    return answer_cap(len(L.encode(m, gold)))
+
+
+def _prompt_text(e: dict) -> str:
+    """The last user turn of a chat prompt (what a person reads), or the raw prompt."""
+    if not e["chat"]:
+        return e["prompt"]
+    users = [m["content"] for m in e["prompt"] if m["role"] == "user"]
+    return users[-1] if users else e["prompt"][-1]["content"]
 
 
 def _text_sha(text: str) -> str:
@@ -245,6 +354,14 @@ def _encoder(folder, target, pack, texts, labels, report, series):
             acc["reference_f1"] = M.macro_f1(labels, ref)
             acc["accuracy_drop"] = acc["reference_accuracy"] - acc["accuracy"]
     report["accuracy"] = acc
+    if labels is not None:
+        ref = [pack.meta["labels"][i] for i in pack.arrays["pred"]] if pack is not None else None
+        rows = [{"index": i, "prompt": texts[i], "gold": labels[i], "model": pred[i], "model_correct": pred[i] == labels[i],
+                 **({"reference": ref[i], "reference_correct": ref[i] == labels[i]} if ref is not None else {})} for i in range(len(texts))]
+        mfig = {"examples": len(texts), "accuracy": acc["accuracy"], "f1": acc["f1"]}
+        rfig = {"examples": len(texts), "accuracy": acc["reference_accuracy"], "f1": acc["reference_f1"]} if ref is not None else None
+        report["task"] = _task_shape("accuracy", rfig, mfig, _failing(rows, int(report["options"]["failing_examples"])),
+                                     answer_agreement=acc.get("agreement_with_reference"))
 
 
 def _token_encoder(enc, pack, words, gold, report):
@@ -277,6 +394,21 @@ def _token_encoder(enc, pack, words, gold, report):
             acc["accuracy_drop"] = acc["reference_accuracy"] - acc["accuracy"]
     acc["metric"] = "entity_f1"
     report["accuracy"] = acc
+    if gold is not None:
+        def ents(tags):  # the spans of one sentence, readable
+            return ", ".join(f"{t}:{' '.join(ws[a:b])}" for t, a, b in sorted(M.entities(tags), key=lambda x: x[1])) or "-"
+
+        rows = []
+        for i, (ws, g, p) in enumerate(zip(words, gold, pred)):
+            row = {"index": i, "prompt": " ".join(ws), "gold": ents(g), "model": ents(p), "model_correct": M.entities(g) == M.entities(p)}
+            if pack is not None:
+                row.update(reference=ents(ref[i]), reference_correct=M.entities(g) == M.entities(ref[i]))
+            rows.append(row)
+        # figures in % (entity F1 x 100) so the drop is in points, as for sequence classifiers
+        mfig = {"examples": len(words), "accuracy": acc["accuracy"], "entity_f1": acc["entity_f1"]}
+        rfig = {"examples": len(words), "accuracy": acc["reference_accuracy"], "entity_f1": acc["reference_entity_f1"]} if pack is not None else None
+        report["task"] = _task_shape("accuracy", rfig, mfig, _failing(rows, int(report["options"]["failing_examples"])),
+                                     answer_agreement=acc.get("agreement_with_reference"))
 
 
 def _checks(report, target) -> list[dict]:
@@ -295,12 +427,15 @@ def _checks(report, target) -> list[dict]:
         s = lat.get(key)
         return s.get("p50") if s else None
 
+    kind = report["model"]["kind"]
     pairs = [
         ("perplexity_increase_pct", acc.get("perplexity_increase_pct"), b.max_perplexity_increase_pct, "<="),
         ("kl_divergence", acc.get("kl_divergence"), b.max_kl_divergence, "<="),
         ("top1_agreement", acc.get("top1_agreement"), b.min_top1_agreement, ">="),
         ("generation_agreement", acc.get("generation_agreement"), b.min_generation_agreement, ">="),
         ("accuracy_drop", acc.get("accuracy_drop"), b.max_accuracy_drop, "<="),
+        ("task_accuracy_drop", acc.get("task_accuracy_drop"), b.max_task_accuracy_drop, "<="),
+        ("task_accuracy", acc.get("task_accuracy"), b.min_task_accuracy, ">="),
         ("size_mb", lat.get("size_mb") if lat else report["model"].get("size_mb"), b.max_size_mb, "<="),
         ("peak_memory_mb", lat.get("peak_memory_mb"), b.max_peak_memory_mb, "<="),
         ("load_time_s", lat.get("load_time_s"), b.max_load_time_s, "<="),
@@ -308,20 +443,35 @@ def _checks(report, target) -> list[dict]:
         ("decode_tokens_per_s", p50("decode_tokens_per_s"), b.min_decode_tokens_per_s, ">="),
         ("p90_ms", (lat.get("latency_ms") or {}).get("p90"), b.max_p90_ms, "<="),
     ]
-    kind = report["model"]["kind"]
     for name, value, limit, op in pairs:
         if limit is None:
             continue
         if value is None:
             # a budget that does not apply to this kind of model, or a figure not measured in this run
             if (kind == "encoder" and name in ("perplexity_increase_pct", "kl_divergence", "top1_agreement", "generation_agreement",
-                                               "time_to_first_token_ms", "decode_tokens_per_s")) or \
+                                               "time_to_first_token_ms", "decode_tokens_per_s", "task_accuracy_drop", "task_accuracy")) or \
                (kind == "decoder" and name in ("accuracy_drop", "p90_ms")):
                 continue
             report.setdefault("not_measured", []).append(name)
             continue
-        out.append(check(name, value, limit, op))
+        out.append(check(name, value, limit, op, detail=_task_detail(report, name)))
     return out
+
+
+def _task_detail(report, name) -> str | None:
+    if name not in ("task_accuracy_drop", "task_accuracy"):
+        return None
+    t = report.get("task") or {}
+    ref, model, metric = t.get("reference") or {}, t.get("model") or {}, t.get("metric")
+    if not model:
+        return None
+    s = f"{metric}: model {model.get(metric, 0):.1f}%"
+    if ref.get(metric) is not None:
+        s += f", reference {ref[metric]:.1f}%"
+    f = t.get("failing_examples") or []
+    if f:
+        s += f"; first failing: {f[0]['prompt'][:40]!r} -> {str(f[0]['model'])[:40]!r}"
+    return s
 
 
 def validate(model, *, target, reference=None, data=None, out=None, prompts=None, **options) -> dict:
@@ -340,6 +490,18 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
     if opts["window"] < 2 or (opts["stride"] is not None and not 1 <= opts["stride"] <= opts["window"]):
         raise BadInput(f"invalid window/stride {opts['window']}/{opts['stride']}", hint="need window >= 2 and 1 <= stride <= window")
     t = load_target(target)
+    device = {"execution_provider": t.runtime.execution_provider, "available": True, "accuracy_on": t.ort_providers[0], "latency": "measured"}
+    t_run = t
+    if not _provider_available(t):
+        if opts["require_device"]:
+            from .device.session import providers
+
+            providers(t)  # raises MissingDependency (exit 3) naming the provider
+        t_run = _cpu_stand_in(t)
+        device.update(available=False, accuracy_on="CPUExecutionProvider", latency="not measured")
+        console.warn(f"execution provider {t.ort_providers[0]} (target '{t.name}') is not on this machine: cross-build, "
+                     "accuracy validated with the same graph on the CPU provider, on-device latency not measured "
+                     "(--require-device makes this fatal)")
     kind, folder = model_kind(Path(model))
     if kind == "decoder":
         ctx = json.loads((folder / "genai_config.json").read_text())["model"].get("context_length") or opts["window"]
@@ -347,10 +509,16 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
             opts["window"] = int(ctx)
             opts["stride"] = min(opts["stride"] or ctx // 2, ctx)
     out = Path(out) if out else Path(model).resolve().parent / f"{Path(model).resolve().name}.validation"
-    text = texts = labels = None
+    text = texts = labels = task = None
     if data is not None:
         if kind == "decoder":
+            from .data import load_dataset, task_examples
+
+            ds = load_dataset(data)
             text = _read_text(data)
+            task = task_examples(ds) or None
+            if task and opts["task_examples"]:
+                task = task[: int(opts["task_examples"])]
         else:
             from .data import load_dataset
 
@@ -373,6 +541,7 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
         "target": {"name": t.name, "source": t.source, "execution_provider": t.runtime.execution_provider},
         "reference": None,
         "runtime": {"providers": []},
+        "device": device,
         "options": opts,
         "machine": artifacts.machine_info(),
         "versions": artifacts.package_versions(),
@@ -380,7 +549,7 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
     series: dict[str, Any] = {}
     with artifacts.stage_output(out, "validate", inputs={"model": folder, "reference": reference, "data": data, "prompts": prompts},
                                 options={**opts, "target": t.name}) as run:
-        pack = _get_pack(reference, kind, text=text, texts=texts, labels=labels, prompts=prompt_list, opts=opts, window=opts["window"])
+        pack = _get_pack(reference, kind, text=text, texts=texts, labels=labels, prompts=prompt_list, opts=opts, window=opts["window"], task=task)
         if pack is not None:
             if not (reference and Path(reference, "reference.json").is_file()):
                 pack.save(run.dir / "reference")
@@ -388,10 +557,12 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
                                    "pack": str(out / "reference") if not Path(reference, "reference.json").is_file() else str(reference)}
         with console.step("accuracy"):
             if kind == "decoder":
-                _decoder(folder, t, pack, text, opts, report, series)
+                _decoder(folder, t_run, pack, text, opts, report, series, task)
             else:
-                _encoder(folder, t, pack, texts, labels, report, series)
-        if opts["latency"]:
+                _encoder(folder, t_run, pack, texts, labels, report, series)
+        if not device["available"]:
+            report["latency"] = None
+        elif opts["latency"]:
             from .device.bench import run_in_subprocess
 
             with console.step("latency"):

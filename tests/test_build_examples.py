@@ -25,7 +25,7 @@ def test_example_configs_are_valid(name):
     cfg, root = load_config(REPO / "examples" / name)
     assert root == REPO / "examples"
     for t in cfg.targets:
-        load_target(t.name)
+        load_target(root / t.name if t.name.endswith(".toml") else t.name)
         if t.calibration:
             assert (root / t.calibration).is_file()
     assert (root / cfg.validation.data).exists() or "shared/data" in cfg.validation.data

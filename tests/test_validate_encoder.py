@@ -78,6 +78,12 @@ def test_encoder_with_flipped_head_fails_accuracy_drop(enc_work, tiny_bert, tmp_
     assert "accuracy_drop" in r["failed"] and r["accuracy"]["agreement_with_reference"] == 0.0
     assert r["accuracy"]["reference_accuracy"] == 100.0 and r["accuracy"]["accuracy_drop"] == 100.0
     assert (tmp_path / "rep" / "report.md").is_file()
+    # the same task shape as LLMs: reference, model, drop, failing examples side by side
+    t = r["task"]
+    assert t["metric"] == "accuracy" and t["reference"]["accuracy"] == 100.0 and t["model"]["accuracy"] == 0.0 and t["drop"] == 100.0
+    f = t["failing_examples"]
+    assert len(f) == 5 and f[0]["prompt"] == texts[0] and f[0]["gold"] == f[0]["reference"] == gold[0] != f[0]["model"]
+    assert "failing examples" in (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_token_classifier_entity_f1_vs_reference(tmp_path, tiny_bert):
@@ -107,3 +113,8 @@ def test_token_classifier_entity_f1_vs_reference(tmp_path, tiny_bert):
     assert a["metric"] == "entity_f1" and a["agreement_with_reference"] == 1.0
     assert a["entity_f1"] == pytest.approx(a["reference_entity_f1"]) and a["accuracy_drop"] == pytest.approx(0.0)
     assert any(c["name"] == "accuracy_drop" and c["passed"] for c in r["checks"])
+    t = r["task"]  # the same shape as sequence classifiers and LLMs
+    assert t["metric"] == "accuracy" and t["drop"] == pytest.approx(0.0) and t["model"]["entity_f1"] == a["entity_f1"]
+    assert t["reference"]["accuracy"] == pytest.approx(a["reference_accuracy"])
+    for e in t["failing_examples"]:  # spans readable, reference and model agree (same graph)
+        assert e["model"] == e["reference"] and not e["model_correct"] and isinstance(e["gold"], str)

@@ -16,8 +16,10 @@ from ..cli import common_options
               help="Output folder (overrides `output` in CONFIG): bundles land in OUTPUT/<target>/, work in OUTPUT/.work/.")
 @click.option("--force", is_flag=True, help="Re-run every stage even when its inputs and options did not change "
               "(and replace output folders edgetune did not write).")
+@click.option("--require-device", is_flag=True,
+              help="A target whose execution provider this machine lacks is fatal (exit 3) instead of a cross-build (accuracy on CPU, latency not measured).")
 @common_options
-def build(config: Path, output: Path | None, force: bool) -> None:
+def build(config: Path, output: Path | None, force: bool, require_device: bool | None) -> None:
     """Run materialize -> finetune -> merge -> export -> validate -> bundle from CONFIG.
 
     Stages whose inputs (content hashes) and options did not change are skipped; an
@@ -31,7 +33,7 @@ def build(config: Path, output: Path | None, force: bool) -> None:
 
     try:
         with replace_foreign(force):
-            result = run_build(config, force=force, output=output)
+            result = run_build(config, force=force, output=output, require_device=require_device or None)
     except CheckFailed as exc:
         if isinstance(exc.result, dict) and "targets" in exc.result:
             console.emit(exc.result, summary_text)

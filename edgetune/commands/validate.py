@@ -13,9 +13,10 @@ def _human(r: dict) -> str:
     lines = []
     acc = r.get("accuracy") or {}
     keys = ["perplexity", "reference_perplexity", "perplexity_increase_pct", "kl_divergence", "top1_agreement",
-            "generation_agreement", "accuracy", "reference_accuracy", "accuracy_drop", "f1"]
+            "generation_agreement", "accuracy", "reference_accuracy", "accuracy_drop", "f1",
+            "reference_task_accuracy", "task_accuracy", "task_accuracy_drop", "task_exact_match", "task_valid_format", "task_token_f1"]
     for k in keys:
-        if k in acc:
+        if acc.get(k) is not None:
             lines.append(f"{k:28s} {acc[k]:.4g}")
     lat = r.get("latency") or {}
     for k in ("time_to_first_token_ms", "decode_tokens_per_s", "latency_ms"):
@@ -25,6 +26,15 @@ def _human(r: dict) -> str:
     for k in ("load_time_s", "peak_memory_mb", "size_mb", "throughput_per_s"):
         if lat.get(k) is not None:
             lines.append(f"{k:28s} {lat[k]:.4g}")
+    dev = r.get("device") or {}
+    if dev and not dev.get("available", True):
+        lines.append(f"{'latency':28s} not measured ({dev['execution_provider']} provider absent; accuracy on {dev['accuracy_on']})")
+    task = r.get("task") or {}
+    fails = task.get("failing_examples") or []
+    if fails:
+        lines += ["", f"first failing examples ({task['metric']}):"]
+        for f in fails[:3]:
+            lines.append(f"  #{f['index']} {f['prompt'][:50]!r}\n     gold {str(f['gold'])[:60]!r}\n     ref  {str(f.get('reference', '-'))[:60]!r}\n     model {str(f['model'])[:60]!r}")
     rows = [{"check": c["name"], "value": f"{c['value']:.4g}" if isinstance(c["value"], float) else c["value"],
              "limit": f"{c['op']} {c['limit']}", "result": "pass" if c["passed"] else "FAIL"} for c in r.get("checks", [])]
     if rows:
@@ -54,9 +64,13 @@ def _human(r: dict) -> str:
 @click.option("--warmup", type=int, help="Untimed warm-up runs [1].")
 @click.option("--batch", type=int, help="Encoder batch size in the latency run [1].")
 @click.option("--no-latency", is_flag=True, help="Skip the latency/memory run.")
+@click.option("--task-examples", type=int, help="Use only the first N examples with gold answers [all].")
+@click.option("--failing-examples", type=int, help="Failing task examples listed in the report [5].")
+@click.option("--cross-build", "cross", is_flag=True,
+              help="When the target's execution provider is absent: validate accuracy on the CPU provider (same graph), latency not measured.")
 @force_option
 @common_options
-def validate(model, target, reference, data, prompts, out, no_latency, **opts):
+def validate(model, target, reference, data, prompts, out, no_latency, cross, **opts):
     """Validate MODEL (export or bundle) on this machine against TARGET's budgets.
 
     Exit 1 when a check or budget fails (the report is written first).
@@ -65,7 +79,7 @@ def validate(model, target, reference, data, prompts, out, no_latency, **opts):
 
     try:
         result = run(model, target=target, reference=reference, data=data, prompts=prompts, out=out,
-                     latency=not no_latency, **opts)
+                     latency=not no_latency, require_device=not cross, **opts)
     except CheckFailed as exc:
         if isinstance(exc.result, dict):
             console.emit(exc.result, _human)

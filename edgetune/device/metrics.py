@@ -149,3 +149,107 @@ def entity_f1(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[s
         fp += len(b - a)
         fn += len(a - b)
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+
+
+# ---------------------------------------------------------------- task metrics (answers vs gold)
+#
+# Written here rather than taken from a library: the device side may import only numpy /
+# onnxruntime / tokenizers, and the ones that would fit (``evaluate``'s squad metric,
+# ``sacrebleu``'s chrF) are not in the pinned set and pull heavy dependencies. Token F1 is the
+# SQuAD definition (bag of tokens, lower-cased), a dozen lines.
+
+import json as _json
+import re as _re
+
+_WS = _re.compile(r"\s+")
+_TOKEN = _re.compile(r"\w+|[^\w\s]", _re.UNICODE)
+_MISSING = object()
+
+
+def normalize_ws(text: str) -> str:
+    """Whitespace runs -> one space, stripped."""
+    return _WS.sub(" ", str(text)).strip()
+
+
+def parse_json(text: str):
+    """The JSON value of ``text`` (stripped), or the sentinel ``_MISSING`` when it does not parse."""
+    try:
+        return _json.loads(str(text).strip())
+    except (ValueError, TypeError):
+        return _MISSING
+
+
+def is_json(text: str) -> bool:
+    """True when ``text`` is a JSON object or array (bare numbers/strings count as free text)."""
+    return isinstance(parse_json(text), (dict, list))
+
+
+def json_equal(a, b) -> bool:
+    """Structural equality: object key order ignored, numbers compared as numbers (45 == 45.0),
+    booleans are not numbers, list order matters."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def exact_match(gold: str, answer: str) -> bool:
+    """JSON-aware exact match: when ``gold`` is a JSON object/array the answer must parse and be
+    structurally equal (:func:`json_equal`); otherwise whitespace-normalized string equality."""
+    if is_json(gold):
+        got = parse_json(answer)
+        return got is not _MISSING and json_equal(parse_json(gold), got)
+    return normalize_ws(gold) == normalize_ws(answer)
+
+
+def valid_format(gold: str, answer: str) -> bool | None:
+    """Whether the answer has the gold's format: valid JSON when the gold is JSON; None for free text."""
+    if is_json(gold):
+        return parse_json(answer) is not _MISSING
+    return None
+
+
+def _tokens(text: str) -> list[str]:
+    return _TOKEN.findall(str(text).lower())
+
+
+def token_f1(gold: str, answer: str) -> float:
+    """SQuAD-style token F1 (bag of lower-cased word/punctuation tokens), in 0..1."""
+    from collections import Counter
+
+    g, a = _tokens(gold), _tokens(answer)
+    if not g or not a:
+        return float(g == a)
+    common = sum((Counter(g) & Counter(a)).values())
+    if common == 0:
+        return 0.0
+    p, r = common / len(a), common / len(g)
+    return 2 * p * r / (p + r)
+
+
+def task_scores(golds: Sequence[str], answers: Sequence[str]) -> dict:
+    """Exact match (%), valid-format rate (%, JSON golds only, else None), token F1 (%) and the
+    primary ``task_accuracy``: exact match when every gold is JSON, token F1 otherwise."""
+    golds, answers = list(golds), list(answers)
+    n = len(golds)
+    if not n:
+        return {"examples": 0}
+    em = [exact_match(g, a) for g, a in zip(golds, answers)]
+    vf = [v for v in (valid_format(g, a) for g, a in zip(golds, answers)) if v is not None]
+    f1 = [token_f1(g, a) for g, a in zip(golds, answers)]
+    all_json = len(vf) == n
+    out = {
+        "examples": n,
+        "exact_match": 100.0 * sum(em) / n,
+        "valid_format": 100.0 * sum(vf) / len(vf) if vf else None,
+        "token_f1": 100.0 * sum(f1) / n,
+        "metric": "exact_match" if all_json else "token_f1",
+        "correct": em,
+    }
+    out["task_accuracy"] = out["exact_match"] if all_json else out["token_f1"]
+    return out

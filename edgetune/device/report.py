@@ -37,15 +37,22 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
     lines = [f"# Validation: {report['model']['path']}", ""]
     status = "PASSED" if report["passed"] else "FAILED: " + ", ".join(c["name"] for c in report["checks"] if not c["passed"])
     lines += [f"**{status}** on target `{report['target']['name']}` ({', '.join(report['runtime']['providers'])})", ""]
+    dev = report.get("device") or {}
+    if dev and not dev.get("available", True):
+        lines += [f"**Cross-build**: the {dev['execution_provider']} execution provider is not on this machine. Accuracy was validated "
+                  f"with the same graph on {dev['accuracy_on']}; on-device latency: **not measured**.", ""]
     lines += ["| check | value | limit | result |", "|---|---|---|---|"]
     for c in report["checks"]:
         lines.append(f"| {c['name']} | {_fmt(c['value'])} | {c['op']} {_fmt(c['limit'])} | {'pass' if c['passed'] else '**FAIL**'} |")
+    if report.get("not_measured"):
+        lines += ["", "Not measured here: " + ", ".join(report["not_measured"])]
     acc = report.get("accuracy") or {}
     if acc:
         lines += ["", "## Accuracy vs reference", "", "| figure | value |", "|---|---|"]
         for k, v in acc.items():
             if not isinstance(v, (dict, list)):
                 lines.append(f"| {k} | {_fmt(v)} |")
+    lines += _task_markdown(report.get("task"))
     tok = report.get("tokenizer") or {}
     if tok:
         lines += ["", "## Tokenizer parity", "", f"{tok.get('checked', 0)} strings checked, {tok.get('mismatches', 0)} mismatches."]
@@ -68,6 +75,39 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
     lines += ["", "## Environment", "", f"- machine: {m.get('cpu')} ({m.get('machine')}, {m.get('cpu_count')} cores, {m.get('memory_gib')} GiB)",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _cell(v: Any, n: int = 80) -> str:
+    s = str(v).replace("\n", "\\n").replace("|", "\\|")
+    return "`" + (s if len(s) <= n else s[: n - 1] + "…") + "`" if s else "(empty)"
+
+
+def _task_markdown(task: dict[str, Any] | None) -> list[str]:
+    """Task accuracy: reference, model, drop per figure, then the failing examples side by side."""
+    if not task:
+        return []
+    ref, model = task.get("reference") or {}, task.get("model") or {}
+    lines = ["", "## Task accuracy (gold answers)", "",
+             f"{task.get('examples')} examples; primary figure: **{task['metric']}** (%).", "",
+             "| figure | reference | model | drop (points) |", "|---|---|---|---|"]
+    for k, v in model.items():
+        if k == "examples" or not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        r = ref.get(k)
+        drop = r - v if isinstance(r, (int, float)) else None
+        lines.append(f"| {k} | {_fmt(r)} | {_fmt(v)} | {_fmt(drop)} |")
+    if task.get("answer_agreement") is not None:
+        lines += ["", f"Model answers identical to the reference's: {100 * task['answer_agreement']:.1f} %."]
+    fails = task.get("failing_examples") or []
+    if fails:
+        has_ref = any("reference" in f for f in fails)
+        lines += ["", f"### First {len(fails)} failing examples (regressions vs the reference first)", ""]
+        lines += ["| # | prompt | gold | reference | model |" if has_ref else "| # | prompt | gold | model |",
+                  "|---|---|---|---|---|" if has_ref else "|---|---|---|---|"]
+        for f in fails:
+            cells = [str(f["index"]), _cell(f["prompt"]), _cell(f["gold"])] + ([_cell(f.get("reference", "-"))] if has_ref else []) + [_cell(f["model"])]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plots(report: dict[str, Any], folder: Path, series: dict[str, Any]) -> list[str]:

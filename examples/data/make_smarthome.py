@@ -27,15 +27,22 @@ TEMPLATES = [
 POLITE = ["", "Please ", "Hey, ", "Could you "]
 
 
-def make(n: int, seed: int) -> list[dict]:
+def make(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """``n`` requests; none whose request text (case and whitespace folded) is in ``exclude``."""
     rng = random.Random(seed)
     out = []
-    for _ in range(n):
+    seen = set(exclude) if exclude else None
+    while len(out) < n:
         text, fn = rng.choice(TEMPLATES)
         room, num = rng.choice(ROOMS), rng.randrange(5, 95, 5)
         cmd = fn(room, num)
         prefix, body = rng.choice(POLITE), text.format(room=room, n=num, t=16 + num % 10)
         prompt = prefix + (body[0].lower() + body[1:] if prefix else body)
+        if seen is not None:
+            key = " ".join(prompt.lower().split())
+            if key in seen:
+                continue
+            seen.add(key)
         out.append({"messages": [
             {"role": "system", "content": SYSTEM},
             {"role": "user", "content": prompt},
@@ -46,7 +53,10 @@ def make(n: int, seed: int) -> list[dict]:
 
 if __name__ == "__main__":
     here = Path(__file__).parent
-    for name, n, seed in (("smarthome_train.jsonl", 320, 1), ("smarthome_eval.jsonl", 40, 2)):
+    train = make(320, 1)
+    # held out means held out: no eval request occurs in the training data (`edgetune build` refuses overlap)
+    seen = {" ".join(r["messages"][1]["content"].lower().split()) for r in train}
+    for name, recs in (("smarthome_train.jsonl", train), ("smarthome_eval.jsonl", make(40, 2, exclude=seen))):
         with open(here / name, "w") as f:
-            for rec in make(n, seed):
+            for rec in recs:
                 f.write(json.dumps(rec) + "\n")
