@@ -428,10 +428,11 @@ def build(config: str | os.PathLike, *, force: bool = False, output: str | os.Pa
     # one build at a time per output folder: a second one (say fp32 while int4 runs) fails fast (exit 2)
     # instead of validating and bundling the other one's export
     with artifacts.output_lock(b.output, what="build output"):
-        return _build(b, cfg, config, train, vdata, prompts, materialize, load_target)
+        return _build(b, cfg, config, train, vdata, prompts, materialize, load_target, require_device)
 
 
-def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materialize, load_target) -> dict[str, Any]:
+def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materialize, load_target,
+           require_device: bool | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     b.work.mkdir(parents=True, exist_ok=True)
     held_out = None

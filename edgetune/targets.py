@@ -65,7 +65,8 @@ class Runtime(_Strict):
 
 
 class Precision(_Strict):
-    llm: Literal["fp32", "fp16", "bf16", "int8", "int4"] = "int4"
+    # gguf: the model's own GGUF blocks transcoded exactly (needs a GGUF source; edgetune.llm.gguf_export)
+    llm: Literal["fp32", "fp16", "bf16", "int8", "int4", "gguf"] = "int4"
     encoder: Literal["fp32", "fp16", "int8-dynamic", "int8-static"] = "int8-dynamic"
 
 
