@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from edgetune.cli import main
 from edgetune.errors import BadInput
 from edgetune.export import export
 from test_adapters import IDS, NEW, make_lora, run_cli
