@@ -210,8 +210,12 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
+HEARTBEAT_S = 30.0  # not a terminal (CI logs, pipes): one progress line at most this often
+
+
 def progress(items: Iterable[T], *, total: int | None = None, desc: str = "") -> Iterator[T]:
-    """Iterate with progress on stderr: a bar on a terminal, ~10 lines otherwise."""
+    """Iterate with progress on stderr: a bar on a terminal; otherwise a heartbeat line only for
+    a long stage (at most one per :data:`HEARTBEAT_S`), so a log keeps one line per stage."""
     if total is None:
         try:
             total = len(items)  # type: ignore[arg-type]
@@ -222,24 +226,25 @@ def progress(items: Iterable[T], *, total: int | None = None, desc: str = "") ->
         return
     stream = err()
     tty = stream.isatty()
-    t0 = time.perf_counter()
-    every = max(1, (total or 10) // 10)
+    t0 = last = time.perf_counter()
     n = 0
     for n, item in enumerate(items, 1):
         yield item
-        if tty or n % every == 0 or n == total:
-            elapsed = time.perf_counter() - t0
-            rate = n / elapsed if elapsed > 0 else 0.0
-            if total:
-                eta = (total - n) / rate if rate > 0 else 0.0
-                filled = int(24 * n / total)
-                line = f"{desc} [{'#' * filled}{'.' * (24 - filled)}] {n}/{total} {rate:.1f}/s eta {eta:.0f}s"
-            else:
-                line = f"{desc} {n} {rate:.1f}/s"
-            if tty:
-                print("\r" + line, end="", file=stream, flush=True)
-            else:
-                print(line, file=stream, flush=True)
+        now = time.perf_counter()
+        if not tty and (now - last < HEARTBEAT_S or n == total):
+            continue
+        last = now
+        rate = n / (now - t0) if now > t0 else 0.0
+        if total:
+            eta = (total - n) / rate if rate > 0 else 0.0
+            filled = int(24 * n / total)
+            line = f"{desc} [{'#' * filled}{'.' * (24 - filled)}] {n}/{total} {rate:.1f}/s eta {eta:.0f}s"
+        else:
+            line = f"{desc} {n} {rate:.1f}/s"
+        if tty:
+            print("\r" + line, end="", file=stream, flush=True)
+        else:
+            print(line, file=stream, flush=True)
     if tty and n:
         print(file=stream, flush=True)
 

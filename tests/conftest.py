@@ -84,3 +84,26 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     return real_model("minilm")
+
+
+@pytest.fixture(scope="session")
+def demo_build() -> dict:
+    """The `make demo` build (examples/smollm2-lora-cpu.toml) run once per session; its stages are
+    cached in the repo's build/ folder, so a later run (or `make demo`) reuses them."""
+    import json
+
+    real_model("smollm2")
+    from edgetune.cli import main
+
+    demo = ROOT / "examples" / "smollm2-lora-cpu.toml"
+    try:
+        main(["build", str(demo), "--json", "--quiet"])
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    import tomllib
+
+    out = (demo.parent / tomllib.loads(demo.read_text())["output"]).resolve()
+    summary = json.loads((out / "build-summary.json").read_text()) if (out / "build-summary.json").is_file() else {}
+    return {"exit_code": code, "summary": summary, "work": out / ".work", "output": out}
