@@ -169,10 +169,19 @@ def worker(peer: Peer, job_kind: str, eng: str, model: str | Path, *args: str, t
 
 # ---------------------------------------------------------------- the models
 
-def demo_models(log: Log, config: Path = DEMO_CONFIG) -> dict:
-    """Run the demo build (cached stages) and return its merged model and adapter folders."""
+def demo_models(log: Log, config: Path = DEMO_CONFIG, work_dir: str | None = None) -> dict:
+    """Run the demo build (cached stages) and return its merged model and adapter folders.
+
+    ``work_dir``: an existing build's ``.work`` folder (``merged`` + ``adapter``) to compare instead."""
     from edgetune.build import load_config
 
+    if work_dir:
+        work = Path(work_dir).resolve()
+        merged, adapter = work / "merged", work / "adapter"
+        if not (merged / "config.json").is_file() or not adapter.is_dir():
+            raise RuntimeError(f"--finetune-work {work}: no merged/ + adapter/ there (give a build's .work folder)")
+        log(f"fine-tune from {work} (no build run)")
+        return {"config": None, "work": str(work), "merged": str(merged), "adapter": str(adapter), "build_exit": None}
     cfg, base_dir = load_config(config)
     work = Path(os.path.normpath(base_dir / cfg.output)) / ".work"
     t0 = time.perf_counter()
@@ -330,6 +339,14 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
     return rows
 
 
+def precision_choices(help_text: str) -> list[str]:
+    """The values click lists for `--precision [a|b|...]` (the list may wrap over lines)."""
+    import re
+
+    m = re.search(r"--precision\s*\[([^\]]*)\]", help_text)
+    return re.sub(r"\s+", "", m.group(1)).split("|") if m else []
+
+
 def check_available(row: dict, help_text: str, fields: set[str]) -> str | None:
     """Why this edgetune cannot make the row yet (None: it can)."""
     for kind, what in row.get("needs", []):
@@ -338,11 +355,8 @@ def check_available(row: dict, help_text: str, fields: set[str]) -> str | None:
             if what == "--float-adapter" and "adapter" in fields:
                 alt = " (the build config has a target field `adapter`; the bench uses the export option)"
             return f"`edgetune export` has no {what} yet (engineer {row['owner']}){alt}"
-        if kind == "precision":
-            line = next((ln for ln in help_text.splitlines() if "--precision" in ln), "")
-            block = help_text[help_text.find("--precision"):help_text.find("--precision") + 300] if "--precision" in help_text else ""
-            if what not in (line + block).split("[")[-1].split("]")[0].split("|"):
-                return f"`edgetune export --precision` has no '{what}' yet (engineer {row['owner']})"
+        if kind == "precision" and what not in precision_choices(help_text):
+            return f"`edgetune export --precision` has no '{what}' yet (engineer {row['owner']})"
     return None
 
 
@@ -514,7 +528,7 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
     same, metric_name = task_metric()
     out["task_metric"] = metric_name
     help_text, fields = cli_help(), build_target_fields()
-    demo = demo_models(log)
+    demo = demo_models(log, work_dir=getattr(a, "finetune_work", None))
     out["demo"] = demo
     base_gguf = resolve("smollm2")
     base_dir = Path(materialize("smollm2").path)
@@ -580,6 +594,9 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
                 info = api_export(v, model_dir, mkey, root, s, a.fresh)
             else:
                 args = [subst.get(x, x) for x in spec["args"]]
+                if "" in args:  # e.g. no calibration text here: drop the option and its empty value
+                    i = args.index("")
+                    args = args[:i - 1] + args[i + 1:]
                 model = subst.get(spec["model"], spec["model"])
                 row["recipe"] = "edgetune export " + " ".join(["MODEL"] + [x if not x.startswith("/") else Path(x).name for x in args])
                 why = check_available(spec, help_text, fields)

@@ -854,6 +854,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all-sections", action="store_true", help="with --quick: also the LLM tuning, fine-tuning and encoder sections")
     ap.add_argument("--peer-eval-tokens", type=int, default=None, help="peer comparison: tokens of held-out text (default 8192, quick 2048)")
     ap.add_argument("--peer-text", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--finetune-work", default=None, help="peer comparison: an existing build's .work folder (merged/ + adapter/) "
+                    "instead of running `edgetune build examples/smollm2-lora-cpu.toml`")
     ap.add_argument("--skip-llm", action="store_true")
     ap.add_argument("--skip-finetune", action="store_true")
     ap.add_argument("--skip-encoder", action="store_true")
