@@ -219,7 +219,9 @@ def quantize(src: str, out: str, ftype: str, threads: int | None) -> dict:
     params.ftype = getattr(llama_cpp, name)
     params.nthread = int(threads or os.cpu_count() or 1)
     t0 = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(src.encode(), out.encode(), params)
+    import ctypes
+
+    rc = llama_cpp.llama_model_quantize(src.encode(), out.encode(), ctypes.byref(params))
     if rc != 0:
         raise SystemExit(f"llama_model_quantize({ftype}) returned {rc}")
     return {"ftype": ftype, "seconds": round(time.perf_counter() - t0, 1), "size_mb": round(os.path.getsize(out) / 2**20, 2),

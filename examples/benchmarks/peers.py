@@ -416,12 +416,15 @@ def task_job(tok, model_dir: Path, root: Path, group: str, limit: int | None) ->
     return job, want, eos
 
 
-def torch_task(model_dir: Path, job: Path, root: Path, group: str, fresh: bool) -> dict:
-    """Greedy answers of the PyTorch fp32 model (the reference row's task accuracy), cached."""
+def torch_task(model_dir: Path, job: Path, root: Path, group: str, fresh: bool, cached_only: bool = False) -> dict | None:
+    """Greedy answers of the PyTorch fp32 model (the reference row's task accuracy), cached.
+    ``cached_only`` (--quick): None unless a previous run left them (eager PyTorch is the slowest engine)."""
     spec = json.loads(job.read_text())
     cache = root / "reference" / f"peers-task-torch-{group}-{key({'model': sha_folder(model_dir), 'job': spec})}.json"
     if not fresh and cache.is_file():
         return json.loads(cache.read_text())
+    if cached_only:
+        return None
     import torch
 
     from edgetune.models import load_causal_lm
@@ -568,7 +571,11 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
                                          "top1_agreement": 1.0, "tokens_scored": (ref or {}).get("tokens_scored")} if ref else None,
                              "speed_note": "not speed-measured (the reference)"}]
         try:
-            rows[0]["task"] = score_task(torch_task(model_dir, tjob, root, group, a.fresh)["outputs"], want, tok, same)
+            tt = torch_task(model_dir, tjob, root, group, a.fresh, cached_only=s["quick"])
+            if tt is None:
+                rows[0]["task_note"] = "task not run with PyTorch in --quick (edgetune fp32 is the fp32 figure); a full run caches it"
+            else:
+                rows[0]["task"] = score_task(tt["outputs"], want, tok, same)
         except Exception as exc:  # noqa: BLE001
             rows[0]["task"] = {"error": f"{type(exc).__name__}: {exc}"}
         # llama.cpp
