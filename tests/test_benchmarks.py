@@ -207,3 +207,16 @@ def test_readme_table_regeneration_is_deterministic(bench, tmp_path):
     assert report.update_readme(readme, res) and "101.0" in readme.read_text()
     repo_readme = Path(__file__).resolve().parent.parent / "README.md"
     assert report.README_BEGIN in repo_readme.read_text() and report.README_END in repo_readme.read_text()
+
+
+def test_parallel_recipes_are_missing_rows_until_the_cli_has_them(bench):
+    _, _, peers = bench
+    rows = {r["id"]: r for r in peers.edgetune_rows("finetune", peers.settings(True, object()), False)}
+    old = "  --precision [fp32|fp16|bf16|int8|\n               int4]  Default.\n  --adapter PATH\n"
+    new = old.replace("int4]", "int4|gguf]") + "  --float-adapter DIRECTORY  float LoRA\n  --recipe [profile|auto]\n"
+    assert peers.precision_choices(old) == ["fp32", "fp16", "bf16", "int8", "int4"]  # a wrapped choice list
+    assert "gguf" in peers.check_available(rows["et-gguf-fa"], old, set())
+    assert "--float-adapter" in peers.check_available(rows["et-rtn-fa"], old, set())
+    assert "--recipe" in peers.check_available(rows["et-auto"], old, set())
+    assert all(peers.check_available(rows[i], new, set()) is None for i in ("et-gguf-fa", "et-rtn-fa", "et-auto"))
+    assert {"et-fp32", "et-rtn", "et-rtn-h8"} <= set(rows)  # the quick subset keeps fp32 and both RTN heads

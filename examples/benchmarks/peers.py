@@ -108,10 +108,9 @@ def task_metric() -> tuple[Callable[[str, str], bool], str]:
     try:
         from edgetune.device import metrics as M
 
-        for name in ("task_exact_match", "json_exact_match", "exact_match_json"):
-            fn = getattr(M, name, None)
-            if callable(fn):
-                return (lambda g, w, fn=fn: bool(fn(g, w))), f"edgetune.device.metrics.{name}"
+        fn = getattr(M, "exact_match", None)  # exact_match(gold, answer): the task gate's JSON-aware comparison
+        if callable(fn):
+            return (lambda got, want, fn=fn: bool(fn(want, got))), "edgetune.device.metrics.exact_match"
     except ImportError:
         pass
     return json_equal, "examples/benchmarks/peers.py json_equal (no task metric in edgetune.device.metrics yet)"
