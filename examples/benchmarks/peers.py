@@ -551,7 +551,8 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
         mkey = sha_folder(model_dir)
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         g: dict[str, Any] = {"model": str(model_dir), "model_sha": mkey,
-                             "label": "demo fine-tune (merged)" if group == "finetune" else "base SmolLM2-135M-Instruct (fp32 from the shipped GGUF)"}
+                             "label": (("demo fine-tune (merged)" if not demo.get("work") else f"fine-tune (merged) from {demo['work']}")
+                                       if group == "finetune" else "base SmolLM2-135M-Instruct (fp32 from the shipped GGUF)")}
         out["groups"][group] = g
         log(f"== peers: {group} ({model_dir})")
         # reference
