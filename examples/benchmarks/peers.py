@@ -593,7 +593,7 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
                 v = spec["variant"]
                 row["recipe"] = {"precision": v["precision"], "int4": v.get("int4")}
                 if spec.get("calibrated") and not getattr(a, "slow_algorithms", False):
-                    sp, folder = R.export_spec(v, model_dir, root, model_key=mkey)
+                    _, folder = R.export_spec(v, model_dir, root, model_key=mkey)
                     if not (folder / "edgetune.json").is_file():
                         row.update(status="skipped", error="calibrated algorithm (~10 min export on 2 cores): add --slow-algorithms once, cached afterwards")
                         rows.append(row)
