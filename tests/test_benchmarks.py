@@ -1,6 +1,7 @@
-"""examples/benchmarks: the Markdown report renders every row of a results.json (refused and
-failed rows with their error), and the quantization grid covers every int4 algorithm and block
-size the target schema offers. Fast: no model is loaded."""
+"""examples/benchmarks: the Markdown report renders every row of a results.json (refused, failed
+and missing rows with their reason), the README table is regenerated from the JSON deterministically,
+the peer comparison's ratios and task comparison are right, and the quantization grid covers every
+int4 algorithm and block size the target schema offers. Fast: no model is loaded, no llama.cpp."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ BENCH = Path(__file__).resolve().parent.parent / "examples" / "benchmarks"
 def bench():
     sys.path.insert(0, str(BENCH))
     try:
+        import peers
         import report
         import run
 
-        yield run, report
+        yield run, report, peers
     finally:
         sys.path.remove(str(BENCH))
 
@@ -65,7 +67,7 @@ def _results() -> dict:
 
 
 def test_markdown_has_every_row_and_error(bench, tmp_path):
-    _, report = bench
+    _, report, _ = bench
     res = _results()
     path = tmp_path / "results.json"
     path.write_text(json.dumps(res))
@@ -93,7 +95,7 @@ def test_grid_covers_every_int4_algorithm_and_block_size(bench):
 
     from edgetune.targets import Int4
 
-    run, _ = bench
+    run, _, _ = bench
     s = {"quick": False, "full_grid": False}
     vs = run.variants(s)
     algos = {v["int4"]["algorithm"] for v in vs if v["precision"] == "int4"}
@@ -107,3 +109,114 @@ def test_grid_covers_every_int4_algorithm_and_block_size(bench):
     assert len({v["slug"] for v in vs}) == len(vs)  # cache folders never collide
     full = run.variants({"quick": False, "full_grid": True})
     assert len(full) > len(vs)
+
+
+def _sp(tps1, tps2, ttft=100.0, peak=200.0):
+    return {"1": {"decode_tok_s": tps1, "ttft_ms": ttft, "peak_rss_mb": peak}, "2": {"decode_tok_s": tps2, "ttft_ms": ttft / 2, "peak_rss_mb": peak}}
+
+
+def _peer_results() -> dict:
+    q = lambda d: {"perplexity": 20.0 * (1 + d / 100), "perplexity_increase_pct": d, "kl_divergence": d / 100, "top1_agreement": 0.9}  # noqa: E731
+    rows = [
+        {"id": "ref", "label": "PyTorch fp32 (reference)", "toolchain": "reference", "engine": "torch", "status": "ok", "size_mb": 513.0,
+         "quality": q(0.0), "task": {"exact_match": 0.5, "n": 40}, "speed_note": "not speed-measured (the reference)"},
+        {"id": "llama-q4_k_m", "label": "llama.cpp Q4_K_M", "toolchain": "llama.cpp", "engine": "llama", "llama_type": "Q4_K_M", "status": "ok",
+         "size_mb": 100.0, "quality": q(4.0), "task": {"exact_match": 0.45, "n": 40}, "speed": _sp(50.0, 80.0)},
+        {"id": "llama-q4_0", "label": "llama.cpp Q4_0", "toolchain": "llama.cpp", "engine": "llama", "llama_type": "Q4_0", "status": "failed",
+         "error": "llama_model_quantize(Q4_0) returned 1"},
+        {"id": "et-rtn-h8", "label": "edgetune int4 RTN b32, int8 head", "toolchain": "edgetune", "engine": "ort", "status": "ok",
+         "size_mb": 115.0, "quality": q(10.0), "task": {"exact_match": 0.3, "n": 40}, "speed": _sp(100.0, 120.0)},
+        {"id": "et-slow", "label": "edgetune int4 hqq b32, int4 head", "toolchain": "edgetune", "engine": "ort", "status": "ok",
+         "size_mb": 90.0, "quality": {"error": "score worker exit 1: Killed"}, "task": {"error": "task worker exit 1: | pipe"},
+         "speed": {"1": {"error": "speed worker exit 1"}, "2": {"decode_tok_s": 3.0, "ttft_ms": 900.0, "peak_rss_mb": 300.0}}},
+        {"id": "et-gguf-fa", "label": "edgetune gguf base + float LoRA adapter", "toolchain": "edgetune", "engine": "ort", "status": "missing",
+         "error": "`edgetune export --precision` has no 'gguf' yet (engineer gguf + lora)"},
+        {"id": "et-auto", "label": "edgetune --recipe auto", "toolchain": "edgetune", "engine": "ort", "status": "refused",
+         "error": "exit 1: no recipe met the budgets"},
+        {"id": "et-gptq", "label": "edgetune int4 gptq b32, int4 head", "toolchain": "edgetune", "engine": "ort", "status": "skipped",
+         "error": "calibrated algorithm: add --slow-algorithms"},
+    ]
+    for r in rows:
+        r["group"] = "finetune"
+    return {"created": "2026-12-02T01:00:00+00:00", "command": ".venv/bin/python examples/benchmarks/run.py --quick",
+            "machine": {"cpu": "Test CPU", "cpu_count": 2, "memory_gib": 24.0, "doctor_cpu_features": ["avx2"], "loadavg_start": "1.0, 1.0, 1.0",
+                        "loadavg_end": "2.0, 2.0, 2.0"},
+            "peers": {"settings": {"chunk": 512, "topk": 64, "prompt_tokens": 128, "new_tokens": 64, "rounds": 2, "text_name": "tail"},
+                      "peer": {"llama_cpp_python": "0.3.36"}, "task_metric": "json_equal",
+                      "groups": {"finetune": {"label": "demo fine-tune (merged)", "reference": {"perplexity": 20.0, "tokens_scored": 1024}}},
+                      "rows": rows, "summary": ["edgetune int4 RTN b32, int8 head vs Q4_K_M: decode 2.00x at 1 thread."],
+                      "notes": ["a note"]},
+            "llm": {"skipped": "--quick runs the llama.cpp comparison only"}}
+
+
+def test_peer_ratios_and_task_compare(bench):
+    _, _, peers = bench
+    res = _peer_results()
+    rows = res["peers"]["rows"]
+    peers.ratios(rows, [1, 2])
+    et = next(r for r in rows if r["id"] == "et-rtn-h8")
+    assert et["vs_q4_k_m"] == {"size": 1.15, "decode_1t": 2.0, "ttft_1t": 1.0, "decode_2t": 1.5, "ttft_2t": 1.0, "dppl_pt": 6.0, "exact_match_pt": -15.0}
+    assert next(r for r in rows if r["id"] == "llama-q4_k_m")["vs_q4_k_m"]["decode_2t"] == 1.0
+    assert "vs_q4_k_m" not in next(r for r in rows if r["id"] == "et-auto")  # no figures, no ratios
+    assert peers.json_equal('{"room": "office", "device": "light"}', ' {"device":"light","room":"office"}\n')
+    assert not peers.json_equal('{"device":"light","level":45}', '{"device":"light","level":46}')
+    assert not peers.json_equal("Sure! {...}", '{"device":"light"}')
+    summary = peers.summary({"rows": rows})
+    assert any("edgetune int4 RTN b32, int8 head vs Q4_K_M" in ln and "+6.00 pt" in ln and "-15.0 pt" in ln for ln in summary)
+
+
+def test_peer_report_renders_every_row(bench, tmp_path):
+    _, report, peers = bench
+    res = _peer_results()
+    peers.ratios(res["peers"]["rows"], [1, 2])
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    assert report.main([str(path)]) == 0
+    md = (tmp_path / "results.md").read_text()
+    for row in res["peers"]["rows"]:
+        assert row["label"] in md, row["label"]
+        if row.get("error"):
+            assert row["error"].replace("|", "\\|") in md, row["error"]
+    for status in ("**missing**", "**refused**", "**skipped**", "**failed**", "**scoring failed**", "**task failed**"):
+        assert status in md, status
+    assert "2.00x / 1.50x" in md and "+6.00" in md and "-15.0" in md
+    assert "avx2" in md and "1.0, 1.0, 1.0" in md and "2026-12-02T01:00:00+00:00" in md
+    for block in md.split("\n\n"):
+        lines = [ln for ln in block.splitlines() if ln.startswith("|")]
+        if lines:
+            assert len({ln.replace("\\|", "").count("|") for ln in lines}) == 1, block
+
+
+def test_readme_table_regeneration_is_deterministic(bench, tmp_path):
+    _, report, peers = bench
+    res = _peer_results()
+    peers.ratios(res["peers"]["rows"], [1, 2])
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Benchmarks\n\n{report.README_BEGIN}\nold table\n{report.README_END}\n\n## Tests\n")
+    assert report.main([str(path), "--readme", str(readme)]) == 0
+    first = readme.read_text()
+    assert "old table" not in first and first.startswith("# x\n\n## Benchmarks\n\n") and first.endswith(f"{report.README_END}\n\n## Tests\n")
+    for row in res["peers"]["rows"]:
+        assert row["label"] in first
+    assert report.main([str(path), "--readme", str(readme)]) == 0
+    assert readme.read_text() == first  # same JSON, same bytes
+    assert not report.update_readme(readme, json.loads(path.read_text()))
+    res["peers"]["rows"][1]["size_mb"] = 101.0
+    assert report.update_readme(readme, res) and "101.0" in readme.read_text()
+    repo_readme = Path(__file__).resolve().parent.parent / "README.md"
+    assert report.README_BEGIN in repo_readme.read_text() and report.README_END in repo_readme.read_text()
+
+
+def test_parallel_recipes_are_missing_rows_until_the_cli_has_them(bench):
+    _, _, peers = bench
+    rows = {r["id"]: r for r in peers.edgetune_rows("finetune", peers.settings(True, object()), False)}
+    old = "  --precision [fp32|fp16|bf16|int8|\n               int4]  Default.\n  --adapter PATH\n"
+    new = old.replace("int4]", "int4|gguf]") + "  --float-adapter DIRECTORY  float LoRA\n  --recipe [profile|auto]\n"
+    assert peers.precision_choices(old) == ["fp32", "fp16", "bf16", "int8", "int4"]  # a wrapped choice list
+    assert "gguf" in peers.check_available(rows["et-gguf-fa"], old, set())
+    assert "--float-adapter" in peers.check_available(rows["et-rtn-fa"], old, set())
+    assert "--recipe" in peers.check_available(rows["et-auto"], old, set())
+    assert all(peers.check_available(rows[i], new, set()) is None for i in ("et-gguf-fa", "et-rtn-fa", "et-auto"))
+    assert {"et-fp32", "et-rtn", "et-rtn-h8"} <= set(rows)  # the quick subset keeps fp32 and both RTN heads

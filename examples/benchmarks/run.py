@@ -96,6 +96,14 @@ def machine() -> dict:
         info["physical_cores"] = psutil.cpu_count(logical=False)
     except ImportError:
         pass
+    try:  # what `edgetune doctor` reports: the features the kernels pick their paths by
+        from edgetune.doctor import cpu_features
+
+        feats = cpu_features()
+        info["doctor_cpu_features"] = sorted(k for k, v in feats.items() if v)
+        info["doctor_cpu_features_absent"] = sorted(k for k, v in feats.items() if not v)
+    except Exception:  # noqa: BLE001 - the machine block never stops a run
+        pass
     info["python"] = platform.python_version()
     info["loadavg_start"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return info
@@ -161,12 +169,15 @@ def export_worker(spec_json: str) -> int:
     return 0
 
 
-def export_spec(v: dict, model_dir: Path, root: Path) -> tuple[dict, Path]:
-    """The export options of a variant and its cache folder (keyed by options, model and exporter code)."""
+def export_spec(v: dict, model_dir: Path, root: Path, model_key: str | None = None) -> tuple[dict, Path]:
+    """The export options of a variant and its cache folder (keyed by options, model and exporter code).
+
+    ``model_key``: the model's content hash, for folders whose name does not change with their
+    content (a build's ``.work/merged``); default: the folder name."""
     spec = {"precision": v["precision"], "int4": v.get("int4"), "target": TARGET}
     if v.get("calibration"):
         spec["calibration"] = str(v["calibration"])
-    k = key({**spec, "model": model_dir.name, "exporter": exporter_fingerprint()})
+    k = key({**spec, "model": model_key or model_dir.name, "exporter": exporter_fingerprint()})
     return spec, root / "exports" / f"{v['slug']}-{k}"
 
 
@@ -183,20 +194,20 @@ def calibrated_algorithms() -> tuple[str, ...]:
 _BUILT: set[str] = set()  # exported in this run (so --fresh rebuilds each variant once)
 
 
-def export_variant(v: dict, model_dir: Path, root: Path, s: dict, fresh: bool) -> tuple[Path | None, dict]:
+def export_variant(v: dict, model_dir: Path, root: Path, s: dict, fresh: bool, model_key: str | None = None) -> tuple[Path | None, dict]:
     """(folder, info) where info has status ok|refused|failed|timed out, error, export_s, cached."""
-    spec, folder = export_spec(v, model_dir, root)
+    spec, folder = export_spec(v, model_dir, root, model_key)
     if (not fresh or str(folder) in _BUILT) and (folder / "edgetune.json").is_file():
         return folder, {"status": "ok", "cached": True}
     shutil.rmtree(folder, ignore_errors=True)
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    result = logs / f"export-{v['slug']}.result.json"
+    result = logs / f"export-{folder.name}.result.json"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--export-worker",
            json.dumps({**spec, "model": str(model_dir), "out": str(folder), "result": str(result)})]
     t0 = time.perf_counter()
-    with open(logs / f"export-{v['slug']}.log", "w") as lf:
+    with open(logs / f"export-{folder.name}.log", "w") as lf:
         try:
             subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT, timeout=s["export_timeout_s"], env=child_env())
         except subprocess.TimeoutExpired:
@@ -204,7 +215,7 @@ def export_variant(v: dict, model_dir: Path, root: Path, s: dict, fresh: bool) -
             return None, {"status": "timed out", "error": f"export took longer than {s['export_timeout_s']} s (raise --export-timeout)"}
     dt_s = round(time.perf_counter() - t0, 1)
     if not result.is_file():
-        tail = (logs / f"export-{v['slug']}.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        tail = (logs / f"export-{folder.name}.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
         return None, {"status": "failed", "error": f"export process died: {tail[0][:300]}", "export_s": dt_s}
     res = json.loads(result.read_text())
     if not res["ok"]:
@@ -837,6 +848,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="edgetune benchmarks (make bench)")
     ap.add_argument("--quick", action="store_true", help="~5-minute subset: fewer variants, tokens and repeats")
     ap.add_argument("--fresh", action="store_true", help="rebuild cached exports, reference pack and encoder models")
+    ap.add_argument("--peers-venv", default=os.environ.get("PEERS_VENV") or str(ROOT / ".venv-peers"),
+                    help="the llama.cpp peer venv made by `make peers` (default .venv-peers)")
+    ap.add_argument("--skip-peers", action="store_true", help="no edgetune-vs-llama.cpp comparison")
+    ap.add_argument("--all-sections", action="store_true", help="with --quick: also the LLM tuning, fine-tuning and encoder sections")
+    ap.add_argument("--peer-eval-tokens", type=int, default=None, help="peer comparison: tokens of held-out text (default 8192, quick 2048)")
+    ap.add_argument("--peer-text", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--finetune-work", default=None, help="peer comparison: an existing build's .work folder (merged/ + adapter/) "
+                    "instead of running `edgetune build examples/smollm2-lora-cpu.toml`")
     ap.add_argument("--skip-llm", action="store_true")
     ap.add_argument("--skip-finetune", action="store_true")
     ap.add_argument("--skip-encoder", action="store_true")
@@ -856,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(a.out)
     root.mkdir(parents=True, exist_ok=True)
     s = settings_for(a)
-    cmd = "make bench" if not argv and sys.argv[1:] == [] else " ".join([".venv/bin/python examples/benchmarks/run.py"] + (argv if argv is not None else sys.argv[1:]))
+    cmd = " ".join([".venv/bin/python examples/benchmarks/run.py"] + (argv if argv is not None else sys.argv[1:]))
     results: dict[str, Any] = {"schema": 1, "model": "SmolLM2-135M-Instruct", "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                "command": cmd, "machine": machine(), "versions": versions(), "settings": s, "notes": []}
     notes = results["notes"]
@@ -865,12 +884,18 @@ def main(argv: list[str] | None = None) -> int:
                      f"{os.cpu_count()} CPUs): timings are noisy; re-run on a quiet machine for final numbers.")
     fp0 = results["settings"]["exporter_fingerprint"] = exporter_fingerprint()
     log(f"edgetune bench: {results['machine'].get('cpu')} x{os.cpu_count()}, settings {json.dumps(s)}")
-    sections = [("llm", a.skip_llm, lambda: run_llm(a, s, root, notes)),
+    if a.quick and not a.all_sections:
+        a.skip_llm = a.skip_finetune = a.skip_encoder = "--quick runs the llama.cpp comparison only (add --all-sections, or run without --quick)"
+    sys.path.insert(0, str(HERE))
+    import peers as P
+
+    sections = [("peers", a.skip_peers, lambda: P.run(a, root, notes, log)),
+                ("llm", a.skip_llm, lambda: run_llm(a, s, root, notes)),
                 ("finetune", a.skip_finetune, lambda: run_finetune(s)),
                 ("encoder", a.skip_encoder, None)]
     for name, skip, fn in sections:
         if skip:
-            results[name] = {"skipped": f"--skip-{name}"}
+            results[name] = {"skipped": skip if isinstance(skip, str) else f"--skip-{name}"}
             continue
         log(f"== {name}")
         try:

@@ -1,0 +1,696 @@
+"""edgetune vs llama.cpp on the same fine-tuned model (the `peers` section of `make bench`).
+
+The question a user asks: "I fine-tuned a model; ship it with edgetune, or convert it to GGUF and
+run llama.cpp?" Both tool chains start from the same folders:
+
+* the demo's fine-tune: `edgetune build examples/smollm2-lora-cpu.toml` (its stages are cached;
+  whatever that config trains is what is compared): `.work/merged` (base + LoRA, fp32) and
+  `.work/adapter`;
+* the base SmolLM2 (full run only): the fp32 HF folder edgetune materializes from the shipped GGUF.
+
+llama.cpp side: its own `convert_hf_to_gguf.py --outtype f32` (from the llama-cpp-python sdist
+`make peers` keeps in the peer venv), then `llama_cpp.llama_model_quantize` to Q8_0 / Q4_K_M / Q4_0,
+cached by the content hash of the input folder. edgetune side: `edgetune.export.export` recipes
+(fp32, int4 RTN with int4/int8 head, accuracy_level 4, every other int4 algorithm in a full run)
+and CLI recipes that land in parallel (`--precision gguf`, `--float-adapter`, `--recipe auto`),
+each a row with status `missing` (this edgetune does not offer it yet), `refused`, `failed`,
+`skipped` or `ok`: never a crash.
+
+Every row gets the same measurements from the same token ids (HF tokenizer ids; llama.cpp is fed
+ids, not text): perplexity by llama-perplexity's chunked method (chunks of 512, second half
+scored) on the tail of tinyshakespeare, its increase, KL and top-1 vs the PyTorch fp32 model of
+the same folder; task exact match on examples/data/smarthome_eval.jsonl (greedy, prompt ids from
+the HF chat template, JSON compared as values: key order ignored); decode tok/s and TTFT at 1 and
+2 threads in interleaved rounds (fresh process per measurement, peak RSS its own); file size;
+and each row's ratio to llama.cpp Q4_K_M of the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+DEMO_CONFIG = ROOT / "examples" / "smollm2-lora-cpu.toml"
+TASK_DATA = ROOT / "examples" / "data" / "smarthome_eval.jsonl"
+WORKER = HERE / "peer_worker.py"
+TARGET = "cpu-x86"
+LLAMA_TYPES = ("F32", "Q8_0", "Q4_K_M", "Q4_0")
+BAR = "Q4_K_M"  # the row every other row is compared with
+CHUNK = 512  # llama-perplexity -c
+
+Log = Callable[[str], None]
+
+
+def settings(quick: bool, a: Any) -> dict:
+    return {
+        "quick": quick,
+        "target": TARGET,
+        "chunk": CHUNK,
+        "eval_tokens": getattr(a, "peer_eval_tokens", None) or (2048 if quick else 8192),
+        "topk": 64,
+        "task_limit": None,
+        "prompt_tokens": 128,
+        "new_tokens": getattr(a, "new_tokens", None) or (64 if quick else 128),
+        "warmup_tokens": 16,
+        "rounds": getattr(a, "repeats", None) or (2 if quick else 3),
+        "threads": [1, 2] if (os.cpu_count() or 1) >= 2 else [1],
+        "groups": ["finetune"] if quick else ["finetune", "base"],
+        "export_timeout_s": max(getattr(a, "export_timeout", 600) or 600, 600),
+        "auto_timeout_s": 900 if quick else 1800,
+    }
+
+
+# ---------------------------------------------------------------- small helpers
+
+def sha_folder(folder: Path) -> str:
+    """Content hash of a model folder (weights, config, tokenizer): the cache key of everything made from it."""
+    from edgetune.artifacts import hash_path
+
+    return hash_path(folder)[:12]
+
+
+def key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def size_mb(path: Path) -> float:
+    p = Path(path)
+    if p.is_file():
+        return round(p.stat().st_size / 2**20, 2)
+    return round(sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.suffix in (".onnx", ".data", ".onnx_adapter", ".gguf", ".bin")) / 2**20, 2)
+
+
+def tail(text: str, n: int = 1) -> str:
+    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
+    return " | ".join(lines[-n:])[:400] if lines else "no output"
+
+
+def json_equal(got: str, want: str) -> bool:
+    """Task exact match: both parse as JSON and are equal as values (key order ignored), else equal text."""
+    try:
+        return json.loads(got.strip()) == json.loads(want.strip())
+    except (ValueError, TypeError):
+        return got.strip() == want.strip()
+
+
+def task_metric() -> tuple[Callable[[str, str], bool], str]:
+    """The task comparison: edgetune.device.metrics' when it has one, else the bench's own json_equal."""
+    try:
+        from edgetune.device import metrics as M
+
+        fn = getattr(M, "exact_match", None)  # exact_match(gold, answer): the task gate's JSON-aware comparison
+        if callable(fn):
+            return (lambda got, want, fn=fn: bool(fn(want, got))), "edgetune.device.metrics.exact_match"
+    except ImportError:
+        pass
+    return json_equal, "examples/benchmarks/peers.py json_equal (no task metric in edgetune.device.metrics yet)"
+
+
+class Peer:
+    """The llama.cpp peer built by `make peers`: its python and the unpacked sdist (converter, gguf-py)."""
+
+    def __init__(self, venv: Path | None):
+        self.venv = Path(venv).resolve() if venv else None
+        self.python = self.venv / "bin" / "python" if self.venv else None
+        srcs = sorted((self.venv / "src").glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py")) if self.venv else []
+        self.converter = srcs[-1] if srcs else None
+        self.convert_site = self.venv / "convert-site" if self.venv else None
+        self.version = None
+        self.build_s = None
+        self.problem = None
+        if self.venv is None:
+            self.problem = "no peer venv given (make bench passes --peers-venv $(PEERS_VENV))"
+        elif not (self.python and self.python.is_file()):
+            self.problem = f"{self.venv} has no python: run `make peers PEERS_VENV={self.venv}` (~17 min on 2 cores, once)"
+        else:
+            p = subprocess.run([str(self.python), "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True, timeout=120)
+            if p.returncode != 0:
+                self.problem = f"llama_cpp does not import in {self.venv}: {tail(p.stderr)} (run `make peers`)"
+            else:
+                self.version = p.stdout.strip()
+            if self.converter is None:
+                self.problem = self.problem or f"{self.venv}/src has no unpacked llama-cpp-python sdist (convert_hf_to_gguf.py): run `make peers`"
+        try:
+            self.build_s = int((self.venv / "build-seconds").read_text().strip()) if self.venv else None
+        except (OSError, ValueError):
+            pass
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def child_env(extra_path: list[str] | None = None) -> dict:
+    paths = [str(ROOT), *(extra_path or [])]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def worker(peer: Peer, job_kind: str, eng: str, model: str | Path, *args: str, timeout: float = 1800) -> dict:
+    py = str(peer.python) if eng == "llama" else sys.executable
+    cmd = [py, str(WORKER), job_kind, eng, str(model), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
+    if p.returncode != 0:
+        raise RuntimeError(f"{job_kind} worker exit {p.returncode}: {tail(p.stderr)}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the models
+
+def demo_models(log: Log, config: Path = DEMO_CONFIG, work_dir: str | None = None) -> dict:
+    """Run the demo build (cached stages) and return its merged model and adapter folders.
+
+    ``work_dir``: an existing build's ``.work`` folder (``merged`` + ``adapter``) to compare instead."""
+    from edgetune.build import load_config
+
+    if work_dir:
+        work = Path(work_dir).resolve()
+        merged, adapter = work / "merged", work / "adapter"
+        if not (merged / "config.json").is_file() or not adapter.is_dir():
+            raise RuntimeError(f"--finetune-work {work}: no merged/ + adapter/ there (give a build's .work folder)")
+        log(f"fine-tune from {work} (no build run)")
+        return {"config": None, "work": str(work), "merged": str(merged), "adapter": str(adapter), "build_exit": None}
+    cfg, base_dir = load_config(config)
+    work = Path(os.path.normpath(base_dir / cfg.output)) / ".work"
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "edgetune", "build", str(config), "--quiet"], capture_output=True, text=True,
+                       timeout=4 * 3600, env=child_env())
+    merged, adapter = work / "merged", work / "adapter"
+    info = {"config": str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config), "build_exit": p.returncode,
+            "build_s": round(time.perf_counter() - t0, 1), "merged": str(merged), "adapter": str(adapter),
+            "finetune": cfg.finetune.model_dump()}
+    if p.returncode not in (0, 1) or not (merged / "config.json").is_file():
+        raise RuntimeError(f"`edgetune build {config.name}` gave no merged model (exit {p.returncode}): {tail(p.stderr)}")
+    if p.returncode == 1:  # a target missed its budgets: the fine-tune and merge are still what we compare
+        info["build_note"] = f"the demo build's own target missed a budget (exit 1): {tail(p.stderr)}"
+    log(f"demo fine-tune: {merged} (build exit {p.returncode}, {info['build_s']:.0f} s)")
+    return info
+
+
+# ---------------------------------------------------------------- llama.cpp artifacts
+
+def gguf_files(peer: Peer, model_dir: Path, group: str, root: Path, types: list[str], log: Log) -> dict[str, dict]:
+    """llama.cpp's own path: convert_hf_to_gguf.py --outtype f32, then llama_model_quantize per type (cached)."""
+    out: dict[str, dict] = {}
+    if not peer.ok:
+        return {t: {"status": "missing", "error": f"llama.cpp peer not available: {peer.problem}"} for t in types}
+    folder = root / "gguf" / f"{group}-{key({'model': sha_folder(model_dir), 'llama_cpp_python': peer.version})}"
+    folder.mkdir(parents=True, exist_ok=True)
+    f32 = folder / "F32.gguf"
+    if not f32.is_file():
+        tmp = folder / "F32.gguf.tmp"
+        t0 = time.perf_counter()
+        # the project venv's python has the converter's torch + transformers; gguf-py comes from the
+        # sdist (the converter puts it on sys.path), sentencepiece from the peer's convert-site
+        p = subprocess.run([sys.executable, str(peer.converter), str(model_dir), "--outtype", "f32", "--outfile", str(tmp)],
+                           capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHONPATH": str(peer.convert_site)})
+        if p.returncode != 0 or not tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            err = f"convert_hf_to_gguf.py failed (exit {p.returncode}): {tail(p.stderr, 2)}"
+            return {t: {"status": "failed", "error": err} for t in types}
+        tmp.replace(f32)
+        log(f"{group}: convert_hf_to_gguf.py --outtype f32 in {time.perf_counter() - t0:.0f} s")
+    for t in types:
+        path = folder / f"{t}.gguf"
+        if t != "F32" and not path.is_file():
+            tmp = folder / f"{t}.gguf.tmp"
+            try:
+                r = worker(peer, "quantize", "llama", f32, "--out", str(tmp), "--ftype", t, "--threads", str(os.cpu_count() or 1), timeout=1800)
+                tmp.replace(path)
+                log(f"{group}: llama_model_quantize {t} in {r['seconds']:.0f} s ({r['size_mb']:.1f} MB)")
+            except Exception as exc:  # noqa: BLE001 - a row, not a crash
+                tmp.unlink(missing_ok=True)
+                out[t] = {"status": "failed", "error": str(exc)}
+                continue
+        out[t] = {"status": "ok", "path": str(path), "size_mb": size_mb(path)}
+    return out
+
+
+# ---------------------------------------------------------------- edgetune artifacts
+
+def cli_help() -> str:
+    p = subprocess.run([sys.executable, "-m", "edgetune", "export", "--help"], capture_output=True, text=True, timeout=120, env=child_env())
+    return p.stdout
+
+
+def build_target_fields() -> set[str]:
+    try:
+        from edgetune.build import TargetCfg
+
+        return set(TargetCfg.model_fields)
+    except Exception:  # noqa: BLE001
+        return set()
+
+
+def cli_export(args: list[str], model: Path | str, model_key: str, slug: str, root: Path, timeout: float, log: Log,
+               fresh: bool) -> dict:
+    """`edgetune export MODEL -t cpu-x86 -o OUT ARGS...` in a subprocess, cached by (args, model content, exporter code)."""
+    sys.path.insert(0, str(HERE))
+    import run as R
+
+    folder = root / "exports" / f"{slug}-{key({'args': args, 'model': model_key, 'exporter': R.exporter_fingerprint()})}"
+    if not fresh and (folder / "edgetune.json").is_file():
+        return {"status": "ok", "folder": str(folder), "cached": True}
+    shutil.rmtree(folder, ignore_errors=True)
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "edgetune", "export", str(model), "-t", TARGET, "-o", str(folder), "--quiet", *args]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(folder, ignore_errors=True)
+        return {"status": "timed out", "error": f"export took longer than {timeout:.0f} s"}
+    (logs / f"export-{slug}.log").write_text(p.stdout + p.stderr)
+    dt = round(time.perf_counter() - t0, 1)
+    if p.returncode == 0 and (folder / "edgetune.json").is_file():
+        log(f"export {slug}: {dt:.0f} s")
+        return {"status": "ok", "folder": str(folder), "cached": False, "export_s": dt}
+    shutil.rmtree(folder, ignore_errors=True)
+    status = {1: "refused", 2: "refused", 3: "refused"}.get(p.returncode, "failed")
+    return {"status": status, "error": f"exit {p.returncode}: {tail(p.stderr, 2)}", "export_s": dt}
+
+
+def api_export(v: dict, model_dir: Path, model_key: str, root: Path, s: dict, fresh: bool) -> dict:
+    """One `edgetune.export.export` variant through the bench's cached export worker (run.py)."""
+    sys.path.insert(0, str(HERE))
+    import run as R
+
+    rs = {"export_timeout_s": s["export_timeout_s"]}
+    v = dict(v)
+    if (v.get("int4") or {}).get("algorithm") in R.calibrated_algorithms():
+        cal = R.calibration_file(root)
+        if cal is not None:
+            v["calibration"] = cal
+    folder, info = R.export_variant(v, model_dir, root, rs, fresh, model_key=model_key)
+    if folder is None:
+        return {"status": info["status"], "error": info.get("error"), "export_s": info.get("export_s")}
+    return {"status": "ok", "folder": str(folder), **{k: info[k] for k in ("cached", "export_s") if k in info}}
+
+
+def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
+    """The edgetune recipes of one group (what to export and how), in table order."""
+    sys.path.insert(0, str(HERE))
+    import run as R
+
+    quick = s["quick"]
+    rows: list[dict] = []
+
+    def api(rid, label, v, **kw):
+        rows.append({"id": rid, "label": label, "toolchain": "edgetune", "engine": "ort", "kind": "api", "variant": v, **kw})
+
+    def cli(rid, label, args, model, needs, owner, **kw):
+        rows.append({"id": rid, "label": label, "toolchain": "edgetune", "engine": "ort", "kind": "cli", "args": args, "model": model,
+                     "needs": needs, "owner": owner, **kw})
+
+    if group == "finetune":
+        api("et-fp32", "edgetune fp32", {"label": "fp32", "slug": "fp32", "precision": "fp32"})
+        api("et-rtn", "edgetune int4 RTN b32, int4 head", R.int4_variant(lm_head="int4"))
+        api("et-rtn-h8", "edgetune int4 RTN b32, int8 head", R.int4_variant(lm_head="int8"))
+        api("et-rtn-h8-acc4", "edgetune int4 RTN b32, int8 head, accuracy_level 4", R.int4_variant(lm_head="int8", accuracy_level=4))
+        if not quick:
+            for algo in R.variants({"quick": False, "full_grid": False, "slow_algorithms": slow_algorithms}):
+                a = (algo.get("int4") or {}).get("algorithm")
+                if algo["precision"] != "int4" or a in (None, "rtn") or algo["int4"] != R.int4_variant(algorithm=a)["int4"]:
+                    continue
+                api(f"et-{a}", f"edgetune int4 {a} b32, int4 head", algo, calibrated=a in R.calibrated_algorithms())
+        # recipes landing in parallel (CLI, so an edgetune without them is a 'missing' row)
+        cli("et-gguf-fa", "edgetune gguf base + float LoRA adapter", ["--precision", "gguf", "--float-adapter", "{adapter}"], "{base_gguf}",
+            [("precision", "gguf"), ("option", "--float-adapter")], "gguf + lora")
+        cli("et-rtn-fa", "edgetune int4 RTN base + float LoRA adapter", ["--precision", "int4", "--float-adapter", "{adapter}"], "{base}",
+            [("option", "--float-adapter")], "lora")
+        cli("et-auto", "edgetune --recipe auto", ["--recipe", "auto", "--calibration", "{calibration}"], "{merged}",
+            [("option", "--recipe")], "recipes", timeout="auto_timeout_s")
+    else:
+        api("et-rtn-h8", "edgetune int4 RTN b32, int8 head", R.int4_variant(lm_head="int8"))
+        cli("et-gguf", "edgetune gguf (exact GGUF transcode)", ["--precision", "gguf"], "{base_gguf}", [("precision", "gguf")], "gguf")
+    return rows
+
+
+def precision_choices(help_text: str) -> list[str]:
+    """The values click lists for `--precision [a|b|...]` (the list may wrap over lines)."""
+    import re
+
+    m = re.search(r"--precision\s*\[([^\]]*)\]", help_text)
+    return re.sub(r"\s+", "", m.group(1)).split("|") if m else []
+
+
+def check_available(row: dict, help_text: str, fields: set[str]) -> str | None:
+    """Why this edgetune cannot make the row yet (None: it can)."""
+    for kind, what in row.get("needs", []):
+        if kind == "option" and what not in help_text:
+            alt = ""
+            if what == "--float-adapter" and "adapter" in fields:
+                alt = " (the build config has a target field `adapter`; the bench uses the export option)"
+            return f"`edgetune export` has no {what} yet (engineer {row['owner']}){alt}"
+        if kind == "precision" and what not in precision_choices(help_text):
+            return f"`edgetune export --precision` has no '{what}' yet (engineer {row['owner']})"
+    return None
+
+
+# ---------------------------------------------------------------- reference, task
+
+def eval_text(text_path: Path) -> tuple[list[int] | None, str]:
+    if not text_path.is_file():
+        return None, f"{text_path} not present: perplexity/KL/top-1 skipped (the data lives in ../shared/data next to the repository)"
+    text = text_path.read_text(encoding="utf-8")
+    start = text.find("\n", int(len(text) * 0.9)) + 1  # the last 10%: never the training data of anything here
+    return text[start:], f"last 10% of {text_path.name} (from character {start})"
+
+
+def reference(model_dir: Path, text: str, s: dict, root: Path, group: str, fresh: bool, log: Log) -> tuple[Path, dict]:
+    """PyTorch fp32 of the folder, llama-perplexity chunks: the pack (edgetune.reference) and the worker job file."""
+    import numpy as np
+
+    from edgetune import console
+    from edgetune.device import metrics as M
+    from edgetune.reference import build_decoder_reference, is_pack, load_pack, text_sha
+
+    k = key({"model": sha_folder(model_dir), "text": text_sha(text), "chunk": s["chunk"], "eval_tokens": s["eval_tokens"], "topk": s["topk"]})
+    pack_dir = root / "reference" / f"peers-{group}-{k}"
+    if fresh or not is_pack(pack_dir):
+        console.configure(quiet=True)
+        t0 = time.perf_counter()
+        pack = build_decoder_reference(model_dir, text, window=s["chunk"], stride=None, method="chunked", topk=s["topk"],
+                                       max_new_tokens=1, prompts=["Hi"], eval_tokens=s["eval_tokens"])
+        shutil.rmtree(pack_dir, ignore_errors=True)
+        pack.save(pack_dir)
+        log(f"{group}: fp32 reference (PyTorch, chunked {s['chunk']}): PPL {pack.meta['perplexity']:.3f} in {time.perf_counter() - t0:.0f} s")
+    pack = load_pack(pack_dir)
+    ids = pack.arrays["ids"]
+    ws = M.windows(len(ids), pack.meta["window"], pack.meta.get("stride"), pack.meta["method"])
+    job = pack_dir / "peer_job.npz"
+    np.savez(job, ids=ids, windows=np.asarray(ws, dtype=np.int64), top_ids=pack.arrays["top_ids"], top_logp=pack.arrays["top_logp"],
+             nll=pack.arrays["nll"])
+    return job, {"perplexity": pack.meta["perplexity"], "tokens": int(len(ids)), "tokens_scored": int(len(pack.arrays["nll"])),
+                 "computed_with": pack.meta.get("computed_with"), "pack": str(pack_dir)}
+
+
+def task_job(tok, model_dir: Path, root: Path, group: str, limit: int | None) -> tuple[Path, list[str], list[int]]:
+    """Prompt ids (HF chat template, generation prompt), expected answers, EOS ids: the same for every engine."""
+    rows = [json.loads(ln) for ln in TASK_DATA.read_text(encoding="utf-8").splitlines() if ln.strip()][:limit]
+    prompts, want = [], []
+    for r in rows:
+        msgs = r["messages"]
+        prompts.append([int(t) for t in tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True)])
+        want.append(msgs[-1]["content"])
+    gc = json.loads((model_dir / "generation_config.json").read_text()) if (model_dir / "generation_config.json").is_file() else {}
+    eos = gc.get("eos_token_id", tok.eos_token_id)
+    eos = sorted({int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None} | ({tok.eos_token_id} - {None}))
+    max_new = max(len(tok(w)["input_ids"]) for w in want) + 16
+    job = root / "reference" / f"peers-task-{group}.json"
+    job.parent.mkdir(parents=True, exist_ok=True)
+    job.write_text(json.dumps({"prompts": prompts, "max_new_tokens": max_new, "eos": eos}))
+    return job, want, eos
+
+
+def torch_task(model_dir: Path, job: Path, root: Path, group: str, fresh: bool, cached_only: bool = False) -> dict | None:
+    """Greedy answers of the PyTorch fp32 model (the reference row's task accuracy), cached.
+    ``cached_only`` (--quick): None unless a previous run left them (eager PyTorch is the slowest engine)."""
+    spec = json.loads(job.read_text())
+    cache = root / "reference" / f"peers-task-torch-{group}-{key({'model': sha_folder(model_dir), 'job': spec})}.json"
+    if not fresh and cache.is_file():
+        return json.loads(cache.read_text())
+    if cached_only:
+        return None
+    import torch
+
+    from edgetune.models import load_causal_lm
+
+    model = load_causal_lm(model_dir).eval()
+    outs = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for p in spec["prompts"]:
+            x = torch.tensor([p], dtype=torch.long)
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=spec["max_new_tokens"], do_sample=False,
+                               pad_token_id=spec["eos"][0], eos_token_id=spec["eos"])
+            new = [int(t) for t in y[0, len(p):]]
+            outs.append(new[: next((i for i, t in enumerate(new) if t in spec["eos"]), len(new))])
+    res = {"outputs": outs, "task_s": round(time.perf_counter() - t0, 1)}
+    cache.write_text(json.dumps(res))
+    return res
+
+
+def score_task(outputs: list[list[int]], want: list[str], tok, same: Callable[[str, str], bool]) -> dict:
+    got = [tok.decode(o, skip_special_tokens=True) for o in outputs]
+    hits = [same(g, w) for g, w in zip(got, want)]
+    return {"exact_match": sum(hits) / len(hits), "n": len(hits), "hits": sum(hits), "examples": [{"got": g, "want": w} for g, w in list(zip(got, want))[:3]]}
+
+
+# ---------------------------------------------------------------- speed, interleaved
+
+def interleaved_speed(peer: Peer, rows: list[dict], s: dict, job: Path, log: Log) -> None:
+    """Each round runs every (row, threads) once, in a fresh process, so load changes hit all rows alike."""
+    todo = [(r, t) for r in rows if r.get("status") == "ok" for t in s["threads"]]
+    runs: dict[tuple[str, int], list[dict]] = {(r["id"], t): [] for r, t in todo}
+    errors: dict[tuple[str, int], str] = {}
+    for rnd in range(s["rounds"]):
+        t0 = time.perf_counter()
+        for r, t in todo:
+            k = (r["id"], t)
+            if k in errors:
+                continue
+            try:
+                runs[k].append(worker(peer, "speed", r["engine"], r["artifact"], "--job", str(job), "--threads", str(t), timeout=900))
+            except Exception as exc:  # noqa: BLE001
+                errors[k] = str(exc)
+        log(f"speed round {rnd + 1}/{s['rounds']}: {len(todo)} runs in {time.perf_counter() - t0:.0f} s (load {os.getloadavg()[0]:.1f})")
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        r["speed"] = {}
+        for t in s["threads"]:
+            k = (r["id"], t)
+            rs = runs.get(k) or []
+            if k in errors or not rs:
+                r["speed"][str(t)] = {"error": errors.get(k, "no run")}
+                continue
+            dec = [x for z in rs for x in z["decode_tok_s_samples"]]
+            ttft = [x for z in rs for x in z["ttft_ms_samples"]]
+            r["speed"][str(t)] = {"decode_tok_s": round(statistics.median(dec), 2), "ttft_ms": round(statistics.median(ttft), 1),
+                                  "decode_tok_s_samples": dec, "ttft_ms_samples": ttft, "peak_rss_mb": max(z["peak_rss_mb"] for z in rs),
+                                  "load_s": round(statistics.median(z["load_s"] for z in rs), 3), "rounds": len(rs),
+                                  "generated_ids": rs[-1].get("generated_ids")}
+
+
+def ratios(rows: list[dict], threads: list[int]) -> None:
+    """Each row against llama.cpp Q4_K_M of the same model (same run, same rounds)."""
+    bar = next((r for r in rows if r.get("llama_type") == BAR and r.get("status") == "ok"), None)
+    for r in rows:
+        if r.get("status") != "ok" or bar is None:
+            continue
+        v: dict[str, Any] = {}
+        if r.get("size_mb") and bar.get("size_mb"):
+            v["size"] = round(r["size_mb"] / bar["size_mb"], 3)
+        for t in threads:
+            a, b = (r.get("speed") or {}).get(str(t), {}), (bar.get("speed") or {}).get(str(t), {})
+            if a.get("decode_tok_s") and b.get("decode_tok_s"):
+                v[f"decode_{t}t"] = round(a["decode_tok_s"] / b["decode_tok_s"], 3)
+            if a.get("ttft_ms") and b.get("ttft_ms"):
+                v[f"ttft_{t}t"] = round(a["ttft_ms"] / b["ttft_ms"], 3)
+        qa, qb = r.get("quality") or {}, bar.get("quality") or {}
+        if qa.get("perplexity_increase_pct") is not None and qb.get("perplexity_increase_pct") is not None:
+            v["dppl_pt"] = round(qa["perplexity_increase_pct"] - qb["perplexity_increase_pct"], 3)
+        ta, tb = r.get("task") or {}, bar.get("task") or {}
+        if ta.get("exact_match") is not None and tb.get("exact_match") is not None:
+            v["exact_match_pt"] = round(100 * (ta["exact_match"] - tb["exact_match"]), 1)
+        r["vs_q4_k_m"] = v
+
+
+# ---------------------------------------------------------------- the section
+
+def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
+    from transformers import AutoTokenizer
+
+    from edgetune.models import materialize, resolve
+
+    s = settings(a.quick, a)
+    text_path = Path(getattr(a, "peer_text", None) or (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    out: dict[str, Any] = {"settings": s, "groups": {}, "rows": [], "notes": []}
+    peer = Peer(getattr(a, "peers_venv", None))
+    out["peer"] = {"venv": str(peer.venv) if peer.venv else None, "llama_cpp_python": peer.version, "problem": peer.problem,
+                   "build_seconds": peer.build_s, "converter": str(peer.converter) if peer.converter else None}
+    if not peer.ok:
+        out["notes"].append(f"llama.cpp rows missing: {peer.problem}")
+        log(f"peer: {peer.problem}")
+    else:
+        log(f"peer: llama-cpp-python {peer.version} in {peer.venv}")
+    same, metric_name = task_metric()
+    out["task_metric"] = metric_name
+    help_text, fields = cli_help(), build_target_fields()
+    demo = demo_models(log, work_dir=getattr(a, "finetune_work", None))
+    out["demo"] = demo
+    base_gguf = resolve("smollm2")
+    base_dir = Path(materialize("smollm2").path)
+    models = {"finetune": Path(demo["merged"]), "base": base_dir}
+    sys.path.insert(0, str(HERE))
+    import run as R
+
+    cal = R.calibration_file(root)
+    subst = {"{adapter}": demo["adapter"], "{base_gguf}": str(base_gguf), "{base}": str(base_dir), "{merged}": demo["merged"],
+             "{calibration}": str(cal) if cal else ""}
+    text, text_name = eval_text(text_path)
+    s["text_name"] = text_name
+    if text is None:
+        out["notes"].append(text_name)
+    all_rows: list[dict] = []
+    for group in s["groups"]:
+        model_dir = models[group]
+        mkey = sha_folder(model_dir)
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        g: dict[str, Any] = {"model": str(model_dir), "model_sha": mkey,
+                             "label": (("demo fine-tune (merged)" if not demo.get("work") else f"fine-tune (merged) from {demo['work']}")
+                                       if group == "finetune" else "base SmolLM2-135M-Instruct (fp32 from the shipped GGUF)")}
+        out["groups"][group] = g
+        log(f"== peers: {group} ({model_dir})")
+        # reference
+        job = ref = None
+        if text is not None:
+            job, ref = reference(model_dir, text, s, root, group, a.fresh, log)
+            g["reference"] = ref
+        tjob, want, eos = task_job(tok, model_dir, root, group, s["task_limit"])
+        prompt_ids = (tok(text)["input_ids"][: s["prompt_tokens"]] if text is not None
+                      else tok("The quick brown fox jumps over the lazy dog. " * 30)["input_ids"][: s["prompt_tokens"]])
+        sjob = root / "reference" / f"peers-speed-{group}.json"
+        sjob.write_text(json.dumps({"prompt_ids": prompt_ids, "new_tokens": s["new_tokens"], "warmup_tokens": s["warmup_tokens"], "repeats": 1}))
+        rows: list[dict] = [{"id": "ref", "label": "PyTorch fp32 (reference)", "toolchain": "reference", "engine": "torch", "status": "ok",
+                             "size_mb": round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20, 2),
+                             "quality": {"perplexity": (ref or {}).get("perplexity"), "perplexity_increase_pct": 0.0, "kl_divergence": 0.0,
+                                         "top1_agreement": 1.0, "tokens_scored": (ref or {}).get("tokens_scored")} if ref else None,
+                             "speed_note": "not speed-measured (the reference)"}]
+        try:
+            tt = torch_task(model_dir, tjob, root, group, a.fresh, cached_only=s["quick"])
+            if tt is None:
+                rows[0]["task_note"] = "task not run with PyTorch in --quick (edgetune fp32 is the fp32 figure); a full run caches it"
+            else:
+                rows[0]["task"] = score_task(tt["outputs"], want, tok, same)
+        except Exception as exc:  # noqa: BLE001
+            rows[0]["task"] = {"error": f"{type(exc).__name__}: {exc}"}
+        # llama.cpp
+        types = [t for t in LLAMA_TYPES if not (s["quick"] and t == "F32")]
+        ggufs = gguf_files(peer, model_dir, group, root, types, log)
+        for t in types:
+            info = ggufs.get(t) or {"status": "failed", "error": "not made"}
+            rows.append({"id": f"llama-{t.lower()}", "label": f"llama.cpp {t}", "toolchain": "llama.cpp", "engine": "llama", "llama_type": t,
+                         "recipe": f"convert_hf_to_gguf.py --outtype f32{'' if t == 'F32' else f' + llama_model_quantize {t}'}",
+                         "status": info["status"], "error": info.get("error"), "artifact": info.get("path"), "size_mb": info.get("size_mb")})
+        # edgetune
+        for spec in edgetune_rows(group, s, getattr(a, "slow_algorithms", False)):
+            row = {k: spec[k] for k in ("id", "label", "toolchain", "engine")}
+            if spec["kind"] == "api":
+                v = spec["variant"]
+                row["recipe"] = {"precision": v["precision"], "int4": v.get("int4")}
+                if spec.get("calibrated") and not getattr(a, "slow_algorithms", False):
+                    _, folder = R.export_spec(v, model_dir, root, model_key=mkey)
+                    if not (folder / "edgetune.json").is_file():
+                        row.update(status="skipped", error="calibrated algorithm (~10 min export on 2 cores): add --slow-algorithms once, cached afterwards")
+                        rows.append(row)
+                        continue
+                info = api_export(v, model_dir, mkey, root, s, a.fresh)
+            else:
+                args = [subst.get(x, x) for x in spec["args"]]
+                if "" in args:  # e.g. no calibration text here: drop the option and its empty value
+                    i = args.index("")
+                    args = args[:i - 1] + args[i + 1:]
+                model = subst.get(spec["model"], spec["model"])
+                row["recipe"] = "edgetune export " + " ".join(["MODEL"] + [x if not x.startswith("/") else Path(x).name for x in args])
+                why = check_available(spec, help_text, fields)
+                if why:
+                    row.update(status="missing", error=why)
+                    rows.append(row)
+                    log(f"{row['label']}: missing: {why}")
+                    continue
+                mk = mkey if model == str(model_dir) else sha_folder(Path(model)) if Path(model).is_dir() else hashlib.sha256(str(model).encode()).hexdigest()[:12]
+                timeout = s[spec.get("timeout", "export_timeout_s")]
+                info = cli_export(args, model, key([mk, sha_folder(Path(demo["adapter"])) if "{adapter}" in spec["args"] else None]),
+                                  spec["id"], root, timeout, log, a.fresh)
+            row["status"] = info["status"]
+            row["error"] = info.get("error")
+            row["export_s"] = info.get("export_s")
+            if info.get("folder"):
+                row["artifact"] = info["folder"]
+                row["size_mb"] = size_mb(Path(info["folder"]))
+                try:
+                    rec = json.loads((Path(info["folder"]) / "edgetune.json").read_text())
+                    row["record"] = {k: rec.get("results", {}).get(k) for k in ("size_mb", "matmulnbits", "recipe", "search")
+                                     if rec.get("results", {}).get(k) is not None}
+                except (OSError, ValueError):
+                    pass
+            if row["status"] != "ok":
+                log(f"{row['label']}: {row['status']}: {row['error']}")
+            rows.append(row)
+        # quality and task, one process per row
+        for r in rows:
+            if r.get("status") != "ok" or r["engine"] == "torch":
+                continue
+            t0 = time.perf_counter()
+            if job is not None:
+                try:
+                    r["quality"] = worker(peer, "score", r["engine"], r["artifact"], "--job", str(job), "--threads", str(os.cpu_count() or 1))
+                except Exception as exc:  # noqa: BLE001
+                    r["quality"] = {"error": str(exc)}
+            try:
+                res = worker(peer, "task", r["engine"], r["artifact"], "--job", str(tjob), "--threads", str(os.cpu_count() or 1))
+                r["task"] = score_task(res["outputs"], want, tok, same)
+                r["task"]["task_s"] = res.get("task_s")
+                if res.get("adapter"):
+                    r["adapter"] = res["adapter"]
+            except Exception as exc:  # noqa: BLE001
+                r["task"] = {"error": str(exc)}
+            q, tk = r.get("quality") or {}, r.get("task") or {}
+            log(f"{r['label']}: " + (f"PPL {q['perplexity']:.3f} ({q['perplexity_increase_pct']:+.2f}%), KL {q['kl_divergence']:.4f}, "
+                                     f"top-1 {100 * q['top1_agreement']:.1f}%; " if "perplexity" in q else f"quality: {q.get('error', 'not measured')}; ")
+                + (f"exact match {100 * tk['exact_match']:.1f}%" if "exact_match" in tk else f"task: {tk.get('error')}")
+                + f" ({time.perf_counter() - t0:.0f} s)")
+        for r in rows:
+            r["group"] = group
+        all_rows += rows
+    # speed: every group's rows, interleaved in the same rounds
+    for group in s["groups"]:
+        grows = [r for r in all_rows if r["group"] == group and r["engine"] != "torch"]
+        interleaved_speed(peer, grows, s, root / "reference" / f"peers-speed-{group}.json", log)
+        ratios([r for r in all_rows if r["group"] == group], s["threads"])
+    out["rows"] = all_rows
+    out["summary"] = summary(out)
+    return out
+
+
+def summary(p: dict) -> list[str]:
+    """Where edgetune is ahead of and behind llama.cpp Q4_K_M, in numbers (finetune group)."""
+    rows = [r for r in p.get("rows", []) if r.get("group") == "finetune"]
+    bar = next((r for r in rows if r.get("llama_type") == BAR and r.get("status") == "ok"), None)
+    if bar is None:
+        return ["llama.cpp Q4_K_M was not measured: no comparison."]
+    lines = []
+    bq, bt = bar.get("quality") or {}, bar.get("task") or {}
+    bs = {t: (bar.get("speed") or {}).get(t, {}).get("decode_tok_s") for t in ("1", "2")}
+    lines.append(f"llama.cpp Q4_K_M: {bar.get('size_mb', 0):.1f} MB, ΔPPL {bq.get('perplexity_increase_pct', float('nan')):+.2f}%, "
+                 f"exact match {100 * bt.get('exact_match', float('nan')):.1f}%, decode {bs['1']} / {bs['2']} tok/s (1 / 2 threads).")
+    for r in rows:
+        if r.get("toolchain") != "edgetune" or r.get("status") != "ok":
+            continue
+        v = r.get("vs_q4_k_m") or {}
+        parts = []
+        if "dppl_pt" in v:
+            parts.append(f"ΔPPL {v['dppl_pt']:+.2f} pt")
+        if "exact_match_pt" in v:
+            parts.append(f"exact match {v['exact_match_pt']:+.1f} pt")
+        if "size" in v:
+            parts.append(f"size {v['size']:.2f}x")
+        for t in ("1", "2"):
+            if f"decode_{t}t" in v:
+                parts.append(f"decode {v[f'decode_{t}t']:.2f}x at {t} thread{'s' if t != '1' else ''}")
+        lines.append(f"{r['label']} vs Q4_K_M: " + ", ".join(parts) + ".")
+    return lines
