@@ -30,7 +30,7 @@ from typing import Any, Callable
 import click
 
 from . import __version__, console
-from .errors import EXIT_CODES, INTERNAL, EdgetuneError, translate
+from .errors import EXIT_CODES, INTERNAL, translate
 
 # name -> "module:attribute"; each module owns its command and its options.
 COMMANDS: dict[str, str] = {
