@@ -97,10 +97,11 @@ def test_fused_float_adapter_over_gguf_equals_unfused(q4_gguf, tmp_path):
     assert res["float_adapter"]["branch_ops"]["MatMul"] == 28  # the 2 float MatMuls per module, checked before fusion
     assert res["float_adapter_check"]["vs"]["peft_unmerged"]["max_abs_diff"] < 1e-3  # checked after fusion
     ops_p, ops_f = _runtime_ops(plain), _runtime_ops(fused)
-    # removed: 11 corrections (MatMul + Add; 7 Reshape/ReduceSum pairs) and 12 LoRA branches (2 MatMul + Add);
-    # added: one MatMul per group (7) and one MatMul + Add per linear (13)
-    assert ops_p["MatMul"] - ops_f["MatMul"] == (11 + 2 * 12) - (7 + 13) and ops_p["Add"] - ops_f["Add"] == (11 + 12) - 13
-    assert ops_p["ReduceSum"] - ops_f["ReduceSum"] == 7 and not ops_f["Concat"]  # W1/W2 Concats folded at load
+    # removed: 11 corrections (MatMul + Add) and 12 LoRA branches (2 MatMul + Add); added: per LoRA group (6) one
+    # MatMul(x, A_cat) and one Concat(x @ A_cat, block sums), for the head's correction-only group one MatMul(x, S)
+    # instead of Reshape -> ReduceSum, and per linear (13) one MatMul + Add
+    assert ops_p["MatMul"] - ops_f["MatMul"] == (11 + 2 * 12) - (6 + 1 + 13) and ops_p["Add"] - ops_f["Add"] == (11 + 12) - 13
+    assert ops_p["ReduceSum"] - ops_f["ReduceSum"] == 1 and ops_f["Concat"] == 6  # constant W1/W2 Concats folded at load
     assert ops_f["MatMulNBits"] == ops_p["MatMulNBits"]
     got, want = dev.logits(dev.load(fused), IDS), dev.logits(dev.load(plain), IDS)
     assert _rel(got, want) <= 1e-5, _rel(got, want)

@@ -166,8 +166,16 @@ def _linears(G: _Graph) -> list[dict[str, Any]]:
     return found
 
 
-def fuse_side_branches(model, *, min_gain: int = 1) -> dict[str, Any]:
-    """Rewrite ``model`` (onnx ModelProto, in place) into the fused form; returns what was fused."""
+def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto") -> dict[str, Any]:
+    """Rewrite ``model`` (onnx ModelProto, in place) into the fused form; returns what was fused.
+
+    ``blocksums``: ``"reduce"`` keeps the shared Reshape -> ReduceSum and concatenates its output after ``x @ A_cat``
+    (no extra weight bytes); ``"matmul"`` puts the 0/1 block-sum matrix S into W1 (one node less per group, but
+    K*K/b more fp32 bytes read per group and token: slower on SmolLM2, see docs/llm.md); ``"auto"``: ``"matmul"``
+    for a group without LoRA terms (W1 is then the one shared S of that K), ``"reduce"`` otherwise.
+    """
+    assert blocksums in ("reduce", "matmul", "auto")
+    mode = blocksums
     from onnx import TensorProto, helper
 
     from .blockform import _topo
@@ -225,18 +233,41 @@ def fuse_side_branches(model, *, min_gain: int = 1) -> dict[str, Any]:
             cols.append(("S", b, k // b))
         old = {id(nd) for lin in lins for t in lin["terms"] for nd in t["nodes"]}
         old_count = len(old) + 2 * len(blocks)  # + the Reshape/ReduceSum pairs (removed when no one else reads them)
-        new_count = 1 + 2 * len(lins)
+        has_lora = any(c[0] == "A" for c in cols)
+        blocksums = ("reduce" if has_lora else "matmul") if mode == "auto" else mode
+        if blocksums == "matmul":
+            new_count = 1 + 2 * len(lins)
+        else:  # MatMul(x, A_cat) if any LoRA, the Reshape/ReduceSum pairs kept, a Concat if more than one part
+            new_count = int(has_lora) + 2 * len(blocks) + int(int(has_lora) + len(blocks) > 1) + 2 * len(lins)
         if old_count - new_count < min_gain:
             continue
         tag = x.strip("/").replace("/", "_")
         base = f"{PREFIX}/{tag}"
-        w1_parts = [c[1] if c[0] == "A" else s_matrix(k, c[1]) for c in cols]
-        w1 = w1_parts[0]
-        if len(w1_parts) > 1:
-            w1 = f"{base}/W1"
-            new_nodes.append(helper.make_node("Concat", w1_parts, [w1], name=f"{base}/W1/Concat", axis=1))
-        z = f"{base}/MatMul/output_0"
-        new_nodes.append(helper.make_node("MatMul", [x, w1], [z], name=f"{base}/MatMul"))
+        if blocksums == "matmul":
+            w1_parts = [c[1] if c[0] == "A" else s_matrix(k, c[1]) for c in cols]
+            w1 = w1_parts[0]
+            if len(w1_parts) > 1:
+                w1 = f"{base}/W1"
+                new_nodes.append(helper.make_node("Concat", w1_parts, [w1], name=f"{base}/W1/Concat", axis=1))
+            z = f"{base}/MatMul/output_0"
+            new_nodes.append(helper.make_node("MatMul", [x, w1], [z], name=f"{base}/MatMul"))
+        else:
+            parts = []
+            a_parts = [c[1] for c in cols if c[0] == "A"]
+            if a_parts:
+                w1 = a_parts[0]
+                if len(a_parts) > 1:
+                    w1 = f"{base}/A/W1"
+                    new_nodes.append(helper.make_node("Concat", a_parts, [w1], name=f"{base}/A/Concat", axis=1))
+                za = f"{base}/A/MatMul/output_0"
+                new_nodes.append(helper.make_node("MatMul", [x, w1], [za], name=f"{base}/A/MatMul"))
+                parts.append(za)
+            for b in blocks:  # the existing shared block sums of x
+                parts.append(next(t["blocksum"] for lin in lins for t in lin["terms"] if t["kind"] == "corr" and t["block"] == b))
+            z = parts[0]
+            if len(parts) > 1:
+                z = f"{base}/Concat/output_0"
+                new_nodes.append(helper.make_node("Concat", parts, [z], name=f"{base}/Concat", axis=-1))
         info_lins = []
         for li, lin in enumerate(lins):
             n = lin["n"]
@@ -264,7 +295,8 @@ def fuse_side_branches(model, *, min_gain: int = 1) -> dict[str, Any]:
                 removed.update(id(nd) for nd in t["nodes"])
             info_lins.append({"node": lin["node"].name, "output": lin["out"],
                               "terms": [t["kind"] if t["kind"] == "corr" else f"lora r={t['rank']}" for t in lin["terms"]]})
-        fused_groups.append({"input": x, "z_columns": sum(c[2] for c in cols), "linears": info_lins})
+        fused_groups.append({"input": x, "z_columns": sum(c[2] for c in cols), "blocksums": blocksums if blocks else None,
+                             "linears": info_lins})
 
     if not fused_groups:
         return {"fused": False, "groups": 0, "linears": 0, "nodes_before": nodes_before, "nodes_after": nodes_before,
@@ -332,7 +364,7 @@ def fuse_folder(folder: Path) -> dict[str, Any]:
 def summary(info: dict[str, Any]) -> dict[str, Any]:
     """The export record's ``fusion`` entry: counts before/after and, per group, its input and linears (compact)."""
     out = {k: v for k, v in info.items() if k != "groups_detail"}
-    out["groups_detail"] = [{"input": g["input"], "z_columns": g["z_columns"],
+    out["groups_detail"] = [{"input": g["input"], "z_columns": g["z_columns"], "blocksums": g["blocksums"],
                              "linears": [f"{lin['node']} ({'+'.join(lin['terms'])})" for lin in g["linears"]]}
                             for g in info.get("groups_detail", [])]
     return out
