@@ -166,13 +166,15 @@ def _linears(G: _Graph) -> list[dict[str, Any]]:
     return found
 
 
-def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto") -> dict[str, Any]:
+def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto", s_max_bytes: int | None = 65536) -> dict[str, Any]:
     """Rewrite ``model`` (onnx ModelProto, in place) into the fused form; returns what was fused.
 
     ``blocksums``: ``"reduce"`` keeps the shared Reshape -> ReduceSum and concatenates its output after ``x @ A_cat``
     (no extra weight bytes); ``"matmul"`` puts the 0/1 block-sum matrix S into W1 (one node less per group, but
     K*K/b more fp32 bytes read per group and token: slower on SmolLM2, see docs/llm.md); ``"auto"``: ``"matmul"``
     for a group without LoRA terms (W1 is then the one shared S of that K), ``"reduce"`` otherwise.
+    ``s_max_bytes``: with ``"auto"``, use S only where its fp32 size ``4*K*K/b`` is at most this (64 KiB: on SmolLM2
+    S for K=576 (41 KB) is faster than Reshape -> ReduceSum, S for down_proj's K=1536 (295 KB) is not; docs/llm.md).
     """
     assert blocksums in ("reduce", "matmul", "auto")
     mode = blocksums
@@ -235,6 +237,8 @@ def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto") -> 
         old_count = len(old) + 2 * len(blocks)  # + the Reshape/ReduceSum pairs (removed when no one else reads them)
         has_lora = any(c[0] == "A" for c in cols)
         blocksums = ("reduce" if has_lora else "matmul") if mode == "auto" else mode
+        if mode == "auto" and s_max_bytes is not None and any(4 * k * (k // b) > s_max_bytes for b in blocks):
+            blocksums = "reduce"
         if blocksums == "matmul":
             new_count = 1 + 2 * len(lins)
         else:  # MatMul(x, A_cat) if any LoRA, the Reshape/ReduceSum pairs kept, a Concat if more than one part
