@@ -39,7 +39,7 @@ def export(model, out, *, target, precision=None, **options) -> Path:
         enc = importlib.import_module("edgetune.encoder.export")
     except ImportError as e:
         raise BadInput(f"encoder export is unavailable ({e})", hint="install edgetune with its encoder extras") from None
-    for k in ("int4", "adapters", "float_adapter", "mixed", "recipe", "candidates", "data", "allow_slow_kernel"):
+    for k in ("int4", "adapters", "float_adapter", "mixed", "recipe", "candidates", "data", "allow_slow_kernel", "fuse"):
         if options.pop(k, None):
             raise BadInput(f"{k} options apply to decoder LLMs, not to a {info.model_type} encoder")
     return enc.export_encoder(folder, out, target=target, precision=precision, **options)

@@ -202,7 +202,8 @@ def test_float_adapter_over_gguf_base_is_what_was_trained(tiny_gguf, tmp_path):
     res = json.loads((out / "edgetune.json").read_text())["results"]
     assert res["precision"] == "gguf" and res["gguf"]["max_rel_diff_vs_gguf_dequantize"] <= 1e-6
     graph = lora_graph(out)
-    assert not graph["not_float"] and graph["ops"]["MatMul"] == 2 * 7 * 2  # 7 modules x 2 layers, A and B each
+    assert res["float_adapter"]["branch_ops"]["MatMul"] == 2 * 7 * 2  # 7 modules x 2 layers, A and B each (before fusion)
+    assert not graph["not_float"] and res["fusion"]["fused"]  # then fused with the corrections (tests/test_fuse.py)
     vs = res["float_adapter_check"]["vs"]
     assert vs["peft_unmerged"]["max_abs_diff"] < 1e-3, vs
     assert res["float_adapter_check"]["adapter_effect_max_abs"] > 100 * vs["peft_unmerged"]["max_abs_diff"]

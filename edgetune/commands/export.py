@@ -38,11 +38,13 @@ from ..cli import common_options, force_option
 @click.option("--mixed-8bit", type=click.FloatRange(0, 1, min_open=True),
               help="int4 rtn/k_quant: keep this fraction of the decoder MatMuls, the most sensitive on the calibration texts, at 8 bits.")
 @click.option("--allow-slow-kernel", is_flag=True, help="Ship MatMulNBits nodes that miss the CPU's prepacked kernels (e.g. hqq's float zero points).")
+@click.option("--no-fuse", "no_fuse", is_flag=True,
+              help="precision gguf / --float-adapter over it: keep every block-sum correction and LoRA branch as separate nodes (unfused).")
 @force_option
 @common_options
 def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_accuracy_level, int4_symmetric,
            int4_lm_head, adapters, float_adapter, calibration, task, recipe, eval_data, recipe_candidates, mixed_8bit,
-           allow_slow_kernel) -> None:
+           allow_slow_kernel, no_fuse) -> None:
     """Export MODEL (alias, GGUF or HF folder) to ONNX for target T."""
     from ..export import export as run_export
 
@@ -73,6 +75,8 @@ def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_
         opts["mixed"] = {"fraction": mixed_8bit}
     if allow_slow_kernel:
         opts["allow_slow_kernel"] = True
+    if no_fuse:
+        opts["fuse"] = False
     path = run_export(model, out, target=target, precision=precision, **opts)
     rec = artifacts.read_record(path)
     result = {"out": str(path), **rec.get("results", {})}

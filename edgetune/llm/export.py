@@ -172,7 +172,7 @@ def _builder_input(model_dir: Path, scratch: Path) -> Path:
 
 
 def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=(), calibration=None, mixed=None,
-               allow_slow_kernel=False, float_adapter=None) -> Path:
+               allow_slow_kernel=False, float_adapter=None, fuse=True) -> Path:
     """Export an HF decoder folder for ``target``.
 
     ``mixed``: layer-wise mixed precision (int4 builder algorithms): ``{"layers": [builder node names]}``
@@ -180,6 +180,8 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     sensitivity on the calibration texts (:mod:`edgetune.llm.mixed`). ``allow_slow_kernel``: ship a graph
     whose MatMulNBits miss the CPU's prepacked kernels (:mod:`edgetune.llm.kernels`), refused otherwise.
     ``float_adapter``: a LoRA adapter folder kept as float side branches over this base (:mod:`.float_adapter`).
+    ``fuse``: precision gguf (alone or under a float adapter): fuse the block-sum corrections and LoRA branches of
+    the linears that share an input into one MatMul per group + one MatMul/Add per linear (:mod:`.fuse`, exact).
     """
     model_dir, out = Path(model_dir), Path(out)
     t = load_target(target)
@@ -201,7 +203,7 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
         from .float_adapter import export_with_float_adapter
 
         return export_with_float_adapter(model_dir, out, target=target, precision=precision, int4=int4, adapter=float_adapter,
-                                         calibration=calibration)
+                                         calibration=calibration, fuse=fuse)
     if adapters:  # runtime-switchable LoRAs: the base graph once (through this function) + one .onnx_adapter each
         from .adapters import export_with_adapters
 
@@ -212,7 +214,7 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
 
         if calibration is not None:
             raise BadInput("--calibration is not used by --precision gguf (the GGUF's weights are kept)", hint="drop --calibration")
-        return export_gguf(model_dir, out, target=target, int4=int4, default=default_gguf)
+        return export_gguf(model_dir, out, target=target, int4=int4, default=default_gguf, fuse=fuse)
     ep = t.runtime.resolved_builder_provider
     q = int4_options(t, int4) if precision in ("int4", "int8") else None
     algorithm = q["algorithm"] if q else None

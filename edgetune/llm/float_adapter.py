@@ -122,8 +122,13 @@ def check_float_adapter(folder: Path, model_dir: Path, adapter: Path, *, strict:
 
 
 def export_with_float_adapter(model_dir: Path, out: Path, *, target, precision: str | None, int4=None, adapter,
-                              calibration=None) -> Path:
-    """``edgetune export BASE --float-adapter ADAPTER``: one graph, quantized base + float LoRA branches."""
+                              calibration=None, fuse: bool = True) -> Path:
+    """``edgetune export BASE --float-adapter ADAPTER``: one graph, quantized base + float LoRA branches.
+
+    ``fuse`` (precision gguf): after the branch check, the LoRA branches and the GGUF block-sum corrections of the
+    linears sharing an input become one MatMul per group + one MatMul/Add per linear (:mod:`.fuse`); the check
+    against PyTorch then runs on the fused graph.
+    """
     from ..targets import load_target
     from .export import export_llm, int4_options
 
@@ -140,12 +145,12 @@ def export_with_float_adapter(model_dir: Path, out: Path, *, target, precision: 
     check_against_base([spec], model_dir)
     builder = require("onnxruntime_genai.models.builder", purpose="LLM export")
     inputs = {"model": model_dir, "float_adapter": spec.path}
-    options = {"precision": precision, "int4": int4, "float_adapter": spec.name,
+    options = {"precision": precision, "int4": int4, "float_adapter": spec.name, "fuse": fuse,
                "target": t.model_dump(mode="json", exclude={"source"})}
     with artifacts.stage_output(out, "export", inputs=inputs, options=options) as run:
         plan: dict[str, dict[str, Any]] = {}
         with builder_hooks(builder, spec.path, plan, as_inputs=False):
-            export_llm(model_dir, run.dir, target=target, precision=precision, int4=int4, calibration=calibration)
+            export_llm(model_dir, run.dir, target=target, precision=precision, int4=int4, calibration=calibration, fuse=False)
         missing = sorted(set(spec.modules) - set(plan))
         if missing:
             raise BadInput(f"the ONNX builder made no LoRA branch for {missing[0]}", hint=_MERGE_HINT)
@@ -155,18 +160,27 @@ def export_with_float_adapter(model_dir: Path, out: Path, *, target, precision: 
             raise CheckFailed(f"the graph's LoRA branches are not {want} float MatMuls: {graph['ops']} "
                               f"(not float: {graph['not_float'][:3]})", hint="a quantizer reached the adapter; report this as a bug")
         inner = artifacts.read_record(run.dir) or {}
+        fusion = {"fused": False, "reason": "--no-fuse" if not fuse else f"base precision {precision} (fused for gguf only)"}
+        if fuse and precision == "gguf":
+            from .fuse import fuse_folder, summary
+
+            with console.step("fuse LoRA branches + block-sum corrections (one MatMul per input group)"):
+                fusion = summary(fuse_folder(run.dir))
         check = None
         if t.runtime.resolved_builder_provider == "cpu":
             with console.step("float adapter check (onnxruntime vs PyTorch base + PEFT, and vs merged)"):
                 check = check_float_adapter(run.dir, model_dir, spec.path, strict=precision == "fp32")
         results = dict(inner.get("results") or {})
+        if fusion.get("fused"):
+            results["gguf"] = {**(results.get("gguf") or {}), "fusion": fusion}
+            results["size_mb"] = round(sum(p.stat().st_size for p in run.dir.iterdir() if p.is_file()) / 2**20, 3)
         results.update(
             float_adapter={"name": spec.name, "sha256": artifacts.hash_path(spec.path), "method": spec.method, "rank": spec.rank,
                            "lora_alpha": spec.config.get("lora_alpha"), "use_rslora": bool(spec.config.get("use_rslora")),
                            "modules": len(spec.modules), "target_modules": sorted({m.rsplit(".", 1)[-1] for m in spec.modules}),
                            "branch_ops": graph["ops"], "branch_weight_dtypes": graph["weight_dtypes"],
                            "branch_parameters": graph["parameters"]},
-            float_adapter_check=check,
+            float_adapter_check=check, fusion=fusion,
             base_export_options={k: v for k, v in (inner.get("options") or {}).items() if k != "target"})
         run.results.update(results)
     return out

@@ -356,8 +356,12 @@ def _logit_check(folder: Path, reference: Path, model_dir: Path) -> dict[str, An
             "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean())}
 
 
-def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None, default: bool = False) -> Path:
-    """``export --precision gguf``: the builder's fp32 graph with the GGUF's quantized tensors swapped in."""
+def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None, default: bool = False, fuse: bool = True) -> Path:
+    """``export --precision gguf``: the builder's fp32 graph with the GGUF's quantized tensors swapped in.
+
+    ``fuse``: then fuse the block-sum corrections of the linears sharing an input (:func:`.fuse.fuse_folder`);
+    the logit check below runs on the fused graph.
+    """
     import tempfile
 
     from ..targets import load_target
@@ -379,7 +383,7 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
                 else t.quantization.int4.accuracy_level)
     eight = EIGHT_BIT_CPU_LEVEL if level == 0 else None
     config = json.loads((model_dir / "config.json").read_text())
-    options = {"precision": "gguf", "accuracy_level": level, "eight_bit_accuracy_level": eight, "execution_provider": ep,
+    options = {"precision": "gguf", "accuracy_level": level, "eight_bit_accuracy_level": eight, "execution_provider": ep, "fuse": fuse,
                "target": t.model_dump(mode="json", exclude={"source"})}
     with artifacts.stage_output(out, "export", inputs={"model": model_dir, "gguf": gguf_path}, options=options) as run, \
             tempfile.TemporaryDirectory(prefix="edgetune-gguf-") as scratch_name:
@@ -388,6 +392,13 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
         _build(src, scratch / "fp32", "fp32", ep, scratch, {})
         with console.step(f"transcode {gguf_path.name} (GGUF blocks -> MatMulNBits)"), console.results_only_stdout():
             info = transcode(scratch / "fp32", run.dir, gguf_path, config, accuracy_level=level, eight_bit_level=eight)
+        if fuse:
+            from .fuse import fuse_folder, summary
+
+            with console.step("fuse side branches (one MatMul per input group)"):
+                info["fusion"] = summary(fuse_folder(run.dir))
+        else:
+            info["fusion"] = {"fused": False, "reason": "not requested (--no-fuse, or a float adapter fuses after its branch check)"}
         _configure_genai(run.dir, t)
         tok = check_tokenizer(run.dir, model_dir)
         with console.step("logit check (transcoded vs fp32 graph)"):

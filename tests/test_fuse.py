@@ -1,0 +1,133 @@
+"""Side-branch fusion (edgetune/llm/fuse.py): block-sum corrections and float LoRA branches, one MatMul per input group."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gguf")
+ort = pytest.importorskip("onnxruntime")
+
+from test_gguf_transcode import FOUR_BIT  # noqa: E402
+
+IDS = np.array([5, 17, 42, 99, 3, 250, 7, 64, 11, 200], dtype=np.int64)
+
+
+@pytest.fixture(scope="module")
+def q4_gguf(tmp_path_factory):
+    """A tiny Llama GGUF whose every tensor is 4-bit (accuracy_level 0 throughout: the graph is exact fp32)."""
+    pytest.importorskip("torch")
+    from tiny_gguf import write_tiny_llama_gguf
+    from tiny_models import build_bpe_tokenizer
+
+    d = tmp_path_factory.mktemp("fuse-gguf")
+    build_bpe_tokenizer(d)
+    return write_tiny_llama_gguf(d / "q4.gguf", d, override=FOUR_BIT)
+
+
+def _graph(folder):
+    import onnx
+
+    return onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+
+
+def _runtime_ops(folder):
+    """Op counts of the graph onnxruntime runs (after its constant folding at load)."""
+    import collections
+
+    import onnx
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(folder / "opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    g = onnx.load(str(folder / "opt.onnx"), load_external_data=False).graph
+    (folder / "opt.onnx").unlink()
+    return collections.Counter(n.op_type for n in g.node)
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_fused_gguf_base_equals_unfused(q4_gguf, tmp_path):
+    from edgetune.device import llm as dev
+    from edgetune.export import export
+
+    plain = export(q4_gguf, tmp_path / "plain", target="cpu-x86", precision="gguf", fuse=False)
+    fused = export(q4_gguf, tmp_path / "fused", target="cpu-x86", precision="gguf")
+    rec = json.loads((fused / "edgetune.json").read_text())["results"]["gguf"]
+    fz = rec["fusion"]
+    assert fz["fused"] and fz["runtime_nodes_after"] < fz["runtime_nodes_before"]
+    assert not json.loads((plain / "edgetune.json").read_text())["results"]["gguf"]["fusion"]["fused"]
+    # the block sums are one MatMul per input now, not Reshape -> ReduceSum; the MatMulNBits are the same nodes
+    gp, gf = _graph(plain), _graph(fused)
+    assert sum(n.op_type == "ReduceSum" for n in gf.node) < sum(n.op_type == "ReduceSum" for n in gp.node)
+    assert sorted(n.name for n in gf.node if n.op_type == "MatMulNBits") == sorted(n.name for n in gp.node if n.op_type == "MatMulNBits")
+    assert {o.name for o in gf.output} == {o.name for o in gp.output}
+    got, want = dev.logits(dev.load(fused), IDS), dev.logits(dev.load(plain), IDS)
+    assert _rel(got, want) <= 1e-5, _rel(got, want)
+    assert rec["logit_check"]["top1_agreement"] == 1.0
+
+
+def test_fused_float_adapter_over_gguf_equals_unfused(q4_gguf, tmp_path):
+    from edgetune.device import llm as dev
+    from edgetune.export import export
+    from edgetune.models import materialize
+    from test_adapters import make_lora
+
+    base = materialize(q4_gguf).path
+    lora = make_lora(base, tmp_path / "chat", targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                     seed=4)
+    plain = export(base, tmp_path / "plain", target="cpu-x86", precision="gguf", float_adapter=lora, fuse=False)
+    fused = export(base, tmp_path / "fused", target="cpu-x86", precision="gguf", float_adapter=lora)
+    res = json.loads((fused / "edgetune.json").read_text())["results"]
+    fz = res["fusion"]
+    # 2 layers: 4 input groups each (qkv, o, gate/up, down), 7 linears each with a correction and a LoRA term
+    # per layer: q/k (Q4_K/Q4_1: correction + LoRA) and v (Q4_0: LoRA only) share one input; o (Q4_0, LoRA only:
+    # nothing to gain alone) is left as it is; gate/up and down: correction + LoRA; + the Q4_1 head's correction
+    groups = {g["input"]: [lin.split(" ")[0].split("/")[-2] for lin in g["linears"]] for g in fz["groups_detail"]}
+    assert fz["fused"] and fz["groups"] == 7 and fz["linears"] == 13, groups
+    assert groups["/model/layers.1/input_layernorm/output_0"] == ["q_proj", "k_proj", "v_proj"]
+    assert groups["/model/layers.1/post_attention_layernorm/output_0"] == ["gate_proj", "up_proj"]
+    assert not any("o_proj" in lin for g in fz["groups_detail"] for lin in g["linears"])
+    assert res["float_adapter"]["branch_ops"]["MatMul"] == 28  # the 2 float MatMuls per module, checked before fusion
+    assert res["float_adapter_check"]["vs"]["peft_unmerged"]["max_abs_diff"] < 1e-3  # checked after fusion
+    ops_p, ops_f = _runtime_ops(plain), _runtime_ops(fused)
+    # removed: 11 corrections (MatMul + Add) and 12 LoRA branches (2 MatMul + Add); added: per LoRA group (6) one
+    # MatMul(x, A_cat) and one Concat(x @ A_cat, block sums), for the head's correction-only group one MatMul(x, S)
+    # instead of Reshape -> ReduceSum, and per linear (13) one MatMul + Add
+    assert ops_p["MatMul"] - ops_f["MatMul"] == (11 + 2 * 12) - (6 + 1 + 13) and ops_p["Add"] - ops_f["Add"] == (11 + 12) - 13
+    assert ops_p["ReduceSum"] - ops_f["ReduceSum"] == 1 and ops_f["Concat"] == 6  # constant W1/W2 Concats folded at load
+    assert ops_f["MatMulNBits"] == ops_p["MatMulNBits"]
+    got, want = dev.logits(dev.load(fused), IDS), dev.logits(dev.load(plain), IDS)
+    assert _rel(got, want) <= 1e-5, _rel(got, want)
+    assert dev.generate_ids(dev.load(fused), IDS, 6, ignore_eos=True) == dev.generate_ids(dev.load(plain), IDS, 6, ignore_eos=True)
+
+
+def test_a_branch_read_elsewhere_is_left_alone():
+    """A side term whose tensor has another consumer (here: a graph output) is not fused."""
+    from onnx import TensorProto, helper
+
+    from edgetune.llm.blockform import BlockForm, matmul_graph
+    from edgetune.llm.fuse import fuse_side_branches
+
+    rng = np.random.default_rng(0)
+    n, k = 16, 64
+    form = BlockForm(rng.integers(0, 16, (n, k), dtype=np.uint8), rng.uniform(0.01, 0.1, (n, 2)).astype(np.float32),
+                     rng.standard_normal((n, 2)).astype(np.float32), 4, 32)
+    model, _ = matmul_graph(form)
+    fused = model.__class__()
+    fused.CopyFrom(model)
+    info = fuse_side_branches(fused)
+    assert info["fused"] and info["runtime_nodes_after"] == info["runtime_nodes_before"] - 1
+    x = rng.standard_normal((1, 3, k)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["Y"], {"X": x})[0]  # noqa: E731
+    assert _rel(run(fused), run(model)) <= 1e-6
+    corr = next(nd for nd in model.graph.node if nd.name.endswith("BlockSumCorrection/MatMul"))
+    model.graph.output.append(helper.make_tensor_value_info(corr.output[0], TensorProto.FLOAT, None))
+    before = [nd.name for nd in model.graph.node]
+    assert not fuse_side_branches(model)["fused"] and [nd.name for nd in model.graph.node] == before
