@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgetune.bundle import verify
-from edgetune.cli import main
+from test_build import run_cli  # the same CLI runner (exit code, stdout, stderr)
 
 TEXTS = [f"message number {i} about {w}" for i, w in enumerate(["lights", "music", "doors", "blinds", "heating"] * 8)]
 
@@ -56,13 +56,6 @@ def write(root: Path, base: Path, *, target="cpu-x86", precision="fp32", calib="
     cfg = root / "build.toml"
     cfg.write_text(CONFIG.format(base=base, target=target, precision=precision, calib=calib, extra=extra))
     return cfg
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
 
 
 def test_overlapping_validation_data_is_refused_before_any_work(tmp_path, tiny_bert, capsys):
