@@ -98,8 +98,7 @@ def teacher_forced(folder, reference):
 def test_int8_loads(smollm2_dir, reference, tmp_path):
     """Tied embeddings (SmolLM2): int8 is exported with an untied float embedding and loads in onnxruntime-genai.
 
-    Measured: teacher-forced top-1 0.978, KL 0.002 vs PyTorch fp32; the 16 greedy tokens after
-    'The quick brown fox' equal PyTorch's. (The chat answer to 'capital of France' is not a usable
+    Measured (accuracy_level 4): teacher-forced top-1 and KL within the bounds below vs PyTorch fp32. (The chat answer to 'capital of France' is not a usable
     check at int8: fp32's first token is a near tie, 'The' 25.33 vs 'L' 25.24.)
     """
     import onnxruntime_genai as og
@@ -111,10 +110,16 @@ def test_int8_loads(smollm2_dir, reference, tmp_path):
     rec = json.loads((out / "edgetune.json").read_text())["results"]
     assert rec["matmulnbits"] and all(a["bits"] == 8 for a in rec["matmulnbits"])
     assert rec["embeddings"] == "float Gather, own table" and rec["tokenizer_check"]["mismatches"] == 0
+    # 8-bit nodes run at accuracy_level 4 on CPU (level 0 dequantizes every weight each call, ~40x slower
+    # whole-model; docs/llm.md "Why int8 was slow"): int8 activations, so greedy continuations of the base
+    # model may part from PyTorch's at a near tie (measured: 'The quick brown fox' parts at token 3; at
+    # level 0 the first 16 tokens matched). Quality is held by the teacher-forced figures and, for a
+    # fine-tune, by the task gate (the demo's int8 keeps 100 % exact match).
+    assert all(a["accuracy_level"] == 4 for a in rec["matmulnbits"])
     top1, kl = teacher_forced(out, reference)
     assert top1 >= 0.95 and kl < 0.01, (top1, kl)
     got = llm.generate_ids(llm.load(out), reference["fox"], 16, ignore_eos=True)
-    assert got[:8] == reference["greedy"][:8], (got, reference["greedy"])
+    assert len(got) == 16 and got[0] == reference["greedy"][0], (got, reference["greedy"])
 
 
 def test_inc_rtn_int4_vs_onnxruntime_rtn_int4(smollm2_dir, int4_export, reference, tmp_path):
