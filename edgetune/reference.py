@@ -49,6 +49,7 @@ TRICKY = [
     "URL https://example.com/a?b=c&d=e",
 ]
 
+GENERATION_PROMPTS = 4  # task requests used for generation agreement when no prompts are given
 DEFAULT_PROMPTS = [
     "What is the capital of France?",
     "Write one sentence about the sea.",
@@ -151,6 +152,10 @@ def build_decoder_reference(source, text: str, *, window: int, stride: int | Non
     """A decoder pack; with ``task`` (examples with gold answers) also the reference's greedy answers."""
     from .device import metrics as M
 
+    if not prompts and task:
+        # generation agreement on the data's own requests (in-domain), not on generic questions whose
+        # near ties a fine-tuned model has no reason to keep
+        prompts = [e["prompt"] for e in task if e["chat"]][:GENERATION_PROMPTS] or None
     prompts = prompts or DEFAULT_PROMPTS
     kind = source_kind(source)
     if kind == "genai":

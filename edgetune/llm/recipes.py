@@ -82,11 +82,11 @@ def _row(name: str, report: dict | None, rec: dict | None, error: str | None = N
     acc = (report or {}).get("accuracy") or {}
     lat = (report or {}).get("latency") or {}
     tps = (lat.get("decode_tokens_per_s") or {}).get("p50")
-    task = next((v for k, v in acc.items() if k.startswith("task_") and isinstance(v, (int, float))), None)
     row = {"recipe": name, "size_mb": (rec or {}).get("size_mb") or (report or {}).get("model", {}).get("size_mb"),
            "perplexity_increase_pct": acc.get("perplexity_increase_pct"), "kl_divergence": acc.get("kl_divergence"),
            "top1_agreement": acc.get("top1_agreement"), "generation_agreement": acc.get("generation_agreement"),
-           "task_accuracy": task, "decode_tokens_per_s": tps,
+           "task_accuracy": acc.get("task_accuracy"), "task_accuracy_drop": acc.get("task_accuracy_drop"),
+           "decode_tokens_per_s": tps,
            "passed": bool(report and report.get("passed")), "failed": (report or {}).get("failed") or ([] if report else ["export"])}
     if error:
         row["error"] = error
