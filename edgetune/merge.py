@@ -201,6 +201,11 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
         encodings = [tokenizer(t, return_tensors="pt") for t in _inputs(tokenizer, task, Path(gate_data) if gate_data else None)]
         with torch.no_grad():
             ref_logits = [model(**e).logits.float().clone() for e in encodings]
+        qat_spec = trained_grid(adapter)
+        trained_logits = None
+        if qat_spec is not None:
+            with console.step(f"quant-aware adapter: the model it was trained as ({qat_spec.describe()})"):
+                trained_logits = _qat_logits(model, qat_spec, encodings)
         with console.step("merge_and_unload"):
             merged = model.merge_and_unload().eval()
         target_dtype = getattr(torch, dtype)
@@ -217,6 +222,8 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
             raise CheckFailed(f"merge gate failed: max|dlogit|={figures['max_abs_diff']:.3g} (<= {max_abs_diff}), "
                               f"KL={figures['kl']:.3g} (<= {max_kl}), top-1={figures['top1_agreement']:.3f} (>= {min_top1})",
                               result=gate)
+        if qat_spec is not None:
+            gate["vs_fake_quant"] = _gate_vs_fake_quant(merged, qat_spec, encodings, merged_logits, trained_logits, max_kl, min_top1)
         if quant is not None:
             gate["vs_trained_4bit"] = _gate_vs_4bit(cls, base_dir, adapter, quant, encodings, merged_logits, kwargs,
                                                     max_kl_vs_4bit, min_top1_vs_4bit)
@@ -224,6 +231,60 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
         tokenizer.save_pretrained(str(run.dir))
         run.results.update(kind="merged", task_type=task, dtype=dtype, gate=gate)
     return out
+
+
+def trained_grid(adapter: Path):
+    """The int4 grid a quant-aware adapter was trained through (its finetune record), or None."""
+    from .finetune.qat import QATSpec
+
+    opts: dict[str, Any] = (artifacts.read_record(adapter) or {}).get("options") or {}
+    if not opts.get("quant_aware"):
+        return None
+    return QATSpec(block_size=int(opts.get("quant_aware_block_size") or 32), lm_head=opts.get("quant_aware_lm_head") or "int4")
+
+
+def _qat_logits(peft_model, spec, encodings) -> list:
+    """Logits of base + adapter computed as in quant-aware training (a copy: the base stays float for the merge)."""
+    import copy
+
+    from .finetune import qat
+
+    torch = require("torch")
+    trained = copy.deepcopy(peft_model)
+    qat.apply(trained, spec)
+    with torch.no_grad():
+        out = [trained(**e).logits.float() for e in encodings]
+    del trained
+    return out
+
+
+def _gate_vs_fake_quant(merged, spec, encodings, merged_logits, trained_logits, max_kl, min_top1) -> dict[str, Any]:
+    """Quant-aware adapters: the merged model rounded as the int4 export rounds it must be the model trained.
+
+    ``int4_vs_trained`` (gated: the export then reproduces training) and ``merged_vs_trained`` (how far the
+    float merged model is from what was trained: informational, the int4 export is the deliverable).
+    """
+    import copy
+
+    from .finetune.qat import quantize_model_weights
+
+    torch = require("torch")
+    rounded = copy.deepcopy(merged)
+    quantize_model_weights(rounded, spec)
+    with torch.no_grad():
+        int4_logits = [rounded(**e).logits.float() for e in encodings]
+    del rounded
+    int4 = compare_logits(trained_logits, int4_logits)
+    # ties at a rounding boundary may flip a weight or two (merge sums in another order): KL 10x the merge tolerance
+    ok = int4["kl"] <= max_kl * 10 and int4["top1_agreement"] >= min_top1
+    vs = {"grid": spec.describe(), **spec.to_dict(), "int4_vs_trained": {**int4, "passed": ok},
+          "merged_vs_trained": compare_logits(trained_logits, merged_logits),
+          "reference": "base + adapter through the training grid (fake-quantized merged weights)"}
+    if not ok:
+        raise CheckFailed(f"the merged model rounded onto the training grid is not the model the adapter was trained as: "
+                          f"KL={int4['kl']:.3g} (<= {max_kl * 10:.3g}), top-1={int4['top1_agreement']:.3f} (>= {min_top1})",
+                          hint="the adapter does not match its finetune record (edited after training?): train it again", result=vs)
+    return vs
 
 
 def _gate_vs_4bit(cls, base_dir, adapter, quant, encodings, merged_logits, kwargs, max_kl, min_top1) -> dict[str, Any]:

@@ -20,6 +20,8 @@ def _summary(r: dict) -> str:
         lines.append(f"eval loss: base {r['base_eval_loss']:.4f} -> fine-tuned {r['eval_loss']:.4f}")
     elif r.get("eval_accuracy") is not None:
         lines.append(f"eval accuracy: {r['eval_accuracy']:.4f} (eval loss {r['eval_loss']:.4f})")
+    if r.get("quant_aware"):
+        lines.append(f"quant-aware: trained through {r['quant_aware']['grid']} ({r['quant_aware']['lora_linears']} LoRA linears)")
     lines.append(f"throughput: {r['tokens_per_second']:,.0f} tokens/s")
     return "\n".join(lines)
 
@@ -54,6 +56,12 @@ def _summary(r: dict) -> str:
 @click.option("--quant-type", type=click.Choice(["nf4", "fp4"]), default="nf4", show_default=True, help="QLoRA 4-bit type.")
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="QLoRA double quantization.")
 @click.option("--compute-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="QLoRA compute dtype.")
+@click.option("--quant-aware", type=click.Choice(["int4"]), default=None,
+              help="Train the LoRA through the int4 export's own grid (fake-quantized merged weight, straight-through): "
+                   "merge -> export --precision int4 then computes what was trained.")
+@click.option("--quant-aware-block-size", type=int, default=32, show_default=True, help="The export's int4 block size.")
+@click.option("--quant-aware-lm-head", type=click.Choice(["int4", "int8", "fp32"]), default="int4", show_default=True,
+              help="The export's --int4-lm-head.")
 @click.option("--deepspeed", default=None, help=f"ZeRO preset ({', '.join(DEEPSPEED_PRESETS)}) or a DeepSpeed JSON config.")
 @click.option("--num-processes", type=int, default=1, show_default=True, help="Processes (GPUs) on this machine; > 1 needs --deepspeed.")
 @click.option("--limit", type=int, default=None, help="Use only the first N records.")

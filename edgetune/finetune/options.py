@@ -46,6 +46,10 @@ class FinetuneOptions:
     quant_type: str = "nf4"  # nf4 | fp4
     double_quant: bool = True
     compute_dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    # quantization-aware LoRA (edgetune/finetune/qat.py): train through the int4 export's own grid
+    quant_aware: str | None = None  # None | int4
+    quant_aware_block_size: int = 32  # the export's [quantization.int4].block_size
+    quant_aware_lm_head: str = "int4"  # the export's lm_head: int4 | int8 | fp32
     # precision and optimizer: "auto" means fp32 + adamw_torch on CPU, bf16 + paged 8-bit AdamW on GPU
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     optim: str = "auto"
@@ -107,6 +111,9 @@ class FinetuneOptions:
             resolve_config(self.deepspeed)  # every key checked before any model is loaded or process launched
         if self.deepspeed and self.method == "qlora":
             raise bad("QLoRA (bitsandbytes 4-bit) cannot be combined with DeepSpeed ZeRO here", "use --method lora with --deepspeed, or QLoRA without it")
+        from .qat import spec_from_options
+
+        spec_from_options(self)
         if self.num_processes > 1 and not self.deepspeed:
             raise bad("--num-processes > 1 needs --deepspeed", "add --deepspeed zero2 (or zero3/offload/config.json)")
         return self

@@ -259,6 +259,12 @@ def run_training(spec: dict[str, Any]) -> None:
     check_target_modules(opts, model)
     model = peft.get_peft_model(model, peft_config(opts, task, model))
     trainable, total = model.get_nb_trainable_parameters()
+    from . import qat
+
+    qat_spec = qat.spec_from_options(opts)
+    qat_info = None
+    if qat_spec is not None:
+        qat_info = qat.apply(model, qat_spec)
 
     prec = _precision(opts)
     ds_config = None
@@ -366,6 +372,7 @@ def run_training(spec: dict[str, Any]) -> None:
             "precision": prec,
             "optim": args.optim if isinstance(args.optim, str) else str(args.optim),
             "deepspeed_config": ds_config,
+            "quant_aware": qat_info,
             "loss_curve": [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate"), "epoch": h.get("epoch")} for h in history],
             **metrics,
         }
@@ -424,6 +431,8 @@ def _finetune(model, data, out: Path, opts: FinetuneOptions, resume: bool) -> Pa
     info = materialize(model)
     ds = load_dataset(data, limit=opts.limit)
     task = resolve_task(opts.task, ds, info.kind)
+    if opts.quant_aware and task != "causal-lm":
+        raise BadInput(f"--quant-aware is for decoder LLMs exported at int4 (this is a {task} fine-tune)", hint="drop --quant-aware")
     if opts.eval_data:
         load_dataset(opts.eval_data)  # fail early, line-exact
     wd = work_dir(out)

@@ -1,0 +1,200 @@
+"""Quantization-aware fine-tuning: train the LoRA through the int4 grid the export will use.
+
+``edgetune finetune --quant-aware int4`` trains the adapter while every targeted linear computes
+with ``fake_quant(W + scaling * B @ A)`` instead of ``W x + scaling * B A x``: the merged weight,
+rounded exactly as ``edgetune export --precision int4`` (the builder's RTN, onnxruntime's
+``quantize_matmul_4bits``) will round it, with a straight-through gradient. The frozen tensors
+that the export quantizes too are rounded once, in place, before training: the token embedding
+(int4 GatherBlockQuantized), the output head (``lm_head``: int4, int8 or fp32) and any linear the
+adapter does not target. So merge -> int4 export reproduces the model the adapter was trained as
+(measured by the merge gate, ``results.gate.vs_fake_quant``), instead of rounding the trained
+delta away.
+
+The grid (checked against onnxruntime in ``tests/test_qat.py``): per block of ``block_size``
+consecutive input features of one output row, ``scale = v / -2^(bits-1)`` with ``v`` the
+block's value of largest magnitude (sign kept), ``q = clip(round(w / scale) + 2^(bits-1), 0,
+2^bits - 1)``, ``w' = (q - 2^(bits-1)) * scale``. torchao's QAT (``IntxFakeQuantizeConfig``)
+uses ``scale = max|w| / 7.5`` with the same 16 levels, a different grid: training on it would
+not reproduce MatMulNBits' weights, hence this module.
+
+Only what the export supports is accepted: LoRA (not DoRA/QLoRA/LoHa/...), symmetric int4, a
+block size that is a power of two >= 16, no DeepSpeed (sharded weights are not fake-quantized).
+LoRA dropout does not apply under QAT (the adapter acts through the merged weight).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import BadInput
+
+SCHEMES = ("int4",)
+LM_HEADS = ("int4", "int8", "fp32")
+
+
+@dataclass(frozen=True)
+class QATSpec:
+    bits: int = 4
+    block_size: int = 32
+    lm_head: str = "int4"  # int4 | int8 | fp32 (the export's --int4-lm-head)
+    symmetric: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return f"int{self.bits} symmetric RTN, block {self.block_size}, lm_head {self.lm_head}"
+
+    def matches_export(self, q: dict[str, Any]) -> list[str]:
+        """Differences between this grid and an export's int4 options (``[quantization.int4]``)."""
+        diffs = []
+        if q.get("algorithm", "rtn") != "rtn":
+            diffs.append(f"algorithm {q.get('algorithm')} (trained for rtn)")
+        if int(q.get("block_size", 32)) != self.block_size:
+            diffs.append(f"block_size {q.get('block_size')} (trained for {self.block_size})")
+        if bool(q.get("symmetric", True)) != self.symmetric:
+            diffs.append("asymmetric (trained for symmetric)")
+        if q.get("lm_head", "int4") != self.lm_head:
+            diffs.append(f"lm_head {q.get('lm_head', 'int4')} (trained for {self.lm_head})")
+        return diffs
+
+
+def spec_from_options(opts) -> QATSpec | None:
+    """The QAT grid of FinetuneOptions (None without --quant-aware); raises BadInput on a bad choice."""
+    if not opts.quant_aware:
+        return None
+    if opts.quant_aware not in SCHEMES:
+        raise BadInput(f"unknown --quant-aware scheme '{opts.quant_aware}'", hint=f"use {', '.join(SCHEMES)} (the export's int4 RTN grid)")
+    if opts.method != "lora":
+        raise BadInput(f"--quant-aware needs --method lora (got {opts.method})",
+                       hint="QLoRA/DoRA/LoHa/LoKr/IA3 do not act through one merged weight the int4 export rounds")
+    b = opts.quant_aware_block_size
+    if b < 16 or b & (b - 1):
+        raise BadInput(f"--quant-aware-block-size must be a power of two >= 16 (got {b})", hint="use the target's int4 block_size, e.g. 32")
+    if opts.quant_aware_lm_head not in LM_HEADS:
+        raise BadInput(f"--quant-aware-lm-head '{opts.quant_aware_lm_head}' is not one of {', '.join(LM_HEADS)}",
+                       hint="use the export's --int4-lm-head")
+    if opts.deepspeed:
+        raise BadInput("--quant-aware cannot be combined with --deepspeed yet (sharded weights are not fake-quantized)",
+                       hint="train quant-aware in one process, or drop --quant-aware")
+    return QATSpec(block_size=b, lm_head=opts.quant_aware_lm_head)
+
+
+# ---------------------------------------------------------------------------- the grid
+
+def fake_quant(w, bits: int = 4, block_size: int = 32):
+    """``w`` [out, in] rounded onto MatMulNBits' symmetric RTN grid (blocks along ``in``), same dtype."""
+    import torch
+
+    n, k = w.shape
+    pad = (-k) % block_size
+    x = w.float()
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    blocks = x.reshape(n, -1, block_size)
+    idx = blocks.abs().argmax(-1, keepdim=True)
+    mid = float(1 << (bits - 1))
+    scale = blocks.gather(-1, idx) / -mid
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(blocks / safe) + mid, 0, 2 * mid - 1)
+    out = ((q - mid) * scale).reshape(n, -1)[:, :k]
+    return out.to(w.dtype)
+
+
+def _ste(w, bits: int, block_size: int):
+    """Fake quant with a straight-through gradient (identity in the backward pass)."""
+    import torch
+
+    with torch.no_grad():
+        delta = fake_quant(w, bits, block_size) - w
+    return w + delta
+
+
+def _lora_weight(module):
+    """W + sum of active adapters' scaling * B @ A for a peft LoRA Linear (what merge_and_unload writes)."""
+    w = module.base_layer.weight
+    if module.disable_adapters:
+        return w
+    for name in module.active_adapters:
+        if name in module.lora_A:
+            w = w + (module.lora_B[name].weight @ module.lora_A[name].weight) * module.scaling[name]
+    return w
+
+
+def _qat_forward(module, spec: QATSpec):
+    import torch
+
+    def forward(x, *args, **kwargs):
+        w = _ste(_lora_weight(module), spec.bits, spec.block_size)
+        return torch.nn.functional.linear(x.to(w.dtype), w, module.base_layer.bias)
+
+    return forward
+
+
+def apply(model, spec: QATSpec) -> dict[str, Any]:
+    """Make a peft LoRA causal-LM model compute through ``spec``'s grid (in place); a summary for the record."""
+    import torch
+
+    lora_linears = []
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and hasattr(mod, "base_layer"):
+            if not isinstance(mod.base_layer, torch.nn.Linear) or getattr(mod, "fan_in_fan_out", False):
+                raise BadInput(f"--quant-aware supports LoRA on nn.Linear only; {name} is {type(mod.base_layer).__name__}",
+                               hint="drop --quant-aware for this model")
+            if any(getattr(mod, "use_dora", {}).get(a, False) for a in mod.lora_A):
+                raise BadInput("--quant-aware does not support DoRA", hint="use --method lora")
+            lora_linears.append((name, mod))
+    if not lora_linears:
+        raise BadInput("--quant-aware found no LoRA linear layer to train through the int4 grid", hint="check --target-modules")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    frozen = _round_frozen(base, spec)
+    for _, mod in lora_linears:
+        mod.forward = _qat_forward(mod, spec)
+    return {**spec.to_dict(), "grid": spec.describe(), "lora_linears": len(lora_linears), "frozen_quantized": frozen,
+            "lora_dropout": "not applied (the adapter acts through the merged, fake-quantized weight)"}
+
+
+def quantize_model_weights(model, spec: QATSpec) -> list[str]:
+    """Round a plain (merged) causal LM's weights in place as the int4 export does (the merge gate's model)."""
+    return _round_frozen(model, spec)
+
+
+def _round_frozen(base, spec: QATSpec) -> list[str]:
+    """Round, in place, every weight the int4 export quantizes except the LoRA-wrapped linears'.
+
+    The output head as ``spec.lm_head`` says (a tied head is untied first when it is not int4, as
+    the export unties it), the token embedding at int4 (GatherBlockQuantized; its block divides the
+    hidden size), every other decoder-layer nn.Linear at ``spec.bits``. Returns what was rounded.
+    """
+    import torch
+
+    from ..llm.quantize import embedding_block_size
+
+    head = base.get_output_embeddings()
+    embed = base.get_input_embeddings()
+    done: list[str] = []
+    with torch.no_grad():
+        if head is not None and head.weight is embed.weight and spec.lm_head != "int4":
+            head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        if head is not None and spec.lm_head != "fp32":
+            bits = 4 if spec.lm_head == "int4" else 8
+            head.weight.data = fake_quant(head.weight.data, bits, spec.block_size)
+            done.append(f"lm_head int{bits}")
+        if head is not None and embed.weight is head.weight:
+            done.append("embedding: tied to the int4 lm_head")
+        else:
+            eb = embedding_block_size(embed.weight.shape[1], spec.block_size)
+            if eb is not None:
+                embed.weight.data = fake_quant(embed.weight.data, 4, eb)
+                done.append(f"embedding int4 block {eb}")
+        plain = 0
+        for name, mod in base.named_modules():
+            # peft's wrapped base layers and its lora_A/lora_B are not rounded here (the forward does it)
+            if (type(mod) is torch.nn.Linear and mod is not head and ".layers." in f".{name}"
+                    and "lora_" not in name and not name.endswith("base_layer")):
+                mod.weight.data = fake_quant(mod.weight.data, spec.bits, spec.block_size)
+                plain += 1
+        if plain:
+            done.append(f"{plain} decoder linear(s) int{spec.bits}")
+    return done
