@@ -221,11 +221,46 @@ def load_config(path: str | os.PathLike) -> tuple[BuildConfig, Path]:
         FinetuneOptions.from_dict(opts).check()
         if not cfg.data.train:
             raise BadInput(f"{p}: finetune.method = '{cfg.finetune.method}' needs data.train", hint="add [data] train = \"file.jsonl\" or set finetune.method = \"none\"")
+    if cfg.finetune.method != "none" and (cfg.finetune.model_extra or {}).get("quant_aware"):
+        _check_quant_aware(p, cfg)
     floats = [t.name for t in cfg.targets if t.adapter == "float"]
     if floats and cfg.finetune.method not in ("lora", "qlora"):
         raise BadInput(f"{p}: targets.{floats[0]}: adapter = \"float\" needs a LoRA fine-tune, finetune.method is '{cfg.finetune.method}'",
                        hint="set finetune.method = \"lora\" (or qlora), or drop adapter = \"float\" to bundle the merged model")
     return cfg, p.resolve().parent
+
+
+def _check_quant_aware(p: Path, cfg: BuildConfig) -> None:
+    """[finetune] quant_aware: train for the int4 grid of the targets that export the merged model.
+
+    Block size and lm_head default to those targets' profile (``[quantization.int4]``); every such
+    target must export int4 RTN on that one grid, else exit 2 before any work (a mismatch would ship
+    a model the adapter was not trained as).
+    """
+    from .finetune.qat import QATSpec
+    from .targets import load_target
+
+    extra = cfg.finetune.model_extra
+    merged = []
+    for t in cfg.targets:
+        if t.adapter != "merged":
+            continue
+        target = load_target(str(p.parent / t.name) if t.name.endswith(".toml") else t.name)
+        precision = t.precision or target.precision.llm
+        if precision == "int4":
+            merged.append((t.name, target.quantization.int4.model_dump()))
+    if not merged:
+        raise BadInput(f"{p}: finetune.quant_aware = {extra['quant_aware']!r} trains for an int4 export, but no target exports "
+                       "the merged model at int4", hint="add a [[targets]] with precision = \"int4\" (adapter = \"merged\"), or drop quant_aware")
+    first = merged[0][1]
+    extra.setdefault("quant_aware_block_size", first["block_size"])
+    extra.setdefault("quant_aware_lm_head", first["lm_head"])
+    spec = QATSpec(block_size=int(extra["quant_aware_block_size"]), lm_head=extra["quant_aware_lm_head"])
+    for name, q in merged:
+        diffs = spec.matches_export(q)
+        if diffs:
+            raise BadInput(f"{p}: targets.{name} exports int4 with {'; '.join(diffs)}: not the grid finetune.quant_aware trains for",
+                           hint="make the targets agree (profile [quantization.int4]) or set finetune.quant_aware_block_size/_lm_head")
 
 
 @dataclass

@@ -78,6 +78,26 @@ def matmulnbits_attributes(folder: Path, skip_prefix: str | None = None, skip: I
     return [{**v, "count": counts[k]} for k, v in seen.items()]
 
 
+def _quant_aware_grid(model_dir: Path, precision: str, q: dict | None, mixed) -> dict | None:
+    """A merged quant-aware fine-tune (merge gate ``vs_fake_quant``): does this export use its training grid?
+
+    A different grid still exports (the user may mean it) but says so: the model shipped is then not the
+    model the adapter was trained as.
+    """
+    gate = (((artifacts.read_record(model_dir) or {}).get("results") or {}).get("gate") or {}).get("vs_fake_quant")
+    if not gate:
+        return None
+    from ..finetune.qat import QATSpec
+
+    spec = QATSpec(block_size=gate["block_size"], lm_head=gate["lm_head"])
+    diffs = spec.matches_export(q) if precision == "int4" and q else [f"precision {precision} (trained for int4)"]
+    if mixed:
+        diffs.append("mixed 8-bit layers (trained for int4 everywhere)")
+    if diffs:
+        console.warn(f"{model_dir} was fine-tuned quant-aware for {spec.describe()}; this export differs: {'; '.join(diffs)}")
+    return {"trained_grid": spec.describe(), "matches": not diffs, "differences": diffs}
+
+
 def lm_head_attributes(folder: Path) -> dict[str, Any] | None:
     """How the graph stores the output head (/lm_head/ MatMul or MatMulNBits), read back from it."""
     import onnx
@@ -232,6 +252,7 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
         raise BadInput("--calibration is only used by the int4 algorithms gptq and inc-gptq and by mixed precision",
                        hint="drop --calibration or pass --precision int4 --int4-algorithm gptq (or inc-gptq)")
     calib = load_calibration(calibration) if calibrated else None  # read (and fail) before any work
+    trained_grid = _quant_aware_grid(model_dir, precision, q, mixed)
     extra: dict[str, str] = {}
     if q:
         extra = {"block_size": str(q["block_size"]), "is_symmetric": str(q["symmetric"]).lower(),
@@ -352,6 +373,8 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
                                     "tokens": sum(len(x) for x in token_ids or [])}
         if parity:
             qinfo["weight_parity"] = parity
+        if trained_grid:
+            qinfo["quant_aware"] = trained_grid
         run.results.update(kind="decoder", precision=precision, target=t.name, execution_provider=t.runtime.execution_provider,
                            builder_provider=ep, int4=q if precision == "int4" else None, int8=q if precision == "int8" else None,
                            quantization=qinfo or None, embeddings=embedding_kind(run.dir),
