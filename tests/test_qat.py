@@ -59,7 +59,9 @@ def test_options_are_checked_before_any_work():
                       ({"quant_aware": "int4", "method": "qlora"}, "needs --method lora"),
                       ({"quant_aware": "int4", "quant_aware_block_size": 48}, "power of two"),
                       ({"quant_aware": "int4", "quant_aware_lm_head": "int2"}, "lm-head"),
-                      ({"quant_aware": "int4", "deepspeed": "zero2"}, "--deepspeed")]:
+                      ({"quant_aware": "int4", "deepspeed": "zero2"}, "--deepspeed"),
+                      ({"quant_aware_distill": 1.0}, "needs --quant-aware"),
+                      ({"quant_aware": "int4", "quant_aware_distill": -1.0}, ">= 0")]:
         with pytest.raises(BadInput, match=words):
             FinetuneOptions(**kw).check()
 
@@ -183,3 +185,13 @@ def _dora(tmp_path) -> Path:
     p = _config(tmp_path, '[[targets]]\nname = "cpu-x86"\nprecision = "int4"\n')
     p.write_text(p.read_text().replace('method = "lora"', 'method = "dora"'))
     return p
+
+
+def test_self_distillation_corpus_is_the_base_models_own_and_reproducible(tiny_llama, tmp_path):
+    opts = dict(max_steps=3, save_steps=3, batch_size=4, max_seq_len=96, lr=3e-3, limit=16, seed=0,
+                quant_aware="int4", quant_aware_distill=1.0)
+    runs = [json.loads((finetune(tiny_llama, CHAT, tmp_path / f"a{i}", options=FinetuneOptions(**opts)) / "edgetune.json")
+                       .read_text())["results"]["quant_aware"]["distill"] for i in range(2)]
+    d = runs[0]
+    assert d["weight"] == 1.0 and d["samples"] == 48 and d["tokens"] > 48 * 64 and "llm-general.jsonl" in d["source"]
+    assert runs[1]["sha256"] == d["sha256"]  # seeded: the same corpus, so the same training signal

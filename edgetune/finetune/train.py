@@ -262,9 +262,15 @@ def run_training(spec: dict[str, Any]) -> None:
     from . import qat
 
     qat_spec = qat.spec_from_options(opts)
-    qat_info = None
+    qat_info = distiller = None
     if qat_spec is not None:
+        if opts.quant_aware_distill:  # the float base writes and scores its corpus before the grid is applied
+            with console.step("quant-aware: self-distillation corpus from the float base"):
+                distiller = qat.Distiller(model, tok, weight=opts.quant_aware_distill, batch_size=opts.batch_size,
+                                          seq_len=min(opts.max_seq_len, 128), seed=opts.seed)
         qat_info = qat.apply(model, qat_spec)
+        if distiller is not None:
+            qat_info["distill"] = distiller.info
 
     prec = _precision(opts)
     ds_config = None
@@ -316,6 +322,13 @@ def run_training(spec: dict[str, Any]) -> None:
             return {"accuracy": float((preds[mask] == labels[mask]).mean())}
 
     class _Trainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            if distiller is None or not model.training:
+                return out
+            extra = distiller.weight * distiller.loss(model)
+            return (out[0] + extra, *out[1:]) if return_outputs else out + extra
+
         def create_optimizer(self):
             # LoRA has no trainable bias/norm, so the Trainer's "no weight decay" group is empty;
             # DeepSpeed drops empty groups and the LR scheduler then no longer matches. Drop it here.
