@@ -41,6 +41,9 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 DEMO_CONFIG = ROOT / "examples" / "smollm2-lora-cpu.toml"
+# the same task, data and LoRA settings trained quant-aware (finetune quant_aware = "int4"): its merged
+# model is exported at plain int4 RTN and compared with the demo's float fine-tune like every other row
+QAT_CONFIG = ROOT / "examples" / "smollm2-qat-int4-cpu.toml"
 TASK_DATA = ROOT / "examples" / "data" / "smarthome_eval.jsonl"
 WORKER = HERE / "peer_worker.py"
 TARGET = "cpu-x86"
@@ -330,6 +333,11 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
             [("precision", "gguf"), ("option", "--float-adapter")], "gguf + lora")
         cli("et-rtn-fa", "edgetune int4 RTN base + float LoRA adapter", ["--precision", "int4", "--float-adapter", "{adapter}"], "{base}",
             [("option", "--float-adapter")], "lora")
+        # a different fine-tune (trained through the int4 grid), so a CLI row on its own merged model; scored
+        # against the demo's float fine-tune (the reference of this group), as a user comparing the two would
+        cli("et-qat", "edgetune QAT LoRA (finetune --quant-aware int4) -> int4 RTN b32, int4 head", ["--precision", "int4"],
+            "{qat_merged}", [], "qat")
+        cli("et-qat-acc4", "same, accuracy_level 4", ["--precision", "int4", "--int4-accuracy-level", "4"], "{qat_merged}", [], "qat")
         cli("et-auto", "edgetune --recipe auto", ["--recipe", "auto", "--calibration", "{calibration}"], "{merged}",
             [("option", "--recipe")], "recipes", timeout="auto_timeout_s")
     else:
@@ -532,6 +540,14 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
     help_text, fields = cli_help(), build_target_fields()
     demo = demo_models(log, work_dir=getattr(a, "finetune_work", None))
     out["demo"] = demo
+    qat = {}
+    qat_config = Path(getattr(a, "qat_config", None) or QAT_CONFIG).resolve()
+    if not getattr(a, "finetune_work", None) and qat_config.is_file():
+        try:
+            qat = demo_models(log, config=qat_config)
+        except RuntimeError as exc:  # the QAT rows then say why; the rest of the comparison goes on
+            qat = {"error": str(exc)}
+    out["qat"] = qat
     base_gguf = resolve("smollm2")
     base_dir = Path(materialize("smollm2").path)
     models = {"finetune": Path(demo["merged"]), "base": base_dir}
@@ -539,7 +555,7 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
     import run as R
 
     cal = R.calibration_file(root)
-    subst = {"{adapter}": demo["adapter"], "{base_gguf}": str(base_gguf), "{base}": str(base_dir), "{merged}": demo["merged"],
+    subst = {"{adapter}": demo["adapter"], "{base_gguf}": str(base_gguf), "{base}": str(base_dir), "{merged}": demo["merged"], "{qat_merged}": qat.get("merged", ""),
              "{calibration}": str(cal) if cal else ""}
     text, text_name = eval_text(text_path)
     s["text_name"] = text_name
@@ -587,7 +603,10 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
                          "recipe": f"convert_hf_to_gguf.py --outtype f32{'' if t == 'F32' else f' + llama_model_quantize {t}'}",
                          "status": info["status"], "error": info.get("error"), "artifact": info.get("path"), "size_mb": info.get("size_mb")})
         # edgetune
+        only = {x.strip() for x in (getattr(a, "peer_rows", None) or "").split(",") if x.strip()}
         for spec in edgetune_rows(group, s, getattr(a, "slow_algorithms", False)):
+            if only and spec["id"] not in only:
+                continue
             row = {k: spec[k] for k in ("id", "label", "toolchain", "engine")}
             if spec["kind"] == "api":
                 v = spec["variant"]
@@ -605,6 +624,10 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
                     i = args.index("")
                     args = args[:i - 1] + args[i + 1:]
                 model = subst.get(spec["model"], spec["model"])
+                if not model:
+                    row.update(status="skipped", error=qat.get("error") or "no quant-aware fine-tune (--finetune-work given)")
+                    rows.append(row)
+                    continue
                 row["recipe"] = "edgetune export " + " ".join(["MODEL"] + [x if not x.startswith("/") else Path(x).name for x in args])
                 why = check_available(spec, help_text, fields)
                 if why:

@@ -854,6 +854,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all-sections", action="store_true", help="with --quick: also the LLM tuning, fine-tuning and encoder sections")
     ap.add_argument("--peer-eval-tokens", type=int, default=None, help="peer comparison: tokens of held-out text (default 8192, quick 2048)")
     ap.add_argument("--peer-text", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--qat-config", default=None, help="peer comparison: the quant-aware build config whose merged model the "
+                    "et-qat rows export (default examples/smollm2-qat-int4-cpu.toml)")
+    ap.add_argument("--peer-rows", default=None, help="peer comparison: only these edgetune rows (comma-separated ids, e.g. "
+                    "et-rtn,et-gguf-fa,et-qat; default all); the llama.cpp rows always run")
     ap.add_argument("--finetune-work", default=None, help="peer comparison: an existing build's .work folder (merged/ + adapter/) "
                     "instead of running `edgetune build examples/smollm2-lora-cpu.toml`")
     ap.add_argument("--skip-llm", action="store_true")
