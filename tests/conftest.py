@@ -86,24 +86,28 @@ def minilm_dir() -> Path:
     return real_model("minilm")
 
 
-@pytest.fixture(scope="session")
-def demo_build() -> dict:
-    """The `make demo` build (examples/smollm2-lora-cpu.toml) run once per session; its stages are
-    cached in the repo's build/ folder, so a later run (or `make demo`) reuses them."""
+def run_build(config: Path) -> dict:
+    """`edgetune build CONFIG --json --quiet` in this process; its exit code, build-summary.json and folders.
+    Stages are cached in the config's output folder, so a later run reuses them."""
     import json
+    import tomllib
 
-    real_model("smollm2")
     from edgetune.cli import main
 
-    demo = ROOT / "examples" / "smollm2-lora-cpu.toml"
     try:
-        main(["build", str(demo), "--json", "--quiet"])
+        main(["build", str(config), "--json", "--quiet"])
     except SystemExit as exc:
         code = exc.code
     else:
         code = 0
-    import tomllib
-
-    out = (demo.parent / tomllib.loads(demo.read_text())["output"]).resolve()
+    out = (config.parent / tomllib.loads(config.read_text())["output"]).resolve()
     summary = json.loads((out / "build-summary.json").read_text()) if (out / "build-summary.json").is_file() else {}
     return {"exit_code": code, "summary": summary, "work": out / ".work", "output": out}
+
+
+@pytest.fixture(scope="session")
+def demo_build() -> dict:
+    """The `make demo` build (examples/smollm2-lora-cpu.toml) run once per session; its stages are
+    cached in the repo's build/ folder, so a later run (or `make demo`) reuses them."""
+    real_model("smollm2")
+    return run_build(ROOT / "examples" / "smollm2-lora-cpu.toml")

@@ -9,12 +9,11 @@ Without QAT the same recipe on the demo's merged model keeps 72.5 % of 100 % (do
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
 
-from conftest import real_model
+from conftest import real_model, run_build
 from edgetune.targets import load_target
 
 pytestmark = pytest.mark.slow
@@ -25,17 +24,7 @@ CONFIG = ROOT / "examples" / "smollm2-qat-int4-cpu.toml"
 @pytest.fixture(scope="module")
 def qat_build() -> dict:
     real_model("smollm2")
-    from edgetune.cli import main
-
-    try:
-        main(["build", str(CONFIG), "--json", "--quiet"])
-    except SystemExit as exc:
-        code = exc.code
-    else:
-        code = 0
-    out = (CONFIG.parent / tomllib.loads(CONFIG.read_text())["output"]).resolve()
-    summary = json.loads((out / "build-summary.json").read_text()) if (out / "build-summary.json").is_file() else {}
-    return {"exit_code": code, "summary": summary, "work": out / ".work", "output": out}
+    return run_build(CONFIG)
 
 
 def test_int4_bundles_keep_the_quant_aware_fine_tune(qat_build):

@@ -65,6 +65,8 @@ def _summary(r: dict) -> str:
 @click.option("--quant-aware-distill", type=float, default=0.0, show_default=True,
               help="With --quant-aware: weight of a self-distillation term (KL to the float base on text the base writes "
                    "itself), so the adapter also repairs the int4 damage outside the task. 0 = off.")
+@click.option("--quant-aware-distill-samples", type=int, default=48, show_default=True,
+              help="Sequences (128 tokens) the float base writes for the distillation term.")
 @click.option("--deepspeed", default=None, help=f"ZeRO preset ({', '.join(DEEPSPEED_PRESETS)}) or a DeepSpeed JSON config.")
 @click.option("--num-processes", type=int, default=1, show_default=True, help="Processes (GPUs) on this machine; > 1 needs --deepspeed.")
 @click.option("--limit", type=int, default=None, help="Use only the first N records.")

@@ -51,6 +51,7 @@ class FinetuneOptions:
     quant_aware_block_size: int = 32  # the export's [quantization.int4].block_size
     quant_aware_lm_head: str = "int4"  # the export's lm_head: int4 | int8 | fp32
     quant_aware_distill: float = 0.0  # weight of the self-distillation term (0: off; qat.Distiller)
+    quant_aware_distill_samples: int = 48  # sequences the float base writes for it (its prompts cycled)
     # precision and optimizer: "auto" means fp32 + adamw_torch on CPU, bf16 + paged 8-bit AdamW on GPU
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     optim: str = "auto"

@@ -77,6 +77,8 @@ def spec_from_options(opts) -> QATSpec | None:
     if opts.quant_aware_lm_head not in LM_HEADS:
         raise BadInput(f"--quant-aware-lm-head '{opts.quant_aware_lm_head}' is not one of {', '.join(LM_HEADS)}",
                        hint="use the export's --int4-lm-head")
+    if opts.quant_aware_distill_samples < 1:
+        raise BadInput(f"--quant-aware-distill-samples must be >= 1 (got {opts.quant_aware_distill_samples})", hint="use e.g. 48")
     if opts.quant_aware_distill < 0:
         raise BadInput(f"--quant-aware-distill must be >= 0 (got {opts.quant_aware_distill})", hint="use e.g. 1.0, or 0 to turn it off")
     if opts.deepspeed:
@@ -218,7 +220,7 @@ class Distiller:
     from outside the project; the corpus is recorded (sample count, tokens, SHA-256 of the texts).
     """
 
-    def __init__(self, model, tok, *, weight: float, batch_size: int, seq_len: int, seed: int, max_samples: int = 64):
+    def __init__(self, model, tok, *, weight: float, batch_size: int, seq_len: int, seed: int, samples: int = 48):
         import hashlib
 
         import torch
@@ -229,7 +231,8 @@ class Distiller:
         self.weight = weight
         self.batch_size = batch_size
         source = data_dir("calibration") / "llm-general.jsonl"
-        prompts = [t for t in texts(load_dataset(source)) if t.strip()][:max_samples]
+        texts_ = [t for t in texts(load_dataset(source)) if t.strip()]
+        prompts = [texts_[i % len(texts_)] for i in range(samples)]  # a prompt used again gets another sampled continuation
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         pad = tok.pad_token_id

@@ -267,7 +267,8 @@ def run_training(spec: dict[str, Any]) -> None:
         if opts.quant_aware_distill:  # the float base writes and scores its corpus before the grid is applied
             with console.step("quant-aware: self-distillation corpus from the float base"):
                 distiller = qat.Distiller(model, tok, weight=opts.quant_aware_distill, batch_size=opts.batch_size,
-                                          seq_len=min(opts.max_seq_len, 128), seed=opts.seed)
+                                          seq_len=min(opts.max_seq_len, 128), seed=opts.seed,
+                                          samples=opts.quant_aware_distill_samples)
         qat_info = qat.apply(model, qat_spec)
         if distiller is not None:
             qat_info["distill"] = distiller.info
