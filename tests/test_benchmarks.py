@@ -149,6 +149,15 @@ def _peer_results() -> dict:
             "llm": {"skipped": "--quick runs the llama.cpp comparison only"}}
 
 
+def _peer_results_file(peers, tmp_path):
+    """The synthetic peer results with their ratios, written as tmp_path/results.json."""
+    res = _peer_results()
+    peers.ratios(res["peers"]["rows"], [1, 2])
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    return res, path
+
+
 def test_peer_ratios_and_task_compare(bench):
     _, _, peers = bench
     res = _peer_results()
@@ -167,10 +176,7 @@ def test_peer_ratios_and_task_compare(bench):
 
 def test_peer_report_renders_every_row(bench, tmp_path):
     _, report, peers = bench
-    res = _peer_results()
-    peers.ratios(res["peers"]["rows"], [1, 2])
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps(res))
+    res, path = _peer_results_file(peers, tmp_path)
     assert report.main([str(path)]) == 0
     md = (tmp_path / "results.md").read_text()
     for row in res["peers"]["rows"]:
@@ -189,10 +195,7 @@ def test_peer_report_renders_every_row(bench, tmp_path):
 
 def test_readme_table_regeneration_is_deterministic(bench, tmp_path):
     _, report, peers = bench
-    res = _peer_results()
-    peers.ratios(res["peers"]["rows"], [1, 2])
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps(res))
+    res, path = _peer_results_file(peers, tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n## Benchmarks\n\n{report.README_BEGIN}\nold table\n{report.README_END}\n\n## Tests\n")
     assert report.main([str(path), "--readme", str(readme)]) == 0

@@ -36,6 +36,17 @@ def genai_export(src: Path, out: Path, precision: str = "fp32") -> Path:
     return out
 
 
+def scaled_weights_export(src: Path, tmp_path: Path, factor: float) -> Path:
+    """A copy of the HF model ``src`` with every 2-D weight times ``factor``, exported (a model that must fail)."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "scaled-src"
+    shutil.copytree(src, copy)
+    (st,) = copy.glob("*.safetensors")
+    save_file({k: (v * factor if v.ndim == 2 else v) for k, v in load_file(st).items()}, st, metadata={"format": "pt"})
+    return genai_export(copy, tmp_path / "broken")
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("validate")
@@ -92,16 +103,8 @@ def test_validate_with_stored_pack_via_cli(work, capsys):
 
 
 def test_scaled_weights_fail_with_exit_1(work, tiny_llama, tmp_path, capsys):
-    import torch
-    from safetensors.torch import load_file, save_file
-
     root, _ = work
-    broken_src = tmp_path / "broken-src"
-    shutil.copytree(tiny_llama, broken_src)
-    (st,) = broken_src.glob("*.safetensors")
-    w = load_file(st)
-    save_file({k: (v * 4 if v.ndim == 2 else v) for k, v in w.items()}, st, metadata={"format": "pt"})
-    broken = genai_export(broken_src, tmp_path / "broken")
+    broken = scaled_weights_export(tiny_llama, tmp_path, 4)
     code, out, err = run_cli(["validate", str(broken), "-t", "cpu-x86", "-r", str(tiny_llama), "-d", str(root / "eval.txt"),
                               "--no-latency", "-o", str(tmp_path / "rep"), "--max-tokens", "8"], capsys)
     assert code == 1

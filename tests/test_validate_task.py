@@ -10,7 +10,7 @@ import pytest
 from edgetune.cli import main
 from edgetune.device import metrics as M
 
-from test_validate import genai_export
+from test_validate import genai_export, scaled_weights_export
 
 
 # ---------------------------------------------------------------- metric functions
@@ -128,16 +128,8 @@ def test_reference_with_other_answers_fails_and_lists_examples(task_work, tmp_pa
 
 
 def test_perturbed_weights_fail_the_task_check(task_work, tiny_llama, tmp_path, capsys):
-    import torch  # noqa: F401
-    from safetensors.torch import load_file, save_file
-
     root, _ = task_work
-    src = tmp_path / "src"
-    shutil.copytree(tiny_llama, src)
-    (st,) = src.glob("*.safetensors")
-    w = load_file(st)
-    save_file({k: (v * 3 if v.ndim == 2 else v) for k, v in w.items()}, st, metadata={"format": "pt"})
-    broken = genai_export(src, tmp_path / "broken")
+    broken = scaled_weights_export(tiny_llama, tmp_path, 3)
     code, out, err = run_cli(["validate", str(broken), "-t", "cpu-x86", "-r", str(root / "rep" / "reference"), "--no-latency",
                               "-o", str(tmp_path / "rep")], capsys)
     assert code == 1 and "task_accuracy_drop" in err

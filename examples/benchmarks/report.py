@@ -317,6 +317,16 @@ def markdown(results: dict) -> str:
 
 # ---------------------------------------------------------------- plots
 
+def _save(fig, out: Path, name: str, written: list[str]) -> None:
+    """Lay out, write out/name, close the figure and list it."""
+    import matplotlib.pyplot as plt  # already imported (backend set) by the caller
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    written.append(name)
+
+
 def plots(results: dict, out: Path) -> list[str]:
     """PNG plots next to results.md; returns the file names written (none without matplotlib)."""
     try:
@@ -343,10 +353,7 @@ def plots(results: dict, out: Path) -> list[str]:
         ax.set_xlabel("decode tokens/s (higher is better)")
         ax.set_ylabel("perplexity increase vs PyTorch fp32, % (lower is better)")
         ax.set_title("SmolLM2-135M quantization: speed vs quality (marker area ~ size on disk)")
-        fig.tight_layout()
-        fig.savefig(out / "quant_tradeoff.png", dpi=110)
-        plt.close(fig)
-        written.append("quant_tradeoff.png")
+        _save(fig, out, "quant_tradeoff.png", written)
     eng = [r for r in llm.get("engines", []) if r.get("status", "ok") == "ok" and (r.get("speed") or {}).get("decode_tok_s")]
     if eng:
         fig, ax = plt.subplots(figsize=(8, 4))
@@ -359,10 +366,7 @@ def plots(results: dict, out: Path) -> list[str]:
         ax.set_xlabel("decode tokens/s")
         ax.set_title("Engines on the same prompt and token count")
         ax.set_xlim(0, max(vals) * 1.35)
-        fig.tight_layout()
-        fig.savefig(out / "engines.png", dpi=110)
-        plt.close(fig)
-        written.append("engines.png")
+        _save(fig, out, "engines.png", written)
     tun = [r for r in llm.get("tuning", []) if r.get("status", "ok") == "ok" and (r.get("speed") or {}).get("decode_tok_s")]
     if tun:
         fig, ax = plt.subplots(figsize=(8, 0.4 * len(tun) + 1.5))
@@ -374,10 +378,7 @@ def plots(results: dict, out: Path) -> list[str]:
         ax.set_xlabel("decode tokens/s (green: kept in the tuned configuration)")
         ax.set_title("int4 CPU tuning")
         ax.set_xlim(0, max(r["speed"]["decode_tok_s"] for r in tun) * 1.2)
-        fig.tight_layout()
-        fig.savefig(out / "tuning.png", dpi=110)
-        plt.close(fig)
-        written.append("tuning.png")
+        _save(fig, out, "tuning.png", written)
     ft = [r for r in (results.get("finetune") or {}).get("rows", []) if r.get("status", "ok") == "ok"]
     if ft:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
@@ -386,10 +387,7 @@ def plots(results: dict, out: Path) -> list[str]:
         a1.set_title("training tokens/s")
         a2.bar(names, [r["peak_mib"] for r in ft], color="tab:purple")
         a2.set_title("peak memory, MiB")
-        fig.tight_layout()
-        fig.savefig(out / "finetune.png", dpi=110)
-        plt.close(fig)
-        written.append("finetune.png")
+        _save(fig, out, "finetune.png", written)
     enc = [r for r in (results.get("encoder") or {}).get("rows", []) if r.get("status", "ok") == "ok" and r.get("latency")]
     if enc:
         fig, ax = plt.subplots(figsize=(8, 3.2))
@@ -403,10 +401,7 @@ def plots(results: dict, out: Path) -> list[str]:
         ax.set_ylabel("latency, ms")
         ax.legend()
         ax.set_title("MiniLM SMS-spam classifier on CPU")
-        fig.tight_layout()
-        fig.savefig(out / "encoder.png", dpi=110)
-        plt.close(fig)
-        written.append("encoder.png")
+        _save(fig, out, "encoder.png", written)
     return written
 
 
@@ -434,10 +429,7 @@ def peer_plots(results: dict, out: Path, plt) -> list[str]:
         ax.set_xlabel("decode tokens/s, most threads measured (higher is better)")
         ax.set_ylabel("perplexity increase vs fp32, % (lower is better)")
         ax.set_title("Same fine-tuned model: quality vs speed (blue edgetune, orange llama.cpp)")
-        fig.tight_layout()
-        fig.savefig(out / "peers_quality_speed.png", dpi=110)
-        plt.close(fig)
-        written.append("peers_quality_speed.png")
+        _save(fig, out, "peers_quality_speed.png", written)
     sz = [(r, r.get("size_mb"), (r.get("quality") or {}).get("perplexity_increase_pct")) for r in rows if r.get("toolchain") != "reference"]
     sz = [(r, x, y) for r, x, y in sz if x and y is not None]
     if sz:
@@ -449,10 +441,7 @@ def peer_plots(results: dict, out: Path, plt) -> list[str]:
         ax.set_xlabel("file size, MB")
         ax.set_ylabel("perplexity increase vs fp32, %")
         ax.set_title("Same fine-tuned model: size vs quality")
-        fig.tight_layout()
-        fig.savefig(out / "peers_size_quality.png", dpi=110)
-        plt.close(fig)
-        written.append("peers_size_quality.png")
+        _save(fig, out, "peers_size_quality.png", written)
     return written
 
 
