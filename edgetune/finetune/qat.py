@@ -237,7 +237,7 @@ class Distiller:
         torch.manual_seed(seed)
         pad = tok.pad_token_id
         seqs = []
-        with torch.no_grad(), _adapter_off(model):
+        with torch.no_grad(), model.disable_adapter():  # model: the PeftModel, before apply()
             model.eval()
             for i in range(0, len(prompts), 8):
                 chunk = [tok(p, add_special_tokens=False)["input_ids"][:8] for p in prompts[i:i + 8]]
@@ -274,18 +274,3 @@ class Distiller:
         kl = (t.exp() * (t - logp)).sum(-1)
         return (kl * mask).sum() / mask.sum()
 
-
-class _adapter_off:
-    """peft's disable_adapter() as a context manager that also works on a plain model."""
-
-    def __init__(self, model):
-        self.cm = model.disable_adapter() if hasattr(model, "disable_adapter") else None
-
-    def __enter__(self):
-        if self.cm is not None:
-            self.cm.__enter__()
-
-    def __exit__(self, *exc):
-        if self.cm is not None:
-            return self.cm.__exit__(*exc)
-        return False
