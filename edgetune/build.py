@@ -51,9 +51,22 @@ class FinetuneCfg(_Strict):
     method: str = "lora"  # or "none" to bundle the base model as is
 
 
+class Int4Cfg(_Strict):
+    """Per-target overrides of the profile's ``[quantization.int4]`` (the export's ``--int4-*`` options)."""
+    algorithm: str | None = None
+    block_size: int | None = None
+    symmetric: bool | None = None
+    accuracy_level: int | None = None
+    lm_head: str | None = None
+
+    def options(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
 class TargetCfg(_Strict):
     name: str
     precision: str | None = None
+    int4: Int4Cfg | None = None  # overrides of the profile's [quantization.int4], e.g. { lm_head = "int8" }
     archive: bool = True
     calibration: str | None = None  # encoders, int8-static
     # decoders with a fine-tune: export the merged model, or the base + the LoRA as float side
@@ -248,7 +261,7 @@ def _check_quant_aware(p: Path, cfg: BuildConfig) -> None:
         target = load_target(str(p.parent / t.name) if t.name.endswith(".toml") else t.name)
         precision = t.precision or target.precision.llm
         if precision == "int4":
-            merged.append((t.name, target.quantization.int4.model_dump()))
+            merged.append((t.name, {**target.quantization.int4.model_dump(), **(t.int4.options() if t.int4 else {})}))
     if not merged:
         raise BadInput(f"{p}: finetune.quant_aware = {extra['quant_aware']!r} trains for an int4 export, but no target exports "
                        "the merged model at int4", hint="add a [[targets]] with precision = \"int4\" (adapter = \"merged\"), or drop quant_aware")
@@ -260,7 +273,21 @@ def _check_quant_aware(p: Path, cfg: BuildConfig) -> None:
         diffs = spec.matches_export(q)
         if diffs:
             raise BadInput(f"{p}: targets.{name} exports int4 with {'; '.join(diffs)}: not the grid finetune.quant_aware trains for",
-                           hint="make the targets agree (profile [quantization.int4]) or set finetune.quant_aware_block_size/_lm_head")
+                           hint="make the targets agree (profile [quantization.int4] or [[targets]] int4) or set finetune.quant_aware_block_size/_lm_head")
+
+
+def _check_int4(config, i: int, t: TargetCfg, target) -> None:
+    """A target's ``int4`` overrides: only for an int4 decoder export, and values the export accepts."""
+    precision = t.precision or target.precision.llm
+    if precision != "int4":
+        raise BadInput(f"{config}: targets[{i}].int4 is set but the target exports at {precision}",
+                       hint="set precision = \"int4\" for that target, or drop its int4 table")
+    from .llm.export import int4_options
+
+    try:
+        int4_options(target, t.int4.options())
+    except BadInput as exc:
+        raise BadInput(f"{config}: targets[{i}].int4: {exc.message}", hint=exc.hint) from None
 
 
 @dataclass
@@ -369,12 +396,14 @@ def _merge(base: Path, adapter: Path, out: Path) -> None:
 
 
 def _export(model: Path, out: Path, target: str, precision: str | None, calibration: Path | None,
-            float_adapter: Path | None = None) -> None:
+            float_adapter: Path | None = None, int4: dict[str, Any] | None = None) -> None:
     from .export import export
 
-    opts = {"calibration": calibration} if calibration else {}
+    opts: dict[str, Any] = {"calibration": calibration} if calibration else {}
     if float_adapter:
         opts["float_adapter"] = float_adapter
+    if int4:
+        opts["int4"] = int4
     export(model, out, target=target, precision=precision, **opts)
 
 
@@ -451,9 +480,11 @@ def build(config: str | os.PathLike, *, force: bool = False, output: str | os.Pa
 
     cfg, root = load_config(config)
     b = Build(cfg, root, force=force, output_override=Path(output).resolve() if output else None)
-    for t in cfg.targets:  # fail before any work: profiles, paths
-        load_target(t.name if not t.name.endswith(".toml") else str(b.path(t.name)))
+    for i, t in enumerate(cfg.targets):  # fail before any work: profiles, paths, int4 overrides
+        target = load_target(t.name if not t.name.endswith(".toml") else str(b.path(t.name)))
         b.maybe_path(t.calibration)
+        if t.int4:
+            _check_int4(config, i, t, target)
     train = b.maybe_path(cfg.data.train)
     vdata = b.maybe_path(cfg.validation.data)
     prompts = b.maybe_path(cfg.validation.prompts)
@@ -484,6 +515,10 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
         info = materialize(base_spec)
     b.stages.append(StageInfo("materialize", None, "ran", round(time.perf_counter() - t0, 2), str(info.path)))
     base = Path(info.path)
+    overrides = [i for i, t in enumerate(cfg.targets) if t.int4]
+    if overrides and info.kind != "decoder":  # the model's kind is known only now, still before any training
+        raise BadInput(f"{config}: targets[{overrides[0]}].int4 applies to decoder LLMs; {info.model_type} is a {info.kind}",
+                       hint="drop the target's int4 table")
 
     model, adapter = base, None
     if cfg.finetune.method != "none":
@@ -513,8 +548,8 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
         xmodel, xadapter = (base, adapter) if tc.adapter == "float" else (model, None)
         b.stage(f"export.{key}", export_dir, {"model": xmodel, "calibration": calib, "target": target.model_dump(mode="json", exclude={"source"}),
                                               **({"float_adapter": xadapter} if xadapter else {})},
-                {"precision": tc.precision, **({"adapter": "float"} if xadapter else {})},
-                lambda: _export(xmodel, export_dir, tname, tc.precision, calib, xadapter), target=key)
+                {"precision": tc.precision, **({"adapter": "float"} if xadapter else {}), **({"int4": tc.int4.options()} if tc.int4 else {})},
+                lambda: _export(xmodel, export_dir, tname, tc.precision, calib, xadapter, tc.int4.options() if tc.int4 else None), target=key)
 
         report_dir = b.work / f"validate-{key}"
         vopts = {k: v for k, v in cfg.validation.model_dump().items() if k not in ("data", "prompts", "reference", "rows", "drop_overlap")}

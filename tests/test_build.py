@@ -155,6 +155,40 @@ def test_bad_config_is_exit_2_naming_the_field(tmp_path, capsys):
     assert code == 2 and "no-such-target" in err
 
 
+def test_target_int4_overrides_are_checked_before_any_work_and_reach_the_export(first_build, tiny_llama, tiny_bert, tmp_path, capsys):
+    root, cfg, _ = first_build
+    bad = [('int4 = { lm_heads = "int8" }\n', "targets.0.int4.lm_heads (did you mean 'lm_head'?)"),
+           ('int4 = { lm_head = "int3" }\n', "targets[0].int4: int4 lm_head 'int3' is not supported"),
+           ('int4 = { block_size = 48 }\n', "targets[0].int4: int4 block size 48"),
+           ('int4 = { algorithm = "awq2" }\n', "targets[0].int4: unknown int4 algorithm 'awq2'")]
+    for line, words in bad:
+        c = write_config(tmp_path / "bad", tiny_llama, targets='[[targets]]\nname = "cpu-x86"\nprecision = "int4"\n' + line)
+        code, _, err = run_cli(["build", str(c), "--quiet"], capsys)
+        assert code == 2 and words in err and "Traceback" not in err, err
+        assert not (tmp_path / "bad" / "out").exists()  # refused before any stage
+    c = write_config(tmp_path / "fp", tiny_llama, targets=CPU + 'int4 = { lm_head = "int8" }\n')
+    code, _, err = run_cli(["build", str(c), "--quiet"], capsys)
+    assert code == 2 and "targets[0].int4 is set but the target exports at fp32" in err
+    c = write_config(tmp_path / "enc", tiny_bert, targets='[[targets]]\nname = "cpu-x86"\nint4 = { lm_head = "int8" }\n')
+    code, _, err = run_cli(["build", str(c), "--quiet"], capsys)
+    assert code == 2 and "targets[0].int4 applies to decoder LLMs" in err
+    assert not (tmp_path / "enc" / "out" / ".work" / "adapter").exists()  # no fine-tune ran
+    # it reaches the graph: lm_head int8 + accuracy_level 4 on the tiny model's int4 export
+    write_config(root, tiny_llama, targets='[[targets]]\nname = "cpu-x86"\nprecision = "int4"\narchive = false\n'
+                 'int4 = { lm_head = "int8", accuracy_level = 4 }\n')
+    try:
+        code, out, err = run_cli(["build", str(cfg), "--json", "--quiet"], capsys)
+        assert code in (0, 1), err
+        status = {s["stage"]: s["status"] for s in json.loads(out)["stages"]}
+        assert status["finetune"] == "skipped" and status["export"] == "ran"
+        rec = json.loads((root / "out" / ".work" / "export-cpu-x86" / "edgetune.json").read_text())
+        r = rec["results"]
+        assert r["int4"]["lm_head"] == "int8" and r["int4"]["accuracy_level"] == 4 and r["lm_head"]["kind"] == "int8"
+        assert {n["accuracy_level"] for n in r["matmulnbits"]} == {4}
+    finally:
+        write_config(root, tiny_llama)
+
+
 @pytest.mark.slow  # two tiny builds in fresh processes: ~50 s on 2 cores
 def test_sigkill_mid_stage_then_rerun_finishes(tmp_path, tiny_llama):
     cfg = write_config(tmp_path / "k", tiny_llama, steps=4)

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 EDGETUNE = Path(sys.executable).parent / "edgetune"
 
 
-@pytest.mark.parametrize("name", ["smollm2-lora-cpu.toml", "minilm-sms-int8.toml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "examples").glob("*.toml")))
 def test_example_configs_are_valid(name):
     cfg, root = load_config(REPO / "examples" / name)
     assert root == REPO / "examples"

@@ -179,6 +179,11 @@ def test_build_takes_the_grid_from_its_targets_and_refuses_a_mismatch(tmp_path):
         load_config(_config(tmp_path, '[[targets]]\nname = "cpu-x86"\nprecision = "gguf"\nadapter = "float"\n'))
     with pytest.raises(BadInput, match="needs --method lora"):
         load_config(_dora(tmp_path))
+    # a target's own int4 table is the grid too: lm_head int8 there trains the head at int8
+    h8 = '[[targets]]\nname = "cpu-x86-avx512"\nprecision = "int4"\nint4 = { lm_head = "int8" }\n'
+    assert load_config(_config(tmp_path, h8))[0].finetune.model_dump()["quant_aware_lm_head"] == "int8"
+    with pytest.raises(BadInput, match="lm_head int4 \\(trained for int8\\)"):
+        load_config(_config(tmp_path, h8 + '[[targets]]\nname = "cpu-x86"\nprecision = "int4"\n'))
 
 
 def _dora(tmp_path) -> Path:
