@@ -44,6 +44,8 @@ DEMO_CONFIG = ROOT / "examples" / "smollm2-lora-cpu.toml"
 # the same task, data and LoRA settings trained quant-aware (finetune quant_aware = "int4"): its merged
 # model is exported at plain int4 RTN and compared with the demo's float fine-tune like every other row
 QAT_CONFIG = ROOT / "examples" / "smollm2-qat-int4-cpu.toml"
+# the same, trained (and exported) with the output head at int8: the int4 head's rounding is the largest single loss
+QAT_H8_CONFIG = ROOT / "examples" / "smollm2-qat-int4-h8-cpu.toml"
 TASK_DATA = ROOT / "examples" / "data" / "smarthome_eval.jsonl"
 WORKER = HERE / "peer_worker.py"
 TARGET = "cpu-x86"
@@ -338,6 +340,10 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
         cli("et-qat", "edgetune QAT LoRA (finetune --quant-aware int4) -> int4 RTN b32, int4 head", ["--precision", "int4"],
             "{qat_merged}", [], "qat")
         cli("et-qat-acc4", "same, accuracy_level 4", ["--precision", "int4", "--int4-accuracy-level", "4"], "{qat_merged}", [], "qat")
+        h8 = ["--precision", "int4", "--int4-lm-head", "int8"]
+        cli("et-qat-h8", "edgetune QAT LoRA, int8 head (quant_aware_lm_head int8) -> int4 RTN b32, int8 head", h8,
+            "{qat_h8_merged}", [], "qat-h8")
+        cli("et-qat-h8-acc4", "same, accuracy_level 4", h8 + ["--int4-accuracy-level", "4"], "{qat_h8_merged}", [], "qat-h8")
         cli("et-auto", "edgetune --recipe auto", ["--recipe", "auto", "--calibration", "{calibration}"], "{merged}",
             [("option", "--recipe")], "recipes", timeout="auto_timeout_s")
     else:
@@ -540,13 +546,22 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
     help_text, fields = cli_help(), build_target_fields()
     demo = demo_models(log, work_dir=getattr(a, "finetune_work", None))
     out["demo"] = demo
-    qat = {}
-    qat_config = Path(getattr(a, "qat_config", None) or QAT_CONFIG).resolve()
-    if not getattr(a, "finetune_work", None) and qat_config.is_file():
-        try:
-            qat = demo_models(log, config=qat_config)
-        except RuntimeError as exc:  # the QAT rows then say why; the rest of the comparison goes on
-            qat = {"error": str(exc)}
+    only = {x.strip() for x in (getattr(a, "peer_rows", None) or "").split(",") if x.strip()}
+    owners = {r["owner"] for r in edgetune_rows("finetune", s, False) if r["kind"] == "cli" and (not only or r["id"] in only)}
+    qat: dict[str, dict] = {}  # the quant-aware fine-tunes, by the rows' owner
+    for owner, flag, default in (("qat", "qat_config", QAT_CONFIG), ("qat-h8", "qat_h8_config", QAT_H8_CONFIG)):
+        config = Path(getattr(a, flag, None) or default).resolve()
+        if owner not in owners:
+            continue
+        if getattr(a, "finetune_work", None):
+            qat[owner] = {"error": "no quant-aware fine-tune (--finetune-work given)"}
+        elif not config.is_file():
+            qat[owner] = {"error": f"{config} not found"}
+        else:
+            try:
+                qat[owner] = demo_models(log, config=config)
+            except RuntimeError as exc:  # the QAT rows then say why; the rest of the comparison goes on
+                qat[owner] = {"error": str(exc)}
     out["qat"] = qat
     base_gguf = resolve("smollm2")
     base_dir = Path(materialize("smollm2").path)
@@ -555,7 +570,8 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
     import run as R
 
     cal = R.calibration_file(root)
-    subst = {"{adapter}": demo["adapter"], "{base_gguf}": str(base_gguf), "{base}": str(base_dir), "{merged}": demo["merged"], "{qat_merged}": qat.get("merged", ""),
+    subst = {"{adapter}": demo["adapter"], "{base_gguf}": str(base_gguf), "{base}": str(base_dir), "{merged}": demo["merged"], "{qat_merged}": qat.get("qat", {}).get("merged", ""),
+             "{qat_h8_merged}": qat.get("qat-h8", {}).get("merged", ""),
              "{calibration}": str(cal) if cal else ""}
     text, text_name = eval_text(text_path)
     s["text_name"] = text_name
@@ -603,7 +619,6 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
                          "recipe": f"convert_hf_to_gguf.py --outtype f32{'' if t == 'F32' else f' + llama_model_quantize {t}'}",
                          "status": info["status"], "error": info.get("error"), "artifact": info.get("path"), "size_mb": info.get("size_mb")})
         # edgetune
-        only = {x.strip() for x in (getattr(a, "peer_rows", None) or "").split(",") if x.strip()}
         for spec in edgetune_rows(group, s, getattr(a, "slow_algorithms", False)):
             if only and spec["id"] not in only:
                 continue
@@ -625,7 +640,7 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
                     args = args[:i - 1] + args[i + 1:]
                 model = subst.get(spec["model"], spec["model"])
                 if not model:
-                    row.update(status="skipped", error=qat.get("error") or "no quant-aware fine-tune (--finetune-work given)")
+                    row.update(status="skipped", error=qat.get(spec["owner"], {}).get("error") or "no quant-aware fine-tune")
                     rows.append(row)
                     continue
                 row["recipe"] = "edgetune export " + " ".join(["MODEL"] + [x if not x.startswith("/") else Path(x).name for x in args])
