@@ -59,9 +59,6 @@ class Int4Cfg(_Strict):
     accuracy_level: int | None = None
     lm_head: str | None = None
 
-    def options(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
-
 
 class TargetCfg(_Strict):
     name: str
@@ -72,6 +69,10 @@ class TargetCfg(_Strict):
     # decoders with a fine-tune: export the merged model, or the base + the LoRA as float side
     # branches that are never quantized (edgetune export BASE --float-adapter ADAPTER)
     adapter: Literal["merged", "float"] = "merged"
+
+    def int4_options(self) -> dict[str, Any]:
+        """The int4 overrides set (empty when none)."""
+        return self.int4.model_dump(exclude_none=True) if self.int4 else {}
 
 
 class ValidateCfg(_Strict):
@@ -259,9 +260,8 @@ def _check_quant_aware(p: Path, cfg: BuildConfig) -> None:
         if t.adapter != "merged":
             continue
         target = load_target(str(p.parent / t.name) if t.name.endswith(".toml") else t.name)
-        precision = t.precision or target.precision.llm
-        if precision == "int4":
-            merged.append((t.name, {**target.quantization.int4.model_dump(), **(t.int4.options() if t.int4 else {})}))
+        if _llm_precision(t, target) == "int4":
+            merged.append((t.name, {**target.quantization.int4.model_dump(), **t.int4_options()}))
     if not merged:
         raise BadInput(f"{p}: finetune.quant_aware = {extra['quant_aware']!r} trains for an int4 export, but no target exports "
                        "the merged model at int4", hint="add a [[targets]] with precision = \"int4\" (adapter = \"merged\"), or drop quant_aware")
@@ -276,16 +276,21 @@ def _check_quant_aware(p: Path, cfg: BuildConfig) -> None:
                            hint="make the targets agree (profile [quantization.int4] or [[targets]] int4) or set finetune.quant_aware_block_size/_lm_head")
 
 
+def _llm_precision(t: TargetCfg, target) -> str:
+    """The precision a decoder export of this target uses: the config's, else the profile's."""
+    return t.precision or target.precision.llm
+
+
 def _check_int4(config, i: int, t: TargetCfg, target) -> None:
     """A target's ``int4`` overrides: only for an int4 decoder export, and values the export accepts."""
-    precision = t.precision or target.precision.llm
+    precision = _llm_precision(t, target)
     if precision != "int4":
         raise BadInput(f"{config}: targets[{i}].int4 is set but the target exports at {precision}",
                        hint="set precision = \"int4\" for that target, or drop its int4 table")
     from .llm.export import int4_options
 
     try:
-        int4_options(target, t.int4.options())
+        int4_options(target, t.int4_options())
     except BadInput as exc:
         raise BadInput(f"{config}: targets[{i}].int4: {exc.message}", hint=exc.hint) from None
 
@@ -546,10 +551,11 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
         calib = b.maybe_path(tc.calibration)
         # adapter = "float": the base + the LoRA as float branches; validated against the merged model all the same
         xmodel, xadapter = (base, adapter) if tc.adapter == "float" else (model, None)
+        int4 = tc.int4_options()
         b.stage(f"export.{key}", export_dir, {"model": xmodel, "calibration": calib, "target": target.model_dump(mode="json", exclude={"source"}),
                                               **({"float_adapter": xadapter} if xadapter else {})},
-                {"precision": tc.precision, **({"adapter": "float"} if xadapter else {}), **({"int4": tc.int4.options()} if tc.int4 else {})},
-                lambda: _export(xmodel, export_dir, tname, tc.precision, calib, xadapter, tc.int4.options() if tc.int4 else None), target=key)
+                {"precision": tc.precision, **({"adapter": "float"} if xadapter else {}), **({"int4": int4} if int4 else {})},
+                lambda: _export(xmodel, export_dir, tname, tc.precision, calib, xadapter, int4), target=key)
 
         report_dir = b.work / f"validate-{key}"
         vopts = {k: v for k, v in cfg.validation.model_dump().items() if k not in ("data", "prompts", "reference", "rows", "drop_overlap")}

@@ -550,9 +550,9 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
     owners = {r["owner"] for r in edgetune_rows("finetune", s, False) if r["kind"] == "cli" and (not only or r["id"] in only)}
     qat: dict[str, dict] = {}  # the quant-aware fine-tunes, by the rows' owner
     for owner, flag, default in (("qat", "qat_config", QAT_CONFIG), ("qat-h8", "qat_h8_config", QAT_H8_CONFIG)):
-        config = Path(getattr(a, flag, None) or default).resolve()
         if owner not in owners:
             continue
+        config = Path(getattr(a, flag, None) or default).resolve()
         if getattr(a, "finetune_work", None):
             qat[owner] = {"error": "no quant-aware fine-tune (--finetune-work given)"}
         elif not config.is_file():
