@@ -192,11 +192,28 @@ def _dora(tmp_path) -> Path:
     return p
 
 
-def test_self_distillation_corpus_is_the_base_models_own_and_reproducible(tiny_llama, tmp_path):
+def test_self_distillation_corpus_is_the_base_models_own_reproducible_and_cached(tiny_llama, tmp_path, monkeypatch):
+    from safetensors.numpy import load_file
+
     opts = dict(max_steps=3, save_steps=3, batch_size=4, max_seq_len=96, lr=3e-3, limit=16, seed=0,
                 quant_aware="int4", quant_aware_distill=1.0)
-    runs = [json.loads((finetune(tiny_llama, CHAT, tmp_path / f"a{i}", options=FinetuneOptions(**opts)) / "edgetune.json")
-                       .read_text())["results"]["quant_aware"]["distill"] for i in range(2)]
-    d = runs[0]
+
+    def run(name, cache):
+        monkeypatch.setenv("EDGETUNE_CACHE", str(tmp_path / cache))
+        out = finetune(tiny_llama, CHAT, tmp_path / name, options=FinetuneOptions(**opts))
+        return json.loads((out / "edgetune.json").read_text())["results"]["quant_aware"]["distill"], load_file(out / "adapter_model.safetensors")
+
+    (d, first), (again, _) = run("a", "cache-a"), run("b", "cache-b")
     assert d["weight"] == 1.0 and d["samples"] == 48 and d["tokens"] > 48 * 64 and "llm-general.jsonl" in d["source"]
-    assert runs[1]["sha256"] == d["sha256"]  # seeded: the same corpus, so the same training signal
+    assert d["cache"] == again["cache"] == "written"
+    assert again["sha256"] == d["sha256"]  # seeded: written twice from scratch, the same corpus
+    [stored] = (tmp_path / "cache-a" / "qat-corpus").glob("*.json")
+    hit, adapter = run("c", "cache-a")  # read back: the same corpus and, since nothing else changed, the same adapter
+    assert hit["cache"] == "hit" and hit["sha256"] == d["sha256"]
+    assert adapter.keys() == first.keys() and all(np.array_equal(adapter[k], first[k]) for k in first)
+    stored.write_text('{"key": "%s", "seqs": [[1, -2]]}' % json.loads(stored.read_text())["key"])  # damaged: written anew
+    redone, _ = run("d", "cache-a")
+    assert redone["cache"] == "written" and redone["sha256"] == d["sha256"]
+    opts["seed"] = 1  # another seed is another corpus, not a stale hit
+    other, _ = run("e", "cache-a")
+    assert other["cache"] == "written" and other["sha256"] != d["sha256"]

@@ -268,7 +268,7 @@ def run_training(spec: dict[str, Any]) -> None:
             with console.step("quant-aware: self-distillation corpus from the float base"):
                 distiller = qat.Distiller(model, tok, weight=opts.quant_aware_distill, batch_size=opts.batch_size,
                                           seq_len=min(opts.max_seq_len, 128), seed=opts.seed,
-                                          samples=opts.quant_aware_distill_samples)
+                                          samples=opts.quant_aware_distill_samples, base_path=model_path)
         qat_info = qat.apply(model, qat_spec)
         if distiller is not None:
             qat_info["distill"] = distiller.info
