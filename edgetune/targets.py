@@ -71,7 +71,7 @@ class Precision(_Strict):
 
 
 class Int4(_Strict):
-    algorithm: Literal["rtn", "k_quant", "hqq", "gptq", "inc-rtn", "inc-gptq", "inc-awq", "inc-autoround"] = "rtn"
+    algorithm: Literal["rtn", "k_quant", "awq", "hqq", "gptq", "inc-rtn", "inc-gptq", "inc-awq", "inc-autoround"] = "rtn"
     block_size: Literal[16, 32, 64, 128, 256] = 32
     symmetric: bool = True
     # MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.

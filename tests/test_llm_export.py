@@ -186,7 +186,7 @@ def test_neural_compressor_algorithms(tiny_llama, ref_logits, calib_file, tmp_pa
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"precision": "int4", "calibration": "CALIB"}, "only used by the int4 algorithms gptq"),
+    ({"precision": "int4", "calibration": "CALIB"}, "only used by the int4 algorithms awq"),
     ({"precision": "int4", "int4": {"algorithm": "hqq", "symmetric": True}}, "asymmetric by construction"),
     ({"precision": "int8", "int4": {"algorithm": "gptq"}}, "int8 is made by the builder"),
     ({"precision": "int4", "int4": {"algorithm": "gptq"}, "calibration": "MISSING"}, "not found"),

@@ -15,8 +15,8 @@ from ..cli import common_options, force_option
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "int4", "gguf",
                                                  "int8-dynamic", "int8-static"]),
               help="Default: gguf for a GGUF input that is not fine-tuned (its own weights, exact), else the profile's.")
-@click.option("--int4-algorithm", type=click.Choice(["rtn", "k_quant", "hqq", "gptq", "inc-rtn", "inc-gptq", "inc-awq", "inc-autoround"]),
-              help="Override the profile's int4 algorithm: rtn/k_quant (builder), hqq/gptq (onnxruntime quantizer), "
+@click.option("--int4-algorithm", type=click.Choice(["rtn", "k_quant", "awq", "hqq", "gptq", "inc-rtn", "inc-gptq", "inc-awq", "inc-autoround"]),
+              help="Override the profile's int4 algorithm: rtn/k_quant (builder), awq (activation-aware scales + RTN), hqq/gptq (onnxruntime quantizer), "
                    "inc-rtn/inc-gptq (neural-compressor); inc-awq/inc-autoround are refused (see docs/llm.md).")
 @click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), help="Override the int4 block size.")
 @click.option("--int4-accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits accuracy_level (4 = int8 activations).")
@@ -28,7 +28,7 @@ from ..cli import common_options, force_option
               help="LoRA adapter folder baked into the graph as float side branches over the (quantized) base: "
                    "the trained delta is never rounded (plain LoRA only; DoRA: merge first).")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
-              help="Calibration texts (.jsonl/.csv/.tsv/.txt): encoder int8-static, decoder int4 gptq/inc-gptq.")
+              help="Calibration texts (.jsonl/.csv/.tsv/.txt): encoder int8-static, decoder int4 awq/gptq/inc-gptq.")
 @click.option("--task", help="Encoder task (sequence-classification, token-classification, feature-extraction).")
 @click.option("--recipe", type=click.Choice(["profile", "auto"]),
               help="Decoders: 'auto' searches the candidate recipes against the target's budgets and keeps the fastest that "

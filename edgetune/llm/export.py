@@ -17,8 +17,8 @@ from ..errors import BadInput, CheckFailed, require
 from ..targets import load_target
 from . import kernels
 from .mixed import base_name
-from .quantize import (BUILDER_ALGORITHMS, CALIBRATED, INC_ALGORITHMS, ORT_ALGORITHMS, UNAVAILABLE, ZERO_POINTS_ALWAYS,
-                       ZERO_POINTS_FOLDED, check_algorithm, embedding_block_size, encode_calibration, inc_checkpoint, inc_weight_parity,
+from .quantize import (AWQ_ALGORITHMS, BUILDER_ALGORITHMS, CALIBRATED, INC_ALGORITHMS, ORT_ALGORITHMS, UNAVAILABLE,
+                       ZERO_POINTS_ALWAYS, ZERO_POINTS_FOLDED, check_algorithm, embedding_block_size, encode_calibration, inc_checkpoint, inc_weight_parity,
                        load_calibration, quantize_embedding_in, quantize_lm_head_in, quantize_onnx)
 
 LM_HEAD_CHOICES = ("int4", "int8", "fp32")
@@ -249,8 +249,12 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
         raise BadInput(kernels.SLOW_ALGORITHMS[algorithm], hint="use rtn or k_quant (or pass --allow-slow-kernel to ship it anyway)")
     calibrated = precision == "int4" and (algorithm in CALIBRATED or measure)
     if calibration is not None and not calibrated:
-        raise BadInput("--calibration is only used by the int4 algorithms gptq and inc-gptq and by mixed precision",
-                       hint="drop --calibration or pass --precision int4 --int4-algorithm gptq (or inc-gptq)")
+        raise BadInput("--calibration is only used by the int4 algorithms awq, gptq and inc-gptq and by mixed precision",
+                       hint="drop --calibration or pass --precision int4 --int4-algorithm awq (or gptq, inc-gptq)")
+    if precision == "int4" and algorithm in AWQ_ALGORITHMS:
+        from .awq import check_supported
+
+        check_supported(model_dir)
     calib = load_calibration(calibration) if calibrated else None  # read (and fail) before any work
     trained_grid = _quant_aware_grid(model_dir, precision, q, mixed)
     extra: dict[str, str] = {}
@@ -307,6 +311,12 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
                 raise CheckFailed(f"the graph's int4 weights differ from neural-compressor's (max |diff| {parity['max_abs_diff']:.3g} "
                                   f"over {parity['compared']} MatMulNBits nodes)", hint="the builder misread the GPTQ-layout checkpoint")
         else:
+            if precision == "int4" and algorithm in AWQ_ALGORITHMS:  # scales folded into a checkpoint; the builder's RTN then
+                from .awq import scale_checkpoint
+
+                with console.step("awq: activation-aware scales on the calibration texts"), console.results_only_stdout():
+                    qinfo["awq"] = scale_checkpoint(src, cache / "awq", token_ids=token_ids, q=q)
+                src = cache / "awq"
             plan = None
             if mixed:
                 from .mixed import plan_mixed

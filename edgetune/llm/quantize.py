@@ -9,6 +9,8 @@
   leaves ``*.scale_bf16_to_fp8`` tensors the builder does not know, all-zero biases for layers
   that have none, and no ``g_idx``: they are dropped/added here. The export then proves that the
   graph's MatMulNBits weights dequantize to exactly neural-compressor's weights.
+* ``awq``: own activation-aware scales folded into the checkpoint (:mod:`edgetune.llm.awq`), then the
+  builder's RTN.
 * ``inc-awq``, ``inc-autoround``: refused (:data:`UNAVAILABLE` says why).
 
 Host only: torch, transformers and neural-compressor are imported inside the functions.
@@ -30,7 +32,8 @@ from ..resources import data_dir
 BUILDER_ALGORITHMS = ("rtn", "k_quant")  # algo_config values the 0.15.2 builder accepts
 ORT_ALGORITHMS = ("hqq", "gptq")  # MatMulNBitsQuantizer on the fp32 export
 INC_ALGORITHMS = ("inc-rtn", "inc-gptq")  # neural-compressor (torch) -> GPTQ layout -> builder
-CALIBRATED = ("gptq", "inc-gptq")
+AWQ_ALGORITHMS = ("awq",)  # own activation-aware scales folded into the checkpoint, then the builder's RTN (llm/awq.py)
+CALIBRATED = ("gptq", "inc-gptq", "awq")
 # Algorithms whose MatMulNBits nodes carry zero points even for symmetric weights (k_quant
 # stores them always, the builder's GPTQ-checkpoint path always writes qzeros).
 ZERO_POINTS_ALWAYS = ("k_quant", "inc-rtn", "inc-gptq")
@@ -50,7 +53,7 @@ UNAVAILABLE = {
         "use inc-gptq or inc-rtn (or hqq/gptq)",
     ),
 }
-ALL_ALGORITHMS = BUILDER_ALGORITHMS + ORT_ALGORITHMS + INC_ALGORITHMS + tuple(UNAVAILABLE)
+ALL_ALGORITHMS = BUILDER_ALGORITHMS + AWQ_ALGORITHMS + ORT_ALGORITHMS + INC_ALGORITHMS + tuple(UNAVAILABLE)
 
 PROJECT_CALIBRATION = data_dir("calibration")  # the checkout's, or <prefix>/share/edgetune/calibration
 DEFAULT_CALIBRATION = "llm-general.jsonl"

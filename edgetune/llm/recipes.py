@@ -33,11 +33,14 @@ from typing import Any
 from .. import artifacts, console
 from ..errors import BadInput, CheckFailed
 from ..targets import load_target
+from .quantize import CALIBRATED
 
 # Smallest/fastest first. int4 options override the profile's; "mixed" as in export_llm.
 CANDIDATES: tuple[dict[str, Any], ...] = (
     {"name": "rtn-head4", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int4"}},
+    {"name": "awq-head4", "precision": "int4", "int4": {"algorithm": "awq", "lm_head": "int4"}},
     {"name": "rtn-head8", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}},
+    {"name": "awq-head8", "precision": "int4", "int4": {"algorithm": "awq", "lm_head": "int8"}},
     {"name": "k_quant-head8", "precision": "int4", "int4": {"algorithm": "k_quant", "lm_head": "int8"}},
     {"name": "rtn-head8-mixed10", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.10}},
     {"name": "rtn-head8-mixed25", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.25}},
@@ -154,6 +157,8 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
                              "sensitivity": sens}
                 else:
                     kw["calibration"] = calib.path
+            if cand.get("precision", "int4") == "int4" and alg in CALIBRATED:
+                kw["calibration"] = calib.path
             if mixed:
                 kw["mixed"] = mixed
             folder = work / name

@@ -324,12 +324,18 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
         api("et-rtn", "edgetune int4 RTN b32, int4 head", R.int4_variant(lm_head="int4"))
         api("et-rtn-h8", "edgetune int4 RTN b32, int8 head", R.int4_variant(lm_head="int8"))
         api("et-rtn-h8-acc4", "edgetune int4 RTN b32, int8 head, accuracy_level 4", R.int4_variant(lm_head="int8", accuracy_level=4))
+        # activation-aware scales folded into the checkpoint, then RTN: same graph and kernels as the RTN rows
+        if quick:  # the full run makes et-awq with every other algorithm below
+            api("et-awq", "edgetune int4 AWQ b32, int4 head", R.int4_variant(algorithm="awq", lm_head="int4"))
+        api("et-awq-h8", "edgetune int4 AWQ b32, int8 head", R.int4_variant(algorithm="awq", lm_head="int8"))
+        api("et-awq-h8-acc4", "edgetune int4 AWQ b32, int8 head, accuracy_level 4",
+            R.int4_variant(algorithm="awq", lm_head="int8", accuracy_level=4))
         if not quick:
             for algo in R.variants({"quick": False, "full_grid": False, "slow_algorithms": slow_algorithms}):
                 a = (algo.get("int4") or {}).get("algorithm")
                 if algo["precision"] != "int4" or a in (None, "rtn") or algo["int4"] != R.int4_variant(algorithm=a)["int4"]:
                     continue
-                api(f"et-{a}", f"edgetune int4 {a} b32, int4 head", algo, calibrated=a in R.calibrated_algorithms())
+                api(f"et-{a}", f"edgetune int4 {a} b32, int4 head", algo, slow=a in R.SLOW_CALIBRATED)
         # recipes landing in parallel (CLI, so an edgetune without them is a 'missing' row)
         cli("et-gguf-fa", "edgetune gguf base + float LoRA adapter", ["--precision", "gguf", "--float-adapter", "{adapter}"], "{base_gguf}",
             [("precision", "gguf"), ("option", "--float-adapter")], "gguf + lora")
@@ -626,10 +632,10 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
             if spec["kind"] == "api":
                 v = spec["variant"]
                 row["recipe"] = {"precision": v["precision"], "int4": v.get("int4")}
-                if spec.get("calibrated") and not getattr(a, "slow_algorithms", False):
+                if spec.get("slow") and not getattr(a, "slow_algorithms", False):
                     _, folder = R.export_spec(v, model_dir, root, model_key=mkey)
                     if not (folder / "edgetune.json").is_file():
-                        row.update(status="skipped", error="calibrated algorithm (~10 min export on 2 cores): add --slow-algorithms once, cached afterwards")
+                        row.update(status="skipped", error="slow calibrated algorithm (~10 min export on 2 cores): add --slow-algorithms once, cached afterwards")
                         rows.append(row)
                         continue
                 info = api_export(v, model_dir, mkey, root, s, a.fresh)

@@ -191,6 +191,10 @@ def calibrated_algorithms() -> tuple[str, ...]:
         return ("gptq", "inc-gptq")
 
 
+# calibrated algorithms whose export takes ~10 min or more on 2 cores (a GPTQ pass); awq's search takes about a minute
+SLOW_CALIBRATED = ("gptq", "inc-gptq")
+
+
 _BUILT: set[str] = set()  # exported in this run (so --fresh rebuilds each variant once)
 
 
@@ -531,7 +535,7 @@ def run_llm(a: argparse.Namespace, s: dict, root: Path, notes: list[str]) -> dic
             continue  # refused for this algorithm already: one row says why
         if algo in asym_algos and v["int4"]["symmetric"]:
             v = int4_variant(**{**v["int4"], "symmetric": False})
-        if algo in calibrated_algorithms() and not s["slow_algorithms"] and not (export_spec(v, hf, root)[1] / "edgetune.json").is_file():
+        if algo in SLOW_CALIBRATED and not s["slow_algorithms"] and not (export_spec(v, hf, root)[1] / "edgetune.json").is_file():
             rows.append({"label": v["label"], "precision": "int4", "int4": v["int4"], "status": "skipped",
                          "error": "calibrated algorithm (GPTQ pass: ~10 min export on 2 cores); add --slow-algorithms once, cached afterwards"})
             log(f"{v['label']}: skipped (calibrated; --slow-algorithms)")
@@ -868,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-grid", action="store_true", help="every block size for every int4 algorithm (default: all block sizes for the target's algorithm, "
                     "the target's block size for the others)")
     ap.add_argument("--slow-algorithms", action="store_true",
-                    help="also export the calibrated int4 algorithms (gptq, inc-gptq: ~10 min each on 2 cores; cached afterwards)")
+                    help="also export the slow calibrated int4 algorithms (gptq, inc-gptq: ~10 min each on 2 cores; cached afterwards)")
     ap.add_argument("--eval-tokens", type=int, default=None, help="tokens scored for perplexity/KL (default 4096, quick 1024)")
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per speed run (default 128, quick 64)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per speed figure (default 3, quick 2)")
