@@ -60,8 +60,8 @@ def test_ort_dequant_is_the_qat_grid():
     from edgetune.llm.awq import ort_dequant
 
     w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(ort_dequant(w, bits=4, block_size=32, symmetric=True), fake_quant(w, 4, 32))
-    asym = ort_dequant(w, bits=4, block_size=32, symmetric=False)
+    assert torch.equal(ort_dequant(w, block_size=32, symmetric=True), fake_quant(w, 4, 32))
+    asym = ort_dequant(w, block_size=32, symmetric=False)
     assert float((asym - w).abs().max()) < float(w.abs().max()) / 15 and not torch.equal(asym, fake_quant(w, 4, 32))
 
 

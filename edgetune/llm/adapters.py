@@ -353,8 +353,8 @@ def export_with_adapters(model_dir: Path, out: Path, *, target, precision: str, 
                        hint="use --precision fp32, fp16 or int4")
     algorithm = int4_options(t, int4)["algorithm"] if precision in ("int4", "int8") else None
     if algorithm not in (None, *BUILDER_QUANT):
-        # awq rescales the inputs the LoRA reads; hqq/gptq re-quantize the fp32 graph without knowing the LoRA MatMuls; inc-* feed the builder a
-        # GPTQ-layout checkpoint that peft cannot wrap
+        # awq rescales the inputs the LoRA reads; hqq/gptq re-quantize the fp32 graph without knowing the
+        # LoRA MatMuls; inc-* feed the builder a GPTQ-layout checkpoint that peft cannot wrap
         raise BadInput(f"separate adapters work with the builder's own int4 algorithms ({', '.join(BUILDER_QUANT)}), not '{algorithm}'",
                        hint=f"use --int4-algorithm rtn or k_quant, or {_MERGE_HINT}")
     specs = [read_lora(a) for a in adapters]

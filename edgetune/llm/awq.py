@@ -59,29 +59,22 @@ def check_supported(model_dir: Path) -> None:
                        hint=f"use it with {', '.join(SUPPORTED)}, or --int4-algorithm rtn/gptq/hqq")
 
 
-def ort_dequant(w, *, bits: int, block_size: int, symmetric: bool):
-    """``w`` [N, K] (torch) rounded onto onnxruntime's MatMulNBits RTN grid and dequantized, same shape."""
+def ort_dequant(w, *, block_size: int, symmetric: bool):
+    """``w`` [N, K] (torch) rounded onto onnxruntime's MatMulNBits int4 RTN grid and dequantized, same shape."""
     import numpy as np
     import torch
-    from onnxruntime.quantization.matmul_nbits_quantizer import quantize_matmul_4bits, quantize_matmul_8bits
+    from onnxruntime.quantization.matmul_nbits_quantizer import quantize_matmul_4bits
 
     n, k = w.shape
     kb = (k + block_size - 1) // block_size
     w_kn = np.ascontiguousarray(w.detach().float().numpy().T)
     scales = np.zeros((n * kb,), dtype=np.float32)
-    if bits == 4:
-        packed = np.zeros((n, kb, block_size // 2), dtype=np.uint8)
-        zp = np.zeros((n * ((kb + 1) // 2),), np.uint8)
-        quantize_matmul_4bits(packed, w_kn, scales, zp, block_size, n, k, symmetric)
-        q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(n, kb, block_size).astype(np.float32)
-        zero = (np.full((n, kb), 8.0, np.float32) if symmetric
-                else np.stack([zp & 0x0F, zp >> 4], -1).reshape(n, -1)[:, :kb].astype(np.float32))
-    else:
-        packed = np.zeros((n, kb, block_size), dtype=np.uint8)
-        zp = np.zeros((n * kb,), np.uint8)
-        quantize_matmul_8bits(packed, w_kn, scales, zp, block_size, n, k, symmetric)
-        q = packed.astype(np.float32)
-        zero = np.full((n, kb), 128.0, np.float32) if symmetric else zp.reshape(n, kb).astype(np.float32)
+    packed = np.zeros((n, kb, block_size // 2), dtype=np.uint8)
+    zp = np.zeros((n * ((kb + 1) // 2),), np.uint8)
+    quantize_matmul_4bits(packed, w_kn, scales, zp, block_size, n, k, symmetric)
+    q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(n, kb, block_size).astype(np.float32)
+    zero = (np.full((n, kb), 8.0, np.float32) if symmetric
+            else np.stack([zp & 0x0F, zp >> 4], -1).reshape(n, -1)[:, :kb].astype(np.float32))
     deq = ((q - zero[..., None]) * scales.reshape(n, kb, 1)).reshape(n, kb * block_size)[:, :k]
     return torch.from_numpy(np.ascontiguousarray(deq))
 
@@ -119,7 +112,7 @@ def _search(x_mean, rows, weights, q: dict[str, Any], tie=None):
         if tie is not None:
             s = tie(s)
         s = s / torch.sqrt(s.max() * s.min())
-        wq = ort_dequant(w * s, bits=4, block_size=q["block_size"], symmetric=q["symmetric"]) / s
+        wq = ort_dequant(w * s, block_size=q["block_size"], symmetric=q["symmetric"]) / s
         err = float(((rows @ wq.T - ref) ** 2).mean())
         if best is None or err < best[1]:
             best = (a, err, s)

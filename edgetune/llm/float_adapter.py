@@ -137,8 +137,8 @@ def export_with_float_adapter(model_dir: Path, out: Path, *, target, precision: 
     precision = precision or t.precision.llm
     algorithm = int4_options(t, int4)["algorithm"] if precision in ("int4", "int8") else None
     if algorithm not in (None, *BUILDER_QUANT):
-        # awq rescales the inputs the LoRA reads; hqq/gptq re-quantize the builder's fp32 graph on their own (gptq ignores exclusions); inc-* feed
-        # the builder a GPTQ-layout checkpoint that peft cannot wrap
+        # awq rescales the inputs the LoRA reads; hqq/gptq re-quantize the builder's fp32 graph on their own
+        # (gptq ignores exclusions); inc-* feed the builder a GPTQ-layout checkpoint that peft cannot wrap
         raise BadInput(f"a float adapter works over the builder's own int4 algorithms ({', '.join(BUILDER_QUANT)}), not '{algorithm}'",
                        hint=f"use --int4-algorithm rtn or k_quant, or {_MERGE_HINT}")
     spec = read_lora(adapter)
