@@ -36,8 +36,14 @@ PEERS_VENV      ?= .venv-peers
 PEERS_PYTHON    ?= python3.11
 LLAMA_CPP_VER   ?= 0.3.36
 SENTENCEPIECE_VER ?= 0.2.2
-PEERS_CMAKE_ARGS ?= -DGGML_NATIVE=ON
-PEERS_STAMP      = $(PEERS_VENV)/.peers-llama-cpp-python-$(LLAMA_CPP_VER)
+# AMX: ggml's AMX matmul (compiled in by -march=native on a CPU with amx_int8) segfaults on every
+# batched prompt here (llama.cpp #20824; seen on a 2-core Xeon VM: eval of > 1 token crashes, decode
+# of 1 token works), so on such a CPU its AMX kernels are compiled out (explicit -mno-amx-* win over
+# -march=native in gcc). Its AVX-512 VNNI and repacked kernels, what decode uses, stay.
+PEERS_AMX       := $(shell grep -qw amx_int8 /proc/cpuinfo 2>/dev/null && echo noamx)
+PEERS_NO_AMX     = '-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
+PEERS_CMAKE_ARGS ?= -DGGML_NATIVE=ON $(if $(PEERS_AMX),-DCMAKE_C_FLAGS=$(PEERS_NO_AMX) -DCMAKE_CXX_FLAGS=$(PEERS_NO_AMX))
+PEERS_STAMP      = $(PEERS_VENV)/.peers-llama-cpp-python-$(LLAMA_CPP_VER)$(if $(PEERS_AMX),-$(PEERS_AMX))
 PEERS_SRC        = $(PEERS_VENV)/src/llama_cpp_python-$(LLAMA_CPP_VER)
 BENCH_ARGS      ?=
 
@@ -94,7 +100,7 @@ $(PEERS_STAMP):
 	tar xzf $(PEERS_VENV)/src/llama_cpp_python-$(LLAMA_CPP_VER).tar.gz -C $(PEERS_VENV)/src
 	date -u +%s > $(PEERS_VENV)/build-start
 	CMAKE_ARGS="$(PEERS_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-	    $(PEERS_VENV)/bin/python -m pip install --no-cache-dir \
+	    $(PEERS_VENV)/bin/python -m pip install --no-cache-dir --force-reinstall \
 	    $(PEERS_VENV)/src/llama_cpp_python-$(LLAMA_CPP_VER).tar.gz
 	echo $$(( $$(date -u +%s) - $$(cat $(PEERS_VENV)/build-start) )) > $(PEERS_VENV)/build-seconds
 	$(PEERS_VENV)/bin/python -m pip install -q --no-deps --target $(PEERS_VENV)/convert-site \

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -167,7 +168,11 @@ def worker(peer: Peer, job_kind: str, eng: str, model: str | Path, *args: str, t
     cmd = [py, str(WORKER), job_kind, eng, str(model), *args]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
     if p.returncode != 0:
-        raise RuntimeError(f"{job_kind} worker exit {p.returncode}: {tail(p.stderr)}")
+        why = tail(p.stderr)
+        if eng == "llama" and p.returncode == -signal.SIGSEGV:
+            why += ("; llama.cpp crashed: a peer built with ggml's AMX kernels does on batched prompts (llama.cpp #20824): "
+                    "rebuild it with `make peers` (it compiles AMX out on such a CPU)")
+        raise RuntimeError(f"{job_kind} worker exit {p.returncode}: {why}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
