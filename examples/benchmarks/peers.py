@@ -331,15 +331,21 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
         api("et-rtn-h8-acc4", "edgetune int4 RTN b32, int8 head, accuracy_level 4", R.int4_variant(lm_head="int8", accuracy_level=4))
         # activation-aware scales folded into the checkpoint, then RTN: same graph and kernels as the RTN rows
         if quick:  # the full run makes et-awq with every other algorithm below
-            api("et-awq", "edgetune int4 AWQ b32, int4 head", R.int4_variant(algorithm="awq", lm_head="int4"))
+            api("et-awq", "edgetune int4 awq b32, int4 head", R.int4_variant(algorithm="awq", lm_head="int4"))
         api("et-awq-h8", "edgetune int4 AWQ b32, int8 head", R.int4_variant(algorithm="awq", lm_head="int8"))
         api("et-awq-h8-acc4", "edgetune int4 AWQ b32, int8 head, accuracy_level 4",
             R.int4_variant(algorithm="awq", lm_head="int8", accuracy_level=4))
         if not quick:
+            try:  # asymmetric by construction (hqq): its row is the asymmetric export, a symmetric one is refused
+                from edgetune.llm.quantize import ZERO_POINTS_FOLDED as asymmetric
+            except ImportError:
+                asymmetric = ("hqq",)
             for algo in R.variants({"quick": False, "full_grid": False, "slow_algorithms": slow_algorithms}):
                 a = (algo.get("int4") or {}).get("algorithm")
                 if algo["precision"] != "int4" or a in (None, "rtn") or algo["int4"] != R.int4_variant(algorithm=a)["int4"]:
                     continue
+                if a in asymmetric:
+                    algo = R.int4_variant(algorithm=a, symmetric=False)
                 api(f"et-{a}", f"edgetune int4 {a} b32, int4 head", algo, slow=a in R.SLOW_CALIBRATED)
         # recipes landing in parallel (CLI, so an edgetune without them is a 'missing' row)
         cli("et-gguf-fa", "edgetune gguf base + float LoRA adapter", ["--precision", "gguf", "--float-adapter", "{adapter}"], "{base_gguf}",
