@@ -39,7 +39,7 @@ SENTENCEPIECE_VER ?= 0.2.2
 # AMX: ggml's AMX matmul (compiled in by -march=native on a CPU with amx_int8) segfaults on every
 # batched prompt here (llama.cpp #20824; seen on a 2-core Xeon VM: eval of > 1 token crashes, decode
 # of 1 token works), so on such a CPU its AMX kernels are compiled out (explicit -mno-amx-* win over
-# -march=native in gcc). Its AVX-512 VNNI and repacked kernels, what decode uses, stay.
+# -march=native in gcc). Its AVX-512 VNNI and repacked (CPU_REPACK) kernels stay.
 PEERS_AMX       := $(shell grep -qw amx_int8 /proc/cpuinfo 2>/dev/null && echo noamx)
 PEERS_NO_AMX     = '-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
 PEERS_CMAKE_ARGS ?= -DGGML_NATIVE=ON $(if $(PEERS_AMX),-DCMAKE_C_FLAGS=$(PEERS_NO_AMX) -DCMAKE_CXX_FLAGS=$(PEERS_NO_AMX))
