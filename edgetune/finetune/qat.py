@@ -250,8 +250,8 @@ class Distiller:
                 width = max(len(c) for c in chunk)
                 ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk])
                 mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
-                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=_CorpusCache.SAMPLING["top_k"], max_new_tokens=seq_len - width,
-                                     pad_token_id=pad, eos_token_id=None)
+                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=_CorpusCache.SAMPLING["top_k"],
+                                     max_new_tokens=seq_len - width, pad_token_id=pad, eos_token_id=None)
                 for row, m in zip(out, mask):
                     seqs.append(row[int((m == 0).sum()):].tolist())
             corpus_cache = "off" if cache is None else "hit" if cached is not None else cache.write(seqs)
@@ -280,7 +280,6 @@ class Distiller:
         t = self.teacher[idx].to(device).float()
         kl = (t.exp() * (t - logp)).sum(-1)
         return (kl * mask).sum() / mask.sum()
-
 
 
 class _CorpusCache:
