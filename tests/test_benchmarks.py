@@ -223,3 +223,23 @@ def test_parallel_recipes_are_missing_rows_until_the_cli_has_them(bench):
     assert "--recipe" in peers.check_available(rows["et-auto"], old, set())
     assert all(peers.check_available(rows[i], new, set()) is None for i in ("et-gguf-fa", "et-rtn-fa", "et-auto"))
     assert {"et-fp32", "et-rtn", "et-rtn-h8"} <= set(rows)  # the quick subset keeps fp32 and both RTN heads
+
+
+def test_full_peer_rows_cover_every_int4_algorithm_as_exportable(bench):
+    """A full run has one row per int4 algorithm of the schema, each asking for what the exporter accepts
+    (hqq asymmetric: a symmetric hqq is refused), and the quick run keeps the AWQ rows."""
+    from typing import get_args
+
+    from edgetune.llm.quantize import ZERO_POINTS_FOLDED
+    from edgetune.targets import Int4
+
+    _, _, peers = bench
+    full = {r["id"]: r for r in peers.edgetune_rows("finetune", {"quick": False}, False)}
+    for a in get_args(Int4.model_fields["algorithm"].annotation):
+        if a == "rtn":
+            continue
+        q = full[f"et-{a}"]["variant"]["int4"]
+        assert q["algorithm"] == a and q["symmetric"] == (a not in ZERO_POINTS_FOLDED), a
+    assert full["et-gptq"].get("slow") and not full["et-awq"].get("slow")
+    quick = {r["id"] for r in peers.edgetune_rows("finetune", {"quick": True}, False)}
+    assert {"et-awq", "et-awq-h8", "et-awq-h8-acc4"} <= quick
