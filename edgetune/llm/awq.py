@@ -119,7 +119,7 @@ def _search(x_mean, rows, weights, q: dict[str, Any], tie=None):
         if i == 0:
             rtn_err = err
     a, err, s = best
-    return s, {"alpha": a, "err_rtn": rtn_err, "err_awq": err}
+    return s, {"alpha": a, "err_rtn": rtn_err, "err_awq": err, "rows": int(rows.shape[0])}
 
 
 def scale_checkpoint(src: Path, out: Path, *, token_ids: list[list[int]], q: dict[str, Any]) -> dict[str, Any]:
@@ -195,7 +195,7 @@ def scale_checkpoint(src: Path, out: Path, *, token_ids: list[list[int]], q: dic
     rtn = sum(r["err_rtn"] for r in table)
     awq = sum(r["err_awq"] for r in table)
     return {"method": "awq (own: scales folded into the checkpoint, then the builder's RTN)", "grid": GRID,
-            "rows_per_group": int(stats[(0, "attn-in")].result()[1].shape[0]), "groups": len(table),
+            "rows_per_group": max(r["rows"] for r in table), "groups": len(table),
             "scaled_groups": sum(r["alpha"] > 0 for r in table),
             "output_error_vs_rtn": round(awq / rtn, 4) if rtn else None,
             "float_logit_check": {"max_abs_diff": diff, "max_abs_logit": scale},

@@ -332,8 +332,8 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
         # activation-aware scales folded into the checkpoint, then RTN: same graph and kernels as the RTN rows
         if quick:  # the full run makes et-awq with every other algorithm below
             api("et-awq", "edgetune int4 awq b32, int4 head", R.int4_variant(algorithm="awq", lm_head="int4"))
-        api("et-awq-h8", "edgetune int4 AWQ b32, int8 head", R.int4_variant(algorithm="awq", lm_head="int8"))
-        api("et-awq-h8-acc4", "edgetune int4 AWQ b32, int8 head, accuracy_level 4",
+        api("et-awq-h8", "edgetune int4 awq b32, int8 head", R.int4_variant(algorithm="awq", lm_head="int8"))
+        api("et-awq-h8-acc4", "edgetune int4 awq b32, int8 head, accuracy_level 4",
             R.int4_variant(algorithm="awq", lm_head="int8", accuracy_level=4))
         if not quick:
             try:  # asymmetric by construction (hqq): its row is the asymmetric export, a symmetric one is refused
