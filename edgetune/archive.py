@@ -7,7 +7,10 @@ the same bytes, on any machine, at any time.
 
 Extraction refuses (BadInput, nothing written outside the target folder) absolute paths,
 ``..`` components, symlinks and hard links (a bundle never needs them), device files and
-FIFOs, members larger than ``max_member`` and archives larger than ``max_total`` in all.
+FIFOs, members larger than ``max_member`` and archives larger than ``max_total`` in all, and,
+for a bundle, any member not listed in its manifest or whose size is not the manifest's (an
+archive that expands 1000x is refused before one byte is written). A destination without room
+for the unpacked size, or a disk that fills while writing, is NoSpace (exit 5), not "corrupted".
 Members are written into a temporary sibling folder that is renamed into place only when
 every member was accepted, so a refused archive leaves nothing behind.
 """
@@ -60,6 +63,9 @@ def pack(folder: str | os.PathLike, archive: str | os.PathLike, *, prefix: str |
     prefix = prefix if prefix is not None else root.name
     archive = Path(archive)
     archive.parent.mkdir(parents=True, exist_ok=True)
+    from .cleanup import sweep_siblings
+
+    sweep_siblings(archive)  # a partial archive of a killed run (dead pid) is removed
     tmp = archive.with_name(f".{archive.name}.tmp-{os.getpid()}")
     mtime = _mtime()
     try:
@@ -92,8 +98,13 @@ def pack(folder: str | os.PathLike, archive: str | os.PathLike, *, prefix: str |
                     raise BadInput(f"{p}: only regular files and folders can be archived (found a link or special file)",
                                    hint="replace it with a copy of the file")
         os.replace(tmp, archive)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if _disk_full(exc):
+            from .artifacts import _tree_bytes
+            from .errors import no_space
+
+            raise no_space(archive, needed_bytes=_tree_bytes(root), cause=exc) from exc  # at most the folder's size
         raise
     return archive
 
@@ -146,7 +157,9 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike, *, max_member: 
             total += m.size
             if total > max_total:
                 raise BadInput(f"{archive}: unpacked size over the {max_total}-byte limit", hint="the archive is unsafe or not a bundle")
-        with atomic_dir(dest) as tmp:
+        _check_against_manifest(tar, members, archive)
+        _check_free_space(dest, total)
+        with atomic_dir(dest, inputs=(archive,), needed_bytes=total) as tmp:
             root = tmp.resolve()
             for m in members:
                 target = (tmp / m.name).resolve()
@@ -170,11 +183,80 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike, *, max_member: 
                 except FileExistsError as exc:
                     raise BadInput(f"{archive}: duplicate member '{m.name}'", hint="the archive is not a valid bundle") from exc
                 except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
-                    if isinstance(exc, BadInput):
-                        raise
+                    if isinstance(exc, BadInput) or _disk_full(exc):
+                        raise  # a full disk is exit 5 (atomic_dir), not a corrupted archive
                     raise BadInput(f"{archive}: corrupted or truncated member '{m.name}' ({exc})", hint="copy the archive again") from exc
                 os.chmod(target, 0o755 if m.mode & 0o111 else 0o644)
     return dest
+
+
+MAX_MANIFEST = 64 << 20
+
+
+def _disk_full(exc: BaseException) -> bool:
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _check_free_space(dest: Path, total: int) -> None:
+    """NoSpace (exit 5) before writing anything when the unpacked size does not fit where it goes."""
+    import shutil
+
+    from .errors import no_space
+
+    probe = dest.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return
+    if total > free:
+        raise no_space(dest, needed_bytes=total)
+
+
+def _check_against_manifest(tar: tarfile.TarFile, members: list[tarfile.TarInfo], archive: Path) -> None:
+    """A bundle archive's members must have the sizes its manifest lists, checked before anything is written.
+
+    Without a readable manifest nothing is checked here (verify then reports the bundle as corrupted).
+    """
+    import json
+
+    from .signing import MAX_SIGNATURE_BYTES, SIGNATURE
+
+    cands = [m for m in members if m.isfile() and PurePosixPath(m.name).name == "manifest.json" and len(PurePosixPath(m.name).parts) <= 2]
+    if len(cands) != 1 or cands[0].size > MAX_MANIFEST:
+        return
+    man = cands[0]
+    try:
+        f = tar.extractfile(man)
+        data = json.loads(f.read()) if f is not None else None
+    except (ValueError, RecursionError, tarfile.TarError, OSError, EOFError, zlib_error()):
+        return
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, list):
+        return
+    sizes = {str(e.get("path")): e.get("size") for e in files if isinstance(e, dict)}
+    prefix = PurePosixPath(man.name).parent
+    for m in members:
+        if not m.isfile() or m is man:
+            continue
+        parts = PurePosixPath(m.name).parts
+        # a bundle packed under a prefix (edgetune's own archives), or with its manifest at the root
+        rel = "/".join(parts[len(prefix.parts):]) if parts[: len(prefix.parts)] == prefix.parts else None
+        listed = sizes.get(rel) if rel is not None else None
+        if listed is None and rel == SIGNATURE:  # signed after the manifest, so never listed in it
+            if m.size > MAX_SIGNATURE_BYTES:
+                raise BadInput(f"{archive}: member '{m.name}' is {m.size} bytes, over the {MAX_SIGNATURE_BYTES}-byte limit "
+                               "of a bundle signature", hint="the archive was modified; rebuild the bundle or copy it again")
+            continue
+        if listed is None:
+            raise BadInput(f"{archive}: member '{m.name}' ({m.size} bytes) is not listed in the bundle's manifest",
+                           hint="the archive was modified; rebuild the bundle or copy it again")
+        if m.size != listed:
+            raise BadInput(f"{archive}: member '{m.name}' is {m.size} bytes, the manifest says {listed}",
+                           hint="the archive was modified or is not this bundle's; rebuild it or copy it again")
 
 
 def zlib_error() -> type[BaseException]:

@@ -25,7 +25,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from . import __version__
 
@@ -38,7 +38,7 @@ _hash_cache: dict[tuple[str, int, int], str] = {}
 # metadata, never by importing them (importing torch on a device is not allowed).
 TRACKED_PACKAGES = (
     "onnxruntime", "onnxruntime-genai", "onnx", "numpy", "tokenizers", "torch", "transformers",
-    "peft", "optimum", "optimum-onnx", "neural-compressor", "bitsandbytes", "accelerate",
+    "peft", "neural-compressor", "bitsandbytes", "accelerate",
     "onnx-ir", "onnxscript", "gguf", "deepspeed",
 )
 
@@ -199,14 +199,38 @@ def is_edgetune_output(folder: str | os.PathLike) -> bool:
     return (p / "build-summary.json").is_file() or (p / ".work" / "state").is_dir()
 
 
-def check_replaceable(out: str | os.PathLike, *, what: str = "output folder") -> None:
-    """Refuse (exit 2) to replace ``out`` unless it is absent, empty, or an edgetune artifact.
+def _input_paths(inputs: Iterable[Any]) -> list[Path]:
+    """The inputs that are paths on disk (aliases, options and None are skipped)."""
+    return [Path(v) for v in inputs if isinstance(v, (str, os.PathLike)) and str(v) and Path(v).exists()]
 
-    Never deleting what edgetune did not write: ``-o ~/Documents`` must not wipe the folder.
-    ``--force`` (``replace_foreign``) overrides for folders; a file is never replaced.
+
+def check_not_input(out: str | os.PathLike, inputs: Iterable[Any], *, what: str = "output folder") -> None:
+    """Refuse (exit 2, even with ``--force``) an output that is, or contains, one of the command's inputs.
+
+    Replacing ``out`` deletes it: ``bundle w/x -o w --force`` would delete ``w/x`` and every
+    file beside it. Compared by real path, so symlinks and ``..`` do not slip through.
     """
     from .errors import BadInput
 
+    real_out = Path(os.path.realpath(out))
+    for src in _input_paths(inputs):
+        real_in = Path(os.path.realpath(src))
+        if real_in == real_out or real_out in real_in.parents:
+            rel = "is" if real_in == real_out else "contains"
+            raise BadInput(f"{what} {out} {rel} the input {src}; replacing it would delete the input",
+                           hint="give an output folder outside the input (e.g. a new sibling folder)")
+
+
+def check_replaceable(out: str | os.PathLike, *, what: str = "output folder", inputs: Iterable[Any] = ()) -> None:
+    """Refuse (exit 2) to replace ``out`` unless it is absent, empty, or an edgetune artifact.
+
+    Never deleting what edgetune did not write: ``-o ~/Documents`` must not wipe the folder.
+    ``--force`` (``replace_foreign``) overrides for folders; a file is never replaced. An output
+    that is or contains one of ``inputs`` is refused whatever ``--force`` says (``check_not_input``).
+    """
+    from .errors import BadInput
+
+    check_not_input(out, inputs, what=what)
     p = Path(out)
     if not p.exists() and not p.is_symlink():
         return
@@ -301,6 +325,46 @@ def output_lock(out: str | os.PathLike, *, what: str = "output folder") -> Itera
 
 
 _HELD: dict[str, int] = {}
+LOCK_MIN_AGE_S = 600  # a lock file not touched for this long and not held is stale
+
+
+def sweep_locks(folder: str | os.PathLike | None = None, *, min_age_s: float = LOCK_MIN_AGE_S) -> list[Path]:
+    """Remove lock files (``*.lock`` + ``*.lock.json``) under the lock folder that nobody holds and nobody
+    touched for ``min_age_s``. Each is unlinked while this process holds its lock (filelock re-checks the
+    inode after locking, so a waiter on the old inode retries on a new file)."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder or lock_dir())
+    removed = []
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.endswith(".lock") and e.is_file(follow_symlinks=False)]
+    except OSError:
+        return removed
+    now = time.time()
+    for e in entries:
+        p = Path(e.path)
+        info = p.with_name(p.name + ".json")
+        try:
+            if now - max(p.stat().st_mtime, info.stat().st_mtime if info.exists() else 0) < min_age_s:
+                continue
+        except OSError:
+            continue
+        if _HELD:  # this process holds an output lock: never touch lock files while it does
+            break
+        lock = FileLock(str(p), timeout=0)
+        try:
+            lock.acquire()
+        except (Timeout, OSError):
+            continue  # held by a live process (or not ours to lock)
+        try:
+            info.unlink(missing_ok=True)
+            p.unlink(missing_ok=True)
+            removed.append(p)
+        except OSError:
+            pass
+        finally:
+            lock.release()
+    return removed
 
 
 def _read_holder(info_path: Path) -> str:
@@ -323,19 +387,22 @@ def _tree_bytes(root: Path) -> int:
 
 
 @contextmanager
-def atomic_dir(out: str | os.PathLike, *, needed_bytes: int | None = None) -> Iterator[Path]:
+def atomic_dir(out: str | os.PathLike, *, needed_bytes: int | None = None, inputs: Iterable[Any] = ()) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; on success it replaces ``out`` atomically.
 
     ``out`` is locked for the whole write (``output_lock``) and must be replaceable
-    (``check_replaceable``). On any exception the temporary folder is removed and ``out`` is left
-    untouched; a full disk becomes :class:`edgetune.errors.NoSpace` (exit 5) naming the device and
+    (``check_replaceable``; an ``out`` that is or contains one of ``inputs`` never is). On any
+    exception the temporary folder is removed and ``out`` is left untouched; a full disk becomes :class:`edgetune.errors.NoSpace` (exit 5) naming the device and
     roughly how much was needed (what had been written when it ran out, or ``needed_bytes``).
     """
     from .errors import no_space
 
     out = Path(out)
     with output_lock(out):
-        check_replaceable(out)
+        check_replaceable(out, inputs=inputs)
+        from .cleanup import sweep_siblings
+
+        sweep_siblings(out)  # what a killed writer of this output left (its pid is dead; we hold the lock)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -435,7 +502,7 @@ def stage_output(
     # (an fp32 export or a merge is about its input; quantized outputs are smaller)
     estimate = sum(_tree_bytes(Path(v)) if Path(v).is_dir() else Path(v).stat().st_size
                    for v in inputs.values() if isinstance(v, (str, os.PathLike)) and Path(v).exists())
-    with atomic_dir(out, needed_bytes=estimate or None) as tmp:
+    with atomic_dir(out, needed_bytes=estimate or None, inputs=inputs.values()) as tmp:
         run = StageRun(stage=stage, out=out, dir=tmp, record=record)
         yield run
         record["timings"] = {"total_s": round(time.perf_counter() - t0, 3), **record.get("timings", {})}

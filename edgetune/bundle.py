@@ -13,9 +13,11 @@ with ``archive=True``, a reproducible ``<out>.tar.gz`` next to it. The manifest 
 timestamps, host names or absolute paths, so the same inputs give byte-identical bundles.
 
 ``verify`` checks a bundle folder or archive against its manifest (missing, extra, changed,
-truncated files, a tampered manifest). It imports only the standard library and is safe on
-the device. The manifest's SHA-256 fields detect corruption and accidental edits; they are
-not a signature: an attacker who can rewrite the files can rewrite the manifest too.
+truncated files, a tampered manifest). It imports only the standard library (and, for a
+signed bundle or a ``key``, ``cryptography`` through edgetune.signing) and is safe on the device. The manifest's SHA-256 fields detect corruption and accidental edits; they are
+not a signature: an attacker who can rewrite the files can rewrite the manifest too. For that,
+``make_bundle(..., sign=KEY)`` adds ``signature.json`` and ``verify(..., key=PUB)`` checks it
+(edgetune.signing).
 """
 
 from __future__ import annotations
@@ -24,17 +26,18 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .artifacts import RECORD_NAME, atomic_dir, output_lock, read_record
+from .cleanup import temp_dir
 from .errors import BadInput
 
 FORMAT = "edgetune-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SIGNATURE = "signature.json"  # edgetune.signing.SIGNATURE: written after the manifest, never listed in it
 # What never ships in a bundle: stage records (timestamps, host paths) and training pickles.
 _SKIP_NAMES = {RECORD_NAME, "training_args.bin"}
 _CHUNK = 1 << 20
@@ -158,19 +161,31 @@ def _figures(report: dict[str, Any] | None, model_results: dict[str, Any]) -> di
 
 
 def make_bundle(model: str | os.PathLike, out: str | os.PathLike, *, target, report: str | os.PathLike | None = None,
-                archive: bool = False, name: str | None = None) -> dict[str, Any]:
+                archive: bool = False, name: str | None = None, sign=None, build_config_sha256: str | None = None) -> dict[str, Any]:
     """Bundle the export ``model`` (with the validation ``report`` folder) into ``out``; returns the manifest.
 
     ``target`` is a profile name or path (resolved and written as ``target.toml``). With
     ``archive=True`` also writes ``<out>.tar.gz`` (reproducible). Writes are atomic, and the
-    export must have been made for ``target`` (its record says so; otherwise exit 2).
+    export must have been made for ``target`` (its record says so; otherwise exit 2). ``sign``
+    (a private key or its PEM file, checked before any work) adds ``signature.json``
+    binding the manifest, the target, ``build_config_sha256`` and the validation verdict.
     """
     from .targets import load_target
+
+    signer = None
+    if sign is not None:
+        from .signing import as_private_key
+
+        signer = as_private_key(sign)
 
     model = Path(model)
     if not model.exists():
         raise BadInput(f"model not found: {model}", hint="give an export folder (edgetune export ...)")
     kind, folder = _model_folder(model)
+    if kind == "decoder":
+        from .chat_template import check_folder
+
+        check_folder(folder)  # never ship a chat template that fails in the sandbox (exit 2 naming its error)
     t = load_target(target)
     rec = read_record(folder) or {}
     results = rec.get("results") or {}
@@ -189,16 +204,21 @@ def make_bundle(model: str | os.PathLike, out: str | os.PathLike, *, target, rep
         report_data = json.loads((report_dir / "report.json").read_text())
     out = Path(out)
     with output_lock(out, what="bundle folder"):  # the folder and its archive, as one write
-        return _write_bundle(out, folder, kind, t, rec, results, report_dir, report_data, archive, name)
+        return _write_bundle(out, folder, kind, t, rec, results, report_dir, report_data, archive, name,
+                             (signer, build_config_sha256))
 
 
 def _write_bundle(out: Path, folder: Path, kind: str, t, rec: dict, results: dict, report_dir: Path | None,
-                  report_data: dict | None, archive: bool, name: str | None) -> dict[str, Any]:
+                  report_data: dict | None, archive: bool, name: str | None, sign=(None, None)) -> dict[str, Any]:
     import tomli_w
 
     from .archive import pack
 
-    with atomic_dir(out) as tmp:
+    from .artifacts import _tree_bytes
+
+    # a full disk names what the bundle needs (the model folder and the report), not what was written when it ran out
+    needed = _tree_bytes(folder) + (_tree_bytes(report_dir) if report_dir is not None else 0)
+    with atomic_dir(out, inputs=(folder, report_dir), needed_bytes=needed) as tmp:
         _copy_tree(folder, tmp / "model")
         profile = t.model_dump(mode="json", exclude={"source"}, exclude_none=True)
         (tmp / "target.toml").write_text(f"# resolved target profile '{t.name}' (edgetune {__version__})\n" + tomli_w.dumps(profile))
@@ -233,6 +253,10 @@ def _write_bundle(out: Path, folder: Path, kind: str, t, rec: dict, results: dic
         manifest = {k: v for k, v in manifest.items() if v is not None}
         manifest["manifest_sha256"] = _self_hash(manifest)
         (tmp / MANIFEST).write_bytes(_canonical_bytes(manifest))
+        if sign[0] is not None:  # after the manifest, so signature.json is never in its file list
+            from .signing import sign_folder
+
+            sign_folder(tmp, sign[0], manifest_name=MANIFEST, build_config_sha256=sign[1])
     if archive:
         pack(out, archive_path(out))
     return manifest
@@ -259,7 +283,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return data
 
 
-def _verify_folder(folder: Path) -> dict[str, Any]:
+def _verify_folder(folder: Path, key=None) -> dict[str, Any]:
     problems: list[dict[str, str]] = []
     try:
         manifest = read_manifest(folder)
@@ -268,7 +292,7 @@ def _verify_folder(folder: Path) -> dict[str, Any]:
             raise
         # a damaged manifest is a damaged bundle: report it like any other file
         return {"manifest": {}, "problems": [{"path": MANIFEST, "problem": "corrupted", "detail": exc.message}],
-                "files_checked": 0, "files_listed": 0}
+                "files_checked": 0, "files_listed": 0, "signature": None}
     raw = (folder / MANIFEST).read_bytes()
     if manifest.get("manifest_sha256") != _self_hash(manifest) or raw != _canonical_bytes(manifest):
         problems.append({"path": MANIFEST, "problem": "changed", "detail": "manifest does not match its own checksum"})
@@ -280,13 +304,20 @@ def _verify_folder(folder: Path) -> dict[str, Any]:
             problems.append({"path": rel, "problem": "unsafe", "detail": "manifest lists a path outside the bundle"})
             continue
         listed[rel] = f
+    from .manifest_paths import problems as named_path_problems
+
+    problems.extend(named_path_problems(folder, manifest, set(listed)))
     present = {}
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
+        for dn in dirnames:  # os.walk does not descend into folder symlinks: report them, never skip them
+            if Path(dirpath, dn).is_symlink():
+                problems.append({"path": Path(dirpath, dn).relative_to(folder).as_posix(), "problem": "unsafe",
+                                 "detail": f"a symbolic link to a folder ({os.readlink(Path(dirpath, dn))}); bundles hold regular files only"})
         for fn in sorted(filenames):
             p = Path(dirpath) / fn
             rel = p.relative_to(folder).as_posix()
-            if rel != MANIFEST:
+            if rel not in (MANIFEST, SIGNATURE):
                 present[rel] = p
     checked = 0
     for rel, f in sorted(listed.items()):
@@ -307,26 +338,39 @@ def _verify_folder(folder: Path) -> dict[str, Any]:
         checked += 1
     for rel in sorted(set(present) - set(listed)):
         problems.append({"path": rel, "problem": "extra", "detail": "in the bundle, not in the manifest"})
-    return {"manifest": manifest, "problems": problems, "files_checked": checked, "files_listed": len(listed)}
+    signature = None
+    if key is not None or (folder / SIGNATURE).exists() or (folder / SIGNATURE).is_symlink():
+        from .signing import check
+
+        signature, sig_problems = check(folder, raw, manifest, key)
+        problems = sig_problems + problems  # the signature's verdict first: it is what --key asks
+    return {"manifest": manifest, "problems": problems, "files_checked": checked, "files_listed": len(listed),
+            "signature": signature}
 
 
-def verify(path: str | os.PathLike) -> dict[str, Any]:
+def verify(path: str | os.PathLike, key=None) -> dict[str, Any]:
     """Check a bundle folder or ``.tar.gz`` against its manifest; returns ``{ok, problems, ...}``.
 
     Never raises for a mismatch (the caller decides); raises BadInput when ``path`` is not a
-    bundle at all or the archive is unsafe or unreadable.
+    bundle at all or the archive is unsafe or unreadable. ``key`` (a trusted public key or its
+    PEM file, read first): the bundle must be signed with it (else a ``signature.json`` problem);
+    without it a signature present is checked against the key it names and reported.
     """
     from .archive import extract, is_archive, single_root
 
+    if key is not None:
+        from .signing import as_public_key
+
+        key = as_public_key(key)  # a bad key file fails before an archive is unpacked
     p = Path(path)
     if not p.exists():
         raise BadInput(f"bundle not found: {p}", hint="give a bundle folder or its .tar.gz")
     if is_archive(p):
-        with tempfile.TemporaryDirectory(prefix="edgetune-verify-") as td:
+        with temp_dir("verify") as td:
             root = single_root(extract(p, Path(td) / "x"))
-            res = _verify_folder(root)
+            res = _verify_folder(root, key)
     elif p.is_dir():
-        res = _verify_folder(p)
+        res = _verify_folder(p, key)
     else:
         raise BadInput(f"{p} is neither a bundle folder nor a .tar.gz archive", hint="give a bundle folder or its .tar.gz")
     m = res.pop("manifest")
@@ -334,11 +378,23 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
             "target": (m.get("target") or {}).get("name"), "precision": m.get("precision"), **res}
 
 
-def verify_or_raise(path: str | os.PathLike) -> dict[str, Any]:
-    res = verify(path)
+def verify_or_raise(path: str | os.PathLike, key=None) -> dict[str, Any]:
+    res = verify(path, key)
     if not res["ok"]:
-        raise BadInput(problem_line(res), hint="the bundle is corrupted or was modified; rebuild it or copy it again")
+        raise failure(res)
     return res
+
+
+def failure(res: dict[str, Any]) -> BadInput:
+    """The one-line error for a failed verification: a signature problem (the --key verdict) is
+    named on its own with its fix; otherwise every problem, counted."""
+    probs = res["problems"]
+    sig = [p for p in probs if p["path"] == SIGNATURE]
+    if sig and len(probs) == 1:
+        from .signing import hint, message
+
+        return BadInput(message(res["bundle"], sig[0]), hint=hint(sig[0]))
+    return BadInput(problem_line(res), hint="the bundle is corrupted or was modified; rebuild it or copy it again")
 
 
 def problem_line(res: dict[str, Any], limit: int = 5) -> str:
@@ -348,4 +404,4 @@ def problem_line(res: dict[str, Any], limit: int = 5) -> str:
     return f"bundle {res['bundle']} failed verification, {len(probs)} problem(s): {shown}{more}"
 
 
-__all__ = ["make_bundle", "verify", "verify_or_raise", "provenance", "read_manifest", "archive_path", "FORMAT_VERSION"]
+__all__ = ["make_bundle", "verify", "verify_or_raise", "failure", "provenance", "read_manifest", "archive_path", "FORMAT_VERSION"]

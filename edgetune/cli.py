@@ -44,6 +44,7 @@ COMMANDS: dict[str, str] = {
     "profile": "edgetune.commands.profile:profile",
     "bundle": "edgetune.commands.bundle:bundle",
     "verify": "edgetune.commands.bundle:verify",
+    "keygen": "edgetune.commands.bundle:keygen",
     "run": "edgetune.commands.run:run",
     "build": "edgetune.commands.build:build",
 }
@@ -135,11 +136,20 @@ def _fail(argv: list[str], code: int, message: str, hint: str | None = None, lin
     sys.exit(code)
 
 
+_INTERRUPTED = "{}; the output being written was discarded and its temp files removed, re-run to resume"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: turn errors into one line and their exit code, no traceback (see the module doc)."""
     args = list(sys.argv[1:] if argv is None else argv)
     console.MODE.json = False
     console._STATE["emitted"] = 0
+    from .cleanup import Terminated, install_signal_handlers, sweep_stale
+
+    install_signal_handlers()  # SIGTERM unwinds like Ctrl-C: the temp files of the interrupted write are removed
+    from .artifacts import sweep_locks
+
+    sweep_stale(sweep_locks)  # temp folders and lock files that killed edgetune processes left
     try:
         cli.main(args=args, prog_name="edgetune", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -148,10 +158,14 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         _json_error(args, exc.exit_code, exc.format_message(), "see --help")
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:  # click turns Ctrl-C into Abort
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            _fail(args, 130, _INTERRUPTED.format("interrupted (SIGINT)"))
         _fail(args, 130, "aborted")
     except KeyboardInterrupt:
-        _fail(args, 130, "interrupted; outputs being written were discarded, re-run to resume")
+        _fail(args, 130, _INTERRUPTED.format("interrupted (SIGINT)"))
+    except Terminated:
+        _fail(args, Terminated.exit_code, _INTERRUPTED.format("terminated (SIGTERM)"))
     except Exception as exc:
         user = translate(exc)
         if user is not None:

@@ -166,7 +166,9 @@ def load_dataset(path: str | os.PathLike, *, fmt: str | None = None, limit: int 
     """Read and check every record; raise BadInput for a missing/empty file or a bad line."""
     p = Path(path)
     if not p.is_file():
-        raise BadInput(f"data file not found: {p}", hint="check the path")
+        from .errors import not_a_file
+
+        raise not_a_file(p, "data file")
     if p.stat().st_size == 0:
         raise BadInput(f"data file is empty: {p}", hint="give a file with at least one record")
     suffix = p.suffix.lower()
@@ -187,6 +189,10 @@ def load_dataset(path: str | os.PathLike, *, fmt: str | None = None, limit: int 
     for n, rec in it:
         if fmt is None:
             fmt = detect_format(rec)
+            if fmt is None and {"question", "context"} <= set(rec):
+                raise _bad(p, n, "extractive question answering (SQuAD-style question/context/answers) is not a fine-tuning "
+                                 "format of edgetune yet", "write each record as chat messages (context and question from the "
+                                 "user, the answer from the assistant) and fine-tune a decoder")
             if fmt is None:
                 raise _bad(p, n, f"cannot tell the record format from fields {sorted(rec)}", f"use fields of one of: {', '.join(FORMATS)}")
         records.append(_check(p, n, rec, fmt))

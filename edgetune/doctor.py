@@ -84,6 +84,7 @@ COMMAND_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
     "profile": ((), ""),
     "bundle": ((), ""),
     "verify": ((), ""),
+    "keygen": ((), ""),
     "run": ((), ""),
 }
 
@@ -133,8 +134,11 @@ def report() -> dict[str, Any]:
             {
                 "name": t.name,
                 "execution_provider": ep,
-                # a bundle for this target can run here (its provider is present, the arch matches)
+                # a bundle for this target can run here (its provider is present, the arch matches); LLM
+                # bundles also need onnxruntime-genai to import, encoder bundles only onnxruntime
                 "runs_here": runs,
+                "encoder_runs_here": runs and bool(ort_health.get("available", True)),
+                "llm_runs_here": runs and bool(genai.get("available")),
                 "validate_here": not reasons,
                 "accuracy_here": True,  # accuracy of any graph can be checked on the CPU EP
                 "why_not": "; ".join(reasons) or None,
@@ -184,6 +188,12 @@ def human(r: dict[str, Any]) -> str:
 def _commands_human(r: dict[str, Any]) -> list[str]:
     runnable = [t["name"] for t in r["targets"] if t.get("runs_here")]
     lines = ["bundles this machine can run: " + (", ".join(runnable) or "none (no target's execution provider is present)")]
+    genai = r.get("onnxruntime_genai") or {}
+    if runnable and not genai.get("available", True):
+        # an LLM bundle needs onnxruntime-genai: never list it as runnable when that cannot be imported
+        why = "cannot be imported" if genai.get("installed") else "is not installed"
+        lines[0] = ("bundles this machine can run: encoder bundles only, for " + ", ".join(runnable)
+                    + f"; LLM bundles: none (onnxruntime-genai {why})")
     missing = [c for c in r.get("commands", []) if not c["available"]]
     if not missing:
         return lines + ["commands: all available (host extra installed)"]

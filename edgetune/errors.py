@@ -61,6 +61,24 @@ class MissingDependency(EdgetuneError):
     exit_code = MISSING_DEPENDENCY
 
 
+def not_a_file(path, what: str, *, hint: str = "check the path") -> BadInput:
+    """BadInput for a ``what`` input that is not a regular file: "not found" only when nothing is there,
+    else what is there instead (a FIFO, a folder, a device, a socket)."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return BadInput(f"{what} not found: {path}", hint=hint)
+    except OSError as exc:
+        return BadInput(f"{what} cannot be read: {path} ({exc.strerror})", hint=hint)
+    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+    return BadInput(f"{what} {path} is not a regular file (it is {kind})",
+                    hint="give a regular file (write a stream to a file first)")
+
+
 def require(module: str, *, extra: str = "host", purpose: str = ""):
     """Import an optional module or raise MissingDependency with the install command."""
     import importlib
@@ -183,6 +201,9 @@ def translate(exc: BaseException) -> EdgetuneError | None:
         isinstance(exc, ValueError) and "not found in the base model" in str(exc) and "Target modules" in str(exc))
     if peft_no_match:
         return BadInput(f"peft: {str(exc).splitlines()[0]}", hint="give --target-modules names of the model's linear layers, or all-linear")
+    if any(c.__module__.startswith("jinja2") for c in type(exc).__mro__):  # a chat template rendered by transformers
+        return BadInput(f"the model's chat template fails in the Jinja sandbox ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
+                        hint="fix or remove the model's chat template (chat_template.jinja / tokenizer_config.json)")
     kind = _library_kind(exc)
     if kind:
         return BadInput(f"{kind} file truncated or corrupt ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",

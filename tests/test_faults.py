@@ -137,6 +137,42 @@ def test_export_never_deletes_a_folder_edgetune_did_not_write(tmp_path, tiny_lla
     assert (mine / "notes.txt").read_text() == "my thesis"
 
 
+def test_bundle_into_the_parent_of_its_input_deletes_nothing_even_with_force(tmp_path, quiet_export):
+    """`bundle w/x -o w --force` once deleted the whole folder w/ (the input among it) and exited 0."""
+    export, r = quiet_export
+    assert r.returncode == 0, r.stderr
+    w = tmp_path / "w"
+    shutil.copytree(export, w / "x")
+    (w / "thesis.txt").write_text("mine")
+    before = sorted(p.relative_to(w).as_posix() for p in w.rglob("*"))
+    for out, extra in ((w, ["--force"]), (w / "x", ["--force"]), (w / "x" / "..", []), (tmp_path, ["--force"])):
+        r = cli("bundle", str(w / "x"), "-t", "cpu-x86", "-o", str(out), *extra, "--json")
+        assert r.returncode == BAD_INPUT, (out, r.stdout, r.stderr[-800:])
+        err = one_json(r.stdout)
+        assert "would delete the input" in err["error"] and "outside the input" in err["hint"], err
+    assert sorted(p.relative_to(w).as_posix() for p in w.rglob("*")) == before
+    assert (w / "thesis.txt").read_text() == "mine"
+
+
+def test_no_stage_replaces_a_folder_that_holds_its_input(tmp_path):
+    """The refusal lives in the shared output code (atomic_dir / stage_output), not in one command."""
+    data = tmp_path / "w" / "data.jsonl"
+    data.parent.mkdir()
+    data.write_text("{}\n")
+    for inputs in ({"data": data}, {"data": data.parent}):
+        with artifacts.replace_foreign(), pytest.raises(BadInput, match="would delete the input"):
+            with artifacts.stage_output(data.parent, "demo", inputs=inputs, options={}):
+                pass
+    with artifacts.replace_foreign(), pytest.raises(BadInput, match="contains the input"):
+        with artifacts.atomic_dir(tmp_path, inputs=(str(data),)):
+            pass
+    assert data.read_text() == "{}\n"
+    # an input beside the output, or an alias that is not a path, is no reason to refuse
+    with artifacts.stage_output(tmp_path / "out", "demo", inputs={"data": data, "model": "smollm2"}, options={}) as run:
+        (run.dir / "a").write_text("1")
+    assert (tmp_path / "out" / "a").is_file()
+
+
 def test_stage_output_replaces_only_edgetune_folders(tmp_path):
     out = tmp_path / "out"
     with artifacts.stage_output(out, "demo", inputs={}, options={}) as run:
