@@ -1,4 +1,4 @@
-"""`export`: one entry point for decoders (onnxruntime-genai) and encoders (optimum)."""
+"""`export`: one entry point for decoders (onnxruntime-genai) and encoders (torch.onnx)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ def export(model, out, *, target, precision=None, **options) -> Path:
     info = inspect(folder)
     if info.kind == "decoder":
         from .llm.export import export_llm
+        from .llm.proof import check_runtime_shapes
+
+        check_runtime_shapes(info.config, str(folder))
 
         options.pop("task", None)
         recipe = options.pop("recipe", None)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .cleanup import temp_dir
 from .device.session import create_session
 from .targets import load_target
 from .validate import model_kind
@@ -103,7 +103,7 @@ def profile(model, *, target, top: int = 15, repeats: int = 3, prompt_tokens: in
     kind, folder = model_kind(Path(model))
     cfg = json.loads((folder / "genai_config.json").read_text()) if kind == "decoder" else None
     onnx_file = folder / (cfg["model"]["decoder"]["filename"] if cfg else "model.onnx")
-    with tempfile.TemporaryDirectory(prefix="edgetune-profile-") as tmp:
+    with temp_dir("profile") as tmp:
         sess = create_session(onnx_file, t, profile_prefix=str(Path(tmp) / "ort"))
         if kind == "decoder":
             _decoder_runs(sess, cfg, prompt_tokens, decode_steps, repeats)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from . import quant
 from .errors import BadInput
 from .resources import data_dir
 
@@ -66,20 +67,20 @@ class Runtime(_Strict):
 
 class Precision(_Strict):
     # gguf: the model's own GGUF blocks transcoded exactly (needs a GGUF source; edgetune.llm.gguf_export)
-    llm: Literal["fp32", "fp16", "bf16", "int8", "int4", "gguf"] = "int4"
-    encoder: Literal["fp32", "fp16", "int8-dynamic", "int8-static"] = "int8-dynamic"
+    llm: Literal[quant.LLM_PRECISIONS] = "int4"  # the choices live in edgetune.quant
+    encoder: Literal[quant.ENCODER_PRECISIONS] = "int8-dynamic"
 
 
 class Int4(_Strict):
-    algorithm: Literal["rtn", "k_quant", "awq", "hqq", "gptq", "inc-rtn", "inc-gptq", "inc-awq", "inc-autoround"] = "rtn"
-    block_size: Literal[16, 32, 64, 128, 256] = 32
+    algorithm: Literal[tuple(quant.INT4_ALGORITHMS)] = "rtn"
+    block_size: Literal[quant.BLOCK_SIZES] = 32
     symmetric: bool = True
     # MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.
-    accuracy_level: Literal[0, 1, 2, 3, 4] = 0
+    accuracy_level: Literal[quant.ACCURACY_LEVELS] = 0
     # The output head (lm_head MatMul), the most quantization-sensitive matrix: int4 like the
     # blocks, int8 (MatMulNBits bits=8, llama.cpp's Q8_0 output head) or fp32 (plain MatMul).
     # Not int4 untie a tied embedding (the embedding stays int4 GatherBlockQuantized).
-    lm_head: Literal["int4", "int8", "fp32"] = "int4"
+    lm_head: Literal[quant.LM_HEADS] = "int4"
 
 
 class Int8(_Strict):
@@ -212,7 +213,9 @@ def _find(name_or_path: str | os.PathLike, *, relative_to: Path | None = None) -
         if not p.is_absolute() and relative_to is not None:
             p = relative_to / p
         if not p.is_file():
-            raise BadInput(f"target profile file not found: {p}", hint="check the path")
+            from .errors import not_a_file
+
+            raise not_a_file(p, "target profile file")
         return p
     profiles = available()
     if text not in profiles:

@@ -230,7 +230,7 @@ def test_full_peer_rows_cover_every_int4_algorithm_as_exportable(bench):
     (hqq asymmetric: a symmetric hqq is refused), and the quick run keeps the AWQ rows."""
     from typing import get_args
 
-    from edgetune.llm.quantize import ZERO_POINTS_FOLDED
+    from edgetune.quant import INT4_ALGORITHMS
     from edgetune.targets import Int4
 
     _, _, peers = bench
@@ -239,7 +239,7 @@ def test_full_peer_rows_cover_every_int4_algorithm_as_exportable(bench):
         if a == "rtn":
             continue
         q = full[f"et-{a}"]["variant"]["int4"]
-        assert q["algorithm"] == a and q["symmetric"] == (a not in ZERO_POINTS_FOLDED), a
+        assert q["algorithm"] == a and q["symmetric"] == (not INT4_ALGORITHMS[a].asymmetric_only), a
     assert full["et-gptq"].get("slow") and not full["et-awq"].get("slow")
     quick = {r["id"] for r in peers.edgetune_rows("finetune", {"quick": True}, False)}
     assert {"et-awq", "et-awq-h8", "et-awq-h8-acc4"} <= quick

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import artifacts, console
+from .. import artifacts, console, quant
 from ..cli import common_options, force_option
 
 
@@ -12,16 +12,15 @@ from ..cli import common_options, force_option
 @click.argument("model")
 @click.option("--target", "-t", required=True, help="Target profile name or .toml path.")
 @click.option("--out", "-o", required=True, type=click.Path(), help="Output folder.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "int4", "gguf",
-                                                 "int8-dynamic", "int8-static"]),
+@click.option("--precision", type=click.Choice(quant.EXPORT_PRECISIONS),
               help="Default: gguf for a GGUF input that is not fine-tuned (its own weights, exact), else the profile's.")
-@click.option("--int4-algorithm", type=click.Choice(["rtn", "k_quant", "awq", "hqq", "gptq", "inc-rtn", "inc-gptq", "inc-awq", "inc-autoround"]),
+@click.option("--int4-algorithm", type=click.Choice(tuple(quant.INT4_ALGORITHMS)),
               help="Override the profile's int4 algorithm: rtn/k_quant (builder), awq (activation-aware scales + RTN), hqq/gptq (onnxruntime quantizer), "
                    "inc-rtn/inc-gptq (neural-compressor); inc-awq/inc-autoround are refused (see docs/llm.md).")
-@click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), help="Override the int4 block size.")
-@click.option("--int4-accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits accuracy_level (4 = int8 activations).")
+@click.option("--int4-block-size", type=click.Choice([str(b) for b in quant.BLOCK_SIZES]), help="Override the int4 block size.")
+@click.option("--int4-accuracy-level", type=click.IntRange(min(quant.ACCURACY_LEVELS), max(quant.ACCURACY_LEVELS)), help="MatMulNBits accuracy_level (4 = int8 activations).")
 @click.option("--int4-symmetric/--int4-asymmetric", default=None, help="Symmetric (int4) or asymmetric (uint4 + zero points).")
-@click.option("--int4-lm-head", type=click.Choice(["int4", "int8", "fp32"]),
+@click.option("--int4-lm-head", type=click.Choice(quant.LM_HEADS),
               help="Output head (lm_head) of an int4 export: int4, int8 (MatMulNBits bits=8) or fp32.")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(exists=True), help="LoRA adapter folder kept separate (repeatable): written as <name>.onnx_adapter, chosen at run time.")
 @click.option("--float-adapter", type=click.Path(exists=True, file_okay=False),
@@ -48,7 +47,8 @@ def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_
     """Export MODEL (alias, GGUF or HF folder) to ONNX for target T."""
     from ..export import export as run_export
 
-    artifacts.check_replaceable(out)  # before the model is converted or loaded
+    # before the model is converted or loaded; an output that holds an input is never replaced
+    artifacts.check_replaceable(out, inputs=(model, float_adapter, calibration, eval_data, *adapters))
 
     int4 = {"algorithm": int4_algorithm, "block_size": int(int4_block_size) if int4_block_size else None,
             "accuracy_level": int4_accuracy_level, "symmetric": int4_symmetric,

@@ -26,11 +26,11 @@ def _human(r: dict) -> str:
 @click.command()
 @click.argument("model", type=click.Path())
 @click.option("--target", "-t", required=True, help="Target profile (providers and session options).")
-@click.option("--top", default=15, show_default=True, help="Rows in the top-N tables.")
-@click.option("--repeats", default=3, show_default=True, help="Profiled runs.")
-@click.option("--prompt-tokens", default=64, show_default=True, help="Decoder prefill length.")
-@click.option("--decode-steps", default=8, show_default=True, help="Decoder single-token steps after the prefill.")
-@click.option("--sequence-length", default=128, show_default=True, help="Encoder input length.")
+@click.option("--top", default=15, type=click.IntRange(1), show_default=True, help="Rows in the top-N tables.")
+@click.option("--repeats", default=3, type=click.IntRange(1), show_default=True, help="Profiled runs.")
+@click.option("--prompt-tokens", default=64, type=click.IntRange(1), show_default=True, help="Decoder prefill length.")
+@click.option("--decode-steps", default=8, type=click.IntRange(0), show_default=True, help="Decoder single-token steps after the prefill.")
+@click.option("--sequence-length", default=128, type=click.IntRange(1), show_default=True, help="Encoder input length.")
 @click.option("--trace", type=click.Path(), help="Also save onnxruntime's raw profile JSON (chrome://tracing) here.")
 @common_options
 def profile(model, target, top, repeats, prompt_tokens, decode_steps, sequence_length, trace):

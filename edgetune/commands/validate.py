@@ -7,6 +7,7 @@ import click
 from .. import console
 from ..cli import common_options, force_option
 from ..errors import CheckFailed
+from ..validate import MINIMUM
 
 
 def _human(r: dict) -> str:
@@ -53,19 +54,19 @@ def _human(r: dict) -> str:
 @click.option("--data", "-d", type=click.Path(), help="Evaluation data: text/JSONL for LLMs, labelled examples for encoders.")
 @click.option("--prompts", type=click.Path(), help="Prompts for greedy generation agreement (.txt lines or JSONL prompt/messages).")
 @click.option("--out", "-o", type=click.Path(), help="Report folder (default: <model>.validation next to the model).")
-@click.option("--max-tokens", type=int, help="New tokens per prompt and in the latency run [32].")
-@click.option("--prompt-tokens", type=int, help="Prompt length of the latency run [128].")
-@click.option("--eval-tokens", type=int, help="Tokens of the data scored for perplexity [2048].")
-@click.option("--window", type=int, help="Perplexity window / context in tokens [512, capped at the model's context].")
-@click.option("--stride", type=int, help="Sliding-window stride [window/2].")
+@click.option("--max-tokens", type=click.IntRange(MINIMUM["max_tokens"]), help="New tokens per prompt and in the latency run [32].")
+@click.option("--prompt-tokens", type=click.IntRange(MINIMUM["prompt_tokens"]), help="Prompt length of the latency run [128].")
+@click.option("--eval-tokens", type=click.IntRange(MINIMUM["eval_tokens"]), help="Tokens of the data scored for perplexity [2048].")
+@click.option("--window", type=click.IntRange(MINIMUM["window"]), help="Perplexity window / context in tokens [512, capped at the model's context].")
+@click.option("--stride", type=click.IntRange(MINIMUM["stride"]), help="Sliding-window stride [window/2].")
 @click.option("--method", type=click.Choice(["sliding", "chunked"]), help="Perplexity windows: sliding, or chunked like llama.cpp's llama-perplexity.")
-@click.option("--topk", type=int, help="Reference top-k kept for KL [64].")
-@click.option("--repeats", type=int, help="Timed repetitions [5].")
-@click.option("--warmup", type=int, help="Untimed warm-up runs [1].")
-@click.option("--batch", type=int, help="Encoder batch size in the latency run [1].")
+@click.option("--topk", type=click.IntRange(MINIMUM["topk"]), help="Reference top-k kept for KL [64].")
+@click.option("--repeats", type=click.IntRange(MINIMUM["repeats"]), help="Timed repetitions [5].")
+@click.option("--warmup", type=click.IntRange(MINIMUM["warmup"]), help="Untimed warm-up runs [1].")
+@click.option("--batch", type=click.IntRange(MINIMUM["batch"]), help="Encoder batch size in the latency run [1].")
 @click.option("--no-latency", is_flag=True, help="Skip the latency/memory run.")
-@click.option("--task-examples", type=int, help="Use only the first N examples with gold answers [all].")
-@click.option("--failing-examples", type=int, help="Failing task examples listed in the report [5].")
+@click.option("--task-examples", type=click.IntRange(MINIMUM["task_examples"]), help="Use only the first N examples with gold answers [all].")
+@click.option("--failing-examples", type=click.IntRange(MINIMUM["failing_examples"]), help="Failing task examples listed in the report [5].")
 @click.option("--cross-build", "cross", is_flag=True,
               help="When the target's execution provider is absent: validate accuracy on the CPU provider (same graph), latency not measured.")
 @force_option

@@ -26,41 +26,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import BadInput
-
-SCHEMES = ("int4",)
-LM_HEADS = ("int4", "int8", "fp32")
-
-
-@dataclass(frozen=True)
-class QATSpec:
-    bits: int = 4
-    block_size: int = 32
-    lm_head: str = "int4"  # int4 | int8 | fp32 (the export's --int4-lm-head)
-    symmetric: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def describe(self) -> str:
-        return f"int{self.bits} symmetric RTN, block {self.block_size}, lm_head {self.lm_head}"
-
-    def matches_export(self, q: dict[str, Any]) -> list[str]:
-        """Differences between this grid and an export's int4 options (``[quantization.int4]``)."""
-        diffs = []
-        if q.get("algorithm", "rtn") != "rtn":
-            diffs.append(f"algorithm {q.get('algorithm')} (trained for rtn)")
-        if int(q.get("block_size", 32)) != self.block_size:
-            diffs.append(f"block_size {q.get('block_size')} (trained for {self.block_size})")
-        if bool(q.get("symmetric", True)) != self.symmetric:
-            diffs.append("asymmetric (trained for symmetric)")
-        if q.get("lm_head", "int4") != self.lm_head:
-            diffs.append(f"lm_head {q.get('lm_head', 'int4')} (trained for {self.lm_head})")
-        return diffs
-
+from ..quant import LM_HEADS, QAT_SCHEMES, QATSpec, embedding_block_size
 
 def spec_from_options(opts) -> QATSpec | None:
     """The QAT grid of FinetuneOptions (None without --quant-aware); raises BadInput on a bad choice."""
@@ -68,8 +37,8 @@ def spec_from_options(opts) -> QATSpec | None:
         if opts.quant_aware_distill:
             raise BadInput("--quant-aware-distill needs --quant-aware", hint="add --quant-aware int4, or drop --quant-aware-distill")
         return None
-    if opts.quant_aware not in SCHEMES:
-        raise BadInput(f"unknown --quant-aware scheme '{opts.quant_aware}'", hint=f"use {', '.join(SCHEMES)} (the export's int4 RTN grid)")
+    if opts.quant_aware not in QAT_SCHEMES:
+        raise BadInput(f"unknown --quant-aware scheme '{opts.quant_aware}'", hint=f"use {', '.join(QAT_SCHEMES)} (the export's int4 RTN grid)")
     if opts.method != "lora":
         raise BadInput(f"--quant-aware needs --method lora (got {opts.method})",
                        hint="QLoRA/DoRA/LoHa/LoKr/IA3 do not act through one merged weight the int4 export rounds")
@@ -177,7 +146,6 @@ def _round_frozen(base, spec: QATSpec) -> list[str]:
     """
     import torch
 
-    from ..llm.quantize import embedding_block_size
 
     head = base.get_output_embeddings()
     embed = base.get_input_embeddings()

@@ -26,11 +26,11 @@ PREPACKED = "prepacked"
 SLOW_8BIT_LEVEL = "8-bit below accuracy_level 4: B dequantized every call"
 SLOW_FLOAT_ZP = "float zero points: no prepacking, B dequantized every call"
 SLOW_G_IDX = "g_idx (act-order): no prepacking, B dequantized every call"
-# int4 algorithms whose graph would miss the prepacked CPU kernels (refused on CPU targets unless the
-# caller allows slow kernels). Empty today: HQQ's float zero points (onnxruntime's
-# HQQWeightOnlyQuantConfig) are folded into the exact symmetric + block-sum form
-# (edgetune.llm.blockform.convert_float_zero_points), and every graph is still checked node by node.
-SLOW_ALGORITHMS: dict[str, str] = {}
+# An int4 algorithm whose graph would miss the prepacked CPU kernels says so in its table entry
+# (edgetune.quant.Int4Algorithm.slow_kernel; refused on CPU targets unless the caller allows slow
+# kernels). None does today: HQQ's float zero points (onnxruntime's HQQWeightOnlyQuantConfig) are
+# folded into the exact symmetric + block-sum form (edgetune.llm.blockform.convert_float_zero_points),
+# and every graph is still checked node by node.
 # 8-bit MatMulNBits on the CPU wants accuracy_level 4 (see the module docstring).
 CPU_8BIT_ACCURACY_LEVEL = 4
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, require
+from ..quant import algorithms
 
 _NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMul")
 _PARTS = {
@@ -211,7 +212,7 @@ def widths(folder: Path) -> dict[str, int]:
     return out
 
 
-MIXED_ALGORITHMS = ("rtn", "k_quant")  # the builder's own int4 paths (nodes_to_exclude is honoured)
+MIXED_ALGORITHMS = algorithms(mixed=True)  # the builder's own int4 paths (nodes_to_exclude is honoured)
 
 
 def check_mixed_request(mixed: dict | None, *, precision: str, algorithm: str | None) -> bool:
@@ -224,8 +225,8 @@ def check_mixed_request(mixed: dict | None, *, precision: str, algorithm: str | 
     if precision != "int4":
         raise BadInput(f"mixed precision applies to int4 exports, not {precision}", hint="use --precision int4")
     if algorithm not in MIXED_ALGORITHMS:
-        raise BadInput(f"mixed precision works with the builder's int4 algorithms (rtn, k_quant), not '{algorithm}'",
-                       hint="use --int4-algorithm rtn or k_quant")
+        raise BadInput(f"mixed precision works with the builder's int4 algorithms ({', '.join(MIXED_ALGORITHMS)}), not '{algorithm}'",
+                       hint=f"use --int4-algorithm {' or '.join(MIXED_ALGORITHMS)}")
     if "layers" in mixed:
         bad = [n for n in mixed["layers"] if n == HEAD or _modules_of(n) is None]
         if bad:

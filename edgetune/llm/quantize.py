@@ -11,7 +11,7 @@
   graph's MatMulNBits weights dequantize to exactly neural-compressor's weights.
 * ``awq``: own activation-aware scales folded into the checkpoint (:mod:`edgetune.llm.awq`), then the
   builder's RTN.
-* ``inc-awq``, ``inc-autoround``: refused (:data:`UNAVAILABLE` says why).
+* ``inc-awq``, ``inc-autoround``: refused (their entries in :mod:`edgetune.quant` say why).
 
 Host only: torch, transformers and neural-compressor are imported inside the functions.
 """
@@ -27,46 +27,13 @@ from typing import Any
 
 from .. import console
 from ..errors import BadInput, CheckFailed, require
+from ..quant import embedding_block_size
 from ..resources import data_dir
-
-BUILDER_ALGORITHMS = ("rtn", "k_quant")  # algo_config values the 0.15.2 builder accepts
-ORT_ALGORITHMS = ("hqq", "gptq")  # MatMulNBitsQuantizer on the fp32 export
-INC_ALGORITHMS = ("inc-rtn", "inc-gptq")  # neural-compressor (torch) -> GPTQ layout -> builder
-AWQ_ALGORITHMS = ("awq",)  # own activation-aware scales folded into the checkpoint, then the builder's RTN (llm/awq.py)
-CALIBRATED = ("gptq", "inc-gptq", "awq")
-# Algorithms whose MatMulNBits nodes carry zero points even for symmetric weights (k_quant
-# stores them always, the builder's GPTQ-checkpoint path always writes qzeros).
-ZERO_POINTS_ALWAYS = ("k_quant", "inc-rtn", "inc-gptq")
-# Asymmetric by construction but stored without zero points: HQQ's float zero points are folded
-# into an exact block-sum correction (blockform.convert_float_zero_points).
-ZERO_POINTS_FOLDED = ("hqq",)
-UNAVAILABLE = {
-    "inc-awq": (
-        "int4 algorithm 'inc-awq' cannot work with the pinned versions: neural-compressor 3.10's AWQ finds the "
-        "layers to absorb its scales into with a torch.jit trace that fails on transformers 4.57 models, so it "
-        "leaves MulLinear input scales that neither the builder nor onnxruntime-genai can load",
-        "use inc-gptq or inc-rtn (or hqq/gptq)",
-    ),
-    "inc-autoround": (
-        "int4 algorithm 'inc-autoround' needs the auto-round package, which is not in edgetune's pinned dependency "
-        "set (it pulls datasets/pyarrow, and its default calibration downloads a hub data set)",
-        "use inc-gptq or inc-rtn (or hqq/gptq)",
-    ),
-}
-ALL_ALGORITHMS = BUILDER_ALGORITHMS + AWQ_ALGORITHMS + ORT_ALGORITHMS + INC_ALGORITHMS + tuple(UNAVAILABLE)
 
 PROJECT_CALIBRATION = data_dir("calibration")  # the checkout's, or <prefix>/share/edgetune/calibration
 DEFAULT_CALIBRATION = "llm-general.jsonl"
 CALIBRATION_SAMPLES = 32
 CALIBRATION_MAX_TOKENS = 128
-
-
-def check_algorithm(name: str) -> None:
-    if name in UNAVAILABLE:
-        msg, hint = UNAVAILABLE[name]
-        raise BadInput(msg, hint=hint)
-    if name not in ALL_ALGORITHMS:
-        raise BadInput(f"unknown int4 algorithm '{name}'", hint=f"use one of {', '.join(a for a in ALL_ALGORITHMS if a not in UNAVAILABLE)}")
 
 
 # ---------------------------------------------------------------------------- calibration
@@ -162,22 +129,6 @@ def quantize_embedding(model, *, block_size: int, symmetric: bool):
         quant_axes=(("Gather", 1),)), nodes_to_include=embed)
     gq.process()
     return gq.model.model, True
-
-
-def embedding_block_size(hidden: int, block_size: int) -> int | None:
-    """Block size for an int4 GatherBlockQuantized embedding of width ``hidden``.
-
-    GatherBlockQuantized reshapes the table to [vocab, hidden / block]: the block must divide
-    the hidden size (SmolLM2: 576 = 9 x 64, so block 128/256 fails at run time in a Reshape).
-    The requested block when it divides, else the largest power of two below it that does
-    (>= 16), else None (keep the table in float).
-    """
-    b = block_size
-    while b >= 16:
-        if hidden % b == 0:
-            return b
-        b //= 2
-    return None
 
 
 def quantize_lm_head_in(folder: Path, *, bits: int, block_size: int, symmetric: bool, accuracy_level: int) -> bool:

@@ -33,7 +33,7 @@ from typing import Any
 from .. import artifacts, console
 from ..errors import BadInput, CheckFailed
 from ..targets import load_target
-from .quantize import CALIBRATED
+from ..quant import INT4_ALGORITHMS
 
 # Smallest/fastest first. int4 options override the profile's; "mixed" as in export_llm.
 CANDIDATES: tuple[dict[str, Any], ...] = (
@@ -157,7 +157,7 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
                              "sensitivity": sens}
                 else:
                     kw["calibration"] = calib.path
-            if cand.get("precision", "int4") == "int4" and alg in CALIBRATED:
+            if cand.get("precision", "int4") == "int4" and INT4_ALGORITHMS[alg].calibrated:
                 kw["calibration"] = calib.path
             if mixed:
                 kw["mixed"] = mixed
@@ -174,7 +174,7 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
                 m = (rec.get("quantization") or {}).get("mixed") or {}
                 if m.get("sensitivity") and m["sensitivity"].get("ranking"):
                     sens_by_alg[alg] = m["sensitivity"]
-                elif any(c.get("mixed") for c in cands) and alg in ("rtn", "k_quant"):
+                elif any(c.get("mixed") for c in cands) and INT4_ALGORITHMS[alg].mixed:
                     so = dict(sensitivity_options or {})
                     if token_ids is None:
                         token_ids = encode_calibration(model_dir, calib.texts[: so.pop("samples", None) or len(calib.texts)])

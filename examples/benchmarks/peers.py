@@ -336,10 +336,10 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
         api("et-awq-h8-acc4", "edgetune int4 awq b32, int8 head, accuracy_level 4",
             R.int4_variant(algorithm="awq", lm_head="int8", accuracy_level=4))
         if not quick:
-            try:  # asymmetric by construction (hqq): its row is the asymmetric export, a symmetric one is refused
-                from edgetune.llm.quantize import ZERO_POINTS_FOLDED as asymmetric
-            except ImportError:
-                asymmetric = ("hqq",)
+            # asymmetric by construction (hqq): its row is the asymmetric export, a symmetric one is refused
+            from edgetune.quant import algorithms
+
+            asymmetric = algorithms(asymmetric_only=True)
             for algo in R.variants({"quick": False, "full_grid": False, "slow_algorithms": slow_algorithms}):
                 a = (algo.get("int4") or {}).get("algorithm")
                 if algo["precision"] != "int4" or a in (None, "rtn") or algo["int4"] != R.int4_variant(algorithm=a)["int4"]:

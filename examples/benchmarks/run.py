@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgetune.quant import algorithms
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -182,17 +184,12 @@ def export_spec(v: dict, model_dir: Path, root: Path, model_key: str | None = No
 
 
 def calibrated_algorithms() -> tuple[str, ...]:
-    """int4 algorithms that run a calibration pass (GPTQ): ~10 minutes of export each on 2 cores."""
-    try:
-        from edgetune.llm.quantize import CALIBRATED
-
-        return tuple(CALIBRATED)
-    except ImportError:
-        return ("gptq", "inc-gptq")
+    """int4 algorithms that run a calibration pass (edgetune's quantization table says which)."""
+    return algorithms(calibrated=True)
 
 
 # calibrated algorithms whose export takes ~10 min or more on 2 cores (a GPTQ pass); awq's search takes about a minute
-SLOW_CALIBRATED = ("gptq", "inc-gptq")
+SLOW_CALIBRATED = algorithms(slow=True)
 
 
 _BUILT: set[str] = set()  # exported in this run (so --fresh rebuilds each variant once)
@@ -361,15 +358,7 @@ def variants(s: dict) -> list[dict]:
     from edgetune.targets import Int4
 
     d = int4_defaults()
-    algos = list(get_args(Int4.model_fields["algorithm"].annotation))
-    try:  # algorithms the exporter names, in case the schema lags behind
-        import edgetune.llm.export as E
-
-        for a in tuple(getattr(E, "BUILDER_ALGORITHMS", ())) + tuple(getattr(E, "OTHER_ALGORITHMS", ())):
-            if a not in algos:
-                algos.append(a)
-    except ImportError:
-        pass
+    algos = list(get_args(Int4.model_fields["algorithm"].annotation))  # the schema reads edgetune.quant's table
     blocks = list(get_args(Int4.model_fields["block_size"].annotation))
     others = []
     for name, field in Int4.model_fields.items():

@@ -1,0 +1,159 @@
+"""The quantization table: every precision, int4 algorithm, block size, accuracy level, output-head
+choice and quant-aware grid edgetune knows, with the traits the rest of the code asks about.
+
+This is the one place those choices are defined. The CLI's choices (``commands/export.py``,
+``commands/finetune.py``), the target-profile schema (``targets.Int4``, ``targets.Precision``), the
+build config, the export's checks (``llm/export.int4_options``), the kernel checks, the recipe
+candidates and the benchmark grid read it. Adding an int4 algorithm is one :class:`Int4Algorithm`
+entry here plus its implementation (the ``backend`` says which module runs it), in the way peft
+keeps one folder per method and gguf-py one table of quantization types.
+
+Pure data: no third-party import, so the device side (``targets``) and the host side share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+# ---------------------------------------------------------------------------- precisions
+
+# Decoder LLM export precisions. gguf: the model's own GGUF blocks transcoded exactly (llm/gguf_export.py).
+LLM_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "gguf")
+# Encoder export precisions (encoder/export.py, encoder/quantize.py).
+ENCODER_PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
+# What `edgetune export --precision` accepts: decoders' and encoders' (each refuses the other's).
+EXPORT_PRECISIONS = tuple(dict.fromkeys(LLM_PRECISIONS + ENCODER_PRECISIONS))
+
+# ---------------------------------------------------------------------------- int4 knobs
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits block sizes the builder and the quantizers write
+# MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+# The output head (lm_head MatMul): int4 like the blocks, int8 (MatMulNBits bits=8, llama.cpp's Q8_0
+# head) or fp32 (plain MatMul). Not int4 unties a tied embedding.
+LM_HEADS = ("int4", "int8", "fp32")
+
+Backend = Literal["builder", "awq", "ort", "inc", "unavailable"]
+ZeroPoints = Literal["if-asymmetric", "always", "folded"]
+
+
+@dataclass(frozen=True)
+class Int4Algorithm:
+    """One int4 weight-quantization algorithm and the traits the code decides on.
+
+    ``backend``: who quantizes. ``builder``: onnxruntime-genai's model builder (``algo_config``);
+    ``awq``: edgetune's activation-aware scales folded into the checkpoint, then the builder's RTN
+    (llm/awq.py); ``ort``: onnxruntime's ``MatMulNBitsQuantizer`` on the fp32 export
+    (llm/quantize.py); ``inc``: neural-compressor in torch, saved in the GPTQ layout the builder reads;
+    ``unavailable``: known, refused with ``refusal`` (message, hint).
+    ``zero_points``: whether its MatMulNBits nodes carry zero points: ``if-asymmetric`` (only for an
+    asymmetric export), ``always`` (even symmetric: k_quant, the GPTQ-checkpoint path), ``folded``
+    (asymmetric by construction, its float zero points folded into an exact block-sum correction).
+    """
+
+    name: str
+    backend: Backend
+    summary: str
+    calibrated: bool = False  # needs calibration texts
+    slow: bool = False  # calibration takes many minutes per model: the bench runs it only when asked
+    zero_points: ZeroPoints = "if-asymmetric"
+    asymmetric_only: bool = False  # a symmetric export is refused
+    mixed: bool = False  # honours nodes_to_exclude, so layers can be kept at 8 bits (llm/mixed.py)
+    int8: bool = False  # can also make --precision int8 (the builder's 8-bit path)
+    any_lm_head: bool = True  # False: quantizes every MatMul, lm_head included (int4 only)
+    slow_kernel: str | None = None  # why its graph misses the CPU's prepacked kernels (refused on CPU unless allowed)
+    refusal: tuple[str, str] | None = None  # (message, hint) for an unavailable algorithm
+
+    @property
+    def available(self) -> bool:
+        return self.backend != "unavailable"
+
+
+INT4_ALGORITHMS: dict[str, Int4Algorithm] = {a.name: a for a in (
+    Int4Algorithm("rtn", "builder", "round to nearest (the builder)", mixed=True, int8=True),
+    Int4Algorithm("k_quant", "builder", "the builder's k-quant (mixed bits by layer)", zero_points="always", mixed=True,
+                  int8=True),
+    Int4Algorithm("awq", "awq", "activation-aware scales + RTN", calibrated=True),
+    Int4Algorithm("hqq", "ort", "half-quadratic quantization (onnxruntime)", zero_points="folded", asymmetric_only=True),
+    Int4Algorithm("gptq", "ort", "GPTQ (onnxruntime)", calibrated=True, slow=True, any_lm_head=False),
+    Int4Algorithm("inc-rtn", "inc", "round to nearest (neural-compressor)", zero_points="always"),
+    Int4Algorithm("inc-gptq", "inc", "GPTQ (neural-compressor)", calibrated=True, slow=True, zero_points="always"),
+    Int4Algorithm("inc-awq", "unavailable", "refused (see docs/llm.md)", refusal=(
+        "int4 algorithm 'inc-awq' cannot work with the pinned versions: neural-compressor 3.10's AWQ finds the "
+        "layers to absorb its scales into with a torch.jit trace that fails on transformers 4.57 models, so it "
+        "leaves MulLinear input scales that neither the builder nor onnxruntime-genai can load",
+        "use inc-gptq or inc-rtn (or hqq/gptq)")),
+    Int4Algorithm("inc-autoround", "unavailable", "refused (see docs/llm.md)", refusal=(
+        "int4 algorithm 'inc-autoround' needs the auto-round package, which is not in edgetune's pinned dependency "
+        "set (it pulls datasets/pyarrow, and its default calibration downloads a hub data set)",
+        "use inc-gptq or inc-rtn (or hqq/gptq)")),
+)}
+
+
+def algorithms(**traits: Any) -> tuple[str, ...]:
+    """Names of the int4 algorithms whose traits equal ``traits`` (in table order), e.g. ``algorithms(backend="ort")``."""
+    return tuple(a.name for a in INT4_ALGORITHMS.values()
+                 if all(getattr(a, k) == v for k, v in traits.items()))
+
+
+def int4_algorithm(name: str) -> Int4Algorithm:
+    """The table entry for ``name``; an unknown or unavailable algorithm raises BadInput (exit 2)."""
+    from .errors import BadInput
+
+    a = INT4_ALGORITHMS.get(name)
+    if a is None:
+        raise BadInput(f"unknown int4 algorithm '{name}'", hint=f"use one of {', '.join(algorithms(available=True))}")
+    if a.refusal:
+        raise BadInput(a.refusal[0], hint=a.refusal[1])
+    return a
+
+
+# ---------------------------------------------------------------------------- the quant-aware grid
+
+QAT_SCHEMES = ("int4",)  # `finetune --quant-aware`: the export's int4 RTN grid
+
+
+@dataclass(frozen=True)
+class QATSpec:
+    """The int4 grid a quant-aware LoRA is trained through, and that its export must use."""
+
+    bits: int = 4
+    block_size: int = 32
+    lm_head: str = "int4"  # one of LM_HEADS (the export's --int4-lm-head)
+    symmetric: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return f"int{self.bits} symmetric RTN, block {self.block_size}, lm_head {self.lm_head}"
+
+    def matches_export(self, q: dict[str, Any]) -> list[str]:
+        """Differences between this grid and an export's int4 options (``[quantization.int4]``)."""
+        diffs = []
+        if q.get("algorithm", "rtn") != "rtn":
+            diffs.append(f"algorithm {q.get('algorithm')} (trained for rtn)")
+        if int(q.get("block_size", 32)) != self.block_size:
+            diffs.append(f"block_size {q.get('block_size')} (trained for {self.block_size})")
+        if bool(q.get("symmetric", True)) != self.symmetric:
+            diffs.append("asymmetric (trained for symmetric)")
+        if q.get("lm_head", "int4") != self.lm_head:
+            diffs.append(f"lm_head {q.get('lm_head', 'int4')} (trained for {self.lm_head})")
+        return diffs
+
+
+def embedding_block_size(hidden: int, block_size: int) -> int | None:
+    """Block size for an int4 GatherBlockQuantized embedding of width ``hidden``.
+
+    GatherBlockQuantized reshapes the table to [vocab, hidden / block]: the block must divide
+    the hidden size (SmolLM2: 576 = 9 x 64, so block 128/256 fails at run time in a Reshape).
+    The requested block when it divides, else the largest power of two below it that does
+    (>= 16), else None (keep the table in float).
+    """
+    b = block_size
+    while b >= 16:
+        if hidden % b == 0:
+            return b
+        b //= 2
+    return None

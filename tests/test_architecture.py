@@ -1,0 +1,173 @@
+"""The shape of the code: import direction and the one quantization table (issue 32).
+
+Imports are read from the source (``ast``), top-level and inside functions alike: a lazy import is
+still a dependency. Nodes are edgetune's sub-packages (``edgetune.llm``, ``edgetune.finetune``, ...)
+and its top-level modules (``edgetune.merge``, ``edgetune.quant``, ...).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "edgetune"
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for p in PKG.rglob("*.py"):
+        parts = list(p.relative_to(PKG.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = p
+    return mods
+
+
+def _imports(mods: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> edgetune modules it imports (relative and absolute, at any depth of the file)."""
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else (node.module or "")
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            edges[mod] |= {t for t in targets if t in mods and t != mod}
+    return edges
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one node (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while (w := stack.pop()) != v:
+                comp.append(w)
+            comp.append(v)
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def _node(mod: str) -> str:
+    parts = mod.split(".")
+    return ".".join(parts[:2]) if len(parts) >= 2 and (PKG / parts[1]).is_dir() else mod
+
+
+def test_no_import_cycle_between_packages_and_top_level_modules():
+    """finetune <-> llm (qat imported llm.quantize, llm.export imported finetune.qat) was one."""
+    graph: dict[str, set[str]] = {}
+    for mod, targets in _imports(_modules()).items():
+        graph.setdefault(_node(mod), set()).update(_node(t) for t in targets if _node(t) != _node(mod))
+    assert _cycles(graph) == []
+
+
+def test_the_only_file_cycle_left_is_the_export_core():
+    """Inside packages, one cycle remains: llm/export.py and its variants (adapters, float_adapter,
+    gguf_export) import each other; the export-core split (issue 32, step 2) removes it. Any new cycle fails."""
+    assert _cycles(_imports(_modules())) == [
+        ["edgetune.llm.adapters", "edgetune.llm.export", "edgetune.llm.float_adapter", "edgetune.llm.gguf_export"]]
+
+
+def test_device_code_never_imports_host_stages():
+    graph = _imports(_modules())
+    host = ("edgetune.llm", "edgetune.encoder", "edgetune.finetune", "edgetune.merge", "edgetune.build")
+    for mod, targets in graph.items():
+        if mod.startswith("edgetune.device"):
+            assert not [t for t in targets if t.startswith(host)], mod
+
+
+# ---------------------------------------------------------------------------- the quantization table
+
+def test_quantization_choices_come_from_the_table():
+    """The CLI, the profile schema and the export's checks offer exactly the table's choices."""
+    from typing import get_args
+
+    import click
+
+    from edgetune import quant
+    from edgetune.commands.export import export
+    from edgetune.commands.finetune import finetune
+    from edgetune.targets import Int4, Precision
+
+    def choices(cmd: click.Command, name: str) -> tuple:
+        return tuple(next(p for p in cmd.params if p.name == name).type.choices)
+
+    assert choices(export, "int4_algorithm") == tuple(quant.INT4_ALGORITHMS)
+    assert choices(export, "precision") == quant.EXPORT_PRECISIONS
+    assert choices(export, "int4_lm_head") == quant.LM_HEADS == choices(finetune, "quant_aware_lm_head")
+    assert tuple(int(b) for b in choices(export, "int4_block_size")) == quant.BLOCK_SIZES
+    assert choices(finetune, "quant_aware") == quant.QAT_SCHEMES
+    assert get_args(Int4.model_fields["algorithm"].annotation) == tuple(quant.INT4_ALGORITHMS)
+    assert get_args(Int4.model_fields["block_size"].annotation) == quant.BLOCK_SIZES
+    assert get_args(Int4.model_fields["accuracy_level"].annotation) == quant.ACCURACY_LEVELS
+    assert get_args(Int4.model_fields["lm_head"].annotation) == quant.LM_HEADS
+    assert get_args(Precision.model_fields["llm"].annotation) == quant.LLM_PRECISIONS
+    assert get_args(Precision.model_fields["encoder"].annotation) == quant.ENCODER_PRECISIONS
+
+
+def test_the_quantization_choices_are_spelled_out_once():
+    """No other product file lists the int4 algorithms or the lm_head choices literally."""
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        if path.name == "quant.py":
+            continue
+        text = path.read_text()
+        for literal in ('"inc-gptq", "inc-awq"', '("int4", "int8", "fp32")', '["int4", "int8", "fp32"]', '"rtn", "k_quant"',
+                        '"int8-dynamic", "int8-static"'):
+            if literal in text:
+                offenders.append(f"{path.relative_to(PKG)}: {literal}")
+    assert offenders == []
+
+
+@pytest.mark.parametrize("name", ["inc-awq", "inc-autoround", "no-such-algorithm"])
+def test_unavailable_and_unknown_algorithms_are_exit_2_from_the_table(name):
+    from edgetune import quant
+    from edgetune.errors import BadInput
+
+    with pytest.raises(BadInput) as exc:
+        quant.int4_algorithm(name)
+    if name in quant.INT4_ALGORITHMS:
+        assert exc.value.message == quant.INT4_ALGORITHMS[name].refusal[0]
+    else:
+        assert "unknown int4 algorithm" in exc.value.message and "inc-autoround" not in exc.value.hint
+
+
+def test_traits_drive_the_export_checks(tiny_llama, tmp_path):
+    """An asymmetric-only algorithm asked for symmetric, int8 from a non-builder algorithm, an lm_head the
+    algorithm cannot keep: each refused from its table entry before any work."""
+    from edgetune.errors import BadInput
+    from edgetune.llm.export import export_llm, int4_options
+    from edgetune.targets import load_target
+
+    t = load_target("cpu-x86")
+    with pytest.raises(BadInput, match="asymmetric by construction"):
+        int4_options(t, {"algorithm": "hqq", "symmetric": True})
+    with pytest.raises(BadInput, match="quantizes lm_head to int4"):
+        int4_options(t, {"algorithm": "gptq", "lm_head": "int8"})
+    with pytest.raises(BadInput, match=r"int8 is made by the builder \(rtn or k_quant\)"):
+        export_llm(tiny_llama, tmp_path / "x", target="cpu-x86", precision="int8", int4={"algorithm": "awq"})
+    assert not (tmp_path / "x").exists()
