@@ -31,10 +31,13 @@ from . import artifacts, console
 from .errors import BadInput, CheckFailed
 
 STATE_DIR = "state"
+# Longest string a config field takes (a path is at most 4096 bytes on Linux), and a name (it becomes a
+# folder and archive name): a 10 MB field was once accepted and the build ran past 15 minutes.
+MAX_STR, MAX_NAME, MAX_CONFIG = 4096, 200, 16 << 20
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", str_max_length=MAX_STR)
 
 
 class ModelCfg(_Strict):
@@ -61,7 +64,7 @@ class Int4Cfg(_Strict):
 
 
 class TargetCfg(_Strict):
-    name: str
+    name: str = Field(max_length=MAX_NAME)
     precision: str | None = None
     int4: Int4Cfg | None = None  # overrides of the profile's [quantization.int4], e.g. { lm_head = "int8" }
     archive: bool = True
@@ -85,15 +88,21 @@ class ValidateCfg(_Strict):
     require_device: bool = False  # the target's execution provider missing here is fatal (else: cross-build)
 
 
+class BundleCfg(_Strict):
+    # an Ed25519 private key (PEM, from `edgetune keygen`), relative to this file: every bundle is signed
+    sign: str | None = None
+
+
 class BuildConfig(_Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    name: str
+    name: str = Field(max_length=MAX_NAME)
     output: str = "build"
     model: ModelCfg
     data: DataCfg = DataCfg()
     finetune: FinetuneCfg = FinetuneCfg(method="none")
     targets: list[TargetCfg]
     validation: ValidateCfg = Field(default_factory=ValidateCfg, alias="validate")
+    bundle: BundleCfg = BundleCfg()
 
     @field_validator("targets")
     @classmethod
@@ -192,6 +201,9 @@ def _check_values(p: Path, cfg: BuildConfig) -> None:
         if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, want):
             raise BadInput(f"{p}: validate.{key} = {value!r} should be {type(default).__name__} (like {default!r})",
                            hint="fix the value in [validate]")
+    from .validate import check_numbers
+
+    check_numbers(cfg.validation.model_extra or {}, where=f"{p}: validate.")
     method = (cfg.validation.model_extra or {}).get("method")
     if method is not None and method not in ("sliding", "chunked"):
         raise BadInput(f"{p}: validate.method = {method!r}{_did_you_mean(str(method), ['sliding', 'chunked'])}",
@@ -205,16 +217,37 @@ def _check_values(p: Path, cfg: BuildConfig) -> None:
                            hint=f"use one of: {', '.join(dict.fromkeys(precisions))}")
 
 
+def _check_lengths(p: Path, raw: Any, where: str = "") -> None:
+    """Every string in the config (the sections' extra keys too, which pydantic passes on unchecked) is at
+    most MAX_STR characters: BadInput naming the field."""
+    items = raw.items() if isinstance(raw, dict) else enumerate(raw) if isinstance(raw, list) else ()
+    for key, value in items:
+        name = f"{where}.{key}" if where else str(key)
+        if len(str(key)) > MAX_NAME:
+            raise BadInput(f"{p}: a key in {where or '(top level)'} is {len(str(key))} characters long, over the limit of {MAX_NAME}",
+                           hint="fix the key (see docs/bundles.md for the known names)")
+        if isinstance(value, str) and len(value) > MAX_STR:
+            raise BadInput(f"{p}: {name} is {len(value)} characters long, over the limit of {MAX_STR}",
+                           hint="shorten the value (a path, a name or an option)")
+        _check_lengths(p, value, name)
+
+
 def load_config(path: str | os.PathLike) -> tuple[BuildConfig, Path]:
     """Parse and check a build config (every section, before any work); returns it and the folder
     relative paths are resolved against. Unknown keys anywhere exit 2 with a did-you-mean."""
     p = Path(path)
     if not p.is_file():
-        raise BadInput(f"build config not found: {p}", hint="give a .toml file, e.g. examples/smollm2-lora-cpu.toml")
+        from .errors import not_a_file
+
+        raise not_a_file(p, "build config", hint="give a .toml file, e.g. examples/smollm2-lora-cpu.toml")
+    if p.stat().st_size > MAX_CONFIG:
+        raise BadInput(f"{p}: build config is {p.stat().st_size} bytes, over the limit of {MAX_CONFIG}",
+                       hint="a build config names files; it does not hold data")
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise BadInput(f"{p}: invalid TOML ({exc})", hint="fix the syntax at the position shown") from exc
+    _check_lengths(p, raw)
     unknown = unknown_keys(raw)
     if unknown:
         parts = [f"{key if where == '(top level)' else where + '.' + key}{_did_you_mean(key, known)}" for where, key, known in unknown]
@@ -251,7 +284,7 @@ def _check_quant_aware(p: Path, cfg: BuildConfig) -> None:
     target must export int4 RTN on that one grid, else exit 2 before any work (a mismatch would ship
     a model the adapter was not trained as).
     """
-    from .finetune.qat import QATSpec
+    from .quant import QATSpec
     from .targets import load_target
 
     extra = cfg.finetune.model_extra
@@ -311,6 +344,7 @@ class Build:
     force: bool = False
     output_override: Path | None = None
     stages: list[StageInfo] = field(default_factory=list)
+    sign: tuple[Any, str, str] | None = None  # [bundle] sign: (private key, its fingerprint, the config's SHA-256)
 
     @property
     def output(self) -> Path:
@@ -369,7 +403,7 @@ def _read_json(p: Path) -> dict | None:
 def _signature(out: Path) -> str | None:
     """What identifies the output a stage made: its record or manifest (+ archive), cheap to read."""
     parts = []
-    for name in (artifacts.RECORD_NAME, "manifest.json", "report.json"):
+    for name in (artifacts.RECORD_NAME, "manifest.json", "signature.json", "report.json"):
         f = out / name
         if f.is_file():
             parts.append(artifacts.sha256_file(f))
@@ -485,6 +519,13 @@ def build(config: str | os.PathLike, *, force: bool = False, output: str | os.Pa
 
     cfg, root = load_config(config)
     b = Build(cfg, root, force=force, output_override=Path(output).resolve() if output else None)
+    if cfg.bundle.sign:  # the key is read before any work: a missing or unreadable key fails at once
+        from .signing import file_mode_warning, fingerprint, load_private_key
+
+        key = load_private_key(b.path(cfg.bundle.sign))
+        b.sign = (key, fingerprint(key.public_key()), artifacts.sha256_file(config))
+        if (warning := file_mode_warning(b.path(cfg.bundle.sign))):
+            console.log(f"warning: {warning}")
     for i, t in enumerate(cfg.targets):  # fail before any work: profiles, paths, int4 overrides
         target = load_target(t.name if not t.name.endswith(".toml") else str(b.path(t.name)))
         b.maybe_path(t.calibration)
@@ -506,6 +547,10 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
            require_device: bool | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     b.work.mkdir(parents=True, exist_ok=True)
+    from .cleanup import sweep_work
+
+    for folder in (b.work, b.work / STATE_DIR):  # what a killed build left, even beside stages this run skips
+        sweep_work(folder)
     held_out = None
     if vdata is not None:
         vdata, held_out = _held_out(b, vdata, train)
@@ -520,6 +565,10 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
         info = materialize(base_spec)
     b.stages.append(StageInfo("materialize", None, "ran", round(time.perf_counter() - t0, 2), str(info.path)))
     base = Path(info.path)
+    if info.kind == "decoder":  # an attention shape onnxruntime cannot run: before any training
+        from .llm.proof import check_runtime_shapes
+
+        check_runtime_shapes(info.config, str(info.path))
     overrides = [i for i, t in enumerate(cfg.targets) if t.int4]
     if overrides and info.kind != "decoder":  # the model's kind is known only now, still before any training
         raise BadInput(f"{config}: targets[{overrides[0]}].int4 applies to decoder LLMs; {info.model_type} is a {info.kind}",
@@ -527,6 +576,16 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
 
     model, adapter = base, None
     if cfg.finetune.method != "none":
+        from .data import load_dataset
+        from .finetune.train import check_model_and_data
+
+        # the model against the data, before the first training step (a base model given chat data, ...)
+        extra = cfg.finetune.model_extra or {}
+        check_model_and_data(extra.get("task", "auto"), load_dataset(train, limit=extra.get("limit")), info)
+        from .finetune.memory import check_fits
+        from .finetune.options import FinetuneOptions
+
+        check_fits(Path(info.path), info.config, FinetuneOptions.from_dict(cfg.finetune.model_dump()))
         adapter = b.work / "adapter"
         ft_opts = cfg.finetune.model_dump()
         b.stage("finetune", adapter, {"model": base, "data": train}, ft_opts, lambda: _finetune(base, train, adapter, cfg.finetune))
@@ -578,8 +637,10 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
                 shutil.rmtree(stale)
             elif stale.is_file():
                 stale.unlink()
-        b.stage(f"bundle.{key}", dest, {"model": export_dir, "report": report_dir}, {"archive": tc.archive, "name": f"{cfg.name}-{key}", "passed": passed},
-                lambda: _bundle(export_dir, dest, tname, report_dir, tc.archive, f"{cfg.name}-{key}"), target=key)
+        signed = {"signed_by": b.sign[1], "config_sha256": b.sign[2]} if b.sign else {}  # a new key or config: re-sign
+        b.stage(f"bundle.{key}", dest, {"model": export_dir, "report": report_dir},
+                {"archive": tc.archive, "name": f"{cfg.name}-{key}", "passed": passed, **signed},
+                lambda: _bundle(export_dir, dest, tname, report_dir, tc.archive, f"{cfg.name}-{key}", b.sign), target=key)
         manifest = _read_json(dest / "manifest.json") or {}
         rows.append(_summary_row(key, dest, manifest, report, passed, tc.archive, base_task))
         if not passed:
@@ -590,6 +651,7 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
         "config": str(Path(config)),
         "output": str(b.output),
         "passed": not failed_targets,
+        "signed_by": b.sign[1] if b.sign else None,
         "targets": rows,
         "validation_data": held_out,
         "task": _task_summary(base_task, rows),
@@ -610,14 +672,14 @@ def _validate(export_dir: Path, target: str, reference: Path | None, data: Path 
     validate(export_dir, target=target, reference=reference, data=data, out=out, prompts=prompts, **vopts)
 
 
-def _bundle(export_dir: Path, dest: Path, target: str, report_dir: Path, archive: bool, name: str) -> None:
+def _bundle(export_dir: Path, dest: Path, target: str, report_dir: Path, archive: bool, name: str, sign=None) -> None:
     from .bundle import archive_path, make_bundle
 
     arc = archive_path(dest)
     if arc.exists() and not archive:
         arc.unlink()
     make_bundle(export_dir, dest, target=target, report=report_dir if (report_dir / "report.json").is_file() else None,
-                archive=archive, name=name)
+                archive=archive, name=name, sign=sign[0] if sign else None, build_config_sha256=sign[2] if sign else None)
 
 
 def _has_gold(data: Path) -> bool:

@@ -236,7 +236,7 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
 
 def trained_grid(adapter: Path):
     """The int4 grid a quant-aware adapter was trained through (its finetune record), or None."""
-    from .finetune.qat import QATSpec
+    from .quant import QATSpec
 
     opts: dict[str, Any] = (artifacts.read_record(adapter) or {}).get("options") or {}
     if not opts.get("quant_aware"):

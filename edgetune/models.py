@@ -119,6 +119,10 @@ def inspect(folder: str | os.PathLike) -> ModelInfo:
             f"unsupported architecture '{model_type or 'unknown'}' in {folder}",
             hint=f"supported decoders: {', '.join(DECODER_ARCHITECTURES)}; encoders: {', '.join(ENCODER_ARCHITECTURES)}",
         )
+    if kind == "decoder":
+        from .chat_template import check_folder
+
+        check_folder(folder)  # a template that fails in the Jinja sandbox: exit 2 now, not 4 at finetune or run
     return ModelInfo(path=folder, model_type=model_type, kind=kind, config=config)
 
 

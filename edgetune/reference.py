@@ -94,11 +94,15 @@ def load_pack(folder: str | os.PathLike) -> Pack:
     folder = Path(folder)
     if not is_pack(folder):
         raise BadInput(f"{folder} is not a reference pack (needs {PACK_JSON} and {PACK_NPZ})", hint="make one with edgetune validate --reference <fp32 model>")
-    meta = json.loads((folder / PACK_JSON).read_text())
+    from .device.files import read_json
+
+    meta = read_json(folder / PACK_JSON, kind="reference pack")
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise BadInput(f"{folder}: reference pack schema {meta.get('schema_version')} is not {SCHEMA_VERSION}", hint="rebuild the pack")
-    with np.load(folder / PACK_NPZ, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    from .errors import reading
+
+    with reading(folder / PACK_NPZ, "reference pack (.npz)"), np.load(folder / PACK_NPZ, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}  # a truncated or damaged file is exit 2 naming it
     return Pack(meta, arrays)
 
 
@@ -117,6 +121,34 @@ def source_kind(path: str | os.PathLike) -> str:
     if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
         return "hf"
     raise BadInput(f"reference {p} is not an HF folder, an ONNX export or a reference pack", hint="give the fp32 model folder")
+
+
+def vocab_size(source) -> int | None:
+    """The vocabulary size of a decoder reference read from its config (HF folder or genai export), or None."""
+    p = Path(source)
+    kind = source_kind(p)
+    if kind == "genai":
+        from .device.llm import find_model_folder, genai_config
+
+        v = genai_config(find_model_folder(p))["model"].get("vocab_size")
+    elif kind == "hf":
+        from .device.files import read_json
+
+        cfg = read_json(p / "config.json", kind="config")
+        v = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    else:
+        return None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def pack_vocab(pack: "Pack") -> tuple[int | None, int]:
+    """(the vocabulary size a decoder pack records, or None; the largest token id it holds + 1)."""
+    top = 0
+    for name, arr in pack.arrays.items():
+        if arr.size and (name == "ids" or name == "top_ids" or name.endswith("_ids")):
+            top = max(top, int(arr.max()) + 1)
+    v = pack.meta.get("vocab_size")
+    return (v if isinstance(v, int) and not isinstance(v, bool) else None), top
 
 
 # ---------------------------------------------------------------- decoder
@@ -162,6 +194,7 @@ def build_decoder_reference(source, text: str, *, window: int, stride: int | Non
         from .device import llm as L
 
         m = L.load(source)
+        vocab = m.vocab_size
         ids = L.encode(m, text)
         if eval_tokens:
             ids = ids[:eval_tokens]
@@ -176,6 +209,7 @@ def build_decoder_reference(source, text: str, *, window: int, stride: int | Non
 
         tok = load_tokenizer(source)
         model = load_causal_lm(source).eval()
+        vocab = int(model.get_output_embeddings().weight.shape[0])
         ids = np.asarray(tok(text)["input_ids"], dtype=np.int64)
         if eval_tokens:
             ids = ids[:eval_tokens]
@@ -214,6 +248,7 @@ def build_decoder_reference(source, text: str, *, window: int, stride: int | Non
     meta = _decoder_meta(source, text, window, stride, method, topk, max_new_tokens,
                          [p if isinstance(p, str) else p for p in prompts], how)
     meta["n_tokens"] = int(len(ids))
+    meta["vocab_size"] = vocab
     meta["perplexity"] = M.perplexity(nll)
     pack = Pack(meta, arrays)
     if task:

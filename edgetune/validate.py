@@ -39,6 +39,19 @@ DEFAULTS: dict[str, Any] = {
     # cross-build: accuracy on the CPU provider with the same graph, latency "not measured".
     "require_device": True,
 }
+# The smallest value each numeric option takes (checked up front by the CLI, validate() and the build
+# config): `--repeats 0 --max-tokens 0` once ran four minutes before the latency run failed.
+MINIMUM: dict[str, int] = {"window": 2, "stride": 1, "eval_tokens": 2, "topk": 1, "max_tokens": 1, "prompt_tokens": 1,
+                           "repeats": 1, "warmup": 0, "batch": 1, "task_examples": 1, "failing_examples": 0}
+
+
+def check_numbers(opts: dict[str, Any], *, where: str = "validate option ") -> None:
+    """BadInput (exit 2) naming the first numeric option below its minimum (``MINIMUM``)."""
+    for key, low in MINIMUM.items():
+        value = opts.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+            raise BadInput(f"{where}{key} = {value} is below its minimum {low}",
+                           hint=f"give {key.replace('_', '-')} >= {low}")
 
 
 def _provider_available(t) -> bool:
@@ -76,7 +89,9 @@ def _read_text(data) -> str:
 def _read_prompts(path) -> list:
     p = Path(path)
     if not p.is_file():
-        raise BadInput(f"prompts file not found: {p}", hint="one prompt per line (.txt) or JSONL with 'prompt' or 'messages'")
+        from .errors import not_a_file
+
+        raise not_a_file(p, "prompts file", hint="one prompt per line (.txt) or JSONL with 'prompt' or 'messages'")
     if p.suffix.lower() == ".txt":
         from .data import read_utf8
 
@@ -122,7 +137,22 @@ def reference_source(reference) -> Path:
     return src
 
 
-def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window, task=None):
+def _same_vocab(model_vocab: int | None, ref_vocab: int | None, src, *, at_least: int = 0) -> None:
+    """BadInput naming both sizes when the reference's vocabulary is not the model's (its ids would index
+    past the model's embedding: exit 4 "index out of range" before this check)."""
+    if not model_vocab:
+        return
+    if ref_vocab is not None and ref_vocab != model_vocab:
+        what = f"{ref_vocab} tokens"
+    elif at_least > model_vocab:
+        what = f"at least {at_least} tokens"
+    else:
+        return
+    raise BadInput(f"reference {src} has a vocabulary of {what}, the model one of {model_vocab} tokens: they are not the same model family",
+                   hint="validate against the model this one was made from (its fp32 merged or base model, or that model's reference pack)")
+
+
+def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window, task=None, vocab=None):
     from . import reference as R
 
     if reference is None:
@@ -132,7 +162,12 @@ def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window, ta
         pack = R.load_pack(src)
         if pack.kind != kind:
             raise BadInput(f"reference pack {src} is for a {pack.kind}, the model is an {kind}", hint="use the matching reference")
+        if kind == "decoder":
+            stored, top = R.pack_vocab(pack)
+            _same_vocab(vocab, stored, src, at_least=top)
         return pack
+    if kind == "decoder":
+        _same_vocab(vocab, R.vocab_size(src), src)
     with console.step(f"reference ({R.source_kind(src)})"):
         if kind == "decoder":
             if text is None:
@@ -483,6 +518,7 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
     if unknown:
         raise BadInput(f"unknown validate option(s): {', '.join(sorted(unknown))}", hint=f"known: {', '.join(DEFAULTS)}")
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+    check_numbers(opts)
     if opts["method"] not in ("sliding", "chunked"):
         raise BadInput(f"unknown perplexity method '{opts['method']}'", hint="use sliding or chunked")
     if opts["stride"] is None and opts["method"] == "sliding":
@@ -504,7 +540,10 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
                      "(--require-device makes this fatal)")
     kind, folder = model_kind(Path(model))
     if kind == "decoder":
-        ctx = json.loads((folder / "genai_config.json").read_text())["model"].get("context_length") or opts["window"]
+        from .device.llm import genai_config
+
+        gcfg = genai_config(folder)["model"]
+        ctx = gcfg.get("context_length") or opts["window"]
         if opts["window"] > ctx:
             opts["window"] = int(ctx)
             opts["stride"] = min(opts["stride"] or ctx // 2, ctx)
@@ -549,7 +588,8 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
     series: dict[str, Any] = {}
     with artifacts.stage_output(out, "validate", inputs={"model": folder, "reference": reference, "data": data, "prompts": prompts},
                                 options={**opts, "target": t.name}) as run:
-        pack = _get_pack(reference, kind, text=text, texts=texts, labels=labels, prompts=prompt_list, opts=opts, window=opts["window"], task=task)
+        pack = _get_pack(reference, kind, text=text, texts=texts, labels=labels, prompts=prompt_list, opts=opts, window=opts["window"], task=task,
+                         vocab=gcfg.get("vocab_size") if kind == "decoder" else None)
         if pack is not None:
             if not (reference and Path(reference, "reference.json").is_file()):
                 pack.save(run.dir / "reference")

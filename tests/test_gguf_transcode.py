@@ -207,3 +207,62 @@ def test_float_adapter_over_gguf_base_is_what_was_trained(tiny_gguf, tmp_path):
     vs = res["float_adapter_check"]["vs"]
     assert vs["peft_unmerged"]["max_abs_diff"] < 1e-3, vs
     assert res["float_adapter_check"]["adapter_effect_max_abs"] > 100 * vs["peft_unmerged"]["max_abs_diff"]
+
+
+def test_phi3_gguf_with_fused_qkv_and_gate_up_takes_the_exact_path(tmp_path):
+    """llama.cpp writes Phi-3's q/k/v as one attn_qkv and gate/up as one ffn_up; the transcode once looked them
+    up as separate q/k/v tensors and exited 2. Each fused tensor (or the row half the builder's node takes)
+    is now transcoded exactly, and the graph computes the dequantized model. (The tiny GGUF's vocabulary is a
+    ByteLevel BPE that transformers' SentencePiece-style Phi-3 converter garbles, so `export`'s tokenizer
+    probe is not part of this test: the transcode is called directly.)"""
+    import torch
+
+    from edgetune.device import llm as dev
+    from edgetune.llm.export import _build, _builder_input
+    from edgetune.llm.gguf_export import transcode
+    from edgetune.models import load_causal_lm, materialize
+    from tiny_gguf import write_tiny_phi3_gguf
+    from tiny_models import build_bpe_tokenizer
+
+    build_bpe_tokenizer(tmp_path)
+    src = write_tiny_phi3_gguf(tmp_path / "phi3.gguf", tmp_path)
+    folder = materialize(src).path
+    work = tmp_path / "work"
+    work.mkdir()
+    _build(_builder_input(folder, work), work / "fp32", "fp32", "cpu", work, {})
+    (work / "q").mkdir()
+    g = transcode(work / "fp32", work / "q", src, json.loads((folder / "config.json").read_text()),
+                  accuracy_level=0, eight_bit_level=None)
+    assert g["architecture"] == "phi3"
+    by_node = {n["node"]: n for n in g["nodes"]}
+    assert by_node["/model/layers.0/attn/qkv_proj/MatMul"]["gguf"] == ["blk.0.attn_qkv.weight"]
+    # the builder splits gate_up_proj into gate_proj and up_proj: each takes its half of ffn_up's rows
+    assert by_node["/model/layers.1/mlp/gate_proj/MatMul"]["gguf"] == by_node["/model/layers.1/mlp/up_proj/MatMul"]["gguf"] \
+        == ["blk.1.ffn_up.weight"]
+    assert [t["rows"] for t in g["tensors"] if t["gguf"] == "blk.1.ffn_up.weight"] == [[0, 512], [512, 1024]]
+    assert g["max_rel_diff_vs_gguf_dequantize"] <= 1e-6 and g["max_rel_diff_vs_builder_fp32"] <= 1e-6
+    assert g["all_prepacked"] and g["tensors_not_in_graph"] == []
+    ids = np.array([5, 17, 42, 99, 3, 250, 7, 64], dtype=np.int64)
+    got = dev.logits(dev.load(work / "q"), ids)
+    with torch.no_grad():
+        want = load_causal_lm(folder)(torch.tensor(ids)[None]).logits[0].numpy()
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), np.abs(got - want).max()
+
+
+def test_qwen3_gguf_whose_head_dim_is_not_hidden_over_heads(tmp_path):
+    """Qwen3's head_dim comes from the GGUF's attention.key_length (128 here, hidden 256 / 4 heads = 64): the
+    import keeps it and the export is the exact transcode (issue 27 saw exit 4 when a loader dropped it)."""
+    from edgetune.export import export
+    from edgetune.models import materialize
+    from tiny_gguf import write_tiny_qwen3_gguf
+    from tiny_models import build_bpe_tokenizer
+
+    build_bpe_tokenizer(tmp_path)
+    src = write_tiny_qwen3_gguf(tmp_path / "qwen3.gguf", tmp_path, head_dim=128)
+    cfg = json.loads((materialize(src).path / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3" and cfg["head_dim"] == 128 and cfg["hidden_size"] // cfg["num_attention_heads"] == 64
+    rec = json.loads((export(src, tmp_path / "gguf", target="cpu-x86") / "edgetune.json").read_text())["results"]
+    g = rec["gguf"]
+    assert rec["precision"] == "gguf" and g["architecture"] == "qwen3"
+    assert g["max_rel_diff_vs_gguf_dequantize"] <= 1e-6 and g["max_rel_diff_vs_builder_fp32"] <= 1e-6
+    assert rec["tokenizer_check"]["mismatches"] == 0

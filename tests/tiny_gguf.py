@@ -59,12 +59,11 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_llama_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, embedding_type: str = "Q4_1",
-                          override: dict[str, str] | None = None) -> Path:
-    """A tied-embedding 2-layer Llama GGUF with the tokenizer of ``tokenizer_dir`` (a ByteLevel BPE)."""
+def _writer(path: Path, arch: str, tokenizer_dir: Path, extra_tokens: tuple[str, ...] = ()):
+    """A GGUFWriter with the shared hyper-parameters and the vocabulary of ``tokenizer_dir`` (a ByteLevel
+    BPE; ``extra_tokens`` appended as special tokens); returns (writer, vocabulary size)."""
     import gguf
 
-    rng = np.random.default_rng(seed)
     tj = json.loads((tokenizer_dir / "tokenizer.json").read_text())
     vocab = dict(tj["model"]["vocab"])
     for a in tj.get("added_tokens", []):
@@ -73,10 +72,14 @@ def write_tiny_llama_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, emb
     assert [vocab[t] for t in tokens] == list(range(len(tokens)))
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
     specials = {a["content"]: a["id"] for a in tj.get("added_tokens", [])}
+    for t in extra_tokens:
+        if t not in vocab:
+            specials[t] = len(tokens)
+            tokens.append(t)
     n_vocab = len(tokens)
 
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-llama")
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
     w.add_block_count(LAYERS)
     w.add_context_length(512)
     w.add_embedding_length(HIDDEN)
@@ -97,6 +100,24 @@ def write_tiny_llama_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, emb
     w.add_pad_token_id(specials["<|im_end|>"])
     w.add_unk_token_id(specials["<|endoftext|>"])
     w.add_add_bos_token(False)
+    return w, n_vocab
+
+
+def _finish(w, path: Path) -> Path:
+    """The final norm, then header, metadata and tensors written out."""
+    w.add_tensor("output_norm.weight", np.ones(HIDDEN, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_tiny_llama_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, embedding_type: str = "Q4_1",
+                          override: dict[str, str] | None = None) -> Path:
+    """A tied-embedding 2-layer Llama GGUF with the tokenizer of ``tokenizer_dir`` (a ByteLevel BPE)."""
+    rng = np.random.default_rng(seed)
+    w, n_vocab = _writer(path, "llama", tokenizer_dir)
 
     def add(name: str, type_name: str, shape: tuple[int, int], scale: float = 0.05, n_head: int | None = None):
         x = rng.standard_normal(shape).astype(np.float32) * scale
@@ -118,9 +139,58 @@ def write_tiny_llama_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, emb
         add(f"blk.{i}.ffn_gate.weight", types["ffn_gate"], (FFN, HIDDEN))
         add(f"blk.{i}.ffn_up.weight", types["ffn_up"], (FFN, HIDDEN))
         add(f"blk.{i}.ffn_down.weight", types["ffn_down"], (HIDDEN, FFN))
-    w.add_tensor("output_norm.weight", np.ones(HIDDEN, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _finish(w, path)
+
+
+# the special tokens transformers' GGUF Phi-3 tokenizer converter adds: in the vocabulary, so their ids stay inside it
+PHI3_SPECIALS = ("</s>", "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+                 "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>")
+
+
+def write_tiny_phi3_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, qkv_type: str = "Q4_K",
+                         gate_up_type: str = "Q5_0") -> Path:
+    """A 2-layer Phi-3 GGUF as llama.cpp's converter writes one: q/k/v fused in ``attn_qkv``, gate/up in
+    ``ffn_up`` (gate rows first), an untied ``output`` head; head_dim 64, GQA 4:2."""
+    rng = np.random.default_rng(seed)
+    w, n_vocab = _writer(path, "phi3", tokenizer_dir, PHI3_SPECIALS)
+    head_dim = HIDDEN // HEADS
+
+    def add(name: str, type_name: str, shape: tuple[int, int], scale: float = 0.05):
+        data, raw = tensor_data(rng, type_name, rng.standard_normal(shape).astype(np.float32) * scale)
+        w.add_tensor(name, data, raw_dtype=raw)
+
+    add("token_embd.weight", "Q8_0", (n_vocab, HIDDEN), 0.5)
+    for i in range(LAYERS):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        add(f"blk.{i}.attn_qkv.weight", qkv_type, (HIDDEN + 2 * KV_HEADS * head_dim, HIDDEN))
+        add(f"blk.{i}.attn_output.weight", "Q4_0", (HIDDEN, HIDDEN))
+        add(f"blk.{i}.ffn_up.weight", gate_up_type, (2 * FFN, HIDDEN))
+        add(f"blk.{i}.ffn_down.weight", "Q6_K", (HIDDEN, FFN))
+    add("output.weight", "Q8_0", (n_vocab, HIDDEN))
+    return _finish(w, path)
+
+
+def write_tiny_qwen3_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, head_dim: int = 128) -> Path:
+    """A 2-layer Qwen3 GGUF whose head_dim (``attention.key_length``) is not hidden / heads, with q/k norms."""
+    rng = np.random.default_rng(seed)
+    w, n_vocab = _writer(path, "qwen3", tokenizer_dir)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+
+    def add(name: str, type_name: str, shape: tuple[int, int], scale: float = 0.05):
+        data, raw = tensor_data(rng, type_name, rng.standard_normal(shape).astype(np.float32) * scale)
+        w.add_tensor(name, data, raw_dtype=raw)
+
+    add("token_embd.weight", "Q8_0", (n_vocab, HIDDEN), 0.5)
+    for i in range(LAYERS):
+        for norm, width in (("attn_norm", HIDDEN), ("ffn_norm", HIDDEN), ("attn_q_norm", head_dim), ("attn_k_norm", head_dim)):
+            w.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(width)).astype(np.float32))
+        add(f"blk.{i}.attn_q.weight", "Q4_0", (HEADS * head_dim, HIDDEN))
+        add(f"blk.{i}.attn_k.weight", "Q4_0", (KV_HEADS * head_dim, HIDDEN))
+        add(f"blk.{i}.attn_v.weight", "Q4_0", (KV_HEADS * head_dim, HIDDEN))
+        add(f"blk.{i}.attn_output.weight", "Q4_0", (HIDDEN, HEADS * head_dim))
+        add(f"blk.{i}.ffn_gate.weight", "Q4_0", (FFN, HIDDEN))
+        add(f"blk.{i}.ffn_up.weight", "Q4_0", (FFN, HIDDEN))
+        add(f"blk.{i}.ffn_down.weight", "Q4_0", (HIDDEN, FFN))
+    return _finish(w, path)

@@ -140,3 +140,21 @@ def build_tiny_bert(out: Path, num_labels: int = 2, seed: int = 0) -> Path:
     model = BertForSequenceClassification(cfg).eval()
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+NER_TAGS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+
+
+def build_tiny_bert_ner(out: Path, seed: int = 0) -> Path:
+    """A 2-layer random BERT token classifier (BIO tags NER_TAGS) with a WordPiece tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForTokenClassification
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_wordpiece_tokenizer(out)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=256, num_labels=len(NER_TAGS), id2label=dict(enumerate(NER_TAGS)),
+                     label2id={t: i for i, t in enumerate(NER_TAGS)})
+    BertForTokenClassification(cfg).eval().save_pretrained(out, safe_serialization=True)
+    return out

@@ -18,20 +18,21 @@ from __future__ import annotations
 import json
 import math
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from .. import artifacts, console
+from ..cleanup import temp_dir
 from ..errors import BadInput, CheckFailed, require
+from ..quant import algorithms
 
 ADAPTER_SUFFIX = ".onnx_adapter"
 INDEX = "adapters.json"
 INDEX_FORMAT = 1
 CHECK_PROMPTS = ("The capital of France is", "Turn on the kitchen lights at 7 pm.")
-BUILDER_QUANT = ("rtn", "k_quant")  # int4/int8 made by the builder itself (its to_nbits honours nodes_to_exclude)
+BUILDER_QUANT = algorithms(backend="builder")  # int4/int8 made by the builder itself (its to_nbits honours nodes_to_exclude)
 FP32_TOLERANCE = 1e-3  # max |logit diff| of ORT (graph + adapter file) vs PyTorch (base + PEFT adapter)
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -368,7 +369,7 @@ def export_with_adapters(model_dir: Path, out: Path, *, target, precision: str, 
     options = {"precision": precision, "int4": int4, "adapters": names, "adapter_format": INDEX_FORMAT,
                "target": t.model_dump(mode="json", exclude={"source"})}
     with artifacts.stage_output(out, "export", inputs=inputs, options=options) as run, \
-            tempfile.TemporaryDirectory(prefix="edgetune-lora-") as scratch:
+            temp_dir("lora") as scratch:
         plan: dict[str, dict[str, Any]] = {}
         probe = Path(scratch) / "probe"
         union = _write_probe(specs, probe)

@@ -15,6 +15,16 @@ o           o_proj                              v_proj rows (+ bias), s shared b
                                                 heads of one kv head (GQA: they read the same v)
 ==========  ==================================  =============================================
 
+The layouts (``_LAYOUTS``): Llama's above (llama, mistral, qwen2, qwen3: qwen3's q/k norms act on
+q_proj/k_proj's outputs, not their inputs); Phi-3 (phi3: Phi-3/3.5-mini and Phi-4-mini) packs
+q/k/v into one ``qkv_proj`` and gate/up into one ``gate_up_proj``, so attn-in and mlp-in scale the
+fused weights' columns, the down group divides the up rows (the second half of ``gate_up_proj``)
+and the o group the v rows (the last ``kv_heads * head_dim`` rows of ``qkv_proj``); Gemma (gemma,
+gemma2, gemma3_text) normalizes with ``x * (1 + w)``, so ``x / s`` is ``w' = (1 + w) / s - 1``, and
+Gemma 2 / 3's MLP reads ``pre_feedforward_layernorm``. Refused (the folds would not be exact): phi
+(Phi-2: parallel attention and MLP behind one LayerNorm with a bias), olmo (LayerNorm without
+weights), granite, nemotron, chatglm (not worked out).
+
 Row scaling of up_proj / v_proj does not change their own int4 error (a block runs along a row,
 its scale scales with it). ``s = mean|x|^a`` (llm-awq's form, normalized to a geometric mean of 1),
 ``a`` searched on a grid of 20 per group for the least output error ``|x W^T - x (Q(W s)/s)^T|^2``
@@ -41,9 +51,10 @@ from typing import Any
 
 from ..errors import BadInput, CheckFailed, require
 
-# Architectures with Llama's layer layout and an RMSNorm that multiplies by its weight (Gemma's 1 + w does
-# not, Phi-3 packs qkv / gate_up): the folds above are exact for these.
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+# model type -> (layout, norm form): the layouts whose folds are exact (see the module docstring)
+_LAYOUTS = {"llama": ("llama", "w"), "mistral": ("llama", "w"), "qwen2": ("llama", "w"), "qwen3": ("llama", "w"),
+            "phi3": ("phi3", "w"), "gemma": ("llama", "1+w"), "gemma2": ("gemma", "1+w"), "gemma3_text": ("gemma", "1+w")}
+SUPPORTED = tuple(_LAYOUTS)
 GRID = 20
 MAX_ROWS = 512  # calibration rows kept per group for the search (strided over all tokens)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
@@ -122,6 +133,41 @@ def _search(x_mean, rows, weights, q: dict[str, Any], tie=None):
     return s, {"alpha": a, "err_rtn": rtn_err, "err_awq": err, "rows": int(rows.shape[0])}
 
 
+def _divide_norm(norm, form: str):
+    """x / s made by an RMSNorm: ``w / s``, or for Gemma's ``x * (1 + w)``, ``w' = (1 + w) / s - 1``."""
+    def fold(s) -> None:
+        if form == "1+w":
+            norm.weight.copy_((1 + norm.weight) / s - 1)
+        else:
+            norm.weight.div_(s)
+    return fold
+
+
+def _divide_rows(linear, start: int = 0, stop: int | None = None):
+    """x / s made by rows ``start:stop`` of a linear (its output channels), bias included."""
+    def fold(s) -> None:
+        linear.weight[start:stop].div_(s[:, None])
+        if linear.bias is not None:
+            linear.bias[start:stop].div_(s)
+    return fold
+
+
+def _plan(layer, layout: str, norm_form: str, q_size: int, kv_size: int) -> list[tuple[str, tuple, Any]]:
+    """Per group: (name, the linears reading its input (the first is hooked), the fold that makes x / s)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if layout == "phi3":  # fused qkv_proj [q; k; v] and gate_up_proj [gate; up]
+        inter = mlp.down_proj.in_features
+        return [("attn-in", (attn.qkv_proj,), _divide_norm(layer.input_layernorm, norm_form)),
+                ("mlp-in", (mlp.gate_up_proj,), _divide_norm(layer.post_attention_layernorm, norm_form)),
+                ("down", (mlp.down_proj,), _divide_rows(mlp.gate_up_proj, inter, 2 * inter)),
+                ("o", (attn.o_proj,), _divide_rows(attn.qkv_proj, q_size + kv_size, q_size + 2 * kv_size))]
+    mlp_norm = layer.pre_feedforward_layernorm if layout == "gemma" else layer.post_attention_layernorm
+    return [("attn-in", (attn.q_proj, attn.k_proj, attn.v_proj), _divide_norm(layer.input_layernorm, norm_form)),
+            ("mlp-in", (mlp.gate_proj, mlp.up_proj), _divide_norm(mlp_norm, norm_form)),
+            ("down", (mlp.down_proj,), _divide_rows(mlp.up_proj)),
+            ("o", (attn.o_proj,), _divide_rows(attn.v_proj))]
+
+
 def scale_checkpoint(src: Path, out: Path, *, token_ids: list[list[int]], q: dict[str, Any]) -> dict[str, Any]:
     """Write ``src`` (an HF decoder folder) with AWQ scales folded in to ``out``; return the record part."""
     torch = require("torch", purpose="awq")
@@ -133,13 +179,16 @@ def scale_checkpoint(src: Path, out: Path, *, token_ids: list[list[int]], q: dic
     layers = model.model.layers
     tokens = sum(len(t) for t in token_ids)
     stride = max(1, tokens // MAX_ROWS)
-    groups = ("attn-in", "mlp-in", "down", "o")
-    stats = {(i, g): _Stats(stride) for i in range(len(layers)) for g in groups}
+    layout, norm_form = _LAYOUTS[cfg.model_type]
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    per_kv = heads // kv
+    plans = [_plan(layer, layout, norm_form, heads * head_dim, kv * head_dim) for layer in layers]
+    stats = {(i, g): _Stats(stride) for i, plan in enumerate(plans) for g, *_ in plan}
     hooks = []
-    for i, layer in enumerate(layers):
-        for g, mod in (("attn-in", layer.self_attn.q_proj), ("mlp-in", layer.mlp.gate_proj),
-                       ("down", layer.mlp.down_proj), ("o", layer.self_attn.o_proj)):
-            hooks.append(mod.register_forward_pre_hook(lambda _m, args, key=(i, g): stats[key].add(args[0])))
+    for i, plan in enumerate(plans):
+        for g, linears, _fold in plan:
+            hooks.append(linears[0].register_forward_pre_hook(lambda _m, args, key=(i, g): stats[key].add(args[0])))
     probe = torch.tensor([token_ids[0]])
     try:
         with torch.no_grad():
@@ -150,37 +199,19 @@ def scale_checkpoint(src: Path, out: Path, *, token_ids: list[list[int]], q: dic
             h.remove()
     with torch.no_grad():
         before = model(input_ids=probe).logits[0]
-    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    per_kv = heads // kv
-
     def tie_gqa(s):  # o_proj's input channel h*d + i is v row (h // per_kv)*d + i: one scale per v row
         return s.reshape(kv, per_kv, head_dim).mean(1).repeat_interleave(per_kv, 0).reshape(-1)
 
     table = []
     with torch.no_grad():
-        for i, layer in enumerate(layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            plan = (("attn-in", (attn.q_proj, attn.k_proj, attn.v_proj), layer.input_layernorm, None),
-                    ("mlp-in", (mlp.gate_proj, mlp.up_proj), layer.post_attention_layernorm, None),
-                    ("down", (mlp.down_proj,), mlp.up_proj, None),
-                    ("o", (attn.o_proj,), attn.v_proj, tie_gqa))
-            for g, linears, prev, tie in plan:
+        for i, plan in enumerate(plans):
+            for g, linears, fold in plan:
                 x_mean, rows = stats[(i, g)].result()
-                s, row = _search(x_mean, rows, [m.weight for m in linears], q, tie=tie)
+                s, row = _search(x_mean, rows, [m.weight for m in linears], q, tie=tie_gqa if g == "o" else None)
                 for m in linears:
                     m.weight.mul_(s)
-                if g == "o":
-                    sv = s.reshape(kv, per_kv, head_dim)[:, 0].reshape(-1)
-                    prev.weight.div_(sv[:, None])
-                    if prev.bias is not None:
-                        prev.bias.div_(sv)
-                elif g == "down":
-                    prev.weight.div_(s[:, None])
-                    if prev.bias is not None:
-                        prev.bias.div_(s)
-                else:
-                    prev.weight.div_(s)
+                # o: one scale per v row (the query heads of a kv head share it, tie_gqa made them equal)
+                fold(s.reshape(kv, per_kv, head_dim)[:, 0].reshape(-1) if g == "o" else s)
                 table.append({"layer": i, "group": g, **row})
         after = model(input_ids=probe).logits[0]
     diff = float((after - before).abs().max())

@@ -8,21 +8,20 @@ records them: the record proves the options reached the graph.
 from __future__ import annotations
 
 import json
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .. import artifacts, console
+from ..cleanup import temp_dir
 from ..errors import BadInput, CheckFailed, require
 from ..targets import load_target
 from . import kernels
 from .mixed import base_name
-from .quantize import (AWQ_ALGORITHMS, BUILDER_ALGORITHMS, CALIBRATED, INC_ALGORITHMS, ORT_ALGORITHMS, UNAVAILABLE,
-                       ZERO_POINTS_ALWAYS, ZERO_POINTS_FOLDED, check_algorithm, embedding_block_size, encode_calibration, inc_checkpoint, inc_weight_parity,
-                       load_calibration, quantize_embedding_in, quantize_lm_head_in, quantize_onnx)
+from ..quant import BLOCK_SIZES, LM_HEADS, QATSpec, algorithms, embedding_block_size, int4_algorithm
+from .quantize import (encode_calibration, inc_checkpoint, inc_weight_parity, load_calibration, quantize_embedding_in,
+                       quantize_lm_head_in, quantize_onnx)
 
-LM_HEAD_CHOICES = ("int4", "int8", "fp32")
-OTHER_ALGORITHMS = ORT_ALGORITHMS + INC_ALGORITHMS + tuple(UNAVAILABLE)
 TOKENIZER_PROBES = (
     "Hello, world!",
     "  leading spaces and\ttabs\nnewlines",
@@ -38,21 +37,21 @@ def int4_options(target, int4: dict | None) -> dict[str, Any]:
     unknown = set(q) - {"algorithm", "block_size", "symmetric", "accuracy_level"} - set(target.quantization.int4.model_dump())
     if unknown:
         raise BadInput(f"unknown int4 option(s): {', '.join(sorted(unknown))}", hint="use algorithm, block_size, symmetric, accuracy_level, lm_head")
-    check_algorithm(q["algorithm"])
-    if q["block_size"] not in (16, 32, 64, 128, 256):
-        raise BadInput(f"int4 block size {q['block_size']} is not supported", hint="use 16, 32, 64, 128 or 256")
-    if q.get("lm_head", "int4") not in LM_HEAD_CHOICES:
-        raise BadInput(f"int4 lm_head '{q['lm_head']}' is not supported", hint="use " + ", ".join(LM_HEAD_CHOICES))
-    if q["algorithm"] == "gptq" and q["lm_head"] != "int4":
-        # onnxruntime's GPTQ quantizes every MatMul (it ignores nodes_to_exclude)
-        raise BadInput(f"int4 algorithm 'gptq' quantizes lm_head to int4; lm_head '{q['lm_head']}' is not available with it",
-                       hint="use --int4-lm-head int4 with gptq, or another algorithm")
-    if q["algorithm"] == "hqq" and q["symmetric"]:
-        # HQQ fits a float zero point per block: it is asymmetric by construction.
+    alg = int4_algorithm(q["algorithm"])
+    if q["block_size"] not in BLOCK_SIZES:
+        raise BadInput(f"int4 block size {q['block_size']} is not supported", hint="use " + ", ".join(map(str, BLOCK_SIZES)))
+    if q.get("lm_head", "int4") not in LM_HEADS:
+        raise BadInput(f"int4 lm_head '{q['lm_head']}' is not supported", hint="use " + ", ".join(LM_HEADS))
+    if not alg.any_lm_head and q["lm_head"] != "int4":
+        # e.g. onnxruntime's GPTQ quantizes every MatMul (it ignores nodes_to_exclude)
+        raise BadInput(f"int4 algorithm '{alg.name}' quantizes lm_head to int4; lm_head '{q['lm_head']}' is not available with it",
+                       hint=f"use --int4-lm-head int4 with {alg.name}, or another algorithm")
+    if alg.asymmetric_only and q["symmetric"]:
+        # e.g. HQQ fits a float zero point per block: it is asymmetric by construction.
         if (int4 or {}).get("symmetric"):
-            raise BadInput("int4 algorithm 'hqq' is asymmetric by construction (a zero point per block)",
-                           hint="drop --int4-symmetric or use --int4-asymmetric with hqq")
-        console.warn("hqq is asymmetric by construction: the profile's symmetric=true is not used")
+            raise BadInput(f"int4 algorithm '{alg.name}' is asymmetric by construction (a zero point per block)",
+                           hint=f"drop --int4-symmetric or use --int4-asymmetric with {alg.name}")
+        console.warn(f"{alg.name} is asymmetric by construction: the profile's symmetric=true is not used")
         q["symmetric"] = False
     return q
 
@@ -87,8 +86,6 @@ def _quant_aware_grid(model_dir: Path, precision: str, q: dict | None, mixed) ->
     gate = (((artifacts.read_record(model_dir) or {}).get("results") or {}).get("gate") or {}).get("vs_fake_quant")
     if not gate:
         return None
-    from ..finetune.qat import QATSpec
-
     spec = QATSpec(block_size=gate["block_size"], lm_head=gate["lm_head"])
     diffs = spec.matches_export(q) if precision == "int4" and q else [f"precision {precision} (trained for int4)"]
     if mixed:
@@ -238,20 +235,23 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     ep = t.runtime.resolved_builder_provider
     q = int4_options(t, int4) if precision in ("int4", "int8") else None
     algorithm = q["algorithm"] if q else None
-    if precision == "int8" and algorithm not in BUILDER_ALGORITHMS:
-        raise BadInput(f"int8 is made by the builder (rtn or k_quant), not by int4 algorithm '{algorithm}'",
+    alg = int4_algorithm(algorithm) if q else None
+    if precision == "int8" and not alg.int8:
+        raise BadInput(f"int8 is made by the builder ({' or '.join(algorithms(int8=True))}), not by int4 algorithm '{algorithm}'",
                        hint="use --int4-algorithm rtn with --precision int8, or --precision int4")
     cpu = t.runtime.execution_provider == "cpu"
     from .mixed import check_mixed_request
 
     measure = check_mixed_request(mixed, precision=precision, algorithm=algorithm)
-    if cpu and algorithm in kernels.SLOW_ALGORITHMS and precision == "int4" and not allow_slow_kernel:
-        raise BadInput(kernels.SLOW_ALGORITHMS[algorithm], hint="use rtn or k_quant (or pass --allow-slow-kernel to ship it anyway)")
-    calibrated = precision == "int4" and (algorithm in CALIBRATED or measure)
+    if cpu and alg and alg.slow_kernel and precision == "int4" and not allow_slow_kernel:
+        raise BadInput(alg.slow_kernel, hint="use rtn or k_quant (or pass --allow-slow-kernel to ship it anyway)")
+    calibrated = precision == "int4" and (alg.calibrated or measure)
     if calibration is not None and not calibrated:
-        raise BadInput("--calibration is only used by the int4 algorithms awq, gptq and inc-gptq and by mixed precision",
-                       hint="drop --calibration or pass --precision int4 --int4-algorithm awq (or gptq, inc-gptq)")
-    if precision == "int4" and algorithm in AWQ_ALGORITHMS:
+        names = algorithms(calibrated=True)
+        raise BadInput(f"--calibration is only used by the int4 algorithms {', '.join(names[:-1])} and {names[-1]} and by mixed precision",
+                       hint=f"drop --calibration or pass --precision int4 --int4-algorithm {names[0]} (or {', '.join(names[1:])})")
+    backend = alg.backend if precision == "int4" else "builder"
+    if backend == "awq":
         from .awq import check_supported
 
         check_supported(model_dir)
@@ -289,18 +289,18 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
                "calibration": calib.sha256 if calib else None, "target": t.model_dump(mode="json", exclude={"source"})}
     inputs = {"model": model_dir, "calibration": calib.path if calib else None}
     with artifacts.stage_output(out, "export", inputs=inputs, options=options) as run, \
-            tempfile.TemporaryDirectory(prefix="edgetune-genai-") as cache_name:
+            temp_dir("genai") as cache_name:
         cache = Path(cache_name)
         src = _builder_input(model_dir, cache)
         token_ids = encode_calibration(model_dir, calib.texts) if calib else None
         qinfo: dict[str, Any] = {"quantizer": "onnxruntime-genai builder"} if q else {}
         parity = None
-        if precision == "int4" and algorithm in ORT_ALGORITHMS:
+        if backend == "ort":
             # fp32 graph with its own embedding table (untied), then its MatMuls quantized
             _build(src, cache / "fp32", "fp32", ep, cache, {"shared_embeddings": "false"})
             with console.step(f"onnxruntime MatMulNBitsQuantizer ({algorithm} int4)"), console.results_only_stdout():
                 qinfo = quantize_onnx(cache / "fp32", run.dir, algorithm=algorithm, q=q, token_ids=token_ids)
-        elif precision == "int4" and algorithm in INC_ALGORITHMS:
+        elif backend == "inc":
             with console.step(f"neural-compressor ({algorithm} int4)"), console.results_only_stdout():
                 qmodel, qinfo = inc_checkpoint(src, cache / "inc", algorithm=algorithm, q=q, token_ids=token_ids)
             _build(cache / "inc", run.dir, precision, ep, cache, extra)
@@ -311,7 +311,7 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
                 raise CheckFailed(f"the graph's int4 weights differ from neural-compressor's (max |diff| {parity['max_abs_diff']:.3g} "
                                   f"over {parity['compared']} MatMulNBits nodes)", hint="the builder misread the GPTQ-layout checkpoint")
         else:
-            if precision == "int4" and algorithm in AWQ_ALGORITHMS:  # scales folded into a checkpoint; the builder's RTN then
+            if backend == "awq":  # scales folded into a checkpoint; the builder's RTN then
                 from .awq import scale_checkpoint
 
                 with console.step("awq: activation-aware scales on the calibration texts"), console.results_only_stdout():
@@ -330,7 +330,7 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
 
                 with console.step(f"mixed precision: {len(plan['layers'])} MatMuls at 8 bits"), console.results_only_stdout():
                     qinfo["mixed"] = finish_mixed(run.dir, plan, q=q, execution_provider=t.runtime.execution_provider)
-        if precision == "int4" and algorithm not in ORT_ALGORITHMS and extra.get("shared_embeddings") == "false":
+        if precision == "int4" and backend != "ort" and extra.get("shared_embeddings") == "false":
             # untied by us (asymmetric int4): store the now separate embedding as int4 too, not float
             with console.step("int4 embedding (GatherBlockQuantized)"), console.results_only_stdout():
                 if quantize_embedding_in(run.dir, block_size=q["block_size"], symmetric=q["symmetric"]):
@@ -354,11 +354,11 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
             bits = 4 if precision == "int4" else 8
 
             def zero_points_ok(a) -> bool:
-                if algorithm in ZERO_POINTS_FOLDED:  # converted to the symmetric + correction form: none may remain
+                if alg.zero_points == "folded":  # converted to the symmetric + correction form: none may remain
                     return not a["zero_points"]
                 if not q["symmetric"]:
                     return a["zero_points"]
-                return algorithm in ZERO_POINTS_ALWAYS or not a["zero_points"]
+                return alg.zero_points == "always" or not a["zero_points"]
 
             eight = set((qinfo.get("mixed") or {}).get("layers", []))  # checked by finish_mixed
             if precision == "int4" and (q["lm_head"] == "int8" or eight):  # the head is checked above
@@ -377,6 +377,12 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
             raise CheckFailed(f"{len(slow)} MatMulNBits nodes would run off the CPU's prepacked kernels ({slow[0]['node']}: {slow[0]['path']})",
                               hint="use rtn or k_quant, accuracy_level 4 for 8-bit, or --allow-slow-kernel")
         tok = check_tokenizer(run.dir, model_dir) if ep == "cpu" else None
+        proof = None
+        from .proof import has_lora_branches, prove
+
+        if ep == "cpu" and not has_lora_branches(run.dir):  # the graph computes its model past any window (fp32: exact, else exit 1)
+            with console.step("graph vs PyTorch (teacher-forced, past the sliding window)"), console.results_only_stdout():
+                proof = prove(run.dir, model_dir, exact=precision == "fp32")
         size = sum(p.stat().st_size for p in run.dir.iterdir() if p.is_file())
         if calib:
             qinfo["calibration"] = {"file": str(calib.path), "samples": calib.count, "sha256": calib.sha256,
@@ -389,16 +395,58 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
                            builder_provider=ep, int4=q if precision == "int4" else None, int8=q if precision == "int8" else None,
                            quantization=qinfo or None, embeddings=embedding_kind(run.dir),
                            matmulnbits=nbits, lm_head=head, kernel_paths={**kernels.summary(paths), "nodes": paths}, size_mb=round(size / 2**20, 3), tokenizer_check=tok,
-                           exporter="onnxruntime-genai builder")
+                           graph_proof=proof, exporter="onnxruntime-genai builder")
     return out
 
 
 def _build(src: Path, out_dir: Path, precision: str, ep: str, cache: Path, extra: dict[str, str]) -> None:
     builder = require("onnxruntime_genai.models.builder", purpose="LLM export")
-    with console.step(f"onnxruntime-genai builder ({precision}, {ep})"), console.results_only_stdout():
+    with console.step(f"onnxruntime-genai builder ({precision}, {ep})"), console.results_only_stdout(), \
+            _sliding_layers_from_config(builder, src):
         kv = builder.parse_extra_options("", str(src), str(out_dir), precision, ep, str(cache),
                                          [f"{k}={v}" for k, v in extra.items()])
         builder.create_model("", str(src), str(out_dir), precision, ep, str(cache), **kv)
+
+
+def layer_types(config: dict[str, Any]) -> list[str] | None:
+    """Which layers slide, as transformers decides: ``config.layer_types``, else its default pattern."""
+    n = int(config.get("num_hidden_layers") or 0)
+    if config.get("layer_types"):
+        return list(config["layer_types"])
+    pattern = {"gemma2": 2, "gemma3_text": config.get("sliding_window_pattern") or 6}.get(config.get("model_type"))
+    if not pattern or not n:
+        return None
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+
+
+@contextmanager
+def _sliding_layers_from_config(builder, src: Path) -> Iterator[None]:
+    """Make the builder's Gemma 2 / 3 models slide the layers transformers slides.
+
+    The 0.15.2 builder hard-codes the pattern: Gemma 2 slides the odd layers (transformers the even
+    ones), Gemma 3 every layer but each sixth, ignoring ``config.layer_types``: the graph is wrong past
+    the window (Gemma 2) or from the first token (Gemma 3 with another pattern, through its per-layer
+    rope base). ``is_local`` is the builder's one hook for it; it is set from the config for the build
+    and restored after. The export's graph proof (:mod:`.proof`) checks the result either way.
+    """
+    cfg = json.loads((Path(src) / "config.json").read_text())
+    types = layer_types(cfg) if cfg.get("model_type") in ("gemma2", "gemma3_text") else None
+    # the classes create_model instantiates (the builder imports them as a top-level `builders` package)
+    classes = [getattr(builder, name) for name in ("Gemma2Model", "Gemma3Model") if hasattr(builder, name)]
+    if not types or not classes:
+        yield
+        return
+    saved = {cls: cls.__dict__.get("is_local") for cls in classes}
+    for cls in classes:
+        cls.is_local = lambda self, layer_id: types[layer_id] == "sliding_attention"
+    try:
+        yield
+    finally:
+        for cls, fn in saved.items():
+            if fn is None:
+                del cls.is_local
+            else:
+                cls.is_local = fn
 
 
 def embedding_kind(folder: Path) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .. import artifacts, console
+from ..cleanup import temp_dir
 from ..errors import BadInput, CheckFailed, require
 from .blockform import MS_DOMAIN, BlockForm, GraphEdit, _topo, exact_float
 
@@ -39,6 +40,9 @@ TOLERANCE = 1e-6  # max |w_onnx - w_gguf| / max |w_gguf| per tensor (fp32 roundi
 EIGHT_BIT_CPU_LEVEL = 4
 _MATMUL = re.compile(r"^/model/layers\.(?P<layer>\d+)/(?P<block>attn|mlp)/(?P<proj>[a-z_]+)/MatMul$")
 _PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# a node of the builder that is one equal row part of a fused checkpoint tensor (the builder splits
+# Phi-3's gate_up_proj into gate_proj and up_proj MatMuls): node proj -> (fused proj, part, parts)
+_PART_OF = {p: (fused, i, len(parts)) for fused, parts in _PACKED.items() for i, p in enumerate(parts)}
 
 
 def gguf_source(model_dir: Path) -> Path | None:
@@ -109,17 +113,18 @@ class GGUFTensors:
     def type_name(self, gguf_name: str) -> str:
         return self.tensors[gguf_name].tensor_type.name
 
-    def reference(self, gguf_name: str, perm: np.ndarray | None) -> np.ndarray:
-        """gguf's own dequantized tensor [N, K] (after the permutation)."""
+    def reference(self, gguf_name: str, perm: np.ndarray | None, rows: slice = slice(None)) -> np.ndarray:
+        """gguf's own dequantized tensor [N, K] (after the permutation; ``rows`` of it)."""
         from gguf.quants import dequantize
 
         t = self.tensors[gguf_name]
         k, n = int(t.shape[0]), int(t.shape[1])
         w = np.asarray(dequantize(np.asarray(t.data), t.tensor_type), np.float32).reshape(n, k)
-        return w if perm is None else w[perm]
+        return (w if perm is None else w[perm])[rows]
 
-    def form(self, gguf_name: str, perm: np.ndarray | None) -> BlockForm | None:
-        """The tensor as a BlockForm (rows permuted), None for a float type; BadInput for other types."""
+    def form(self, gguf_name: str, perm: np.ndarray | None, rows: slice = slice(None)) -> BlockForm | None:
+        """The tensor as a BlockForm (rows permuted, then ``rows`` of it: blocks run along a row, so a row
+        slice of the raw blocks is exact), None for a float type; BadInput for other types."""
         from .gguf_blocks import FLOAT_TYPES, SUPPORTED, UnsupportedType, to_blockform
 
         t = self.tensors[gguf_name]
@@ -130,23 +135,33 @@ class GGUFTensors:
         raw = np.asarray(t.data).reshape(n, -1)
         if perm is not None:
             raw = raw[perm]
+        raw = raw[rows]
         try:
-            return to_blockform(raw, kind, n, k)
+            return to_blockform(raw, kind, raw.shape[0], k)
         except UnsupportedType:
             raise BadInput(f"GGUF tensor {gguf_name} is {kind}, which has no exact MatMulNBits form "
                            f"(supported: {', '.join(SUPPORTED)})",
                            hint="use a GGUF quantized with one of those types, or --precision int4 to re-quantize") from None
 
 
-def _hf_names(node_name: str) -> list[str] | None:
+def _hf_names(node_name: str) -> list[list[tuple[str, tuple[int, int] | None]]] | None:
+    """The HF weights a builder MatMul may come from, in the order to try, each as (name, part): a packed
+    node (qkv_proj, gate_up_proj) is one fused tensor in a fused checkpoint (Phi-3: llama.cpp's attn_qkv /
+    ffn_up) and the concatenation of q/k/v (gate/up) in a Llama-layout one; a node the builder split out of
+    a fused tensor (Phi-3's gate_proj, up_proj) is part i of n equal row parts of it."""
     if node_name == "/lm_head/MatMul":
-        return ["lm_head.weight"]
+        return [[("lm_head.weight", None)]]
     m = _MATMUL.match(node_name)
     if not m:
         return None
-    block = "self_attn" if m["block"] == "attn" else "mlp"
-    projs = _PACKED.get(m["proj"], (m["proj"],))
-    return [f"model.layers.{m['layer']}.{block}.{p}.weight" for p in projs]
+    prefix = f"model.layers.{m['layer']}.{'self_attn' if m['block'] == 'attn' else 'mlp'}."
+    names = [[(f"{prefix}{m['proj']}.weight", None)]]
+    if m["proj"] in _PACKED:
+        names.append([(f"{prefix}{p}.weight", None) for p in _PACKED[m["proj"]]])
+    if m["proj"] in _PART_OF:
+        fused, i, n = _PART_OF[m["proj"]]
+        names.append([(f"{prefix}{fused}.weight", (i, n))])
+    return names
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -170,13 +185,14 @@ def transcode(src: Path, dst: Path, gguf_path: Path, config: dict[str, Any], *, 
     heads: dict[str, tuple[BlockForm, str, str]] = {}  # gguf name -> (form, B name, float32 scales name)
     seen_gguf: set[str] = set()
 
-    def proved(gname: str, form: BlockForm | None, perm, fp32_w: np.ndarray | None, hf: str) -> dict[str, Any]:
-        ref = g.reference(gname, perm)
+    def proved(gname: str, form: BlockForm | None, perm, fp32_w: np.ndarray | None, hf: str,
+               rows: slice = slice(None)) -> dict[str, Any]:
+        ref = g.reference(gname, perm, rows)
         w = ref if form is None else form.dequantize()
         vs_gguf = _rel(w, ref)
         vs_builder = _rel(w, fp32_w) if fp32_w is not None else None
         entry = {"gguf": gname, "hf": hf, "type": g.type_name(gname), "shape": list(ref.shape),
-                 "permuted_rows": perm is not None, "max_rel_diff_vs_gguf_dequantize": vs_gguf,
+                 "permuted_rows": perm is not None, **({"rows": [rows.start, rows.stop]} if rows != slice(None) else {}), "max_rel_diff_vs_gguf_dequantize": vs_gguf,
                  "max_rel_diff_vs_builder_fp32": vs_builder}
         if vs_gguf > TOLERANCE or (vs_builder is not None and vs_builder > TOLERANCE):
             raise CheckFailed(f"transcoded {gname} ({entry['type']}) differs from the GGUF weights "
@@ -188,12 +204,13 @@ def transcode(src: Path, dst: Path, gguf_path: Path, config: dict[str, Any], *, 
     for node in list(graph.node):
         if node.op_type != "MatMul" or "lora_" in node.name:
             continue
-        hf_names = _hf_names(node.name)
-        if hf_names is None or node.input[1] not in inits:
+        candidates = _hf_names(node.name)
+        if candidates is None or node.input[1] not in inits:
             continue
+        hf_names = next((c for c in candidates if all(g.gguf_name(hf) for hf, _ in c)), candidates[0])
         w_onnx = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)  # [K, N]
         pieces, forms, offsets = [], [], 0
-        for hf in hf_names:
+        for hf, part in hf_names:
             gname = g.gguf_name(hf)
             if gname is None and hf == "lm_head.weight":
                 gname = g.gguf_name("model.embed_tokens.weight")  # tied head
@@ -203,8 +220,10 @@ def transcode(src: Path, dst: Path, gguf_path: Path, config: dict[str, Any], *, 
             t = g.tensors[gname]
             n = int(t.shape[1])
             perm = g.row_permutation(gname, n)
-            form = g.form(gname, perm)
-            entry = proved(gname, form, perm, w_onnx[:, offsets:offsets + n].T, hf)
+            rows = slice(None) if part is None else slice(part[0] * n // part[1], (part[0] + 1) * n // part[1])
+            form = g.form(gname, perm, rows)
+            n = len(range(n)[rows])
+            entry = proved(gname, form, perm, w_onnx[:, offsets:offsets + n].T, hf, rows)
             offsets += n
             pieces.append((gname, entry))
             forms.append(form)
@@ -362,7 +381,6 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
     ``fuse``: then fuse the block-sum corrections of the linears sharing an input (:func:`.fuse.fuse_folder`);
     the logit check below runs on the fused graph.
     """
-    import tempfile
 
     from ..targets import load_target
     from .export import _build, _builder_input, _configure_genai, check_tokenizer, embedding_kind, lm_head_attributes, \
@@ -386,10 +404,16 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
     options = {"precision": "gguf", "accuracy_level": level, "eight_bit_accuracy_level": eight, "execution_provider": ep, "fuse": fuse,
                "target": t.model_dump(mode="json", exclude={"source"})}
     with artifacts.stage_output(out, "export", inputs={"model": model_dir, "gguf": gguf_path}, options=options) as run, \
-            tempfile.TemporaryDirectory(prefix="edgetune-gguf-") as scratch_name:
+            temp_dir("gguf") as scratch_name:
         scratch = Path(scratch_name)
         src = _builder_input(model_dir, scratch)
         _build(src, scratch / "fp32", "fp32", ep, scratch, {})
+        from .proof import has_lora_branches, prove
+
+        graph_proof = None  # with LoRA branches (a float or runtime adapter) the graph is base + adapter: its own check
+        if not has_lora_branches(scratch / "fp32"):
+            with console.step("fp32 graph vs PyTorch (teacher-forced, past the sliding window)"), console.results_only_stdout():
+                graph_proof = prove(scratch / "fp32", model_dir, exact=True, what="graph of the dequantized GGUF")
         with console.step(f"transcode {gguf_path.name} (GGUF blocks -> MatMulNBits)"), console.results_only_stdout():
             info = transcode(scratch / "fp32", run.dir, gguf_path, config, accuracy_level=level, eight_bit_level=eight)
         if fuse:
@@ -411,7 +435,7 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
                            execution_provider=t.runtime.execution_provider, builder_provider=ep, int4=None, int8=None,
                            quantization={"quantizer": "edgetune GGUF transcode (exact)", "accuracy_level": level,
                                          "eight_bit_accuracy_level": eight},
-                           gguf=info, embeddings=embedding_kind(run.dir), matmulnbits=matmulnbits_attributes(run.dir),
+                           gguf=info, graph_proof=graph_proof, embeddings=embedding_kind(run.dir), matmulnbits=matmulnbits_attributes(run.dir),
                            lm_head=lm_head_attributes(run.dir), size_mb=round(size / 2**20, 3), tokenizer_check=tok,
                            exporter="onnxruntime-genai builder + edgetune GGUF transcode")
     return out
@@ -422,3 +446,4 @@ def _has_lora_inputs(folder: Path) -> bool:
 
     m = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     return any("lora" in i.name for i in m.graph.input)
+

@@ -1,0 +1,124 @@
+"""The model families edgetune declares, proven on tiny random models with the runtime's real shapes.
+
+Each family: head_dim 64, GQA 2:1, its own quirks (tied/untied head, qk-norm, soft-capping, fused
+Phi-3 projections), and a sliding window (16 tokens) shorter than the export's graph proof, so every
+sliding-window layer is crossed. ``export`` proves its graph against PyTorch itself (edgetune.llm.proof):
+fp32 must be exact past the window, int4 is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgetune.errors import CheckFailed
+from edgetune.export import export
+
+WINDOW = 16
+
+
+def build_family(family: str, out: Path) -> Path:
+    import torch
+    import transformers
+
+    from tiny_models import build_bpe_tokenizer
+
+    out.mkdir(parents=True)
+    tok = build_bpe_tokenizer(out)
+    common = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    make = {
+        "llama": lambda: (transformers.LlamaConfig(**common, head_dim=64, tie_word_embeddings=True), transformers.LlamaForCausalLM),
+        "mistral": lambda: (transformers.MistralConfig(**common, head_dim=64, sliding_window=WINDOW), transformers.MistralForCausalLM),
+        "qwen2": lambda: (transformers.Qwen2Config(**common, tie_word_embeddings=True), transformers.Qwen2ForCausalLM),
+        "qwen3": lambda: (transformers.Qwen3Config(**common, head_dim=64), transformers.Qwen3ForCausalLM),
+        "phi3": lambda: (transformers.Phi3Config(**common, rope_scaling=None, sliding_window=None, tie_word_embeddings=False),
+                         transformers.Phi3ForCausalLM),
+        # Phi-4-mini's layout: partial rotary (0.75 of head_dim 64), tied head, LongRoPE factors
+        "phi4-mini": lambda: (transformers.Phi3Config(
+            **{**common, "max_position_embeddings": 512}, partial_rotary_factor=0.75, tie_word_embeddings=True, sliding_window=None,
+            original_max_position_embeddings=256,
+            rope_scaling={"type": "longrope", "short_factor": [1.0 + i / 48 for i in range(24)],
+                          "long_factor": [2.0 + i / 24 for i in range(24)]}), transformers.Phi3ForCausalLM),
+        "gemma2": lambda: (transformers.Gemma2Config(**common, head_dim=64, sliding_window=WINDOW), transformers.Gemma2ForCausalLM),
+        # a layer pattern other than Gemma 3's default 1-in-6 (the builder once ignored layer_types)
+        "gemma3_text": lambda: (transformers.Gemma3TextConfig(
+            **common, head_dim=64, sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention", "full_attention", "sliding_attention"]), transformers.Gemma3ForCausalLM),
+    }
+    cfg, cls = make[family]()
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "phi4-mini", "gemma2", "gemma3_text"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_exports_fp32_exactly_past_the_sliding_window_and_int4(family, tmp_path):
+    src = build_family(family, tmp_path / "src")
+    fp32 = json.loads((export(src, tmp_path / "fp32", target="cpu-x86", precision="fp32") / "edgetune.json").read_text())["results"]
+    proof = fp32["graph_proof"]
+    assert proof["max_abs_logit_diff"] <= 1e-3 * max(1.0, proof["logit_scale"]) and proof["top1_agreement"] == 1.0, proof
+    if family in ("mistral", "gemma2", "gemma3_text"):
+        assert proof["sliding_window"] == WINDOW and proof["tokens"] > WINDOW and proof["max_abs_logit_diff_past_window"] is not None
+    int4 = json.loads((export(src, tmp_path / "int4", target="cpu-x86", precision="int4") / "edgetune.json").read_text())["results"]
+    q = int4["graph_proof"]
+    assert q["tolerance"] is None and q["tokens"] == proof["tokens"] and 0.0 < q["max_abs_logit_diff"] and q["top1_agreement"] > 0.3, q
+
+
+def test_a_graph_that_does_not_compute_its_model_fails_the_export(tmp_path, monkeypatch):
+    """Without the builder fix, Gemma 2's graph slides the wrong layers: the export says so (exit 1) and writes nothing."""
+    import contextlib
+
+    from edgetune.llm import export as llm_export
+
+    src = build_family("gemma2", tmp_path / "src")
+    monkeypatch.setattr(llm_export, "_sliding_layers_from_config", lambda builder, src: contextlib.nullcontext())
+    with pytest.raises(CheckFailed, match=f"past its sliding window of {WINDOW} tokens only .* sliding-window attention layers"):
+        export(src, tmp_path / "fp32", target="cpu-x86", precision="fp32")
+    assert not (tmp_path / "fp32").exists()
+
+
+def test_sliding_layers_follow_transformers(tmp_path):
+    """Which layers slide: config.layer_types, else transformers' default pattern per family."""
+    from edgetune.llm.export import layer_types
+
+    assert layer_types({"model_type": "gemma2", "num_hidden_layers": 4}) == ["sliding_attention", "full_attention"] * 2
+    assert layer_types({"model_type": "gemma3_text", "num_hidden_layers": 7})[5:] == ["full_attention", "sliding_attention"]
+    assert layer_types({"model_type": "gemma3_text", "num_hidden_layers": 2, "layer_types": ["full_attention"] * 2}) == ["full_attention"] * 2
+    import transformers
+
+    for cfg in (transformers.Gemma2Config(num_hidden_layers=6), transformers.Gemma3TextConfig(num_hidden_layers=12)):
+        d = cfg.to_dict()
+        d.pop("layer_types", None)
+        assert layer_types(d) == cfg.layer_types
+
+
+def test_an_attention_shape_onnxruntime_cannot_run_is_refused_before_the_build(tmp_path):
+    """Phi-4-mini's partial rotary at head_dim 16: a rotary cache of width 6 (GroupQueryAttention needs a multiple
+    of 8). It once exported 'ok' and crashed at validate with exit 4; now exit 2 before any work."""
+    import torch
+    import transformers
+
+    from edgetune.errors import BadInput
+    from tiny_models import build_bpe_tokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    tok = build_bpe_tokenizer(src)
+    cfg = transformers.Phi3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.75, rope_scaling=None,
+                                  sliding_window=None, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    transformers.Phi3ForCausalLM(cfg).save_pretrained(src, safe_serialization=True)
+    with pytest.raises(BadInput, match="rotary cache of width 6, which must be a multiple of 8"):
+        export(src, tmp_path / "out", target="cpu-x86", precision="fp32")
+    assert not (tmp_path / "out").exists()
