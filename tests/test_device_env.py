@@ -234,6 +234,58 @@ def test_run_encoder_bundle(device, encoder_bundle):
     assert all(x["label"] in labels and 0.0 < x["probability"] <= 1.0 for x in r["results"])
 
 
+@pytest.fixture(scope="module")
+def ner_model(tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_bert_ner
+
+    return build_tiny_bert_ner(tmp_path_factory.mktemp("tiny-ner"))
+
+
+def _torch_entities(model_dir: Path, text: str) -> list[tuple[str, str]]:
+    """(label, span text) per entity from the PyTorch model: first sub-token of each word, BIO spans."""
+    import re
+
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from edgetune.device.metrics import entities
+
+    words = [(m.group(), m.start(), m.end()) for m in re.finditer(r"\w+|[^\w\s]", text)]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForTokenClassification.from_pretrained(model_dir).eval()
+    enc = tok([w for w, _, _ in words], is_split_into_words=True, return_tensors="pt")
+    with torch.no_grad():
+        pred = model(**enc).logits[0].argmax(-1).tolist()
+    tags, seen = ["O"] * len(words), set()
+    for pos, w in enumerate(enc.word_ids()):
+        if w is not None and w not in seen:
+            seen.add(w)
+            tags[w] = model.config.id2label[pred[pos]]
+    return [(lab, text[words[a][1]:words[b - 1][2]]) for lab, a, b in sorted(entities(tags), key=lambda s: s[1])]
+
+
+def test_run_ner_bundle_prints_the_models_entities(device, ner_model, tmp_path):
+    """A token-classification bundle once crashed `run` (exit 4, "truth value of an array is ambiguous")."""
+    from edgetune.bundle import make_bundle
+    from edgetune.encoder.export import export_encoder
+
+    exp = export_encoder(ner_model, tmp_path / "export", target="cpu-x86", precision="fp32")
+    bundle = tmp_path / "bundle"
+    make_bundle(exp, bundle, target="cpu-x86")
+    texts = ["Paris is in France, said Anna Smith.", "the quick brown fox jumps over New York"]
+    _, r = device.json("run", bundle, "-x", texts[0], "-x", texts[1])
+    assert r["task"] == "token-classification" and [x["text"] for x in r["results"]] == texts
+    got = [[(e["label"], e["text"]) for e in x["entities"]] for x in r["results"]]
+    assert got == [_torch_entities(ner_model, t) for t in texts]
+    assert any(got), "the random head tags nothing: the comparison would prove nothing"
+    for t, x in zip(texts, r["results"]):
+        for e in x["entities"]:
+            assert t[e["start"]:e["end"]] == e["text"] and 0.0 < e["score"] <= 1.0 and e["label"] in ("LOC", "PER")
+    human = device.edgetune("run", str(bundle), "-x", texts[0])
+    assert human.returncode == 0 and "Traceback" not in human.stderr
+    assert all(f"{lab}\t" in human.stdout and span in human.stdout for lab, span in got[0])
+
+
 def test_host_only_command_exits_3_naming_the_package(device, tiny_llama, tmp_path):
     """A host command on the device is a missing package (exit 3, the install hint), not a bug."""
     (tmp_path / "d.txt").write_text("hello world\n" * 8)

@@ -1,57 +1,87 @@
 """`edgetune run BUNDLE`: minimal inference from a bundle, with the device-only install.
 
 Imports only onnxruntime(-genai), numpy and tokenizers (through edgetune.device), never
-torch or transformers. The bundle is verified against its manifest first.
+torch or transformers. The bundle is verified against its manifest first (and with ``--key``
+against the signer's public key: an unsigned or otherwise signed bundle is refused).
 """
 
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import click
 
 from .. import console
+from ..cleanup import temp_dir
 from ..cli import common_options
+from ..errors import BadInput
+
+
+def _utf8(ctx: click.Context, param: click.Parameter, value):
+    """Refuse text arguments that are not UTF-8: Python decodes such argv bytes to lone surrogates
+    (surrogateescape), which the tokenizer rejects with a TypeError deep inside (exit 4)."""
+    for i, text in enumerate(value if isinstance(value, tuple) else (value,) if value is not None else (), 1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            ch = ord(text[exc.start])
+            byte = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"character U+{ch:04X}"
+            which = f" #{i}" if isinstance(value, tuple) and len(value) > 1 else ""
+            raise BadInput(f"{param.opts[0]}{which} is not valid UTF-8 text ({byte} at character {exc.start})",
+                           hint="pass UTF-8 text (check the terminal's or the script's encoding, e.g. LANG=C.UTF-8)") from None
+    return value
 
 
 def _open(path: Path, stack) -> Path:
     from ..archive import extract, is_archive, single_root
 
     if is_archive(path):
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgetune-run-"))
+        tmp = stack.enter_context(temp_dir("run"))
         return single_root(extract(path, Path(tmp) / "bundle"))
     return path
 
 
 @click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--prompt", "-p", "prompts", multiple=True, help="LLM: a prompt to answer (repeatable).")
+@click.option("--prompt", "-p", "prompts", multiple=True, callback=_utf8, help="LLM: a prompt to answer (repeatable).")
 @click.option("--chat", is_flag=True, help="LLM: interactive chat on stdin (history kept; empty line or EOF ends).")
 @click.option("--raw", is_flag=True, help="LLM: no chat template, continue the prompt text as is.")
-@click.option("--system", default=None, help="LLM: a system message for --prompt/--chat.")
-@click.option("--text", "-x", "texts", multiple=True, help="Encoder: a text to classify (repeatable); none: one per stdin line.")
+@click.option("--system", default=None, callback=_utf8, help="LLM: a system message for --prompt/--chat.")
+@click.option("--text", "-x", "texts", multiple=True, callback=_utf8, help="Encoder: a text to classify or tag (repeatable); none: one per stdin line.")
 @click.option("--adapter", "-a", default=None, help="LLM: a runtime LoRA adapter shipped in the bundle, by name (<name>.onnx_adapter).")
 @click.option("--max-tokens", "-n", default=128, show_default=True, type=click.IntRange(1), help="LLM: new tokens at most.")
 @click.option("--verify/--no-verify", "check", default=True, show_default=True, help="Check the bundle against its manifest first.")
+@click.option("--key", "key", type=click.Path(path_type=Path), default=None,
+              help="Trusted Ed25519 public key: run only a bundle signed with it (unsigned or another key: exit 2).")
 @common_options
 def run(bundle: Path, prompts: tuple[str, ...], chat: bool, raw: bool, system: str | None, texts: tuple[str, ...],
-        adapter: str | None, max_tokens: int, check: bool) -> None:
+        adapter: str | None, max_tokens: int, check: bool, key: Path | None) -> None:
     """Run the model of BUNDLE (folder or .tar.gz): generate/chat for LLMs, classify for encoders."""
     from contextlib import ExitStack
 
     from ..bundle import read_manifest, verify_or_raise
     from ..errors import BadInput
 
+    if key is not None:
+        if not check:
+            raise BadInput("--key and --no-verify contradict each other", hint="drop --no-verify: a signature proves nothing unless the files are checked")
+        from ..signing import load_public_key
+
+        key = load_public_key(key)  # before an archive is unpacked
     with ExitStack() as stack:
         folder = _open(bundle, stack)
         if check:
-            res = verify_or_raise(folder)
-            console.log(f"[verify] ok: {res['files_checked']} files match the manifest")
+            from ..signing import describe
+
+            res = verify_or_raise(folder, key)
+            console.log(f"[verify] ok: {res['files_checked']} files match the manifest; {describe(res.get('signature'))}")
         manifest = read_manifest(folder)
-        target = folder / (manifest.get("target") or {}).get("file", "target.toml")
+        from ..manifest_paths import resolve
+
+        target = resolve(folder, manifest, "target.file", "target.toml")  # never a path outside the bundle, even with --no-verify
+        resolve(folder, manifest, "model_dir", "model")
         target_arg = str(target) if target.is_file() else None
         kind = manifest.get("kind")
         if kind == "decoder":
@@ -127,10 +157,18 @@ def _run_encoder(folder: Path, target: str | None, texts: list[str]) -> None:
     if not texts:
         raise BadInput("nothing to classify", hint="give --text TEXT (repeatable) or lines on stdin")
     enc = dev.load(folder / "model", target)
+    if enc.task not in ("sequence-classification", "token-classification", "classification"):
+        raise BadInput(f"this bundle's encoder has no task head ({enc.task}): nothing to classify or tag",
+                       hint="export a model fine-tuned for sequence or token classification")
     t0 = time.perf_counter()
-    preds = dev.classify(enc, texts)
+    if enc.task == "token-classification":
+        rows = [{"text": t, "entities": ents} for t, ents in zip(texts, dev.tag_entities(enc, texts))]
+        human = lambda r: "\n".join(  # noqa: E731
+            f"{x['text']}\n" + "".join(f"  {e['label']}\t{e['score']:.3f}\t{e['start']}:{e['end']}\t{e['text']}\n" for e in x["entities"])
+            + ("" if x["entities"] else "  (no entities)\n") for x in r["results"]).rstrip("\n")
+    else:
+        rows = [{"text": t, "label": lab, "probability": round(p, 4)} for t, (lab, p) in zip(texts, dev.classify(enc, texts))]
+        human = lambda r: "\n".join(f"{x['label']}\t{x['probability']:.3f}\t{x['text']}" for x in r["results"])  # noqa: E731
     dt = time.perf_counter() - t0
-    rows = [{"text": t, "label": lab, "probability": round(p, 4)} for t, (lab, p) in zip(texts, preds)]
     console.log(f"[run] {len(texts)} text(s) in {dt * 1000:.1f} ms")
-    console.emit({"bundle": str(folder), "kind": "encoder", "results": rows},
-                 lambda r: "\n".join(f"{x['label']}\t{x['probability']:.3f}\t{x['text']}" for x in r["results"]), summary=False)
+    console.emit({"bundle": str(folder), "kind": "encoder", "task": enc.task, "results": rows}, human, summary=False)

@@ -5,7 +5,7 @@ Device-only imports: onnxruntime, numpy, tokenizers.
 
 from __future__ import annotations
 
-import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BadInput, MissingDependency
+from ..errors import BadInput
+from .files import load_tokenizer, read_json
 from .session import create_session, resolve_target
 
 
@@ -41,24 +42,22 @@ def find_model_folder(path: str | Path) -> Path:
 
 def load(folder: str | Path, target: Any = None) -> Encoder:
     """Load ``model.onnx`` with the target's providers/session options and its tokenizer.json."""
-    try:
-        from tokenizers import Tokenizer
-    except ImportError as exc:  # pragma: no cover
-        raise MissingDependency("tokenizers is not installed", hint="pip install tokenizers") from exc
     folder = find_model_folder(folder)
     t = resolve_target(target)
     if not (folder / "tokenizer.json").is_file():
         raise BadInput(f"{folder} has no tokenizer.json", hint="export with a fast tokenizer")
-    cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    cfg = read_json(folder / "config.json", kind="config") if (folder / "config.json").is_file() else {}
     id2label = cfg.get("id2label") or {}
+    if not isinstance(id2label, dict) or not all(str(k).lstrip("-").isdigit() for k in id2label):
+        raise BadInput(f"{folder / 'config.json'}: id2label is not a mapping of label ids to names",
+                       hint="the file is damaged or was modified; re-export the model (or copy the bundle again)")
     labels = [str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k))] if id2label else []
-    record = {}
-    if (folder / "edgetune.json").is_file():
-        record = (json.loads((folder / "edgetune.json").read_text()).get("results") or {})
-    seq = record.get("sequence_length")
+    record = _model_facts(folder)
     t0 = time.perf_counter()
+    tok = load_tokenizer(folder / "tokenizer.json")  # before native code: a damaged file is exit 2 naming it
     sess = create_session(folder / "model.onnx", t)
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    # a bundle keeps no stage record: the graph itself says whether its shapes are static
+    seq = record.get("sequence_length") or _static_length(sess)
     max_length = int(seq or min(int(cfg.get("max_position_embeddings", 512)), 512))
     tok.enable_truncation(max_length)
     if seq:
@@ -66,7 +65,30 @@ def load(folder: str | Path, target: Any = None) -> Encoder:
     else:
         tok.enable_padding(pad_id=int(cfg.get("pad_token_id", 0) or 0))
     return Encoder(folder=folder, session=sess, tokenizer=tok, labels=labels, sequence_length=seq, max_length=max_length,
-                   target=t, load_time_s=time.perf_counter() - t0, task=record.get("task", "classification"))
+                   target=t, load_time_s=time.perf_counter() - t0, task=record.get("task") or _task_from_graph(sess))
+
+
+def _model_facts(folder: Path) -> dict[str, Any]:
+    """Task and static length from the export record, or from the bundle manifest beside a bundle's model."""
+    for path, key, kind in ((folder / "edgetune.json", "results", "stage record"), (folder.parent / "manifest.json", None, "manifest")):
+        if path.is_file():
+            data = read_json(path, kind=kind)  # a damaged file is exit 2 naming it
+            facts = data.get(key) if key else data
+            if isinstance(facts, dict) and facts.get("task"):
+                return facts
+    return {}
+
+
+def _static_length(sess: Any) -> int | None:
+    dims = sess.get_inputs()[0].shape
+    return dims[1] if len(dims) == 2 and isinstance(dims[1], int) else None
+
+
+def _task_from_graph(sess: Any) -> str:
+    out = sess.get_outputs()[0]
+    if out.name == "last_hidden_state":
+        return "feature-extraction"
+    return "token-classification" if len(out.shape) == 3 else "sequence-classification"
 
 
 def tokenize(enc: Encoder, texts: list[str]) -> dict[str, np.ndarray]:
@@ -91,23 +113,55 @@ def logits(enc: Encoder, texts: list[str], *, batch_size: int = 16) -> np.ndarra
     return np.concatenate(out, axis=0)
 
 
+def _word_tags(enc: Encoder, words: list[str]) -> tuple[list[str], list[float]]:
+    """The tag and its probability per word: the prediction at each word's first sub-token."""
+    name = enc.session.get_outputs()[0].name
+    names = {i.name for i in enc.session.get_inputs()}
+    e = enc.tokenizer.encode(words, is_pretokenized=True)
+    feeds = {"input_ids": np.array([e.ids], np.int64), "attention_mask": np.array([e.attention_mask], np.int64),
+             "token_type_ids": np.array([e.type_ids], np.int64)}
+    (lg,) = enc.session.run([name], {k: v for k, v in feeds.items() if k in names})
+    lg = np.asarray(lg[0], dtype=np.float32)
+    p = np.exp(lg - lg.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    pred = p.argmax(-1)
+    tags, probs, seen = ["O"] * len(words), [0.0] * len(words), set()
+    for pos, w in enumerate(e.word_ids):
+        if w is not None and w not in seen and e.attention_mask[pos]:
+            seen.add(w)
+            tags[w] = enc.labels[pred[pos]] if pred[pos] < len(enc.labels) else str(pred[pos])
+            probs[w] = float(p[pos, pred[pos]])
+    return tags, probs
+
+
 def token_classify(enc: Encoder, words: list[list[str]]) -> list[list[str]]:
     """One tag per word (the prediction at each word's first sub-token), for token classifiers."""
-    name = enc.session.get_outputs()[0].name
-    out: list[list[str]] = []
-    names = {i.name for i in enc.session.get_inputs()}
-    for ws in words:
-        e = enc.tokenizer.encode(ws, is_pretokenized=True)
-        feeds = {"input_ids": np.array([e.ids], np.int64), "attention_mask": np.array([e.attention_mask], np.int64),
-                 "token_type_ids": np.array([e.type_ids], np.int64)}
-        (lg,) = enc.session.run([name], {k: v for k, v in feeds.items() if k in names})
-        pred = lg[0].argmax(-1)
-        tags, seen = ["O"] * len(ws), set()
-        for pos, w in enumerate(e.word_ids):
-            if w is not None and w not in seen and e.attention_mask[pos]:
-                seen.add(w)
-                tags[w] = enc.labels[pred[pos]] if pred[pos] < len(enc.labels) else str(pred[pos])
-        out.append(tags)
+    return [_word_tags(enc, ws)[0] for ws in words]
+
+
+_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+def tag_entities(enc: Encoder, texts: list[str]) -> list[list[dict[str, Any]]]:
+    """Named entities per text: ``{"text", "label", "start", "end", "score"}`` (character offsets).
+
+    The text is split into words (runs of word characters, and each punctuation mark) as the
+    token-classification data is; BIO/IOB2 tags are joined into spans (``metrics.entities``) and a
+    span's score is the mean probability of its words' tags. Words past the model's length are
+    untagged (O).
+    """
+    from .metrics import entities
+
+    out = []
+    for text in texts:
+        words = [(m.group(), m.start(), m.end()) for m in _WORD.finditer(text)]
+        if not words:
+            out.append([])
+            continue
+        tags, probs = _word_tags(enc, [w for w, _, _ in words])
+        spans = sorted(entities(tags), key=lambda s: s[1])
+        out.append([{"text": text[words[a][1]:words[b - 1][2]], "label": label, "start": words[a][1], "end": words[b - 1][2],
+                     "score": round(float(np.mean(probs[a:b])), 4)} for label, a, b in spans])
     return out
 
 

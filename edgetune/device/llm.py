@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..errors import BadInput, MissingDependency
+from .files import check_tokenizer, load_tokenizer, read_json
 from .session import create_session, resolve_target
 
 # onnxruntime-genai provider names for our target execution providers (cpu = none appended)
@@ -111,7 +112,21 @@ def set_adapter(llm: LLM, name: str | None) -> None:
 def context_length(folder: str | Path) -> int:
     """The context (tokens) of a genai folder, from genai_config.json, without loading the model."""
     folder = find_model_folder(folder)
-    return int(json.loads((folder / "genai_config.json").read_text())["model"].get("context_length", 2048))
+    return int(genai_config(folder)["model"].get("context_length", 2048))
+
+
+def genai_config(folder: Path) -> dict:
+    """``genai_config.json`` of a genai folder, parsed defensively (BadInput naming the file)."""
+    cfg = read_json(folder / "genai_config.json", kind="genai_config", object_keys=("model",))
+    m = cfg["model"]
+    for key in ("vocab_size", "context_length"):
+        if key in m and (not isinstance(m[key], int) or isinstance(m[key], bool) or m[key] <= 0):
+            raise BadInput(f"{folder / 'genai_config.json'}: model.{key} is {m[key]!r}, not a positive integer",
+                           hint="the file is damaged or was modified; re-export the model (or copy the bundle again)")
+    if not isinstance(m.get("decoder"), dict):
+        raise BadInput(f"{folder / 'genai_config.json'}: genai_config file has no 'model.decoder' object",
+                       hint="the file is damaged or was modified; re-export the model (or copy the bundle again)")
+    return cfg
 
 
 def check_prompt_length(folder: str | Path, prompts, max_new_tokens: int = 0, *, system: str | None = None) -> None:
@@ -128,9 +143,7 @@ def check_prompt_length(folder: str | Path, prompts, max_new_tokens: int = 0, *,
     tj = folder / "tokenizer.json"
     if not tj.is_file():
         return
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tj))
+    tok = load_tokenizer(tj)
     for p in prompts:
         text = p if isinstance(p, str) else "\n".join(str(m.get("content", "")) for m in p)
         if system:
@@ -147,7 +160,8 @@ def load(folder: str | Path, target: Any = None, *, adapter: str | None = None) 
     og = _og()
     folder = find_model_folder(folder)
     t = resolve_target(target)
-    config = json.loads((folder / "genai_config.json").read_text())
+    config = genai_config(folder)
+    check_tokenizer(folder)  # onnxruntime-genai parses it again in native code: refuse a bad one first
     t0 = time.perf_counter()
     cfg = og.Config(str(folder))
     providers = ["cpu"]
@@ -201,7 +215,12 @@ def prompt_ids(llm: LLM, prompt_or_messages: str | list[dict], *, chat: bool = T
     if template is None:
         # no template: plain concatenation of contents
         return encode(llm, "\n".join(m["content"] for m in messages))
-    text = llm.tokenizer.apply_chat_template(template_str=template, messages=json.dumps(messages), add_generation_prompt=True)
+    try:
+        text = llm.tokenizer.apply_chat_template(template_str=template, messages=json.dumps(messages), add_generation_prompt=True)
+    except Exception as exc:  # onnxruntime-genai raises a RuntimeError with the template engine's multi-line message
+        detail = " ".join(str(exc).split())[:200]
+        raise BadInput(f"{llm.folder}: the chat template cannot be rendered ({detail})",
+                       hint="the bundle's chat template is broken or hostile; rebuild it from a model whose template renders, or use --raw") from exc
     return encode(llm, text)
 
 
@@ -211,7 +230,7 @@ def _chat_template(folder: Path) -> str | None:
         return jinja.read_text()
     cfg = folder / "tokenizer_config.json"
     if cfg.is_file():
-        tpl = json.loads(cfg.read_text()).get("chat_template")
+        tpl = read_json(cfg, kind="tokenizer_config").get("chat_template")
         if isinstance(tpl, str):
             return tpl
     return None
