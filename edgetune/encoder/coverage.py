@@ -142,7 +142,7 @@ def node_times(model_path: Path, batch: int, seq: int, runs: int = 5) -> dict[st
         dims = [d.dim_value if d.HasField("dim_value") else (batch if i == 0 else seq) for i, d in enumerate(t.shape.dim)]
         dtype = elem.get(t.elem_type, np.float32)
         feeds[inp.name] = np.ones(dims, dtype=dtype) if inp.name == "attention_mask" else np.zeros(dims, dtype=dtype)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"edgetune-coverage-{os.getpid()}-") as tmp:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.enable_profiling = True

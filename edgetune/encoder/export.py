@@ -1,8 +1,9 @@
 """Export an encoder (BERT family) to one ONNX file for a target profile.
 
-Pipeline: optimum-onnx ``main_export`` (fp32, static shapes when the profile says
-``graph.static_shapes``) -> graph optimization (transformer fusions on CPU/GPU profiles,
-onnxruntime's portable offline optimizer for static-shape accelerator graphs) -> precision
+Pipeline: ``torch.onnx.export`` (TorchScript exporter, fp32, static shapes when the profile
+says ``graph.static_shapes``; see torch_export.py), checked against PyTorch -> graph
+optimization (transformer fusions on CPU/GPU profiles, onnxruntime's portable offline
+optimizer for static-shape accelerator graphs) -> precision
 (fp32, fp16, int8-dynamic, int8-static with calibration) -> power-of-two scales when the
 profile asks -> operator coverage vs the profile's operator list. Output: ``model.onnx``,
 tokenizer files, ``config.json`` (labels), ``coverage.json`` (accelerator profiles) and the
@@ -20,27 +21,33 @@ from typing import Any
 
 from .. import console
 from ..artifacts import stage_output
-from ..errors import BadInput, CheckFailed, require
+from ..errors import BadInput, CheckFailed
+from ..quant import ENCODER_PRECISIONS
 
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
-TASKS = {
-    # edgetune task -> optimum task
-    "sequence-classification": "text-classification",
-    "token-classification": "token-classification",
-    "feature-extraction": "feature-extraction",
-}
+PRECISIONS = ENCODER_PRECISIONS
+TASKS = ("sequence-classification", "token-classification", "feature-extraction")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spm.model", "added_tokens.json")
 
 
 def detect_task(config: dict[str, Any]) -> str:
-    """sequence-classification / token-classification / feature-extraction from config.architectures."""
+    """sequence-classification / token-classification / feature-extraction from config.architectures.
+
+    A head edgetune does not export (question answering, masked LM, multiple choice, ...) is refused:
+    exporting its body as feature-extraction would drop the head silently and ship a bundle that
+    cannot answer what the model was trained for.
+    """
     archs = config.get("architectures") or []
     for a in archs:
         if a.endswith("ForSequenceClassification"):
             return "sequence-classification"
         if a.endswith("ForTokenClassification"):
             return "token-classification"
+    heads = [a for a in archs if "For" in a]
+    if heads:
+        raise BadInput(f"the model's head ({heads[0]}) is not one edgetune exports: its export would drop the head",
+                       hint="fine-tune for sequence or token classification, or pass --task feature-extraction to export "
+                            "the encoder body on purpose")
     return "feature-extraction"
 
 
@@ -83,7 +90,7 @@ def export_encoder(
     """
     from ..models import inspect
     from ..targets import load_target
-    from . import optimize, quantize
+    from . import optimize, quantize, torch_export
 
     target = load_target(target)
     info = inspect(model_dir)
@@ -112,25 +119,23 @@ def export_encoder(
     }
     inputs = {"model": info.path, "calibration": calib.path if calib else None,
               "calibration_texts": calib.sha256 if calib else None}
-    optimum_onnx = require("optimum.exporters.onnx", purpose="encoder export (optimum-onnx)")
     with console.step(f"export encoder {info.path.name} -> {precision} for {target.name}"), \
             stage_output(out, "export", inputs=inputs, options=options) as run, \
-            tempfile.TemporaryDirectory(prefix="edgetune-encoder-") as tmpd:
+            tempfile.TemporaryDirectory(prefix=f"edgetune-encoder-{os.getpid()}-") as tmpd:
         work = Path(tmpd)
         res = run.results
         res.update(kind="encoder", task=task, precision=precision, target=target.name, model_type=info.model_type,
                    opset=g.opset, execution_provider=target.runtime.execution_provider)
-        # 1. fp32 export with optimum
-        raw_dir = work / "optimum"
-        shape_kwargs: dict[str, Any] = {}
-        if static:
-            shape_kwargs = {"no_dynamic_axes": True, "batch_size": g.batch_size, "sequence_length": g.sequence_length}
-        with console.step("optimum main_export"):
-            optimum_onnx.main_export(
-                str(info.path), raw_dir, task=TASKS[task], opset=g.opset, do_validation=False,
-                library_name="transformers", trust_remote_code=False, local_files_only=True, **shape_kwargs,
+        # 1. fp32 export with torch.onnx, checked against PyTorch on padded random tokens
+        raw_dir = work / "fp32"
+        with console.step("torch.onnx export"):
+            ref, res["exporter"] = torch_export.export_fp32(
+                info.path, raw_dir, task=task, opset=g.opset,
+                static_shape=(g.batch_size, g.sequence_length) if static else None,
             )
         current = raw_dir / "model.onnx"
+        parity = res["parity"] = {"inputs": "x".join(map(str, ref.shape)) + " random tokens, padded rows"}
+        _check_parity("fp32", current, ref, parity)
         if static:
             res.update(static_shapes=True, batch_size=g.batch_size, sequence_length=g.sequence_length)
         else:
@@ -146,6 +151,8 @@ def export_encoder(
                     fp16=precision == "fp16",
                 )
             current = fused
+            if precision != "fp16":  # the fp16 graph is measured below as the final model
+                _check_parity("fused", current, ref, parity)
         elif static or g.optimization_level != "disable":
             folded = work / "folded.onnx"
             res["offline_optimization"] = {"level": "basic", **optimize.offline_optimize(current, folded, level="basic")}
@@ -164,7 +171,18 @@ def export_encoder(
         res["size_mb"] = _size_mb(run.dir / "model.onnx")
         res["fp32_size_mb"] = _size_mb(raw_dir / "model.onnx")
         res["inputs"], _, _ = quantize.model_input_spec(run.dir / "model.onnx")
+        parity["model_max_abs_diff"] = torch_export.max_abs_diff(run.dir / "model.onnx", ref)
     return Path(out)
+
+
+def _check_parity(stage: str, model: Path, ref, parity: dict[str, Any]) -> None:
+    """Record ``{stage}_max_abs_diff`` vs PyTorch; a float graph off by more than the tolerance is a bug."""
+    from . import torch_export
+
+    diff = parity[f"{stage}_max_abs_diff"] = torch_export.max_abs_diff(model, ref)
+    if torch_export.relative(diff, ref) > torch_export.PARITY_TOLERANCE:
+        raise CheckFailed(f"the {stage} ONNX graph disagrees with PyTorch (max |diff| {diff:.3g})",
+                          hint="report this as a bug with the model", result=parity)
 
 
 def _apply_precision(current: Path, out_dir: Path, *, precision: str, target, int8, calib, tokenizer_dir: Path,
@@ -214,7 +232,7 @@ def _apply_precision(current: Path, out_dir: Path, *, precision: str, target, in
 
 
 METHODS = {"dynamic": "int8-dynamic", "static": "int8-static", "fp16": "fp16"}
-_FLOAT_SOURCE_HINT = "give the fp32 export (edgetune export --precision fp32) or an ONNX file straight from optimum"
+_FLOAT_SOURCE_HINT = "give the fp32 export (edgetune export --precision fp32) or a plain fp32 ONNX file"
 
 
 def _source(model: Path) -> tuple[Path, Path | None]:
@@ -291,7 +309,7 @@ def quantize_model(
               "calibration_texts": calib.sha256 if calib else None}
     with console.step(f"quantize {onnx_file.name} -> {precision} for {target.name}"), \
             stage_output(out, "quantize", inputs=inputs, options=options) as run, \
-            tempfile.TemporaryDirectory(prefix="edgetune-quantize-") as tmpd:
+            tempfile.TemporaryDirectory(prefix=f"edgetune-quantize-{os.getpid()}-") as tmpd:
         res = run.results
         prev = (record or {}).get("results") or {}
         res.update(kind="encoder", task=prev.get("task"), precision=precision, target=target.name, source=str(onnx_file),

@@ -60,6 +60,35 @@ def offline_optimize(src: Path, dst: Path, *, level: str = "basic") -> dict[str,
     }.get(level, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     so.optimized_model_filepath = str(dst)
     ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-    before = len(onnx.load(str(src), load_external_data=False).graph.node)
-    after = len(onnx.load(str(dst), load_external_data=False).graph.node)
-    return {"nodes_before": before, "nodes_after": after}
+    source = onnx.load(str(src), load_external_data=False).graph
+    model = onnx.load(str(dst))
+    renamed = _rename_invented_initializers(model.graph, source)
+    if renamed:
+        onnx.save(model, str(dst))
+    return {"nodes_before": len(source.node), "nodes_after": len(model.graph.node)}
+
+
+def _rename_invented_initializers(graph, source) -> int:
+    """Prefix the initializers onnxruntime invented (names not in ``source``) with ``ort_basic/``.
+
+    Works around an onnxruntime 1.32 bug: MatMulAddFusion names its Reshape shapes
+    ``gemm_input_shape`` / ``gemm_output_shape`` (+ ``_token_N``) without checking the graph, so
+    when the saved file is loaded again at the ``extended``/``all`` level (the device default),
+    the same fusion on the remaining MatMul+Add pairs adds ``gemm_input_shape`` a second time and
+    the session fails ("AddInitializedOrtValue Attempt to replace the existing tensor"). Seen
+    on the static-shape (1x128) TorchScript export of BERT; optimum's export did not trigger it.
+    """
+    known = {i.name for i in source.initializer} | {i.name for i in source.input}
+    known |= {o for n in source.node for o in n.output}
+    names = {i.name: f"ort_basic/{i.name}" for i in graph.initializer if i.name not in known}
+    for i in graph.initializer:
+        if i.name in names:
+            i.name = names[i.name]
+    for n in graph.node:
+        for k, x in enumerate(n.input):
+            if x in names:
+                n.input[k] = names[x]
+    for v in graph.value_info:
+        if v.name in names:
+            v.name = names[v.name]
+    return len(names)
