@@ -95,6 +95,11 @@ class FinetuneOptions:
         for name in ("batch_size", "grad_accum", "save_steps", "max_seq_len", "num_processes"):
             if getattr(self, name) < 1:
                 raise bad(f"{name} must be >= 1 (got {getattr(self, name)})", f"fix --{name.replace('_', '-')}")
+        if self.alpha < 1 or self.seed < 0 or (self.limit is not None and self.limit < 1):
+            raise bad(f"alpha must be >= 1, seed >= 0 and limit >= 1 (got {self.alpha}, {self.seed}, {self.limit})", "fix the option")
+        if not 0 <= self.warmup_ratio < 1 or self.weight_decay < 0 or self.quant_aware_distill < 0 or self.quant_aware_distill_samples < 1:
+            raise bad("warmup_ratio must be in [0, 1), weight_decay and quant_aware_distill >= 0, quant_aware_distill_samples >= 1 "
+                      f"(got {self.warmup_ratio}, {self.weight_decay}, {self.quant_aware_distill}, {self.quant_aware_distill_samples})", "fix the option")
         if self.max_seq_len < 8:
             raise bad(f"max_seq_len {self.max_seq_len} is too short", "use at least 8 tokens")
         if not 0 <= self.eval_fraction < 1:

@@ -49,6 +49,32 @@ def resolve_task(task: str, ds: Dataset, kind: str) -> str:
     return task
 
 
+def has_chat_template(folder: Path) -> bool:
+    """Whether the tokenizer in ``folder`` carries a chat template (read from its files; nothing is loaded)."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_model_and_data(task: str, ds: Dataset, info) -> str:
+    """The fine-tuning task for this model and data, or exit 2 before any work: the data must fit the
+    task, a decoder is fine-tuned as a causal LM (its classification head does not export), and chat
+    data needs a chat template. ``edgetune build`` calls it too, before its first stage."""
+    task = resolve_task(task, ds, info.kind)
+    if task in ("seq-cls", "token-cls") and info.kind == "decoder":
+        raise BadInput(f"{task} fine-tuning of a decoder ({info.model_type}) is not supported: its classification head "
+                       "does not export to onnxruntime-genai",
+                       hint="write each example as chat messages with the label as the assistant's answer "
+                            "(or prompt/completion) and fine-tune it as causal-lm; the bundle then answers with the label")
+    if task == "causal-lm" and ds.format == "messages" and not has_chat_template(Path(info.path)):
+        raise BadInput(f"{info.path} has no chat template, so the chat ('messages') records of {ds.path} cannot be rendered",
+                       hint="use prompt/completion or text records for a base model, or a chat (instruct) model")
+    return task
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     cks = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
     return max(cks, key=lambda p: int(p.name.split("-")[-1]), default=None)
@@ -436,7 +462,7 @@ def finetune(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
     """
     opts = (options or FinetuneOptions()).check()
     out = Path(out)
-    artifacts.check_replaceable(out)
+    artifacts.check_replaceable(out, inputs=(model, data))
     with artifacts.output_lock(out):
         return _finetune(model, data, out, opts, resume)
 
@@ -444,7 +470,10 @@ def finetune(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
 def _finetune(model, data, out: Path, opts: FinetuneOptions, resume: bool) -> Path:
     info = materialize(model)
     ds = load_dataset(data, limit=opts.limit)
-    task = resolve_task(opts.task, ds, info.kind)
+    task = check_model_and_data(opts.task, ds, info)
+    from .memory import check_fits
+
+    check_fits(Path(info.path), info.config, opts)  # before any weight is loaded: exit 2 with the figures
     if opts.quant_aware and task != "causal-lm":
         raise BadInput(f"--quant-aware is for decoder LLMs exported at int4 (this is a {task} fine-tune)", hint="drop --quant-aware")
     if opts.eval_data:
