@@ -166,9 +166,13 @@ def test_qlora_flag_defaults_and_tolerance(tiny_llama, lora, tmp_path, capsys):
     assert (v["quant_type"], v["double_quant"], v["source"]) == ("nf4", True, "defaults (nf4, double quantization)")
     assert v["passed"] is True and v["max_kl"] == 1.0
     code, _, err = run_cli(["merge", str(tiny_llama), str(lora), "--out", str(tmp_path / "bad"), "--qlora",
-                            "--vs-4bit-min-top1", "1.01"], capsys)
+                            "--vs-4bit-max-kl", "0"], capsys)  # the 4-bit base differs from the float one: KL > 0
     assert code == 1 and "too far from the 4-bit base + adapter" in err and "top-1=" in err
     assert not (tmp_path / "bad").exists()
+    # an impossible bound is a usage error before any work (a top-1 agreement is at most 1)
+    code, _, err = run_cli(["merge", str(tiny_llama), str(lora), "--out", str(tmp_path / "bad"), "--qlora",
+                            "--vs-4bit-min-top1", "1.01"], capsys)
+    assert code == 2 and "1.01" in err and not (tmp_path / "bad").exists()
     # --no-qlora wins over the record
     adapter = _as_qlora(lora, tmp_path / "q")
     code, out, _ = run_cli(["merge", str(tiny_llama), str(adapter), "--out", str(tmp_path / "n"), "--no-qlora", "--json"], capsys)
