@@ -28,7 +28,7 @@ from . import console
 from .artifacts import hash_path, stage_output, up_to_date
 from .errors import BadInput, reading, require
 
-# model_type -> onnxruntime-genai builder support (0.15.2) for decoder LLMs
+# model_type -> onnxruntime-genai builder support (0.15.2; all still in 0.18) for decoder LLMs
 DECODER_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -245,7 +245,9 @@ def materialize(spec: str | os.PathLike, *, cache_dir: Path | None = None, dtype
         kwargs = {"gguf_file": path.name}
         try:
             tok = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
-            model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=getattr(torch, dtype), **kwargs)
+            # transformers 5 keeps GGUF blocks packed (GgufLinear, not serializable) unless told to dequantize
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path.parent, dtype=getattr(torch, dtype), quantization_config=transformers.GgufConfig(dequantize=True), **kwargs)
         except ValueError as exc:
             raise BadInput(f"cannot load {path.name} through transformers' GGUF loader ({exc})", hint="use a GGUF of a supported architecture") from None
         model.config.eos_token_id = meta.get("eos_token_id", model.config.eos_token_id)

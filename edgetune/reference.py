@@ -222,7 +222,7 @@ def build_decoder_reference(source, text: str, *, window: int, stride: int | Non
         for p in prompts:
             msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
             if tok.chat_template:
-                prompt_ids.append(np.asarray(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True), dtype=np.int64).ravel())
+                prompt_ids.append(np.asarray(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False), dtype=np.int64).ravel())
             else:
                 prompt_ids.append(np.asarray(tok("\n".join(m["content"] for m in msgs))["input_ids"], dtype=np.int64))
         eos = model.generation_config.eos_token_id
@@ -389,7 +389,7 @@ def task_answers(source, examples: list[dict[str, Any]], *, batch_size: int = TA
     prompt_ids = []
     for e in examples:
         if e["chat"] and tok.chat_template:
-            ids = tok.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=True)
+            ids = tok.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
         elif e["chat"]:
             ids = tok("\n".join(m["content"] for m in e["prompt"]), add_special_tokens=False)["input_ids"]
         else:

@@ -44,7 +44,8 @@ def build_family(family: str, out: Path) -> Path:
             rope_scaling={"type": "longrope", "short_factor": [1.0 + i / 48 for i in range(24)],
                           "long_factor": [2.0 + i / 24 for i in range(24)]}), transformers.Phi3ForCausalLM),
         "gemma2": lambda: (transformers.Gemma2Config(**common, head_dim=64, sliding_window=WINDOW), transformers.Gemma2ForCausalLM),
-        # a layer pattern other than Gemma 3's default 1-in-6 (the builder once ignored layer_types)
+        # a layer pattern other than Gemma 3's default 1-in-6 (builder 0.15.2 ignored layer_types), and
+        # transformers 5's per-layer-type rope_parameters (builder 0.18 reads them flat: llm.export._builder_fixes)
         "gemma3_text": lambda: (transformers.Gemma3TextConfig(
             **common, head_dim=64, sliding_window=WINDOW,
             layer_types=["sliding_attention", "full_attention", "full_attention", "sliding_attention"]), transformers.Gemma3ForCausalLM),
@@ -74,31 +75,15 @@ def test_family_exports_fp32_exactly_past_the_sliding_window_and_int4(family, tm
 
 
 def test_a_graph_that_does_not_compute_its_model_fails_the_export(tmp_path, monkeypatch):
-    """Without the builder fix, Gemma 2's graph slides the wrong layers: the export says so (exit 1) and writes nothing."""
-    import contextlib
-
+    """Mistral's config has a sliding_window but no layer_types; without edgetune's config view the builder
+    makes every layer attend to the whole context. The export says so (exit 1) and writes nothing."""
     from edgetune.llm import export as llm_export
 
-    src = build_family("gemma2", tmp_path / "src")
-    monkeypatch.setattr(llm_export, "_sliding_layers_from_config", lambda builder, src: contextlib.nullcontext())
+    src = build_family("mistral", tmp_path / "src")
+    monkeypatch.setattr(llm_export, "_builder_input", lambda model_dir, scratch: model_dir)
     with pytest.raises(CheckFailed, match=f"past its sliding window of {WINDOW} tokens only .* sliding-window attention layers"):
         export(src, tmp_path / "fp32", target="cpu-x86", precision="fp32")
     assert not (tmp_path / "fp32").exists()
-
-
-def test_sliding_layers_follow_transformers(tmp_path):
-    """Which layers slide: config.layer_types, else transformers' default pattern per family."""
-    from edgetune.llm.export import layer_types
-
-    assert layer_types({"model_type": "gemma2", "num_hidden_layers": 4}) == ["sliding_attention", "full_attention"] * 2
-    assert layer_types({"model_type": "gemma3_text", "num_hidden_layers": 7})[5:] == ["full_attention", "sliding_attention"]
-    assert layer_types({"model_type": "gemma3_text", "num_hidden_layers": 2, "layer_types": ["full_attention"] * 2}) == ["full_attention"] * 2
-    import transformers
-
-    for cfg in (transformers.Gemma2Config(num_hidden_layers=6), transformers.Gemma3TextConfig(num_hidden_layers=12)):
-        d = cfg.to_dict()
-        d.pop("layer_types", None)
-        assert layer_types(d) == cfg.layer_types
 
 
 def test_an_attention_shape_onnxruntime_cannot_run_is_refused_before_the_build(tmp_path):

@@ -74,6 +74,40 @@ def test_phi3_int4_exports(tiny_phi3, tmp_path):
     assert rec["matmulnbits"] and rec["int4"]["algorithm"] == "rtn"
 
 
+def test_sliding_window_without_layer_types_reaches_the_graph(tiny_phi3, tmp_path):
+    """Phi-3/Mistral configs have sliding_window but no layer_types; builder 0.18 then drops the window."""
+    import onnxruntime_genai as og
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "phi3-sw"
+    src.mkdir()
+    for f in tiny_phi3.iterdir():
+        if f.name != "config.json":
+            (src / f.name).symlink_to(f)
+    cfg = json.loads((tiny_phi3 / "config.json").read_text())
+    cfg["sliding_window"] = 8
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = export(src, tmp_path / "out", target="cpu-x86", precision="fp32")
+    window = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["sliding_window"]
+    assert window["window_size"] == 8 and window["layers"] == list(range(cfg["num_hidden_layers"]))
+    torch.manual_seed(1)
+    ids = torch.randint(3, 400, (1, 12))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(str(src)).eval().generate(
+            ids, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 12:].tolist()
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=42, do_sample=False, top_k=1)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids.numpy().astype(np.int32))
+    got = []
+    while len(got) < 30:
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    assert got == ref  # 30 greedy tokens, well past the 8-token window
+
+
 @pytest.mark.parametrize("algorithm,why", [("inc-awq", "jit trace"), ("inc-autoround", "auto-round package")])
 def test_unavailable_algorithm_is_bad_input(tiny_llama, tmp_path, algorithm, why):
     with pytest.raises(BadInput, match=why):

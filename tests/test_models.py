@@ -43,7 +43,8 @@ def test_normalize_tokenizer_fixes_gguf_style_json(tmp_path, tiny_llama):
     from tokenizers import Tokenizer
 
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (tmp_path / name).write_text((tiny_llama / name).read_text())
+        if (tiny_llama / name).is_file():  # transformers 5 no longer writes special_tokens_map.json
+            (tmp_path / name).write_text((tiny_llama / name).read_text())
     tj = json.loads((tmp_path / "tokenizer.json").read_text())
     tj["model"]["byte_fallback"] = True
     tj["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}]}

@@ -15,6 +15,7 @@ Device-only imports: onnxruntime, onnxruntime_genai, numpy.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,7 +202,7 @@ def encode(llm: LLM, text: str) -> np.ndarray:
 
 
 def decode(llm: LLM, ids) -> str:
-    if len(ids) == 0:  # onnxruntime-genai 0.15.2: Tokenizer.decode([]) dies with SIGFPE
+    if len(ids) == 0:  # onnxruntime-genai 0.15.2: Tokenizer.decode([]) died with SIGFPE (0.18 returns "")
         return ""
     return llm.tokenizer.decode(np.asarray(ids, dtype=np.int32))
 
@@ -327,6 +328,11 @@ def logits(llm: LLM, ids) -> np.ndarray:
     ids = np.asarray(ids, dtype=np.int64)[None, :]
     n = ids.shape[1]
     feeds: dict[str, np.ndarray] = {}
+    # onnxruntime-genai 0.18 builds sliding-window layers whose GroupQueryAttention wants a ring KV cache of
+    # at least the window (an empty past is refused): those layers get a zero cache of window_size, which
+    # the all-ones attention mask leaves unread (checked exact against PyTorch past the window).
+    window = dec.get("sliding_window") or {}
+    sliding = set(window.get("layers") or ()) if window.get("window_size") else set()
     for inp in sess.get_inputs():
         name = inp.name
         if name == dec["inputs"].get("input_ids", "input_ids"):
@@ -338,7 +344,9 @@ def logits(llm: LLM, ids) -> np.ndarray:
         elif name.startswith("past_key_values") or "past" in name:
             dtype = np.float16 if "float16" in inp.type else np.float32
             kv = dec.get("num_key_value_heads", dec["num_attention_heads"])
-            feeds[name] = np.zeros((1, kv, 0, dec["head_size"]), dtype=dtype)
+            layer = re.search(r"\d+", name)
+            cap = window["window_size"] if layer and int(layer.group()) in sliding else 0
+            feeds[name] = np.zeros((1, kv, cap, dec["head_size"]), dtype=dtype)
         else:
             raise BadInput(f"decoder input '{name}' is not understood by the scorer", hint="re-export with edgetune export")
     out_name = dec["outputs"].get("logits", "logits")

@@ -86,6 +86,8 @@ class FinetuneOptions:
             raise bad(f"rank must be >= 1 (got {self.rank})", "use e.g. --rank 8")
         if not 0 <= self.dropout < 1:
             raise bad(f"dropout must be in [0, 1) (got {self.dropout})", "use e.g. --dropout 0.05")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise bad(f"warmup ratio must be in [0, 1] (got {self.warmup_ratio})", "use e.g. --warmup-ratio 0.1")
         if self.lr <= 0:
             raise bad(f"learning rate must be > 0 (got {self.lr})", "use e.g. --lr 2e-4")
         if self.max_steps is not None and self.max_steps < 1:

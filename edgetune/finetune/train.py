@@ -312,7 +312,8 @@ def run_training(spec: dict[str, Any]) -> None:
         gradient_accumulation_steps=opts.grad_accum,
         learning_rate=opts.lr,
         lr_scheduler_type=opts.schedule,
-        warmup_ratio=opts.warmup_ratio,
+        # transformers 5 dropped warmup_ratio: a warmup_steps below 1 is the ratio (1.0 would mean one step)
+        warmup_steps=min(opts.warmup_ratio, 1 - 1e-9),
         weight_decay=opts.weight_decay,
         num_train_epochs=opts.epochs,
         max_steps=opts.max_steps or -1,

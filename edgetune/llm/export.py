@@ -153,7 +153,7 @@ def check_tokenizer(folder: Path, model_dir: Path, probes: Iterable[str] = TOKEN
         tok = og.Tokenizer(og.Model(str(folder)))
     except RuntimeError as e:
         raise CheckFailed(f"the export does not load in onnxruntime-genai: {str(e).splitlines()[0][:300]}",
-                          hint="asymmetric int4 with tied embeddings is known to break in builder 0.15.2; try --int4-symmetric") from None
+                          hint="asymmetric int4 with tied embeddings is known to break in builders 0.15.2 and 0.18; try --int4-symmetric") from None
     mismatches = []
     for s in probes:
         got = [int(i) for i in tok.encode(s)]
@@ -168,24 +168,40 @@ def check_tokenizer(folder: Path, model_dir: Path, probes: Iterable[str] = TOKEN
 
 
 def _builder_input(model_dir: Path, scratch: Path) -> Path:
-    """Work around builder 0.15.2 quirks without touching the user's folder.
+    """Work around builder quirks without touching the user's folder (a view with its own config.json).
 
-    Phi-3 without rope_scaling but with original_max_position_embeddings != max_position_embeddings
-    is routed to the LongRoPE builder, which then fails (KeyError 'multi_cache'). Without
-    rope_scaling the original length has no effect in transformers, so align it.
+    * Phi-3 with the default RoPE but with original_max_position_embeddings != max_position_embeddings
+      is routed to the LongRoPE builder, which then fails (KeyError 'multi_cache'; 0.15.2 and 0.18).
+      With the default RoPE the original length has no effect in transformers, so align it.
+      transformers 5 writes the RoPE as ``rope_parameters`` (always present, ``rope_type`` "default"
+      unless scaled); 4.x configs carry ``rope_scaling`` only when scaled.
+    * Builder 0.18 places sliding windows only on the layers ``config.layer_types`` marks
+      "sliding_attention" (all "full_attention" when absent). Mistral and Phi-3 configs carry a
+      ``sliding_window`` but no ``layer_types``, and transformers slides every layer: without the
+      list the graph has no window (wrong logits past it; genai then also sizes the KV cache
+      wrongly and fails). Spell the list out.
     """
     cfg = json.loads((model_dir / "config.json").read_text())
-    if cfg.get("model_type") == "phi3" and not cfg.get("rope_scaling") and \
+    changed = False
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if cfg.get("model_type") == "phi3" and rope_type == "default" and \
             cfg.get("original_max_position_embeddings") not in (None, cfg.get("max_position_embeddings")):
-        view = scratch / "model"
-        view.mkdir()
-        for f in model_dir.iterdir():
-            if f.name != "config.json":
-                (view / f.name).symlink_to(f.resolve())
         cfg["original_max_position_embeddings"] = cfg["max_position_embeddings"]
-        (view / "config.json").write_text(json.dumps(cfg, indent=2))
-        return view
-    return model_dir
+        changed = True
+    window = cfg.get("sliding_window")
+    if cfg.get("model_type") in ("mistral", "phi3") and isinstance(window, int) and window > 0 and not cfg.get("layer_types"):
+        cfg["layer_types"] = ["sliding_attention"] * int(cfg["num_hidden_layers"])
+        changed = True
+    if not changed:
+        return model_dir
+    view = scratch / "model"
+    view.mkdir()
+    for f in model_dir.iterdir():
+        if f.name != "config.json":
+            (view / f.name).symlink_to(f.resolve())
+    (view / "config.json").write_text(json.dumps(cfg, indent=2))
+    return view
 
 
 def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=(), calibration=None, mixed=None,
@@ -268,7 +284,8 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
         if precision == "int8" or not q["symmetric"]:
             # Builder 0.15.2 shares a tied lm_head with a GatherBlockQuantized embedding that only reads
             # symmetric int4 ("Gather only supports 4 bits", uint8 Reshape type error): untie, so the
-            # embedding stays a float Gather and lm_head gets its own MatMulNBits.
+            # embedding stays a float Gather and lm_head gets its own MatMulNBits. 0.18: still so for
+            # asymmetric int4 (uint8 Reshape type error at load); tied int8 it unties by itself.
             extra["shared_embeddings"] = "false"
         if precision == "int4" and q["lm_head"] != "int4":
             # lm_head left float by the builder (then int8 by us, or kept fp32); a tied embedding is
@@ -402,51 +419,44 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
 def _build(src: Path, out_dir: Path, precision: str, ep: str, cache: Path, extra: dict[str, str]) -> None:
     builder = require("onnxruntime_genai.models.builder", purpose="LLM export")
     with console.step(f"onnxruntime-genai builder ({precision}, {ep})"), console.results_only_stdout(), \
-            _sliding_layers_from_config(builder, src):
+            _builder_fixes(builder):
         kv = builder.parse_extra_options("", str(src), str(out_dir), precision, ep, str(cache),
                                          [f"{k}={v}" for k, v in extra.items()])
         builder.create_model("", str(src), str(out_dir), precision, ep, str(cache), **kv)
 
 
-def layer_types(config: dict[str, Any]) -> list[str] | None:
-    """Which layers slide, as transformers decides: ``config.layer_types``, else its default pattern."""
-    n = int(config.get("num_hidden_layers") or 0)
-    if config.get("layer_types"):
-        return list(config["layer_types"])
-    pattern = {"gemma2": 2, "gemma3_text": config.get("sliding_window_pattern") or 6}.get(config.get("model_type"))
-    if not pattern or not n:
-        return None
-    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
-
-
 @contextmanager
-def _sliding_layers_from_config(builder, src: Path) -> Iterator[None]:
-    """Make the builder's Gemma 2 / 3 models slide the layers transformers slides.
+def _builder_fixes(builder) -> Iterator[None]:
+    """Patch the builder where onnxruntime-genai 0.18 and transformers 5 disagree, for this build only.
 
-    The 0.15.2 builder hard-codes the pattern: Gemma 2 slides the odd layers (transformers the even
-    ones), Gemma 3 every layer but each sixth, ignoring ``config.layer_types``: the graph is wrong past
-    the window (Gemma 2) or from the first token (Gemma 3 with another pattern, through its per-layer
-    rope base). ``is_local`` is the builder's one hook for it; it is set from the config for the build
-    and restored after. The export's graph proof (:mod:`.proof`) checks the result either way.
+    Gemma 3: transformers 5 keeps its RoPE per layer type (``rope_parameters = {"sliding_attention":
+    {...}, "full_attention": {...}}``), while the builder's ``Gemma3Model`` reads one flat
+    ``rope_parameters`` plus ``rope_local_base_freq`` (KeyError 'rope_type' otherwise). It gets the
+    full-attention parameters flat and the sliding layers' base as ``rope_local_base_freq``, which is what
+    it builds its two rotary caches from. The export's graph proof (:mod:`.proof`) checks the result.
+    (0.15.2's hard-coded Gemma 2 / 3 sliding patterns, patched here before, are gone: 0.18 reads
+    ``config.layer_types``.)
     """
-    cfg = json.loads((Path(src) / "config.json").read_text())
-    types = layer_types(cfg) if cfg.get("model_type") in ("gemma2", "gemma3_text") else None
-    # the classes create_model instantiates (the builder imports them as a top-level `builders` package)
-    classes = [getattr(builder, name) for name in ("Gemma2Model", "Gemma3Model") if hasattr(builder, name)]
-    if not types or not classes:
+    cls = getattr(builder, "Gemma3Model", None)
+    if cls is None:
         yield
         return
-    saved = {cls: cls.__dict__.get("is_local") for cls in classes}
-    for cls in classes:
-        cls.is_local = lambda self, layer_id: types[layer_id] == "sliding_attention"
+    init = cls.__init__
+
+    def flat_rope_init(self, config, *args, **kwargs):
+        rope = getattr(config, "rope_parameters", None)
+        if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
+            local = rope.get("sliding_attention") or rope["full_attention"]
+            config.rope_local_base_freq = local["rope_theta"]
+            config.rope_theta = rope["full_attention"]["rope_theta"]
+            config.rope_parameters = dict(rope["full_attention"])
+        init(self, config, *args, **kwargs)
+
+    cls.__init__ = flat_rope_init
     try:
         yield
     finally:
-        for cls, fn in saved.items():
-            if fn is None:
-                del cls.is_local
-            else:
-                cls.is_local = fn
+        cls.__init__ = init
 
 
 def embedding_kind(folder: Path) -> str:

@@ -81,18 +81,19 @@ class GGUFTensors:
         arch_field = self.reader.fields.get("general.architecture")
         self.arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else config.get("model_type")
         self.config = config
-        self.hf_to_gguf = self._name_map(config)
+        self.hf_to_gguf = self._name_map(config, self.arch)
 
     @staticmethod
-    def _name_map(config: dict[str, Any]) -> dict[str, str]:
+    def _name_map(config: dict[str, Any], arch: str) -> dict[str, str]:
         torch = require("torch")
         transformers = require("transformers")
-        from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
         cfg = transformers.AutoConfig.for_model(**config)
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(cfg)
-        return {hf: g for g, hf in get_gguf_hf_weights_map(model).items()}
+        processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)  # transformers 5: the map needs it (name preprocessing)
+        return {hf: g for g, hf in get_gguf_hf_weights_map(model, processor).items()}
 
     def gguf_name(self, hf_name: str) -> str | None:
         name = self.hf_to_gguf.get(hf_name)
