@@ -320,7 +320,7 @@ def _check_int4(config, i: int, t: TargetCfg, target) -> None:
     if precision != "int4":
         raise BadInput(f"{config}: targets[{i}].int4 is set but the target exports at {precision}",
                        hint="set precision = \"int4\" for that target, or drop its int4 table")
-    from .llm.export import int4_options
+    from .llm.builder import int4_options
 
     try:
         int4_options(target, t.int4_options())

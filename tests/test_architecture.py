@@ -85,11 +85,19 @@ def test_no_import_cycle_between_packages_and_top_level_modules():
     assert _cycles(graph) == []
 
 
-def test_the_only_file_cycle_left_is_the_export_core():
-    """Inside packages, one cycle remains: llm/export.py and its variants (adapters, float_adapter,
-    gguf_export) import each other; the export-core split (issue 32, step 2) removes it. Any new cycle fails."""
-    assert _cycles(_imports(_modules())) == [
-        ["edgetune.llm.adapters", "edgetune.llm.export", "edgetune.llm.float_adapter", "edgetune.llm.gguf_export"]]
+def test_no_import_cycle_between_files():
+    """The last one was the decoder export: llm/export.py and its variants (adapters, float_adapter,
+    gguf_export) imported each other. Now export -> variants -> builder (the core), one way."""
+    assert _cycles(_imports(_modules())) == []
+
+
+def test_the_export_core_knows_no_variant():
+    """llm/builder.py is what the variants build on: it imports none of them, nor the dispatcher."""
+    graph = _imports(_modules())
+    variants = {"edgetune.llm.export", "edgetune.llm.adapters", "edgetune.llm.float_adapter", "edgetune.llm.gguf_export"}
+    assert not graph["edgetune.llm.builder"] & variants
+    assert {"edgetune.llm.adapters", "edgetune.llm.float_adapter", "edgetune.llm.gguf_export", "edgetune.llm.builder"} <= \
+        graph["edgetune.llm.export"]
 
 
 def test_device_code_never_imports_host_stages():
@@ -160,7 +168,8 @@ def test_traits_drive_the_export_checks(tiny_llama, tmp_path):
     """An asymmetric-only algorithm asked for symmetric, int8 from a non-builder algorithm, an lm_head the
     algorithm cannot keep: each refused from its table entry before any work."""
     from edgetune.errors import BadInput
-    from edgetune.llm.export import export_llm, int4_options
+    from edgetune.llm.builder import int4_options
+    from edgetune.llm.export import export_llm
     from edgetune.targets import load_target
 
     t = load_target("cpu-x86")

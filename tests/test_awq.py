@@ -9,7 +9,7 @@ import pytest
 
 from edgetune.errors import BadInput
 from edgetune.export import export
-from edgetune.llm.export import matmulnbits_attributes
+from edgetune.llm.builder import matmulnbits_attributes
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.",
          "Turn on the kitchen lights.", "def f(x):\n    return x**2", "Set the thermostat to 21 degrees.",

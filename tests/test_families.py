@@ -45,7 +45,7 @@ def build_family(family: str, out: Path) -> Path:
                           "long_factor": [2.0 + i / 24 for i in range(24)]}), transformers.Phi3ForCausalLM),
         "gemma2": lambda: (transformers.Gemma2Config(**common, head_dim=64, sliding_window=WINDOW), transformers.Gemma2ForCausalLM),
         # a layer pattern other than Gemma 3's default 1-in-6 (builder 0.15.2 ignored layer_types), and
-        # transformers 5's per-layer-type rope_parameters (builder 0.18 reads them flat: llm.export._builder_fixes)
+        # transformers 5's per-layer-type rope_parameters (builder 0.18 reads them flat: llm.builder.builder_fixes)
         "gemma3_text": lambda: (transformers.Gemma3TextConfig(
             **common, head_dim=64, sliding_window=WINDOW,
             layer_types=["sliding_attention", "full_attention", "full_attention", "sliding_attention"]), transformers.Gemma3ForCausalLM),
@@ -77,10 +77,10 @@ def test_family_exports_fp32_exactly_past_the_sliding_window_and_int4(family, tm
 def test_a_graph_that_does_not_compute_its_model_fails_the_export(tmp_path, monkeypatch):
     """Mistral's config has a sliding_window but no layer_types; without edgetune's config view the builder
     makes every layer attend to the whole context. The export says so (exit 1) and writes nothing."""
-    from edgetune.llm import export as llm_export
+    from edgetune.llm import builder
 
     src = build_family("mistral", tmp_path / "src")
-    monkeypatch.setattr(llm_export, "_builder_input", lambda model_dir, scratch: model_dir)
+    monkeypatch.setattr(builder, "builder_input", lambda model_dir, scratch: model_dir)
     with pytest.raises(CheckFailed, match=f"past its sliding window of {WINDOW} tokens only .* sliding-window attention layers"):
         export(src, tmp_path / "fp32", target="cpu-x86", precision="fp32")
     assert not (tmp_path / "fp32").exists()

@@ -125,9 +125,9 @@ def test_tiny_llama_gguf_end_to_end(tiny_gguf, tmp_path):
     exact.mkdir()
     import shutil
 
-    from edgetune.llm.export import _build
+    from edgetune.llm.builder import build
 
-    _build(folder, exact / "fp32", "fp32", "cpu", exact, {})
+    build(folder, exact / "fp32", "fp32", "cpu", exact, {})
     (exact / "q").mkdir()
     transcode(exact / "fp32", exact / "q", tiny_gguf, json.loads((folder / "config.json").read_text()),
               accuracy_level=0, eight_bit_level=None)
@@ -218,7 +218,7 @@ def test_phi3_gguf_with_fused_qkv_and_gate_up_takes_the_exact_path(tmp_path):
     import torch
 
     from edgetune.device import llm as dev
-    from edgetune.llm.export import _build, _builder_input
+    from edgetune.llm.builder import build, builder_input
     from edgetune.llm.gguf_export import transcode
     from edgetune.models import load_causal_lm, materialize
     from tiny_gguf import write_tiny_phi3_gguf
@@ -229,7 +229,7 @@ def test_phi3_gguf_with_fused_qkv_and_gate_up_takes_the_exact_path(tmp_path):
     folder = materialize(src).path
     work = tmp_path / "work"
     work.mkdir()
-    _build(_builder_input(folder, work), work / "fp32", "fp32", "cpu", work, {})
+    build(builder_input(folder, work), work / "fp32", "fp32", "cpu", work, {})
     (work / "q").mkdir()
     g = transcode(work / "fp32", work / "q", src, json.loads((folder / "config.json").read_text()),
                   accuracy_level=0, eight_bit_level=None)

@@ -21,7 +21,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .. import artifacts, console
 from ..cleanup import temp_dir
@@ -342,10 +342,14 @@ def check_adapters(folder: Path, model_dir: Path, specs: list[LoraSpec], *, stri
             "tolerance": FP32_TOLERANCE if strict else None, "passed": not bad if strict else None, "adapters": figures}
 
 
-def export_with_adapters(model_dir: Path, out: Path, *, target, precision: str, int4=None, adapters=(), calibration=None) -> Path:
-    """``edgetune export BASE --adapter A1 --adapter A2``: the base graph once, one .onnx_adapter per adapter."""
+def export_with_adapters(model_dir: Path, out: Path, *, target, precision: str, int4=None, adapters=(), calibration=None,
+                         base_export: Callable[..., Path]) -> Path:
+    """``edgetune export BASE --adapter A1 --adapter A2``: the base graph once, one .onnx_adapter per adapter.
+
+    ``base_export``: makes the base graph (:func:`edgetune.llm.export.base_export`), with the builder hooked here.
+    """
     from ..targets import load_target
-    from .export import export_llm, int4_options
+    from .builder import int4_options
 
     model_dir, out = Path(model_dir), Path(out)
     t = load_target(target)
@@ -374,7 +378,7 @@ def export_with_adapters(model_dir: Path, out: Path, *, target, precision: str, 
         probe = Path(scratch) / "probe"
         union = _write_probe(specs, probe)
         with builder_hooks(builder, probe, plan):
-            export_llm(model_dir, run.dir, target=target, precision=precision, int4=int4, calibration=calibration)
+            base_export(model_dir, run.dir, target=target, precision=precision, int4=int4, calibration=calibration)
         missing = sorted(set(union) - set(plan))
         if missing:
             raise BadInput(f"the ONNX builder made no LoRA graph for {missing[0]}", hint=_MERGE_HINT)

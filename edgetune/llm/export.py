@@ -1,207 +1,33 @@
-"""Decoder export: onnxruntime-genai's model builder, driven by a target profile.
+"""Decoder export: which export a request needs, and the one call that makes it.
 
-The builder's option names changed between releases and unknown names are ignored
-silently, so every export reads the MatMulNBits attributes back out of the graph and
-records them: the record proves the options reached the graph.
+:func:`export_llm` resolves the precision (a GGUF that was not fine-tuned keeps its own weights on a CPU
+target) and dispatches: a float adapter (:mod:`.float_adapter`), runtime adapters (:mod:`.adapters`),
+the exact GGUF transcode (:mod:`.gguf_export`), or the builder export (:mod:`.builder`, the core the others
+build on). The adapter variants wrap a base export; they are handed :func:`base_export` rather than
+importing this module, so the import graph points one way: export -> variants -> builder.
 """
 
 from __future__ import annotations
 
-import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
 
-from .. import artifacts, console
-from ..cleanup import temp_dir
-from ..errors import BadInput, CheckFailed, require
+from .. import console
+from ..errors import BadInput
 from ..targets import load_target
-from . import kernels
-from .mixed import base_name
-from ..quant import BLOCK_SIZES, LM_HEADS, QATSpec, algorithms, embedding_block_size, int4_algorithm
-from .quantize import (encode_calibration, inc_checkpoint, inc_weight_parity, load_calibration, quantize_embedding_in,
-                       quantize_lm_head_in, quantize_onnx)
-
-TOKENIZER_PROBES = (
-    "Hello, world!",
-    "  leading spaces and\ttabs\nnewlines",
-    "naïve café — ünïcödé 日本語 🙂",
-    "<|im_start|>user\nWhat is 2+2?<|im_end|>",
-    "def f(x):\n    return x**2  # code",
-)
+from .adapters import export_with_adapters
+from .builder import export_builder
+from .float_adapter import export_with_float_adapter
+from .gguf_export import export_gguf, gguf_source
 
 
-def int4_options(target, int4: dict | None) -> dict[str, Any]:
-    q = target.quantization.int4.model_dump()
-    q.update({k: v for k, v in (int4 or {}).items() if v is not None})
-    unknown = set(q) - {"algorithm", "block_size", "symmetric", "accuracy_level"} - set(target.quantization.int4.model_dump())
-    if unknown:
-        raise BadInput(f"unknown int4 option(s): {', '.join(sorted(unknown))}", hint="use algorithm, block_size, symmetric, accuracy_level, lm_head")
-    alg = int4_algorithm(q["algorithm"])
-    if q["block_size"] not in BLOCK_SIZES:
-        raise BadInput(f"int4 block size {q['block_size']} is not supported", hint="use " + ", ".join(map(str, BLOCK_SIZES)))
-    if q.get("lm_head", "int4") not in LM_HEADS:
-        raise BadInput(f"int4 lm_head '{q['lm_head']}' is not supported", hint="use " + ", ".join(LM_HEADS))
-    if not alg.any_lm_head and q["lm_head"] != "int4":
-        # e.g. onnxruntime's GPTQ quantizes every MatMul (it ignores nodes_to_exclude)
-        raise BadInput(f"int4 algorithm '{alg.name}' quantizes lm_head to int4; lm_head '{q['lm_head']}' is not available with it",
-                       hint=f"use --int4-lm-head int4 with {alg.name}, or another algorithm")
-    if alg.asymmetric_only and q["symmetric"]:
-        # e.g. HQQ fits a float zero point per block: it is asymmetric by construction.
-        if (int4 or {}).get("symmetric"):
-            raise BadInput(f"int4 algorithm '{alg.name}' is asymmetric by construction (a zero point per block)",
-                           hint=f"drop --int4-symmetric or use --int4-asymmetric with {alg.name}")
-        console.warn(f"{alg.name} is asymmetric by construction: the profile's symmetric=true is not used")
-        q["symmetric"] = False
-    return q
-
-
-def matmulnbits_attributes(folder: Path, skip_prefix: str | None = None, skip: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Distinct attribute sets of the MatMulNBits nodes in the exported graph."""
-    import onnx
-
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    seen: dict[str, dict[str, Any]] = {}
-    counts: dict[str, int] = {}
-    skip = set(skip)
-    for node in model.graph.node:
-        if node.op_type != "MatMulNBits" or (skip_prefix and node.name.startswith(skip_prefix)) or base_name(node.name) in skip:
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        attrs = {k: v for k, v in attrs.items() if k in ("bits", "block_size", "accuracy_level")}
-        # symmetric weights carry no zero points input
-        attrs["zero_points"] = len(node.input) > 3 and bool(node.input[3])
-        key = json.dumps(attrs, sort_keys=True)
-        seen[key] = attrs
-        counts[key] = counts.get(key, 0) + 1
-    return [{**v, "count": counts[k]} for k, v in seen.items()]
-
-
-def _quant_aware_grid(model_dir: Path, precision: str, q: dict | None, mixed) -> dict | None:
-    """A merged quant-aware fine-tune (merge gate ``vs_fake_quant``): does this export use its training grid?
-
-    A different grid still exports (the user may mean it) but says so: the model shipped is then not the
-    model the adapter was trained as.
-    """
-    gate = (((artifacts.read_record(model_dir) or {}).get("results") or {}).get("gate") or {}).get("vs_fake_quant")
-    if not gate:
-        return None
-    spec = QATSpec(block_size=gate["block_size"], lm_head=gate["lm_head"])
-    diffs = spec.matches_export(q) if precision == "int4" and q else [f"precision {precision} (trained for int4)"]
-    if mixed:
-        diffs.append("mixed 8-bit layers (trained for int4 everywhere)")
-    if diffs:
-        console.warn(f"{model_dir} was fine-tuned quant-aware for {spec.describe()}; this export differs: {'; '.join(diffs)}")
-    return {"trained_grid": spec.describe(), "matches": not diffs, "differences": diffs}
-
-
-def lm_head_attributes(folder: Path) -> dict[str, Any] | None:
-    """How the graph stores the output head (/lm_head/ MatMul or MatMulNBits), read back from it."""
-    import onnx
-
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    for node in model.graph.node:
-        if node.name.startswith("/lm_head/") and node.op_type in ("MatMul", "MatMulNBits"):
-            if node.op_type == "MatMul":
-                return {"node": node.name, "op": "MatMul", "bits": 32, "kind": "fp32"}
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            return {"node": node.name, "op": "MatMulNBits", "bits": attrs.get("bits"), "block_size": attrs.get("block_size"),
-                    "accuracy_level": attrs.get("accuracy_level", 0), "kind": f"int{attrs.get('bits')}"}
-    return None
-
-
-def _hidden_size(model_dir: Path) -> int | None:
-    try:
-        cfg = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    cfg = cfg.get("text_config", cfg)
-    h = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")
-    return int(h) if h else None
-
-
-def _configure_genai(folder: Path, target) -> None:
-    path = folder / "genai_config.json"
-    cfg = json.loads(path.read_text())
-    g, s, r = target.generation, target.session, target.runtime
-    model = cfg["model"]
-    model["context_length"] = min(int(model.get("context_length") or g.context_length), g.context_length)
-    search = cfg.setdefault("search", {})
-    search.update(max_length=min(g.max_length, model["context_length"]), do_sample=g.do_sample, temperature=g.temperature,
-                  top_k=g.top_k, top_p=g.top_p, repetition_penalty=g.repetition_penalty)
-    so = model["decoder"].setdefault("session_options", {})
-    if s.intra_op_threads:
-        so["intra_op_num_threads"] = s.intra_op_threads
-    if s.inter_op_threads:
-        so["inter_op_num_threads"] = s.inter_op_threads
-    so["enable_cpu_mem_arena"] = s.enable_cpu_mem_arena
-    so["enable_mem_pattern"] = s.enable_mem_pattern
-    if r.execution_provider != "cpu":
-        opts = {k: str(v) for k, v in r.provider_options.items()}
-        so["provider_options"] = [{r.execution_provider: opts}]
-    else:
-        so.pop("provider_options", None) if not so.get("provider_options") else None
-    path.write_text(json.dumps(cfg, indent=4))
-
-
-def check_tokenizer(folder: Path, model_dir: Path, probes: Iterable[str] = TOKENIZER_PROBES) -> dict[str, Any]:
-    """onnxruntime-genai must encode exactly like the reference HF tokenizer."""
-    og = require("onnxruntime_genai", purpose="tokenizer check")
-    transformers = require("transformers", purpose="tokenizer check")
-    ref = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    try:
-        tok = og.Tokenizer(og.Model(str(folder)))
-    except RuntimeError as e:
-        raise CheckFailed(f"the export does not load in onnxruntime-genai: {str(e).splitlines()[0][:300]}",
-                          hint="asymmetric int4 with tied embeddings is known to break in builders 0.15.2 and 0.18; try --int4-symmetric") from None
-    mismatches = []
-    for s in probes:
-        got = [int(i) for i in tok.encode(s)]
-        want = ref.encode(s, add_special_tokens=True)
-        if got != want:
-            mismatches.append({"text": s, "genai": got[:16], "reference": want[:16]})
-    if mismatches:
-        raise CheckFailed(
-            f"onnxruntime-genai tokenizes {len(mismatches)}/{len(probes)} probe strings differently from the reference tokenizer "
-            f"(first: {mismatches[0]['text']!r})", hint="re-materialize the model so its tokenizer is normalized")
-    return {"probes": len(probes), "mismatches": 0}
-
-
-def _builder_input(model_dir: Path, scratch: Path) -> Path:
-    """Work around builder quirks without touching the user's folder (a view with its own config.json).
-
-    * Phi-3 with the default RoPE but with original_max_position_embeddings != max_position_embeddings
-      is routed to the LongRoPE builder, which then fails (KeyError 'multi_cache'; 0.15.2 and 0.18).
-      With the default RoPE the original length has no effect in transformers, so align it.
-      transformers 5 writes the RoPE as ``rope_parameters`` (always present, ``rope_type`` "default"
-      unless scaled); 4.x configs carry ``rope_scaling`` only when scaled.
-    * Builder 0.18 places sliding windows only on the layers ``config.layer_types`` marks
-      "sliding_attention" (all "full_attention" when absent). Mistral and Phi-3 configs carry a
-      ``sliding_window`` but no ``layer_types``, and transformers slides every layer: without the
-      list the graph has no window (wrong logits past it; genai then also sizes the KV cache
-      wrongly and fails). Spell the list out.
-    """
-    cfg = json.loads((model_dir / "config.json").read_text())
-    changed = False
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
-    if cfg.get("model_type") == "phi3" and rope_type == "default" and \
-            cfg.get("original_max_position_embeddings") not in (None, cfg.get("max_position_embeddings")):
-        cfg["original_max_position_embeddings"] = cfg["max_position_embeddings"]
-        changed = True
-    window = cfg.get("sliding_window")
-    if cfg.get("model_type") in ("mistral", "phi3") and isinstance(window, int) and window > 0 and not cfg.get("layer_types"):
-        cfg["layer_types"] = ["sliding_attention"] * int(cfg["num_hidden_layers"])
-        changed = True
-    if not changed:
-        return model_dir
-    view = scratch / "model"
-    view.mkdir()
-    for f in model_dir.iterdir():
-        if f.name != "config.json":
-            (view / f.name).symlink_to(f.resolve())
-    (view / "config.json").write_text(json.dumps(cfg, indent=2))
-    return view
+def base_export(model_dir, out, *, target, precision: str, int4=None, calibration=None, fuse: bool = True,
+                default_gguf: bool = False) -> Path:
+    """The export of a base model at ``precision``: the GGUF transcode for gguf, else the builder's."""
+    if precision == "gguf":  # the GGUF's own quantized weights, transcoded exactly (edgetune/llm/gguf_export.py)
+        if calibration is not None:
+            raise BadInput("--calibration is not used by --precision gguf (the GGUF's weights are kept)", hint="drop --calibration")
+        return export_gguf(model_dir, out, target=target, int4=int4, default=default_gguf, fuse=fuse)
+    return export_builder(model_dir, out, target=target, precision=precision, int4=int4, calibration=calibration)
 
 
 def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=(), calibration=None, mixed=None,
@@ -220,8 +46,6 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     t = load_target(target)
     default_gguf = False
     if precision is None and t.runtime.resolved_builder_provider == "cpu":
-        from .gguf_export import gguf_source
-
         try:
             default_gguf = gguf_source(model_dir) is not None  # a GGUF not fine-tuned: keep its own weights
         except BadInput as exc:  # its GGUF moved or changed: the profile's precision, said so
@@ -233,244 +57,13 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
         if adapters:
             raise BadInput("--float-adapter and --adapter cannot be combined",
                            hint="bake one adapter in float (--float-adapter) or keep adapters switchable (--adapter), not both")
-        from .float_adapter import export_with_float_adapter
-
         return export_with_float_adapter(model_dir, out, target=target, precision=precision, int4=int4, adapter=float_adapter,
-                                         calibration=calibration, fuse=fuse)
-    if adapters:  # runtime-switchable LoRAs: the base graph once (through this function) + one .onnx_adapter each
-        from .adapters import export_with_adapters
-
+                                         calibration=calibration, fuse=fuse, base_export=base_export)
+    if adapters:  # runtime-switchable LoRAs: the base graph once (base_export) + one .onnx_adapter each
         return export_with_adapters(model_dir, out, target=target, precision=precision, int4=int4, adapters=adapters,
-                                    calibration=calibration)
-    if precision == "gguf":  # the GGUF's own quantized weights, transcoded exactly (edgetune/llm/gguf_export.py)
-        from .gguf_export import export_gguf
-
-        if calibration is not None:
-            raise BadInput("--calibration is not used by --precision gguf (the GGUF's weights are kept)", hint="drop --calibration")
-        return export_gguf(model_dir, out, target=target, int4=int4, default=default_gguf, fuse=fuse)
-    ep = t.runtime.resolved_builder_provider
-    q = int4_options(t, int4) if precision in ("int4", "int8") else None
-    algorithm = q["algorithm"] if q else None
-    alg = int4_algorithm(algorithm) if q else None
-    if precision == "int8" and not alg.int8:
-        raise BadInput(f"int8 is made by the builder ({' or '.join(algorithms(int8=True))}), not by int4 algorithm '{algorithm}'",
-                       hint="use --int4-algorithm rtn with --precision int8, or --precision int4")
-    cpu = t.runtime.execution_provider == "cpu"
-    from .mixed import check_mixed_request
-
-    measure = check_mixed_request(mixed, precision=precision, algorithm=algorithm)
-    if cpu and alg and alg.slow_kernel and precision == "int4" and not allow_slow_kernel:
-        raise BadInput(alg.slow_kernel, hint="use rtn or k_quant (or pass --allow-slow-kernel to ship it anyway)")
-    calibrated = precision == "int4" and (alg.calibrated or measure)
-    if calibration is not None and not calibrated:
-        names = algorithms(calibrated=True)
-        raise BadInput(f"--calibration is only used by the int4 algorithms {', '.join(names[:-1])} and {names[-1]} and by mixed precision",
-                       hint=f"drop --calibration or pass --precision int4 --int4-algorithm {names[0]} (or {', '.join(names[1:])})")
-    backend = alg.backend if precision == "int4" else "builder"
-    if backend == "awq":
-        from .awq import check_supported
-
-        check_supported(model_dir)
-    calib = load_calibration(calibration) if calibrated else None  # read (and fail) before any work
-    trained_grid = _quant_aware_grid(model_dir, precision, q, mixed)
-    extra: dict[str, str] = {}
-    if q:
-        extra = {"block_size": str(q["block_size"]), "is_symmetric": str(q["symmetric"]).lower(),
-                 "accuracy_level": str(q["accuracy_level"])}
-        if algorithm == "k_quant":  # rtn = the quantizer's default RTN path (algo_config=rtn breaks on tied embeddings)
-            extra["algo_config"] = algorithm
-        if precision == "int8":  # 8-bit MatMulNBits is prepacked on the CPU at accuracy_level 4 only
-            extra["accuracy_level"] = str(kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider))
-        if precision == "int8" or not q["symmetric"]:
-            # Builder 0.15.2 shares a tied lm_head with a GatherBlockQuantized embedding that only reads
-            # symmetric int4 ("Gather only supports 4 bits", uint8 Reshape type error): untie, so the
-            # embedding stays a float Gather and lm_head gets its own MatMulNBits. 0.18: still so for
-            # asymmetric int4 (uint8 Reshape type error at load); tied int8 it unties by itself.
-            extra["shared_embeddings"] = "false"
-        if precision == "int4" and q["lm_head"] != "int4":
-            # lm_head left float by the builder (then int8 by us, or kept fp32); a tied embedding is
-            # untied (GatherBlockQuantized reads 4 bits only) and stored int4 after the build.
-            extra["shared_embeddings"] = "false"
-            extra["nodes_to_exclude"] = "/lm_head/MatMul"
-        hidden = _hidden_size(model_dir)
-        if precision == "int4" and hidden and hidden % q["block_size"]:
-            # A tied int4 embedding (GatherBlockQuantized) needs the block to divide the hidden size
-            # (576 % 128 fails at run time in /model/embed_tokens/Reshape): untie; the own table is
-            # then stored int4 with the largest block that divides (quantize_embedding).
-            extra["shared_embeddings"] = "false"
-            emb = embedding_block_size(hidden, q["block_size"])
-            console.warn(f"hidden size {hidden} is not a multiple of int4 block {q['block_size']}: embedding untied from lm_head, "
-                         + (f"stored int4 with block {emb}" if emb else "kept float"))
-    options = {"precision": precision, "execution_provider": ep, "extra": extra, "int4": q, "mixed": mixed,
-               "allow_slow_kernel": allow_slow_kernel,
-               "calibration": calib.sha256 if calib else None, "target": t.model_dump(mode="json", exclude={"source"})}
-    inputs = {"model": model_dir, "calibration": calib.path if calib else None}
-    with artifacts.stage_output(out, "export", inputs=inputs, options=options) as run, \
-            temp_dir("genai") as cache_name:
-        cache = Path(cache_name)
-        src = _builder_input(model_dir, cache)
-        token_ids = encode_calibration(model_dir, calib.texts) if calib else None
-        qinfo: dict[str, Any] = {"quantizer": "onnxruntime-genai builder"} if q else {}
-        parity = None
-        if backend == "ort":
-            # fp32 graph with its own embedding table (untied), then its MatMuls quantized
-            _build(src, cache / "fp32", "fp32", ep, cache, {"shared_embeddings": "false"})
-            with console.step(f"onnxruntime MatMulNBitsQuantizer ({algorithm} int4)"), console.results_only_stdout():
-                qinfo = quantize_onnx(cache / "fp32", run.dir, algorithm=algorithm, q=q, token_ids=token_ids)
-        elif backend == "inc":
-            with console.step(f"neural-compressor ({algorithm} int4)"), console.results_only_stdout():
-                qmodel, qinfo = inc_checkpoint(src, cache / "inc", algorithm=algorithm, q=q, token_ids=token_ids)
-            _build(cache / "inc", run.dir, precision, ep, cache, extra)
-            with console.step("weights: graph vs neural-compressor"):
-                parity = inc_weight_parity(qmodel, run.dir)
-            del qmodel
-            if not parity["compared"] or parity["max_abs_diff"] > 1e-5 * max(1.0, parity["max_abs_weight"]):
-                raise CheckFailed(f"the graph's int4 weights differ from neural-compressor's (max |diff| {parity['max_abs_diff']:.3g} "
-                                  f"over {parity['compared']} MatMulNBits nodes)", hint="the builder misread the GPTQ-layout checkpoint")
-        else:
-            if backend == "awq":  # scales folded into a checkpoint; the builder's RTN then
-                from .awq import scale_checkpoint
-
-                with console.step("awq: activation-aware scales on the calibration texts"), console.results_only_stdout():
-                    qinfo["awq"] = scale_checkpoint(src, cache / "awq", token_ids=token_ids, q=q)
-                src = cache / "awq"
-            plan = None
-            if mixed:
-                from .mixed import plan_mixed
-
-                plan = plan_mixed(mixed, src=src, model_dir=model_dir, cache=cache, token_ids=token_ids,
-                                  build=lambda d: _build(src, d, precision, ep, cache, extra))
-                extra = {**extra, "nodes_to_exclude": ",".join(filter(None, [extra.get("nodes_to_exclude"), *plan["layers"]]))}
-            _build(src, run.dir, precision, ep, cache, extra)
-            if plan:
-                from .mixed import finish_mixed
-
-                with console.step(f"mixed precision: {len(plan['layers'])} MatMuls at 8 bits"), console.results_only_stdout():
-                    qinfo["mixed"] = finish_mixed(run.dir, plan, q=q, execution_provider=t.runtime.execution_provider)
-        if precision == "int4" and backend != "ort" and extra.get("shared_embeddings") == "false":
-            # untied by us (asymmetric int4): store the now separate embedding as int4 too, not float
-            with console.step("int4 embedding (GatherBlockQuantized)"), console.results_only_stdout():
-                if quantize_embedding_in(run.dir, block_size=q["block_size"], symmetric=q["symmetric"]):
-                    emb = embedding_block_size(_hidden_size(model_dir) or q["block_size"], q["block_size"])
-                    qinfo["embedding"] = (f"int4 {'symmetric' if q['symmetric'] else 'asymmetric'} RTN (DefaultWeightOnlyQuantConfig)"
-                                          f", block {emb}")
-        if precision == "int4" and q["lm_head"] == "int8":
-            with console.step("int8 lm_head (MatMulNBits bits=8)"), console.results_only_stdout():
-                # CPU: 8-bit MatMulNBits at accuracy_level 0 dequantizes the whole head every step (SmolLM2:
-                # ~1 tok/s instead of ~11); level 4 (int8 activations) runs MLAS's int8 kernel at int4 speed.
-                head_level = kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider)
-                quantize_lm_head_in(run.dir, bits=8, block_size=q["block_size"], symmetric=q["symmetric"],
-                                    accuracy_level=head_level)
-        _configure_genai(run.dir, t)
-        nbits = matmulnbits_attributes(run.dir)
-        head = lm_head_attributes(run.dir)
-        if precision == "int4" and head and head["kind"] != q["lm_head"]:
-            raise CheckFailed(f"the graph's lm_head is {head['kind']} ({head['op']}), not the requested {q['lm_head']}",
-                              hint="the builder ignored nodes_to_exclude; check the onnxruntime-genai version")
-        if precision in ("int4", "int8"):
-            bits = 4 if precision == "int4" else 8
-
-            def zero_points_ok(a) -> bool:
-                if alg.zero_points == "folded":  # converted to the symmetric + correction form: none may remain
-                    return not a["zero_points"]
-                if not q["symmetric"]:
-                    return a["zero_points"]
-                return alg.zero_points == "always" or not a["zero_points"]
-
-            eight = set((qinfo.get("mixed") or {}).get("layers", []))  # checked by finish_mixed
-            if precision == "int4" and (q["lm_head"] == "int8" or eight):  # the head is checked above
-                nbits_body = matmulnbits_attributes(run.dir, skip_prefix="/lm_head/", skip=eight)
-            else:
-                nbits_body = nbits
-            level = kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider) if bits == 8 else q["accuracy_level"]
-            bad = [a for a in nbits_body if a.get("bits") != bits or a.get("block_size") != q["block_size"]
-                   or a.get("accuracy_level", 0) != level or not zero_points_ok(a)]
-            if not nbits_body or bad:
-                raise CheckFailed(f"the graph's MatMulNBits nodes do not carry the requested options: {bad or 'none found'}",
-                                  hint="the builder ignored an option; check the onnxruntime-genai version")
-        paths = kernels.kernel_paths(run.dir)
-        slow = kernels.slow_nodes(paths)
-        if cpu and slow and not allow_slow_kernel:
-            raise CheckFailed(f"{len(slow)} MatMulNBits nodes would run off the CPU's prepacked kernels ({slow[0]['node']}: {slow[0]['path']})",
-                              hint="use rtn or k_quant, accuracy_level 4 for 8-bit, or --allow-slow-kernel")
-        tok = check_tokenizer(run.dir, model_dir) if ep == "cpu" else None
-        proof = None
-        from .proof import has_lora_branches, prove
-
-        if ep == "cpu" and not has_lora_branches(run.dir):  # the graph computes its model past any window (fp32: exact, else exit 1)
-            with console.step("graph vs PyTorch (teacher-forced, past the sliding window)"), console.results_only_stdout():
-                proof = prove(run.dir, model_dir, exact=precision == "fp32")
-        size = sum(p.stat().st_size for p in run.dir.iterdir() if p.is_file())
-        if calib:
-            qinfo["calibration"] = {"file": str(calib.path), "samples": calib.count, "sha256": calib.sha256,
-                                    "tokens": sum(len(x) for x in token_ids or [])}
-        if parity:
-            qinfo["weight_parity"] = parity
-        if trained_grid:
-            qinfo["quant_aware"] = trained_grid
-        run.results.update(kind="decoder", precision=precision, target=t.name, execution_provider=t.runtime.execution_provider,
-                           builder_provider=ep, int4=q if precision == "int4" else None, int8=q if precision == "int8" else None,
-                           quantization=qinfo or None, embeddings=embedding_kind(run.dir),
-                           matmulnbits=nbits, lm_head=head, kernel_paths={**kernels.summary(paths), "nodes": paths}, size_mb=round(size / 2**20, 3), tokenizer_check=tok,
-                           graph_proof=proof, exporter="onnxruntime-genai builder")
-    return out
-
-
-def _build(src: Path, out_dir: Path, precision: str, ep: str, cache: Path, extra: dict[str, str]) -> None:
-    builder = require("onnxruntime_genai.models.builder", purpose="LLM export")
-    with console.step(f"onnxruntime-genai builder ({precision}, {ep})"), console.results_only_stdout(), \
-            _builder_fixes(builder):
-        kv = builder.parse_extra_options("", str(src), str(out_dir), precision, ep, str(cache),
-                                         [f"{k}={v}" for k, v in extra.items()])
-        builder.create_model("", str(src), str(out_dir), precision, ep, str(cache), **kv)
-
-
-@contextmanager
-def _builder_fixes(builder) -> Iterator[None]:
-    """Patch the builder where onnxruntime-genai 0.18 and transformers 5 disagree, for this build only.
-
-    Gemma 3: transformers 5 keeps its RoPE per layer type (``rope_parameters = {"sliding_attention":
-    {...}, "full_attention": {...}}``), while the builder's ``Gemma3Model`` reads one flat
-    ``rope_parameters`` plus ``rope_local_base_freq`` (KeyError 'rope_type' otherwise). It gets the
-    full-attention parameters flat and the sliding layers' base as ``rope_local_base_freq``, which is what
-    it builds its two rotary caches from. The export's graph proof (:mod:`.proof`) checks the result.
-    (0.15.2's hard-coded Gemma 2 / 3 sliding patterns, patched here before, are gone: 0.18 reads
-    ``config.layer_types``.)
-    """
-    cls = getattr(builder, "Gemma3Model", None)
-    if cls is None:
-        yield
-        return
-    init = cls.__init__
-
-    def flat_rope_init(self, config, *args, **kwargs):
-        rope = getattr(config, "rope_parameters", None)
-        if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
-            local = rope.get("sliding_attention") or rope["full_attention"]
-            config.rope_local_base_freq = local["rope_theta"]
-            config.rope_theta = rope["full_attention"]["rope_theta"]
-            config.rope_parameters = dict(rope["full_attention"])
-        init(self, config, *args, **kwargs)
-
-    cls.__init__ = flat_rope_init
-    try:
-        yield
-    finally:
-        cls.__init__ = init
-
-
-def embedding_kind(folder: Path) -> str:
-    """How the graph stores the token embedding, read back from it."""
-    import onnx
-
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    for node in model.graph.node:
-        if not node.name.startswith("/model/embed_tokens/"):
-            continue
-        if node.op_type == "GatherBlockQuantized":
-            bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
-            return f"int{bits} GatherBlockQuantized, " + ("own table" if node.input[0] in inits else "shared with lm_head")
-        if node.op_type == "Gather":
-            return "float Gather, own table" if node.input[0] in inits else "float Gather, shared with lm_head"
-    return "unknown"
+                                    calibration=calibration, base_export=base_export)
+    if precision == "gguf":
+        return base_export(model_dir, out, target=target, precision=precision, int4=int4, calibration=calibration, fuse=fuse,
+                           default_gguf=default_gguf)
+    return export_builder(model_dir, out, target=target, precision=precision, int4=int4, calibration=calibration, mixed=mixed,
+                          allow_slow_kernel=allow_slow_kernel)

@@ -25,7 +25,7 @@ within :data:`.adapters.FP32_TOLERANCE`; for a quantized base the distance is re
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import artifacts, console
 from ..errors import BadInput, CheckFailed, require
@@ -122,15 +122,16 @@ def check_float_adapter(folder: Path, model_dir: Path, adapter: Path, *, strict:
 
 
 def export_with_float_adapter(model_dir: Path, out: Path, *, target, precision: str | None, int4=None, adapter,
-                              calibration=None, fuse: bool = True) -> Path:
+                              calibration=None, fuse: bool = True, base_export: Callable[..., Path]) -> Path:
     """``edgetune export BASE --float-adapter ADAPTER``: one graph, quantized base + float LoRA branches.
 
     ``fuse`` (precision gguf): after the branch check, the LoRA branches and the GGUF block-sum corrections of the
     linears sharing an input become one MatMul per group + one MatMul/Add per linear (:mod:`.fuse`); the check
-    against PyTorch then runs on the fused graph.
+    against PyTorch then runs on the fused graph. ``base_export``: makes the base graph
+    (:func:`edgetune.llm.export.base_export`), with the builder hooked here.
     """
     from ..targets import load_target
-    from .export import export_llm, int4_options
+    from .builder import int4_options
 
     model_dir, out = Path(model_dir), Path(out)
     t = load_target(target)
@@ -150,7 +151,7 @@ def export_with_float_adapter(model_dir: Path, out: Path, *, target, precision: 
     with artifacts.stage_output(out, "export", inputs=inputs, options=options) as run:
         plan: dict[str, dict[str, Any]] = {}
         with builder_hooks(builder, spec.path, plan, as_inputs=False):
-            export_llm(model_dir, run.dir, target=target, precision=precision, int4=int4, calibration=calibration, fuse=False)
+            base_export(model_dir, run.dir, target=target, precision=precision, int4=int4, calibration=calibration, fuse=False)
         missing = sorted(set(spec.modules) - set(plan))
         if missing:
             raise BadInput(f"the ONNX builder made no LoRA branch for {missing[0]}", hint=_MERGE_HINT)

@@ -384,7 +384,7 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
     """
 
     from ..targets import load_target
-    from .export import _build, _builder_input, _configure_genai, check_tokenizer, embedding_kind, lm_head_attributes, \
+    from .builder import build, builder_input, check_tokenizer, configure_genai, embedding_kind, lm_head_attributes, \
         matmulnbits_attributes
 
     model_dir, out = Path(model_dir), Path(out)
@@ -407,8 +407,8 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
     with artifacts.stage_output(out, "export", inputs={"model": model_dir, "gguf": gguf_path}, options=options) as run, \
             temp_dir("gguf") as scratch_name:
         scratch = Path(scratch_name)
-        src = _builder_input(model_dir, scratch)
-        _build(src, scratch / "fp32", "fp32", ep, scratch, {})
+        src = builder_input(model_dir, scratch)
+        build(src, scratch / "fp32", "fp32", ep, scratch, {})
         from .proof import has_lora_branches, prove
 
         graph_proof = None  # with LoRA branches (a float or runtime adapter) the graph is base + adapter: its own check
@@ -424,7 +424,7 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
                 info["fusion"] = summary(fuse_folder(run.dir))
         else:
             info["fusion"] = {"fused": False, "reason": "not requested (--no-fuse, or a float adapter fuses after its branch check)"}
-        _configure_genai(run.dir, t)
+        configure_genai(run.dir, t)
         tok = check_tokenizer(run.dir, model_dir)
         with console.step("logit check (transcoded vs fp32 graph)"):
             info["logit_check"] = _logit_check(run.dir, scratch / "fp32", model_dir) if not _has_lora_inputs(run.dir) else None
