@@ -9,7 +9,6 @@ PyTorch, never with the gold answers.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -266,10 +265,3 @@ def test_merging_a_copy_of_the_data_as_gate_data_works(qa, tmp_path, capsys):
 
 def _base(qa) -> Path:
     return Path(json.loads((qa["root"] / "adapter" / "finetune_config.json").read_text())["model_path"])
-
-
-def test_squad_data_copied_for_a_decoder_is_refused_naming_the_chat_form(tiny_llama, qa, tmp_path, capsys):
-    shutil.copy(qa["data"], tmp_path / "squad.jsonl")
-    code, r = _cli(["finetune", tiny_llama, tmp_path / "squad.jsonl", "-o", tmp_path / "ad", "--max-steps", "1"], capsys)
-    assert code == 2 and "qa fine-tuning of a decoder (llama) is not supported" in r["error"], r
-    assert "chat messages" in r["hint"] and not (tmp_path / "ad.work").exists()
