@@ -265,3 +265,11 @@ def test_merging_a_copy_of_the_data_as_gate_data_works(qa, tmp_path, capsys):
 
 def _base(qa) -> Path:
     return Path(json.loads((qa["root"] / "adapter" / "finetune_config.json").read_text())["model_path"])
+
+
+def test_a_doc_stride_not_below_the_window_is_exit_2_before_training(tiny_bert, tmp_path, capsys):
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"question": "Where?", "context": "In Paris.", "answers": [{"text": "Paris", "answer_start": 3}]}) + "\n")
+    code, r = _cli(["finetune", tiny_bert, data, "-o", tmp_path / "ad", "--max-steps", "1", "--max-seq-len", "64"], capsys)
+    assert code == 2 and "--doc-stride 128 must be below --max-seq-len 64" in r["error"], r
+    assert not (tmp_path / "ad.work").exists()

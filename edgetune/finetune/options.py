@@ -103,9 +103,8 @@ class FinetuneOptions:
                       f"(got {self.warmup_ratio}, {self.weight_decay}, {self.quant_aware_distill}, {self.quant_aware_distill_samples})", "fix the option")
         if self.max_seq_len < 8:
             raise bad(f"max_seq_len {self.max_seq_len} is too short", "use at least 8 tokens")
-        if not 0 <= self.doc_stride < self.max_seq_len:
-            raise bad(f"doc_stride must be in [0, max_seq_len) (got {self.doc_stride}, max_seq_len {self.max_seq_len})",
-                      "use e.g. --doc-stride 128 with --max-seq-len 384")
+        if self.doc_stride < 0:
+            raise bad(f"doc_stride must be >= 0 (got {self.doc_stride})", "use e.g. --doc-stride 128 with --max-seq-len 384")
         if not 0 <= self.eval_fraction < 1:
             raise bad(f"eval_fraction must be in [0, 1) (got {self.eval_fraction})", "use e.g. 0.1")
         if self.quant_type not in ("nf4", "fp4"):
