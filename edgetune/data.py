@@ -10,6 +10,8 @@ Record formats, detected from the fields of the first record (or forced with ``f
 ``messages``        ``{"messages": [{"role": ..., "content": ...}, ...]}``
 ``classification``  ``{"text": ..., "label": ...}`` (CSV/TSV columns too)
 ``tokens``          ``{"tokens": [...], "tags": [...]}`` (token classification)
+``qa``              ``{"question": ..., "context": ..., "answers": {"text": [...], "answer_start": [...]}}``
+                    (SQuAD; ``answers`` may also be a list of ``{"text", "answer_start"}``)
 =================== ==================================================
 
 A malformed line raises :class:`BadInput` naming the file and line number.
@@ -27,7 +29,7 @@ from typing import Any, Iterator
 
 from .errors import BadInput, MissingDependency
 
-FORMATS = ("text", "prompt_completion", "messages", "classification", "tokens")
+FORMATS = ("text", "prompt_completion", "messages", "classification", "tokens", "qa")
 _ROLES = {"system", "user", "assistant", "tool"}
 
 
@@ -123,6 +125,8 @@ def detect_format(record: dict[str, Any]) -> str | None:
         return "prompt_completion"
     if {"tokens", "tags"} <= keys:
         return "tokens"
+    if {"question", "context"} <= keys:
+        return "qa"
     if {"text", "label"} <= keys:
         return "classification"
     if "text" in keys:
@@ -159,7 +163,36 @@ def _check(path: Path, n: int, rec: dict[str, Any], fmt: str) -> dict[str, Any]:
         if not isinstance(toks, list) or not isinstance(tags, list) or len(toks) != len(tags) or not toks:
             raise _bad(path, n, "'tokens' and 'tags' must be non-empty lists of equal length", "one tag per token")
         return {"tokens": [str(t) for t in toks], "tags": [str(t) for t in tags]}
+    if fmt == "qa":
+        return {"question": need_str("question"), "context": need_str("context"),
+                "answers": _qa_answers(path, n, rec.get("answers"), rec["context"])}
     raise BadInput(f"unknown data format '{fmt}'", hint=f"choose one of: {', '.join(FORMATS)}")
+
+
+_QA_HINT = ('SQuAD form: "answers": {"text": ["..."], "answer_start": [N]} (or [{"text": "...", "answer_start": N}]) '
+            "where context[N:N+len(text)] == text")
+
+
+def _qa_answers(path: Path, n: int, answers: Any, context: str) -> list[dict[str, Any]]:
+    """The gold answers of a SQuAD record as [{"text", "answer_start"}], each checked against the context."""
+    if isinstance(answers, dict):
+        t, s = answers.get("text"), answers.get("answer_start")
+        if not isinstance(t, list) or not isinstance(s, list) or len(t) != len(s):
+            raise _bad(path, n, "'answers' needs lists 'text' and 'answer_start' of equal length", _QA_HINT)
+        answers = [{"text": a, "answer_start": b} for a, b in zip(t, s)]
+    if not isinstance(answers, list) or not answers:
+        raise _bad(path, n, "'answers' is missing or empty (unanswerable questions are not supported)", _QA_HINT)
+    out = []
+    for i, a in enumerate(answers):
+        text = a.get("text") if isinstance(a, dict) else None
+        start = a.get("answer_start") if isinstance(a, dict) else None
+        if not isinstance(text, str) or not text.strip() or isinstance(start, bool) or not isinstance(start, int):
+            raise _bad(path, n, f"answer {i} needs a non-empty string 'text' and an integer 'answer_start'", _QA_HINT)
+        if not 0 <= start <= len(context) - len(text) or context[start : start + len(text)] != text:
+            raise _bad(path, n, f"answer {i} {text[:40]!r} is not at character {start} of the context "
+                                f"(found {context[max(0, start):max(0, start) + len(text)][:40]!r})", _QA_HINT)
+        out.append({"text": text, "answer_start": start})
+    return out
 
 
 def load_dataset(path: str | os.PathLike, *, fmt: str | None = None, limit: int | None = None) -> Dataset:
@@ -189,10 +222,6 @@ def load_dataset(path: str | os.PathLike, *, fmt: str | None = None, limit: int 
     for n, rec in it:
         if fmt is None:
             fmt = detect_format(rec)
-            if fmt is None and {"question", "context"} <= set(rec):
-                raise _bad(p, n, "extractive question answering (SQuAD-style question/context/answers) is not a fine-tuning "
-                                 "format of edgetune yet", "write each record as chat messages (context and question from the "
-                                 "user, the answer from the assistant) and fine-tune a decoder")
             if fmt is None:
                 raise _bad(p, n, f"cannot tell the record format from fields {sorted(rec)}", f"use fields of one of: {', '.join(FORMATS)}")
         records.append(_check(p, n, rec, fmt))
@@ -229,6 +258,8 @@ def texts(ds: Dataset) -> list[str]:
             out.append("\n".join(m["content"] for m in r["messages"]))
         elif "tokens" in r:
             out.append(" ".join(r["tokens"]))
+        elif "question" in r:
+            out.append(r["question"] + "\n" + r["context"])
     return out
 
 
@@ -266,6 +297,8 @@ def content_key(rec: dict[str, Any]) -> str:
         return "p:" + fold(rec["prompt"])
     if "tokens" in rec:
         return "w:" + fold(" ".join(rec["tokens"]))
+    if "question" in rec:
+        return "q:" + fold(rec["question"]) + "\x00" + fold(rec["context"])
     return "t:" + fold(rec.get("text", ""))
 
 

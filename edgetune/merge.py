@@ -30,7 +30,17 @@ TASK_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_CLS": "AutoModelForSequenceClassification",
     "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
 }
+
+
+def _logits(out):
+    """The output the gate compares: ``logits``, or for a span head its start and end logits as two rows over positions."""
+    if getattr(out, "logits", None) is None and getattr(out, "start_logits", None) is not None:
+        import torch
+
+        return torch.stack([out.start_logits, out.end_logits], dim=1)
+    return out.logits
 
 
 def read_adapter(adapter: Path) -> dict[str, Any]:
@@ -123,7 +133,7 @@ def gate_figures(reference, candidate, encodings) -> dict[str, float]:
     """Logit agreement of ``candidate`` with ``reference`` (two models) over a list of tokenized inputs."""
     torch = require("torch")
     with torch.no_grad():
-        return compare_logits([reference(**e).logits for e in encodings], [candidate(**e).logits for e in encodings])
+        return compare_logits([_logits(reference(**e)) for e in encodings], [_logits(candidate(**e)) for e in encodings])
 
 
 def vs_trained_4bit(cls, base_dir: Path, adapter: Path, quant: dict[str, Any], encodings, merged_logits, *,
@@ -146,7 +156,7 @@ def vs_trained_4bit(cls, base_dir: Path, adapter: Path, quant: dict[str, Any], e
     model = peft.PeftModel.from_pretrained(model, str(adapter)).eval()
     device = next(model.parameters()).device
     with torch.no_grad():
-        trained = [model(**{k: v.to(device) for k, v in e.items()}).logits.float().cpu() for e in encodings]
+        trained = [_logits(model(**{k: v.to(device) for k, v in e.items()})).float().cpu() for e in encodings]
     del model
     return {**compare_logits(trained, merged_logits), "linear4bit_layers": n4,
             "reference": f"{quant['quant_type']} 4-bit base (double quant {quant['double_quant']}, compute {quant['compute_dtype']}) + adapter",
@@ -198,9 +208,12 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
                 raise BadInput(f"adapter {adapter} does not fit base {base_dir}: {first}",
                                hint="merge with the base the adapter was trained on") from None
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
-        encodings = [tokenizer(t, return_tensors="pt") for t in _inputs(tokenizer, task, Path(gate_data) if gate_data else None)]
+        # an encoder reads at most its position table: a longer gate text (a SQuAD context) is cut there, never exit 4
+        cut = {} if task == "CAUSAL_LM" else {"truncation": True,
+                                               "max_length": int(getattr(model.config, "max_position_embeddings", 0) or 512)}
+        encodings = [tokenizer(t, return_tensors="pt", **cut) for t in _inputs(tokenizer, task, Path(gate_data) if gate_data else None)]
         with torch.no_grad():
-            ref_logits = [model(**e).logits.float().clone() for e in encodings]
+            ref_logits = [_logits(model(**e)).float().clone() for e in encodings]
         qat_spec = trained_grid(adapter)
         trained_logits = None
         if qat_spec is not None:
@@ -212,7 +225,7 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
         merged = merged.to(target_dtype)
 
         with torch.no_grad():
-            merged_logits = [merged(**e).logits.float() for e in encodings]
+            merged_logits = [_logits(merged(**e)).float() for e in encodings]
         figures = compare_logits(ref_logits, merged_logits)
         passed = figures["max_abs_diff"] <= max_abs_diff * (1 if dtype == "float32" else 1000) and \
             figures["kl"] <= max_kl * (1 if dtype == "float32" else 100) and figures["top1_agreement"] >= min_top1
@@ -254,7 +267,7 @@ def _qat_logits(peft_model, spec, encodings) -> list:
     trained = copy.deepcopy(peft_model)
     qat.apply(trained, spec)
     with torch.no_grad():
-        out = [trained(**e).logits.float() for e in encodings]
+        out = [_logits(trained(**e)).float() for e in encodings]
     del trained
     return out
 
@@ -275,7 +288,7 @@ def _gate_vs_fake_quant(merged, spec, encodings, merged_logits, trained_logits, 
     rounded = copy.deepcopy(merged)
     quantize_model_weights(rounded, spec)
     with torch.no_grad():
-        int4_logits = [rounded(**e).logits.float() for e in encodings]
+        int4_logits = [_logits(rounded(**e)).float() for e in encodings]
     del rounded
     int4 = compare_logits(trained_logits, int4_logits)
     # ties at a rounding boundary may flip a weight or two (merge sums in another order): KL 10x the merge tolerance

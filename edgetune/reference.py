@@ -16,6 +16,8 @@ Decoder pack arrays: ``ids`` (evaluation tokens), ``nll`` (per scored token), ``
 data (gold answers) also ``task_prompt_*`` / ``task_answer_*`` (the reference's greedy answers;
 examples, gold and answer texts in ``meta['task']``).
 Encoder pack arrays: ``pred`` (index into ``labels``), ``tricky_ids``/``tricky_offsets``, ``ids``/``ids_offsets``.
+Question-answering pack: ``answer_start`` / ``answer_end`` (the reference's answer spans, characters);
+examples, answers, scores and the window sizes in ``meta``.
 """
 
 from __future__ import annotations
@@ -348,6 +350,64 @@ def build_encoder_reference(source, texts: list[str], labels_true: list[str] | N
         meta["accuracy"] = accuracy(labels_true, pred)
         meta["f1"] = macro_f1(labels_true, pred)
     return Pack(meta, arrays)
+
+
+def build_qa_reference(source, examples: list[dict[str, Any]], *, max_length: int, stride: int) -> Pack:
+    """The reference's answer spans for SQuAD records, with the device's windows and span decoding.
+
+    From an HF folder the start/end logits come from PyTorch (``AutoModelForQuestionAnswering``) on
+    exactly the windows the device builds (``device.qa.windows`` with the model's own tokenizer.json),
+    and the spans are decoded by the same numpy code (``device.qa.best_span``): a graph whose logits
+    match PyTorch gives the same answers.
+    """
+    from .artifacts import package_versions
+    from .device import qa as Q
+
+    kind = source_kind(source)
+    answers = []
+    if kind == "onnx-encoder":
+        from .device import encoder as E
+
+        enc = E.load(source)
+        answers = [Q.answer(enc, e["question"], e["context"], max_length=max_length, stride=stride) for e in examples]
+        how = "onnxruntime"
+    elif kind == "hf":
+        torch = require("torch", purpose="computing the reference with PyTorch")
+        transformers = require("transformers")
+        tok = transformers.AutoTokenizer.from_pretrained(str(source))
+        if not getattr(tok, "is_fast", False):
+            raise BadInput(f"reference {source} has no fast tokenizer (tokenizer.json)", hint="save the tokenizer with tokenizer.json")
+        raw = tok.backend_tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        model = transformers.AutoModelForQuestionAnswering.from_pretrained(
+            str(source), use_safetensors=True, attn_implementation="eager", dtype=torch.float32).eval()
+        names = set(inspect_forward(model))
+        for e in examples:
+            wins = Q.windows(raw, e["question"], e["context"], max_length=max_length, stride=stride)
+            f = Q.feeds(wins, length=max(len(w.ids) for w in wins), pad_id=pad_id)
+            with torch.inference_mode():
+                out = model(**{k: torch.from_numpy(v) for k, v in f.items() if k in names})
+            answers.append(Q.best_span(out.start_logits.float().numpy(), out.end_logits.float().numpy(), wins, e["context"]))
+        how = "torch"
+    else:
+        raise BadInput(f"reference {source} is not an encoder model", hint="give the fp32 HF folder or fp32 export")
+    arrays = {"answer_start": np.array([a["start"] for a in answers], np.int64),
+              "answer_end": np.array([a["end"] for a in answers], np.int64)}
+    joined = ["\x01".join([e["question"], e["context"]]) for e in examples]
+    meta = {"schema_version": SCHEMA_VERSION, "kind": "encoder", "task": "question-answering", "source": str(source),
+            "computed_with": how, "max_length": int(max_length), "stride": int(stride),
+            "examples": [{"question": e["question"], "context": e["context"], "answers": e["answers"]} for e in examples],
+            "answers": [{"answer": a["answer"], "start": a["start"], "end": a["end"], "score": a["score"]} for a in answers],
+            "text_sha256": text_sha("\x00".join(joined)), "versions": package_versions()}
+    return Pack(meta, arrays)
+
+
+def inspect_forward(model) -> list[str]:
+    """The keyword inputs of a PyTorch model's forward (token_type_ids only where it takes them)."""
+    import inspect as _inspect
+
+    params = _inspect.signature(model.forward).parameters
+    return [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in params]
 
 
 # ---------------------------------------------------------------- task answers (greedy, gold-capped)

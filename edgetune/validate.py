@@ -152,7 +152,7 @@ def _same_vocab(model_vocab: int | None, ref_vocab: int | None, src, *, at_least
                    hint="validate against the model this one was made from (its fp32 merged or base model, or that model's reference pack)")
 
 
-def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window, task=None, vocab=None):
+def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window, task=None, vocab=None, qa=None):
     from . import reference as R
 
     if reference is None:
@@ -162,6 +162,8 @@ def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window, ta
         pack = R.load_pack(src)
         if pack.kind != kind:
             raise BadInput(f"reference pack {src} is for a {pack.kind}, the model is an {kind}", hint="use the matching reference")
+        if qa is not None and pack.meta.get("task") != "question-answering":
+            raise BadInput(f"reference pack {src} is not for a question-answering model", hint="use the matching reference")
         if kind == "decoder":
             stored, top = R.pack_vocab(pack)
             _same_vocab(vocab, stored, src, at_least=top)
@@ -175,6 +177,12 @@ def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window, ta
             return R.build_decoder_reference(src, text, window=window, stride=opts["stride"], method=opts["method"], topk=opts["topk"],
                                              max_new_tokens=opts["max_tokens"], prompts=prompts, eval_tokens=opts["eval_tokens"],
                                              task=task)
+        if qa is not None:
+            examples, max_length, stride = qa
+            if examples is None:
+                raise BadInput("validating a question-answering model against a reference needs --data with SQuAD records",
+                               hint='JSONL {"question", "context", "answers": {"text": [...], "answer_start": [...]}}')
+            return R.build_qa_reference(src, examples, max_length=max_length, stride=stride)
         if texts is None:
             raise BadInput("validating an encoder against a reference needs --data with labelled examples", hint="JSONL/CSV/TSV with text and label")
         if texts and isinstance(texts[0], list):
@@ -348,7 +356,7 @@ def _text_sha(text: str) -> str:
     return text_sha(text)
 
 
-def _encoder(folder, target, pack, texts, labels, report, series):
+def _encoder(folder, target, pack, texts, labels, report, series, qa_examples=None):
     from tokenizers import Tokenizer
 
     from .device import encoder as E
@@ -356,6 +364,13 @@ def _encoder(folder, target, pack, texts, labels, report, series):
 
     enc = E.load(folder, target)
     report["runtime"]["providers"] = enc.session.get_providers()
+    if enc.task == "question-answering":
+        if texts is not None:
+            raise BadInput("a question-answering model needs SQuAD records (question, context, answers)",
+                           hint='give JSONL {"question", "context", "answers": {"text": [...], "answer_start": [...]}}')
+        return _qa_encoder(enc, pack, qa_examples, report)
+    if qa_examples is not None:
+        raise BadInput(f"SQuAD records given for a {enc.task} model", hint="give the data this model was trained for")
     if enc.task == "token-classification":
         return _token_encoder(enc, pack, texts, labels, report)
     if enc.task not in ("classification", "sequence-classification") and (pack is not None or texts is not None):
@@ -444,6 +459,52 @@ def _token_encoder(enc, pack, words, gold, report):
         rfig = {"examples": len(words), "accuracy": acc["reference_accuracy"], "entity_f1": acc["reference_entity_f1"]} if pack is not None else None
         report["task"] = _task_shape("accuracy", rfig, mfig, _failing(rows, int(report["options"]["failing_examples"])),
                                      answer_agreement=acc.get("agreement_with_reference"))
+
+
+def _qa_encoder(enc, pack, examples, report):
+    """SQuAD exact match and F1 of the model's answers (and the reference's), and how often both answer the same span."""
+    from .device import metrics as M
+    from .device import qa as Q
+
+    if pack is not None and examples is None:
+        examples = pack.meta["examples"]
+    if examples is None:
+        return
+    if pack is not None and len(pack.meta["examples"]) != len(examples) or pack is not None and any(
+            (a["question"], a["context"]) != (b["question"], b["context"]) for a, b in zip(pack.meta["examples"], examples)):
+        raise BadInput("--data is not the data the reference pack was made from", hint="omit --data to use the pack's examples")
+    length, stride = Q.window_sizes(Q.max_length_of(enc))
+    if pack is not None:  # the reference's windows, when the graph takes them
+        length = min(int(pack.meta["max_length"]), enc.sequence_length or int(pack.meta["max_length"]))
+        stride = int(pack.meta["stride"]) if length == int(pack.meta["max_length"]) else Q.window_sizes(length)[1]
+    got = [Q.answer(enc, e["question"], e["context"], max_length=length, stride=stride) for e in console.progress(examples, desc="answers")]
+    golds = [[a["text"] for a in e["answers"]] for e in examples]
+    preds = [g["answer"] for g in got]
+    sm = M.qa_scores(golds, preds)
+    acc: dict[str, Any] = {"metric": "f1", "examples": len(examples), "exact_match": sm["exact_match"], "f1": sm["f1"],
+                           "accuracy": sm["f1"], "max_length": length, "stride": stride,
+                           "windows": sum(g["windows"] for g in got)}
+    ref = None
+    if pack is not None:
+        ref = pack.meta["answers"]
+        sr = M.qa_scores(golds, [r["answer"] for r in ref])
+        same = [(r["start"], r["end"]) == (g["start"], g["end"]) for r, g in zip(ref, got)]
+        acc.update(reference_exact_match=sr["exact_match"], reference_f1=sr["f1"], reference_accuracy=sr["f1"],
+                   accuracy_drop=sr["f1"] - sm["f1"], agreement_with_reference=sum(same) / len(same),
+                   reference_windows={"max_length": pack.meta["max_length"], "stride": pack.meta["stride"]})
+    report["accuracy"] = acc
+    rows = []
+    for i, (e, g, gold) in enumerate(zip(examples, got, golds)):
+        row = {"index": i, "prompt": e["question"], "gold": " | ".join(gold), "model": g["answer"], "model_score": round(g["score"], 4),
+               "model_correct": bool(M.squad_exact(gold, g["answer"]))}
+        if ref is not None:
+            row.update(reference=ref[i]["answer"], reference_correct=bool(M.squad_exact(gold, ref[i]["answer"])))
+        rows.append(row)
+    mfig = {"examples": len(examples), "accuracy": sm["f1"], "exact_match": sm["exact_match"], "f1": sm["f1"]}
+    rfig = ({"examples": len(examples), "accuracy": acc["reference_f1"], "exact_match": acc["reference_exact_match"],
+             "f1": acc["reference_f1"]} if ref is not None else None)
+    report["task"] = _task_shape("accuracy", rfig, mfig, _failing(rows, int(report["options"]["failing_examples"])),
+                                 answer_agreement=acc.get("agreement_with_reference"), answers=rows)
 
 
 def _checks(report, target) -> list[dict]:
@@ -548,7 +609,7 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
             opts["window"] = int(ctx)
             opts["stride"] = min(opts["stride"] or ctx // 2, ctx)
     out = Path(out) if out else Path(model).resolve().parent / f"{Path(model).resolve().name}.validation"
-    text = texts = labels = task = None
+    text = texts = labels = task = qa_examples = None
     if data is not None:
         if kind == "decoder":
             from .data import load_dataset, task_examples
@@ -568,8 +629,11 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
             elif ds.format == "tokens":  # token classification: words and their tags
                 texts = [r["tokens"] for r in ds.records]
                 labels = [r["tags"] for r in ds.records]
+            elif ds.format == "qa":  # extractive question answering: SQuAD records
+                qa_examples = ds.records
             else:
-                raise BadInput(f"{data}: encoder validation needs labelled examples (text + label, or tokens + tags), got '{ds.format}'",
+                raise BadInput(f"{data}: encoder validation needs labelled examples (text + label, tokens + tags, or SQuAD "
+                               f"question/context/answers), got '{ds.format}'",
                                hint="give a classification or token-tagged data set")
     prompt_list = _read_prompts(prompts) if prompts else None
     record = artifacts.read_record(folder) or {}
@@ -585,11 +649,21 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
         "machine": artifacts.machine_info(),
         "versions": artifacts.package_versions(),
     }
+    qa = None
+    if kind == "encoder" and (qa_examples is not None or reference is not None):
+        from .device import encoder as E
+
+        enc_facts = E.load(folder, t_run)  # a question-answering reference is computed on this model's windows
+        if enc_facts.task == "question-answering":
+            from .device import qa as Q
+
+            qa = (qa_examples, *Q.window_sizes(Q.max_length_of(enc_facts)))
+        del enc_facts
     series: dict[str, Any] = {}
     with artifacts.stage_output(out, "validate", inputs={"model": folder, "reference": reference, "data": data, "prompts": prompts},
                                 options={**opts, "target": t.name}) as run:
         pack = _get_pack(reference, kind, text=text, texts=texts, labels=labels, prompts=prompt_list, opts=opts, window=opts["window"], task=task,
-                         vocab=gcfg.get("vocab_size") if kind == "decoder" else None)
+                         vocab=gcfg.get("vocab_size") if kind == "decoder" else None, qa=qa)
         if pack is not None:
             if not (reference and Path(reference, "reference.json").is_file()):
                 pack.save(run.dir / "reference")
@@ -599,7 +673,7 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
             if kind == "decoder":
                 _decoder(folder, t_run, pack, text, opts, report, series, task)
             else:
-                _encoder(folder, t_run, pack, texts, labels, report, series)
+                _encoder(folder, t_run, pack, texts, labels, report, series, qa_examples)
         if not device["available"]:
             report["latency"] = None
         elif opts["latency"]:

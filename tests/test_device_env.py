@@ -286,6 +286,46 @@ def test_run_ner_bundle_prints_the_models_entities(device, ner_model, tmp_path):
     assert all(f"{lab}\t" in human.stdout and span in human.stdout for lab, span in got[0])
 
 
+def test_run_qa_bundle_prints_the_pytorch_models_span_of_the_context(device, tmp_path):
+    """Issue 29: a question-answering bundle answers in the base install: windows over a context longer than one
+    graph window, span decoding in numpy; the answers are the PyTorch model's on the same windows."""
+    from edgetune.bundle import make_bundle
+    from edgetune.encoder.export import export_encoder
+    from edgetune.reference import build_qa_reference
+    from tiny_models import build_tiny_bert_qa, squad_records
+
+    from edgetune.validate import validate
+
+    model = build_tiny_bert_qa(tmp_path / "qa")
+    exp = export_encoder(model, tmp_path / "export", target="cpu-x86", precision="fp32")
+    recs = [squad_records(long_context_repeats=12)[i] for i in (0, -1)]  # a short context and one of 300+ tokens
+    (tmp_path / "squad.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+    validate(exp, target="cpu-x86", reference=model, data=tmp_path / "squad.jsonl", out=tmp_path / "report", latency=False)
+    bundle = tmp_path / "bundle"
+    make_bundle(exp, bundle, target="cpu-x86", report=tmp_path / "report", archive=True)
+    ref = build_qa_reference(model, recs, max_length=256, stride=85).meta["answers"]  # PyTorch, the device's windows
+    args = [a for r in recs for a in ("-Q", r["question"], "-c", r["context"])]
+    _, r = device.json("run", bundle.with_name("bundle.tar.gz"), *args)
+    assert r["task"] == "question-answering" and [x["question"] for x in r["results"]] == [x["question"] for x in recs]
+    assert r["results"][1]["windows"] > 1
+    for x, rec, want in zip(r["results"], recs, ref):
+        assert x["answer"] and rec["context"][x["start"]:x["end"]] == x["answer"] and 0.0 < x["score"] <= 1.0
+        assert (x["answer"], x["start"], x["end"]) == (want["answer"], want["start"], want["end"])
+    stdin = "".join(json.dumps({"question": x["question"], "context": x["context"]}) + "\n" for x in recs)
+    p = device.edgetune("run", str(bundle), "--json", stdin=stdin)
+    assert p.returncode == 0, p.stderr
+    assert [x["answer"] for x in json.loads(p.stdout)["results"]] == [x["answer"] for x in r["results"]]
+    human = device.edgetune("run", str(bundle), "-Q", recs[0]["question"], "-c", recs[0]["context"])
+    assert human.returncode == 0 and "Traceback" not in human.stderr and r["results"][0]["answer"] in human.stdout
+    bad = device.edgetune("run", str(bundle), "-x", "hello")
+    assert bad.returncode == 2 and "--text is for classifiers and taggers" in bad.stderr
+    # the bundled reference pack (PyTorch's answers) re-checked on the device: SQuAD EM/F1, same answers
+    _, v = device.json("validate", bundle, "-t", "cpu-x86", "-r", bundle / "validation" / "reference", "-o", tmp_path / "dev-report",
+                       "--no-latency")
+    assert v["passed"] and v["accuracy"]["agreement_with_reference"] == 1.0 and v["accuracy"]["examples"] == 2
+    assert v["accuracy"]["f1"] == v["accuracy"]["reference_f1"] and v["accuracy"]["exact_match"] == v["accuracy"]["reference_exact_match"]
+
+
 def test_host_only_command_exits_3_naming_the_package(device, tiny_llama, tmp_path):
     """A host command on the device is a missing package (exit 3, the install hint), not a bug."""
     (tmp_path / "d.txt").write_text("hello world\n" * 8)

@@ -3,7 +3,9 @@
 - classification with a decoder (``--task seq-cls`` / text+label data on a Llama-layout model): its
   classification head does not export to onnxruntime-genai, so `finetune` refuses it and names the chat form;
 - chat ('messages') data on a base model without a chat template: `finetune` and `build` refuse it before
-  the first training step.
+  the first training step;
+- extractive question answering (SQuAD records) on a decoder: refused at `finetune`, like classification
+  (the encoder pipeline for it is tested in tests/test_qa.py).
 """
 
 from __future__ import annotations
@@ -73,33 +75,49 @@ def test_build_checks_the_model_against_the_data_before_the_first_stage(tiny_lla
     assert not list((tmp_path / "b" / "out" / ".work").glob("adapter*"))
 
 
-def test_squad_records_are_refused_naming_question_answering_and_the_chat_form(tmp_path):
+def test_squad_records_are_read_as_question_answering_and_refused_on_a_decoder(tiny_llama, tmp_path, capsys):
+    """SQuAD records were refused outright before issue 29; now they are the qa format (tests/test_qa.py has the
+    whole pipeline), and a decoder is still refused: its span head would not export to onnxruntime-genai."""
     from edgetune.data import load_dataset
-    from edgetune.errors import BadInput
 
     qa = tmp_path / "qa.jsonl"
     qa.write_text(json.dumps({"question": "Where?", "context": "In Paris.", "answers": {"text": ["Paris"], "answer_start": [3]}}) + "\n")
-    with pytest.raises(BadInput, match="qa.jsonl:1: extractive question answering") as exc:
-        load_dataset(qa)
-    assert "chat messages" in exc.value.hint
+    assert load_dataset(qa).format == "qa"
+    code, err = _cli(["finetune", str(tiny_llama), str(qa), "-o", str(tmp_path / "ad"), "--max-steps", "1"], capsys)
+    assert code == 2 and "qa fine-tuning of a decoder (llama) is not supported" in err["error"], err
+    assert "chat messages" in err["hint"] and not (tmp_path / "ad.work").exists()
 
 
 def test_an_encoder_head_edgetune_does_not_export_is_refused_not_dropped(tiny_bert, tmp_path):
-    """A question-answering head was once exported silently as feature-extraction (its bundle then crashed in run)."""
+    """A head edgetune has no export for (here masked LM) is refused: exporting the body as feature-extraction would
+    drop it silently (a question-answering head was once exported that way and its bundle crashed in run)."""
     import torch
-    from transformers import BertConfig, BertForQuestionAnswering
+    from transformers import BertConfig, BertForMaskedLM
 
     from edgetune.encoder.export import export_encoder
     from edgetune.errors import BadInput
 
-    src = tmp_path / "qa"
+    src = tmp_path / "mlm"
     shutil.copytree(tiny_bert, src, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
     cfg = BertConfig.from_pretrained(tiny_bert)
-    cfg.architectures = ["BertForQuestionAnswering"]
+    cfg.architectures = ["BertForMaskedLM"]
     torch.manual_seed(0)
-    BertForQuestionAnswering(cfg).eval().save_pretrained(src, safe_serialization=True)
-    with pytest.raises(BadInput, match=r"head \(BertForQuestionAnswering\) is not one edgetune exports") as exc:
+    BertForMaskedLM(cfg).eval().save_pretrained(src, safe_serialization=True)
+    with pytest.raises(BadInput, match=r"head \(BertForMaskedLM\) is not one edgetune exports") as exc:
         export_encoder(src, tmp_path / "out", target="cpu-x86", precision="fp32")
     assert "--task feature-extraction" in exc.value.hint and not (tmp_path / "out").exists()
     body = export_encoder(src, tmp_path / "body", target="cpu-x86", precision="fp32", task="feature-extraction")  # on purpose
     assert json.loads((body / "edgetune.json").read_text())["results"]["task"] == "feature-extraction"
+
+
+def test_a_question_answering_head_is_exported_with_its_span_outputs(tmp_path):
+    """Issue 29: the QA head used to be refused here; now it exports as question-answering (start/end logits)."""
+    import onnx
+
+    from edgetune.encoder.export import export_encoder
+    from tiny_models import build_tiny_bert_qa
+
+    src = build_tiny_bert_qa(tmp_path / "qa")
+    out = export_encoder(src, tmp_path / "out", target="cpu-x86", precision="fp32")
+    assert json.loads((out / "edgetune.json").read_text())["results"]["task"] == "question-answering"
+    assert [o.name for o in onnx.load(str(out / "model.onnx")).graph.output] == ["start_logits", "end_logits"]

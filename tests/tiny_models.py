@@ -158,3 +158,49 @@ def build_tiny_bert_ner(out: Path, seed: int = 0) -> Path:
                      label2id={t: i for i, t in enumerate(NER_TAGS)})
     BertForTokenClassification(cfg).eval().save_pretrained(out, safe_serialization=True)
     return out
+
+
+def build_tiny_bert_qa(out: Path, seed: int = 0) -> Path:
+    """A 2-layer random BERT with an extractive question-answering (span) head and a WordPiece tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_wordpiece_tokenizer(out)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=256)
+    BertForQuestionAnswering(cfg).eval().save_pretrained(out, safe_serialization=True)
+    return out
+
+
+QA_CONTEXTS = [
+    "What is the capital of France? Paris is the capital of France.",
+    "Turn on the kitchen lights and set the thermostat to 21 degrees.",
+    "Edge devices run small language models with int4 weights.",
+    "The quick brown fox jumps over the lazy dog.",
+]
+QA_PAIRS = [  # (context index, question, answer)
+    (0, "What is the capital of France?", "Paris"),
+    (1, "What should be set to 21 degrees?", "the thermostat"),
+    (1, "Which lights?", "kitchen"),
+    (2, "What weights do edge devices run?", "int4"),
+    (2, "What runs small language models?", "Edge devices"),
+    (3, "What jumps over the lazy dog?", "The quick brown fox"),
+    (3, "What does the fox jump over?", "the lazy dog"),
+]
+
+
+def squad_records(long_context_repeats: int = 0) -> list[dict]:
+    """SQuAD records over the tokenizer's corpus; ``long_context_repeats`` > 0 adds records whose context
+    repeats the corpus that many times before the answer's sentence (longer than one window)."""
+    recs = []
+    for ci, q, a in QA_PAIRS:
+        ctx = QA_CONTEXTS[ci]
+        recs.append({"question": q, "context": ctx, "answers": {"text": [a], "answer_start": [ctx.index(a)]}})
+    if long_context_repeats:
+        filler = " ".join(QA_CONTEXTS[2:4]) + " "
+        for ci, q, a in QA_PAIRS[:2]:
+            ctx = filler * long_context_repeats + QA_CONTEXTS[ci]
+            recs.append({"question": q, "context": ctx, "answers": {"text": [a], "answer_start": [ctx.rindex(a)]}})
+    return recs

@@ -50,6 +50,10 @@ def _open(path: Path, stack) -> Path:
 @click.option("--raw", is_flag=True, help="LLM: no chat template, continue the prompt text as is.")
 @click.option("--system", default=None, callback=_utf8, help="LLM: a system message for --prompt/--chat.")
 @click.option("--text", "-x", "texts", multiple=True, callback=_utf8, help="Encoder: a text to classify or tag (repeatable); none: one per stdin line.")
+@click.option("--question", "-Q", "questions", multiple=True, callback=_utf8,
+              help="Question-answering encoder: a question (repeatable); none: JSONL {\"question\", \"context\"} per stdin line.")
+@click.option("--context", "-c", "contexts", multiple=True, callback=_utf8,
+              help="Question-answering encoder: the text the answer is taken from (one for all questions, or one per --question).")
 @click.option("--adapter", "-a", default=None, help="LLM: a runtime LoRA adapter shipped in the bundle, by name (<name>.onnx_adapter).")
 @click.option("--max-tokens", "-n", default=128, show_default=True, type=click.IntRange(1), help="LLM: new tokens at most.")
 @click.option("--verify/--no-verify", "check", default=True, show_default=True, help="Check the bundle against its manifest first.")
@@ -57,8 +61,9 @@ def _open(path: Path, stack) -> Path:
               help="Trusted Ed25519 public key: run only a bundle signed with it (unsigned or another key: exit 2).")
 @common_options
 def run(bundle: Path, prompts: tuple[str, ...], chat: bool, raw: bool, system: str | None, texts: tuple[str, ...],
-        adapter: str | None, max_tokens: int, check: bool, key: Path | None) -> None:
-    """Run the model of BUNDLE (folder or .tar.gz): generate/chat for LLMs, classify for encoders."""
+        questions: tuple[str, ...], contexts: tuple[str, ...], adapter: str | None, max_tokens: int, check: bool,
+        key: Path | None) -> None:
+    """Run the model of BUNDLE (folder or .tar.gz): generate/chat for LLMs, classify, tag or answer for encoders."""
     from contextlib import ExitStack
 
     from ..bundle import read_manifest, verify_or_raise
@@ -85,13 +90,21 @@ def run(bundle: Path, prompts: tuple[str, ...], chat: bool, raw: bool, system: s
         target_arg = str(target) if target.is_file() else None
         kind = manifest.get("kind")
         if kind == "decoder":
-            if texts:
-                raise BadInput("--text is for encoder bundles; this bundle is an LLM", hint="use --prompt or --chat")
+            if texts or questions or contexts:
+                raise BadInput("--text/--question/--context are for encoder bundles; this bundle is an LLM", hint="use --prompt or --chat")
             _run_llm(folder, target_arg, prompts, chat, raw, system, max_tokens, adapter)
         elif kind == "encoder":
             if prompts or chat or adapter:
                 raise BadInput("--prompt/--chat/--adapter are for LLM bundles; this bundle is an encoder", hint="use --text")
-            _run_encoder(folder, target_arg, list(texts))
+            if manifest.get("task") == "question-answering":
+                if texts:
+                    raise BadInput("--text is for classifiers and taggers; this bundle answers questions", hint="use --question and --context")
+                _run_qa(folder, target_arg, list(questions), list(contexts))
+            else:
+                if questions or contexts:
+                    raise BadInput(f"--question/--context are for question-answering bundles; this one is {manifest.get('task') or 'a classifier'}",
+                                   hint="use --text")
+                _run_encoder(folder, target_arg, list(texts))
         else:
             raise BadInput(f"{bundle}: unknown bundle kind '{kind}'", hint="rebuild the bundle with this edgetune")
 
@@ -171,4 +184,57 @@ def _run_encoder(folder: Path, target: str | None, texts: list[str]) -> None:
         human = lambda r: "\n".join(f"{x['label']}\t{x['probability']:.3f}\t{x['text']}" for x in r["results"])  # noqa: E731
     dt = time.perf_counter() - t0
     console.log(f"[run] {len(texts)} text(s) in {dt * 1000:.1f} ms")
+    console.emit({"bundle": str(folder), "kind": "encoder", "task": enc.task, "results": rows}, human, summary=False)
+
+
+def _qa_pairs(questions: list[str], contexts: list[str]) -> list[tuple[str, str]]:
+    """(question, context) pairs from the options, or from JSONL on stdin; bad input is exit 2 before any model is loaded."""
+    import json
+
+    if questions or contexts:
+        if not questions or not contexts:
+            raise BadInput("--question needs --context (and --context needs --question)", hint='e.g. -q "Who?" -c "Anna wrote it."')
+        if len(contexts) == 1:
+            contexts = contexts * len(questions)
+        if len(contexts) != len(questions):
+            raise BadInput(f"{len(questions)} --question but {len(contexts)} --context", hint="give one --context for all questions, or one per question")
+        pairs = list(zip(questions, contexts))
+    else:
+        pairs = []
+        for n, line in enumerate(sys.stdin, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadInput(f"stdin:{n}: not valid JSON ({exc.msg} at column {exc.colno})",
+                               hint='one {"question": ..., "context": ...} object per line') from None
+            if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) and rec[k].strip() for k in ("question", "context")):
+                raise BadInput(f"stdin:{n}: needs non-empty string fields 'question' and 'context'",
+                               hint='one {"question": ..., "context": ...} object per line')
+            pairs.append((rec["question"], rec["context"]))
+    if not pairs:
+        raise BadInput("nothing to answer", hint="give --question and --context, or JSONL {question, context} lines on stdin")
+    for i, (q, c) in enumerate(pairs, 1):
+        if not q.strip() or not c.strip():
+            raise BadInput(f"question/context #{i} is empty", hint="give non-empty texts")
+    return pairs
+
+
+def _run_qa(folder: Path, target: str | None, questions: list[str], contexts: list[str]) -> None:
+    from ..device import encoder as dev
+    from ..device import qa
+
+    pairs = _qa_pairs(questions, contexts)
+    enc = dev.load(folder / "model", target)
+    t0 = time.perf_counter()
+    rows = []
+    for q, c in pairs:
+        a = qa.answer(enc, q, c)
+        rows.append({"question": q, "answer": a["answer"], "score": round(a["score"], 4), "start": a["start"], "end": a["end"],
+                     "windows": a["windows"]})
+    dt = time.perf_counter() - t0
+    console.log(f"[run] {len(rows)} question(s) in {dt * 1000:.1f} ms")
+    human = lambda r: "\n".join(  # noqa: E731
+        f"{x['question']}\n  {x['answer']}\t{x['score']:.3f}\t{x['start']}:{x['end']}" for x in r["results"])
     console.emit({"bundle": str(folder), "kind": "encoder", "task": enc.task, "results": rows}, human, summary=False)

@@ -29,6 +29,7 @@ class Encoder:
     target: Any = None
     load_time_s: float = 0.0
     task: str = "classification"
+    pad_id: int = 0
 
 
 def find_model_folder(path: str | Path) -> Path:
@@ -59,13 +60,14 @@ def load(folder: str | Path, target: Any = None) -> Encoder:
     # a bundle keeps no stage record: the graph itself says whether its shapes are static
     seq = record.get("sequence_length") or _static_length(sess)
     max_length = int(seq or min(int(cfg.get("max_position_embeddings", 512)), 512))
+    pad_id = int(cfg.get("pad_token_id", 0) or 0)
     tok.enable_truncation(max_length)
     if seq:
-        tok.enable_padding(length=int(seq), pad_id=int(cfg.get("pad_token_id", 0) or 0))
+        tok.enable_padding(length=int(seq), pad_id=pad_id)
     else:
-        tok.enable_padding(pad_id=int(cfg.get("pad_token_id", 0) or 0))
+        tok.enable_padding(pad_id=pad_id)
     return Encoder(folder=folder, session=sess, tokenizer=tok, labels=labels, sequence_length=seq, max_length=max_length,
-                   target=t, load_time_s=time.perf_counter() - t0, task=record.get("task") or _task_from_graph(sess))
+                   target=t, load_time_s=time.perf_counter() - t0, task=record.get("task") or _task_from_graph(sess), pad_id=pad_id)
 
 
 def _model_facts(folder: Path) -> dict[str, Any]:
@@ -86,6 +88,8 @@ def _static_length(sess: Any) -> int | None:
 
 def _task_from_graph(sess: Any) -> str:
     out = sess.get_outputs()[0]
+    if {o.name for o in sess.get_outputs()} == {"start_logits", "end_logits"}:
+        return "question-answering"
     if out.name == "last_hidden_state":
         return "feature-extraction"
     return "token-classification" if len(out.shape) == 3 else "sequence-classification"

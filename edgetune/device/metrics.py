@@ -253,3 +253,50 @@ def task_scores(golds: Sequence[str], answers: Sequence[str]) -> dict:
     }
     out["task_accuracy"] = out["exact_match"] if all_json else out["token_f1"]
     return out
+
+
+# ---------------------------------------------------------------- extractive QA (SQuAD v1.1 evaluation)
+
+_ARTICLES = _re.compile(r"\b(a|an|the)\b", _re.UNICODE)
+
+
+def squad_normalize(text: str) -> str:
+    """SQuAD's answer normalization: lower case, no punctuation, no articles (a/an/the), single spaces."""
+    import string
+
+    punct = set(string.punctuation)
+    text = "".join(ch for ch in str(text).lower() if ch not in punct)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def squad_exact(golds: Sequence[str], answer: str) -> float:
+    """1.0 when the normalized answer equals one of the normalized golds."""
+    a = squad_normalize(answer)
+    return float(any(squad_normalize(g) == a for g in golds))
+
+
+def squad_f1(golds: Sequence[str], answer: str) -> float:
+    """The best token F1 (normalized words) of the answer against any gold, in 0..1."""
+    from collections import Counter
+
+    a = squad_normalize(answer).split()
+    best = 0.0
+    for g in golds:
+        gt = squad_normalize(g).split()
+        if not gt or not a:
+            best = max(best, float(gt == a))
+            continue
+        common = sum((Counter(gt) & Counter(a)).values())
+        if common:
+            p, r = common / len(a), common / len(gt)
+            best = max(best, 2 * p * r / (p + r))
+    return best
+
+
+def qa_scores(golds: Sequence[Sequence[str]], answers: Sequence[str]) -> dict:
+    """SQuAD exact match and F1 in % over examples (each example: its gold answers, one predicted answer)."""
+    n = len(answers)
+    if not n:
+        return {"examples": 0, "exact_match": None, "f1": None}
+    return {"examples": n, "exact_match": 100.0 * sum(squad_exact(g, a) for g, a in zip(golds, answers)) / n,
+            "f1": 100.0 * sum(squad_f1(g, a) for g, a in zip(golds, answers)) / n}

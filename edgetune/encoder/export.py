@@ -25,15 +25,15 @@ from ..errors import BadInput, CheckFailed
 from ..quant import ENCODER_PRECISIONS
 
 PRECISIONS = ENCODER_PRECISIONS
-TASKS = ("sequence-classification", "token-classification", "feature-extraction")
+TASKS = ("sequence-classification", "token-classification", "question-answering", "feature-extraction")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spm.model", "added_tokens.json")
 
 
 def detect_task(config: dict[str, Any]) -> str:
-    """sequence-classification / token-classification / feature-extraction from config.architectures.
+    """sequence-classification / token-classification / question-answering / feature-extraction from config.architectures.
 
-    A head edgetune does not export (question answering, masked LM, multiple choice, ...) is refused:
+    A head edgetune does not export (masked LM, multiple choice, ...) is refused:
     exporting its body as feature-extraction would drop the head silently and ship a bundle that
     cannot answer what the model was trained for.
     """
@@ -43,10 +43,12 @@ def detect_task(config: dict[str, Any]) -> str:
             return "sequence-classification"
         if a.endswith("ForTokenClassification"):
             return "token-classification"
+        if a.endswith("ForQuestionAnswering"):
+            return "question-answering"
     heads = [a for a in archs if "For" in a]
     if heads:
         raise BadInput(f"the model's head ({heads[0]}) is not one edgetune exports: its export would drop the head",
-                       hint="fine-tune for sequence or token classification, or pass --task feature-extraction to export "
+                       hint="fine-tune for sequence or token classification or question answering, or pass --task feature-extraction to export "
                             "the encoder body on purpose")
     return "feature-extraction"
 
@@ -110,7 +112,7 @@ def export_encoder(
     )
     calib = None
     if precision == "int8-static":  # read (and fail on) the calibration file before any work
-        calib = quantize.load_calibration(calibration, samples=int8.calibration_samples)
+        calib = quantize.load_calibration(calibration, samples=int8.calibration_samples, pairs=True)
     fusions_on = g.transformer_fusions and precision != "int8-static"
     options = {
         "target": target.model_dump(mode="json", exclude={"source", "description", "budgets"}),
@@ -166,7 +168,7 @@ def export_encoder(
             if (raw_dir / name).is_file():
                 shutil.copyfile(raw_dir / name, run.dir / name)
         shutil.copyfile(raw_dir / "config.json", run.dir / "config.json")
-        if task != "feature-extraction":
+        if task in ("sequence-classification", "token-classification"):
             res["labels"] = _labels(run.dir / "config.json", info.config)
         res["size_mb"] = _size_mb(run.dir / "model.onnx")
         res["fp32_size_mb"] = _size_mb(raw_dir / "model.onnx")
@@ -298,7 +300,7 @@ def quantize_model(
                                             exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types)
     calib = tok_dir = None
     if precision == "int8-static":
-        calib = quantize.load_calibration(calibration, samples=int8.calibration_samples)
+        calib = quantize.load_calibration(calibration, samples=int8.calibration_samples, pairs=True)
         tok_dir = Path(tokenizer) if tokenizer else folder
         if tok_dir is None or not (tok_dir / "tokenizer.json").is_file():
             raise BadInput(f"static int8 needs the model's tokenizer to read the calibration texts; none next to {onnx_file}",

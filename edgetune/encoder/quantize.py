@@ -80,7 +80,7 @@ class Int8Options:
 @dataclass
 class CalibrationSet:
     path: Path
-    texts: list[str]
+    texts: list  # strings, or (question, context) pairs for SQuAD records (tokenized as pairs, as `run` does)
     sha256: str  # hash of the texts actually used (order and content)
 
     @property
@@ -100,8 +100,11 @@ def resolve_calibration(path: str | os.PathLike | None) -> Path:
     return p
 
 
-def load_calibration(path: str | os.PathLike | None, *, samples: int) -> CalibrationSet:
-    """Read calibration texts (first ``samples`` records); missing/empty files raise BadInput (exit 2)."""
+def load_calibration(path: str | os.PathLike | None, *, samples: int, pairs: bool = False) -> CalibrationSet:
+    """Read calibration texts (first ``samples`` records); missing/empty files raise BadInput (exit 2).
+
+    ``pairs``: SQuAD records become (question, context) pairs (an encoder reads them as a pair),
+    otherwise they are joined into one text."""
     from ..data import load_dataset, texts
 
     p = resolve_calibration(path)
@@ -111,13 +114,15 @@ def load_calibration(path: str | os.PathLike | None, *, samples: int) -> Calibra
         ds = load_dataset(p, limit=samples)
     except BadInput as exc:
         raise BadInput(f"calibration: {exc.message}", hint=exc.hint) from None
-    items = [t for t in texts(ds) if t.strip()]
+    items: list = [t for t in texts(ds) if t.strip()]
+    if pairs and ds.format == "qa":  # question answering: the model reads (question, context) pairs
+        items = [(r["question"], r["context"]) for r in ds.records]
     if ds.path.suffix.lower() in (".txt", ".text", ".md"):
         # one record holding the whole text: calibrate on its non-empty lines
         items = [line for line in items[0].splitlines() if line.strip()][:samples]
     if not items:
         raise BadInput(f"calibration: no usable text in {p}", hint="give records with a non-empty 'text' field")
-    digest = sha256_bytes("\n\0".join(items).encode())
+    digest = sha256_bytes("\n\0".join(t if isinstance(t, str) else "\x1f".join(t) for t in items).encode())
     return CalibrationSet(path=p, texts=items, sha256=digest)
 
 

@@ -3,7 +3,8 @@
 Replaces optimum-onnx's ``main_export`` (whose only release, 0.1.0, breaks on transformers 5)
 with the same contract: inputs ``input_ids``, ``attention_mask`` and ``token_type_ids`` (the
 latter only where the model uses token types), all int64; one output, ``logits`` (sequence /
-token classification) or ``last_hidden_state`` (feature extraction), float32; dynamic axes
+token classification), ``start_logits`` + ``end_logits`` (question answering) or
+``last_hidden_state`` (feature extraction), float32; dynamic axes
 ``batch_size`` / ``sequence_length``, or fixed (batch, sequence) shapes for static profiles.
 The tokenizer and ``config.json`` are saved next to ``model.onnx`` as optimum did.
 
@@ -39,11 +40,12 @@ from typing import Any
 
 from ..errors import BadInput, require
 
-# edgetune task -> (transformers Auto class, output name)
+# edgetune task -> (transformers Auto class, output names)
 TASK_HEADS = {
-    "sequence-classification": ("AutoModelForSequenceClassification", "logits"),
-    "token-classification": ("AutoModelForTokenClassification", "logits"),
-    "feature-extraction": ("AutoModel", "last_hidden_state"),
+    "sequence-classification": ("AutoModelForSequenceClassification", ("logits",)),
+    "token-classification": ("AutoModelForTokenClassification", ("logits",)),
+    "question-answering": ("AutoModelForQuestionAnswering", ("start_logits", "end_logits")),
+    "feature-extraction": ("AutoModel", ("last_hidden_state",)),
 }
 # A tokenizer folder has one of these (or a SentencePiece *.model).
 VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
@@ -61,7 +63,7 @@ class Reference:
     """Inputs the exported graph is checked on and PyTorch's output for them."""
 
     feeds: dict[str, Any]  # name -> int64 numpy array
-    expected: Any  # numpy float32 array
+    expected: Any  # numpy float32 array (several outputs: stacked on a new first axis)
     shape: tuple[int, int]
 
 
@@ -102,7 +104,7 @@ def export_fp32(model_dir: Path, out_dir: Path, *, task: str, opset: int,
     torch = require("torch", purpose="encoder export")
     transformers = require("transformers", purpose="encoder export")
 
-    auto_name, output = TASK_HEADS[task]
+    auto_name, outputs = TASK_HEADS[task]
     out_dir.mkdir(parents=True, exist_ok=True)
     # The tokenizer first: the device needs it, and a folder without one must fail before the
     # export. transformers 5 builds an *empty* BertTokenizer (5 special tokens) from a folder with
@@ -133,7 +135,8 @@ def export_fp32(model_dir: Path, out_dir: Path, *, task: str, opset: int,
             self.inner = inner
 
         def forward(self, *args):
-            return getattr(self.inner(**dict(zip(names, args))), output)
+            out = self.inner(**dict(zip(names, args)))
+            return tuple(getattr(out, o) for o in outputs) if len(outputs) > 1 else getattr(out, outputs[0])
 
     # eval() on the wrapper too: the TorchScript exporter restores the *wrapper's* training flag
     # recursively after export, which would leave the model's dropout on (measured: 1e-2 drift).
@@ -143,11 +146,13 @@ def export_fp32(model_dir: Path, out_dir: Path, *, task: str, opset: int,
     check_shape = static_shape or _CHECK_SHAPE
     check = _feeds(names, *check_shape, vocab, seed=1)
     with torch.no_grad():
-        expected = wrapped(*(torch.from_numpy(check[n]) for n in names)).float().numpy()
+        got = wrapped(*(torch.from_numpy(check[n]) for n in names))
+        expected = _stack([t.float().numpy() for t in (got if isinstance(got, tuple) else (got,))])
     axes: dict[str, dict[int, str]] = {}
     if not static_shape:
         axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
-        axes[output] = {0: "batch_size"} if task == "sequence-classification" else {0: "batch_size", 1: "sequence_length"}
+        for o in outputs:
+            axes[o] = {0: "batch_size"} if task == "sequence-classification" else {0: "batch_size", 1: "sequence_length"}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -155,14 +160,21 @@ def export_fp32(model_dir: Path, out_dir: Path, *, task: str, opset: int,
         # dynamo=False: the TorchScript exporter, see the module docstring for why.
         torch.onnx.export(
             wrapped, tuple(torch.from_numpy(trace[n]) for n in names), str(out_dir / "model.onnx"),
-            input_names=names, output_names=[output], dynamic_axes=axes or None,
+            input_names=names, output_names=list(outputs), dynamic_axes=axes or None,
             opset_version=opset, do_constant_folding=True, dynamo=False,
         )
     tokenizer.save_pretrained(str(out_dir))
     config.save_pretrained(str(out_dir))
     record = {"exporter": "torch.onnx (TorchScript)", "torch": torch.__version__,
-              "transformers": transformers.__version__, "output": output}
+              "transformers": transformers.__version__, "output": ", ".join(outputs)}
     return Reference(feeds=check, expected=expected, shape=check_shape), record
+
+
+def _stack(arrays: list) -> Any:
+    """One output as is; several (question answering's start and end logits) stacked on a new first axis."""
+    import numpy as np
+
+    return arrays[0] if len(arrays) == 1 else np.stack(arrays)
 
 
 def max_abs_diff(model_path: Path, ref: Reference) -> float:
@@ -171,7 +183,7 @@ def max_abs_diff(model_path: Path, ref: Reference) -> float:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {i.name: ref.feeds[i.name] for i in sess.get_inputs()})[0]
+    got = _stack(sess.run(None, {i.name: ref.feeds[i.name] for i in sess.get_inputs()}))
     return float(np.abs(got.astype(np.float64) - ref.expected.astype(np.float64)).max())
 
 

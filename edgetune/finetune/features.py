@@ -123,8 +123,56 @@ def token_features(tok, ds: Dataset, label2id: dict[str, int], *, max_seq_len: i
     return out
 
 
+def qa_features(tok, ds: Dataset, *, max_seq_len: int, doc_stride: int) -> list[dict[str, Any]]:
+    """SQuAD records -> windows with ``start_positions`` / ``end_positions`` (HF's ``prepare_train_features``).
+
+    The question is kept whole and the context is cut into windows of ``max_seq_len`` tokens that
+    share ``doc_stride`` tokens (``truncation="only_second"``, overflowing tokens). Each window is
+    labelled with the token span of the first gold answer, found from the fast tokenizer's offset
+    mapping; a window that does not hold the whole answer points at [CLS] (index 0), as in SQuAD v2
+    training. Padding is left to the collator.
+    """
+    if not getattr(tok, "is_fast", False):
+        raise BadInput("question answering needs a fast tokenizer (offset mapping)", hint="use a model with tokenizer.json")
+    if tok.padding_side != "right":
+        raise BadInput("question answering needs a tokenizer that pads on the right", hint="use a BERT-family encoder")
+    out: list[dict[str, Any]] = []
+    for i, rec in enumerate(ds.records):
+        q_len = len(tok(rec["question"], add_special_tokens=False)["input_ids"])
+        room = max_seq_len - q_len - tok.num_special_tokens_to_add(pair=True)
+        if room <= doc_stride:
+            raise BadInput(f"{ds.path}:{ds.lines[i]}: the question is {q_len} tokens, which leaves {max(room, 0)} of "
+                           f"--max-seq-len {max_seq_len} for the context, not more than --doc-stride {doc_stride}",
+                           hint="shorten the question, raise --max-seq-len or lower --doc-stride")
+        enc = tok(rec["question"], rec["context"], truncation="only_second", max_length=max_seq_len, stride=doc_stride,
+                  return_overflowing_tokens=True, return_offsets_mapping=True)
+        gold = rec["answers"][0]
+        start_char, end_char = gold["answer_start"], gold["answer_start"] + len(gold["text"])
+        for w in range(len(enc["input_ids"])):
+            offsets, seq = enc["offset_mapping"][w], enc.sequence_ids(w)
+            ctx = [k for k, sid in enumerate(seq) if sid == 1]
+            first, last = ctx[0], ctx[-1]
+            if offsets[first][0] > start_char or offsets[last][1] < end_char:
+                sp = ep = 0  # the answer is not (wholly) in this window
+            else:
+                sp = first
+                while sp <= last and offsets[sp][0] <= start_char:
+                    sp += 1
+                sp -= 1
+                ep = last
+                while ep >= first and offsets[ep][1] >= end_char:
+                    ep -= 1
+                ep += 1
+            item = {k: list(enc[k][w]) for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+            item.update(start_positions=sp, end_positions=ep)
+            out.append(item)
+    if not out:
+        raise BadInput(f"{ds.path}: no question-answering windows", hint="check the data")
+    return out
+
+
 class Collator:
-    """Pad a batch: input ids with the pad id, labels with -100 (lists) or stack class ids."""
+    """Pad a batch: input ids with the pad id, labels with -100 (lists); stack scalars (class ids, answer positions)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -135,8 +183,8 @@ class Collator:
         n = max(len(b["input_ids"]) for b in batch)
         out: dict[str, Any] = {}
         for key in batch[0]:
-            if key == "labels" and not isinstance(batch[0]["labels"], list):
-                out["labels"] = torch.tensor([b["labels"] for b in batch])
+            if not isinstance(batch[0][key], list):
+                out[key] = torch.tensor([b[key] for b in batch])
                 continue
             fill = {"input_ids": self.pad_id, "labels": IGNORE}.get(key, 0)
             out[key] = torch.tensor([list(b[key]) + [fill] * (n - len(b[key])) for b in batch])

@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import BadInput
 
 METHODS = ("lora", "qlora", "dora", "loha", "lokr", "ia3")
-TASKS = ("auto", "causal-lm", "seq-cls", "token-cls")
+TASKS = ("auto", "causal-lm", "seq-cls", "token-cls", "qa")
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 DEEPSPEED_PRESETS = ("zero2", "zero3", "offload")
 
@@ -35,6 +35,7 @@ class FinetuneOptions:
     gradient_checkpointing: bool = False
     seed: int = 0
     max_seq_len: int = 256
+    doc_stride: int = 128  # qa: tokens shared by consecutive windows of a context longer than max_seq_len
     packing: bool = False
     loss_on_answer_only: bool = True
     eval_fraction: float = 0.1
@@ -104,6 +105,8 @@ class FinetuneOptions:
                       f"(got {self.warmup_ratio}, {self.weight_decay}, {self.quant_aware_distill}, {self.quant_aware_distill_samples})", "fix the option")
         if self.max_seq_len < 8:
             raise bad(f"max_seq_len {self.max_seq_len} is too short", "use at least 8 tokens")
+        if self.doc_stride < 0:
+            raise bad(f"doc_stride must be >= 0 (got {self.doc_stride})", "use e.g. --doc-stride 128 with --max-seq-len 384")
         if not 0 <= self.eval_fraction < 1:
             raise bad(f"eval_fraction must be in [0, 1) (got {self.eval_fraction})", "use e.g. 0.1")
         if self.quant_type not in ("nf4", "fp4"):

@@ -35,16 +35,21 @@ def work_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.work"
 
 
+# fine-tuning task -> (the data format it trains on, what that format is called in messages)
+TASK_DATA = {"seq-cls": ("classification", "text+label"), "token-cls": ("tokens", "tokens+tags"),
+             "qa": ("qa", "SQuAD question+context+answers")}
+
+
 def resolve_task(task: str, ds: Dataset, kind: str) -> str:
-    by_format = {"classification": "seq-cls", "tokens": "token-cls"}.get(ds.format, "causal-lm")
+    by_format = {fmt: t for t, (fmt, _) in TASK_DATA.items()}.get(ds.format, "causal-lm")
     if task == "auto":
         task = by_format
     if task == "causal-lm" and kind != "decoder":
-        raise BadInput("causal-lm fine-tuning needs a decoder model; this one is an encoder", hint="use text+label data (seq-cls) or tokens+tags (token-cls)")
-    if task in ("seq-cls", "token-cls") and ds.format != {"seq-cls": "classification", "token-cls": "tokens"}[task]:
-        need = "text+label" if task == "seq-cls" else "tokens+tags"
-        raise BadInput(f"task {task} needs {need} records, {ds.path} has '{ds.format}' records", hint="fix the data or --task")
-    if task == "causal-lm" and ds.format in ("classification", "tokens"):
+        raise BadInput("causal-lm fine-tuning needs a decoder model; this one is an encoder",
+                       hint="use text+label data (seq-cls), tokens+tags (token-cls) or SQuAD question/context/answers (qa)")
+    if task in TASK_DATA and ds.format != TASK_DATA[task][0]:
+        raise BadInput(f"task {task} needs {TASK_DATA[task][1]} records, {ds.path} has '{ds.format}' records", hint="fix the data or --task")
+    if task == "causal-lm" and ds.format in {fmt for fmt, _ in TASK_DATA.values()}:
         raise BadInput(f"causal-lm needs text, prompt/completion or messages data, {ds.path} has '{ds.format}'", hint="fix the data or --task")
     return task
 
@@ -64,8 +69,9 @@ def check_model_and_data(task: str, ds: Dataset, info) -> str:
     task, a decoder is fine-tuned as a causal LM (its classification head does not export), and chat
     data needs a chat template. ``edgetune build`` calls it too, before its first stage."""
     task = resolve_task(task, ds, info.kind)
-    if task in ("seq-cls", "token-cls") and info.kind == "decoder":
-        raise BadInput(f"{task} fine-tuning of a decoder ({info.model_type}) is not supported: its classification head "
+    if task in TASK_DATA and info.kind == "decoder":
+        head = "question-answering (span)" if task == "qa" else "classification"
+        raise BadInput(f"{task} fine-tuning of a decoder ({info.model_type}) is not supported: its {head} head "
                        "does not export to onnxruntime-genai",
                        hint="write each example as chat messages with the label as the assistant's answer "
                             "(or prompt/completion) and fine-tune it as causal-lm; the bundle then answers with the label")
@@ -141,14 +147,16 @@ def check_target_modules(opts: FinetuneOptions, model) -> None:
 
 def peft_config(opts: FinetuneOptions, task: str, model):
     peft = require("peft", purpose="fine-tuning adapters")
-    task_type = {"causal-lm": peft.TaskType.CAUSAL_LM, "seq-cls": peft.TaskType.SEQ_CLS, "token-cls": peft.TaskType.TOKEN_CLS}[task]
+    task_type = {"causal-lm": peft.TaskType.CAUSAL_LM, "seq-cls": peft.TaskType.SEQ_CLS, "token-cls": peft.TaskType.TOKEN_CLS,
+                 "qa": peft.TaskType.QUESTION_ANS}[task]
     targets: Any = opts.target_modules
     if isinstance(targets, str) and targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     heads = ("classifier", "score", "lm_head", "qa_outputs")
     modules_to_save = None
     if task != "causal-lm":
-        modules_to_save = ["classifier"] if hasattr(model, "classifier") else ["score"]
+        # the task head is new (random) on a base model: trained in full and saved with the adapter
+        modules_to_save = [next((h for h in ("classifier", "qa_outputs") if hasattr(model, h)), "score")]
         if targets == "all-linear":
             targets = _linear_names(model, heads)
     if opts.method in ("lora", "qlora", "dora"):
@@ -186,6 +194,8 @@ def load_model(path: Path, task: str, opts: FinetuneOptions, label_names: list[s
             kwargs["device_map"] = {"": "cpu"}
     if task == "causal-lm":
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    elif task == "qa":
+        model = transformers.AutoModelForQuestionAnswering.from_pretrained(str(path), **kwargs)
     else:
         cls = transformers.AutoModelForSequenceClassification if task == "seq-cls" else transformers.AutoModelForTokenClassification
         model = cls.from_pretrained(
@@ -269,6 +279,9 @@ def run_training(spec: dict[str, Any]) -> None:
     if task == "causal-lm":
         train_f = F.causal_features(tok, train_ds, max_seq_len=opts.max_seq_len, loss_on_answer_only=opts.loss_on_answer_only, packing=opts.packing)
         eval_f = F.causal_features(tok, eval_ds, max_seq_len=opts.max_seq_len, loss_on_answer_only=opts.loss_on_answer_only, packing=False) if len(eval_ds) else []
+    elif task == "qa":
+        train_f = F.qa_features(tok, train_ds, max_seq_len=opts.max_seq_len, doc_stride=opts.doc_stride)
+        eval_f = F.qa_features(tok, eval_ds, max_seq_len=opts.max_seq_len, doc_stride=opts.doc_stride) if len(eval_ds) else []
     else:
         label_names = train_ds.labels
         if len(label_names) < 2:
@@ -337,10 +350,11 @@ def run_training(spec: dict[str, Any]) -> None:
         use_cpu=not _on_gpu(),
         deepspeed=ds_config,
         ddp_backend=None if _on_gpu() else ("gloo" if os.environ.get("WORLD_SIZE") else None),
+        **({"label_names": ["start_positions", "end_positions"]} if task == "qa" else {}),
         **opts.extra,
     )
     metric_fn = None
-    if task != "causal-lm":
+    if task in ("seq-cls", "token-cls"):
         import numpy as np
 
         def metric_fn(p):
@@ -475,6 +489,9 @@ def _finetune(model, data, out: Path, opts: FinetuneOptions, resume: bool) -> Pa
     from .memory import check_fits
 
     check_fits(Path(info.path), info.config, opts)  # before any weight is loaded: exit 2 with the figures
+    if task == "qa" and opts.doc_stride >= opts.max_seq_len:
+        raise BadInput(f"--doc-stride {opts.doc_stride} must be below --max-seq-len {opts.max_seq_len} (windows share that many tokens)",
+                       hint="use e.g. --doc-stride 128 with --max-seq-len 384")
     if opts.quant_aware and task != "causal-lm":
         raise BadInput(f"--quant-aware is for decoder LLMs exported at int4 (this is a {task} fine-tune)", hint="drop --quant-aware")
     if opts.eval_data:
