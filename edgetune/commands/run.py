@@ -193,7 +193,7 @@ def _qa_pairs(questions: list[str], contexts: list[str]) -> list[tuple[str, str]
 
     if questions or contexts:
         if not questions or not contexts:
-            raise BadInput("--question needs --context (and --context needs --question)", hint='e.g. -q "Who?" -c "Anna wrote it."')
+            raise BadInput("--question needs --context (and --context needs --question)", hint='e.g. -Q "Who?" -c "Anna wrote it."')
         if len(contexts) == 1:
             contexts = contexts * len(questions)
         if len(contexts) != len(questions):
