@@ -303,9 +303,12 @@ def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=N
             if backend == "awq":  # scales folded into a checkpoint; the builder's RTN then
                 from .awq import scale_checkpoint
 
+                # from the user's folder, not the builder's view: transformers 5 loads a mistral config that
+                # carries layer_types (builder_input adds them) as Ministral, and would save it so
                 with console.step("awq: activation-aware scales on the calibration texts"), console.results_only_stdout():
-                    qinfo["awq"] = scale_checkpoint(src, cache / "awq", token_ids=token_ids, q=q)
-                src = cache / "awq"
+                    qinfo["awq"] = scale_checkpoint(model_dir, cache / "awq", token_ids=token_ids, q=q)
+                (cache / "awq-view").mkdir()
+                src = builder_input(cache / "awq", cache / "awq-view")
             plan = None
             if mixed:
                 from .mixed import plan_mixed
