@@ -153,7 +153,9 @@ def test_int8_accuracy_size_latency_vs_fp32(exports, sms, tmp_path):
     base = rows["cpu-fp32"]
     assert base["accuracy"] > 90  # the classifier learned something: the comparison is meaningful
     for name in ("cpu-int8-dynamic", "cpu-int8-static", "fpga-int8"):
-        assert rows[name]["drop"] < 1.0, (name, rows[name])
+        # issue 28's bound: at most 1 point (3 of the 300 held-out SMS); static int8 measured exactly 1.00 on
+        # transformers 5.25 (95.00 % vs 96.00 %), 0.67 for dynamic and fpga
+        assert rows[name]["drop"] <= 1.0, (name, rows[name])
         assert rows[name]["size_mb"] < base["size_mb"] / 3.2, (name, rows[name])  # ~4x (embeddings included)
     # what makes int8 faster, not a timing (speed ratios belong in the benchmarks; under load a ~10 % margin
     # flips): after onnxruntime's own graph optimizations every MatMul runs on an integer kernel
