@@ -83,7 +83,9 @@ def _model_folder(model: Path) -> tuple[str, Path]:
             return "decoder", cand
         if (cand / "model.onnx").is_file():
             return "encoder", cand
-    raise BadInput(f"{model} is not an export folder (no genai_config.json or model.onnx)", hint="run `edgetune export` first")
+        if (cand / "seq2seq.json").is_file():  # translation: encoder.onnx + decoder.onnx (edgetune.device.seq2seq)
+            return "seq2seq", cand
+    raise BadInput(f"{model} is not an export folder (no genai_config.json, model.onnx or seq2seq.json)", hint="run `edgetune export` first")
 
 
 def provenance(folder: Path, *, depth: int = 8) -> dict[str, Any]:

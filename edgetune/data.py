@@ -12,6 +12,7 @@ Record formats, detected from the fields of the first record (or forced with ``f
 ``tokens``          ``{"tokens": [...], "tags": [...]}`` (token classification)
 ``qa``              ``{"question": ..., "context": ..., "answers": {"text": [...], "answer_start": [...]}}``
                     (SQuAD; ``answers`` may also be a list of ``{"text", "answer_start"}``)
+``translation``     ``{"source": ..., "target": ...}`` (sequence-to-sequence pairs)
 =================== ==================================================
 
 A malformed line raises :class:`BadInput` naming the file and line number.
@@ -29,7 +30,7 @@ from typing import Any, Iterator
 
 from .errors import BadInput, MissingDependency
 
-FORMATS = ("text", "prompt_completion", "messages", "classification", "tokens", "qa")
+FORMATS = ("text", "prompt_completion", "messages", "classification", "tokens", "qa", "translation")
 _ROLES = {"system", "user", "assistant", "tool"}
 
 
@@ -127,6 +128,8 @@ def detect_format(record: dict[str, Any]) -> str | None:
         return "tokens"
     if {"question", "context"} <= keys:
         return "qa"
+    if {"source", "target"} <= keys:
+        return "translation"
     if {"text", "label"} <= keys:
         return "classification"
     if "text" in keys:
@@ -166,6 +169,8 @@ def _check(path: Path, n: int, rec: dict[str, Any], fmt: str) -> dict[str, Any]:
     if fmt == "qa":
         return {"question": need_str("question"), "context": need_str("context"),
                 "answers": _qa_answers(path, n, rec.get("answers"), rec["context"])}
+    if fmt == "translation":
+        return {"source": need_str("source"), "target": need_str("target")}
     raise BadInput(f"unknown data format '{fmt}'", hint=f"choose one of: {', '.join(FORMATS)}")
 
 
@@ -260,6 +265,8 @@ def texts(ds: Dataset) -> list[str]:
             out.append(" ".join(r["tokens"]))
         elif "question" in r:
             out.append(r["question"] + "\n" + r["context"])
+        elif "source" in r:
+            out.append(r["source"])
     return out
 
 
@@ -299,6 +306,8 @@ def content_key(rec: dict[str, Any]) -> str:
         return "w:" + fold(" ".join(rec["tokens"]))
     if "question" in rec:
         return "q:" + fold(rec["question"]) + "\x00" + fold(rec["context"])
+    if "source" in rec:
+        return "s:" + fold(rec["source"])
     return "t:" + fold(rec.get("text", ""))
 
 

@@ -1,4 +1,4 @@
-"""`export`: one entry point for decoders (onnxruntime-genai) and encoders (torch.onnx)."""
+"""`export`: one entry point for decoders (onnxruntime-genai), encoders and translation models (torch.onnx)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,15 @@ def export(model, out, *, target, precision=None, **options) -> Path:
         if search:
             raise BadInput(f"{', '.join(search)} only apply to --recipe auto", hint="add --recipe auto")
         return export_llm(folder, out, target=target, precision=precision, **options)
+    if info.kind == "seq2seq":
+        from .seq2seq.export import export_seq2seq
+
+        for k in ("int4", "adapters", "float_adapter", "mixed", "recipe", "candidates", "data", "allow_slow_kernel", "fuse",
+                  "calibration", "calibration_method", "per_channel", "exclude_nodes", "exclude_op_types", "keep_head_float"):
+            if options.pop(k, None):
+                raise BadInput(f"{k} options do not apply to a {info.model_type} translation model",
+                               hint="translation exports take --precision fp32 or int8 (dynamic) only")
+        return export_seq2seq(folder, out, target=target, precision=precision, task=options.pop("task", None))
     try:
         enc = importlib.import_module("edgetune.encoder.export")
     except ImportError as e:

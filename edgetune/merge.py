@@ -31,6 +31,7 @@ TASK_CLASSES = {
     "SEQ_CLS": "AutoModelForSequenceClassification",
     "TOKEN_CLS": "AutoModelForTokenClassification",
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
 }
 
 
@@ -75,6 +76,27 @@ def _inputs(tokenizer, task: str, gate_data: Path | None, limit: int = 16) -> li
     from .data import load_dataset, texts
 
     return list(texts(load_dataset(gate_data)))[:limit]
+
+
+def _seq2seq_encodings(tokenizer, model, gate_data: Path | None, prefix: str, limit: int = 16) -> list[dict]:
+    """Teacher-forced gate inputs of a translation model: the (prefixed) source and, as decoder input, the
+    start token + the target (gate data's translation pairs; else the default prompts as both sides)."""
+    torch = require("torch")
+    pairs = [(p, p) for p in DEFAULT_PROMPTS]
+    if gate_data is not None:
+        from .data import load_dataset, texts
+
+        ds = load_dataset(gate_data)
+        pairs = [(r["source"], r["target"]) for r in ds.records] if ds.format == "translation" else [(t, t) for t in texts(ds)]
+    cfg = model.config
+    start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
+    out = []
+    for src, tgt in pairs[:limit]:
+        e = dict(tokenizer(prefix + src, return_tensors="pt", truncation=True, max_length=512))
+        ids = tokenizer(text_target=tgt, truncation=True, max_length=512)["input_ids"]
+        e["decoder_input_ids"] = torch.tensor([[int(start), *ids]])
+        out.append(e)
+    return out
 
 
 QLORA_DEFAULTS = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
@@ -179,9 +201,11 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
     task = cfg.get("task_type") or "CAUSAL_LM"
     cls = getattr(transformers, TASK_CLASSES[task])
     kwargs: dict[str, Any] = {}
-    if task != "CAUSAL_LM" and (adapter / "config.json").is_file():
+    if task in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+        pass  # the base's own head: no labels to carry over
+    elif (adapter / "config.json").is_file():
         kwargs["config"] = transformers.AutoConfig.from_pretrained(str(adapter))
-    elif task != "CAUSAL_LM":
+    else:
         # a classifier adapter from `edgetune finetune` records its label names, not a config.json:
         # without them the merged model would say LABEL_0/LABEL_1 and never match the data's labels
         names = ((artifacts.read_record(adapter) or {}).get("results") or {}).get("label_names")
@@ -211,7 +235,11 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
         # an encoder reads at most its position table: a longer gate text (a SQuAD context) is cut there, never exit 4
         cut = {} if task == "CAUSAL_LM" else {"truncation": True,
                                                "max_length": int(getattr(model.config, "max_position_embeddings", 0) or 512)}
-        encodings = [tokenizer(t, return_tensors="pt", **cut) for t in _inputs(tokenizer, task, Path(gate_data) if gate_data else None)]
+        prefix = str(((artifacts.read_record(adapter) or {}).get("options") or {}).get("source_prefix") or "")
+        if task == "SEQ_2_SEQ_LM":  # translation: teacher-forced logits of every target position
+            encodings = _seq2seq_encodings(tokenizer, model, Path(gate_data) if gate_data else None, prefix)
+        else:
+            encodings = [tokenizer(t, return_tensors="pt", **cut) for t in _inputs(tokenizer, task, Path(gate_data) if gate_data else None)]
         with torch.no_grad():
             ref_logits = [_logits(model(**e)).float().clone() for e in encodings]
         qat_spec = trained_grid(adapter)
@@ -244,6 +272,8 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
         merged.save_pretrained(str(run.dir), safe_serialization=True)
         tokenizer.save_pretrained(str(run.dir))
         run.results.update(kind="merged", task_type=task, dtype=dtype, gate=gate)
+        if task == "SEQ_2_SEQ_LM":  # export reads the prefix from here, so the device applies what was trained
+            run.results["source_prefix"] = prefix
     return out
 
 

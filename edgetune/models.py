@@ -44,6 +44,8 @@ DECODER_ARCHITECTURES = {
     "nemotron": "NemotronForCausalLM",
     "chatglm": "ChatGLMForConditionalGeneration",
 }
+# model_type -> encoder-decoder (translation) head exported as encoder + decoder-with-past graphs (edgetune.seq2seq)
+SEQ2SEQ_ARCHITECTURES = {"marian": "MarianMTModel", "t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration"}
 ENCODER_ARCHITECTURES = ("bert", "roberta", "distilbert", "xlm-roberta", "mpnet", "albert", "electra", "deberta-v2")
 
 ALIASES = {
@@ -85,7 +87,7 @@ def resolve(spec: str | os.PathLike) -> Path:
 class ModelInfo:
     path: Path  # HF folder
     model_type: str
-    kind: str  # "decoder" | "encoder"
+    kind: str  # "decoder" | "encoder" | "seq2seq"
     config: dict[str, Any]
 
 
@@ -114,10 +116,13 @@ def inspect(folder: str | os.PathLike) -> ModelInfo:
         kind = "decoder"
     elif model_type in ENCODER_ARCHITECTURES:
         kind = "encoder"
+    elif model_type in SEQ2SEQ_ARCHITECTURES:
+        kind = "seq2seq"
     else:
         raise BadInput(
             f"unsupported architecture '{model_type or 'unknown'}' in {folder}",
-            hint=f"supported decoders: {', '.join(DECODER_ARCHITECTURES)}; encoders: {', '.join(ENCODER_ARCHITECTURES)}",
+            hint=f"supported decoders: {', '.join(DECODER_ARCHITECTURES)}; encoders: {', '.join(ENCODER_ARCHITECTURES)}; "
+                 f"translation (encoder-decoder): {', '.join(SEQ2SEQ_ARCHITECTURES)}",
         )
     if kind == "decoder":
         from .chat_template import check_folder

@@ -120,6 +120,8 @@ def source_kind(path: str | os.PathLike) -> str:
         return "genai"
     if (p / "model.onnx").is_file() or (p / "model" / "model.onnx").is_file():
         return "onnx-encoder"
+    if (p / "seq2seq.json").is_file() or (p / "model" / "seq2seq.json").is_file():
+        return "onnx-seq2seq"
     if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
         return "hf"
     raise BadInput(f"reference {p} is not an HF folder, an ONNX export or a reference pack", hint="give the fp32 model folder")

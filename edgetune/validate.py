@@ -67,13 +67,15 @@ def _cpu_stand_in(t):
 
 
 def model_kind(folder: Path) -> tuple[str, Path]:
-    """('decoder'|'encoder', model folder) of an export or bundle folder."""
+    """('decoder'|'encoder'|'seq2seq', model folder) of an export or bundle folder."""
     p = Path(folder)
     if not p.exists():
         raise BadInput(f"model not found: {p}", hint="give an export folder or a bundle folder")
     for cand in (p, p / "model"):
         if (cand / "genai_config.json").is_file():
             return "decoder", cand
+        if (cand / "seq2seq.json").is_file():
+            return "seq2seq", cand
         if (cand / "model.onnx").is_file():
             return "encoder", cand
     raise BadInput(f"{p} is neither an onnxruntime-genai export, an encoder export nor a bundle", hint="run edgetune export first")
@@ -152,7 +154,7 @@ def _same_vocab(model_vocab: int | None, ref_vocab: int | None, src, *, at_least
                    hint="validate against the model this one was made from (its fp32 merged or base model, or that model's reference pack)")
 
 
-def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window, task=None, vocab=None, qa=None):
+def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window, task=None, vocab=None, qa=None, mt=None):
     from . import reference as R
 
     if reference is None:
@@ -177,6 +179,15 @@ def _get_pack(reference, kind, *, text, texts, labels, prompts, opts, window, ta
             return R.build_decoder_reference(src, text, window=window, stride=opts["stride"], method=opts["method"], topk=opts["topk"],
                                              max_new_tokens=opts["max_tokens"], prompts=prompts, eval_tokens=opts["eval_tokens"],
                                              task=task)
+        if kind == "seq2seq":
+            from . import validate_translation as VT
+            from .device import seq2seq as S
+
+            examples, folder, target = mt
+            if examples is None:
+                raise BadInput("validating a translation model against a reference needs --data with source/target pairs",
+                               hint='JSONL {"source": ..., "target": ...}')
+            return VT.build_reference(src, examples, S.load(folder, target))
         if qa is not None:
             examples, max_length, stride = qa
             if examples is None:
@@ -544,7 +555,7 @@ def _checks(report, target) -> list[dict]:
             continue
         if value is None:
             # a budget that does not apply to this kind of model, or a figure not measured in this run
-            if (kind == "encoder" and name in ("perplexity_increase_pct", "kl_divergence", "top1_agreement", "generation_agreement",
+            if (kind in ("encoder", "seq2seq") and name in ("perplexity_increase_pct", "kl_divergence", "top1_agreement", "generation_agreement",
                                                "time_to_first_token_ms", "decode_tokens_per_s", "task_accuracy_drop", "task_accuracy")) or \
                (kind == "decoder" and name in ("accuracy_drop", "p90_ms")):
                 continue
@@ -609,9 +620,14 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
             opts["window"] = int(ctx)
             opts["stride"] = min(opts["stride"] or ctx // 2, ctx)
     out = Path(out) if out else Path(model).resolve().parent / f"{Path(model).resolve().name}.validation"
-    text = texts = labels = task = qa_examples = None
+    text = texts = labels = task = qa_examples = mt_examples = None
     if data is not None:
-        if kind == "decoder":
+        if kind == "seq2seq":
+            from .data import load_dataset
+            from .validate_translation import examples_of
+
+            mt_examples = examples_of(load_dataset(data))
+        elif kind == "decoder":
             from .data import load_dataset, task_examples
 
             ds = load_dataset(data)
@@ -663,7 +679,7 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
     with artifacts.stage_output(out, "validate", inputs={"model": folder, "reference": reference, "data": data, "prompts": prompts},
                                 options={**opts, "target": t.name}) as run:
         pack = _get_pack(reference, kind, text=text, texts=texts, labels=labels, prompts=prompt_list, opts=opts, window=opts["window"], task=task,
-                         vocab=gcfg.get("vocab_size") if kind == "decoder" else None, qa=qa)
+                         vocab=gcfg.get("vocab_size") if kind == "decoder" else None, qa=qa, mt=(mt_examples, folder, t_run))
         if pack is not None:
             if not (reference and Path(reference, "reference.json").is_file()):
                 pack.save(run.dir / "reference")
@@ -672,10 +688,19 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
         with console.step("accuracy"):
             if kind == "decoder":
                 _decoder(folder, t_run, pack, text, opts, report, series, task)
+            elif kind == "seq2seq":
+                from .validate_translation import evaluate
+
+                rows, mfig, rfig = evaluate(folder, t_run, pack, mt_examples, report)
+                report["task"] = _task_shape("chrf", rfig, mfig, _failing(rows, int(report["options"]["failing_examples"])),
+                                             answer_agreement=report["accuracy"].get("agreement_with_reference"), answers=rows)
             else:
                 _encoder(folder, t_run, pack, texts, labels, report, series, qa_examples)
+        mt_latency = report.pop("translation_latency", None)
         if not device["available"]:
             report["latency"] = None
+        elif kind == "seq2seq":  # per sentence (encoder once + greedy steps), measured while translating the data
+            report["latency"] = {**mt_latency, "size_mb": report["model"]["size_mb"]} if opts["latency"] else None
         elif opts["latency"]:
             from .device.bench import run_in_subprocess
 

@@ -204,3 +204,103 @@ def squad_records(long_context_repeats: int = 0) -> list[dict]:
             ctx = filler * long_context_repeats + QA_CONTEXTS[ci]
             recs.append({"question": q, "context": ctx, "answers": {"text": [a], "answer_start": [ctx.rindex(a)]}})
     return recs
+
+
+# ---------------------------------------------------------------- translation (sequence-to-sequence)
+
+MT_PAIRS = [  # (English, German): a toy parallel corpus; the tests check the pipeline, not translation quality
+    ("The house is small.", "Das Haus ist klein."),
+    ("The dog sleeps in the garden.", "Der Hund schläft im Garten."),
+    ("I drink water every morning.", "Ich trinke jeden Morgen Wasser."),
+    ("The train is late today.", "Der Zug ist heute spät."),
+    ("Turn on the kitchen lights.", "Schalte das Licht in der Küche ein."),
+    ("Where is the station?", "Wo ist der Bahnhof?"),
+    ("We read a book together.", "Wir lesen zusammen ein Buch."),
+    ("The weather is nice and warm.", "Das Wetter ist schön und warm."),
+    ("My sister lives in Berlin.", "Meine Schwester wohnt in Berlin."),
+    ("Thank you for the coffee.", "Danke für den Kaffee."),
+]
+T5_PREFIX = "translate English to German: "
+
+
+def build_unigram_tokenizer(out: Path, vocab_size: int = 400):
+    """A SentencePiece-style Unigram tokenizer (Metaspace, like T5/Marian) trained on both sides of MT_PAIRS.
+
+    Specials follow T5: <pad> 0, </s> 1, <unk> 2; every encoded text ends with </s>.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+                                      show_progress=False)
+    texts = [s for pair in MT_PAIRS for s in pair] + [T5_PREFIX + s for s, _ in MT_PAIRS] + CORPUS
+    tok.train_from_iterator(texts * 5, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_tiny_t5(out: Path, seed: int = 0) -> Path:
+    """A 2+2-layer random T5 (d_model 128 = 2 heads of 64, relative position buckets) with a Unigram tokenizer.
+
+    The layout of T5ForConditionalGeneration (t5-small, flan-t5, mT5 load the same class)."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_unigram_tokenizer(out)
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=len(tok), d_model=128, d_kv=64, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=2,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+                   initializer_factor=2.0,  # the default 1.0 gives a random model that only ever says <pad>; 3.0 is chaotic (fp32 merge rounding grows to 2e-2)
+                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, feed_forward_proj="relu",
+                   architectures=["T5ForConditionalGeneration"])
+    model = T5ForConditionalGeneration(cfg).eval()
+    model.generation_config.max_length = 64
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_tiny_marian(out: Path, seed: int = 0, tokenizer_json: bool = True) -> Path:
+    """A 2+2-layer random Marian (d_model 128 = 2 heads of 64, sinusoidal positions, shared vocabulary).
+
+    ``tokenizer_json=False`` leaves only SentencePiece-style placeholders (source.spm, target.spm,
+    vocab.json), the layout of most opus-mt releases, which the device cannot read.
+    """
+    import json
+
+    import torch
+    from transformers import MarianConfig, MarianMTModel
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_unigram_tokenizer(out)
+    vocab = len(tok)
+    torch.manual_seed(seed)
+    cfg = MarianConfig(vocab_size=vocab, d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=128,
+                       pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, forced_eos_token_id=1,
+                       scale_embedding=True, share_encoder_decoder_embeddings=True, architectures=["MarianMTModel"],
+                       init_std=0.15)  # the default 0.02 gives a model that repeats one token; 0.3 is chaotic (merge rounding > 1e-3)
+    model = MarianMTModel(cfg).eval()
+    model.generation_config.max_length = 64
+    model.generation_config.num_beams = 1
+    model.generation_config.bad_words_ids = None
+    model.save_pretrained(out, safe_serialization=True)
+    if not tokenizer_json:
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (out / f).unlink(missing_ok=True)
+        (out / "source.spm").write_bytes(b"\x00")
+        (out / "target.spm").write_bytes(b"\x00")
+        (out / "vocab.json").write_text(json.dumps({t: i for t, i in tok.get_vocab().items()}))
+        (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "MarianTokenizer"}))
+    return out
+
+
+def translation_records() -> list[dict]:
+    return [{"source": s, "target": t} for s, t in MT_PAIRS]

@@ -32,7 +32,7 @@ def _summary(r: dict) -> str:
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output adapter folder (written atomically at the end).")
 @click.option("--method", type=click.Choice(METHODS), default="lora", show_default=True, help="PEFT method (qlora = LoRA on a 4-bit bitsandbytes base).")
 @click.option("--task", type=click.Choice(TASKS), default="auto", show_default=True, help="auto: from the data format (text+label -> seq-cls, tokens+tags -> token-cls, "
-                   "SQuAD question+context+answers -> qa, else causal-lm).")
+                   "SQuAD question+context+answers -> qa, source+target -> translation, else causal-lm).")
 @click.option("--rank", "-r", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--alpha", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True)
@@ -49,6 +49,9 @@ def _summary(r: dict) -> str:
 @click.option("--max-seq-len", type=click.IntRange(8), default=256, show_default=True)
 @click.option("--doc-stride", type=click.IntRange(0), default=128, show_default=True,
               help="qa: tokens shared by consecutive windows of a context longer than --max-seq-len.")
+@click.option("--source-prefix", default="", show_default=False,
+              help='translation: text put before every source (T5: "translate English to German: "); stored with the adapter, '
+                   "so merge, export, validate and run apply the same prefix.")
 @click.option("--packing/--no-packing", default=False, show_default=True, help="Concatenate samples into full max-seq-len blocks.")
 @click.option("--loss-on-answer-only/--loss-on-all", default=True, show_default=True, help="Learn only assistant turns / completions.")
 @click.option("--eval-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)

@@ -49,13 +49,15 @@ def _open(path: Path, stack) -> Path:
 @click.option("--chat", is_flag=True, help="LLM: interactive chat on stdin (history kept; empty line or EOF ends).")
 @click.option("--raw", is_flag=True, help="LLM: no chat template, continue the prompt text as is.")
 @click.option("--system", default=None, callback=_utf8, help="LLM: a system message for --prompt/--chat.")
-@click.option("--text", "-x", "texts", multiple=True, callback=_utf8, help="Encoder: a text to classify or tag (repeatable); none: one per stdin line.")
+@click.option("--text", "-x", "texts", multiple=True, callback=_utf8,
+              help="Encoder: a text to classify or tag; translation: a text to translate (repeatable); none: one per stdin line "
+                   "(translation: plain lines or JSONL {\"source\": ...}).")
 @click.option("--question", "-Q", "questions", multiple=True, callback=_utf8,
               help="Question-answering encoder: a question (repeatable); none: JSONL {\"question\", \"context\"} per stdin line.")
 @click.option("--context", "-c", "contexts", multiple=True, callback=_utf8,
               help="Question-answering encoder: the text the answer is taken from (one for all questions, or one per --question).")
 @click.option("--adapter", "-a", default=None, help="LLM: a runtime LoRA adapter shipped in the bundle, by name (<name>.onnx_adapter).")
-@click.option("--max-tokens", "-n", default=128, show_default=True, type=click.IntRange(1), help="LLM: new tokens at most.")
+@click.option("--max-tokens", "-n", default=128, show_default=True, type=click.IntRange(1), help="LLM and translation: new tokens at most.")
 @click.option("--verify/--no-verify", "check", default=True, show_default=True, help="Check the bundle against its manifest first.")
 @click.option("--key", "key", type=click.Path(path_type=Path), default=None,
               help="Trusted Ed25519 public key: run only a bundle signed with it (unsigned or another key: exit 2).")
@@ -105,6 +107,10 @@ def run(bundle: Path, prompts: tuple[str, ...], chat: bool, raw: bool, system: s
                     raise BadInput(f"--question/--context are for question-answering bundles; this one is {manifest.get('task') or 'a classifier'}",
                                    hint="use --text")
                 _run_encoder(folder, target_arg, list(texts))
+        elif kind == "seq2seq":
+            if prompts or chat or adapter or questions or contexts:
+                raise BadInput("--prompt/--chat/--adapter/--question/--context do not apply to a translation bundle", hint='use -x "text"')
+            _run_translation(folder, target_arg, list(texts), max_tokens)
         else:
             raise BadInput(f"{bundle}: unknown bundle kind '{kind}'", hint="rebuild the bundle with this edgetune")
 
@@ -238,3 +244,48 @@ def _run_qa(folder: Path, target: str | None, questions: list[str], contexts: li
     human = lambda r: "\n".join(  # noqa: E731
         f"{x['question']}\n  {x['answer']}\t{x['score']:.3f}\t{x['start']}:{x['end']}" for x in r["results"])
     console.emit({"bundle": str(folder), "kind": "encoder", "task": enc.task, "results": rows}, human, summary=False)
+
+
+def _translation_sources(texts: list[str]) -> list[str]:
+    """The texts to translate: --text, else stdin lines (plain text, or JSONL with a "source" field)."""
+    import json
+
+    if texts:
+        out = texts
+    else:
+        out = []
+        for n, line in enumerate(sys.stdin, 1):
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise BadInput(f"stdin:{n}: not valid JSON ({exc.msg} at column {exc.colno})",
+                                   hint='one {"source": ...} object per line, or plain text lines') from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("source"), str):
+                    raise BadInput(f"stdin:{n}: needs a string field 'source'", hint='one {"source": ...} object per line')
+                out.append(rec["source"])
+            else:
+                out.append(line.rstrip("\n"))
+    if not out:
+        raise BadInput("nothing to translate", hint='give -x "text", or lines on stdin')
+    for i, t in enumerate(out, 1):
+        if not t.strip():
+            raise BadInput(f"text #{i} is empty", hint="give non-empty texts")
+    return out
+
+
+def _run_translation(folder: Path, target: str | None, texts: list[str], max_tokens: int) -> None:
+    from ..device import seq2seq
+
+    sources = _translation_sources(texts)
+    tr = seq2seq.load(folder / "model", target)
+    t0 = time.perf_counter()
+    rows = []
+    for src, r in zip(sources, tr.translate(sources, max_new_tokens=max_tokens)):
+        rows.append({"source": src, "translation": r["translation"], "tokens": len(r["ids"]), "truncated": r["truncated"]})
+    dt = time.perf_counter() - t0
+    console.log(f"[run] {len(rows)} text(s) in {dt * 1000:.1f} ms")
+    human = lambda r: "\n".join(x["translation"] + ("  [cut at --max-tokens]" if x["truncated"] else "") for x in r["results"])  # noqa: E731
+    console.emit({"bundle": str(folder), "kind": "seq2seq", "task": "translation", "results": rows}, human, summary=False)

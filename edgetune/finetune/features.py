@@ -171,8 +171,25 @@ def qa_features(tok, ds: Dataset, *, max_seq_len: int, doc_stride: int) -> list[
     return out
 
 
+def seq2seq_features(tok, ds: Dataset, *, max_seq_len: int, prefix: str = "") -> list[dict[str, Any]]:
+    """Translation pairs -> ``{"input_ids", "attention_mask", "labels"}`` for an encoder-decoder.
+
+    The source is ``prefix + source`` (T5's task prefix; empty for Marian), the labels the target's ids
+    (the tokenizer's ``text_target``: Marian's target vocabulary), both cut at ``max_seq_len`` and ending
+    with the end-of-sequence token. The collator pads labels with -100, so padding is never learned; the
+    model shifts the labels right into decoder inputs itself.
+    """
+    out: list[dict[str, Any]] = []
+    for rec in ds.records:
+        enc = tok(prefix + rec["source"], truncation=True, max_length=max_seq_len)
+        labels = tok(text_target=rec["target"], truncation=True, max_length=max_seq_len)["input_ids"]
+        out.append({"input_ids": list(enc["input_ids"]), "attention_mask": list(enc["attention_mask"]), "labels": list(labels)})
+    return out
+
+
 class Collator:
-    """Pad a batch: input ids with the pad id, labels with -100 (lists); stack scalars (class ids, answer positions)."""
+    """Pad a batch: input ids with the pad id, labels with -100 (lists; translation labels to their own longest);
+    stack scalars (class ids, answer positions)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -187,7 +204,8 @@ class Collator:
                 out[key] = torch.tensor([b[key] for b in batch])
                 continue
             fill = {"input_ids": self.pad_id, "labels": IGNORE}.get(key, 0)
-            out[key] = torch.tensor([list(b[key]) + [fill] * (n - len(b[key])) for b in batch])
+            m = max(len(b[key]) for b in batch)  # each key to its own length: a translation's labels are not its input's
+            out[key] = torch.tensor([list(b[key]) + [fill] * (m - len(b[key])) for b in batch])
         if "attention_mask" not in out:
             out["attention_mask"] = torch.tensor([[1] * len(b["input_ids"]) + [0] * (n - len(b["input_ids"])) for b in batch])
         return out

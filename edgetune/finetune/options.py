@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import BadInput
 
 METHODS = ("lora", "qlora", "dora", "loha", "lokr", "ia3")
-TASKS = ("auto", "causal-lm", "seq-cls", "token-cls", "qa")
+TASKS = ("auto", "causal-lm", "seq-cls", "token-cls", "qa", "translation")
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 DEEPSPEED_PRESETS = ("zero2", "zero3", "offload")
 
@@ -36,6 +36,7 @@ class FinetuneOptions:
     seed: int = 0
     max_seq_len: int = 256
     doc_stride: int = 128  # qa: tokens shared by consecutive windows of a context longer than max_seq_len
+    source_prefix: str = ""  # translation: text put before every source (T5: "translate English to German: "); export and run reuse it
     packing: bool = False
     loss_on_answer_only: bool = True
     eval_fraction: float = 0.1

@@ -37,13 +37,21 @@ def work_dir(out: Path) -> Path:
 
 # fine-tuning task -> (the data format it trains on, what that format is called in messages)
 TASK_DATA = {"seq-cls": ("classification", "text+label"), "token-cls": ("tokens", "tokens+tags"),
-             "qa": ("qa", "SQuAD question+context+answers")}
+             "qa": ("qa", "SQuAD question+context+answers"), "translation": ("translation", "source+target")}
+# the attention projections LoRA adapts on an encoder-decoder (self- and cross-attention): T5 and Marian names
+SEQ2SEQ_ATTENTION = {"t5": ["q", "k", "v", "o"], "mt5": ["q", "k", "v", "o"], "marian": ["q_proj", "k_proj", "v_proj", "out_proj"]}
 
 
 def resolve_task(task: str, ds: Dataset, kind: str) -> str:
     by_format = {fmt: t for t, (fmt, _) in TASK_DATA.items()}.get(ds.format, "causal-lm")
     if task == "auto":
         task = by_format
+    if kind == "seq2seq" and task != "translation":
+        raise BadInput(f"task {task} does not apply to an encoder-decoder (translation) model",
+                       hint='give {"source": ..., "target": ...} records and --task translation (or auto)')
+    if task == "translation" and kind != "seq2seq":
+        raise BadInput(f"translation fine-tuning needs an encoder-decoder model (Marian, T5 family); this one is a {kind}",
+                       hint="use a MarianMTModel or T5ForConditionalGeneration folder, or chat records for a decoder")
     if task == "causal-lm" and kind != "decoder":
         raise BadInput("causal-lm fine-tuning needs a decoder model; this one is an encoder",
                        hint="use text+label data (seq-cls), tokens+tags (token-cls) or SQuAD question/context/answers (qa)")
@@ -148,13 +156,16 @@ def check_target_modules(opts: FinetuneOptions, model) -> None:
 def peft_config(opts: FinetuneOptions, task: str, model):
     peft = require("peft", purpose="fine-tuning adapters")
     task_type = {"causal-lm": peft.TaskType.CAUSAL_LM, "seq-cls": peft.TaskType.SEQ_CLS, "token-cls": peft.TaskType.TOKEN_CLS,
-                 "qa": peft.TaskType.QUESTION_ANS}[task]
+                 "qa": peft.TaskType.QUESTION_ANS, "translation": peft.TaskType.SEQ_2_SEQ_LM}[task]
     targets: Any = opts.target_modules
     if isinstance(targets, str) and targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     heads = ("classifier", "score", "lm_head", "qa_outputs")
     modules_to_save = None
-    if task != "causal-lm":
+    if task == "translation":  # LoRA on the attention projections (self and cross); the LM head is the base's
+        if targets == "all-linear":
+            targets = SEQ2SEQ_ATTENTION.get(model.config.model_type, targets)
+    elif task != "causal-lm":
         # the task head is new (random) on a base model: trained in full and saved with the adapter
         modules_to_save = [next((h for h in ("classifier", "qa_outputs") if hasattr(model, h)), "score")]
         if targets == "all-linear":
@@ -196,6 +207,8 @@ def load_model(path: Path, task: str, opts: FinetuneOptions, label_names: list[s
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     elif task == "qa":
         model = transformers.AutoModelForQuestionAnswering.from_pretrained(str(path), **kwargs)
+    elif task == "translation":
+        model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(path), **kwargs)
     else:
         cls = transformers.AutoModelForSequenceClassification if task == "seq-cls" else transformers.AutoModelForTokenClassification
         model = cls.from_pretrained(
@@ -282,6 +295,9 @@ def run_training(spec: dict[str, Any]) -> None:
     elif task == "qa":
         train_f = F.qa_features(tok, train_ds, max_seq_len=opts.max_seq_len, doc_stride=opts.doc_stride)
         eval_f = F.qa_features(tok, eval_ds, max_seq_len=opts.max_seq_len, doc_stride=opts.doc_stride) if len(eval_ds) else []
+    elif task == "translation":
+        train_f = F.seq2seq_features(tok, train_ds, max_seq_len=opts.max_seq_len, prefix=opts.source_prefix)
+        eval_f = F.seq2seq_features(tok, eval_ds, max_seq_len=opts.max_seq_len, prefix=opts.source_prefix) if len(eval_ds) else []
     else:
         label_names = train_ds.labels
         if len(label_names) < 2:
