@@ -3,7 +3,8 @@
 The model (``edgetune.device.seq2seq``: greedy decoding over its ONNX graphs) translates every source of
 the data (``{"source", "target"}`` records). The reference is PyTorch's greedy ``generate`` of an HF
 folder (the fp32 merged model) or the device decoding of another export (int8 measured against fp32),
-run on **the same source token ids** (the validated model's tokenizer.json and prefix), so a correct fp32
+run on **the same source token ids** (the validated model's tokenizer.json and prefix) and new-token caps (twice
+the gold target's tokens + 8, see :func:`caps`), so a correct fp32
 graph agrees token for token. The pack keeps the examples and the reference's ids and texts, so a device
 re-validates a bundle without PyTorch.
 
@@ -36,6 +37,13 @@ def examples_of(ds) -> list[dict[str, str]]:
     return [{"source": r["source"], "target": r["target"]} for r in ds.records]
 
 
+def caps(translator, examples: list[dict[str, str]]) -> list[int]:
+    """New-token cap per example: twice the gold target's tokens + 8 (at most the export's ``max_new_tokens``). A longer
+    output is wrong anyway, and a model that never says end-of-sequence (a random one) stays cheap to validate."""
+    top = int(translator.config["max_new_tokens"])
+    return [min(top, 2 * len(translator.target_tokenizer.encode(e["target"]).ids) + 8) for e in examples]
+
+
 def build_reference(source, examples: list[dict[str, str]], translator) -> Any:
     """The reference's greedy translations of ``examples`` on ``translator``'s source ids (a Pack)."""
     from .artifacts import package_versions
@@ -44,23 +52,24 @@ def build_reference(source, examples: list[dict[str, str]], translator) -> Any:
     from .reference import Pack, _ragged, source_kind, text_sha
 
     ids = [translator.source_ids(e["source"]) for e in examples]
-    cap = int(translator.config["max_new_tokens"])
+    limits = caps(translator, examples)
     if S.is_translation(source):
         ref = S.load(source)
-        out = [ref.greedy_ids(i, max_new_tokens=cap) for i in ids]
+        out = [ref.greedy_ids(i, max_new_tokens=c) for i, c in zip(ids, limits)]
         how = "onnxruntime"
     elif source_kind(source) == "hf":
         from .seq2seq import torch_export as T
 
         model = T.load(Path(source))
-        out = T.torch_greedy(model, ids, max_new_tokens=cap, suppress=list(translator.config.get("suppress_token_ids") or []))
+        suppress = list(translator.config.get("suppress_token_ids") or [])
+        out = [T.torch_greedy(model, [i], max_new_tokens=c, suppress=suppress)[0] for i, c in zip(ids, limits)]
         how = "torch"
     else:
         raise BadInput(f"reference {source} is not a translation model", hint="give the fp32 merged HF folder or an fp32 translation export")
     texts = [translator.detokenize(o) for o in out]
     data, off = _ragged(out)
     meta = {"schema_version": PACK_SCHEMA, "kind": "seq2seq", "task": "translation", "source": str(source), "computed_with": how,
-            "max_new_tokens": cap, "prefix": translator.config.get("prefix", ""), "examples": examples, "translations": texts,
+            "caps": limits, "prefix": translator.config.get("prefix", ""), "examples": examples, "translations": texts,
             "text_sha256": text_sha("\x00".join(e["source"] for e in examples)), "versions": package_versions()}
     return Pack(meta, {"out_ids": data, "out_offsets": off})
 
@@ -95,15 +104,17 @@ def evaluate(folder: Path, target, pack, examples: list[dict[str, str]] | None, 
                        hint='JSONL {"source": ..., "target": ...}')
     if pack is not None and [e["source"] for e in pack.meta["examples"]] != [e["source"] for e in examples]:
         raise BadInput("--data is not the data the reference pack was made from", hint="omit --data to use the pack's examples")
+    limits = pack.meta["caps"] if pack is not None else caps(tr, examples)
     got, times = [], []
-    for e in console.progress(examples, desc="translations"):
+    for e, cap in zip(console.progress(examples, desc="translations"), limits):
         t0 = time.perf_counter()
-        got.append(tr.translate([e["source"]])[0])
+        got.append(tr.translate([e["source"]], max_new_tokens=int(cap))[0])
         times.append((time.perf_counter() - t0) * 1000)
     hyps, golds = [g["translation"] for g in got], [e["target"] for e in examples]
     sm = _scores(hyps, golds)
     acc: dict[str, Any] = {"metric": "chrf", "examples": len(examples), **sm, "accuracy": sm["chrf"],
-                           "truncated": sum(g["truncated"] for g in got), "prefix": tr.config.get("prefix", "")}
+                           "truncated": sum(g["truncated"] for g in got), "prefix": tr.config.get("prefix", ""),
+                           "new_token_caps": "2 x gold tokens + 8"}
     ref_texts = None
     if pack is not None:
         ref_ids = [list(map(int, r)) for r in pack.ragged("out")]

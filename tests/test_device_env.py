@@ -326,6 +326,45 @@ def test_run_qa_bundle_prints_the_pytorch_models_span_of_the_context(device, tmp
     assert v["accuracy"]["f1"] == v["accuracy"]["reference_f1"] and v["accuracy"]["exact_match"] == v["accuracy"]["reference_exact_match"]
 
 
+def test_run_translation_bundle_prints_the_pytorch_greedy_translation(device, tmp_path):
+    """Issue 29: a translation bundle (encoder + decoder-with-past graphs) translates in the base install: greedy
+    decoding in numpy over onnxruntime, tokenizers only; the text is PyTorch's greedy generate of the same model."""
+    from transformers import AutoTokenizer
+
+    from edgetune.bundle import make_bundle
+    from edgetune.device import seq2seq as S
+    from edgetune.seq2seq import torch_export as T
+    from edgetune.seq2seq.export import export_seq2seq
+    from edgetune.validate import validate
+    from tiny_models import MT_PAIRS, build_tiny_marian, translation_records
+
+    model = build_tiny_marian(tmp_path / "marian")
+    exp = export_seq2seq(model, tmp_path / "export", target="cpu-x86", precision="fp32")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in translation_records()[:3]))
+    validate(exp, target="cpu-x86", reference=model, data=tmp_path / "pairs.jsonl", out=tmp_path / "report", latency=False)
+    bundle = tmp_path / "bundle"
+    make_bundle(exp, bundle, target="cpu-x86", report=tmp_path / "report", archive=True)
+    texts = [MT_PAIRS[1][0], "Good morning, how are you?"]
+    tr = S.load(exp)
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = T.torch_greedy(T.load(model), [tr.source_ids(t) for t in texts], max_new_tokens=16, suppress=[])
+    want = [tok.decode(i, skip_special_tokens=True).strip() for i in ids]
+    assert any(want)
+    _, r = device.json("run", bundle.with_name("bundle.tar.gz"), *[a for t in texts for a in ("-x", t)], "-n", "16")
+    assert r["kind"] == "seq2seq" and [x["translation"] for x in r["results"]] == want
+    p = device.edgetune("run", str(bundle), "--json", "-n", "16", stdin="".join(json.dumps({"source": t}) + "\n" for t in texts))
+    assert p.returncode == 0, p.stderr
+    assert [x["translation"] for x in json.loads(p.stdout)["results"]] == want
+    human = device.edgetune("run", str(bundle), "-x", texts[0], "-n", "16")
+    assert human.returncode == 0 and "Traceback" not in human.stderr and want[0] in human.stdout
+    bad = device.edgetune("run", str(bundle), "-Q", "Who?", "-c", "Anna.")
+    assert bad.returncode == 2 and "translation bundle" in bad.stderr
+    # chrF/BLEU need sacrebleu, a host package: re-validating on the device is a missing package (exit 3), not a bug
+    v = device.edgetune("validate", str(bundle), "-t", "cpu-x86", "-r", str(bundle / "validation" / "reference"),
+                        "-o", str(tmp_path / "dev-report"), "--no-latency")
+    assert v.returncode == 3 and "sacrebleu" in v.stderr and "Traceback" not in v.stderr
+
+
 def test_host_only_command_exits_3_naming_the_package(device, tiny_llama, tmp_path):
     """A host command on the device is a missing package (exit 3, the install hint), not a bug."""
     (tmp_path / "d.txt").write_text("hello world\n" * 8)
