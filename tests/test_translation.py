@@ -250,3 +250,26 @@ def test_other_encoder_decoders_stay_a_clear_exit_2(tmp_path):
     save_file({"w": np.zeros(2, np.float32)}, str(d / "model.safetensors"))
     code, r = cli.run(["export", d, "-t", "cpu-x86", "-o", tmp_path / "out"])
     assert code == 2 and "unsupported architecture 'bart'" in r["error"] and "marian" in r["hint"]
+
+
+def test_build_config_names_the_translation_task(mt, tmp_path):
+    """The example build config's shape (examples/marian-en-de-translation.toml) on the tiny Marian: one `edgetune build`
+    fine-tunes, merges, exports int8, validates chrF vs the merged model on held-out pairs and bundles."""
+    from edgetune.bundle import verify
+
+    repo = Path(__file__).resolve().parent.parent
+    text = (repo / "examples" / "marian-en-de-translation.toml").read_text()
+    text = text.replace('"../models/opus-mt-en-de"', json.dumps(str(mt["base"]))).replace('"../build/marian-en-de"', '"out"')
+    text = text.replace('"data/', json.dumps(str(repo / "examples" / "data"))[:-1] + '/').replace("epochs = 3", "max_steps = 2")
+    cfg = tmp_path / "mt.toml"
+    cfg.write_text(text + "repeats = 1\nlatency = false\n")
+    r = cli.ok(["build", cfg])
+    row = r["targets"][0]
+    assert r["passed"] and row["result"] == "pass" and row["task_metric"] == "chrf"
+    figs = row["accuracy_figures"]  # the int8 bundle vs the merged fp32 model (PyTorch), measured
+    assert 0.0 <= figs["agreement_with_reference"] <= 1.0 and 0.0 <= figs["token_agreement"] <= 1.0
+    assert figs["accuracy_drop"] == pytest.approx(figs["reference_chrf"] - figs["chrf"], abs=1e-3)
+    res = verify(tmp_path / "out" / "cpu-x86")
+    assert res["ok"] and res["kind"] == "seq2seq"
+    rep = json.loads((tmp_path / "out" / "cpu-x86" / "validation" / "report.json").read_text())
+    assert rep["accuracy"]["metric"] == "chrf" and rep["accuracy"]["examples"] == 4 and "bleu" in rep["accuracy"]
