@@ -213,6 +213,10 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
             kwargs["config"] = transformers.AutoConfig.from_pretrained(
                 str(base_dir), num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     tok_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base_dir
+    if task == "SEQ_2_SEQ_LM":  # a SentencePiece-only Marian: exit 2 with the fix, not transformers' ImportError
+        from .models import check_seq2seq_tokenizer, inspect
+
+        check_seq2seq_tokenizer(tok_dir, inspect(base_dir).config)
     options: dict[str, Any] = {"dtype": dtype, "max_abs_diff": max_abs_diff, "max_kl": max_kl, "min_top1": min_top1}
     strict_4bit = max_kl_vs_4bit is not None or min_top1_vs_4bit is not None
     quant = trained_quantization(adapter, True if strict_4bit and qlora is None else qlora)

@@ -131,6 +131,26 @@ def inspect(folder: str | os.PathLike) -> ModelInfo:
     return ModelInfo(path=folder, model_type=model_type, kind=kind, config=config)
 
 
+def check_seq2seq_tokenizer(folder: Path, config: dict[str, Any]) -> None:
+    """A translation model needs tokenizer.json (the device tokenizes with `tokenizers` only): a SentencePiece-only
+    folder (most Marian/opus-mt releases) is exit 2 with the fix, at finetune and at export, never exit 4 later."""
+    if (folder / "tokenizer.json").is_file():
+        return
+    spm = sorted(p.name for p in folder.glob("*.spm")) + sorted(p.name for p in folder.glob("*.model"))
+    what = f"only SentencePiece files ({', '.join(spm)})" if spm else "no tokenizer files"
+    try:
+        from importlib.metadata import version
+
+        tf = version("transformers")
+    except Exception:  # noqa: BLE001 - only for the message
+        tf = "5"
+    raise BadInput(f"{folder} has {what} and no tokenizer.json: the device tokenizes with the `tokenizers` library only, "
+                   f"and transformers {tf} cannot convert a {config.get('model_type')} SentencePiece tokenizer "
+                   "(separate source/target vocabularies) to tokenizer.json",
+                   hint="add a tokenizer.json (e.g. a release that ships one, or one built with `tokenizers` from the same "
+                        "vocabulary) to the model folder, or use a T5-family model, which ships tokenizer.json")
+
+
 def _gguf_metadata(path: Path) -> dict[str, Any]:
     """Special-token metadata of a GGUF file; a truncated or corrupt file raises BadInput (exit 2).
 

@@ -232,13 +232,18 @@ def test_translation_data_on_an_encoder_is_refused(tiny_bert, tmp_path):
     assert code == 2 and "translation fine-tuning needs an encoder-decoder" in r["error"]
 
 
-def test_marian_without_tokenizer_json_is_refused_at_export(tmp_path):
+def test_marian_without_tokenizer_json_is_refused_at_finetune_and_export(tmp_path):
     from tiny_models import build_tiny_marian
 
     base = build_tiny_marian(tmp_path / "m", tokenizer_json=False)
     code, r = cli.run(["export", base, "-t", "cpu-x86", "-o", tmp_path / "out", "--precision", "fp32"])
     assert code == 2 and "tokenizer.json" in r["error"] and "source.spm" in r["error"] and "hint" in r
     assert not (tmp_path / "out").exists()
+    # and before training (transformers' MarianTokenizer would need sentencepiece, then the export would refuse anyway)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in translation_records()))
+    code, r = cli.run(["finetune", base, data, "-o", tmp_path / "ad", "--max-steps", "1"])
+    assert code == 2 and "no tokenizer.json" in r["error"] and not (tmp_path / "ad").exists()
 
 
 def test_other_encoder_decoders_stay_a_clear_exit_2(tmp_path):

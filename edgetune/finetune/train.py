@@ -77,6 +77,10 @@ def check_model_and_data(task: str, ds: Dataset, info) -> str:
     task, a decoder is fine-tuned as a causal LM (its classification head does not export), and chat
     data needs a chat template. ``edgetune build`` calls it too, before its first stage."""
     task = resolve_task(task, ds, info.kind)
+    if task == "translation":  # the export and the device need tokenizer.json: refuse now, not after training
+        from ..models import check_seq2seq_tokenizer
+
+        check_seq2seq_tokenizer(Path(info.path), info.config)
     if task in TASK_DATA and info.kind == "decoder":
         head = "question-answering (span)" if task == "qa" else "classification"
         raise BadInput(f"{task} fine-tuning of a decoder ({info.model_type}) is not supported: its {head} head "

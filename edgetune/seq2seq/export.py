@@ -42,28 +42,6 @@ def _size_mb(p: Path) -> float:
     return round(p.stat().st_size / 2**20, 3)
 
 
-def check_tokenizer(folder: Path, config: dict[str, Any]) -> None:
-    """The device needs tokenizer.json; a SentencePiece-only (Marian) folder is exit 2 with the fix."""
-    if (folder / "tokenizer.json").is_file():
-        return
-    spm = sorted(p.name for p in folder.glob("*.spm")) + sorted(p.name for p in folder.glob("*.model"))
-    what = f"only SentencePiece files ({', '.join(spm)})" if spm else "no tokenizer files"
-    raise BadInput(f"{folder} has {what} and no tokenizer.json: the device tokenizes with the `tokenizers` library only, "
-                   f"and transformers {_tf_version()} cannot convert a {config.get('model_type')} SentencePiece tokenizer "
-                   "(separate source/target vocabularies) to tokenizer.json",
-                   hint="add a tokenizer.json (e.g. a release that ships one, or one built with `tokenizers` from the same "
-                        "vocabulary) to the model folder, or use a T5-family model, which ships tokenizer.json")
-
-
-def _tf_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("transformers")
-    except Exception:  # noqa: BLE001 - only for the message
-        return "5"
-
-
 def read_prefix(folder: Path) -> str:
     """The task prefix the adapter was trained with (``edgetune.json`` of a merged folder, or ``seq2seq_prefix.txt``)."""
     from ..artifacts import read_record
@@ -82,7 +60,7 @@ def export_seq2seq(model_dir: str | os.PathLike, out: str | os.PathLike, *, targ
     """Export the Marian/T5 folder ``model_dir`` to ``out`` for ``target`` (fp32 or int8 dynamic); returns ``out``."""
     from ..device import seq2seq as S
     from ..encoder import quantize
-    from ..models import inspect
+    from ..models import check_seq2seq_tokenizer, inspect
     from ..targets import load_target
     from . import torch_export
 
@@ -100,7 +78,7 @@ def export_seq2seq(model_dir: str | os.PathLike, out: str | os.PathLike, *, targ
     if target.graph.static_shapes:
         raise BadInput(f"target {target.name} wants static shapes; the translation graphs have a growing decoder cache",
                        hint="export for a CPU/GPU profile with dynamic shapes (e.g. cpu-x86)")
-    check_tokenizer(info.path, info.config)
+    check_seq2seq_tokenizer(info.path, info.config)
     prefix = read_prefix(info.path) if prefix is None else prefix
     int8 = quantize.Int8Options.from_target(target)
     options = {"target": target.model_dump(mode="json", exclude={"source", "description", "budgets"}),
