@@ -104,6 +104,7 @@ def test_export_writes_two_graphs_with_a_kv_cache_and_proves_them(mt):
     par = rec["parity"]
     assert par["passed"] and par["token_agreement"] == 1.0 and par["steps_checked"] >= 4 * 4
     assert par["max_rel_logit_diff"] < 1e-4 and par["tolerance"] == 1e-3
+    assert rec["tokenizer_parity"]["mismatches"] == 0
     dec = onnx.load(str(mt["root"] / "fp32" / "decoder.onnx")).graph
     names = [i.name for i in dec.input]
     assert names[:2] == ["input_ids", "encoder_attention_mask"] and "past_key_values.1.decoder.value" in names

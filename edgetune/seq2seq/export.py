@@ -106,6 +106,7 @@ def export_seq2seq(model_dir: str | os.PathLike, out: str | os.PathLike, *, targ
         _write_side_files(info.path, fp32, facts)
         tr = S.load(fp32)
         sources = [tr.source_ids(t) for t in HELD_SOURCES]
+        res["tokenizer_parity"] = _tokenizer_parity(info.path, tr, prefix)
         with console.step("proof vs PyTorch greedy generate"):
             parity = torch_export.prove(model, fp32, sources, max_new_tokens=PROOF_NEW_TOKENS, suppress=suppress,
                                         tolerance=PARITY_TOLERANCE)
@@ -128,6 +129,26 @@ def export_seq2seq(model_dir: str | os.PathLike, out: str | os.PathLike, *, targ
         shutil.rmtree(fp32, ignore_errors=True)
         res["size_mb"] = round(sum(_size_mb(run.dir / g) for g in S.GRAPHS), 3)
     return Path(out)
+
+
+def _tokenizer_parity(folder: Path, tr, prefix: str) -> dict[str, Any]:
+    """The device's tokenizer.json encodes the held sources (with the prefix) as transformers' tokenizer does, both
+    sides; a difference is exit 1: the proof runs both models on the device's ids, so it would not show."""
+    from ..errors import require
+
+    transformers = require("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    bad = []
+    for t in HELD_SOURCES:
+        if tr.source_ids(t) != list(tok(prefix + t, truncation=True, max_length=int(tr.config["max_source_tokens"]))["input_ids"]):
+            bad.append(("source", t))
+        if tr.target_tokenizer.encode(t).ids != list(tok(text_target=t)["input_ids"]):
+            bad.append(("target", t))
+    if bad:
+        raise CheckFailed(f"the tokenizer.json the device uses encodes the {bad[0][0]} side of {bad[0][1]!r} differently from "
+                          f"transformers' {type(tok).__name__}",
+                          hint="ship a tokenizer.json made from the model's own tokenizer (tokenizer.save_pretrained)")
+    return {"texts": len(HELD_SOURCES), "sides": ["source", "target"], "mismatches": 0}
 
 
 def _write_side_files(src: Path, dst: Path, facts: dict[str, Any]) -> None:
