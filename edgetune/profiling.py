@@ -102,11 +102,18 @@ def profile(model, *, target, top: int = 15, repeats: int = 3, prompt_tokens: in
     t = load_target(target)
     kind, folder = model_kind(Path(model))
     cfg = json.loads((folder / "genai_config.json").read_text()) if kind == "decoder" else None
-    onnx_file = folder / (cfg["model"]["decoder"]["filename"] if cfg else "model.onnx")
+    onnx_file = folder / (cfg["model"]["decoder"]["filename"] if cfg else "decoder.onnx" if kind == "seq2seq" else "model.onnx")
     with temp_dir("profile") as tmp:
         sess = create_session(onnx_file, t, profile_prefix=str(Path(tmp) / "ort"))
         if kind == "decoder":
             _decoder_runs(sess, cfg, prompt_tokens, decode_steps, repeats)
+        elif kind == "seq2seq":  # the decoder-with-past graph (where a translation spends its time), decode_steps per sentence
+            from .device import seq2seq as S
+
+            tr = S.load(folder, t)
+            tr.decoder = sess
+            for _ in range(repeats):
+                tr.greedy_ids(tr.source_ids("The quick brown fox jumps over the lazy dog."), max_new_tokens=decode_steps)
         else:
             _encoder_runs(sess, sequence_length, repeats)
         trace = sess.end_profiling()
@@ -117,7 +124,8 @@ def profile(model, *, target, top: int = 15, repeats: int = 3, prompt_tokens: in
     return {
         "model": str(model), "kind": kind, "target": t.name, "requested_providers": t.ort_providers,
         "session_providers": sess.get_providers(),
-        "workload": ({"prompt_tokens": prompt_tokens, "decode_steps": decode_steps} if kind == "decoder" else {"sequence_length": sequence_length})
+        "workload": ({"prompt_tokens": prompt_tokens, "decode_steps": decode_steps} if kind == "decoder"
+                     else {"graph": "decoder.onnx", "decode_steps": decode_steps} if kind == "seq2seq" else {"sequence_length": sequence_length})
         | {"repeats": repeats},
         "total_ms": parsed["total_us"] / 1000, "by_provider": parsed["by_provider"],
         "fallback_nodes": len(parsed["fallbacks"]), "fallbacks": parsed["fallbacks"][:top],

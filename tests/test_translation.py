@@ -170,6 +170,12 @@ def test_run_prints_the_pytorch_greedy_translation(mt):
     assert {"model/encoder.onnx", "model/decoder.onnx", "model/seq2seq.json", "model/tokenizer.json"} <= {f["path"] for f in manifest["files"]}
 
 
+def test_profile_times_the_decoder_with_past_graph(mt):
+    r = cli.ok(["profile", mt["root"] / "int8", "-t", "cpu-x86", "--repeats", "1", "--decode-steps", "4"])
+    assert r["kind"] == "seq2seq" and r["workload"]["graph"] == "decoder.onnx" and r["total_ms"] > 0
+    assert r["top_op_types"] and r["fallback_nodes"] == 0
+
+
 def test_run_refuses_options_of_other_bundles(mt):
     code, r = cli.run(["run", mt["root"] / "bundle", "-Q", "Who?", "-c", "Anna."])
     assert code == 2 and "translation bundle" in r["error"]

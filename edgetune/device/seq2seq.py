@@ -66,7 +66,7 @@ class Translator:
         """Greedy decoding of one tokenized source: the generated ids (eos included if reached, start excluded);
         with ``keep_logits`` also each step's logits row."""
         n = int(self.config["layers"])
-        cap = int(max_new_tokens or self.config["max_new_tokens"])
+        cap = int(self.config["max_new_tokens"] if max_new_tokens is None else max_new_tokens)
         src = np.asarray([ids], np.int64)
         mask = np.ones_like(src)
         enc_out = self.encoder.run(None, {"input_ids": src, "attention_mask": mask})
