@@ -264,6 +264,7 @@ def test_other_encoder_decoders_stay_a_clear_exit_2(tmp_path):
     assert code == 2 and "unsupported architecture 'bart'" in r["error"] and "marian" in r["hint"]
 
 
+@pytest.mark.slow  # the fixture's stages again through one config: ~5 s idle, 80-90 s with the 2 cores shared
 def test_build_config_names_the_translation_task(mt, tmp_path):
     """The example build config's shape (examples/marian-en-de-translation.toml) on the tiny Marian: one `edgetune build`
     fine-tunes, merges, exports int8, validates chrF vs the merged model on held-out pairs and bundles."""
