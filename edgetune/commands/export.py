@@ -28,7 +28,8 @@ from ..cli import common_options, force_option
                    "the trained delta is never rounded (plain LoRA only; DoRA: merge first).")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
               help="Calibration texts (.jsonl/.csv/.tsv/.txt): encoder int8-static, decoder int4 awq/gptq/inc-gptq.")
-@click.option("--task", help="Encoder task (sequence-classification, token-classification, question-answering, feature-extraction; default: from the model's head).")
+@click.option("--task", help="Encoder task (sequence-classification, token-classification, question-answering, feature-extraction; "
+                             "default: from the model's head). Marian/T5 models are exported for translation (fp32 or int8).")
 @click.option("--recipe", type=click.Choice(["profile", "auto"]),
               help="Decoders: 'auto' searches the candidate recipes against the target's budgets and keeps the fastest that "
                    "passes (docs/llm.md); default: the profile's [quantization].recipe.")
