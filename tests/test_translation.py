@@ -232,6 +232,13 @@ def test_bad_records_exit_2_naming_the_line(tmp_path):
     assert code == 2 and "encoder-decoder" in r["error"]
 
 
+def test_source_prefix_outside_translation_is_refused(tiny_bert, tmp_path):
+    cls = tmp_path / "cls.jsonl"
+    cls.write_text("".join(json.dumps({"text": f"t {i}", "label": "ab"[i % 2]}) + "\n" for i in range(4)))
+    code, r = cli.run(["finetune", tiny_bert, cls, "-o", tmp_path / "ad", "--source-prefix", "x: "])
+    assert code == 2 and "--source-prefix is for translation" in r["error"] and not (tmp_path / "ad").exists()
+
+
 def test_translation_data_on_an_encoder_is_refused(tiny_bert, tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in translation_records()))

@@ -512,6 +512,8 @@ def _finetune(model, data, out: Path, opts: FinetuneOptions, resume: bool) -> Pa
     if task == "qa" and opts.doc_stride >= opts.max_seq_len:
         raise BadInput(f"--doc-stride {opts.doc_stride} must be below --max-seq-len {opts.max_seq_len} (windows share that many tokens)",
                        hint="use e.g. --doc-stride 128 with --max-seq-len 384")
+    if opts.source_prefix and task != "translation":
+        raise BadInput(f"--source-prefix is for translation fine-tunes (this is a {task} fine-tune)", hint="drop --source-prefix")
     if opts.quant_aware and task != "causal-lm":
         raise BadInput(f"--quant-aware is for decoder LLMs exported at int4 (this is a {task} fine-tune)", hint="drop --quant-aware")
     if opts.eval_data:
