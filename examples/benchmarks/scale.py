@@ -147,7 +147,8 @@ def measure(name: str, cmd: list[str], log: Path, *, timeout: float, env: dict |
     disk = None
     if out is not None and out.exists():
         disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**30
-    return Stage(name, status, seconds, peak, disk, note, {k: result[k] for k in ("results",) if k in result})
+    extra = result if name.startswith("make") else {k: result[k] for k in ("results",) if k in result}
+    return Stage(name, status, seconds, peak, disk, note, extra)
 
 
 WRAP = ("import json,resource,subprocess,sys;"
