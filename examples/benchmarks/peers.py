@@ -434,7 +434,7 @@ def task_job(tok, model_dir: Path, root: Path, group: str, limit: int | None) ->
     prompts, want = [], []
     for r in rows:
         msgs = r["messages"]
-        prompts.append([int(t) for t in tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True)])
+        prompts.append([int(t) for t in tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)])
         want.append(msgs[-1]["content"])
     gc = json.loads((model_dir / "generation_config.json").read_text()) if (model_dir / "generation_config.json").is_file() else {}
     eos = gc.get("eos_token_id", tok.eos_token_id)
