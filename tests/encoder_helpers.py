@@ -47,5 +47,24 @@ def torch_logits(model_dir: Path, texts: list[str]) -> np.ndarray:
         return np.concatenate([model(**tok([t], return_tensors="pt")).logits.numpy() for t in texts])
 
 
+def torch_word_tags(model_dir: Path, words: list[str]) -> list[str]:
+    """The PyTorch token classifier's BIO tag of each word: the prediction at the word's first sub-token
+    (what `validate` and the device's `run` do with the graph)."""
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForTokenClassification.from_pretrained(model_dir).eval()
+    enc = tok(words, is_split_into_words=True, return_tensors="pt")
+    with torch.no_grad():
+        pred = model(**enc).logits[0].argmax(-1).tolist()
+    tags, seen = ["O"] * len(words), set()
+    for pos, w in enumerate(enc.word_ids()):
+        if w is not None and w not in seen:
+            seen.add(w)
+            tags[w] = model.config.id2label[pred[pos]]
+    return tags
+
+
 def record(folder: Path) -> dict:
     return json.loads((folder / "edgetune.json").read_text())

@@ -245,22 +245,11 @@ def _torch_entities(model_dir: Path, text: str) -> list[tuple[str, str]]:
     """(label, span text) per entity from the PyTorch model: first sub-token of each word, BIO spans."""
     import re
 
-    import torch
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
-
     from edgetune.device.metrics import entities
+    from encoder_helpers import torch_word_tags
 
     words = [(m.group(), m.start(), m.end()) for m in re.finditer(r"\w+|[^\w\s]", text)]
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForTokenClassification.from_pretrained(model_dir).eval()
-    enc = tok([w for w, _, _ in words], is_split_into_words=True, return_tensors="pt")
-    with torch.no_grad():
-        pred = model(**enc).logits[0].argmax(-1).tolist()
-    tags, seen = ["O"] * len(words), set()
-    for pos, w in enumerate(enc.word_ids()):
-        if w is not None and w not in seen:
-            seen.add(w)
-            tags[w] = model.config.id2label[pred[pos]]
+    tags = torch_word_tags(model_dir, [w for w, _, _ in words])
     return [(lab, text[words[a][1]:words[b - 1][2]]) for lab, a, b in sorted(entities(tags), key=lambda s: s[1])]
 
 

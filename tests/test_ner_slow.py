@@ -85,21 +85,10 @@ def test_entity_f1_fp32_and_int8_against_gold_and_pytorch(ner):
 
 def _torch_entities(model_dir, words: list[str]) -> set[tuple[str, str]]:
     """(label, span) per entity of the PyTorch model: first sub-token of each word, BIO spans."""
-    import torch
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
-
     from edgetune.device.metrics import entities
+    from encoder_helpers import torch_word_tags
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForTokenClassification.from_pretrained(model_dir).eval()
-    enc = tok(words, is_split_into_words=True, return_tensors="pt")
-    with torch.no_grad():
-        pred = model(**enc).logits[0].argmax(-1).tolist()
-    tags, seen = ["O"] * len(words), set()
-    for pos, w in enumerate(enc.word_ids()):
-        if w is not None and w not in seen:
-            seen.add(w)
-            tags[w] = model.config.id2label[pred[pos]]
+    tags = torch_word_tags(model_dir, words)
     return {(lab, " ".join(words[a:b])) for lab, a, b in entities(tags)}
 
 
