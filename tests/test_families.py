@@ -19,7 +19,7 @@ from edgetune.export import export
 WINDOW = 16
 
 
-def build_family(family: str, out: Path) -> Path:
+def build_family(family: str, out: Path, window: int = WINDOW) -> Path:
     import torch
     import transformers
 
@@ -32,7 +32,7 @@ def build_family(family: str, out: Path) -> Path:
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     make = {
         "llama": lambda: (transformers.LlamaConfig(**common, head_dim=64, tie_word_embeddings=True), transformers.LlamaForCausalLM),
-        "mistral": lambda: (transformers.MistralConfig(**common, head_dim=64, sliding_window=WINDOW), transformers.MistralForCausalLM),
+        "mistral": lambda: (transformers.MistralConfig(**common, head_dim=64, sliding_window=window), transformers.MistralForCausalLM),
         "qwen2": lambda: (transformers.Qwen2Config(**common, tie_word_embeddings=True), transformers.Qwen2ForCausalLM),
         "qwen3": lambda: (transformers.Qwen3Config(**common, head_dim=64), transformers.Qwen3ForCausalLM),
         "phi3": lambda: (transformers.Phi3Config(**common, rope_scaling=None, sliding_window=None, tie_word_embeddings=False),
@@ -43,11 +43,11 @@ def build_family(family: str, out: Path) -> Path:
             original_max_position_embeddings=256,
             rope_scaling={"type": "longrope", "short_factor": [1.0 + i / 48 for i in range(24)],
                           "long_factor": [2.0 + i / 24 for i in range(24)]}), transformers.Phi3ForCausalLM),
-        "gemma2": lambda: (transformers.Gemma2Config(**common, head_dim=64, sliding_window=WINDOW), transformers.Gemma2ForCausalLM),
+        "gemma2": lambda: (transformers.Gemma2Config(**common, head_dim=64, sliding_window=window), transformers.Gemma2ForCausalLM),
         # a layer pattern other than Gemma 3's default 1-in-6 (builder 0.15.2 ignored layer_types), and
         # transformers 5's per-layer-type rope_parameters (builder 0.18 reads them flat: llm.builder.builder_fixes)
         "gemma3_text": lambda: (transformers.Gemma3TextConfig(
-            **common, head_dim=64, sliding_window=WINDOW,
+            **common, head_dim=64, sliding_window=window,
             layer_types=["sliding_attention", "full_attention", "full_attention", "sliding_attention"]), transformers.Gemma3ForCausalLM),
     }
     cfg, cls = make[family]()
@@ -107,3 +107,28 @@ def test_an_attention_shape_onnxruntime_cannot_run_is_refused_before_the_build(t
     with pytest.raises(BadInput, match="rotary cache of width 6, which must be a multiple of 8"):
         export(src, tmp_path / "out", target="cpu-x86", precision="fp32")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
+def test_a_prompt_shorter_than_the_sliding_window_generates_what_pytorch_does(family, tmp_path):
+    """Real windows (Phi-3-mini 2047, Mistral 4096, Gemma 512-4096) are longer than most prompts: onnxruntime-genai
+    0.18's sliding-window attention refuses a KV cache shorter than its window (exit 4 in ``run`` before the fix),
+    so the device generator sizes its buffer to the window. Greedy tokens must be PyTorch's."""
+    import torch
+    import transformers
+
+    from edgetune.device import llm as L
+
+    window = 96
+    src = build_family(family, tmp_path / "src", window=window)
+    folder = export(src, tmp_path / "fp32", target="cpu-x86", precision="fp32")
+    m = L.load(folder)
+    assert m.config["model"]["decoder"]["sliding_window"]["window_size"] == window
+    ids = L.encode(m, "turn on the kitchen lights")
+    new = 12
+    assert len(ids) + new < window
+    got = L.generate_ids(m, ids, new, ignore_eos=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model.generate(torch.as_tensor(ids)[None], max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    assert got == ref[0, len(ids):].tolist()

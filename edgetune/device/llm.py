@@ -237,10 +237,25 @@ def _chat_template(folder: Path) -> str | None:
     return None
 
 
+def kv_capacity(llm: LLM, length: int) -> int:
+    """The KV buffer a generator of ``length`` tokens needs: at least the sliding window, where there is one.
+
+    onnxruntime-genai 0.18 builds sliding-window layers whose GroupQueryAttention refuses a KV cache shorter
+    than the window ("KV cache capacity (51) must be at least local_window_size (2047)"), and with a shared
+    past/present buffer the cache is ``max_length`` long. So a Phi-3-mini (window 2047), Mistral (4096) or
+    Gemma (512-4096) prompt shorter than its window needs the buffer of the window; the loops that use the
+    generator stop at their own token count, so the longer ``max_length`` changes no output.
+    """
+    window = llm.config["model"]["decoder"].get("sliding_window") or {}
+    if not window.get("window_size") or not window.get("layers", True):
+        return int(length)
+    return max(int(length), min(int(window["window_size"]), llm.context_length))
+
+
 def _generator(llm: LLM, max_length: int, *, min_length: int = 0):
     og = _og()
     params = og.GeneratorParams(llm.model)
-    opts: dict[str, Any] = {"max_length": int(max_length), "do_sample": False, "top_k": 1}
+    opts: dict[str, Any] = {"max_length": kv_capacity(llm, max_length), "do_sample": False, "top_k": 1}
     if min_length:
         opts["min_length"] = int(min_length)
     params.set_search_options(**opts)
