@@ -338,3 +338,26 @@ def test_block_not_dividing_hidden_unties_embedding(tmp_path):
     assert all(a["block_size"] == 64 for a in rec["matmulnbits"]) and rec["lm_head"]["bits"] == 4
     check_close(out, ref, 0.3)
     assert generates(out)
+
+
+@pytest.mark.parametrize("family, precision, int4", [("phi3", "int4", {"algorithm": "rtn", "lm_head": "int8"}),
+                                                     ("qwen2", "int4", {"algorithm": "k_quant"}), ("gemma2", "int8", None)])
+def test_streamed_quantization_is_the_builders_own(family, precision, int4, tmp_path, monkeypatch):
+    """int4/int8 exports quantize the MatMuls one weight at a time (llm.stream_quant: the builder's own pass holds the
+    whole model in fp32, 23 GiB for a 3.8B model): the graph and every tensor must be the builder pass's, byte for byte."""
+    import onnx
+
+    from edgetune.llm import stream_quant
+    from test_families import build_family
+
+    src = build_family(family, tmp_path / "src")
+    done = []
+    real = stream_quant.prequantize
+    monkeypatch.setattr(stream_quant, "prequantize", lambda *a: done.append(real(*a)) or done[-1])
+    streamed = export(src, tmp_path / "streamed", target="cpu-x86", precision=precision, int4=int4)
+    monkeypatch.setattr(stream_quant, "ENABLED", False)
+    builders = export(src, tmp_path / "builder", target="cpu-x86", precision=precision, int4=int4)
+    assert done and done[0] >= 4 * 4, done  # every layer's projections at least
+    a, b = (onnx.load(str(d / "model.onnx"), load_external_data=False) for d in (streamed, builders))
+    assert a.graph == b.graph  # nodes, attributes, initializer names and external-data offsets
+    assert (streamed / "model.onnx.data").read_bytes() == (builders / "model.onnx.data").read_bytes()

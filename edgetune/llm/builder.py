@@ -16,6 +16,7 @@ options reached the graph.
 from __future__ import annotations
 
 import json
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -412,7 +413,34 @@ def builder_fixes(builder) -> Iterator[None]:
     it builds its two rotary caches from. The export's graph proof (:mod:`.proof`) checks the result.
     (0.15.2's hard-coded Gemma 2 / 3 sliding patterns, patched here before, are gone: 0.18 reads
     ``config.layer_types``.)
+
+    int4 / int8: the MatMul weights are quantized one at a time before the builder's own pass
+    (:mod:`.stream_quant`), which otherwise holds the whole model in fp32 (23 GiB for a 3.8B model).
     """
+    from . import stream_quant
+
+    base = getattr(builder, "Model", None)
+    to_nbits = getattr(base, "to_nbits", None)
+    if to_nbits is not None and stream_quant.ENABLED:
+        module = sys.modules[base.__module__]
+
+        def streamed_to_nbits(self):  # int4 without the whole fp32 model in memory (stream_quant)
+            if stream_quant.applies(self):
+                fmt = module.QuantFormat.QDQ if self.quant_attrs["use_qdq"] else module.QuantFormat.QOperator
+                stream_quant.prequantize(self, module.MatMulNBitsQuantizer, fmt)
+            return to_nbits(self)
+
+        base.to_nbits = streamed_to_nbits
+    try:
+        with _gemma3_flat_rope(builder):
+            yield
+    finally:
+        if to_nbits is not None:
+            base.to_nbits = to_nbits
+
+
+@contextmanager
+def _gemma3_flat_rope(builder) -> Iterator[None]:
     cls = getattr(builder, "Gemma3Model", None)
     if cls is None:
         yield
