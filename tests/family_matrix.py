@@ -102,6 +102,8 @@ _GGUF = {
     "qwen3": Yes(("test_gguf_transcode::test_qwen3_gguf_whose_head_dim_is_not_hidden_over_heads",), "head_dim 128 != hidden/heads"),
     "phi3": Yes(("test_gguf_transcode::test_phi3_gguf_with_fused_qkv_and_gate_up_takes_the_exact_path",),
                 "llama.cpp's fused `attn_qkv` / `ffn_up`"),
+    "phi4-mini": Yes(("test_gguf_transcode::test_phi4_mini_gguf_keeps_partial_rotary_and_longrope",),
+                     "partial rotary and LongRoPE factors read from the GGUF (transformers' loader drops them)"),
     "gemma3_text": NotTested("no Gemma GGUF on this machine; transformers 5 imports Gemma GGUF vocabularies as BPE, and "
                              "`export`'s tokenizer check refuses a graph whose tokenizer encodes differently"),
 }
