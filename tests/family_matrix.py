@@ -99,6 +99,9 @@ _SAME_LAYOUT = {"mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi4-mi
 _GGUF = {
     "llama": Yes(("test_gguf_transcode::test_tiny_llama_gguf_end_to_end",
                   "test_llm_slow::test_gguf_transcode_keeps_the_gguf_weights"), "tiny, and real SmolLM2 Q4_1 in a slow test"),
+    "mistral": Yes(("test_gguf_transcode::test_mistral_gguf_is_llama_cpps_llama_layout_with_an_untied_head_and_head_dim_128",),
+                   "llama.cpp writes Mistral as `llama` (no sliding window); untied head, head_dim 128 != hidden/heads"),
+    "qwen2": Yes(("test_gguf_transcode::test_qwen2_gguf_with_q_k_v_biases",), "q/k/v biases"),
     "qwen3": Yes(("test_gguf_transcode::test_qwen3_gguf_whose_head_dim_is_not_hidden_over_heads",), "head_dim 128 != hidden/heads"),
     "phi3": Yes(("test_gguf_transcode::test_phi3_gguf_with_fused_qkv_and_gate_up_takes_the_exact_path",),
                 "llama.cpp's fused `attn_qkv` / `ffn_up`"),

@@ -305,6 +305,56 @@ def _export_gguf(src, tmp_path) -> tuple[dict, dict]:
     return rec, cfg
 
 
+def test_mistral_gguf_is_llama_cpps_llama_layout_with_an_untied_head_and_head_dim_128(tmp_path):
+    """llama.cpp writes MistralForCausalLM as architecture ``llama`` (q/k rows permuted); Mistral's own traits
+    here: an untied ``output`` head and Mistral-Nemo's head_dim 128 != hidden / heads (from rope.dimension_count).
+    The head takes ``output.weight`` (not the embedding), every q/k row permutation is undone exactly."""
+    from tiny_gguf import HEADS, HIDDEN, write_tiny_mistral_gguf
+    from tiny_models import build_bpe_tokenizer
+
+    build_bpe_tokenizer(tmp_path)
+    src = write_tiny_mistral_gguf(tmp_path / "mistral.gguf", tmp_path, head_dim=128)
+    rec, cfg = _export_gguf(src, tmp_path)
+    assert cfg["model_type"] == "llama" and cfg["head_dim"] == 128 != HIDDEN // HEADS and cfg["tie_word_embeddings"] is False
+    g = rec["gguf"]
+    assert g["architecture"] == "llama" and not g["embedding"]["shared_with_lm_head"]
+    by_node = {n["node"]: n for n in g["nodes"]}
+    assert by_node["/lm_head/MatMul"]["gguf"] == ["output.weight"] and by_node["/lm_head/MatMul"]["type"] == "Q6_K"
+    qkv = [n for n in g["nodes"] if n["node"] == "/model/layers.1/attn/qkv_proj/MatMul"]  # Q4_K q/k, Q6_K v: two parts
+    assert [(n["gguf"], n["type"]) for n in qkv] == [(["blk.1.attn_q.weight", "blk.1.attn_k.weight"], "Q4_K"),
+                                                      (["blk.1.attn_v.weight"], "Q6_K")]
+    permuted = {t["gguf"] for t in g["tensors"] if t["permuted_rows"]}
+    assert permuted == {f"blk.{i}.attn_{p}.weight" for i in range(2) for p in "qk"}
+
+
+def test_qwen2_gguf_with_q_k_v_biases(tmp_path):
+    """Qwen2 as llama.cpp writes it: q/k/v biases as F32 ``attn_{q,k,v}.bias`` tensors, no q/k permutation, a tied
+    head. The biases reach the imported model as they are in the GGUF, and the graph computes them (its logits
+    are exact against PyTorch, whose q/k/v biases are large here)."""
+    import torch
+
+    from edgetune.models import load_causal_lm, materialize
+    from tiny_gguf import write_tiny_qwen2_gguf
+    from tiny_models import build_bpe_tokenizer
+
+    build_bpe_tokenizer(tmp_path)
+    src = write_tiny_qwen2_gguf(tmp_path / "qwen2.gguf", tmp_path)
+    rec, cfg = _export_gguf(src, tmp_path)
+    assert cfg["model_type"] == "qwen2" and cfg["tie_word_embeddings"] is True
+    g = rec["gguf"]
+    assert g["architecture"] == "qwen2" and g["embedding"]["shared_with_lm_head"]
+    assert not any(t["permuted_rows"] for t in g["tensors"])
+    reader = gguf.GGUFReader(str(src))
+    biases = {t.name: np.asarray(t.data) for t in reader.tensors if t.name.endswith(".bias")}
+    assert len(biases) == 2 * 3
+    model = load_causal_lm(materialize(src).path)
+    with torch.no_grad():
+        for i in range(2):
+            for p in "qkv":
+                got = getattr(model.model.layers[i].self_attn, f"{p}_proj").bias.numpy()
+                assert np.array_equal(got, biases[f"blk.{i}.attn_{p}.bias"]), (i, p)
+
+
 def test_phi4_mini_gguf_keeps_partial_rotary_and_longrope(tmp_path):
     """llama.cpp writes Phi-4-mini as ``phi3``: partial rotary as ``rope.dimension_count`` (48 of head_dim 64) and
     LongRoPE as ``rope_factors_long`` / ``rope_factors_short`` tensors. transformers 5.25's GGUF loader drops

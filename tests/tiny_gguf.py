@@ -197,6 +197,64 @@ def write_tiny_qwen3_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, hea
     return _finish(w, path)
 
 
+def write_tiny_mistral_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, head_dim: int = 128,
+                            name: str = "Mistral Nemo Instruct 2407") -> Path:
+    """A 2-layer Mistral GGUF as llama.cpp's converter writes one: ``MistralForCausalLM`` is registered on its
+    ``LlamaModel``, so the architecture is ``llama`` (q/k rows permuted, no sliding window) with an untied
+    ``output`` head, and head_dim (``rope.dimension_count`` / ``attention.key_length``) 128 != hidden / heads,
+    as Mistral-Nemo's (5120 / 32 = 160, head_dim 128)."""
+    rng = np.random.default_rng(seed)
+    w, n_vocab = _writer(path, "llama", tokenizer_dir, name=name, rope_dims=head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+
+    def add(name: str, type_name: str, shape: tuple[int, int], scale: float = 0.05, n_head: int | None = None):
+        x = rng.standard_normal(shape).astype(np.float32) * scale
+        if n_head:
+            x = _permute(x, n_head)
+        data, raw = tensor_data(rng, type_name, x)
+        w.add_tensor(name, data, raw_dtype=raw)
+
+    add("token_embd.weight", "Q4_K", (n_vocab, HIDDEN), 0.5)
+    for i in range(LAYERS):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        add(f"blk.{i}.attn_q.weight", "Q4_K", (HEADS * head_dim, HIDDEN), n_head=HEADS)
+        add(f"blk.{i}.attn_k.weight", "Q4_K", (KV_HEADS * head_dim, HIDDEN), n_head=KV_HEADS)
+        add(f"blk.{i}.attn_v.weight", "Q6_K", (KV_HEADS * head_dim, HIDDEN))
+        add(f"blk.{i}.attn_output.weight", "Q4_K", (HIDDEN, HEADS * head_dim))
+        add(f"blk.{i}.ffn_gate.weight", "Q4_K", (FFN, HIDDEN))
+        add(f"blk.{i}.ffn_up.weight", "Q4_K", (FFN, HIDDEN))
+        add(f"blk.{i}.ffn_down.weight", "Q6_K", (HIDDEN, FFN))
+    add("output.weight", "Q6_K", (n_vocab, HIDDEN))
+    return _finish(w, path)
+
+
+def write_tiny_qwen2_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """A 2-layer Qwen2 GGUF as llama.cpp's converter writes one: q/k/v with F32 biases (``attn_q.bias`` ...),
+    no q/k permutation, a tied head (Qwen2.5-0.5B / 1.5B); head_dim 64, GQA 4:2."""
+    rng = np.random.default_rng(seed)
+    w, n_vocab = _writer(path, "qwen2", tokenizer_dir)
+    head_dim = HIDDEN // HEADS
+
+    def add(name: str, type_name: str, shape: tuple[int, int], scale: float = 0.05):
+        data, raw = tensor_data(rng, type_name, rng.standard_normal(shape).astype(np.float32) * scale)
+        w.add_tensor(name, data, raw_dtype=raw)
+
+    add("token_embd.weight", "Q8_0", (n_vocab, HIDDEN), 0.5)
+    for i in range(LAYERS):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        for proj, rows in (("q", HEADS * head_dim), ("k", KV_HEADS * head_dim), ("v", KV_HEADS * head_dim)):
+            add(f"blk.{i}.attn_{proj}.weight", "Q5_0" if proj == "v" else "Q4_K", (rows, HIDDEN))
+            w.add_tensor(f"blk.{i}.attn_{proj}.bias", (0.5 * rng.standard_normal(rows)).astype(np.float32))
+        add(f"blk.{i}.attn_output.weight", "Q4_0", (HIDDEN, HIDDEN))
+        add(f"blk.{i}.ffn_gate.weight", "Q4_1", (FFN, HIDDEN))
+        add(f"blk.{i}.ffn_up.weight", "Q4_1", (FFN, HIDDEN))
+        add(f"blk.{i}.ffn_down.weight", "Q6_K", (HIDDEN, FFN))
+    return _finish(w, path)
+
+
 def write_tiny_phi4_mini_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, rotary: float = 0.75) -> Path:
     """A 2-layer Phi-4-mini-layout GGUF as llama.cpp's converter writes one (``Phi3MiniModel``, since its
     Phi-4-mini support): architecture ``phi3`` with fused ``attn_qkv`` / ``ffn_up``, a GPT-2 BPE vocabulary,
