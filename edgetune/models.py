@@ -237,6 +237,63 @@ def _gguf_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
+def gguf_rope_fixes(path: Path, folder: Path) -> list[str]:
+    """Put back in an imported ``config.json`` the rotary settings transformers' GGUF loader drops from a
+    ``phi3`` GGUF (transformers 5.25 maps no ``phi3.rope.*`` key and no ``rope_factors_*`` tensor), in place;
+    returns what changed.
+
+    llama.cpp's converter writes, for ``Phi3ForCausalLM``: ``rope.dimension_count`` = the rotary part of
+    head_dim (``int(partial_rotary_factor * hidden) // heads``: Phi-4-mini's 0.75) and, for LongRoPE models
+    (Phi-3/3.5-mini-128k, Phi-4-mini), the ``rope_factors_long`` / ``rope_factors_short`` tensors with
+    ``rope.scaling.original_context_length``. Without them the import rotates every dimension with unscaled
+    frequencies: another model than the GGUF's, which every later check (the export's graph proof is against
+    the imported model) would then call exact."""
+    if not (folder / "config.json").is_file():
+        return []
+    gguf = require("gguf", purpose="reading GGUF files")
+    reader = gguf.GGUFReader(str(path))
+
+    def field(key: str):
+        f = reader.fields.get(key)
+        return f.contents() if f is not None and f.data else None
+
+    if field("general.architecture") != "phi3":
+        return []
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    rope = dict(cfg.get("rope_parameters") or {})
+    changed: list[str] = []
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    rope_dims = field("phi3.rope.dimension_count")
+    if rope_dims is not None and int(rope_dims) != head_dim:
+        if not 0 < int(rope_dims) < head_dim or int(rope_dims) % 2:
+            raise BadInput(f"{path.name}: phi3.rope.dimension_count {rope_dims} is not a rotary part of head_dim {head_dim}",
+                           hint="the GGUF's header is inconsistent; convert the model again with llama.cpp's converter")
+        factor = int(rope_dims) / head_dim
+        cfg["partial_rotary_factor"] = rope["partial_rotary_factor"] = factor
+        changed.append(f"partial_rotary_factor -> {factor} (rope.dimension_count {rope_dims} of head_dim {head_dim})")
+    rotary = int(rope_dims) if rope_dims is not None else head_dim
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
+        import numpy as np
+
+        orig = field("phi3.rope.scaling.original_context_length")
+        factors = {k: np.asarray(tensors.get(f"rope_factors_{k}.weight").data, np.float64).reshape(-1).tolist()
+                   if f"rope_factors_{k}.weight" in tensors else None for k in ("long", "short")}
+        if orig is None or None in factors.values() or any(len(f) != rotary // 2 for f in factors.values()):
+            raise BadInput(f"{path.name}: LongRoPE factors without both {rotary // 2}-factor tensors and "
+                           "phi3.rope.scaling.original_context_length",
+                           hint="the GGUF's rotary scaling is incomplete; convert the model again with llama.cpp's converter")
+        rope.update({"rope_type": "longrope", "type": "longrope", "long_factor": factors["long"],
+                     "short_factor": factors["short"], "original_max_position_embeddings": int(orig)})
+        cfg["original_max_position_embeddings"] = int(orig)
+        changed.append(f"rope_parameters -> longrope ({rotary // 2} long and short factors, original context {int(orig)})")
+    if changed:
+        cfg["rope_parameters"] = rope
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return changed
+
+
 def normalize_tokenizer(folder: Path, *, special: dict[str, Any] | None = None) -> list[str]:
     """Make a GGUF-rebuilt ByteLevel BPE tokenizer.json clean, in place. Returns what changed.
 
@@ -310,7 +367,8 @@ def materialize(spec: str | os.PathLike, *, cache_dir: Path | None = None, dtype
         raise BadInput(f"unsupported model file {path.name}", hint="give a Hugging Face folder or a .gguf file")
     cache_dir = cache_dir or cache_root()
     out = cache_dir / "gguf" / f"{path.stem}-{hash_path(path)[:12]}"
-    options = {"dtype": dtype}
+    # config_fixes: a folder imported before gguf_rope_fixes existed is imported again
+    options = {"dtype": dtype, "config_fixes": "phi3-rope"}
     record = up_to_date(out, "gguf-import", {"gguf": path}, options)
     if record:
         src = (record.get("inputs") or {}).get("gguf") or {}
@@ -341,6 +399,7 @@ def materialize(spec: str | os.PathLike, *, cache_dir: Path | None = None, dtype
         model.save_pretrained(run.dir, safe_serialization=True)
         tok.save_pretrained(run.dir)
         run.results["tokenizer_fixes"] = normalize_tokenizer(run.dir, special=meta)
+        run.results["config_fixes"] = gguf_rope_fixes(path, run.dir)
         run.results["model_type"] = model.config.model_type
         run.results["parameters"] = sum(p.numel() for p in model.parameters())
     return inspect(out)

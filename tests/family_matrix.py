@@ -79,15 +79,15 @@ FAMILIES = {
     "gemma3_text": "gemma3_text (any `layer_types`)",
 }
 
-# the families each variant runs on. The exports over the build's models are cheap (1-6 s): every family.
-# The fine-tunes (DoRA ~15-20 s, QLoRA on CPU ~20 s) run on the layouts that differ: Llama's, Phi-3's
-# fused projections, Gemma's (1+w) norms with a sliding window (QLoRA: Llama's only).
+# the families each variant runs on: every family. The exports over the build's models are cheap (1-6 s);
+# the fine-tunes over the build's base are 2 steps on the tiny model (DoRA then int4 -> bundle -> run,
+# QLoRA on CPU then the merge gate against the 4-bit base), a few seconds each on an idle machine.
 ALL = tuple(FAMILIES)
 VARIANT_FAMILIES = {
     "awq": ALL,
     "k_quant": ALL,
-    "dora": ("llama", "phi3", "gemma2"),
-    "qlora": ("llama",),
+    "dora": ALL,
+    "qlora": ALL,
     "float_adapter": ALL,
     "runtime_adapter": ALL,
 }
@@ -99,9 +99,14 @@ _SAME_LAYOUT = {"mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi4-mi
 _GGUF = {
     "llama": Yes(("test_gguf_transcode::test_tiny_llama_gguf_end_to_end",
                   "test_llm_slow::test_gguf_transcode_keeps_the_gguf_weights"), "tiny, and real SmolLM2 Q4_1 in a slow test"),
+    "mistral": Yes(("test_gguf_transcode::test_mistral_gguf_is_llama_cpps_llama_layout_with_an_untied_head_and_head_dim_128",),
+                   "llama.cpp writes Mistral as `llama` (no sliding window); untied head, head_dim 128 != hidden/heads"),
+    "qwen2": Yes(("test_gguf_transcode::test_qwen2_gguf_with_q_k_v_biases",), "q/k/v biases"),
     "qwen3": Yes(("test_gguf_transcode::test_qwen3_gguf_whose_head_dim_is_not_hidden_over_heads",), "head_dim 128 != hidden/heads"),
     "phi3": Yes(("test_gguf_transcode::test_phi3_gguf_with_fused_qkv_and_gate_up_takes_the_exact_path",),
                 "llama.cpp's fused `attn_qkv` / `ffn_up`"),
+    "phi4-mini": Yes(("test_gguf_transcode::test_phi4_mini_gguf_keeps_partial_rotary_and_longrope",),
+                     "partial rotary and LongRoPE factors read from the GGUF (transformers' loader drops them)"),
     "gemma3_text": NotTested("no Gemma GGUF on this machine; transformers 5 imports Gemma GGUF vocabularies as BPE, and "
                              "`export`'s tokenizer check refuses a graph whose tokenizer encodes differently"),
 }

@@ -196,6 +196,14 @@ def test_runtime_adapter_export_bundle_run(family, built, tmp_path, capsys):
 
 # ---------------------------------------------------------------- fine-tune variants
 
+def _layer_linears(src: Path) -> set[str]:
+    """The decoder layers' linear modules of a checkpoint (Phi-3's fused qkv_proj / gate_up_proj as one each)."""
+    from safetensors import safe_open
+
+    with safe_open(str(src / "model.safetensors"), "np") as f:
+        return {k.removesuffix(".weight") for k in f.keys() if ".layers." in k and k.endswith("_proj.weight")}
+
+
 def _finetune_merge(b: dict, method: str, tmp_path: Path, capsys, *extra) -> Path:
     code, _, err = run_cli(["finetune", b["src"], b["train"], "-o", tmp_path / method, "--method", method, "--max-steps", 2,
                             "--batch-size", 2, "--eval-fraction", 0, "--quiet", *extra], capsys)
@@ -210,6 +218,14 @@ def test_dora_finetune_merge_export_run(family, built, tmp_path, capsys):
     b = built(family)
     merged = _finetune_merge(b, "dora", tmp_path, capsys)
     assert json.loads((tmp_path / "dora" / "adapter_config.json").read_text())["use_dora"] is True
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "dora" / "adapter_model.safetensors"), "np") as f:  # a magnitude per linear
+        magnitudes = {k.removeprefix("base_model.model.").split(".lora_magnitude_vector")[0] for k in f.keys()
+                      if ".lora_magnitude_vector" in k}
+    assert magnitudes == _layer_linears(b["src"])
+    gate = json.loads((merged / "edgetune.json").read_text())["results"]["gate"]
+    assert gate["use_dora"] is True and gate["passed"] and gate["top1_agreement"] == 1.0, gate
     r = _export([merged, "-t", b["profile"], "-o", tmp_path / "int4", "--precision", "int4"], capsys)
     assert r["precision"] == "int4"
     _run_bundle(_bundle(tmp_path / "int4", tmp_path / "bundle", b["profile"], capsys), capsys)
@@ -217,10 +233,28 @@ def test_dora_finetune_merge_export_run(family, built, tmp_path, capsys):
 
 @pytest.mark.parametrize("family", _params(fm.QLORA))
 def test_qlora_finetune_and_merge_on_cpu(family, built, tmp_path, capsys):
-    """bitsandbytes' 4-bit base trains on CPU in this stack (slowly: ~50 tokens/s on the tiny model, ~20 s)."""
+    """bitsandbytes' 4-bit base trains on CPU in this stack (~1 s a family on the tiny models): every linear of
+    the decoder layers (Phi-3's fused qkv_proj / gate_up_proj included) is a 4-bit base with a LoRA on it, the
+    adapter merges into the float base exactly (the merge gate), and its distance to the 4-bit model it was
+    trained on is measured."""
+    from safetensors import safe_open
+
     b = built(family)
     merged = _finetune_merge(b, "qlora", tmp_path, capsys)
     assert json.loads((merged / "config.json").read_text()).get("quantization_config") is None  # a float model
+    linears = _layer_linears(b["src"])
+    assert len(linears) == 4 * (4 if family in ("phi3", "phi4-mini") else 7), sorted(linears)
+    with safe_open(str(tmp_path / "qlora" / "adapter_model.safetensors"), "np") as f:
+        lora_b = {k.removeprefix("base_model.model.").removesuffix(".lora_B.weight"): f.get_tensor(k)
+                  for k in f.keys() if k.endswith(".lora_B.weight")}
+    assert set(lora_b) == linears and all(abs(w).max() > 0 for w in lora_b.values())  # every linear trained
+    ft = json.loads((tmp_path / "qlora" / "edgetune.json").read_text())["results"]
+    assert ft["method"] == "qlora" and ft["model_type"] == json.loads((b["src"] / "config.json").read_text())["model_type"]
+    assert ft["global_step"] == 2 and ft["first_loss"] > 0 and ft["last_loss"] > 0
+    gate = json.loads((merged / "edgetune.json").read_text())["results"]["gate"]
+    assert gate["passed"] and gate["top1_agreement"] == 1.0, gate
+    four = gate["vs_trained_4bit"]  # the 4-bit base it was trained on: one bitsandbytes Linear4bit per linear
+    assert four["linear4bit_layers"] == len(linears) and four["quant_type"] == "nf4" and 0 < four["kl"] < 0.1, four
 
 
 # ---------------------------------------------------------------- the README table is the matrix rendered

@@ -266,3 +266,118 @@ def test_qwen3_gguf_whose_head_dim_is_not_hidden_over_heads(tmp_path):
     assert rec["precision"] == "gguf" and g["architecture"] == "qwen3"
     assert g["max_rel_diff_vs_gguf_dequantize"] <= 1e-6 and g["max_rel_diff_vs_builder_fp32"] <= 1e-6
     assert rec["tokenizer_check"]["mismatches"] == 0
+
+
+def _export_gguf(src, tmp_path) -> tuple[dict, dict]:
+    """`export` of a GGUF at its default precision (gguf): the record's results and the imported config. Every
+    tensor the graph takes is the GGUF's, exactly, and the fp32 graph is exact against the imported PyTorch model
+    (the export's own graph proof, or exit 1). Then the transcode again with every node at accuracy_level 0 (the
+    export runs 8-bit nodes at level 4, int8 activations): its logits are PyTorch's on the dequantized model."""
+    import shutil
+
+    import torch
+
+    from edgetune.device import llm as dev
+    from edgetune.export import export
+    from edgetune.llm.builder import build, builder_input
+    from edgetune.llm.gguf_export import transcode
+    from edgetune.models import load_causal_lm, materialize
+
+    folder = materialize(src).path
+    cfg = json.loads((folder / "config.json").read_text())
+    rec = json.loads((export(src, tmp_path / "gguf", target="cpu-x86") / "edgetune.json").read_text())["results"]
+    g = rec["gguf"]
+    assert rec["precision"] == "gguf" and g["max_rel_diff_vs_gguf_dequantize"] <= 1e-6 and g["max_rel_diff_vs_builder_fp32"] <= 1e-6
+    assert g["tensors_not_in_graph"] == [] and rec["tokenizer_check"]["mismatches"] == 0
+    proof = rec["graph_proof"]
+    assert proof["top1_agreement"] == 1.0 and proof["max_abs_logit_diff"] <= 1e-3 * max(1.0, proof["logit_scale"]), proof
+    work = tmp_path / "exact"
+    work.mkdir()
+    build(builder_input(folder, work), work / "fp32", "fp32", "cpu", work, {})
+    (work / "q").mkdir()
+    transcode(work / "fp32", work / "q", src, cfg, accuracy_level=0, eight_bit_level=None)
+    shutil.rmtree(work / "fp32")
+    ids = np.array([5, 17, 42, 99, 3, 250, 7, 64], dtype=np.int64)
+    got = dev.logits(dev.load(work / "q"), ids)
+    with torch.no_grad():
+        want = load_causal_lm(folder)(torch.tensor(ids)[None]).logits[0].numpy()
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), np.abs(got - want).max()
+    return rec, cfg
+
+
+def test_mistral_gguf_is_llama_cpps_llama_layout_with_an_untied_head_and_head_dim_128(tmp_path):
+    """llama.cpp writes MistralForCausalLM as architecture ``llama`` (q/k rows permuted); Mistral's own traits
+    here: an untied ``output`` head and Mistral-Nemo's head_dim 128 != hidden / heads (from rope.dimension_count).
+    The head takes ``output.weight`` (not the embedding), every q/k row permutation is undone exactly."""
+    from tiny_gguf import HEADS, HIDDEN, write_tiny_mistral_gguf
+    from tiny_models import build_bpe_tokenizer
+
+    build_bpe_tokenizer(tmp_path)
+    src = write_tiny_mistral_gguf(tmp_path / "mistral.gguf", tmp_path, head_dim=128)
+    rec, cfg = _export_gguf(src, tmp_path)
+    assert cfg["model_type"] == "llama" and cfg["head_dim"] == 128 != HIDDEN // HEADS and cfg["tie_word_embeddings"] is False
+    g = rec["gguf"]
+    assert g["architecture"] == "llama" and not g["embedding"]["shared_with_lm_head"]
+    by_node = {n["node"]: n for n in g["nodes"]}
+    assert by_node["/lm_head/MatMul"]["gguf"] == ["output.weight"] and by_node["/lm_head/MatMul"]["type"] == "Q6_K"
+    qkv = [n for n in g["nodes"] if n["node"] == "/model/layers.1/attn/qkv_proj/MatMul"]  # Q4_K q/k, Q6_K v: two parts
+    assert [(n["gguf"], n["type"]) for n in qkv] == [(["blk.1.attn_q.weight", "blk.1.attn_k.weight"], "Q4_K"),
+                                                      (["blk.1.attn_v.weight"], "Q6_K")]
+    permuted = {t["gguf"] for t in g["tensors"] if t["permuted_rows"]}
+    assert permuted == {f"blk.{i}.attn_{p}.weight" for i in range(2) for p in "qk"}
+
+
+def test_qwen2_gguf_with_q_k_v_biases(tmp_path):
+    """Qwen2 as llama.cpp writes it: q/k/v biases as F32 ``attn_{q,k,v}.bias`` tensors, no q/k permutation, a tied
+    head. The biases reach the imported model as they are in the GGUF, and the graph computes them (its logits
+    are exact against PyTorch, whose q/k/v biases are large here)."""
+    import torch
+
+    from edgetune.models import load_causal_lm, materialize
+    from tiny_gguf import write_tiny_qwen2_gguf
+    from tiny_models import build_bpe_tokenizer
+
+    build_bpe_tokenizer(tmp_path)
+    src = write_tiny_qwen2_gguf(tmp_path / "qwen2.gguf", tmp_path)
+    rec, cfg = _export_gguf(src, tmp_path)
+    assert cfg["model_type"] == "qwen2" and cfg["tie_word_embeddings"] is True
+    g = rec["gguf"]
+    assert g["architecture"] == "qwen2" and g["embedding"]["shared_with_lm_head"]
+    assert not any(t["permuted_rows"] for t in g["tensors"])
+    reader = gguf.GGUFReader(str(src))
+    biases = {t.name: np.asarray(t.data) for t in reader.tensors if t.name.endswith(".bias")}
+    assert len(biases) == 2 * 3
+    model = load_causal_lm(materialize(src).path)
+    with torch.no_grad():
+        for i in range(2):
+            for p in "qkv":
+                got = getattr(model.model.layers[i].self_attn, f"{p}_proj").bias.numpy()
+                assert np.array_equal(got, biases[f"blk.{i}.attn_{p}.bias"]), (i, p)
+
+
+def test_phi4_mini_gguf_keeps_partial_rotary_and_longrope(tmp_path):
+    """llama.cpp writes Phi-4-mini as ``phi3``: partial rotary as ``rope.dimension_count`` (48 of head_dim 64) and
+    LongRoPE as ``rope_factors_long`` / ``rope_factors_short`` tensors. transformers 5.25's GGUF loader drops
+    both (it imported a full-rotary, unscaled model, and every check after it, the graph proof included, then
+    compared against that other model); the import puts them back from the GGUF (models.gguf_rope_fixes)."""
+    from edgetune import artifacts
+    from edgetune.models import materialize
+    from tiny_gguf import write_tiny_phi4_mini_gguf
+    from tiny_models import build_bpe_tokenizer
+
+    build_bpe_tokenizer(tmp_path)
+    src = write_tiny_phi4_mini_gguf(tmp_path / "phi4-mini.gguf", tmp_path)
+    rec, cfg = _export_gguf(src, tmp_path)
+    factors = {t.name: np.asarray(t.data, np.float64).tolist() for t in gguf.GGUFReader(str(src)).tensors
+               if t.name.startswith("rope_factors_")}
+    rope = cfg["rope_parameters"]
+    assert cfg["partial_rotary_factor"] == rope["partial_rotary_factor"] == 0.75 and cfg["tie_word_embeddings"] is True
+    assert rope["rope_type"] == "longrope" and rope["original_max_position_embeddings"] == 256
+    assert rope["long_factor"] == factors["rope_factors_long.weight"] and rope["short_factor"] == factors["rope_factors_short.weight"]
+    assert len(rope["long_factor"]) == 48 // 2
+    fixes = artifacts.read_record(materialize(src).path)["results"]["config_fixes"]
+    assert len(fixes) == 2 and fixes[0].startswith("partial_rotary_factor -> 0.75"), fixes
+    g = rec["gguf"]
+    assert g["architecture"] == "phi3" and g["embedding"]["shared_with_lm_head"]
+    by_node = {n["node"]: n for n in g["nodes"]}
+    assert by_node["/model/layers.0/attn/qkv_proj/MatMul"]["gguf"] == ["blk.0.attn_qkv.weight"]

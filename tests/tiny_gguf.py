@@ -59,7 +59,8 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _writer(path: Path, arch: str, tokenizer_dir: Path, extra_tokens: tuple[str, ...] = ()):
+def _writer(path: Path, arch: str, tokenizer_dir: Path, extra_tokens: tuple[str, ...] = (), *, name: str | None = None,
+            rope_dims: int = HIDDEN // HEADS):
     """A GGUFWriter with the shared hyper-parameters and the vocabulary of ``tokenizer_dir`` (a ByteLevel
     BPE; ``extra_tokens`` appended as special tokens); returns (writer, vocabulary size)."""
     import gguf
@@ -79,7 +80,7 @@ def _writer(path: Path, arch: str, tokenizer_dir: Path, extra_tokens: tuple[str,
     n_vocab = len(tokens)
 
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"tiny-{arch}")
+    w.add_name(name or f"tiny-{arch}")
     w.add_block_count(LAYERS)
     w.add_context_length(512)
     w.add_embedding_length(HIDDEN)
@@ -89,7 +90,7 @@ def _writer(path: Path, arch: str, tokenizer_dir: Path, extra_tokens: tuple[str,
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(n_vocab)
-    w.add_rope_dimension_count(HIDDEN // HEADS)
+    w.add_rope_dimension_count(rope_dims)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -193,4 +194,97 @@ def write_tiny_qwen3_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, hea
         add(f"blk.{i}.ffn_gate.weight", "Q4_0", (FFN, HIDDEN))
         add(f"blk.{i}.ffn_up.weight", "Q4_0", (FFN, HIDDEN))
         add(f"blk.{i}.ffn_down.weight", "Q4_0", (HIDDEN, FFN))
+    return _finish(w, path)
+
+
+def write_tiny_mistral_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, head_dim: int = 128,
+                            name: str = "Mistral Nemo Instruct 2407") -> Path:
+    """A 2-layer Mistral GGUF as llama.cpp's converter writes one: ``MistralForCausalLM`` is registered on its
+    ``LlamaModel``, so the architecture is ``llama`` (q/k rows permuted, no sliding window) with an untied
+    ``output`` head, and head_dim (``rope.dimension_count`` / ``attention.key_length``) 128 != hidden / heads,
+    as Mistral-Nemo's (5120 / 32 = 160, head_dim 128)."""
+    rng = np.random.default_rng(seed)
+    w, n_vocab = _writer(path, "llama", tokenizer_dir, name=name, rope_dims=head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+
+    def add(name: str, type_name: str, shape: tuple[int, int], scale: float = 0.05, n_head: int | None = None):
+        x = rng.standard_normal(shape).astype(np.float32) * scale
+        if n_head:
+            x = _permute(x, n_head)
+        data, raw = tensor_data(rng, type_name, x)
+        w.add_tensor(name, data, raw_dtype=raw)
+
+    add("token_embd.weight", "Q4_K", (n_vocab, HIDDEN), 0.5)
+    for i in range(LAYERS):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        add(f"blk.{i}.attn_q.weight", "Q4_K", (HEADS * head_dim, HIDDEN), n_head=HEADS)
+        add(f"blk.{i}.attn_k.weight", "Q4_K", (KV_HEADS * head_dim, HIDDEN), n_head=KV_HEADS)
+        add(f"blk.{i}.attn_v.weight", "Q6_K", (KV_HEADS * head_dim, HIDDEN))
+        add(f"blk.{i}.attn_output.weight", "Q4_K", (HIDDEN, HEADS * head_dim))
+        add(f"blk.{i}.ffn_gate.weight", "Q4_K", (FFN, HIDDEN))
+        add(f"blk.{i}.ffn_up.weight", "Q4_K", (FFN, HIDDEN))
+        add(f"blk.{i}.ffn_down.weight", "Q6_K", (HIDDEN, FFN))
+    add("output.weight", "Q6_K", (n_vocab, HIDDEN))
+    return _finish(w, path)
+
+
+def write_tiny_qwen2_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """A 2-layer Qwen2 GGUF as llama.cpp's converter writes one: q/k/v with F32 biases (``attn_q.bias`` ...),
+    no q/k permutation, a tied head (Qwen2.5-0.5B / 1.5B); head_dim 64, GQA 4:2."""
+    rng = np.random.default_rng(seed)
+    w, n_vocab = _writer(path, "qwen2", tokenizer_dir)
+    head_dim = HIDDEN // HEADS
+
+    def add(name: str, type_name: str, shape: tuple[int, int], scale: float = 0.05):
+        data, raw = tensor_data(rng, type_name, rng.standard_normal(shape).astype(np.float32) * scale)
+        w.add_tensor(name, data, raw_dtype=raw)
+
+    add("token_embd.weight", "Q8_0", (n_vocab, HIDDEN), 0.5)
+    for i in range(LAYERS):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        for proj, rows in (("q", HEADS * head_dim), ("k", KV_HEADS * head_dim), ("v", KV_HEADS * head_dim)):
+            add(f"blk.{i}.attn_{proj}.weight", "Q5_0" if proj == "v" else "Q4_K", (rows, HIDDEN))
+            w.add_tensor(f"blk.{i}.attn_{proj}.bias", (0.5 * rng.standard_normal(rows)).astype(np.float32))
+        add(f"blk.{i}.attn_output.weight", "Q4_0", (HIDDEN, HIDDEN))
+        add(f"blk.{i}.ffn_gate.weight", "Q4_1", (FFN, HIDDEN))
+        add(f"blk.{i}.ffn_up.weight", "Q4_1", (FFN, HIDDEN))
+        add(f"blk.{i}.ffn_down.weight", "Q6_K", (HIDDEN, FFN))
+    return _finish(w, path)
+
+
+def write_tiny_phi4_mini_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, rotary: float = 0.75) -> Path:
+    """A 2-layer Phi-4-mini-layout GGUF as llama.cpp's converter writes one (``Phi3MiniModel``, since its
+    Phi-4-mini support): architecture ``phi3`` with fused ``attn_qkv`` / ``ffn_up``, a GPT-2 BPE vocabulary,
+    a tied head (no ``output``), ``rope.dimension_count`` the rotary part of head_dim only (partial rotary:
+    ``int(0.75 * hidden) // heads``), LongRoPE as ``rope_factors_long`` / ``rope_factors_short`` tensors of
+    rope_dims / 2 factors with ``rope.scaling.original_context_length`` and ``rope.scaling.attn_factor``, and
+    ``attention.sliding_window`` 0 (what tells Phi-4 from Phi-3 there)."""
+    import math
+
+    rng = np.random.default_rng(seed)
+    head_dim = HIDDEN // HEADS
+    rope_dims = int(rotary * HIDDEN) // HEADS
+    ctx, orig_ctx = 512, 256
+    w, n_vocab = _writer(path, "phi3", tokenizer_dir, name="Phi 4 Mini Instruct", rope_dims=rope_dims)
+    w.add_rope_scaling_orig_ctx_len(orig_ctx)
+    w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(ctx / orig_ctx) / math.log(orig_ctx)))
+    w.add_sliding_window(0)
+
+    def add(name: str, type_name: str, shape: tuple[int, int], scale: float = 0.05):
+        data, raw = tensor_data(rng, type_name, rng.standard_normal(shape).astype(np.float32) * scale)
+        w.add_tensor(name, data, raw_dtype=raw)
+
+    add("token_embd.weight", "Q8_0", (n_vocab, HIDDEN), 0.5)
+    w.add_tensor("rope_factors_long.weight", np.array([2.0 + i / rope_dims for i in range(rope_dims // 2)], np.float32))
+    w.add_tensor("rope_factors_short.weight", np.array([1.0 + i / (2 * rope_dims) for i in range(rope_dims // 2)], np.float32))
+    for i in range(LAYERS):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        add(f"blk.{i}.attn_qkv.weight", "Q4_K", (HIDDEN + 2 * KV_HEADS * head_dim, HIDDEN))
+        add(f"blk.{i}.attn_output.weight", "Q4_0", (HIDDEN, HIDDEN))
+        add(f"blk.{i}.ffn_up.weight", "Q5_0", (2 * FFN, HIDDEN))
+        add(f"blk.{i}.ffn_down.weight", "Q6_K", (HIDDEN, FFN))
     return _finish(w, path)
