@@ -91,10 +91,10 @@ def export_encoder(
     ``[quantization.int8]``; ``keep_head_float`` keeps the classifier head in float.
     """
     from ..models import inspect
-    from ..targets import load_target
+    from ..targets import resolve
     from . import optimize, quantize, torch_export
 
-    target = load_target(target)
+    target = resolve(target)
     info = inspect(model_dir)
     if info.kind != "encoder":
         raise BadInput(f"{model_dir} is a {info.kind} model ({info.model_type})", hint="export_encoder takes encoder models; use `edgetune export` for decoders")
@@ -271,10 +271,10 @@ def quantize_model(
     import onnx
 
     from ..artifacts import read_record
-    from ..targets import load_target
+    from ..targets import resolve
     from . import quantize
 
-    target = load_target(target)
+    target = resolve(target)
     onnx_file, folder = _source(Path(model))
     if method is None:
         precision = target.precision.encoder

@@ -348,11 +348,11 @@ def export_with_adapters(model_dir: Path, out: Path, *, target, precision: str, 
 
     ``base_export``: makes the base graph (:func:`edgetune.llm.export.base_export`), with the builder hooked here.
     """
-    from ..targets import load_target
+    from ..targets import resolve
     from .builder import int4_options
 
     model_dir, out = Path(model_dir), Path(out)
-    t = load_target(target)
+    t = resolve(target)
     if precision == "bf16":
         raise BadInput("separate adapters need float32 or float16 graph inputs, bf16 has no numpy type to write them with",
                        hint="use --precision fp32, fp16 or int4")
@@ -378,7 +378,7 @@ def export_with_adapters(model_dir: Path, out: Path, *, target, precision: str, 
         probe = Path(scratch) / "probe"
         union = _write_probe(specs, probe)
         with builder_hooks(builder, probe, plan):
-            base_export(model_dir, run.dir, target=target, precision=precision, int4=int4, calibration=calibration)
+            base_export(model_dir, run.dir, target=t, precision=precision, int4=int4, calibration=calibration)
         missing = sorted(set(union) - set(plan))
         if missing:
             raise BadInput(f"the ONNX builder made no LoRA graph for {missing[0]}", hint=_MERGE_HINT)

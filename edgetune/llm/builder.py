@@ -24,7 +24,7 @@ from .. import artifacts, console
 from ..cleanup import temp_dir
 from ..errors import BadInput, CheckFailed, require
 from ..quant import BLOCK_SIZES, LM_HEADS, QATSpec, algorithms, embedding_block_size, int4_algorithm
-from ..targets import load_target
+from ..targets import resolve
 from . import kernels
 from .mixed import base_name
 from .quantize import (encode_calibration, inc_checkpoint, inc_weight_parity, load_calibration, quantize_embedding_in,
@@ -219,7 +219,7 @@ def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=N
     ``mixed``, ``allow_slow_kernel``: as :func:`edgetune.llm.export.export_llm`.
     """
     model_dir, out = Path(model_dir), Path(out)
-    t = load_target(target)
+    t = resolve(target)
     ep = t.runtime.resolved_builder_provider
     q = int4_options(t, int4) if precision in ("int4", "int8") else None
     algorithm = q["algorithm"] if q else None

@@ -130,11 +130,11 @@ def export_with_float_adapter(model_dir: Path, out: Path, *, target, precision: 
     against PyTorch then runs on the fused graph. ``base_export``: makes the base graph
     (:func:`edgetune.llm.export.base_export`), with the builder hooked here.
     """
-    from ..targets import load_target
+    from ..targets import resolve
     from .builder import int4_options
 
     model_dir, out = Path(model_dir), Path(out)
-    t = load_target(target)
+    t = resolve(target)
     precision = precision or t.precision.llm
     algorithm = int4_options(t, int4)["algorithm"] if precision in ("int4", "int8") else None
     if algorithm not in (None, *BUILDER_QUANT):
@@ -151,7 +151,7 @@ def export_with_float_adapter(model_dir: Path, out: Path, *, target, precision: 
     with artifacts.stage_output(out, "export", inputs=inputs, options=options) as run:
         plan: dict[str, dict[str, Any]] = {}
         with builder_hooks(builder, spec.path, plan, as_inputs=False):
-            base_export(model_dir, run.dir, target=target, precision=precision, int4=int4, calibration=calibration, fuse=False)
+            base_export(model_dir, run.dir, target=t, precision=precision, int4=int4, calibration=calibration, fuse=False)
         missing = sorted(set(spec.modules) - set(plan))
         if missing:
             raise BadInput(f"the ONNX builder made no LoRA branch for {missing[0]}", hint=_MERGE_HINT)

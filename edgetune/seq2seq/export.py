@@ -61,10 +61,10 @@ def export_seq2seq(model_dir: str | os.PathLike, out: str | os.PathLike, *, targ
     from ..device import seq2seq as S
     from ..encoder import quantize
     from ..models import check_seq2seq_tokenizer, inspect
-    from ..targets import load_target
+    from ..targets import resolve
     from . import torch_export
 
-    target = load_target(target)
+    target = resolve(target)
     info = inspect(model_dir)
     torch_export.check_architecture(info.config, info.path)
     if task not in (None, "translation"):
