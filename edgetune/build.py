@@ -311,7 +311,9 @@ def _check_quant_aware(p: Path, cfg: BuildConfig) -> None:
 
 def _llm_precision(t: TargetCfg, target) -> str:
     """The precision a decoder export of this target uses: the config's, else the profile's."""
-    return t.precision or target.precision.llm
+    from .plan import llm_precision
+
+    return llm_precision(target, t.precision)
 
 
 def _check_int4(config, i: int, t: TargetCfg, target) -> None:
@@ -320,7 +322,7 @@ def _check_int4(config, i: int, t: TargetCfg, target) -> None:
     if precision != "int4":
         raise BadInput(f"{config}: targets[{i}].int4 is set but the target exports at {precision}",
                        hint="set precision = \"int4\" for that target, or drop its int4 table")
-    from .llm.builder import int4_options
+    from .plan import int4_options
 
     try:
         int4_options(target, t.int4_options())

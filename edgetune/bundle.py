@@ -215,6 +215,7 @@ def _write_bundle(out: Path, folder: Path, kind: str, t, rec: dict, results: dic
     import tomli_w
 
     from .archive import pack
+    from .plan import encoder_precision, llm_precision
 
     from .artifacts import _tree_bytes
 
@@ -241,7 +242,7 @@ def _write_bundle(out: Path, folder: Path, kind: str, t, rec: dict, results: dic
             "kind": kind,
             "model_dir": "model",
             "task": results.get("task"),
-            "precision": results.get("precision") or (t.precision.llm if kind == "decoder" else t.precision.encoder),
+            "precision": results.get("precision") or (llm_precision(t) if kind == "decoder" else encoder_precision(t)),
             "target": {"name": t.name, "execution_provider": t.runtime.execution_provider,
                        "fallback_providers": list(t.runtime.fallback_providers), "file": "target.toml"},
             "labels": results.get("labels"),

@@ -11,7 +11,10 @@ from .targets import resolve
 
 
 def export(model, out, *, target, precision=None, **options) -> Path:
-    """Export ``model`` for ``target`` (a profile name or path, or a resolved Target: ``targets.resolve``)."""
+    """Export ``model`` for ``target`` (a profile name or path, or a resolved Target: ``targets.resolve``).
+
+    ``int4`` may be the overrides dict or an :class:`edgetune.plan.Int4Plan` already checked (the build's).
+    """
     folder = Path(model) if Path(model).is_dir() else Path(materialize(model).path)
     info = inspect(folder)
     if info.kind == "decoder":

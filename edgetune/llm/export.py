@@ -13,6 +13,8 @@ from pathlib import Path
 
 from .. import console
 from ..errors import BadInput
+from ..plan import int4_plan, llm_precision
+from ..quant import LLM_PRECISIONS
 from ..targets import resolve
 from .adapters import export_with_adapters
 from .builder import export_builder
@@ -43,16 +45,17 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     the linears that share an input into one MatMul per group + one MatMul/Add per linear (:mod:`.fuse`, exact).
     """
     model_dir, out = Path(model_dir), Path(out)
-    t = resolve(target)  # once: the variants and the core are handed the Target
+    t = resolve(target)  # once: the variants and the core are handed the Target and the int4 plan
+    int4 = int4_plan(t, int4)
     default_gguf = False
     if precision is None and t.runtime.resolved_builder_provider == "cpu":
         try:
             default_gguf = gguf_source(model_dir) is not None  # a GGUF not fine-tuned: keep its own weights
         except BadInput as exc:  # its GGUF moved or changed: the profile's precision, said so
             console.warn(f"precision gguf not used by default: {exc.one_line()}")
-    precision = precision or ("gguf" if default_gguf else t.precision.llm)
-    if precision not in ("fp32", "fp16", "bf16", "int8", "int4", "gguf"):
-        raise BadInput(f"unknown precision '{precision}'", hint="use fp32, fp16, bf16, int8, int4 or gguf")
+    precision = llm_precision(t, precision, gguf=default_gguf)
+    if precision not in LLM_PRECISIONS:
+        raise BadInput(f"unknown precision '{precision}'", hint=f"use {', '.join(LLM_PRECISIONS[:-1])} or {LLM_PRECISIONS[-1]}")
     if float_adapter:  # one graph: this base export + the LoRA as float side branches (never quantized)
         if adapters:
             raise BadInput("--float-adapter and --adapter cannot be combined",
