@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from . import artifacts, console
 from .errors import BadInput, CheckFailed
@@ -103,6 +103,16 @@ class BuildConfig(_Strict):
     targets: list[TargetCfg]
     validation: ValidateCfg = Field(default_factory=ValidateCfg, alias="validate")
     bundle: BundleCfg = BundleCfg()
+    _profiles: dict[str, Any] = PrivateAttr(default_factory=dict)  # [[targets]] name -> its Target (profile())
+
+    def profile(self, t: TargetCfg, root: Path):
+        """The Target a ``[[targets]]`` entry names (a profile name, or a .toml path relative to the config's
+        folder ``root``), read on first use and kept: a build reads each profile file once."""
+        if t.name not in self._profiles:
+            from .targets import resolve
+
+            self._profiles[t.name] = resolve(str(_under(root, t.name)) if t.name.endswith(".toml") else t.name)
+        return self._profiles[t.name]
 
     @field_validator("targets")
     @classmethod
@@ -113,6 +123,12 @@ class BuildConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"target names repeat: {names}")
         return v
+
+
+def _under(root: Path, value: str) -> Path:
+    """A path of the config (``~`` expanded), relative to the config's folder ``root``, normalized."""
+    p = Path(value).expanduser()
+    return Path(os.path.normpath(p if p.is_absolute() else root / p))
 
 
 def _extra_keys(model: type[BaseModel]) -> set[str] | None:
@@ -269,7 +285,7 @@ def load_config(path: str | os.PathLike) -> tuple[BuildConfig, Path]:
         if not cfg.data.train:
             raise BadInput(f"{p}: finetune.method = '{cfg.finetune.method}' needs data.train", hint="add [data] train = \"file.jsonl\" or set finetune.method = \"none\"")
     if cfg.finetune.method != "none" and (cfg.finetune.model_extra or {}).get("quant_aware"):
-        _check_quant_aware(p, cfg)
+        _check_quant_aware(p, cfg, p.resolve().parent)
     floats = [t.name for t in cfg.targets if t.adapter == "float"]
     if floats and cfg.finetune.method not in ("lora", "qlora"):
         raise BadInput(f"{p}: targets.{floats[0]}: adapter = \"float\" needs a LoRA fine-tune, finetune.method is '{cfg.finetune.method}'",
@@ -277,23 +293,23 @@ def load_config(path: str | os.PathLike) -> tuple[BuildConfig, Path]:
     return cfg, p.resolve().parent
 
 
-def _check_quant_aware(p: Path, cfg: BuildConfig) -> None:
+def _check_quant_aware(p: Path, cfg: BuildConfig, root: Path) -> None:
     """[finetune] quant_aware: train for the int4 grid of the targets that export the merged model.
 
     Block size and lm_head default to those targets' profile (``[quantization.int4]``); every such
     target must export int4 RTN on that one grid, else exit 2 before any work (a mismatch would ship
     a model the adapter was not trained as).
     """
+    from .plan import llm_precision
     from .quant import QATSpec
-    from .targets import load_target
 
     extra = cfg.finetune.model_extra
     merged = []
     for t in cfg.targets:
         if t.adapter != "merged":
             continue
-        target = load_target(str(p.parent / t.name) if t.name.endswith(".toml") else t.name)
-        if _llm_precision(t, target) == "int4":
+        target = cfg.profile(t, root)
+        if llm_precision(target, t.precision) == "int4":
             merged.append((t.name, {**target.quantization.int4.model_dump(), **t.int4_options()}))
     if not merged:
         raise BadInput(f"{p}: finetune.quant_aware = {extra['quant_aware']!r} trains for an int4 export, but no target exports "
@@ -309,23 +325,21 @@ def _check_quant_aware(p: Path, cfg: BuildConfig) -> None:
                            hint="make the targets agree (profile [quantization.int4] or [[targets]] int4) or set finetune.quant_aware_block_size/_lm_head")
 
 
-def _llm_precision(t: TargetCfg, target) -> str:
-    """The precision a decoder export of this target uses: the config's, else the profile's."""
-    return t.precision or target.precision.llm
+def _plan(config, i: int, t: TargetCfg, target, calibration: Path | None):
+    """A target's export plan, decided once before any work and handed to the export. Its ``int4`` overrides
+    apply only to an int4 decoder export and are checked here, once: the export reuses the checked options."""
+    from .plan import ExportPlan, Int4Plan
 
-
-def _check_int4(config, i: int, t: TargetCfg, target) -> None:
-    """A target's ``int4`` overrides: only for an int4 decoder export, and values the export accepts."""
-    precision = _llm_precision(t, target)
-    if precision != "int4":
-        raise BadInput(f"{config}: targets[{i}].int4 is set but the target exports at {precision}",
-                       hint="set precision = \"int4\" for that target, or drop its int4 table")
-    from .llm.builder import int4_options
-
-    try:
-        int4_options(target, t.int4_options())
-    except BadInput as exc:
-        raise BadInput(f"{config}: targets[{i}].int4: {exc.message}", hint=exc.hint) from None
+    plan = ExportPlan(target, t.precision, Int4Plan(target, t.int4_options()) if t.int4 else None, t.adapter, calibration)
+    if plan.int4 is not None:
+        if plan.llm_precision != "int4":
+            raise BadInput(f"{config}: targets[{i}].int4 is set but the target exports at {plan.llm_precision}",
+                           hint="set precision = \"int4\" for that target, or drop its int4 table")
+        try:
+            plan.int4.options  # computed (and checked) now; the export reads the same Int4Plan
+        except BadInput as exc:
+            raise BadInput(f"{config}: targets[{i}].int4: {exc.message}", hint=exc.hint) from None
+    return plan
 
 
 @dataclass
@@ -355,8 +369,7 @@ class Build:
         return self.output / ".work"
 
     def path(self, value: str) -> Path:
-        p = Path(value).expanduser()
-        return Path(os.path.normpath(p if p.is_absolute() else self.root / p))
+        return _under(self.root, value)
 
     def maybe_path(self, value: str | None) -> Path | None:
         if value is None:
@@ -434,16 +447,15 @@ def _merge(base: Path, adapter: Path, out: Path) -> None:
     merge(base, adapter, out)
 
 
-def _export(model: Path, out: Path, target: str, precision: str | None, calibration: Path | None,
-            float_adapter: Path | None = None, int4: dict[str, Any] | None = None) -> None:
+def _export(model: Path, out: Path, plan, float_adapter: Path | None = None) -> None:
     from .export import export
 
-    opts: dict[str, Any] = {"calibration": calibration} if calibration else {}
+    opts: dict[str, Any] = {"calibration": plan.calibration} if plan.calibration else {}
     if float_adapter:
         opts["float_adapter"] = float_adapter
-    if int4:
-        opts["int4"] = int4
-    export(model, out, target=target, precision=precision, **opts)
+    if plan.int4:
+        opts["int4"] = plan.int4  # checked by _plan: the export uses those options, it does not check them again
+    export(model, out, target=plan.target, precision=plan.precision, **opts)
 
 
 # -- the orchestrator -------------------------------------------------------------------------
@@ -515,7 +527,6 @@ def build(config: str | os.PathLike, *, force: bool = False, output: str | os.Pa
     provider this machine lacks is fatal (exit 3) instead of a cross-build (accuracy on the CPU
     provider with the same graph, latency "not measured")."""
     from .models import materialize
-    from .targets import load_target
 
     cfg, root = load_config(config)
     b = Build(cfg, root, force=force, output_override=Path(output).resolve() if output else None)
@@ -526,11 +537,9 @@ def build(config: str | os.PathLike, *, force: bool = False, output: str | os.Pa
         b.sign = (key, fingerprint(key.public_key()), artifacts.sha256_file(config))
         if (warning := file_mode_warning(b.path(cfg.bundle.sign))):
             console.log(f"warning: {warning}")
-    for i, t in enumerate(cfg.targets):  # fail before any work: profiles, paths, int4 overrides
-        target = load_target(t.name if not t.name.endswith(".toml") else str(b.path(t.name)))
-        b.maybe_path(t.calibration)
-        if t.int4:
-            _check_int4(config, i, t, target)
+    # fail before any work: profiles, paths, int4 overrides. Each target is resolved here, once, and its
+    # Target and export plan are what the stages get.
+    plans = [_plan(config, i, t, cfg.profile(t, root), b.maybe_path(t.calibration)) for i, t in enumerate(cfg.targets)]
     train = b.maybe_path(cfg.data.train)
     vdata = b.maybe_path(cfg.validation.data)
     prompts = b.maybe_path(cfg.validation.prompts)
@@ -540,10 +549,10 @@ def build(config: str | os.PathLike, *, force: bool = False, output: str | os.Pa
     # one build at a time per output folder: a second one (say fp32 while int4 runs) fails fast (exit 2)
     # instead of validating and bundling the other one's export
     with artifacts.output_lock(b.output, what="build output"):
-        return _build(b, cfg, config, train, vdata, prompts, materialize, load_target, require_device)
+        return _build(b, cfg, config, plans, train, vdata, prompts, materialize, require_device)
 
 
-def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materialize, load_target,
+def _build(b: Build, cfg: BuildConfig, config, plans: list, train, vdata, prompts, materialize,
            require_device: bool | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     b.work.mkdir(parents=True, exist_ok=True)
@@ -602,19 +611,18 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
 
     rows = []
     failed_targets = []
-    for tc in cfg.targets:
-        tname = tc.name if not tc.name.endswith(".toml") else str(b.path(tc.name))
-        target = load_target(tname)
+    for tc, plan in zip(cfg.targets, plans):
+        target = plan.target  # resolved once (build); the stages below get the object, the records its content
         key = target.name
         export_dir = b.work / f"export-{key}"
-        calib = b.maybe_path(tc.calibration)
+        calib = plan.calibration
         # adapter = "float": the base + the LoRA as float branches; validated against the merged model all the same
-        xmodel, xadapter = (base, adapter) if tc.adapter == "float" else (model, None)
-        int4 = tc.int4_options()
+        xmodel, xadapter = (base, adapter) if plan.adapter == "float" else (model, None)
+        int4 = plan.int4.overrides if plan.int4 else {}
         b.stage(f"export.{key}", export_dir, {"model": xmodel, "calibration": calib, "target": target.model_dump(mode="json", exclude={"source"}),
                                               **({"float_adapter": xadapter} if xadapter else {})},
-                {"precision": tc.precision, **({"adapter": "float"} if xadapter else {}), **({"int4": int4} if int4 else {})},
-                lambda: _export(xmodel, export_dir, tname, tc.precision, calib, xadapter, int4), target=key)
+                {"precision": plan.precision, **({"adapter": "float"} if xadapter else {}), **({"int4": int4} if int4 else {})},
+                lambda: _export(xmodel, export_dir, plan, xadapter), target=key)
 
         report_dir = b.work / f"validate-{key}"
         vopts = {k: v for k, v in cfg.validation.model_dump().items() if k not in ("data", "prompts", "reference", "rows", "drop_overlap")}
@@ -623,7 +631,7 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
         vstate = b.stage(f"validate.{key}", report_dir,
                          {"model": export_dir, "reference": reference, "data": vdata, "prompts": prompts,
                           "target": target.model_dump(mode="json", exclude={"source"})}, vopts,
-                         lambda: _validate(export_dir, tname, reference, vdata, prompts, report_dir, vopts), target=key)
+                         lambda: _validate(export_dir, target, reference, vdata, prompts, report_dir, vopts), target=key)
         report = _read_json(report_dir / "report.json") or {}
         passed = bool(report.get("passed")) and vstate.get("status") != "failed"
 
@@ -640,7 +648,7 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
         signed = {"signed_by": b.sign[1], "config_sha256": b.sign[2]} if b.sign else {}  # a new key or config: re-sign
         b.stage(f"bundle.{key}", dest, {"model": export_dir, "report": report_dir},
                 {"archive": tc.archive, "name": f"{cfg.name}-{key}", "passed": passed, **signed},
-                lambda: _bundle(export_dir, dest, tname, report_dir, tc.archive, f"{cfg.name}-{key}", b.sign), target=key)
+                lambda: _bundle(export_dir, dest, target, report_dir, tc.archive, f"{cfg.name}-{key}", b.sign), target=key)
         manifest = _read_json(dest / "manifest.json") or {}
         rows.append(_summary_row(key, dest, manifest, report, passed, tc.archive, base_task))
         if not passed:
@@ -666,13 +674,13 @@ def _build(b: Build, cfg: BuildConfig, config, train, vdata, prompts, materializ
     return result
 
 
-def _validate(export_dir: Path, target: str, reference: Path | None, data: Path | None, prompts: Path | None, out: Path, vopts: dict) -> None:
+def _validate(export_dir: Path, target, reference: Path | None, data: Path | None, prompts: Path | None, out: Path, vopts: dict) -> None:
     from .validate import validate
 
     validate(export_dir, target=target, reference=reference, data=data, out=out, prompts=prompts, **vopts)
 
 
-def _bundle(export_dir: Path, dest: Path, target: str, report_dir: Path, archive: bool, name: str, sign=None) -> None:
+def _bundle(export_dir: Path, dest: Path, target, report_dir: Path, archive: bool, name: str, sign=None) -> None:
     from .bundle import archive_path, make_bundle
 
     arc = archive_path(dest)

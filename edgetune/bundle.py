@@ -166,13 +166,13 @@ def make_bundle(model: str | os.PathLike, out: str | os.PathLike, *, target, rep
                 archive: bool = False, name: str | None = None, sign=None, build_config_sha256: str | None = None) -> dict[str, Any]:
     """Bundle the export ``model`` (with the validation ``report`` folder) into ``out``; returns the manifest.
 
-    ``target`` is a profile name or path (resolved and written as ``target.toml``). With
+    ``target`` is a profile name or path, or a resolved Target (written as ``target.toml``). With
     ``archive=True`` also writes ``<out>.tar.gz`` (reproducible). Writes are atomic, and the
     export must have been made for ``target`` (its record says so; otherwise exit 2). ``sign``
     (a private key or its PEM file, checked before any work) adds ``signature.json``
     binding the manifest, the target, ``build_config_sha256`` and the validation verdict.
     """
-    from .targets import load_target
+    from .targets import resolve
 
     signer = None
     if sign is not None:
@@ -188,7 +188,7 @@ def make_bundle(model: str | os.PathLike, out: str | os.PathLike, *, target, rep
         from .chat_template import check_folder
 
         check_folder(folder)  # never ship a chat template that fails in the sandbox (exit 2 naming its error)
-    t = load_target(target)
+    t = resolve(target)
     rec = read_record(folder) or {}
     results = rec.get("results") or {}
     made_for = results.get("target")
@@ -215,6 +215,7 @@ def _write_bundle(out: Path, folder: Path, kind: str, t, rec: dict, results: dic
     import tomli_w
 
     from .archive import pack
+    from .plan import encoder_precision, llm_precision
 
     from .artifacts import _tree_bytes
 
@@ -241,7 +242,7 @@ def _write_bundle(out: Path, folder: Path, kind: str, t, rec: dict, results: dic
             "kind": kind,
             "model_dir": "model",
             "task": results.get("task"),
-            "precision": results.get("precision") or (t.precision.llm if kind == "decoder" else t.precision.encoder),
+            "precision": results.get("precision") or (llm_precision(t) if kind == "decoder" else encoder_precision(t)),
             "target": {"name": t.name, "execution_provider": t.runtime.execution_provider,
                        "fallback_providers": list(t.runtime.fallback_providers), "file": "target.toml"},
             "labels": results.get("labels"),

@@ -7,9 +7,14 @@ from pathlib import Path
 
 from .errors import BadInput
 from .models import inspect, materialize
+from .targets import resolve
 
 
 def export(model, out, *, target, precision=None, **options) -> Path:
+    """Export ``model`` for ``target`` (a profile name or path, or a resolved Target: ``targets.resolve``).
+
+    ``int4`` may be the overrides dict or an :class:`edgetune.plan.Int4Plan` already checked (the build's).
+    """
     folder = Path(model) if Path(model).is_dir() else Path(materialize(model).path)
     info = inspect(folder)
     if info.kind == "decoder":
@@ -17,14 +22,13 @@ def export(model, out, *, target, precision=None, **options) -> Path:
         from .llm.proof import check_runtime_shapes
 
         check_runtime_shapes(info.config, str(folder))
+        target = resolve(target)  # once, for the recipe and the export
 
         options.pop("task", None)
         recipe = options.pop("recipe", None)
         if recipe is None and precision is None and not options.get("int4") and not options.get("adapters") \
                 and not options.get("mixed"):
-            from .targets import load_target
-
-            recipe = load_target(target).quantization.recipe
+            recipe = target.quantization.recipe
         search = {k: options.pop(k) for k in ("data", "candidates", "validate_options") if k in options}
         if recipe == "auto":
             from .llm.recipes import auto_export

@@ -19,7 +19,7 @@ import numpy as np
 
 from .cleanup import temp_dir
 from .device.session import create_session
-from .targets import load_target
+from .targets import resolve
 from .validate import model_kind
 
 
@@ -99,7 +99,7 @@ def parse_trace(path: str | os.PathLike, target_provider: str) -> dict[str, Any]
 def profile(model, *, target, top: int = 15, repeats: int = 3, prompt_tokens: int = 64, decode_steps: int = 8,
             sequence_length: int = 128, trace_out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Profile ``model`` on this machine with ``target``'s providers; returns tables of the costliest ops."""
-    t = load_target(target)
+    t = resolve(target)
     kind, folder = model_kind(Path(model))
     cfg = json.loads((folder / "genai_config.json").read_text()) if kind == "decoder" else None
     onnx_file = folder / (cfg["model"]["decoder"]["filename"] if cfg else "decoder.onnx" if kind == "seq2seq" else "model.onnx")

@@ -3,7 +3,7 @@ choice and quant-aware grid edgetune knows, with the traits the rest of the code
 
 This is the one place those choices are defined. The CLI's choices (``commands/export.py``,
 ``commands/finetune.py``), the target-profile schema (``targets.Int4``, ``targets.Precision``), the
-build config, the export's checks (``llm/export.int4_options``), the kernel checks, the recipe
+build config, the export's checks (``plan.int4_options``), the kernel checks, the recipe
 candidates and the benchmark grid read it. Adding an int4 algorithm is one :class:`Int4Algorithm`
 entry here plus its implementation (the ``backend`` says which module runs it), in the way peft
 keeps one folder per method and gguf-py one table of quantization types.

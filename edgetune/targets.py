@@ -4,6 +4,8 @@ A profile says how a model runs on a device (execution provider, fallbacks, prov
 session options), how it is made (precision, quantization recipe, graph options, the
 operators an accelerator supports) and what it must achieve (budgets).
 
+Stages take a target as a name, a path or a resolved :class:`Target` and call :func:`resolve`.
+
 Profiles are found by name in ``targets/`` of this project, in folders listed in
 ``EDGETUNE_TARGETS_PATH`` (os.pathsep-separated), or given as a path to a ``.toml`` file.
 A profile may ``extends = "<name or relative path>"``; tables are merged key by key.
@@ -276,10 +278,16 @@ def _describe_error(path: Path, exc: ValidationError) -> str:
     return f"{path}: field '{loc}' = {err.get('input')!r}: {err['msg']}"
 
 
+def resolve(target: "str | os.PathLike | Target") -> Target:
+    """A stage's ``target`` argument as a Target: a resolved one as is (the build resolves each target once
+    and hands the object down), a profile name or path loaded (:func:`load_target`, the CLI's way)."""
+    return target if isinstance(target, Target) else load_target(target)
+
+
 def load_target(name_or_path: str | os.PathLike) -> Target:
-    """Load, merge (extends) and validate a profile; bad profiles raise BadInput (exit 2)."""
-    if isinstance(name_or_path, Target):
-        return name_or_path
+    """Read, merge (extends) and validate a profile file; bad profiles raise BadInput (exit 2).
+
+    Reads the file every call: stages call :func:`resolve`, which skips this for a resolved Target."""
     path = _find(name_or_path)
     raw = _read_raw(path)
     raw.setdefault("name", path.stem)

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import artifacts, console
 from .errors import BadInput, CheckFailed
-from .targets import load_target
+from .targets import resolve
 
 DEFAULTS: dict[str, Any] = {
     "window": 512,          # perplexity window (tokens); capped at the model's context length
@@ -598,7 +598,7 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
         opts["stride"] = opts["window"] // 2
     if opts["window"] < 2 or (opts["stride"] is not None and not 1 <= opts["stride"] <= opts["window"]):
         raise BadInput(f"invalid window/stride {opts['window']}/{opts['stride']}", hint="need window >= 2 and 1 <= stride <= window")
-    t = load_target(target)
+    t = resolve(target)
     device = {"execution_provider": t.runtime.execution_provider, "available": True, "accuracy_on": t.ort_providers[0], "latency": "measured"}
     t_run = t
     if not _provider_available(t):

@@ -168,7 +168,7 @@ def test_traits_drive_the_export_checks(tiny_llama, tmp_path):
     """An asymmetric-only algorithm asked for symmetric, int8 from a non-builder algorithm, an lm_head the
     algorithm cannot keep: each refused from its table entry before any work."""
     from edgetune.errors import BadInput
-    from edgetune.llm.builder import int4_options
+    from edgetune.plan import int4_options
     from edgetune.llm.export import export_llm
     from edgetune.targets import load_target
 

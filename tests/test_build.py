@@ -189,6 +189,52 @@ def test_target_int4_overrides_are_checked_before_any_work_and_reach_the_export(
         write_config(root, tiny_llama)
 
 
+def _count_profile_reads(monkeypatch) -> dict:
+    """Profile files read, by name: each top-level read of edgetune.targets (an extends parent is not counted)."""
+    import edgetune.targets as T
+
+    reads: dict[str, int] = {}
+    read_raw = T._read_raw
+
+    def counting(path, seen=()):
+        if not seen:
+            reads[Path(path).stem] = reads.get(Path(path).stem, 0) + 1
+        return read_raw(path, seen)
+
+    monkeypatch.setattr(T, "_read_raw", counting)
+    return reads
+
+
+def test_a_build_reads_each_target_profile_once(tiny_llama, tmp_path, monkeypatch):
+    """The build resolves each [[targets]] entry once and hands the Target down to export, validate and bundle
+    (it was read 6 times per target: the checks, the loop, export, the export core, validate, bundle)."""
+    from edgetune.build import build, load_config
+
+    targets = ('[[targets]]\nname = "cpu-x86"\nprecision = "fp32"\n'
+               '[[targets]]\nname = "board.toml"\nprecision = "int4"\narchive = false\nint4 = { lm_head = "int8" }\n')
+    cfg = write_config(tmp_path / "once", tiny_llama, targets=targets)
+    (tmp_path / "once" / "board.toml").write_text('extends = "cpu-x86"\nname = "board"\n')
+    cfg.write_text(cfg.read_text().replace('method = "lora"', 'method = "none"'))
+    reads = _count_profile_reads(monkeypatch)
+    import edgetune.plan as plan
+
+    checks = []
+    monkeypatch.setattr(plan, "int4_options", lambda t, int4, f=plan.int4_options: checks.append(int4) or f(t, int4))
+    res = build(cfg)
+    assert res["passed"] and [r["target"] for r in res["targets"]] == ["cpu-x86", "board"]
+    assert {s["stage"] for s in res["stages"] if s["status"] == "ran"} >= {"export", "validate", "bundle"}
+    assert reads == {"cpu-x86": 1, "board": 1}
+    assert checks == [{"lm_head": "int8"}]  # the int4 overrides: checked once (by the build), not again by the export
+    rec = json.loads((tmp_path / "once" / "out" / ".work" / "export-board" / "edgetune.json").read_text())
+    assert rec["results"]["int4"]["lm_head"] == "int8"  # the plan checked once by the build reached the export
+    # a quant-aware config checks its targets while it is parsed: the build reuses those Targets
+    reads.clear()
+    qa = write_config(tmp_path / "qa", tiny_llama, targets='[[targets]]\nname = "cpu-x86"\nprecision = "int4"\n')
+    qa.write_text(qa.read_text().replace("[finetune]\n", '[finetune]\nquant_aware = "int4"\n'))
+    parsed, root = load_config(qa)
+    assert parsed.profile(parsed.targets[0], root).name == "cpu-x86" and reads == {"cpu-x86": 1}
+
+
 @pytest.mark.slow  # two tiny builds in fresh processes: ~50 s on 2 cores
 def test_sigkill_mid_stage_then_rerun_finishes(tmp_path, tiny_llama):
     cfg = write_config(tmp_path / "k", tiny_llama, steps=4)

@@ -14,9 +14,9 @@ def resolve_target(target: Any):
     """A Target from a name/path/Target, or None."""
     if target is None:
         return None
-    from ..targets import load_target
+    from ..targets import resolve
 
-    return load_target(target)
+    return resolve(target)
 
 
 def session_options(target: Any = None, *, profile_prefix: str | None = None):

@@ -91,14 +91,15 @@ def export_encoder(
     ``[quantization.int8]``; ``keep_head_float`` keeps the classifier head in float.
     """
     from ..models import inspect
-    from ..targets import load_target
+    from ..plan import encoder_precision
+    from ..targets import resolve
     from . import optimize, quantize, torch_export
 
-    target = load_target(target)
+    target = resolve(target)
     info = inspect(model_dir)
     if info.kind != "encoder":
         raise BadInput(f"{model_dir} is a {info.kind} model ({info.model_type})", hint="export_encoder takes encoder models; use `edgetune export` for decoders")
-    precision = precision or target.precision.encoder
+    precision = encoder_precision(target, precision)
     if precision not in PRECISIONS:
         raise BadInput(f"unknown encoder precision '{precision}'", hint=f"choose one of: {', '.join(PRECISIONS)}")
     task = task or detect_task(info.config)
@@ -271,13 +272,14 @@ def quantize_model(
     import onnx
 
     from ..artifacts import read_record
-    from ..targets import load_target
+    from ..plan import encoder_precision
+    from ..targets import resolve
     from . import quantize
 
-    target = load_target(target)
+    target = resolve(target)
     onnx_file, folder = _source(Path(model))
     if method is None:
-        precision = target.precision.encoder
+        precision = encoder_precision(target)
         if precision == "fp32":
             raise BadInput(f"target {target.name} keeps encoders in fp32: nothing to quantize", hint="pass --method dynamic|static|fp16")
     elif method in METHODS:

@@ -348,15 +348,16 @@ def export_with_adapters(model_dir: Path, out: Path, *, target, precision: str, 
 
     ``base_export``: makes the base graph (:func:`edgetune.llm.export.base_export`), with the builder hooked here.
     """
-    from ..targets import load_target
-    from .builder import int4_options
+    from ..plan import int4_plan
+    from ..targets import resolve
 
     model_dir, out = Path(model_dir), Path(out)
-    t = load_target(target)
+    t = resolve(target)
+    int4 = int4_plan(t, int4)
     if precision == "bf16":
         raise BadInput("separate adapters need float32 or float16 graph inputs, bf16 has no numpy type to write them with",
                        hint="use --precision fp32, fp16 or int4")
-    algorithm = int4_options(t, int4)["algorithm"] if precision in ("int4", "int8") else None
+    algorithm = int4.options["algorithm"] if precision in ("int4", "int8") else None
     if algorithm not in (None, *BUILDER_QUANT):
         # awq rescales the inputs the LoRA reads; hqq/gptq re-quantize the fp32 graph without knowing the
         # LoRA MatMuls; inc-* feed the builder a GPTQ-layout checkpoint that peft cannot wrap
@@ -370,7 +371,7 @@ def export_with_adapters(model_dir: Path, out: Path, *, target, precision: str, 
     check_against_base(specs, model_dir)
     builder = require("onnxruntime_genai.models.builder", purpose="LLM export")
     inputs: dict[str, Any] = {"model": model_dir, **{f"adapter.{s.name}": s.path for s in specs}}
-    options = {"precision": precision, "int4": int4, "adapters": names, "adapter_format": INDEX_FORMAT,
+    options = {"precision": precision, "int4": int4.overrides, "adapters": names, "adapter_format": INDEX_FORMAT,
                "target": t.model_dump(mode="json", exclude={"source"})}
     with artifacts.stage_output(out, "export", inputs=inputs, options=options) as run, \
             temp_dir("lora") as scratch:
@@ -378,7 +379,7 @@ def export_with_adapters(model_dir: Path, out: Path, *, target, precision: str, 
         probe = Path(scratch) / "probe"
         union = _write_probe(specs, probe)
         with builder_hooks(builder, probe, plan):
-            base_export(model_dir, run.dir, target=target, precision=precision, int4=int4, calibration=calibration)
+            base_export(model_dir, run.dir, target=t, precision=precision, int4=int4, calibration=calibration)
         missing = sorted(set(union) - set(plan))
         if missing:
             raise BadInput(f"the ONNX builder made no LoRA graph for {missing[0]}", hint=_MERGE_HINT)

@@ -24,8 +24,9 @@ from typing import Any, Iterable, Iterator
 from .. import artifacts, console
 from ..cleanup import temp_dir
 from ..errors import BadInput, CheckFailed, require
-from ..quant import BLOCK_SIZES, LM_HEADS, QATSpec, algorithms, embedding_block_size, int4_algorithm
-from ..targets import load_target
+from ..plan import int4_plan
+from ..quant import QATSpec, algorithms, embedding_block_size, int4_algorithm
+from ..targets import resolve
 from . import kernels
 from .mixed import base_name
 from .quantize import (encode_calibration, inc_checkpoint, inc_weight_parity, load_calibration, quantize_embedding_in,
@@ -38,31 +39,6 @@ TOKENIZER_PROBES = (
     "<|im_start|>user\nWhat is 2+2?<|im_end|>",
     "def f(x):\n    return x**2  # code",
 )
-
-
-def int4_options(target, int4: dict | None) -> dict[str, Any]:
-    q = target.quantization.int4.model_dump()
-    q.update({k: v for k, v in (int4 or {}).items() if v is not None})
-    unknown = set(q) - {"algorithm", "block_size", "symmetric", "accuracy_level"} - set(target.quantization.int4.model_dump())
-    if unknown:
-        raise BadInput(f"unknown int4 option(s): {', '.join(sorted(unknown))}", hint="use algorithm, block_size, symmetric, accuracy_level, lm_head")
-    alg = int4_algorithm(q["algorithm"])
-    if q["block_size"] not in BLOCK_SIZES:
-        raise BadInput(f"int4 block size {q['block_size']} is not supported", hint="use " + ", ".join(map(str, BLOCK_SIZES)))
-    if q.get("lm_head", "int4") not in LM_HEADS:
-        raise BadInput(f"int4 lm_head '{q['lm_head']}' is not supported", hint="use " + ", ".join(LM_HEADS))
-    if not alg.any_lm_head and q["lm_head"] != "int4":
-        # e.g. onnxruntime's GPTQ quantizes every MatMul (it ignores nodes_to_exclude)
-        raise BadInput(f"int4 algorithm '{alg.name}' quantizes lm_head to int4; lm_head '{q['lm_head']}' is not available with it",
-                       hint=f"use --int4-lm-head int4 with {alg.name}, or another algorithm")
-    if alg.asymmetric_only and q["symmetric"]:
-        # e.g. HQQ fits a float zero point per block: it is asymmetric by construction.
-        if (int4 or {}).get("symmetric"):
-            raise BadInput(f"int4 algorithm '{alg.name}' is asymmetric by construction (a zero point per block)",
-                           hint=f"drop --int4-symmetric or use --int4-asymmetric with {alg.name}")
-        console.warn(f"{alg.name} is asymmetric by construction: the profile's symmetric=true is not used")
-        q["symmetric"] = False
-    return q
 
 
 def matmulnbits_attributes(folder: Path, skip_prefix: str | None = None, skip: Iterable[str] = ()) -> list[dict[str, Any]]:
@@ -220,9 +196,9 @@ def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=N
     ``mixed``, ``allow_slow_kernel``: as :func:`edgetune.llm.export.export_llm`.
     """
     model_dir, out = Path(model_dir), Path(out)
-    t = load_target(target)
+    t = resolve(target)
     ep = t.runtime.resolved_builder_provider
-    q = int4_options(t, int4) if precision in ("int4", "int8") else None
+    q = dict(int4_plan(t, int4).options) if precision in ("int4", "int8") else None
     algorithm = q["algorithm"] if q else None
     alg = int4_algorithm(algorithm) if q else None
     if precision == "int8" and not alg.int8:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from .. import console
 from ..errors import BadInput
-from ..targets import load_target
+from ..plan import int4_plan, llm_precision
+from ..quant import LLM_PRECISIONS
+from ..targets import resolve
 from .adapters import export_with_adapters
 from .builder import export_builder
 from .float_adapter import export_with_float_adapter
@@ -43,27 +45,28 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     the linears that share an input into one MatMul per group + one MatMul/Add per linear (:mod:`.fuse`, exact).
     """
     model_dir, out = Path(model_dir), Path(out)
-    t = load_target(target)
+    t = resolve(target)  # once: the variants and the core are handed the Target and the int4 plan
+    int4 = int4_plan(t, int4)
     default_gguf = False
     if precision is None and t.runtime.resolved_builder_provider == "cpu":
         try:
             default_gguf = gguf_source(model_dir) is not None  # a GGUF not fine-tuned: keep its own weights
         except BadInput as exc:  # its GGUF moved or changed: the profile's precision, said so
             console.warn(f"precision gguf not used by default: {exc.one_line()}")
-    precision = precision or ("gguf" if default_gguf else t.precision.llm)
-    if precision not in ("fp32", "fp16", "bf16", "int8", "int4", "gguf"):
-        raise BadInput(f"unknown precision '{precision}'", hint="use fp32, fp16, bf16, int8, int4 or gguf")
+    precision = llm_precision(t, precision, gguf=default_gguf)
+    if precision not in LLM_PRECISIONS:
+        raise BadInput(f"unknown precision '{precision}'", hint=f"use {', '.join(LLM_PRECISIONS[:-1])} or {LLM_PRECISIONS[-1]}")
     if float_adapter:  # one graph: this base export + the LoRA as float side branches (never quantized)
         if adapters:
             raise BadInput("--float-adapter and --adapter cannot be combined",
                            hint="bake one adapter in float (--float-adapter) or keep adapters switchable (--adapter), not both")
-        return export_with_float_adapter(model_dir, out, target=target, precision=precision, int4=int4, adapter=float_adapter,
+        return export_with_float_adapter(model_dir, out, target=t, precision=precision, int4=int4, adapter=float_adapter,
                                          calibration=calibration, fuse=fuse, base_export=base_export)
     if adapters:  # runtime-switchable LoRAs: the base graph once (base_export) + one .onnx_adapter each
-        return export_with_adapters(model_dir, out, target=target, precision=precision, int4=int4, adapters=adapters,
+        return export_with_adapters(model_dir, out, target=t, precision=precision, int4=int4, adapters=adapters,
                                     calibration=calibration, base_export=base_export)
     if precision == "gguf":
-        return base_export(model_dir, out, target=target, precision=precision, int4=int4, calibration=calibration, fuse=fuse,
+        return base_export(model_dir, out, target=t, precision=precision, int4=int4, calibration=calibration, fuse=fuse,
                            default_gguf=default_gguf)
-    return export_builder(model_dir, out, target=target, precision=precision, int4=int4, calibration=calibration, mixed=mixed,
+    return export_builder(model_dir, out, target=t, precision=precision, int4=int4, calibration=calibration, mixed=mixed,
                           allow_slow_kernel=allow_slow_kernel)

@@ -130,13 +130,14 @@ def export_with_float_adapter(model_dir: Path, out: Path, *, target, precision: 
     against PyTorch then runs on the fused graph. ``base_export``: makes the base graph
     (:func:`edgetune.llm.export.base_export`), with the builder hooked here.
     """
-    from ..targets import load_target
-    from .builder import int4_options
+    from ..plan import int4_plan, llm_precision
+    from ..targets import resolve
 
     model_dir, out = Path(model_dir), Path(out)
-    t = load_target(target)
-    precision = precision or t.precision.llm
-    algorithm = int4_options(t, int4)["algorithm"] if precision in ("int4", "int8") else None
+    t = resolve(target)
+    int4 = int4_plan(t, int4)
+    precision = llm_precision(t, precision)
+    algorithm = int4.options["algorithm"] if precision in ("int4", "int8") else None
     if algorithm not in (None, *BUILDER_QUANT):
         # awq rescales the inputs the LoRA reads; hqq/gptq re-quantize the builder's fp32 graph on their own
         # (gptq ignores exclusions); inc-* feed the builder a GPTQ-layout checkpoint that peft cannot wrap
@@ -146,12 +147,12 @@ def export_with_float_adapter(model_dir: Path, out: Path, *, target, precision: 
     check_against_base([spec], model_dir)
     builder = require("onnxruntime_genai.models.builder", purpose="LLM export")
     inputs = {"model": model_dir, "float_adapter": spec.path}
-    options = {"precision": precision, "int4": int4, "float_adapter": spec.name, "fuse": fuse,
+    options = {"precision": precision, "int4": int4.overrides, "float_adapter": spec.name, "fuse": fuse,
                "target": t.model_dump(mode="json", exclude={"source"})}
     with artifacts.stage_output(out, "export", inputs=inputs, options=options) as run:
         plan: dict[str, dict[str, Any]] = {}
         with builder_hooks(builder, spec.path, plan, as_inputs=False):
-            base_export(model_dir, run.dir, target=target, precision=precision, int4=int4, calibration=calibration, fuse=False)
+            base_export(model_dir, run.dir, target=t, precision=precision, int4=int4, calibration=calibration, fuse=False)
         missing = sorted(set(spec.modules) - set(plan))
         if missing:
             raise BadInput(f"the ONNX builder made no LoRA branch for {missing[0]}", hint=_MERGE_HINT)

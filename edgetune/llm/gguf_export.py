@@ -383,12 +383,14 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
     the logit check below runs on the fused graph.
     """
 
-    from ..targets import load_target
+    from ..plan import int4_plan
+    from ..targets import resolve
     from .builder import build, builder_input, check_tokenizer, configure_genai, embedding_kind, lm_head_attributes, \
         matmulnbits_attributes
 
     model_dir, out = Path(model_dir), Path(out)
-    t = load_target(target)
+    t = resolve(target)
+    int4 = int4_plan(t, int4).overrides  # only accuracy_level applies: the GGUF keeps its own quantization
     gguf_path = require_gguf_source(model_dir)
     extra_opts = sorted(k for k, v in (int4 or {}).items() if v is not None and k != "accuracy_level")
     if extra_opts:

@@ -32,7 +32,7 @@ from typing import Any
 
 from .. import artifacts, console
 from ..errors import BadInput, CheckFailed
-from ..targets import load_target
+from ..targets import resolve
 from ..quant import INT4_ALGORITHMS
 
 # Smallest/fastest first. int4 options override the profile's; "mixed" as in export_llm.
@@ -125,7 +125,7 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
     from .quantize import encode_calibration, load_calibration
 
     model_dir, out = Path(model_dir), Path(out)
-    t = load_target(target)
+    t = resolve(target)
     cands = candidate_list(candidates)
     calib = load_calibration(calibration)
     eval_data = Path(data) if data else calib.path

@@ -61,17 +61,19 @@ def export_seq2seq(model_dir: str | os.PathLike, out: str | os.PathLike, *, targ
     from ..device import seq2seq as S
     from ..encoder import quantize
     from ..models import check_seq2seq_tokenizer, inspect
-    from ..targets import load_target
+    from ..plan import encoder_precision
+    from ..targets import resolve
     from . import torch_export
 
-    target = load_target(target)
+    target = resolve(target)
     info = inspect(model_dir)
     torch_export.check_architecture(info.config, info.path)
     if task not in (None, "translation"):
         raise BadInput(f"task '{task}' does not apply to a {info.model_type} sequence-to-sequence model", hint="use --task translation or omit it")
     precision = ALIASES.get(precision or "", precision)
     if precision is None:
-        precision = target.precision.encoder if target.precision.encoder in PRECISIONS else "int8-dynamic"
+        precision = encoder_precision(target)
+        precision = precision if precision in PRECISIONS else "int8-dynamic"
     if precision not in PRECISIONS:
         raise BadInput(f"precision '{precision}' is not available for translation models",
                        hint=f"choose one of: {', '.join(PRECISIONS)} (int8 = dynamic int8 of both graphs)")
