@@ -410,10 +410,53 @@ def load_tokenizer(folder: str | os.PathLike):
     return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 
-def load_causal_lm(folder: str | os.PathLike, *, dtype: str = "float32", trust_remote_code: bool = False):
+def load_causal_lm(folder: str | os.PathLike, *, dtype: str = "float32", trust_remote_code: bool = False, _stored: bool = True):
+    """The model in ``dtype``. ``dtype="float32"`` of a checkpoint stored in bf16/fp16 keeps the stored weights and
+    computes in fp32 one module at a time (:func:`compute_in_fp32`): the same logits as a full fp32 copy, bit for
+    bit (widening bf16/fp16 is exact), at half the memory (a 3.8B bf16 model: 7.9 GB instead of 15.7 GB)."""
     transformers = require("transformers")
     torch = require("torch")
     check_hf_folder(Path(folder))
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
+    stored = None
+    if dtype == "float32" and _stored:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+        stored = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    load = stored if stored in ("bfloat16", "float16") else dtype
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=getattr(torch, load), trust_remote_code=trust_remote_code, use_safetensors=True
     )
+    if load != dtype:
+        if any(b.is_floating_point() and b.dtype != torch.float32 for b in model.buffers()):
+            # a buffer computed in the stored dtype (Gemma's embedding scale rounded to bf16) is not the fp32
+            # model's: only a full fp32 load is
+            del model
+            return load_causal_lm(folder, dtype=dtype, trust_remote_code=trust_remote_code, _stored=False)
+        compute_in_fp32(model)
+    return model
+
+
+def compute_in_fp32(model) -> None:
+    """Hooks that widen each module's own weights to fp32 for its forward and put the stored ones back after.
+
+    Only one module's weights exist in fp32 at a time; activations are fp32 throughout (the first module,
+    the embedding, returns fp32 rows), so the result is the fp32 model's.
+    """
+    torch = require("torch")
+
+    def widen(module, args):
+        saved = [(p, p.data) for p in module.parameters(recurse=False) if p.dtype != torch.float32]
+        for p, data in saved:
+            p.data = data.float()
+        module._edgetune_stored = saved
+
+    def restore(module, args, output):
+        for p, data in getattr(module, "_edgetune_stored", ()):
+            p.data = data
+        module._edgetune_stored = ()
+
+    for m in model.modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            m.register_forward_pre_hook(widen)
+            m.register_forward_hook(restore)
+    # masks and buffers made from the model's dtype follow the fp32 computation
+    model.config.dtype = torch.float32

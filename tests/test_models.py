@@ -80,3 +80,26 @@ def test_smollm2_gguf_materializes_with_clean_tokenizer(smollm2_dir):
         ids = hf(s)["input_ids"]
         assert ids == raw.encode(s).ids and -1 not in ids
         assert hf.decode(ids) == s
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma2"])
+def test_a_bf16_checkpoint_is_its_fp32_model_bit_for_bit_at_half_the_memory(family, tmp_path):
+    """The reference behind the export's graph proof and validate: a bf16 checkpoint keeps its bf16 weights and
+    computes in fp32 module by module (a 3.8B model: 7.9 GB, not 15.7); the logits are the full fp32 load's exactly.
+    Gemma's embedding scale is a buffer made in the stored dtype: it falls back to the full fp32 load."""
+    import torch
+    import transformers
+
+    from edgetune.models import load_causal_lm
+    from test_families import build_family
+
+    src = build_family(family, tmp_path / "src")
+    transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    full = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    lean = load_causal_lm(tmp_path / "bf16").eval()
+    assert next(lean.parameters()).dtype == (torch.float32 if family == "gemma2" else torch.bfloat16)
+    ids = torch.randint(0, full.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = full(input_ids=ids).logits, lean(input_ids=ids).logits
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert next(lean.parameters()).dtype == next(iter(lean.state_dict().values())).dtype  # the stored weights are back
