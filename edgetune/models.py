@@ -237,10 +237,102 @@ def _gguf_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
+def llama3_rope_freqs(params: dict[str, Any], base: float, dim: int):
+    """The per-frequency divisors llama.cpp's converter writes as ``rope_freqs`` for a ``rope_type: llama3``
+    rope (Llama 3.1 / 3.2 / 3.3): ``LlamaModel.generate_extra_tensors`` of convert_hf_to_gguf.py, in its
+    float32 torch arithmetic; a float32 numpy array of dim / 2. ``base ** (-2i / dim) / rope_freqs[i]`` is
+    the inv_freq transformers' ``_compute_llama3_parameters`` computes from the same parameters."""
+    import math
+
+    torch = require("torch")
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    old = params["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / low, old / high
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32).numpy()
+
+
+# Meta's values for every Llama 3.1 / 3.2 / 3.3 (only the factor differs: 8 for 3.1 / 3.3, 32 for 3.2)
+LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _nice(x: float) -> float | int:
+    """x to 6 significant digits, an int when it is one (config values are written by people)."""
+    y = float(f"{x:.6g}")
+    return int(y) if y == int(y) else y
+
+
+def recover_llama3_rope(freqs, base: float, dim: int) -> tuple[dict[str, Any] | None, str]:
+    """The llama3 rope parameters (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+    behind a GGUF's ``rope_freqs`` tensor, and how they were found; (None, the reason) when none regenerate it.
+
+    The tensor holds, per frequency, 1 (wavelength under original / high_freq_factor), ``factor`` (over
+    original / low_freq_factor) or, between them, ``1 / ((1 - s) / factor + s)`` with the smoothing
+    ``s = (original / wavelength - low) / (high - low)``: affine in 1 / wavelength. The factor is the plateau;
+    two smoothed frequencies give the slope and offset of s, which fix ``original / low`` (the low-frequency
+    wavelength) and ``high / low``; every (original, low, high) with those two ratios computes the same model,
+    so low_freq_factor 1 (Meta's) is taken, or the smallest other that makes original an integer. Accepted only
+    when llama.cpp's own formula (``llama3_rope_freqs``) regenerates the tensor element for element: then the
+    import's inv_freq is the GGUF's, whatever the original parameters were."""
+    import numpy as np
+
+    r = np.asarray(freqs, np.float32).reshape(-1)
+    if r.size != dim // 2:
+        return None, f"rope_freqs has {r.size} values, the rotary dimension {dim} needs {dim // 2}"
+    if not np.isfinite(r).all() or r.min() < 1:
+        return None, "rope_freqs has values under 1 or not finite: not a llama3 rope scaling (whose divisors are 1 to factor)"
+    factor = float(r.max())
+    ones, plateau = r == 1, r == r.max()
+    mid = ~ones & ~plateau
+    n_high, n_mid = int(ones.sum()), int(mid.sum())
+    if not (ones[:n_high].all() and mid[n_high:n_high + n_mid].all() and plateau[n_high + n_mid:].all()):
+        return None, "rope_freqs is not 1 for the high frequencies, rising, then flat at its maximum: not a llama3 rope scaling"
+    candidates: list[dict[str, Any]] = [{"factor": _nice(factor), **LLAMA3_DEFAULTS}]
+    if n_mid >= 2:
+        freq = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float64)
+        x = freq[mid] / (2 * np.pi)  # 1 / wavelength
+        s = (1 / r[mid].astype(np.float64) - 1 / factor) / (1 - 1 / factor)
+        slope, offset = np.polyfit(x, s, 1)  # s = original / (high - low) * x - low / (high - low)
+        if slope > 0 and offset < 0:
+            low_wavelen, ratio = -slope / offset, 1 - 1 / offset  # original / low, high / low
+            for low in [1.0] + [k for k in (2, 4, 8, 16, 0.5, 0.25, 0.125) if abs(low_wavelen * k - round(low_wavelen * k)) < 1e-3]:
+                orig = low_wavelen * low
+                candidates.append({"factor": _nice(factor), "low_freq_factor": _nice(low), "high_freq_factor": _nice(ratio * low),
+                                   "original_max_position_embeddings": int(round(orig)) if abs(orig - round(orig)) < 1e-3 else orig})
+    for params in candidates:
+        if not isinstance(params["original_max_position_embeddings"], int) or params["high_freq_factor"] <= params["low_freq_factor"]:
+            continue
+        if np.array_equal(llama3_rope_freqs(params, base, dim), r):
+            how = "Meta's low/high_freq_factor and original context" if params == candidates[0] else \
+                f"fitted to its {n_mid} smoothed frequencies"
+            return params, how
+    if n_mid < 2 and factor > 1:
+        return None, (f"rope_freqs has {n_mid} smoothed frequenc{'y' if n_mid == 1 else 'ies'} between its 1s and its factor "
+                      f"{factor:g}: too few to recover the original context and low/high_freq_factor, and Meta's "
+                      f"({LLAMA3_DEFAULTS}) do not regenerate it")
+    return None, f"no llama3 rope parameters regenerate rope_freqs exactly ({n_high} at 1, {n_mid} smoothed, {dim // 2 - n_high - n_mid} at {factor:g})"
+
+
 def gguf_rope_fixes(path: Path, folder: Path) -> list[str]:
-    """Put back in an imported ``config.json`` the rotary settings transformers' GGUF loader drops from a
-    ``phi3`` GGUF (transformers 5.25 maps no ``phi3.rope.*`` key and no ``rope_factors_*`` tensor), in place;
+    """Put back in an imported ``config.json`` the rotary settings transformers' GGUF loader drops, in place;
     returns what changed.
+
+    Llama 3.1+ (``llama``): llama.cpp's converter writes a ``rope_type: llama3`` scaling only as the
+    ``rope_freqs`` tensor (per-frequency divisors; no ``rope.scaling.*`` key), which transformers 5.25 ignores:
+    every Llama 3.1 / 3.2 / 3.3 GGUF was imported with unscaled low frequencies. The parameters are recovered
+    from the tensor (``recover_llama3_rope``: exactly, or exit 2 with the reason).
+
+    Phi-3 (``phi3``): transformers 5.25 maps no ``phi3.rope.*`` key and no ``rope_factors_*`` tensor.
 
     llama.cpp's converter writes, for ``Phi3ForCausalLM``: ``rope.dimension_count`` = the rotary part of
     head_dim (``int(partial_rotary_factor * hidden) // heads``: Phi-4-mini's 0.75) and, for LongRoPE models
@@ -257,7 +349,14 @@ def gguf_rope_fixes(path: Path, folder: Path) -> list[str]:
         f = reader.fields.get(key)
         return f.contents() if f is not None and f.data else None
 
-    if field("general.architecture") != "phi3":
+    arch = field("general.architecture")
+    if arch == "llama":
+        return _llama3_rope_fix(path, folder, reader, field)
+    if arch != "phi3":
+        if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+            raise BadInput(f"{path.name}: its rotary frequencies are scaled by a rope_freqs tensor, which transformers' GGUF "
+                           f"loader drops and the import only recovers for architecture llama (this one is {arch})",
+                           hint="import the model from its Hugging Face folder instead of the GGUF")
         return []
     cfg_path = folder / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -292,6 +391,41 @@ def gguf_rope_fixes(path: Path, folder: Path) -> list[str]:
         cfg["rope_parameters"] = rope
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     return changed
+
+
+def _llama3_rope_fix(path: Path, folder: Path, reader, field) -> list[str]:
+    """``rope_freqs`` of a llama GGUF back into config.json as the llama3 rope parameters (see gguf_rope_fixes)."""
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" not in tensors:
+        return []
+    import numpy as np
+
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    rope = dict(cfg.get("rope_parameters") or {})
+    r = np.asarray(tensors["rope_freqs.weight"].data, np.float32).reshape(-1)
+    if (r == 1).all():
+        return []  # divisors of 1: the unscaled rope the import already has
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    dim = int(field("llama.rope.dimension_count") or head_dim)
+    base = field("llama.rope.freq_base")
+    base = float(base) if base is not None else float(rope.get("rope_theta") or 10000.0)
+    if dim != head_dim:
+        raise BadInput(f"{path.name}: llama.rope.dimension_count {dim} is not head_dim {head_dim} and the GGUF scales its "
+                       "rotary frequencies (rope_freqs): the import cannot carry both", hint="import the model from its Hugging Face folder")
+    params, how = recover_llama3_rope(r, base, dim)
+    if params is None:
+        raise BadInput(f"{path.name}: cannot recover the rope scaling from its rope_freqs tensor ({how}); transformers' GGUF "
+                       "loader drops the tensor, so the import would rotate its scaled frequencies unscaled: another model",
+                       hint="import the model from its Hugging Face folder (its config.json has the rope_parameters)")
+    ctx = cfg.get("max_position_embeddings")
+    rope.update({"rope_type": "llama3", "rope_theta": base, **params})
+    cfg["rope_parameters"] = rope
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return [f"rope_parameters -> llama3 (factor {params['factor']}, low_freq_factor {params['low_freq_factor']}, "
+            f"high_freq_factor {params['high_freq_factor']}, original_max_position_embeddings "
+            f"{params['original_max_position_embeddings']} of context {ctx}; {how}; they regenerate the GGUF's "
+            f"{dim // 2} rope_freqs exactly)"]
 
 
 def normalize_tokenizer(folder: Path, *, special: dict[str, Any] | None = None) -> list[str]:
@@ -367,8 +501,9 @@ def materialize(spec: str | os.PathLike, *, cache_dir: Path | None = None, dtype
         raise BadInput(f"unsupported model file {path.name}", hint="give a Hugging Face folder or a .gguf file")
     cache_dir = cache_dir or cache_root()
     out = cache_dir / "gguf" / f"{path.stem}-{hash_path(path)[:12]}"
-    # config_fixes: a folder imported before gguf_rope_fixes existed is imported again
-    options = {"dtype": dtype, "config_fixes": "phi3-rope"}
+    # config_fixes: a folder imported before gguf_rope_fixes existed (phi3), or before it read Llama 3.1+'s
+    # rope_freqs (llama3-rope), is imported again
+    options = {"dtype": dtype, "config_fixes": "phi3-rope,llama3-rope"}
     record = up_to_date(out, "gguf-import", {"gguf": path}, options)
     if record:
         src = (record.get("inputs") or {}).get("gguf") or {}

@@ -98,7 +98,10 @@ _SAME_LAYOUT = {"mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi4-mi
 
 _GGUF = {
     "llama": Yes(("test_gguf_transcode::test_tiny_llama_gguf_end_to_end",
-                  "test_llm_slow::test_gguf_transcode_keeps_the_gguf_weights"), "tiny, and real SmolLM2 Q4_1 in a slow test"),
+                  "test_gguf_transcode::test_llama3_gguf_keeps_its_rope_scaling",
+                  "test_llm_slow::test_gguf_transcode_keeps_the_gguf_weights"),
+                 "tiny, and real SmolLM2 Q4_1 in a slow test; Llama 3.1+/3.2's llama3 rope scaling recovered from the GGUF's "
+                 "rope_freqs (transformers' loader drops it)"),
     "mistral": Yes(("test_gguf_transcode::test_mistral_gguf_is_llama_cpps_llama_layout_with_an_untied_head_and_head_dim_128",),
                    "llama.cpp writes Mistral as `llama` (no sliding window); untied head, head_dim 128 != hidden/heads"),
     "qwen2": Yes(("test_gguf_transcode::test_qwen2_gguf_with_q_k_v_biases",), "q/k/v biases"),

@@ -381,3 +381,83 @@ def test_phi4_mini_gguf_keeps_partial_rotary_and_longrope(tmp_path):
     assert g["architecture"] == "phi3" and g["embedding"]["shared_with_lm_head"]
     by_node = {n["node"]: n for n in g["nodes"]}
     assert by_node["/model/layers.0/attn/qkv_proj/MatMul"]["gguf"] == ["blk.0.attn_qkv.weight"]
+
+
+@pytest.mark.parametrize("rope", ["llama3", "none"])
+def test_llama3_gguf_keeps_its_rope_scaling(rope, tmp_path):
+    """Llama 3.1 / 3.2 / 3.3 scale their rotary frequencies (``rope_type: llama3``); llama.cpp's converter writes that
+    only as the ``rope_freqs`` tensor (per-frequency divisors), which transformers 5.25's GGUF loader drops: the
+    import rotated the low frequencies unscaled (this tiny model: max |dlogit| 2.9 from the first tokens, 6.5 past
+    the original context), and every check after it compared against that other model. The import recovers the
+    llama3 parameters from the tensor (models.recover_llama3_rope): the imported model is the source model, over
+    a context 4x its original one, and so is the exact transcode's graph. ``none``: a llama GGUF without rope
+    scaling (SmolLM2) imports unchanged."""
+    import torch
+
+    from edgetune import artifacts
+    from edgetune.device import llm as dev
+    from edgetune.models import llama3_rope_freqs, load_causal_lm, materialize
+    from tiny_gguf import LLAMA3_ROPE, llama_cpp_rope_freqs, write_tiny_llama3_gguf
+
+    src = write_tiny_llama3_gguf(tmp_path / "llama3.gguf", tmp_path / "source", rope=LLAMA3_ROPE if rope == "llama3" else None)
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(src)).tensors}
+    assert ("rope_freqs.weight" in tensors) == (rope == "llama3")
+    rec, cfg = _export_gguf(src, tmp_path)
+    assert rec["gguf"]["architecture"] == "llama" and rec["gguf"]["tensors_not_in_graph"] == []
+    n = 4 * LLAMA3_ROPE["original_max_position_embeddings"]
+    ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], n)
+    with torch.no_grad():
+        want = load_causal_lm(tmp_path / "source")(torch.tensor(ids)[None]).logits[0].numpy()
+        imported = load_causal_lm(materialize(src).path)(torch.tensor(ids)[None]).logits[0].numpy()
+    assert np.abs(imported - want).max() <= 1e-4, np.abs(imported - want).max()
+    # the transcoded graph (every node at accuracy_level 0, as _export_gguf built it) computes the source model too
+    got = dev.logits(dev.load(tmp_path / "exact" / "q"), ids)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), np.abs(got - want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    fixes = artifacts.read_record(materialize(src).path)["results"]["config_fixes"]
+    params = cfg["rope_parameters"]
+    if rope == "llama3":
+        assert {k: params[k] for k in LLAMA3_ROPE} == LLAMA3_ROPE and params["rope_theta"] == 10000.0
+        assert len(fixes) == 1 and fixes[0].startswith("rope_parameters -> llama3 (factor 32,") and "exactly" in fixes[0], fixes
+        # the recovered parameters give back the GGUF's tensor, element for element (llama.cpp's formula, twice)
+        assert np.array_equal(llama3_rope_freqs(params, 10000.0, 64), tensors["rope_freqs.weight"])
+        assert np.array_equal(llama_cpp_rope_freqs(params, 10000.0, 64), tensors["rope_freqs.weight"])
+    else:
+        assert params["rope_type"] == "default" and fixes == []
+
+
+def test_llama3_rope_recovered_for_the_real_llama_shapes():
+    """Llama 3.2 1B (head_dim 64) / 3B, 3.1 8B (head_dim 128), rope_theta 500000, factor 32 / 8: the rope_freqs
+    llama.cpp writes give back parameters that regenerate it element for element. Parameters that differ but
+    compute the same divisors (low/high_freq_factor and the original context scaled together) come back as
+    Meta's; a scaling with too few smoothed frequencies to tell is refused with the reason."""
+    from edgetune.models import recover_llama3_rope
+    from tiny_gguf import llama_cpp_rope_freqs
+
+    meta = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    for factor, dim in ((32.0, 64), (32.0, 128), (8.0, 128)):
+        r = llama_cpp_rope_freqs({"factor": factor, **meta}, 500000.0, dim)
+        params, how = recover_llama3_rope(r, 500000.0, dim)
+        assert params == {"factor": factor, **meta} and "Meta" in how, (params, how)
+    scaled = {"factor": 16.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0, "original_max_position_embeddings": 16384}
+    assert recover_llama3_rope(llama_cpp_rope_freqs(scaled, 500000.0, 128), 500000.0, 128)[0] == {"factor": 16.0, **meta}
+    other = {"factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 2.5, "original_max_position_embeddings": 4096}
+    r = llama_cpp_rope_freqs(other, 100000.0, 128)
+    params, how = recover_llama3_rope(r, 100000.0, 128)
+    assert params == other and how == "fitted to its 6 smoothed frequencies", (params, how)
+    few = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 1.2, "original_max_position_embeddings": 64}
+    params, how = recover_llama3_rope(llama_cpp_rope_freqs(few, 10000.0, 64), 10000.0, 64)
+    assert params is None and "1 smoothed frequency" in how, how
+
+
+def test_llama_gguf_whose_rope_freqs_cannot_be_recovered_exits_2(tmp_path):
+    from edgetune.errors import BadInput
+    from edgetune.models import materialize
+    from tiny_gguf import write_tiny_llama3_gguf
+
+    few = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 1.2, "original_max_position_embeddings": 64}
+    src = write_tiny_llama3_gguf(tmp_path / "few.gguf", tmp_path / "source", rope=few)
+    with pytest.raises(BadInput, match=r"cannot recover the rope scaling from its rope_freqs tensor \(rope_freqs has 1 smoothed frequency") as err:
+        materialize(src, cache_dir=tmp_path / "cache")
+    assert err.value.exit_code == 2
+    assert not [p for p in (tmp_path / "cache" / "gguf").glob("*") if (p / "config.json").exists()]

@@ -288,3 +288,113 @@ def write_tiny_phi4_mini_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0,
         add(f"blk.{i}.ffn_up.weight", "Q5_0", (2 * FFN, HIDDEN))
         add(f"blk.{i}.ffn_down.weight", "Q6_K", (HIDDEN, FFN))
     return _finish(w, path)
+
+
+# Llama 3.2's rope scaling (rope_type llama3: factor 32, low/high_freq_factor 1/4), with the original context
+# shortened from 8192 to 64 so that a test context of a few hundred tokens (max_position_embeddings 512, the
+# tiny GGUFs' context_length) runs far past it: at head_dim 64 and rope_theta 10000, 5 frequencies are smoothed
+# and 23 divided by the factor.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def llama_cpp_rope_freqs(rope_params: dict, base: float, dim: int) -> np.ndarray:
+    """The ``rope_freqs`` tensor llama.cpp's converter writes for a llama3 rope: ``LlamaModel.generate_extra_tensors``
+    of convert_hf_to_gguf.py (llama-cpp-python 0.3.36's vendored llama.cpp, conversion/llama.py), verbatim in
+    its float32 torch arithmetic."""
+    import math
+
+    import torch
+
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+    factor = rope_params.get("factor", 8.0)
+    low_freq_factor = rope_params.get("low_freq_factor", 1.0)
+    high_freq_factor = rope_params.get("high_freq_factor", 4.0)
+    old_context_len = rope_params.get("original_max_position_embeddings", 8192)
+
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+
+    rope_factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(rope_factors, dtype=torch.float32).numpy()
+
+
+LLAMA3_TYPES = {"attn_q": "Q4_0", "attn_k": "Q8_0", "attn_v": "Q5_0", "attn_output": "Q4_1", "ffn_gate": "Q8_0", "ffn_up": "Q5_1",
+                "ffn_down": "Q4_0"}
+
+
+def write_tiny_llama3_gguf(path: Path, source: Path, *, seed: int = 0, rope: dict | None = LLAMA3_ROPE) -> Path:
+    """A 2-layer Llama 3.2-layout model as an HF folder ``source`` (its tokenizer, config and safetensors: the
+    model the GGUF came from) and the GGUF llama.cpp's converter makes of it at ``path``: tied head, head_dim 64,
+    GQA 4:2, q/k rows permuted, ``rope.freq_base`` and context length from the config, and for a llama3 rope
+    (``rope``) the ``rope_freqs`` tensor and nothing else about it (no rope.scaling.* key). The linears are
+    quantized (types gguf-py can quantize: LLAMA3_TYPES, Q8_0 embedding) and the source model holds their
+    dequantized values, so it is exactly the model the GGUF stores. ``rope=None``: no rope scaling (SmolLM2)."""
+    import gguf
+    import torch
+    import transformers
+    from gguf.quants import dequantize, quantize
+
+    from tiny_models import build_bpe_tokenizer
+
+    source.mkdir(parents=True, exist_ok=True)
+    tok = build_bpe_tokenizer(source)
+    head_dim = HIDDEN // HEADS
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, head_dim=head_dim, max_position_embeddings=512, rms_norm_eps=1e-5,
+        rope_parameters={"rope_theta": 10000.0, **(rope or {"rope_type": "default"})}, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    rng = np.random.default_rng(seed)
+    w, n_vocab = _writer(path, "llama", source, name="Llama 3.2 1B Instruct" if rope else "SmolLM2 135M Instruct")
+    assert n_vocab == cfg.vocab_size
+
+    def add(name: str, param, type_name: str, n_head: int | None = None, scale: float = 0.05):
+        x = rng.standard_normal(tuple(param.shape)).astype(np.float32) * scale
+        t = gguf.GGMLQuantizationType[type_name]
+        q = quantize(x, t)
+        deq = dequantize(q, t).reshape(x.shape)
+        if n_head:  # quantized along the rows' input dimension: permuting rows commutes with it
+            q = quantize(_permute(x, n_head), t)
+            assert np.array_equal(dequantize(q, t).reshape(x.shape), _permute(deq, n_head))
+        with torch.no_grad():
+            param.copy_(torch.from_numpy(deq))
+        w.add_tensor(name, q, raw_dtype=t)
+
+    def norm(name: str, param):
+        x = (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
+        with torch.no_grad():
+            param.copy_(torch.from_numpy(x))
+        w.add_tensor(name, x)
+
+    add("token_embd.weight", model.model.embed_tokens.weight, "Q8_0", scale=0.5)
+    if rope:
+        w.add_tensor("rope_freqs.weight", llama_cpp_rope_freqs(rope, 10000.0, head_dim))
+    for i, layer in enumerate(model.model.layers):
+        types = LLAMA3_TYPES
+        norm(f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight)
+        norm(f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight)
+        a, m = layer.self_attn, layer.mlp
+        add(f"blk.{i}.attn_q.weight", a.q_proj.weight, types["attn_q"], n_head=HEADS)
+        add(f"blk.{i}.attn_k.weight", a.k_proj.weight, types["attn_k"], n_head=KV_HEADS)
+        add(f"blk.{i}.attn_v.weight", a.v_proj.weight, types["attn_v"])
+        add(f"blk.{i}.attn_output.weight", a.o_proj.weight, types["attn_output"])
+        add(f"blk.{i}.ffn_gate.weight", m.gate_proj.weight, types["ffn_gate"])
+        add(f"blk.{i}.ffn_up.weight", m.up_proj.weight, types["ffn_up"])
+        add(f"blk.{i}.ffn_down.weight", m.down_proj.weight, types["ffn_down"])
+    assert torch.equal(model.model.norm.weight, torch.ones(HIDDEN))  # _finish writes output_norm as ones
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(source, safe_serialization=True)
+    return _finish(w, path)
