@@ -21,13 +21,16 @@ from __future__ import annotations
 from typing import Any
 
 ENABLED = True  # tests turn it off to compare with the builder's own pass
+# the builder's own quantization methods (its `quant_config.weights.method`, not edgetune's algorithm names)
+# whose `to_nbits` is one pass in which each MatMul is quantized on its own
+BUILDER_PER_NODE_METHODS = frozenset({"default", "k_quant", "rtn"})
 
 
 def applies(model: Any) -> bool:
     """Whether the builder's ``to_nbits`` is one pass that quantizes each MatMul on its own."""
     attrs = getattr(model, "quant_attrs", None) or {}
     method = getattr(model, "quantization_algo", "default")
-    return (method in ("default", "rtn", "k_quant") and not getattr(model, "int4_customized_weight_config", None)
+    return (method in BUILDER_PER_NODE_METHODS and not getattr(model, "int4_customized_weight_config", None)
             and not getattr(model, "exact_quant_override_names", None) and "MatMul" in attrs.get("op_types_to_quantize", ())
             and not (getattr(model, "ep", "cpu") == "cuda" and (getattr(model, "matmul_attrs", {}) or {}).get("weights_prepacked", 0) > 0))
 
