@@ -15,7 +15,7 @@ from .. import console
 from ..errors import BadInput
 from ..targets import load_target
 from .adapters import export_with_adapters
-from .builder import export_builder
+from .builder import check_tokenizer_files, export_builder
 from .float_adapter import export_with_float_adapter
 from .gguf_export import export_gguf, gguf_source
 
@@ -53,6 +53,8 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     precision = precision or ("gguf" if default_gguf else t.precision.llm)
     if precision not in ("fp32", "fp16", "bf16", "int8", "int4", "gguf"):
         raise BadInput(f"unknown precision '{precision}'", hint="use fp32, fp16, bf16, int8, int4 or gguf")
+    with console.step("tokenizer: onnxruntime-genai vs transformers (before any weight work)"):
+        check_tokenizer_files(model_dir)  # exit 2 in seconds, not exit 1 after the build
     if float_adapter:  # one graph: this base export + the LoRA as float side branches (never quantized)
         if adapters:
             raise BadInput("--float-adapter and --adapter cannot be combined",
