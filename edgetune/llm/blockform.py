@@ -189,8 +189,9 @@ class GraphEdit:
         caller's block-sum correction). The high plane is symmetric with scale ``2^m s`` (a Mul of s that
         onnxruntime folds at load: stored once); the low plane has zero points 0. Both exact at accuracy_level 0,
         where 4-bit nodes take the prepacked fp32-activation kernel (an 8-bit node at level 0 dequantizes B on
-        every call, ~80x slower). A 2-bit low plane (n <= 6) at level 0 is again the slow dequantizing path, so it
-        runs at ``low_level`` (default: ``accuracy_level``): at 4 it rounds x to int8 only in the low bits' term.
+        every call, ~80x slower). A 2-bit low plane (n <= 6, blocks of 32+) at level 0 is again the slow
+        dequantizing path, so it runs at ``low_level`` (default: ``accuracy_level``): at 4 it rounds x to int8
+        only in the low bits' term. Blocks of 16 (Q6_K) get a 4-bit low plane: no fast 2-bit kernel there.
         """
         from onnx import TensorProto, helper
 
@@ -203,7 +204,9 @@ class GraphEdit:
         m = nbits - 4
         u = (r - r0).astype(np.uint8)
         hi, lo = u >> np.uint8(m), u & np.uint8((1 << m) - 1)
-        lo_bits = 2 if m <= 2 else 4
+        # 2-bit MatMulNBits has a fast (level 4) kernel for blocks of 32 and more only: a block-16 2-bit node takes the
+        # dequantizing path at either level (Q6_K's 2048x640 low bits: 14 ms vs 0.17 ms as a 4-bit level-0 node)
+        lo_bits = 2 if m <= 2 and form.block >= 32 else 4
         low_level = accuracy_level if low_level is None or lo_bits == 4 else low_level  # 4 bits: the fast exact kernel
         scales = self.as_float32(f"{weight_name}.scales", form.stored_scales())
         factor = f"{self.prefix}/const/f32_{1 << m}"
