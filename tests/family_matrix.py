@@ -102,8 +102,8 @@ _GGUF = {
     "qwen3": Yes(("test_gguf_transcode::test_qwen3_gguf_whose_head_dim_is_not_hidden_over_heads",), "head_dim 128 != hidden/heads"),
     "phi3": Yes(("test_gguf_transcode::test_phi3_gguf_with_fused_qkv_and_gate_up_takes_the_exact_path",),
                 "llama.cpp's fused `attn_qkv` / `ffn_up`"),
-    "gemma3_text": NotTested("no Gemma GGUF on this machine; transformers 5 imports Gemma GGUF vocabularies as BPE, and "
-                             "`export`'s tokenizer check refuses a graph whose tokenizer encodes differently"),
+    "gemma3_text": Yes(("test_gemma3_slow::test_gemma3_gguf_reaches_the_device",),
+                       "real Gemma 3 270M Q4_K_M (Q4_K/Q5_0/Q6_K/Q8_0, 262k SentencePiece vocabulary) in a slow test"),
 }
 
 
