@@ -57,7 +57,8 @@ def test_gemma3_gguf_reaches_the_device(gemma3, tmp_path):
                                              "top1_agreement", "generation_agreement")}, "size_vs_gguf", g["size_vs_gguf"])
     assert abs(a["perplexity_increase_pct"]) < 0.5 and a["top1_agreement"] > 0.95
     assert report["tokenizer"]["mismatches"] == 0
-    bundle = make_bundle(out, tmp_path / "bundle", target="cpu-x86", report=tmp_path / "rep")
+    bundle = tmp_path / "bundle"
+    make_bundle(out, bundle, target="cpu-x86", report=tmp_path / "rep")
     r = device_cli("run", str(bundle), "-p", "The capital of France is", "-n", "8", "--json")
     assert r.returncode == 0, r.stderr
     (res,) = json.loads(r.stdout)["results"]
