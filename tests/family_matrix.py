@@ -143,7 +143,8 @@ def _row(family: str) -> dict[str, Cell]:
     fp32_note = {"gemma2": "builder 0.18 slides transformers' layers",
                  "gemma3_text": "transformers 5's per-layer-type RoPE flattened for builder 0.18"}.get(family, "")
     pipeline_tests = (PIPELINE, "test_build::test_build_produces_verified_bundle_and_summary",
-                      "test_demo_slow::test_demo_bundle_keeps_the_fine_tune") if family == "llama" else (PIPELINE,)
+                      "test_demo_slow::test_demo_bundle_keeps_the_fine_tune") if family == "llama" else \
+        (PIPELINE, "test_gemma3_slow::test_gemma3_demo_task_build") if family == "gemma3_text" else (PIPELINE,)
     row: dict[str, Cell] = {
         "fp32": Yes((EXPORTS,), fp32_note),
         "int4": Yes((EXPORTS, PIPELINE)),
