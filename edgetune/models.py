@@ -520,6 +520,18 @@ def materialize(spec: str | os.PathLike, *, cache_dir: Path | None = None, dtype
         kwargs = {"gguf_file": path.name}
         try:
             tok = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        except ValueError as exc:
+            raise BadInput(f"cannot load {path.name} through transformers' GGUF loader ({exc})", hint="use a GGUF of a supported architecture") from None
+        tok.save_pretrained(run.dir)
+        run.results["tokenizer_fixes"] = normalize_tokenizer(run.dir, special=meta)
+        if importlib.util.find_spec("onnxruntime_genai") is not None:  # the device must encode like this tokenizer:
+            from .llm.builder import check_tokenizer_files  # refused in seconds, before the weights are dequantized
+
+            with console.step("tokenizer: onnxruntime-genai vs transformers"):
+                run.results["tokenizer_check"] = check_tokenizer_files(run.dir)
+        run.results["chat_template"] = "carried from the GGUF" if (run.dir / "chat_template.jinja").is_file() or \
+            json.loads((run.dir / "tokenizer_config.json").read_text()).get("chat_template") else "none in the GGUF (a base model)"
+        try:
             # transformers 5 keeps GGUF blocks packed (GgufLinear, not serializable) unless told to dequantize
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 path.parent, dtype=getattr(torch, dtype), quantization_config=transformers.GgufConfig(dequantize=True), **kwargs)
@@ -532,8 +544,6 @@ def materialize(spec: str | os.PathLike, *, cache_dir: Path | None = None, dtype
             model.generation_config.eos_token_id = model.config.eos_token_id
             model.generation_config.pad_token_id = model.config.pad_token_id
         model.save_pretrained(run.dir, safe_serialization=True)
-        tok.save_pretrained(run.dir)
-        run.results["tokenizer_fixes"] = normalize_tokenizer(run.dir, special=meta)
         run.results["config_fixes"] = gguf_rope_fixes(path, run.dir)
         run.results["model_type"] = model.config.model_type
         run.results["parameters"] = sum(p.numel() for p in model.parameters())

@@ -437,7 +437,7 @@ def task_answers(source, examples: list[dict[str, Any]], *, batch_size: int = TA
 
         m = L.load(source)
         prompt_ids = [L.prompt_ids(m, e["prompt"], chat=e["chat"]) for e in examples]
-        caps = [answer_cap(len(L.encode(m, e["gold"]))) for e in examples]
+        caps = [answer_cap(len(L.encode(m, e["gold"], special=False))) for e in examples]
         answer_ids = [L.generate_ids(m, p, c) for p, c in zip(prompt_ids, caps)]
         answers = [L.decode(m, a) for a in answer_ids]
         return {"prompt_ids": prompt_ids, "answer_ids": answer_ids, "answers": answers, "caps": caps, "computed_with": "onnxruntime-genai"}

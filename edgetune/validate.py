@@ -350,7 +350,7 @@ def _cap(m, gold: str) -> int:
     from .device import llm as L
     from .reference import answer_cap
 
-    return answer_cap(len(L.encode(m, gold)))
+    return answer_cap(len(L.encode(m, gold, special=False)))
 
 
 def _prompt_text(e: dict) -> str:

@@ -110,8 +110,8 @@ _GGUF = {
                 "llama.cpp's fused `attn_qkv` / `ffn_up`"),
     "phi4-mini": Yes(("test_gguf_transcode::test_phi4_mini_gguf_keeps_partial_rotary_and_longrope",),
                      "partial rotary and LongRoPE factors read from the GGUF (transformers' loader drops them)"),
-    "gemma3_text": NotTested("no Gemma GGUF on this machine; transformers 5 imports Gemma GGUF vocabularies as BPE, and "
-                             "`export`'s tokenizer check refuses a graph whose tokenizer encodes differently"),
+    "gemma3_text": Yes(("test_gemma3_slow::test_gemma3_gguf_reaches_the_device",),
+                       "real Gemma 3 270M Q4_K_M (Q4_K/Q5_0/Q6_K/Q8_0, 262k SentencePiece vocabulary) in a slow test"),
 }
 
 
@@ -151,7 +151,8 @@ def _row(family: str) -> dict[str, Cell]:
     fp32_note = {"gemma2": "builder 0.18 slides transformers' layers",
                  "gemma3_text": "transformers 5's per-layer-type RoPE flattened for builder 0.18"}.get(family, "")
     pipeline_tests = (PIPELINE, "test_build::test_build_produces_verified_bundle_and_summary",
-                      "test_demo_slow::test_demo_bundle_keeps_the_fine_tune") if family == "llama" else (PIPELINE,)
+                      "test_demo_slow::test_demo_bundle_keeps_the_fine_tune") if family == "llama" else \
+        (PIPELINE, "test_gemma3_slow::test_gemma3_demo_task_build") if family == "gemma3_text" else (PIPELINE,)
     row: dict[str, Cell] = {
         "fp32": Yes((EXPORTS,), fp32_note),
         "int4": Yes((EXPORTS, PIPELINE)),

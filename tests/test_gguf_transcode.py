@@ -116,7 +116,9 @@ def test_tiny_llama_gguf_end_to_end(tiny_gguf, tmp_path):
     assert g["max_rel_diff_vs_gguf_dequantize"] <= 1e-6 and g["max_rel_diff_vs_builder_fp32"] <= 1e-6
     assert all(t["permuted_rows"] for t in g["tensors"] if ".attn_q." in t["gguf"] or ".attn_k." in t["gguf"])
     assert g["all_prepacked"] and g["embedding"]["shared_with_lm_head"] and rec["tokenizer_check"]["mismatches"] == 0
-    assert all(a["zero_points"] is False for a in rec["matmulnbits"])
+    # zero points only on the low-bits node of a 6-/8-bit type split into planes (uint 0), never float
+    assert all(not a["zero_points"] or a["bits"] in (2, 4) for a in rec["matmulnbits"])
+    assert {n["type"] for n in g["nodes"] if n.get("planes")} >= {"Q5_0", "Q6_K"}
     kinds = {n["node"]: n for n in g["nodes"]}
     assert kinds["/model/layers.1/mlp/gate_proj/MatMul"]["form"] == "float MatMul"
     # accuracy_level 0 for every node (8-bit too): the graph computes the dequantized model in fp32

@@ -196,9 +196,26 @@ def load(folder: str | Path, target: Any = None, *, adapter: str | None = None) 
     return llm
 
 
-def encode(llm: LLM, text: str) -> np.ndarray:
-    """Token ids of ``text`` with the device tokenizer (onnxruntime-genai)."""
-    return np.asarray(llm.tokenizer.encode(text), dtype=np.int64)
+def tokenize(tokenizer, text: str, *, special: bool = True) -> np.ndarray:
+    """``text`` encoded by an onnxruntime-genai tokenizer the way transformers encodes it.
+
+    ``special``: add the special tokens the tokenizer's post-processor adds (Gemma's BOS), as
+    ``tokenizer.encode(text)`` does in transformers; off for text a chat template rendered (the template
+    writes its BOS itself; transformers' ``apply_chat_template`` encodes with ``add_special_tokens=False``).
+    onnxruntime-genai 0.18's ``Tokenizer.encode`` adds none unless told (``add_special_tokens``), so a
+    model whose tokenizer adds a BOS (every Gemma) was fed text without it.
+    """
+    try:
+        tokenizer.update_options(add_special_tokens="true" if special else "false")
+    except (AttributeError, RuntimeError):  # a runtime without the option: it never adds special tokens
+        pass
+    return np.asarray(tokenizer.encode(text), dtype=np.int64)
+
+
+def encode(llm: LLM, text: str, *, special: bool = True) -> np.ndarray:
+    """Token ids of ``text`` with the device tokenizer (onnxruntime-genai), as transformers' ``encode``
+    gives them (``special``: see :func:`tokenize`)."""
+    return tokenize(llm.tokenizer, text, special=special)
 
 
 def decode(llm: LLM, ids) -> str:
@@ -209,20 +226,21 @@ def decode(llm: LLM, ids) -> str:
 
 def prompt_ids(llm: LLM, prompt_or_messages: str | list[dict], *, chat: bool = True) -> np.ndarray:
     """Ids of a prompt; with ``chat`` a string becomes one user message and the chat template applies."""
+    # prompts are encoded as fine-tuning renders them and the reference's task prompts are: without special tokens
     if isinstance(prompt_or_messages, str) and not chat:
-        return encode(llm, prompt_or_messages)
+        return encode(llm, prompt_or_messages, special=False)
     messages = [{"role": "user", "content": prompt_or_messages}] if isinstance(prompt_or_messages, str) else prompt_or_messages
     template = _chat_template(llm.folder)
     if template is None:
         # no template: plain concatenation of contents
-        return encode(llm, "\n".join(m["content"] for m in messages))
+        return encode(llm, "\n".join(m["content"] for m in messages), special=False)
     try:
         text = llm.tokenizer.apply_chat_template(template_str=template, messages=json.dumps(messages), add_generation_prompt=True)
     except Exception as exc:  # onnxruntime-genai raises a RuntimeError with the template engine's multi-line message
         detail = " ".join(str(exc).split())[:200]
         raise BadInput(f"{llm.folder}: the chat template cannot be rendered ({detail})",
                        hint="the bundle's chat template is broken or hostile; rebuild it from a model whose template renders, or use --raw") from exc
-    return encode(llm, text)
+    return encode(llm, text, special=False)  # the template wrote the special tokens (BOS) itself
 
 
 def _chat_template(folder: Path) -> str | None:

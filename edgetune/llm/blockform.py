@@ -110,6 +110,8 @@ def pack(q: np.ndarray, bits: int, block: int) -> np.ndarray:
         return np.ascontiguousarray(q)
     if bits == 4:
         return np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << np.uint8(4)))
+    if bits == 2:
+        return np.ascontiguousarray(q[..., 0::4] | (q[..., 1::4] << np.uint8(2)) | (q[..., 2::4] << np.uint8(4)) | (q[..., 3::4] << np.uint8(6)))
     raise ValueError(f"bits {bits}")
 
 
@@ -175,27 +177,103 @@ class GraphEdit:
             self._blocksums[key] = s
         return self._blocksums[key]
 
+    def planes(self, x: str, out: str, form: BlockForm, *, name: str, weight_name: str, accuracy_level: int,
+               low_level: int | None = None) -> dict[str, Any]:
+        """An 8-bit form as a 4-bit high plane and a 2- or 4-bit low plane, the smallest exact split the
+        CPU kernels run (onnxruntime 1.32's MatMulNBits takes 2, 4 and 8 bits only).
+
+        With ``r = q - 128`` in ``[r0, r0 + 2^n)`` over the tensor (n = 5 for Q5_0, 6 for Q6_K, 8 for Q8_0)
+        and ``m = n - 4``: ``r - r0 = 2^m h + l`` (h < 16, l < 2^m), so
+        ``s r = 2^m s (h - 8) + s (l - 0) + s (r0 + 8 * 2^m)``. The last term is 0 for the symmetric GGUF
+        types (r0 = -2^(n-1)); otherwise it joins the block offsets (returned as ``extra_offsets``, for the
+        caller's block-sum correction). The high plane is symmetric with scale ``2^m s`` (a Mul of s that
+        onnxruntime folds at load: stored once); the low plane has zero points 0. Both exact at accuracy_level 0,
+        where 4-bit nodes take the prepacked fp32-activation kernel (an 8-bit node at level 0 dequantizes B on
+        every call, ~80x slower). A 2-bit low plane (n <= 6, blocks of 32+) at level 0 is again the slow
+        dequantizing path, so it runs at ``low_level`` (default: ``accuracy_level``): at 4 it rounds x to int8
+        only in the low bits' term. Blocks of 16 (Q6_K) get a 4-bit low plane: no fast 2-bit kernel there.
+        """
+        from onnx import TensorProto, helper
+
+        n_out, k = form.shape
+        kb = k // form.block
+        r = form.q.astype(np.int16) - 128
+        r0 = int(r.min(initial=0))
+        width = max(int(r.max(initial=0)) - r0 + 1, 2)
+        nbits = max(int(np.ceil(np.log2(width))), 5)
+        m = nbits - 4
+        u = (r - r0).astype(np.uint8)
+        hi, lo = u >> np.uint8(m), u & np.uint8((1 << m) - 1)
+        # 2-bit MatMulNBits has a fast (level 4) kernel for blocks of 32 and more only: a block-16 2-bit node takes the
+        # dequantizing path at either level (Q6_K's 2048x640 low bits: 14 ms vs 0.17 ms as a 4-bit level-0 node)
+        lo_bits = 2 if m <= 2 and form.block >= 32 else 4
+        low_level = accuracy_level if low_level is None or lo_bits == 4 else low_level  # 4 bits: the fast exact kernel
+        scales = self.as_float32(f"{weight_name}.scales", form.stored_scales())
+        factor = f"{self.prefix}/const/f32_{1 << m}"
+        if factor not in self._consts:
+            self.nodes.append(helper.make_node("Constant", [], [factor], name=f"{factor}/Constant",
+                                               value=helper.make_tensor(f"{factor}/value", TensorProto.FLOAT, [], [float(1 << m)])))
+            self._consts[factor] = factor
+        hi_scales = f"{weight_name}.scales/x{1 << m}"
+        self.nodes.append(helper.make_node("Mul", [scales, factor], [hi_scales], name=f"{weight_name}.scales/Mul{1 << m}"))
+        b_hi = self.initializer(f"{weight_name}.qweight_hi", pack(hi, 4, form.block))
+        # the low plane without zero points (symmetric: no onnxruntime #29853 on AVX2's CompInt8) where l + z0 fits:
+        # s (l - 0) = s ((l + z0) - z0), z0 = 2^(lo_bits-1) (Q5_0: l < 2, z0 = 2). Else uint zero points 0.
+        z0 = 1 << (lo_bits - 1)
+        symmetric = (1 << m) + z0 <= (1 << lo_bits)
+        b_lo = self.initializer(f"{weight_name}.qweight_lo{lo_bits}", pack(lo + np.uint8(z0) if symmetric else lo, lo_bits, form.block))
+        per_byte = 8 // lo_bits
+        lo_inputs = [x, b_lo, scales]
+        if not symmetric:
+            lo_inputs.append(self.initializer(f"{weight_name}.zero_points_lo", np.zeros((n_out, (kb + per_byte - 1) // per_byte), np.uint8)))
+        y_hi, y_lo = f"{name}/MatMulNBits_hi/output_0", f"{name}/MatMulNBits_lo/output_0"
+        self.nodes.append(helper.make_node("MatMulNBits", [x, b_hi, hi_scales], [y_hi], name=f"{name}/MatMulNBits_hi", domain=MS_DOMAIN,
+                                           K=k, N=n_out, bits=4, block_size=form.block, accuracy_level=int(accuracy_level)))
+        self.nodes.append(helper.make_node("MatMulNBits", lo_inputs, [y_lo], name=f"{name}/MatMulNBits_lo", domain=MS_DOMAIN,
+                                           K=k, N=n_out, bits=lo_bits, block_size=form.block, accuracy_level=int(low_level)))
+        self.nodes.append(helper.make_node("Add", [y_hi, y_lo], [out], name=f"{name}/Planes/Add"))
+        c = r0 + 8 * (1 << m)
+        extra = None if c == 0 else form.scales.astype(np.float32) * np.float32(c)
+        return {"value_bits": nbits, "planes": f"4-bit high (level {int(accuracy_level)}) + {lo_bits}-bit low (level {int(low_level)})",
+                "zero_point": "none" if symmetric else "high plane none, low plane 0", "extra_offsets": extra}
+
     def linear(self, x: str, out: str, form: BlockForm, *, name: str, weight_name: str, accuracy_level: int,
-               blocksum_input_rank3: bool = True) -> dict[str, Any]:
-        """``out = x @ W^T`` for W in ``form``: MatMulNBits (+ correction). The last node writes ``out``."""
+               blocksum_input_rank3: bool = True, planes: bool = False, low_level: int | None = None) -> dict[str, Any]:
+        """``out = x @ W^T`` for W in ``form``: MatMulNBits (+ correction). The last node writes ``out``.
+
+        ``planes``: an 8-bit form as a 4-bit and a 2-/4-bit node (:meth:`planes`: the smallest exact split, fp32
+        activations at a usable speed; ``low_level`` for the low plane)."""
         from onnx import helper
 
         n, k = form.shape
-        scales = self.as_float32(f"{weight_name}.scales", form.stored_scales())
-        b = self.initializer(f"{weight_name}.qweight", form.packed())
+        planes = planes and form.bits == 8
         attrs = dict(K=k, N=n, bits=form.bits, block_size=form.block, accuracy_level=int(accuracy_level))
-        if form.offsets is None:
+        split = None
+        if planes:
+            main = f"{name}/Planes/output_0"
+            split = self.planes(x, main, form, name=name, weight_name=weight_name, accuracy_level=accuracy_level, low_level=low_level)
+            extra = split.pop("extra_offsets")
+            if extra is not None:
+                form = BlockForm(form.q, form.scales, extra if form.offsets is None else form.offsets + extra, form.bits, form.block)
+            if form.offsets is None:
+                self.nodes[-1].output[0] = out  # the planes' Add writes the output
+        elif form.offsets is None:
+            scales = self.as_float32(f"{weight_name}.scales", form.stored_scales())
+            b = self.initializer(f"{weight_name}.qweight", form.packed())
             self.nodes.append(helper.make_node("MatMulNBits", [x, b, scales], [out], name=f"{name}/MatMulNBits", domain=MS_DOMAIN, **attrs))
         else:
+            scales = self.as_float32(f"{weight_name}.scales", form.stored_scales())
+            b = self.initializer(f"{weight_name}.qweight", form.packed())
             main = f"{name}/MatMulNBits/output_0"
             self.nodes.append(helper.make_node("MatMulNBits", [x, b, scales], [main], name=f"{name}/MatMulNBits", domain=MS_DOMAIN, **attrs))
+        if form.offsets is not None:
             sums = self.blocksums(x, k, form.block)
             offsets_t = exact_float(form.offsets.T)  # [K // block, N]
             o = self.as_float32(f"{weight_name}.offsets", offsets_t)
             corr = f"{name}/BlockSumCorrection/MatMul/output_0"
             self.nodes.append(helper.make_node("MatMul", [sums, o], [corr], name=f"{name}/BlockSumCorrection/MatMul"))
             self.nodes.append(helper.make_node("Add", [main, corr], [out], name=f"{name}/BlockSumCorrection/Add"))
-        return {"bits": form.bits, "block": form.block, "zero_point": "none (default 2^(bits-1))",
+        return {"bits": form.bits, "block": form.block, "zero_point": "none (default 2^(bits-1))", **(split or {}),
                 "correction": form.offsets is not None, "accuracy_level": int(accuracy_level),
                 "scales_dtype": str(form.stored_scales().dtype),
                 "offsets_dtype": None if form.offsets is None else str(exact_float(form.offsets).dtype),

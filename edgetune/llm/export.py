@@ -9,6 +9,7 @@ importing this module, so the import graph points one way: export -> variants ->
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from .. import console
@@ -17,23 +18,31 @@ from ..plan import int4_plan, llm_precision
 from ..quant import LLM_PRECISIONS
 from ..targets import resolve
 from .adapters import export_with_adapters
-from .builder import export_builder
+from .builder import check_tokenizer_files, export_builder
 from .float_adapter import export_with_float_adapter
 from .gguf_export import export_gguf, gguf_source
 
 
+# the form of a GGUF's 5-, 6- and 8-bit linears in --precision gguf (docs/llm.md, "5-, 6- and 8-bit GGUF types")
+GGUF_8BIT = ("planes", "int8")
+GGUF_8BIT_DEFAULT = "planes"
+
+
 def base_export(model_dir, out, *, target, precision: str, int4=None, calibration=None, fuse: bool = True,
-                default_gguf: bool = False) -> Path:
+                default_gguf: bool = False, gguf_8bit: str | None = None) -> Path:
     """The export of a base model at ``precision``: the GGUF transcode for gguf, else the builder's."""
     if precision == "gguf":  # the GGUF's own quantized weights, transcoded exactly (edgetune/llm/gguf_export.py)
         if calibration is not None:
             raise BadInput("--calibration is not used by --precision gguf (the GGUF's weights are kept)", hint="drop --calibration")
-        return export_gguf(model_dir, out, target=target, int4=int4, default=default_gguf, fuse=fuse)
+        return export_gguf(model_dir, out, target=target, int4=int4, default=default_gguf, fuse=fuse,
+                           planes=(gguf_8bit or GGUF_8BIT_DEFAULT) == "planes")
+    if gguf_8bit is not None:
+        raise BadInput("--gguf-8bit applies to --precision gguf only", hint="drop --gguf-8bit")
     return export_builder(model_dir, out, target=target, precision=precision, int4=int4, calibration=calibration)
 
 
 def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=(), calibration=None, mixed=None,
-               allow_slow_kernel=False, float_adapter=None, fuse=True) -> Path:
+               allow_slow_kernel=False, float_adapter=None, fuse=True, gguf_8bit: str | None = None) -> Path:
     """Export an HF decoder folder for ``target``.
 
     ``mixed``: layer-wise mixed precision (int4 builder algorithms): ``{"layers": [builder node names]}``
@@ -43,7 +52,13 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     ``float_adapter``: a LoRA adapter folder kept as float side branches over this base (:mod:`.float_adapter`).
     ``fuse``: precision gguf (alone or under a float adapter): fuse the block-sum corrections and LoRA branches of
     the linears that share an input into one MatMul per group + one MatMul/Add per linear (:mod:`.fuse`, exact).
+    ``gguf_8bit``: precision gguf, the form of the GGUF's 5-, 6- and 8-bit linears: ``planes`` (a 4-bit node
+    at the profile's level + a 2-/4-bit low-bits node, :meth:`~.blockform.GraphEdit.planes`) or ``int8`` (one
+    8-bit node at level 4 on the CPU); default :data:`GGUF_8BIT_DEFAULT`. docs/llm.md has the measurements.
     """
+    if gguf_8bit not in (None, *GGUF_8BIT):
+        raise BadInput(f"unknown --gguf-8bit '{gguf_8bit}'", hint=f"use {' or '.join(GGUF_8BIT)}")
+    base_export_ = functools.partial(base_export, gguf_8bit=gguf_8bit)
     model_dir, out = Path(model_dir), Path(out)
     t = resolve(target)  # once: the variants and the core are handed the Target and the int4 plan
     int4 = int4_plan(t, int4)
@@ -56,17 +71,21 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     precision = llm_precision(t, precision, gguf=default_gguf)
     if precision not in LLM_PRECISIONS:
         raise BadInput(f"unknown precision '{precision}'", hint=f"use {', '.join(LLM_PRECISIONS[:-1])} or {LLM_PRECISIONS[-1]}")
+    with console.step("tokenizer: onnxruntime-genai vs transformers (before any weight work)"):
+        check_tokenizer_files(model_dir)  # exit 2 in seconds, not exit 1 after the build
     if float_adapter:  # one graph: this base export + the LoRA as float side branches (never quantized)
         if adapters:
             raise BadInput("--float-adapter and --adapter cannot be combined",
                            hint="bake one adapter in float (--float-adapter) or keep adapters switchable (--adapter), not both")
         return export_with_float_adapter(model_dir, out, target=t, precision=precision, int4=int4, adapter=float_adapter,
-                                         calibration=calibration, fuse=fuse, base_export=base_export)
+                                         calibration=calibration, fuse=fuse, base_export=base_export_)
     if adapters:  # runtime-switchable LoRAs: the base graph once (base_export) + one .onnx_adapter each
         return export_with_adapters(model_dir, out, target=t, precision=precision, int4=int4, adapters=adapters,
-                                    calibration=calibration, base_export=base_export)
+                                    calibration=calibration, base_export=base_export_)
     if precision == "gguf":
-        return base_export(model_dir, out, target=t, precision=precision, int4=int4, calibration=calibration, fuse=fuse,
-                           default_gguf=default_gguf)
+        return base_export_(model_dir, out, target=t, precision=precision, int4=int4, calibration=calibration, fuse=fuse,
+                            default_gguf=default_gguf)
+    if gguf_8bit is not None:
+        raise BadInput("--gguf-8bit applies to --precision gguf only", hint="drop --gguf-8bit")
     return export_builder(model_dir, out, target=t, precision=precision, int4=int4, calibration=calibration, mixed=mixed,
                           allow_slow_kernel=allow_slow_kernel)

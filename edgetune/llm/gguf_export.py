@@ -170,8 +170,16 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def transcode(src: Path, dst: Path, gguf_path: Path, config: dict[str, Any], *, accuracy_level: int,
-              eight_bit_level: int | None) -> dict[str, Any]:
-    """Rewrite the builder's fp32 export in ``src`` into ``dst`` with the GGUF's blocks."""
+              eight_bit_level: int | None, context_length: int | None = None, planes: bool = False) -> dict[str, Any]:
+    """Rewrite the builder's fp32 export in ``src`` into ``dst`` with the GGUF's blocks.
+
+    ``context_length``: the longest sequence the export's genai_config allows; the builder's rotary caches
+    (``cos_cache*``/``sin_cache*``, one fp32 row per position up to ``max_position_embeddings``: Gemma 3's
+    32768 x 128 x 4 caches are 64 MiB, a quarter of its GGUF) are cut to it. ``planes``: 8-bit linears as two
+    4-bit MatMulNBits at the 4-bit ``accuracy_level`` (exact with fp32 activations, :meth:`GraphEdit.planes`)
+    instead of one 8-bit node at ``eight_bit_level``; the tied 8-bit head stays one node (it shares its table
+    with the embedding's GatherBlockQuantized).
+    """
     import onnx
     from onnx import helper, numpy_helper
 
@@ -250,11 +258,13 @@ def transcode(src: Path, dst: Path, gguf_path: Path, config: dict[str, Any], *, 
         outs = []
         for gi, idx in enumerate(groups):
             form = BlockForm.concat([forms[i] for i in idx]) if len(idx) > 1 else forms[idx[0]]
-            level = eight_bit_level if (form.bits == 8 and eight_bit_level is not None) else accuracy_level
+            split = planes and form.bits == 8 and node.name != "/lm_head/MatMul"
+            level = eight_bit_level if (form.bits == 8 and eight_bit_level is not None and not split) else accuracy_level
+            low_level = eight_bit_level if eight_bit_level is not None else accuracy_level  # a 2-bit low plane: as 8-bit nodes
             out = node.output[0] if len(groups) == 1 else f"{base}/part{gi}/output_0"
             wname = node.input[1].replace(".MatMul.weight", "") + (f".part{gi}" if len(groups) > 1 else "")
             info = edit.linear(node.input[0], out, form, name=base + (f"/part{gi}" if len(groups) > 1 else ""),
-                               weight_name=wname, accuracy_level=level)
+                               weight_name=wname, accuracy_level=level, planes=split, low_level=low_level)
             outs.append(out)
             types = sorted({pieces[i][1]["type"] for i in idx})
             nodes_out.append({"node": node.name, "gguf": [pieces[i][0] for i in idx], "type": "+".join(types),
@@ -267,6 +277,15 @@ def transcode(src: Path, dst: Path, gguf_path: Path, config: dict[str, Any], *, 
 
     # ---- token embedding
     embedding = _embedding(graph, inits, producers, g, heads, edit, proved, tensors, nodes_out, seen_gguf)
+
+    # ---- rotary caches: only the positions the runtime can reach
+    rotary = {}
+    for init in graph.initializer:
+        if context_length and re.fullmatch(r"(cos|sin)_cache\w*", init.name) and len(init.dims) == 2 and init.dims[0] > context_length:
+            rows = int(init.dims[0])
+            cut = numpy_helper.to_array(init)[:context_length].copy()
+            init.CopyFrom(numpy_helper.from_array(cut, init.name))
+            rotary[init.name] = [rows, int(context_length)]
 
     # ---- splice: old MatMuls (and the float embedding Gather/Transpose) out, new nodes in, then topological order
     drop = set(new_nodes_by_old) | set(embedding.get("drop_nodes", ()))
@@ -291,6 +310,7 @@ def transcode(src: Path, dst: Path, gguf_path: Path, config: dict[str, Any], *, 
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     return {"source": str(gguf_path), "source_size_mb": round(gguf_path.stat().st_size / 2**20, 3),
             "architecture": g.arch, "gguf_types": types, "tensors": tensors, "nodes": nodes_out, "embedding": embedding["info"],
+            "rotary_caches_cut": rotary, "eight_bit_planes": planes,
             "tensors_not_in_graph": unused,
             "max_rel_diff_vs_gguf_dequantize": max((t["max_rel_diff_vs_gguf_dequantize"] for t in tensors), default=None),
             "max_rel_diff_vs_builder_fp32": max((t["max_rel_diff_vs_builder_fp32"] or 0 for t in tensors), default=None),
@@ -376,7 +396,8 @@ def _logit_check(folder: Path, reference: Path, model_dir: Path) -> dict[str, An
             "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean())}
 
 
-def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None, default: bool = False, fuse: bool = True) -> Path:
+def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None, default: bool = False, fuse: bool = True,
+                planes: bool = False) -> Path:
     """``export --precision gguf``: the builder's fp32 graph with the GGUF's quantized tensors swapped in.
 
     ``fuse``: then fuse the block-sum corrections of the linears sharing an input (:func:`.fuse.fuse_folder`);
@@ -405,6 +426,7 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
     eight = EIGHT_BIT_CPU_LEVEL if level == 0 else None
     config = json.loads((model_dir / "config.json").read_text())
     options = {"precision": "gguf", "accuracy_level": level, "eight_bit_accuracy_level": eight, "execution_provider": ep, "fuse": fuse,
+               "eight_bit_planes": planes,
                "target": t.model_dump(mode="json", exclude={"source"})}
     with artifacts.stage_output(out, "export", inputs={"model": model_dir, "gguf": gguf_path}, options=options) as run, \
             temp_dir("gguf") as scratch_name:
@@ -418,7 +440,9 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
             with console.step("fp32 graph vs PyTorch (teacher-forced, past the sliding window)"), console.results_only_stdout():
                 graph_proof = prove(scratch / "fp32", model_dir, exact=True, what="graph of the dequantized GGUF")
         with console.step(f"transcode {gguf_path.name} (GGUF blocks -> MatMulNBits)"), console.results_only_stdout():
-            info = transcode(scratch / "fp32", run.dir, gguf_path, config, accuracy_level=level, eight_bit_level=eight)
+            ctx = min(int(config.get("max_position_embeddings") or t.generation.context_length), t.generation.context_length)
+            info = transcode(scratch / "fp32", run.dir, gguf_path, config, accuracy_level=level, eight_bit_level=eight,
+                             context_length=ctx, planes=planes)
         if fuse:
             from .fuse import fuse_folder, summary
 
@@ -427,6 +451,7 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
         else:
             info["fusion"] = {"fused": False, "reason": "not requested (--no-fuse, or a float adapter fuses after its branch check)"}
         configure_genai(run.dir, t)
+        info["tokenizer_json"] = compact_json(run.dir / "tokenizer.json")
         tok = check_tokenizer(run.dir, model_dir)
         with console.step("logit check (transcoded vs fp32 graph)"):
             info["logit_check"] = _logit_check(run.dir, scratch / "fp32", model_dir) if not _has_lora_inputs(run.dir) else None
@@ -442,6 +467,14 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
                            lm_head=lm_head_attributes(run.dir), size_mb=round(size / 2**20, 3), tokenizer_check=tok,
                            exporter="onnxruntime-genai builder + edgetune GGUF transcode")
     return out
+
+
+def compact_json(path: Path) -> dict[str, Any]:
+    """Rewrite a JSON file without indentation (the same document): a GGUF-imported Gemma tokenizer.json
+    (262k tokens, 515k merges) is 31.8 MiB indented, 13.7 MiB compact."""
+    before = path.stat().st_size
+    path.write_text(json.dumps(json.loads(path.read_text(encoding="utf-8")), ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    return {"bytes_before": before, "bytes": path.stat().st_size}
 
 
 def _has_lora_inputs(folder: Path) -> bool:

@@ -76,7 +76,8 @@ def speed(models: dict[str, str], new_tokens: int, rounds: int, threads: int | N
                 ids = dev.prompt_ids(llm, prompt)
             params = og.GeneratorParams(llm.model)
             total = len(ids) + new_tokens
-            params.set_search_options(max_length=total, min_length=total, do_sample=False, top_k=1)
+            # the KV buffer at least the sliding window (genai 0.18 refuses a shorter one: Gemma, Mistral, Phi-3)
+            params.set_search_options(max_length=dev.kv_capacity(llm, total), min_length=total, do_sample=False, top_k=1)
             gen = og.Generator(llm.model, params)
             gen.append_tokens(np.asarray(ids, dtype=np.int32))
             gen.generate_next_token()

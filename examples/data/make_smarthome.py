@@ -2,6 +2,10 @@
 
 The assistant turns a spoken request into one compact JSON command an edge hub executes.
 Deterministic (seeded); rerun to regenerate: python examples/data/make_smarthome.py
+
+smarthome_{train,eval}_plain.jsonl hold the same requests as prompt/completion records (the system line,
+the request, a newline; the command as completion) for base models without a chat template (Gemma 3 270M's
+GGUF: examples/gemma3-270m-lora-cpu.toml).
 """
 
 import json
@@ -51,12 +55,22 @@ def make(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
     return out
 
 
+def plain(rec: dict) -> dict:
+    """A chat record as prompt/completion: no chat template needed (ends with a newline: a token boundary)."""
+    system, user, answer = (m["content"] for m in rec["messages"])
+    return {"prompt": f"{system}\n{user}\n", "completion": answer}
+
+
 if __name__ == "__main__":
     here = Path(__file__).parent
     train = make(320, 1)
     # held out means held out: no eval request occurs in the training data (`edgetune build` refuses overlap)
     seen = {" ".join(r["messages"][1]["content"].lower().split()) for r in train}
-    for name, recs in (("smarthome_train.jsonl", train), ("smarthome_eval.jsonl", make(40, 2, exclude=seen))):
+    evals = make(40, 2, exclude=seen)
+    for name, recs in (("smarthome_train.jsonl", train), ("smarthome_eval.jsonl", evals)):
         with open(here / name, "w") as f:
             for rec in recs:
                 f.write(json.dumps(rec) + "\n")
+        with open(here / name.replace(".jsonl", "_plain.jsonl"), "w") as f:
+            for rec in recs:
+                f.write(json.dumps(plain(rec)) + "\n")
