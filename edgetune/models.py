@@ -525,7 +525,7 @@ def materialize(spec: str | os.PathLike, *, cache_dir: Path | None = None, dtype
         tok.save_pretrained(run.dir)
         run.results["tokenizer_fixes"] = normalize_tokenizer(run.dir, special=meta)
         if importlib.util.find_spec("onnxruntime_genai") is not None:  # the device must encode like this tokenizer:
-            from .llm.builder import check_tokenizer_files  # refused in seconds, before the weights are dequantized
+            from .tokenizer_parity import check_tokenizer_files  # refused in seconds, before the weights are dequantized
 
             with console.step("tokenizer: onnxruntime-genai vs transformers"):
                 run.results["tokenizer_check"] = check_tokenizer_files(run.dir)

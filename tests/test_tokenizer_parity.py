@@ -38,7 +38,7 @@ def test_device_adds_the_bos_transformers_adds(tmp_path):
     import transformers
 
     from edgetune.device.llm import tokenize
-    from edgetune.llm.builder import check_tokenizer_files
+    from edgetune.tokenizer_parity import check_tokenizer_files
 
     bos = _bos_tokenizer(tmp_path)
     rec = check_tokenizer_files(tmp_path)  # no config.json yet (as at GGUF import): a minimal genai_config
@@ -54,7 +54,7 @@ def test_device_adds_the_bos_transformers_adds(tmp_path):
 
 
 def test_unigram_tokenizer_is_refused_before_any_weight_work(tmp_path):
-    from edgetune.llm.builder import check_tokenizer_files
+    from edgetune.tokenizer_parity import check_tokenizer_files
 
     build_unigram_tokenizer(tmp_path)
     with pytest.raises(BadInput, match="cannot read the Unigram tokenizer.json"):

@@ -18,7 +18,8 @@ from ..plan import int4_plan, llm_precision
 from ..quant import LLM_PRECISIONS
 from ..targets import resolve
 from .adapters import export_with_adapters
-from .builder import check_tokenizer_files, export_builder
+from ..tokenizer_parity import check_tokenizer_files
+from .builder import export_builder
 from .float_adapter import export_with_float_adapter
 from .gguf_export import export_gguf, gguf_source
 
