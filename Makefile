@@ -24,7 +24,7 @@ DEVICE_INSTALL = src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
 	find "$$src" -name __pycache__ -prune -exec rm -rf {} + && \
 	$(DEVICE_PY) -m pip install -q
 
-.PHONY: setup device-venv demo test test-fast bench bench-quick bench-scale peers lock clean
+.PHONY: setup device-venv demo test test-heavy test-fast bench bench-quick bench-scale peers lock clean
 
 # The peer (llama.cpp via llama-cpp-python) lives in its own venv: the project venv and
 # `make test` never need it. Built once from the PyPI sdist (~17 min on 2 cores), native CPU
@@ -91,6 +91,10 @@ demo: setup
 
 test: setup device-venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# + the tests too slow for CI's budget (the Gemma 3 demo-task build: ~47 min cold on 2 cores)
+test-heavy: setup device-venv
+	EDGETUNE_HEAVY_TESTS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup device-venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
