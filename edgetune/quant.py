@@ -20,6 +20,10 @@ from typing import Any, Literal
 
 # Decoder LLM export precisions. gguf: the model's own GGUF blocks transcoded exactly (llm/gguf_export.py).
 LLM_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "gguf")
+# precision gguf: the form of a GGUF's 5-, 6- and 8-bit linears (llm/gguf_export.py; docs/llm.md, "5-, 6- and
+# 8-bit GGUF types"): a 4-bit node + a 2-/4-bit low-bits node (planes, the default), or one 8-bit node (int8).
+GGUF_8BIT = ("planes", "int8")
+GGUF_8BIT_DEFAULT = "planes"
 # Encoder export precisions (encoder/export.py, encoder/quantize.py).
 ENCODER_PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 # What `edgetune export --precision` accepts: decoders' and encoders' (each refuses the other's).

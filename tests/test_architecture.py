@@ -145,7 +145,7 @@ def test_the_quantization_choices_are_spelled_out_once():
             continue
         text = path.read_text()
         for literal in ('"inc-gptq", "inc-awq"', '("int4", "int8", "fp32")', '["int4", "int8", "fp32"]', '"rtn", "k_quant"',
-                        '"int8-dynamic", "int8-static"'):
+                        '"int8-dynamic", "int8-static"', '"planes", "int8"'):
             if literal in text:
                 offenders.append(f"{path.relative_to(PKG)}: {literal}")
     assert offenders == []

@@ -40,7 +40,7 @@ from ..cli import common_options, force_option
 @click.option("--allow-slow-kernel", is_flag=True, help="Ship MatMulNBits nodes that miss the CPU's prepacked kernels (e.g. hqq's float zero points).")
 @click.option("--no-fuse", "no_fuse", is_flag=True,
               help="precision gguf / --float-adapter over it: keep every block-sum correction and LoRA branch as separate nodes (unfused).")
-@click.option("--gguf-8bit", "gguf_8bit", type=click.Choice(["planes", "int8"]),
+@click.option("--gguf-8bit", "gguf_8bit", type=click.Choice(quant.GGUF_8BIT),
               help="precision gguf: the GGUF's 5-/6-/8-bit linears as a 4-bit node + a 2-/4-bit low-bits node (planes, default: "
                    "fp32 activations, smaller) or one 8-bit node at accuracy_level 4 (int8: int8 activations, fastest). docs/llm.md.")
 @force_option

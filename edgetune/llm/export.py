@@ -15,18 +15,13 @@ from pathlib import Path
 from .. import console
 from ..errors import BadInput
 from ..plan import int4_plan, llm_precision
-from ..quant import LLM_PRECISIONS
+from ..quant import GGUF_8BIT, GGUF_8BIT_DEFAULT, LLM_PRECISIONS
 from ..targets import resolve
-from .adapters import export_with_adapters
 from ..tokenizer_parity import check_tokenizer_files
+from .adapters import export_with_adapters
 from .builder import export_builder
 from .float_adapter import export_with_float_adapter
 from .gguf_export import export_gguf, gguf_source
-
-
-# the form of a GGUF's 5-, 6- and 8-bit linears in --precision gguf (docs/llm.md, "5-, 6- and 8-bit GGUF types")
-GGUF_8BIT = ("planes", "int8")
-GGUF_8BIT_DEFAULT = "planes"
 
 
 def base_export(model_dir, out, *, target, precision: str, int4=None, calibration=None, fuse: bool = True,
