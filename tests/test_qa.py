@@ -51,8 +51,11 @@ def qa(tiny_bert, tmp_path_factory):
                                 ("qdq", "npu-qnn", ["--calibration", data]), ("static", static, ["--precision", "fp32"]),
                                 ("fpga", "fpga-vitisai", ["--calibration", data])):
         cli_ok(["export", root / "merged", "-t", target, "-o", root / name, *extra])
+        # a random span head's start/end logits are near ties: a quantized graph may flip one answer of 9 and miss
+        # cpu-x86's 1-point budget (exit 1), run to run (the 3-step fine-tune is not bit-reproducible); the tests
+        # below read the figures in the report, which is written either way
         cli_ok(["validate", root / name, "-t", target, "-r", root / "merged", "-d", data, "-o", root / f"{name}.report",
-                   "--no-latency", "--cross-build"])
+                "--no-latency", "--cross-build"], codes=(0,) if name in ("fp32", "static") else (0, 1))
     p["bundle"] = cli_ok(["bundle", root / "static", "-t", static, "-r", root / "static.report", "-o", root / "bundle"])
     return p
 
