@@ -114,11 +114,9 @@ def _finish(w, path: Path) -> Path:
     return path
 
 
-def write_tiny_llama_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, embedding_type: str = "Q4_1",
-                          override: dict[str, str] | None = None) -> Path:
-    """A tied-embedding 2-layer Llama GGUF with the tokenizer of ``tokenizer_dir`` (a ByteLevel BPE)."""
-    rng = np.random.default_rng(seed)
-    w, n_vocab = _writer(path, "llama", tokenizer_dir)
+def _adder(w, rng):
+    """``add(name, type, shape, scale=0.05, n_head=None)``: a random tensor written in a GGUF type as llama.cpp stores
+    it (``n_head``: q/k rows permuted as llama.cpp's llama converter permutes them)."""
 
     def add(name: str, type_name: str, shape: tuple[int, int], scale: float = 0.05, n_head: int | None = None):
         x = rng.standard_normal(shape).astype(np.float32) * scale
@@ -126,6 +124,17 @@ def write_tiny_llama_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, emb
             x = _permute(x, n_head)
         data, raw = tensor_data(rng, type_name, x)
         w.add_tensor(name, data, raw_dtype=raw)
+
+    return add
+
+
+def write_tiny_llama_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, embedding_type: str = "Q4_1",
+                          override: dict[str, str] | None = None) -> Path:
+    """A tied-embedding 2-layer Llama GGUF with the tokenizer of ``tokenizer_dir`` (a ByteLevel BPE)."""
+    rng = np.random.default_rng(seed)
+    w, n_vocab = _writer(path, "llama", tokenizer_dir)
+
+    add = _adder(w, rng)
 
     head_dim = HIDDEN // HEADS
     add("token_embd.weight", embedding_type, (n_vocab, HIDDEN), 0.5)
@@ -156,9 +165,7 @@ def write_tiny_phi3_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, qkv_
     w, n_vocab = _writer(path, "phi3", tokenizer_dir, PHI3_SPECIALS)
     head_dim = HIDDEN // HEADS
 
-    def add(name: str, type_name: str, shape: tuple[int, int], scale: float = 0.05):
-        data, raw = tensor_data(rng, type_name, rng.standard_normal(shape).astype(np.float32) * scale)
-        w.add_tensor(name, data, raw_dtype=raw)
+    add = _adder(w, rng)
 
     add("token_embd.weight", "Q8_0", (n_vocab, HIDDEN), 0.5)
     for i in range(LAYERS):
@@ -179,9 +186,7 @@ def write_tiny_qwen3_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, hea
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
 
-    def add(name: str, type_name: str, shape: tuple[int, int], scale: float = 0.05):
-        data, raw = tensor_data(rng, type_name, rng.standard_normal(shape).astype(np.float32) * scale)
-        w.add_tensor(name, data, raw_dtype=raw)
+    add = _adder(w, rng)
 
     add("token_embd.weight", "Q8_0", (n_vocab, HIDDEN), 0.5)
     for i in range(LAYERS):
@@ -208,12 +213,7 @@ def write_tiny_mistral_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0, h
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
 
-    def add(name: str, type_name: str, shape: tuple[int, int], scale: float = 0.05, n_head: int | None = None):
-        x = rng.standard_normal(shape).astype(np.float32) * scale
-        if n_head:
-            x = _permute(x, n_head)
-        data, raw = tensor_data(rng, type_name, x)
-        w.add_tensor(name, data, raw_dtype=raw)
+    add = _adder(w, rng)
 
     add("token_embd.weight", "Q4_K", (n_vocab, HIDDEN), 0.5)
     for i in range(LAYERS):
@@ -237,9 +237,7 @@ def write_tiny_qwen2_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0) -> 
     w, n_vocab = _writer(path, "qwen2", tokenizer_dir)
     head_dim = HIDDEN // HEADS
 
-    def add(name: str, type_name: str, shape: tuple[int, int], scale: float = 0.05):
-        data, raw = tensor_data(rng, type_name, rng.standard_normal(shape).astype(np.float32) * scale)
-        w.add_tensor(name, data, raw_dtype=raw)
+    add = _adder(w, rng)
 
     add("token_embd.weight", "Q8_0", (n_vocab, HIDDEN), 0.5)
     for i in range(LAYERS):
@@ -273,9 +271,7 @@ def write_tiny_phi4_mini_gguf(path: Path, tokenizer_dir: Path, *, seed: int = 0,
     w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(ctx / orig_ctx) / math.log(orig_ctx)))
     w.add_sliding_window(0)
 
-    def add(name: str, type_name: str, shape: tuple[int, int], scale: float = 0.05):
-        data, raw = tensor_data(rng, type_name, rng.standard_normal(shape).astype(np.float32) * scale)
-        w.add_tensor(name, data, raw_dtype=raw)
+    add = _adder(w, rng)
 
     add("token_embd.weight", "Q8_0", (n_vocab, HIDDEN), 0.5)
     w.add_tensor("rope_factors_long.weight", np.array([2.0 + i / rope_dims for i in range(rope_dims // 2)], np.float32))
