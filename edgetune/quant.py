@@ -38,7 +38,7 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # head) or fp32 (plain MatMul). Not int4 unties a tied embedding.
 LM_HEADS = ("int4", "int8", "fp32")
 
-Backend = Literal["builder", "awq", "ort", "inc", "unavailable"]
+Backend = Literal["builder", "awq", "imatrix", "ort", "inc", "unavailable"]
 ZeroPoints = Literal["if-asymmetric", "always", "folded"]
 
 
@@ -48,7 +48,8 @@ class Int4Algorithm:
 
     ``backend``: who quantizes. ``builder``: onnxruntime-genai's model builder (``algo_config``);
     ``awq``: edgetune's activation-aware scales folded into the checkpoint, then the builder's RTN
-    (llm/awq.py); ``ort``: onnxruntime's ``MatMulNBitsQuantizer`` on the fp32 export
+    (llm/awq.py); ``imatrix``: the builder's RTN nodes with their values from an importance-weighted
+    scale / zero-point search per block (llm/imatrix.py); ``ort``: onnxruntime's ``MatMulNBitsQuantizer`` on the fp32 export
     (llm/quantize.py); ``inc``: neural-compressor in torch, saved in the GPTQ layout the builder reads;
     ``unavailable``: known, refused with ``refusal`` (message, hint).
     ``zero_points``: whether its MatMulNBits nodes carry zero points: ``if-asymmetric`` (only for an
@@ -79,6 +80,8 @@ INT4_ALGORITHMS: dict[str, Int4Algorithm] = {a.name: a for a in (
     Int4Algorithm("k_quant", "builder", "the builder's k-quant (mixed bits by layer)", zero_points="always", mixed=True,
                   int8=True),
     Int4Algorithm("awq", "awq", "activation-aware scales + RTN", calibrated=True),
+    Int4Algorithm("imatrix", "imatrix", "importance-weighted scale/zero-point search per block (llama.cpp's imatrix)",
+                  calibrated=True, mixed=True),
     Int4Algorithm("hqq", "ort", "half-quadratic quantization (onnxruntime)", zero_points="folded", asymmetric_only=True),
     Int4Algorithm("gptq", "ort", "GPTQ (onnxruntime)", calibrated=True, slow=True, any_lm_head=False),
     Int4Algorithm("inc-rtn", "inc", "round to nearest (neural-compressor)", zero_points="always"),

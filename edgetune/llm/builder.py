@@ -28,7 +28,7 @@ from ..errors import BadInput, CheckFailed, require
 from ..plan import int4_plan
 from ..quant import QATSpec, algorithms, embedding_block_size, int4_algorithm
 from ..targets import resolve
-from . import kernels
+from . import kernels, stream_quant
 from .mixed import base_name
 from .quantize import (encode_calibration, inc_checkpoint, inc_weight_parity, load_calibration, quantize_embedding_in,
                        quantize_lm_head_in, quantize_onnx)
@@ -256,13 +256,27 @@ def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=N
                 (cache / "awq-view").mkdir()
                 src = builder_input(cache / "awq", cache / "awq-view")
             plan = None
-            if mixed:
-                from .mixed import plan_mixed
+            requantize = None
+            if backend == "imatrix":  # the builder's RTN nodes, their values from the importance-weighted search
+                from .imatrix import Requantizer, collect
 
-                plan = plan_mixed(mixed, src=src, model_dir=model_dir, cache=cache, token_ids=token_ids,
-                                  build=lambda d: build(src, d, precision, ep, cache, extra))
-                extra = {**extra, "nodes_to_exclude": ",".join(filter(None, [extra.get("nodes_to_exclude"), *plan["layers"]]))}
-            build(src, run.dir, precision, ep, cache, extra)
+                with console.step("imatrix: activation importance on the calibration texts"), console.results_only_stdout():
+                    requantize = Requantizer(collect(model_dir, token_ids))
+            with stream_quant.requantizing(requantize):
+                if mixed:
+                    from .mixed import plan_mixed
+
+                    plan = plan_mixed(mixed, src=src, model_dir=model_dir, cache=cache, token_ids=token_ids,
+                                      build=lambda d: build(src, d, precision, ep, cache, extra))
+                    extra = {**extra, "nodes_to_exclude": ",".join(filter(None, [extra.get("nodes_to_exclude"), *plan["layers"]]))}
+                if requantize:
+                    requantize.done.clear()
+                build(src, run.dir, precision, ep, cache, extra)
+            if requantize:
+                qinfo["imatrix"] = requantize.summary()
+                if not requantize.done:
+                    raise CheckFailed("the importance-weighted search requantized no MatMul of the builder's graph",
+                                      hint="use --int4-algorithm rtn; this builder version quantizes in a way edgetune does not stream")
             if plan:
                 from .mixed import finish_mixed
 
@@ -362,14 +376,16 @@ def builder_fixes(builder) -> Iterator[None]:
     int4 / int8: the MatMul weights are quantized one at a time before the builder's own pass
     (:mod:`.stream_quant`), which otherwise holds the whole model in fp32 (23 GiB for a 3.8B model).
     """
-    from . import stream_quant
-
     base = getattr(builder, "Model", None)
     to_nbits = getattr(base, "to_nbits", None)
     if to_nbits is not None and stream_quant.ENABLED:
         module = sys.modules[base.__module__]
 
         def streamed_to_nbits(self):  # int4 without the whole fp32 model in memory (stream_quant)
+            if stream_quant.REQUANTIZE is not None and not stream_quant.applies(self):
+                raise CheckFailed("the builder quantizes this model in one pass edgetune cannot stream, so the "
+                                  "importance-weighted search cannot replace its values",
+                                  hint="use --int4-algorithm rtn (or awq)")
             if stream_quant.applies(self):
                 fmt = module.QuantFormat.QDQ if self.quant_attrs["use_qdq"] else module.QuantFormat.QOperator
                 stream_quant.prequantize(self, module.MatMulNBitsQuantizer, fmt)

@@ -18,12 +18,27 @@ exact-quantization overrides, no CUDA prepacking); anything else is left to the 
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 ENABLED = True  # tests turn it off to compare with the builder's own pass
+# set by `requantizing`: called with (node name, fp32 weight [K, N], the quantizer's one-node ModelProto) to
+# replace the RTN values in place (edgetune.llm.imatrix.Requantizer); None: the builder's values as they are
+REQUANTIZE: Any = None
 # the builder's own quantization methods (its `quant_config.weights.method`, not edgetune's algorithm names)
 # whose `to_nbits` is one pass in which each MatMul is quantized on its own
 BUILDER_PER_NODE_METHODS = frozenset({"default", "k_quant", "rtn"})
+
+
+@contextmanager
+def requantizing(fn: Any) -> Iterator[None]:
+    """Within this block, every MatMul the streamed pass quantizes is handed to ``fn`` after the quantizer."""
+    global REQUANTIZE
+    prev, REQUANTIZE = REQUANTIZE, fn
+    try:
+        yield
+    finally:
+        REQUANTIZE = prev
 
 
 def applies(model: Any) -> bool:
@@ -62,7 +77,8 @@ def prequantize(model: Any, quantizer_cls: Any, quant_format: Any) -> int:
             [helper.make_tensor_value_info(act.name, onnx.TensorProto.FLOAT, None)],
             [helper.make_tensor_value_info(out_name, onnx.TensorProto.FLOAT, None)],
             [onnx.numpy_helper.from_array(array, weight.name)]), opset_imports=[helper.make_opsetid("", 21)])
-        del array
+        if REQUANTIZE is None:
+            del array
         algo = None
         if model.quantization_algo != "default":  # as to_nbits: per-node bits for RTN / k_quant
             algo = model.make_algo_config(model.quantization_algo, {node.name: {"bits": attrs["bits"]}})
@@ -70,6 +86,9 @@ def prequantize(model: Any, quantizer_cls: Any, quant_format: Any) -> int:
                           is_symmetric=attrs["is_symmetric"], accuracy_level=attrs["accuracy_level"], nodes_to_exclude=[],
                           quant_format=quant_format, op_types_to_quantize=("MatMul",), algo_config=algo)
         q.process()
+        if REQUANTIZE is not None:
+            REQUANTIZE(node.name, array, q.model.model)
+            del array
         one = ir.from_proto(q.model.model)
         del proto, q
         if [n.op_type for n in one.graph] == ["MatMul"]:  # the quantizer declined this weight: leave it to the builder

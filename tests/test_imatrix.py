@@ -1,0 +1,141 @@
+"""int4 algorithm 'imatrix': the builder's RTN nodes, their values from an importance-weighted scale and
+zero-point search per block (edgetune/llm/imatrix.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgetune.export import export
+from edgetune.llm import imatrix
+from edgetune.llm.builder import matmulnbits_attributes
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.",
+         "Turn on the kitchen lights.", "def f(x):\n    return x**2", "Set the thermostat to 21 degrees.",
+         "A list: apples, pears, plums and three kinds of cherries.", "Rain is expected over the hills by noon.",
+         "She read the letter twice and then burned it.", "Close the garage door at ten tonight, please."]
+
+
+def _ort_rtn(w: np.ndarray, block: int, symmetric: bool):
+    """onnxruntime's own RTN (the function the builder's quantizer calls) of w [N, K]: (q, scales, zero points)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import quantize_matmul_4bits
+
+    n, k = w.shape
+    kb = k // block
+    packed = np.zeros((n, kb, block // 2), np.uint8)
+    scales = np.zeros((n * kb,), np.float32)
+    zp = np.zeros((n * ((kb + 1) // 2),), np.uint8)
+    quantize_matmul_4bits(packed, np.ascontiguousarray(w.T), scales, zp, block, n, k, symmetric)
+    q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(n, k)
+    z = None if symmetric else np.stack([zp & 0x0F, zp >> 4], -1).reshape(n, -1)[:, :kb]
+    return q, scales.reshape(n, kb), z
+
+
+def _weighted_error(w, imp, q, s, z, block):
+    n, k = w.shape
+    zz = 8.0 if z is None else z.astype(np.float32)[..., None]
+    deq = (q.reshape(n, k // block, block).astype(np.float32) - zz) * s[..., None]
+    return (imp.reshape(1, k // block, block) * (deq - w.reshape(n, k // block, block)) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_search_never_loses_to_rtn_on_its_measure_and_stays_on_the_grid(symmetric):
+    rng = np.random.default_rng(0)
+    n, k, block = 64, 256, 32
+    w = (rng.standard_t(4, size=(n, k)) * 0.05).astype(np.float32)
+    imp = np.exp(rng.normal(0, 2, size=k)).astype(np.float32)  # a few channels carry most of the activation
+    rtn = _ort_rtn(w, block, symmetric)
+    q, s, z, info = imatrix.search(w, imp, block=block, symmetric=symmetric, rtn=rtn)
+    assert q.dtype == np.uint8 and q.shape == (n, k) and int(q.max()) <= 15 and s.shape == (n, k // block)
+    assert (z is None) == symmetric and (symmetric or (z.dtype == np.uint8 and int(z.max()) <= 15))
+    ours, theirs = _weighted_error(w, imp, q, s, z, block), _weighted_error(w, imp, *rtn, block)
+    assert np.all(ours <= theirs * (1 + 1e-5) + 1e-12)  # block by block: RTN is one of the candidates
+    assert ours.sum() < 0.7 * theirs.sum(), (ours.sum(), theirs.sum())
+    # the record's figures: the same measure (with the search's small importance floor for channels never active)
+    assert info["err"] / info["err_rtn"] == pytest.approx(float(ours.sum() / theirs.sum()), rel=0.02)
+    # rows are searched in chunks: the result does not depend on the chunking
+    saved = imatrix.ROWS
+    try:
+        imatrix.ROWS = 7
+        q2, s2, z2, _ = imatrix.search(w, imp, block=block, symmetric=symmetric, rtn=rtn)
+    finally:
+        imatrix.ROWS = saved
+    assert np.array_equal(q, q2) and np.array_equal(s, s2) and (z is None or np.array_equal(z, z2))
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    p = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:4]))
+    return p
+
+
+@pytest.fixture(scope="module")
+def outlier_llama(tiny_llama, tmp_path_factory):
+    """The tiny Llama with a few input channels of every RMSNorm 30x larger: activations of uneven importance."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("outlier-im") / "model"
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[torch.randperm(norm.weight.numel(), generator=g)[:4]] *= 30.0
+    model.save_pretrained(str(out), safe_serialization=True)
+    for f in tiny_llama.iterdir():
+        if f.is_file() and not (out / f.name).exists():
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def _held_out_error(model_dir, exports: dict) -> dict[str, float]:
+    """Per export, the mean |dlogit| over every position of texts no calibration used, vs the float model."""
+    import onnxruntime_genai as og
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    err = dict.fromkeys(exports, 0.0)
+    for text in TEXTS[4:]:
+        ids = tok.encode(text)
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        for name, folder in exports.items():
+            m = og.Model(str(folder))
+            gen = og.Generator(m, og.GeneratorParams(m))
+            for i, t in enumerate(ids):  # one token at a time: the logits of every position
+                gen.append_tokens(np.array([[t]], dtype=np.int32))
+                err[name] += float(np.abs(np.asarray(gen.get_logits()).reshape(-1) - ref[i]).mean())
+    return err
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asymmetric", "symmetric"])
+def test_imatrix_export_is_rtns_graph_with_better_values(outlier_llama, calib, tmp_path, symmetric):
+    int4 = {"symmetric": symmetric, "lm_head": "int8", "accuracy_level": 4}
+    im = export(outlier_llama, tmp_path / "im", target="cpu-x86", precision="int4", calibration=calib,
+                int4={**int4, "algorithm": "imatrix"})
+    rtn = export(outlier_llama, tmp_path / "rtn", target="cpu-x86", precision="int4", int4={**int4, "algorithm": "rtn"})
+    rec = json.loads((im / "edgetune.json").read_text())["results"]
+    info = rec["quantization"]["imatrix"]
+    # every body MatMul of 2 layers (q/k/v, o, gate, up, down) searched, none worse than RTN on the weighted measure
+    assert info["nodes"] == 10 and info["skipped"] == [] and info["weighted_error_vs_rtn"] < 0.9, info
+    assert rec["quantization"]["calibration"]["samples"] == 4
+    # the same nodes, attributes and kernels as the builder's RTN: only the values differ
+    assert matmulnbits_attributes(im) == matmulnbits_attributes(rtn)
+    assert rec["kernel_paths"]["slow"] == [] and rec["kernel_paths"]["prepacked"] == 11
+    assert all(a["zero_points"] != symmetric for a in matmulnbits_attributes(im, skip_prefix="/lm_head/"))
+    err = _held_out_error(outlier_llama, {"imatrix": im, "rtn": rtn})
+    assert err["imatrix"] < 0.9 * err["rtn"], err
+
+
+def test_imatrix_needs_calibration_texts(tiny_llama, tmp_path):
+    from edgetune.errors import BadInput
+
+    with pytest.raises(BadInput, match="calibration"):
+        export(tiny_llama, tmp_path / "im", target="cpu-x86", precision="int4", int4={"algorithm": "imatrix"})
+    assert not (tmp_path / "im").exists()
