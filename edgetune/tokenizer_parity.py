@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .cleanup import temp_dir
-from .errors import BadInput, require
+from .errors import BadInput, CheckFailed, require
 
 TOKENIZER_PROBES = (
     "Hello, world!",
