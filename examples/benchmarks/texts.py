@@ -132,8 +132,8 @@ def sources(shakespeare: Path | None = None, licence_dir: Path | None = None) ->
         Source("licences", "legal prose", "judge", f"licence texts in {ld} ({', '.join(LICENCES)}; those present, deduplicated)",
                lambda: licences(ld)),
         Source("shakespeare-tail", "verse drama", "seen",
-               f"last 10 % of {sp.name} (recipes were chosen on it before; not a judge)", part(1)),
-        Source("shakespeare-head", "verse drama", "tune", f"first 90 % of {sp.name} (calibration)", part(0)),
+               f"last 10% of {sp.name}, from a line start", part(1)),
+        Source("shakespeare-head", "verse drama", "tune", f"first 90% of {sp.name}, up to that line start", part(0)),
     ]
 
 
