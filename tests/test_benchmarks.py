@@ -408,7 +408,7 @@ def test_calibration_never_reads_a_judge_text(bench, texts_mod, tmp_path, monkey
     with pytest.raises(AssertionError, match="licences"):
         T.check_calibration_file(leak, **where)
     # the project's generic calibration sets (what an export reads without --calibration) share nothing with the real judge texts
-    for f in sorted((BENCH.parents[1] / "calibration").glob("llm-*.jsonl")):
+    for f in sorted((BENCH.parents[1] / "calibration").glob("*.jsonl")):
         T.check_calibration_file(f)
     # the bench's calibration file is the tinyshakespeare head, guarded
     monkeypatch.setattr(run, "TEXT", where["shakespeare"])

@@ -601,8 +601,8 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
     import run as R
 
     cal = R.calibration_file(root)  # the tune text, checked against the judge texts (texts.check_calibration_file)
-    # what a calibrated export reads when it gets no --calibration: the project's generic sets, checked the same way
-    for generic in sorted((ROOT / "calibration").glob("llm-*.jsonl")):
+    # what an export reads when it gets no --calibration: the project's generic sets (calibration/*.jsonl), checked the same way
+    for generic in sorted((ROOT / "calibration").glob("*.jsonl")):
         T.check_calibration_file(generic, **where)
     subst = {"{adapter}": demo["adapter"], "{base_gguf}": str(base_gguf), "{base}": str(base_dir), "{merged}": demo["merged"], "{qat_merged}": qat.get("qat", {}).get("merged", ""),
              "{qat_h8_merged}": qat.get("qat-h8", {}).get("merged", ""),
