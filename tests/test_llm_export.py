@@ -289,9 +289,11 @@ def test_int4_lm_head_reaches_graph(tiny_llama, ref_logits, tmp_path, lm_head, o
     rec = json.loads((out / "edgetune.json").read_text())["results"]
     head = lm_head_attributes(out)  # read back from the graph
     assert head["op"] == op and head["bits"] == bits and rec["lm_head"] == head and rec["int4"]["lm_head"] == lm_head
-    # the blocks stay int4; a non-int4 head unties the embedding, which stays int4
+    # the blocks stay int4; the tied embedding reads the head's table (int4 or int8); an fp32 head unties it (int4)
     assert all(a["bits"] == 4 for a in matmulnbits_attributes(out, skip_prefix="/lm_head/"))
-    assert rec["embeddings"] == ("int4 GatherBlockQuantized, " + ("shared with lm_head" if lm_head == "int4" else "own table"))
+    assert rec["embeddings"] == {"int4": "int4 GatherBlockQuantized, shared with lm_head",
+                                 "int8": "int8 GatherBlockQuantized, shared with lm_head",
+                                 "fp32": "int4 GatherBlockQuantized, own table"}[lm_head]
     assert rec["tokenizer_check"]["mismatches"] == 0
     check_close(out, ref_logits, 0.3)
     assert generates(out)

@@ -31,7 +31,7 @@ from ..targets import resolve
 from . import kernels, stream_quant
 from .mixed import base_name
 from .quantize import (encode_calibration, inc_checkpoint, inc_weight_parity, load_calibration, quantize_embedding_in,
-                       quantize_lm_head_in, quantize_onnx)
+                       quantize_lm_head_in, quantize_onnx, share_embedding_with_head_in, tied_embeddings)
 
 def matmulnbits_attributes(folder: Path, skip_prefix: str | None = None, skip: Iterable[str] = ()) -> list[dict[str, Any]]:
     """Distinct attribute sets of the MatMulNBits nodes in the exported graph."""
@@ -282,20 +282,26 @@ def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=N
 
                 with console.step(f"mixed precision: {len(plan['layers'])} MatMuls at 8 bits"), console.results_only_stdout():
                     qinfo["mixed"] = finish_mixed(run.dir, plan, q=q, execution_provider=t.runtime.execution_provider)
-        if precision == "int4" and backend != "ort" and extra.get("shared_embeddings") == "false":
-            # untied by us (asymmetric int4): store the now separate embedding as int4 too, not float
-            with console.step("int4 embedding (GatherBlockQuantized)"), console.results_only_stdout():
-                if quantize_embedding_in(run.dir, block_size=q["block_size"], symmetric=q["symmetric"]):
-                    emb = embedding_block_size(hidden_size(model_dir) or q["block_size"], q["block_size"])
-                    qinfo["embedding"] = (f"int4 {'symmetric' if q['symmetric'] else 'asymmetric'} RTN (DefaultWeightOnlyQuantConfig)"
-                                          f", block {emb}")
-        if precision == "int4" and q["lm_head"] == "int8":
+        int8_head = precision == "int4" and q["lm_head"] == "int8"
+        if int8_head:
             with console.step("int8 lm_head (MatMulNBits bits=8)"), console.results_only_stdout():
                 # CPU: 8-bit MatMulNBits at accuracy_level 0 dequantizes the whole head every step (SmolLM2:
                 # ~1 tok/s instead of ~11); level 4 (int8 activations) runs MLAS's int8 kernel at int4 speed.
                 head_level = kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider)
                 quantize_lm_head_in(run.dir, bits=8, block_size=q["block_size"], symmetric=q["symmetric"],
                                     accuracy_level=head_level)
+            if tied_embeddings(model_dir):  # one int8 matrix for both, not an int8 head + an int4 copy
+                with console.step("embedding: the int8 head's table (GatherBlockQuantized bits=8)"), console.results_only_stdout():
+                    shared = share_embedding_with_head_in(run.dir)
+                if shared:
+                    qinfo["embedding"] = shared["embedding"]
+        if precision == "int4" and backend != "ort" and extra.get("shared_embeddings") == "false" and "embedding" not in qinfo:
+            # untied by us (asymmetric int4): store the now separate embedding as int4 too, not float
+            with console.step("int4 embedding (GatherBlockQuantized)"), console.results_only_stdout():
+                if quantize_embedding_in(run.dir, block_size=q["block_size"], symmetric=q["symmetric"]):
+                    emb = embedding_block_size(hidden_size(model_dir) or q["block_size"], q["block_size"])
+                    qinfo["embedding"] = (f"int4 {'symmetric' if q['symmetric'] else 'asymmetric'} RTN (DefaultWeightOnlyQuantConfig)"
+                                          f", block {emb}")
         configure_genai(run.dir, t)
         nbits = matmulnbits_attributes(run.dir)
         head = lm_head_attributes(run.dir)

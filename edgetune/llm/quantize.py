@@ -155,6 +155,107 @@ def quantize_lm_head_in(folder: Path, *, bits: int, block_size: int, symmetric: 
     return True
 
 
+def tied_embeddings(model_dir: Path) -> bool:
+    """Whether the HF model's input embedding and output head are one matrix (``tie_word_embeddings``)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    tied = cfg.get("tie_word_embeddings", (cfg.get("text_config") or {}).get("tie_word_embeddings", True))
+    return bool(tied)
+
+
+def share_embedding_with_head_in(folder: Path) -> dict[str, Any] | None:
+    """Read a tied embedding from the 8-bit lm_head's own table: one int8 matrix instead of an int8 head + an int4 copy.
+
+    The builder unties a tied embedding when the head is not int4 (its GatherBlockQuantized sharing reads
+    4 bits only), so an int8-head export stored the same matrix twice: 8-bit for the head (llama.cpp's Q8_0
+    head) and 4-bit for the embedding, the latter both larger on disk (SmolLM2: +18 MB) and coarser than
+    the head. onnxruntime 1.32's GatherBlockQuantized reads uint8 data with ``bits=8``, block-wise along the
+    hidden axis: exactly MatMulNBits' 8-bit B ``[N, K/block, block]`` seen as ``[N, K]`` with its scales and
+    zero points seen as ``[N, K/block]``. The Gather reads them through Reshapes of the head's initializers,
+    which onnxruntime folds into constants at session start. Checked before the switch: every element of the
+    embedding's table is within a quantization step of the head's (they round the same matrix).
+    Returns what was done, or None where there is no float embedding table or no 8-bit head to share.
+    """
+    onnx = require("onnx", purpose="lm_head quantization")
+    from onnx import helper, numpy_helper
+
+    import numpy as np
+
+    model = onnx.load(str(folder / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    gather = [n for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")
+              and n.name.startswith("/model/embed_tokens/") and n.input[0] in inits]
+    head = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")]
+    if len(gather) != 1 or len(head) != 1:
+        return None
+    g, h = gather[0], head[0]
+    a = {x.name: helper.get_attribute_value(x) for x in h.attribute}
+    k, n, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
+    names = list(h.input)[1:4] + [""] * 2
+    if bits != 8 or k % block or not all(x in inits for x in names[:2]):
+        return None
+    b = numpy_helper.to_array(inits[names[0]])
+    scales = numpy_helper.to_array(inits[names[1]])
+    zp = numpy_helper.to_array(inits[names[2]]) if names[2] in inits else None
+    deq = dequantize_matmulnbits(b, scales, zp, k=k, n=n, bits=bits, block_size=block)
+    # within one quantization step of each (symmetric RTN clips the far side of its largest weight by up to one)
+    tol = np.repeat(np.abs(scales.reshape(n, k // block)), block, axis=1)
+    if g.op_type == "Gather":
+        table = numpy_helper.to_array(inits[g.input[0]])
+    else:  # the builder's own int4 copy (GatherBlockQuantized, uint4/int4 data along the hidden axis)
+        table, step = _gather_block_dequantized(g, inits)
+        tol = tol + step
+    if table.shape != (n, k) or not np.all(np.abs(deq - table) <= tol * (1 + 1e-4) + 1e-7):
+        return None  # not the head's matrix (an untied model): keep its own table
+    nb = k // block
+    prefix = "/model/embed_tokens/shared_int8"
+    # shapes as Constant nodes: an external-data initializer cannot feed Reshape's shape inference
+    nodes = [helper.make_node("Constant", [], [f"{prefix}/{name}_shape"], name=f"{prefix}/{name}_shape",
+                              value=numpy_helper.from_array(np.array(dims, np.int64), f"{prefix}/{name}_shape"))
+             for name, dims in (("data", [n, k]), ("scales", [n, nb]))]
+    nodes += [helper.make_node("Reshape", [names[0], f"{prefix}/data_shape"], [f"{prefix}/data"], name=f"{prefix}/Reshape_data"),
+             helper.make_node("Reshape", [names[1], f"{prefix}/scales_shape"], [f"{prefix}/scales"], name=f"{prefix}/Reshape_scales")]
+    gbq_in = [f"{prefix}/data", g.input[1], f"{prefix}/scales"]
+    if zp is not None:
+        nodes.append(helper.make_node("Reshape", [names[2], f"{prefix}/scales_shape"], [f"{prefix}/zero_points"],
+                                      name=f"{prefix}/Reshape_zero_points"))
+        gbq_in.append(f"{prefix}/zero_points")
+    nodes.append(helper.make_node("GatherBlockQuantized", gbq_in, list(g.output), name="/model/embed_tokens/GatherBlockQuantized",
+                                  domain="com.microsoft", bits=8, block_size=block, gather_axis=0, quantize_axis=1))
+    at = list(model.graph.node).index(g)
+    model.graph.node.remove(g)
+    for i, nd in enumerate(nodes):
+        model.graph.node.insert(at + i, nd)
+    for name in {g.input[0], *list(g.input)[2:]} - {""}:  # the embedding's own table (and its scales / zero points)
+        if name in inits and sum(name in nd.input for nd in model.graph.node) == 0:
+            model.graph.initializer.remove(inits[name])
+    for f in ("model.onnx", "model.onnx.data"):
+        (folder / f).unlink(missing_ok=True)
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    return {"embedding": f"int8 GatherBlockQuantized, shared with lm_head (block {block})"}
+
+
+def _gather_block_dequantized(node, inits: dict) -> tuple[Any, Any]:
+    """The float table [N, K] of a GatherBlockQuantized (quantize_axis 1) and its quantization step per element."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    block = a.get("block_size", 128)
+    init = inits[node.input[0]]
+    data = numpy_helper.to_array(init)
+    if init.data_type == TensorProto.UINT8 and a.get("bits", 4) == 4:  # packed along the last axis, low first
+        data = np.stack([data & 0x0F, data >> 4], -1).reshape(data.shape[0], -1)
+    q = data.astype(np.float32)
+    scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+    if len(node.input) > 3 and node.input[3] in inits:
+        z = numpy_helper.to_array(inits[node.input[3]]).astype(np.float32)
+    else:
+        z = np.full_like(scales, 0.0 if init.data_type in (TensorProto.INT4, TensorProto.UINT4) else 2 ** (a.get("bits", 4) - 1))
+    step = np.repeat(np.abs(scales), block, axis=1)[:, :q.shape[1]]
+    return (q - np.repeat(z, block, axis=1)[:, :q.shape[1]]) * step * np.sign(np.repeat(scales, block, axis=1)[:, :q.shape[1]]), step
+
+
 def quantize_embedding_in(folder: Path, *, block_size: int, symmetric: bool) -> bool:
     """:func:`quantize_embedding` on a saved export folder (model.onnx + model.onnx.data rewritten)."""
     onnx = require("onnx", purpose="int4 quantization")
