@@ -342,6 +342,14 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
         api("et-awq-h8", "edgetune int4 awq b32, int8 head", R.int4_variant(algorithm="awq", lm_head="int8"))
         api("et-awq-h8-acc4", "edgetune int4 awq b32, int8 head, accuracy_level 4",
             R.int4_variant(algorithm="awq", lm_head="int8", accuracy_level=4))
+        # importance-weighted search on RTN's graph (uint4 zero points, prepacked): the fast kernel's faithful candidate;
+        # the int8 head's table is also the tied embedding's (no int4 copy)
+        api("et-imatrix-h8-acc4", "edgetune int4 imatrix b32 asym, int8 head, accuracy_level 4",
+            R.int4_variant(algorithm="imatrix", symmetric=False, lm_head="int8", accuracy_level=4))
+        cli("et-imatrix-h8-acc4-m10", "same + 10 % of the MatMuls at 8 bits (the most sensitive, measured)",
+            ["--precision", "int4", "--int4-algorithm", "imatrix", "--int4-asymmetric", "--int4-lm-head", "int8",
+             "--int4-accuracy-level", "4", "--mixed-8bit", "0.1", "--calibration", "{calibration}"], "{merged}",
+            [("option", "--mixed-8bit")], "imatrix")
         if not quick:
             # asymmetric by construction (hqq): its row is the asymmetric export, a symmetric one is refused
             from edgetune.quant import algorithms
