@@ -125,6 +125,8 @@ def test_imatrix_export_is_rtns_graph_with_better_values(outlier_llama, calib, t
     # every body MatMul of 2 layers (q/k/v, o, gate, up, down) searched, none worse than RTN on the weighted measure
     assert info["nodes"] == 10 and info["skipped"] == [] and info["weighted_error_vs_rtn"] < 0.9, info
     assert rec["quantization"]["calibration"]["samples"] == 4
+    # the tied embedding reads the int8 head's table (one matrix, not an int8 head + an int4 copy)
+    assert rec["embeddings"] == "int8 GatherBlockQuantized, shared with lm_head"
     # the same nodes, attributes and kernels as the builder's RTN: only the values differ
     assert matmulnbits_attributes(im) == matmulnbits_attributes(rtn)
     assert rec["kernel_paths"]["slow"] == [] and rec["kernel_paths"]["prepacked"] == 11
