@@ -277,6 +277,7 @@ def load_config(path: str | os.PathLike) -> tuple[BuildConfig, Path]:
         where = ".".join(str(x) for x in err["loc"]) or "(top level)"
         raise BadInput(f"{p}: {where}: {err['msg']}", hint="see docs/bundles.md for the build config fields") from exc
     _check_values(p, cfg)
+    _check_float_reference(p, cfg)
     if cfg.finetune.method != "none":
         from .finetune.options import FinetuneOptions
 
@@ -291,6 +292,39 @@ def load_config(path: str | os.PathLike) -> tuple[BuildConfig, Path]:
         raise BadInput(f"{p}: targets.{floats[0]}: adapter = \"float\" needs a LoRA fine-tune, finetune.method is '{cfg.finetune.method}'",
                        hint="set finetune.method = \"lora\" (or qlora), or drop adapter = \"float\" to bundle the merged model")
     return cfg, p.resolve().parent
+
+
+# [finetune] quant_aware_teacher in a build: the float fine-tune's merge (the build makes it anyway, to validate
+# against) or the base (self-distillation); the CLI's --quant-aware-teacher takes a folder instead
+TEACHERS = {"finetune": "the float fine-tune's merge", "base": "the float base"}
+
+
+def float_finetune_options(ft: dict[str, Any]) -> dict[str, Any]:
+    """The float fine-tune of a quant-aware build: the same options without any quant_aware* key. The same
+    options as a plain LoRA build of the same base and data, so the two share it (the stage cache)."""
+    return {k: v for k, v in ft.items() if not k.startswith("quant_aware")}
+
+
+def _check_float_reference(p: Path, cfg: BuildConfig) -> None:
+    """What a quant-aware build adds (the float fine-tune as second reference, the distillation teacher),
+    checked before the fine-tuning options are: one line naming the fix."""
+    extra = cfg.finetune.model_extra or {}
+    teacher = extra.get("quant_aware_teacher")
+    if not (cfg.finetune.method != "none" and extra.get("quant_aware")):
+        if teacher is not None:
+            raise BadInput(f"{p}: finetune.quant_aware_teacher is set but finetune.quant_aware is not",
+                           hint="add quant_aware = \"int4\" (with quant_aware_distill), or drop quant_aware_teacher")
+        return
+    if cfg.validation.reference == "none":
+        raise BadInput(f"{p}: validate.reference = \"none\", but a quant-aware build validates each bundle against the float "
+                       "fine-tune (and against its own merge)", hint="set [validate] reference = \"merged\", or drop finetune.quant_aware")
+    teacher = extra.get("quant_aware_teacher")
+    if teacher is not None and teacher not in TEACHERS:
+        raise BadInput(f"{p}: finetune.quant_aware_teacher = {teacher!r}{_did_you_mean(str(teacher), list(TEACHERS))}",
+                       hint="use \"finetune\" (the float fine-tune's merge, the default with quant_aware_distill) or \"base\"")
+    if teacher is not None and not extra.get("quant_aware_distill"):
+        raise BadInput(f"{p}: finetune.quant_aware_teacher = {teacher!r} is the distillation's teacher, but quant_aware_distill is 0 (off)",
+                       hint="set finetune.quant_aware_distill = 2.0, or drop quant_aware_teacher")
 
 
 def _check_quant_aware(p: Path, cfg: BuildConfig, root: Path) -> None:
@@ -315,6 +349,8 @@ def _check_quant_aware(p: Path, cfg: BuildConfig, root: Path) -> None:
         raise BadInput(f"{p}: finetune.quant_aware = {extra['quant_aware']!r} trains for an int4 export, but no target exports "
                        "the merged model at int4", hint="add a [[targets]] with precision = \"int4\" (adapter = \"merged\"), or drop quant_aware")
     first = merged[0][1]
+    if extra.get("quant_aware_distill"):
+        extra.setdefault("quant_aware_teacher", "finetune")  # the build makes the float fine-tune anyway
     extra.setdefault("quant_aware_block_size", first["block_size"])
     extra.setdefault("quant_aware_lm_head", first["lm_head"])
     spec = QATSpec(block_size=int(extra["quant_aware_block_size"]), lm_head=extra["quant_aware_lm_head"])
@@ -346,7 +382,7 @@ def _plan(config, i: int, t: TargetCfg, target, calibration: Path | None):
 class StageInfo:
     stage: str
     target: str | None
-    status: str  # ran | skipped | failed
+    status: str  # ran | skipped | reused (copied from the stage cache, made by another build) | failed
     seconds: float
     out: str
 
@@ -381,29 +417,68 @@ class Build:
 
     # -- the incremental stage runner -------------------------------------------------
     def stage(self, sid: str, out: Path, inputs: dict[str, Any], options: dict[str, Any], body: Callable[[], Any],
-              *, target: str | None = None) -> dict[str, Any]:
-        """Run ``body`` unless the state says ``out`` was made from the same inputs and options."""
-        fp = artifacts.fingerprint(sid, artifacts.input_hashes(inputs), options)
+              *, target: str | None = None, shared: str | None = None) -> dict[str, Any]:
+        """Run ``body`` unless the state says ``out`` was made from the same inputs and options.
+
+        ``shared`` (a stage kind, e.g. "finetune"): the output is also kept in ``$EDGETUNE_CACHE/stages/`` under a
+        key of that kind, the inputs' content and the options, and taken from there when another build (another
+        output folder) made it: a quant-aware build's float fine-tune is the plain LoRA build's "finetune"."""
+        hashes = artifacts.input_hashes(inputs)
+        fp = artifacts.fingerprint(sid, hashes, options)
         state_file = self.work / STATE_DIR / f"{sid}.json"
         state = _read_json(state_file)
         t0 = time.perf_counter()
         label = f"{sid}"
+        kept = _shared_dir(shared, hashes, options) if shared else None
         if not self.force and state and state.get("fingerprint") == fp and _signature(out) == state.get("output"):
+            if kept is not None and state.get("status") == "ran" and _signature(kept) is None:
+                _copy_folder(out, kept)  # made before the stage cache was: kept now, for the other builds
             self.stages.append(StageInfo(sid.split(".")[0], target, "skipped", round(time.perf_counter() - t0, 2), str(out)))
             console.log(f"[{label}] up to date, skipped")
             return state
         status, error = "ran", None
-        with console.step(label):
-            try:
-                with console.results_only_stdout():  # stdout carries only the result (--json); libraries print there
-                    body()
-            except CheckFailed as exc:  # the stage wrote its output (a report) and then failed a gate
-                status, error = "failed", exc.one_line()
+        if kept is not None and not self.force and _signature(kept) is not None and _copy_folder(kept, out):
+            status = "reused"
+            console.log(f"[{label}] reused from the stage cache ({kept})")
+        else:
+            with console.step(label):
+                try:
+                    with console.results_only_stdout():  # stdout carries only the result (--json); libraries print there
+                        body()
+                except CheckFailed as exc:  # the stage wrote its output (a report) and then failed a gate
+                    status, error = "failed", exc.one_line()
+            if kept is not None and status == "ran":
+                _copy_folder(out, kept)  # best effort: a cache that cannot be written costs the next build time only
         state = {"fingerprint": fp, "output": _signature(out), "status": status, "error": error}
         state_file.parent.mkdir(parents=True, exist_ok=True)
         artifacts.write_json(state_file, state)
         self.stages.append(StageInfo(sid.split(".")[0], target, status, round(time.perf_counter() - t0, 2), str(out)))
         return state
+
+
+def _shared_dir(kind: str, hashes: dict[str, str], options: dict[str, Any]) -> Path:
+    from .models import cache_root
+
+    return cache_root() / "stages" / artifacts.fingerprint(kind, hashes, options)[:32]
+
+
+def _copy_folder(src: Path, dest: Path) -> bool:
+    """Copy the folder ``src`` to ``dest`` through a temp folder and a rename (a stage output, or the stage
+    cache's copy of one); ``dest`` replaced only when edgetune wrote it. False when it could not be done."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.copy")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        if dest.exists():
+            artifacts.check_replaceable(dest, what="stage output")
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        console.log(f"[stage cache] {src} -> {dest} not copied ({exc.strerror or exc})")
+        return False
+    return True
 
 
 def _read_json(p: Path) -> dict | None:
@@ -428,10 +503,10 @@ def _signature(out: Path) -> str | None:
 
 # -- stage bodies: the real stage functions ----------------------------------------------------
 
-def _finetune(base: Path, data: Path, out: Path, cfg: FinetuneCfg) -> None:
+def _finetune(base: Path, data: Path, out: Path, options: dict[str, Any]) -> None:
     from .finetune import FinetuneOptions, finetune, work_dir
 
-    opts = FinetuneOptions.from_dict(cfg.model_dump())
+    opts = FinetuneOptions.from_dict(options)
     if (work_dir(out) / "spec.json").is_file():
         try:  # an interrupted run: continue from its last checkpoint
             finetune(base, data, out, options=opts, resume=True)
@@ -583,7 +658,7 @@ def _build(b: Build, cfg: BuildConfig, config, plans: list, train, vdata, prompt
         raise BadInput(f"{config}: targets[{overrides[0]}].int4 applies to decoder LLMs; {info.model_type} is a {info.kind}",
                        hint="drop the target's int4 table")
 
-    model, adapter = base, None
+    model, adapter, float_model = base, None, None
     if cfg.finetune.method != "none":
         from .data import load_dataset
         from .finetune.train import check_model_and_data
@@ -595,9 +670,28 @@ def _build(b: Build, cfg: BuildConfig, config, plans: list, train, vdata, prompt
         from .finetune.options import FinetuneOptions
 
         check_fits(Path(info.path), info.config, FinetuneOptions.from_dict(cfg.finetune.model_dump()))
-        adapter = b.work / "adapter"
         ft_opts = cfg.finetune.model_dump()
-        b.stage("finetune", adapter, {"model": base, "data": train}, ft_opts, lambda: _finetune(base, train, adapter, cfg.finetune))
+        ft_inputs: dict[str, Any] = {"model": base, "data": train}
+        run_opts = ft_opts
+        if ft_opts.get("quant_aware"):
+            # the float fine-tune (same base, data and LoRA settings, no quant_aware): the model the user would
+            # otherwise ship. Every bundle is validated against it too, and it is the distillation's teacher
+            # by default. Kept in the stage cache: a plain LoRA build of the same settings shares it.
+            float_adapter, float_model = b.work / "adapter-float", b.work / "merged-float"
+            f_opts = float_finetune_options(ft_opts)
+            b.stage("finetune-float", float_adapter, {"model": base, "data": train}, f_opts,
+                    lambda: _finetune(base, train, float_adapter, f_opts), shared="finetune")
+            b.stage("merge-float", float_model, {"base": base, "adapter": float_adapter}, {},
+                    lambda: _merge(base, float_adapter, float_model))
+            if ft_opts.get("quant_aware_distill"):
+                teacher = ft_opts.get("quant_aware_teacher") or "finetune"
+                ft_opts = {**ft_opts, "quant_aware_teacher": teacher}
+                run_opts = {**ft_opts, "quant_aware_teacher": str(float_model) if teacher == "finetune" else None}
+                if teacher == "finetune":
+                    ft_inputs["teacher"] = float_model  # by content: the fingerprint does not depend on the folder's path
+        adapter = b.work / "adapter"
+        b.stage("finetune", adapter, ft_inputs, ft_opts, lambda: _finetune(base, train, adapter, run_opts),
+                shared=None if ft_opts.get("quant_aware") else "finetune")
         merged = b.work / "merged"
         b.stage("merge", merged, {"base": base, "adapter": adapter}, {}, lambda: _merge(base, adapter, merged))
         model = merged
@@ -634,6 +728,20 @@ def _build(b: Build, cfg: BuildConfig, config, plans: list, train, vdata, prompt
                          lambda: _validate(export_dir, target, reference, vdata, prompts, report_dir, vopts), target=key)
         report = _read_json(report_dir / "report.json") or {}
         passed = bool(report.get("passed")) and vstate.get("status") != "failed"
+        vs_float = None
+        if float_model is not None:
+            # the promise of a quant-aware build: the bundle keeps the target's budgets against the float fine-tune,
+            # not only against the model it was trained as (its own merge). Latency is the bundle's, measured above.
+            float_dir = b.work / f"validate-float-{key}"
+            fopts = {**vopts, "latency": False}
+            fstate = b.stage(f"validate-float.{key}", float_dir,
+                             {"model": export_dir, "reference": float_model, "data": vdata, "prompts": prompts,
+                              "target": target.model_dump(mode="json", exclude={"source"})}, fopts,
+                             lambda: _validate(export_dir, target, float_model, vdata, prompts, float_dir, fopts), target=key)
+            vs_float = _read_json(float_dir / "report.json") or {}
+            vs_float_passed = bool(vs_float.get("passed")) and fstate.get("status") != "failed"
+            vs_float = {"report": vs_float, "passed": vs_float_passed, "dir": float_dir}
+            passed = passed and vs_float_passed
 
         final = b.output / key
         rejected = b.output / "rejected" / key
@@ -646,11 +754,14 @@ def _build(b: Build, cfg: BuildConfig, config, plans: list, train, vdata, prompt
             elif stale.is_file():
                 stale.unlink()
         signed = {"signed_by": b.sign[1], "config_sha256": b.sign[2]} if b.sign else {}  # a new key or config: re-sign
-        b.stage(f"bundle.{key}", dest, {"model": export_dir, "report": report_dir},
+        float_dir = vs_float["dir"] if vs_float else None
+        b.stage(f"bundle.{key}", dest, {"model": export_dir, "report": report_dir, **({"vs_float": float_dir} if float_dir else {})},
                 {"archive": tc.archive, "name": f"{cfg.name}-{key}", "passed": passed, **signed},
-                lambda: _bundle(export_dir, dest, target, report_dir, tc.archive, f"{cfg.name}-{key}", b.sign), target=key)
+                lambda: _bundle(export_dir, dest, target, report_dir, tc.archive, f"{cfg.name}-{key}", b.sign, float_dir), target=key)
         manifest = _read_json(dest / "manifest.json") or {}
-        rows.append(_summary_row(key, dest, manifest, report, passed, tc.archive, base_task))
+        rows.append(_summary_row(key, dest, manifest, report, passed, tc.archive, base_task, vs_float,
+                                 own={"merged": "the quant-aware model's own fp32 merge", "base": "the fp32 base"}[cfg.validation.reference]
+                                 if float_model is not None else None))
         if not passed:
             failed_targets.append(key)
 
@@ -664,7 +775,7 @@ def _build(b: Build, cfg: BuildConfig, config, plans: list, train, vdata, prompt
         "validation_data": held_out,
         "task": _task_summary(base_task, rows),
         "stages": [s.__dict__ for s in b.stages],
-        "skipped_all": all(s.status == "skipped" for s in b.stages if s.stage != "materialize"),
+        "skipped_all": all(s.status in ("skipped", "reused") for s in b.stages if s.stage != "materialize"),
         "seconds": round(time.perf_counter() - t_start, 2),
     }
     artifacts.write_json(b.output / "build-summary.json", result)
@@ -680,14 +791,16 @@ def _validate(export_dir: Path, target, reference: Path | None, data: Path | Non
     validate(export_dir, target=target, reference=reference, data=data, out=out, prompts=prompts, **vopts)
 
 
-def _bundle(export_dir: Path, dest: Path, target, report_dir: Path, archive: bool, name: str, sign=None) -> None:
+def _bundle(export_dir: Path, dest: Path, target, report_dir: Path, archive: bool, name: str, sign=None,
+            float_report: Path | None = None) -> None:
     from .bundle import archive_path, make_bundle
 
     arc = archive_path(dest)
     if arc.exists() and not archive:
         arc.unlink()
     make_bundle(export_dir, dest, target=target, report=report_dir if (report_dir / "report.json").is_file() else None,
-                archive=archive, name=name, sign=sign[0] if sign else None, build_config_sha256=sign[2] if sign else None)
+                archive=archive, name=name, sign=sign[0] if sign else None, build_config_sha256=sign[2] if sign else None,
+                float_report=float_report if float_report is not None and (report_dir / "report.json").is_file() else None)
 
 
 def _has_gold(data: Path) -> bool:
@@ -721,8 +834,34 @@ def _task_summary(base_task: dict | None, rows: list[dict]) -> dict | None:
             "bundles": {r["target"]: r["task_figures"]["bundle"] for r in rows if r.get("task_figures")}}
 
 
+FLOAT_REFERENCE = "the float fine-tune's fp32 merge (same base, data and LoRA settings, without quant_aware)"
+
+
+def _accuracy_text(acc: dict) -> str | None:
+    for k, fmt in (("perplexity_increase_pct", "ppl {:+.2f}%"), ("accuracy_drop", "acc drop {:.3f}"), ("top1_agreement", "top1 {:.3f}")):
+        if acc.get(k) is not None:
+            return fmt.format(acc[k])
+    return None
+
+
+def _vs_float_row(vs_float: dict) -> dict[str, Any]:
+    """A bundle's figures against the float fine-tune (a quant-aware build): what the summary and its table show."""
+    rep = vs_float["report"]
+    acc = {k: v for k, v in (rep.get("accuracy") or {}).items() if isinstance(v, (int, float))}
+    task = rep.get("task") or {}
+    metric = task.get("metric")
+    tfig = {"metric": metric, "float_finetune": (task.get("reference") or {}).get(metric), "bundle": (task.get("model") or {}).get(metric),
+            "drop": task.get("drop")} if metric else None
+    text = ", ".join(x for x in (_accuracy_text(acc), f"top1 {acc['top1_agreement']:.3f}" if "top1_agreement" in acc else None,
+                                  f"task {_pct(tfig['bundle'])} of {_pct(tfig['float_finetune'])}" if tfig else None) if x)
+    failed = list(rep.get("failed") or ([] if vs_float["passed"] else ["validation"]))
+    text = f"{text}: {'pass' if vs_float['passed'] else 'FAIL ' + ','.join(failed)}"
+    return {"reference": FLOAT_REFERENCE, "passed": vs_float["passed"], "failed": failed, "accuracy_figures": acc,
+            "task_figures": tfig, "report": str(vs_float["dir"] / "report.json"), "text": text}
+
+
 def _summary_row(key: str, dest: Path, manifest: dict, report: dict, passed: bool, archive: bool,
-                 base_task: dict | None = None) -> dict[str, Any]:
+                 base_task: dict | None = None, vs_float: dict | None = None, own: str | None = None) -> dict[str, Any]:
     figs = manifest.get("figures") or {}
     acc = report.get("accuracy") or {}
     lat = report.get("latency") or {}
@@ -743,11 +882,7 @@ def _summary_row(key: str, dest: Path, manifest: dict, report: dict, passed: boo
         v = lat.get(k)
         return v.get("p50") if isinstance(v, dict) else None
 
-    accuracy = None
-    for k, fmt in (("perplexity_increase_pct", "ppl {:+.2f}%"), ("accuracy_drop", "acc drop {:.3f}"), ("top1_agreement", "top1 {:.3f}")):
-        if acc.get(k) is not None:
-            accuracy = fmt.format(acc[k])
-            break
+    accuracy = _accuracy_text(acc)
     latency = None
     if p50("decode_tokens_per_s") is not None:
         latency = f"{p50('decode_tokens_per_s'):.1f} tok/s"
@@ -757,13 +892,19 @@ def _summary_row(key: str, dest: Path, manifest: dict, report: dict, passed: boo
         latency = f"p50 {lat['latency_ms'].get('p50'):.2f} ms"
     if dev and not dev.get("available", True):
         latency = f"not measured (no {dev.get('execution_provider')} here)"
-    return {
+    failed = list(report.get("failed") or [])
+    vs = _vs_float_row(vs_float) if vs_float is not None else None
+    if vs is not None and not vs["passed"]:
+        failed += [f"{f} vs float fine-tune" for f in vs["failed"]]
+    if not passed and not failed:
+        failed = ["validation"]
+    row = {
         "target": key,
         "precision": manifest.get("precision"),
         "size_mb": round(figs["size_mb"], 2) if isinstance(figs.get("size_mb"), (int, float)) else None,
         "accuracy": accuracy,
         "latency": latency,
-        "result": "pass" if passed else "FAIL: " + ",".join(report.get("failed") or ["validation"]),
+        "result": "pass" if passed else "FAIL: " + ",".join(failed),
         "bundle": str(dest),
         "archive": str(dest.with_name(dest.name + ".tar.gz")) if archive else None,
         "base": _pct(tfig["base"]) if tfig else None,
@@ -776,18 +917,28 @@ def _summary_row(key: str, dest: Path, manifest: dict, report: dict, passed: boo
         "latency_figures": {"decode_tokens_per_s_p50": p50("decode_tokens_per_s"), "time_to_first_token_ms_p50": p50("time_to_first_token_ms"),
                             "latency_ms_p50": (lat.get("latency_ms") or {}).get("p50") if isinstance(lat.get("latency_ms"), dict) else None},
     }
+    if vs is not None:  # a quant-aware build: the figures above are against `reference`, these against the float fine-tune
+        row["reference"] = own
+        row["vs float FT"] = vs.pop("text")
+        row["vs_float_finetune"] = vs
+    return row
 
 
 def summary_text(result: dict[str, Any]) -> str:
     ran = [s for s in result["stages"] if s["status"] == "ran" and s["stage"] != "materialize"]
-    skipped = [s for s in result["stages"] if s["status"] == "skipped"]
+    skipped = [s for s in result["stages"] if s["status"] in ("skipped", "reused")]
     head = f"build {result['name']}: {len(ran)} stage(s) ran, {len(skipped)} skipped, {result['seconds']:.1f}s"
     cols = ["target", "precision", "size_mb"]
     if any(r.get("task") for r in result["targets"]):
         cols += ["base", "fine-tuned", "task"]  # task accuracy (exact match or token F1, %): base -> fine-tuned -> bundle
-    table = console.table(result["targets"], cols + ["accuracy", "latency", "result", "bundle"])
+    qat = any(r.get("vs_float_finetune") for r in result["targets"])
+    table = console.table(result["targets"], cols + ["accuracy"] + (["vs float FT"] if qat else []) + ["latency", "result", "bundle"])
     t = result.get("task") or {}
     note = f"\ntask accuracy = {t['metric']} on the held-out [validate] data (base -> fine-tuned fp32 -> bundle)" if t else ""
+    if qat:
+        own = next(r.get("reference") for r in result["targets"] if r.get("vs_float_finetune"))
+        note += (f"\nfine-tuned, task, accuracy: against {own}; vs float FT: the same bundle against {FLOAT_REFERENCE}, "
+                 "the same budgets (latency measured once); a bundle passes only if it keeps both")
     return f"{head}\n{table}{note}"
 
 

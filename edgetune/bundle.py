@@ -158,13 +158,22 @@ def _figures(report: dict[str, Any] | None, model_results: dict[str, Any]) -> di
     if report.get("not_measured"):
         figs["not_measured"] = report["not_measured"]
     figs["checks"] = [{k: c.get(k) for k in ("name", "value", "limit", "op", "passed")} for c in report.get("checks") or []]
+    vs = report.get("vs_float_finetune")
+    if vs is not None:  # a quant-aware build: the same model against the float fine-tune, the same budgets
+        figs["vs_float_finetune"] = {"passed": vs.get("passed"), "failed_checks": vs.get("failed") or [],
+                                     "accuracy": {k: v for k, v in (vs.get("accuracy") or {}).items() if isinstance(v, (int, float, bool))}}
+        figs["passed"] = bool(report.get("passed")) and bool(vs.get("passed"))
     figs["measured_on"] = {k: (report.get("machine") or {}).get(k) for k in ("system", "machine", "cpu", "cpu_count")}
     return figs
 
 
 def make_bundle(model: str | os.PathLike, out: str | os.PathLike, *, target, report: str | os.PathLike | None = None,
-                archive: bool = False, name: str | None = None, sign=None, build_config_sha256: str | None = None) -> dict[str, Any]:
+                archive: bool = False, name: str | None = None, sign=None, build_config_sha256: str | None = None,
+                float_report: str | os.PathLike | None = None) -> dict[str, Any]:
     """Bundle the export ``model`` (with the validation ``report`` folder) into ``out``; returns the manifest.
+
+    ``float_report``: a quant-aware build's second validation of the same model, against the float fine-tune
+    (``validation/vs-float-finetune/``; ``figures.vs_float_finetune``; ``figures.passed`` needs both).
 
     ``target`` is a profile name or path, or a resolved Target (written as ``target.toml``). With
     ``archive=True`` also writes ``<out>.tar.gz`` (reproducible). Writes are atomic, and the
@@ -204,6 +213,11 @@ def make_bundle(model: str | os.PathLike, out: str | os.PathLike, *, target, rep
         if not (report_dir / "report.json").is_file():
             raise BadInput(f"{report_dir} has no report.json", hint="give the folder written by `edgetune validate --out`")
         report_data = json.loads((report_dir / "report.json").read_text())
+    if float_report is not None:
+        if report_dir is None or not (Path(float_report) / "report.json").is_file():
+            raise BadInput(f"{float_report} has no report.json (or no main report was given)", hint="give both validation folders")
+        report_data = {**report_data, "vs_float_finetune": json.loads((Path(float_report) / "report.json").read_text()),
+                       "_float_dir": Path(float_report)}
     out = Path(out)
     with output_lock(out, what="bundle folder"):  # the folder and its archive, as one write
         return _write_bundle(out, folder, kind, t, rec, results, report_dir, report_data, archive, name,
@@ -227,6 +241,8 @@ def _write_bundle(out: Path, folder: Path, kind: str, t, rec: dict, results: dic
         (tmp / "target.toml").write_text(f"# resolved target profile '{t.name}' (edgetune {__version__})\n" + tomli_w.dumps(profile))
         if report_dir is not None:
             _copy_tree(report_dir, tmp / "validation")
+        if report_data and report_data.get("_float_dir"):
+            _copy_tree(report_data["_float_dir"], tmp / "validation" / "vs-float-finetune")
         files = []
         for dirpath, dirnames, filenames in os.walk(tmp):
             dirnames.sort()

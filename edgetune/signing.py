@@ -209,7 +209,11 @@ def payload(folder: Path, manifest_raw: bytes, manifest: dict[str, Any], *, buil
         sha = _file_sha(manifest, rel)  # read only a file the manifest lists (never a path it merely names)
         safe = isinstance(rel, str) and sha is not None and not Path(rel).is_absolute() and ".." not in Path(rel).parts
         report = json.loads((folder / rel).read_bytes()) if safe else {}
-        validation = {"report": rel, "report_sha256": sha, "passed": isinstance(report, dict) and report.get("passed") is True}
+        passed = isinstance(report, dict) and report.get("passed") is True
+        vs_float = (manifest.get("figures") or {}).get("vs_float_finetune")
+        if isinstance(vs_float, dict):  # a quant-aware bundle passes only against the float fine-tune too
+            passed = passed and vs_float.get("passed") is True
+        validation = {"report": rel, "report_sha256": sha, "passed": passed}
     return {
         "manifest_sha256": hashlib.sha256(manifest_raw).hexdigest(),
         "bundle": manifest.get("name"),

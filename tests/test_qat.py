@@ -217,3 +217,144 @@ def test_self_distillation_corpus_is_the_base_models_own_reproducible_and_cached
     opts["seed"] = 1  # another seed is another corpus, not a stale hit
     other, _ = run("e", "cache-a")
     assert other["cache"] == "written" and other["sha256"] != d["sha256"]
+
+
+def test_a_quant_aware_build_checks_its_float_reference_and_teacher_before_any_work(tmp_path):
+    from edgetune.build import load_config
+
+    int4 = '[[targets]]\nname = "cpu-x86"\nprecision = "int4"\n'
+    # the default teacher of a distilled quant-aware build is the float fine-tune the build makes anyway
+    cfg, _ = load_config(_config(tmp_path, int4, "quant_aware_distill = 1.0"))
+    assert cfg.finetune.model_dump()["quant_aware_teacher"] == "finetune"
+    assert "quant_aware_teacher" not in load_config(_config(tmp_path, int4))[0].finetune.model_dump()  # no distillation: no teacher
+    for extra, targets, words in [
+            ('quant_aware_distill = 1.0\nquant_aware_teacher = "fine-tune"', int4, "did you mean 'finetune'"),
+            ('quant_aware_teacher = "base"', int4, "quant_aware_distill is 0"),
+            ("", int4 + '[validate]\nreference = "none"\n', 'reference = "none"'),
+    ]:
+        with pytest.raises(BadInput, match=words) as exc:
+            load_config(_config(tmp_path, targets, extra))
+        assert "\n" not in exc.value.message and exc.value.hint
+    plain = _config(tmp_path, int4, 'quant_aware_teacher = "base"')
+    plain.write_text(plain.read_text().replace('quant_aware = "int4"\n', ""))
+    with pytest.raises(BadInput, match="finetune.quant_aware is not"):
+        load_config(plain)
+
+
+QAT_BUILD = """name = "qat"
+output = "out"
+[model]
+base = "{base}"
+[data]
+train = "train.jsonl"
+[finetune]
+method = "lora"
+max_steps = 8
+batch_size = 2
+max_seq_len = 128
+save_steps = 100
+eval_fraction = 0.0
+lr = 5e-2
+quant_aware = "int4"
+quant_aware_distill = 1.0
+quant_aware_distill_samples = 4
+quant_aware_distill_seq_len = 32
+[[targets]]
+name = "{target}"
+precision = "int4"
+archive = false
+[validate]
+data = "eval.txt"
+prompts = "prompts.txt"
+eval_tokens = 128
+window = 32
+max_tokens = 4
+prompt_tokens = 16
+repeats = 1
+warmup = 0
+"""
+
+
+def _qat_build(root: Path, base: Path, target: str = "cpu-x86") -> tuple[int, dict, str]:
+    import contextlib
+    import io
+
+    from edgetune.cli import main
+
+    (root / "build.toml").write_text(QAT_BUILD.format(base=base, target=target))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        main(["build", str(root / "build.toml")])
+    return exc.value.code, json.loads((root / "out" / "build-summary.json").read_text()), out.getvalue() + err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def qat_build(tiny_llama, tmp_path_factory):
+    """A quant-aware build of the tiny Llama: the float fine-tune is made too and every bundle validated against it."""
+    root = tmp_path_factory.mktemp("qat-build")
+    (root / "train.jsonl").write_text("".join(CHAT.read_text().splitlines(keepends=True)[:16]))
+    (root / "eval.txt").write_text("The quick brown fox jumps over the lazy dog. Turn on the kitchen lights. " * 30)
+    (root / "prompts.txt").write_text("Turn on the lights\nWhat is the weather\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGETUNE_CACHE", str(root / "cache"))
+        first = _qat_build(root, tiny_llama)
+        yield root, first, mp
+
+
+def test_a_quant_aware_bundle_is_validated_against_the_float_fine_tune_too(qat_build, tiny_llama):
+    root, (code, s, text), _ = qat_build
+    work = root / "out" / ".work"
+    assert code == 0, text
+    stages = {(x["stage"], x["target"]): x["status"] for x in s["stages"]}
+    assert all(stages[(k, None)] == "ran" for k in ("finetune-float", "merge-float", "finetune", "merge"))
+    assert stages[("validate", "cpu-x86")] == stages[("validate-float", "cpu-x86")] == "ran"
+    # the float fine-tune: the same LoRA without the grid, and the distillation's teacher by default
+    assert json.loads((work / "adapter-float" / "edgetune.json").read_text())["results"]["quant_aware"] is None
+    distill = json.loads((work / "adapter" / "edgetune.json").read_text())["results"]["quant_aware"]["distill"]
+    assert Path(distill["teacher"]) == work / "merged-float" and distill["samples"] == 4 and distill["seq_len"] == 32
+    [row] = s["targets"]
+    own = json.loads((work / "validate-cpu-x86" / "report.json").read_text())
+    vs = json.loads((work / "validate-float-cpu-x86" / "report.json").read_text())
+    assert Path(own["reference"]["source"]) == work / "merged" and Path(vs["reference"]["source"]) == work / "merged-float"
+    assert vs.get("latency") is None and own["latency"]  # latency is the bundle's, measured once
+    assert row["reference"] == "the quant-aware model's own fp32 merge"
+    f = row["vs_float_finetune"]
+    assert "float fine-tune" in f["reference"] and f["passed"] and row["result"] == "pass"
+    assert f["accuracy_figures"]["kl_divergence"] == vs["accuracy"]["kl_divergence"]
+    assert row["accuracy_figures"]["kl_divergence"] == own["accuracy"]["kl_divergence"]
+    # the int4 bundle is the model it was trained as, not the float fine-tune: closer to its own merge
+    assert vs["accuracy"]["kl_divergence"] > 2 * own["accuracy"]["kl_divergence"]
+    assert "vs float FT" in text and "against the quant-aware model's own fp32 merge" in text and "float fine-tune's fp32 merge" in text
+    m = json.loads((root / "out" / "cpu-x86" / "manifest.json").read_text())
+    assert m["figures"]["vs_float_finetune"]["passed"] is True and m["figures"]["passed"] is True
+    assert any(x["path"] == "validation/vs-float-finetune/report.json" for x in m["files"])
+    # the float fine-tune is kept in the stage cache under the key of a plain LoRA build of the same settings
+    from edgetune import artifacts
+    from edgetune.build import _shared_dir, load_config
+
+    plain = root / "plain.toml"
+    plain.write_text("\n".join(line for line in (root / "build.toml").read_text().splitlines() if not line.startswith("quant_aware")))
+    cfg, _ = load_config(plain)
+    key = _shared_dir("finetune", artifacts.input_hashes({"model": tiny_llama, "data": root / "train.jsonl"}), cfg.finetune.model_dump())
+    assert artifacts.hash_path(key) == artifacts.hash_path(work / "adapter-float")
+
+
+def test_a_bundle_that_misses_a_budget_against_the_float_fine_tune_fails_the_build(qat_build, tiny_llama):
+    root, (_, first, _), _ = qat_build
+    kl_own = first["targets"][0]["accuracy_figures"]["kl_divergence"]
+    kl_float = first["targets"][0]["vs_float_finetune"]["accuracy_figures"]["kl_divergence"]
+    limit = (kl_own * kl_float) ** 0.5  # kept against its own merge, missed against the float fine-tune
+    (root / "strict.toml").write_text(f'extends = "cpu-x86"\nname = "strict"\n[budgets]\nmax_kl_divergence = {limit!r}\n')
+    code, s, text = _qat_build(root, tiny_llama, "strict.toml")
+    assert code == 1 and "missed their budgets: strict" in text
+    status = {(x["stage"], x["target"]): x["status"] for x in s["stages"]}
+    assert all(status[(k, None)] == "skipped" for k in ("finetune-float", "merge-float", "finetune", "merge"))
+    [row] = s["targets"]
+    assert row["result"] == "FAIL: kl_divergence vs float fine-tune", row
+    assert row["accuracy_figures"]["kl_divergence"] == kl_own  # the same export, the same figures
+    assert not row["vs_float_finetune"]["passed"] and row["vs_float_finetune"]["failed"] == ["kl_divergence"]
+    assert not (root / "out" / "strict").exists()
+    m = json.loads((root / "out" / "rejected" / "strict" / "manifest.json").read_text())
+    assert m["figures"]["passed"] is False and m["figures"]["vs_float_finetune"]["failed_checks"] == ["kl_divergence"]
+    own = json.loads((root / "out" / ".work" / "validate-strict" / "report.json").read_text())
+    assert own["passed"] is True  # against its own merge alone it would have shipped

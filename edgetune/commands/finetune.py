@@ -72,7 +72,12 @@ def _summary(r: dict) -> str:
               help="With --quant-aware: weight of a self-distillation term (KL to the float base on text the base writes "
                    "itself), so the adapter also repairs the int4 damage outside the task. 0 = off.")
 @click.option("--quant-aware-distill-samples", type=click.IntRange(1), default=48, show_default=True,
-              help="Sequences (128 tokens) the float base writes for the distillation term.")
+              help="Sequences the teacher writes for the distillation term.")
+@click.option("--quant-aware-distill-seq-len", type=click.IntRange(16), default=128, show_default=True,
+              help="Tokens per distillation sequence (capped at --max-seq-len); the corpus's cost scales with samples x length.")
+@click.option("--quant-aware-teacher", type=click.Path(file_okay=False, exists=True), default=None,
+              help="With --quant-aware-distill: the float model (HF folder, the base's tokenizer) that writes the corpus and "
+                   "whose distributions the student learns, e.g. the merged float fine-tune. Default: the base itself.")
 @click.option("--deepspeed", default=None, help=f"ZeRO preset ({', '.join(DEEPSPEED_PRESETS)}) or a DeepSpeed JSON config.")
 @click.option("--num-processes", type=click.IntRange(1), default=1, show_default=True, help="Processes (GPUs) on this machine; > 1 needs --deepspeed.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N records.")

@@ -53,7 +53,11 @@ class FinetuneOptions:
     quant_aware_block_size: int = 32  # the export's [quantization.int4].block_size
     quant_aware_lm_head: str = "int4"  # the export's lm_head: int4 | int8 | fp32
     quant_aware_distill: float = 0.0  # weight of the self-distillation term (0: off; qat.Distiller)
-    quant_aware_distill_samples: int = 48  # sequences the float base writes for it (its prompts cycled)
+    quant_aware_distill_samples: int = 48  # sequences the teacher writes for it (its prompts cycled)
+    quant_aware_distill_seq_len: int = 128  # tokens per sequence (capped at max_seq_len): the corpus's cost scales with it
+    # the float model the student is distilled toward: None = the base (self-distillation), else a float
+    # causal-LM folder with the base's tokenizer (a build passes the float fine-tune's merge: "finetune")
+    quant_aware_teacher: str | None = None
     # precision and optimizer: "auto" means fp32 + adamw_torch on CPU, bf16 + paged 8-bit AdamW on GPU
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     optim: str = "auto"
@@ -104,6 +108,8 @@ class FinetuneOptions:
         if not 0 <= self.warmup_ratio < 1 or self.weight_decay < 0 or self.quant_aware_distill < 0 or self.quant_aware_distill_samples < 1:
             raise bad("warmup_ratio must be in [0, 1), weight_decay and quant_aware_distill >= 0, quant_aware_distill_samples >= 1 "
                       f"(got {self.warmup_ratio}, {self.weight_decay}, {self.quant_aware_distill}, {self.quant_aware_distill_samples})", "fix the option")
+        if self.quant_aware_distill_seq_len < 16:
+            raise bad(f"quant_aware_distill_seq_len must be >= 16 (got {self.quant_aware_distill_seq_len})", "use e.g. 64 or 128")
         if self.max_seq_len < 8:
             raise bad(f"max_seq_len {self.max_seq_len} is too short", "use at least 8 tokens")
         if self.doc_stride < 0:

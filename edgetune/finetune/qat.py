@@ -36,6 +36,8 @@ def spec_from_options(opts) -> QATSpec | None:
     if not opts.quant_aware:
         if opts.quant_aware_distill:
             raise BadInput("--quant-aware-distill needs --quant-aware", hint="add --quant-aware int4, or drop --quant-aware-distill")
+        if opts.quant_aware_teacher:
+            raise BadInput("--quant-aware-teacher needs --quant-aware", hint="add --quant-aware int4, or drop --quant-aware-teacher")
         return None
     if opts.quant_aware not in QAT_SCHEMES:
         raise BadInput(f"unknown --quant-aware scheme '{opts.quant_aware}'", hint=f"use {', '.join(QAT_SCHEMES)} (the export's int4 RTN grid)")
@@ -52,6 +54,9 @@ def spec_from_options(opts) -> QATSpec | None:
         raise BadInput(f"--quant-aware-distill-samples must be >= 1 (got {opts.quant_aware_distill_samples})", hint="use e.g. 48")
     if opts.quant_aware_distill < 0:
         raise BadInput(f"--quant-aware-distill must be >= 0 (got {opts.quant_aware_distill})", hint="use e.g. 1.0, or 0 to turn it off")
+    if opts.quant_aware_teacher and not opts.quant_aware_distill:
+        raise BadInput("--quant-aware-teacher is the distillation's teacher, but --quant-aware-distill is 0 (off)",
+                       hint="add --quant-aware-distill 2.0, or drop --quant-aware-teacher")
     if opts.deepspeed:
         raise BadInput("--quant-aware cannot be combined with --deepspeed yet (sharded weights are not fake-quantized)",
                        hint="train quant-aware in one process, or drop --quant-aware")
@@ -181,6 +186,10 @@ def _round_frozen(base, spec: QATSpec) -> list[str]:
 class Distiller:
     """Data-free self-distillation for quant-aware LoRA (``--quant-aware-distill WEIGHT``).
 
+    The teacher is the float base (``teacher_path`` None) or another float model of the same tokenizer
+    (``--quant-aware-teacher``; a build passes the float fine-tune's merge, so the int4 student learns
+    to be the fine-tune, not the base).
+
     Training through the int4 grid on the task alone teaches the adapter the task, not how to undo the
     int4 damage everywhere else (the demo: task kept, generic perplexity +29 %). Like LLM-QAT, the
     model writes its own generic corpus: before training, the float base continues the prompts of the
@@ -191,8 +200,10 @@ class Distiller:
     """
 
     def __init__(self, model, tok, *, weight: float, batch_size: int, seq_len: int, seed: int, samples: int = 48,
-                 base_path: str | os.PathLike | None = None):
+                 base_path: str | os.PathLike | None = None, teacher_path: str | os.PathLike | None = None):
+        import contextlib
         import hashlib
+        import time
 
         import torch
 
@@ -207,10 +218,27 @@ class Distiller:
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         pad = tok.pad_token_id
-        cache = _CorpusCache(base_path, prompts=prompts, seed=seed, seq_len=seq_len) if base_path is not None else None
+        teacher = None
+        if teacher_path is not None:  # another float model (the float fine-tune's merge): loaded beside the student
+            from transformers import AutoModelForCausalLM
+
+            try:
+                teacher = AutoModelForCausalLM.from_pretrained(str(teacher_path), dtype=torch.float32).eval()
+            except (OSError, ValueError) as exc:
+                raise BadInput(f"--quant-aware-teacher {teacher_path}: not a causal LM folder ({exc})",
+                               hint="give the merged float fine-tune (edgetune merge BASE ADAPTER -o DIR)") from None
+            student_vocab = model.get_base_model().config.vocab_size if hasattr(model, "get_base_model") else model.config.vocab_size
+            if teacher.config.vocab_size != student_vocab:
+                raise BadInput(f"--quant-aware-teacher {teacher_path}: vocabulary {teacher.config.vocab_size}, the base's is {student_vocab}",
+                               hint="the teacher must share the base's tokenizer: use a fine-tune of the same base")
+        # the corpus depends on the model that writes it: the teacher's content is its cache key
+        key_path = teacher_path if teacher_path is not None else base_path
+        cache = _CorpusCache(key_path, prompts=prompts, seed=seed, seq_len=seq_len) if key_path is not None else None
         cached = cache.read() if cache is not None else None
         seqs = cached or []
-        with torch.no_grad(), model.disable_adapter():  # model: the PeftModel, before apply()
+        net = teacher if teacher is not None else model
+        t0 = time.perf_counter()
+        with torch.no_grad(), (contextlib.nullcontext() if teacher is not None else model.disable_adapter()):  # model: the PeftModel, before apply()
             model.eval()
             batch, head = _CorpusCache.SAMPLING["generate_batch"], _CorpusCache.SAMPLING["prompt_tokens"]
             for i in range(0, len(prompts) if cached is None else 0, batch):
@@ -218,24 +246,30 @@ class Distiller:
                 width = max(len(c) for c in chunk)
                 ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk])
                 mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
-                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=_CorpusCache.SAMPLING["top_k"],
-                                     max_new_tokens=seq_len - width, pad_token_id=pad, eos_token_id=None)
+                out = net.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=_CorpusCache.SAMPLING["top_k"],
+                                   max_new_tokens=seq_len - width, pad_token_id=pad, eos_token_id=None)
                 for row, m in zip(out, mask):
                     seqs.append(row[int((m == 0).sum()):].tolist())
             corpus_cache = "off" if cache is None else "hit" if cached is not None else cache.write(seqs)
+            t1 = time.perf_counter()
             self.ids = torch.tensor([s[:seq_len] + [pad] * (seq_len - len(s[:seq_len])) for s in seqs])
             self.mask = torch.tensor([[1] * min(len(s), seq_len) + [0] * (seq_len - min(len(s), seq_len)) for s in seqs])
-            self.teacher = torch.cat([torch.log_softmax(model(input_ids=self.ids[i:i + 4], attention_mask=self.mask[i:i + 4]).logits.float(), -1).half()
+            self.teacher = torch.cat([torch.log_softmax(net(input_ids=self.ids[i:i + 4], attention_mask=self.mask[i:i + 4]).logits.float(), -1).half()
                                       for i in range(0, len(self.ids), 4)])
             model.train()
+        t2 = time.perf_counter()
+        del teacher, net
         self.order = torch.randperm(len(self.ids), generator=gen)
         self.pos = 0
         text_hash = hashlib.sha256("\n".join(tok.decode(s) for s in self.ids.tolist()).encode()).hexdigest()
-        self.info = {"weight": weight, "source": f"generated by the float base from the prompts of {source.name} (top-k {_CorpusCache.SAMPLING['top_k']} sampling, seed {seed})",
-                     "samples": len(self.ids), "tokens": int(self.mask.sum()), "sha256": text_hash, "cache": corpus_cache}
+        who = "the float base" if teacher_path is None else f"the teacher {os.path.basename(os.path.normpath(teacher_path))}"
+        self.info = {"weight": weight, "teacher": "base" if teacher_path is None else str(teacher_path),
+                     "source": f"generated by {who} from the prompts of {source.name} (top-k {_CorpusCache.SAMPLING['top_k']} sampling, seed {seed})",
+                     "samples": len(self.ids), "seq_len": seq_len, "tokens": int(self.mask.sum()), "sha256": text_hash, "cache": corpus_cache,
+                     "seconds": {"corpus": round(t1 - t0, 2), "teacher_logprobs": round(t2 - t1, 2)}}
 
     def loss(self, model):
-        """KL(float base || model) on the next batch of the generated corpus (mean over its tokens)."""
+        """KL(teacher || model) on the next batch of the generated corpus (mean over its tokens)."""
         import torch
 
         if self.pos + self.batch_size > len(self.order):

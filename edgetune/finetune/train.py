@@ -324,10 +324,12 @@ def run_training(spec: dict[str, Any]) -> None:
     qat_info = distiller = None
     if qat_spec is not None:
         if opts.quant_aware_distill:  # the float base writes and scores its corpus before the grid is applied
-            with console.step("quant-aware: self-distillation corpus from the float base"):
+            who = "the float base" if not opts.quant_aware_teacher else f"the teacher {opts.quant_aware_teacher}"
+            with console.step(f"quant-aware: distillation corpus from {who}"):
                 distiller = qat.Distiller(model, tok, weight=opts.quant_aware_distill, batch_size=opts.batch_size,
-                                          seq_len=min(opts.max_seq_len, 128), seed=opts.seed,
-                                          samples=opts.quant_aware_distill_samples, base_path=model_path)
+                                          seq_len=min(opts.max_seq_len, opts.quant_aware_distill_seq_len), seed=opts.seed,
+                                          samples=opts.quant_aware_distill_samples, base_path=model_path,
+                                          teacher_path=opts.quant_aware_teacher)
         qat_info = qat.apply(model, qat_spec)
         if distiller is not None:
             qat_info["distill"] = distiller.info
