@@ -94,6 +94,8 @@ def search(weight: np.ndarray, importance: np.ndarray, *, block: int, symmetric:
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, float]]:
     """Integers, scales and zero points of ``weight`` [N, K] per block of ``block`` along K.
 
+    ``importance``: [K] (one weight per input channel, the imatrix) or [N, K] (one per weight element).
+
     Returns ``(q [N, K] uint8, scales [N, K/block] float32, zero_points [N, K/block] uint8 or None, info)``
     with ``w ~ scales * (q - zero_points)`` (symmetric: zero point ``2**(bits-1)``). ``rtn``: RTN's own
     ``(q, scales, zero_points)`` of the same weight, kept wherever no candidate beats it. ``info``: the
@@ -103,7 +105,8 @@ def search(weight: np.ndarray, importance: np.ndarray, *, block: int, symmetric:
     for r in range(0, weight.shape[0], ROWS):
         sl = slice(r, r + ROWS)
         part_rtn = None if rtn is None else (rtn[0][sl], rtn[1][sl], None if rtn[2] is None else rtn[2][sl])
-        parts.append(_search(weight[sl], importance, block=block, symmetric=symmetric, bits=bits, rtn=part_rtn))
+        imp = importance[sl] if np.ndim(importance) == 2 else importance
+        parts.append(_search(weight[sl], imp, block=block, symmetric=symmetric, bits=bits, rtn=part_rtn))
     q = np.concatenate([p[0] for p in parts])
     s = np.concatenate([p[1] for p in parts])
     z = None if symmetric else np.concatenate([p[2] for p in parts])
@@ -116,7 +119,7 @@ def _search(weight, importance, *, block, symmetric, bits, rtn):
     assert k % block == 0, (k, block)
     nmax = 2 ** bits - 1
     x = weight.astype(np.float32).reshape(n, k // block, block)
-    imp = np.asarray(importance, np.float32).reshape(1, k // block, block)
+    imp = np.asarray(importance, np.float32).reshape(-1, k // block, block)  # [1 or N, K/block, block]
     w = imp + EPS * imp.mean(-1, keepdims=True) + np.float32(1e-12)
     w = np.broadcast_to(w, x.shape)
     best_err = np.full(x.shape[:2], np.inf, np.float32)
