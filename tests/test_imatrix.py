@@ -135,9 +135,10 @@ def test_imatrix_export_is_rtns_graph_with_better_values(outlier_llama, calib, t
     assert err["imatrix"] < 0.9 * err["rtn"], err
 
 
-def test_imatrix_needs_calibration_texts(tiny_llama, tmp_path):
-    from edgetune.errors import BadInput
-
-    with pytest.raises(BadInput, match="calibration"):
-        export(tiny_llama, tmp_path / "im", target="cpu-x86", precision="int4", int4={"algorithm": "imatrix"})
-    assert not (tmp_path / "im").exists()
+def test_imatrix_without_calibration_texts_reads_the_projects_set(tiny_llama, tmp_path):
+    # as awq/gptq: the project's generic LLM set, with a warning, and the record names it
+    out = export(tiny_llama, tmp_path / "im", target="cpu-x86", precision="int4", int4={"algorithm": "imatrix"})
+    q = json.loads((out / "edgetune.json").read_text())["results"]["quantization"]
+    assert q["calibration"]["file"].endswith("llm-general.jsonl") and q["calibration"]["samples"] > 0
+    # the profile's int4 head is a MatMul of the same pass: searched too (10 body MatMuls + lm_head)
+    assert q["imatrix"]["nodes"] == 11 and q["imatrix"]["weighted_error_vs_rtn"] < 1.0
