@@ -187,12 +187,13 @@ def _search(weight, importance, *, block, symmetric, bits, rtn):
 
 def _pack_zero_points(z: np.ndarray, bits: int) -> np.ndarray:
     """MatMulNBits' zero_points: per row, ``bits``-bit values packed low first, each row padded to whole bytes."""
-    if bits == 8:
-        return np.ascontiguousarray(z.astype(np.uint8)).reshape(-1)
+    from .blockform import pack
+
     n, nb = z.shape
-    if nb % 2:
-        z = np.concatenate([z, np.zeros((n, 1), np.uint8)], 1)
-    return np.ascontiguousarray(z[:, 0::2] | (z[:, 1::2] << np.uint8(4))).reshape(-1)
+    per_byte = 8 // bits
+    padded = -(-nb // per_byte) * per_byte
+    z = np.concatenate([z, np.zeros((n, padded - nb), np.uint8)], 1)
+    return pack(z, bits, padded).reshape(-1)
 
 
 class Requantizer:
@@ -238,7 +239,7 @@ class Requantizer:
         rz = None
         if z_init is not None:
             zp = numpy_helper.to_array(z_init).reshape(n, -1)
-            rz = (np.stack([zp & 0x0F, zp >> 4], -1).reshape(n, -1) if bits == 4 else zp)[:, :k // block]
+            rz = unpack(zp, bits, zp.shape[1] * 8 // bits)[:, :k // block]
         imp = self.importance[mod]
         q, s, z, info = search(np.ascontiguousarray(weight_kn.T), imp, block=block, symmetric=z_init is None, bits=bits,
                                rtn=(rq, rs, rz))

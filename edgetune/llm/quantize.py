@@ -252,8 +252,9 @@ def _gather_block_dequantized(node, inits: dict) -> tuple[Any, Any]:
         z = numpy_helper.to_array(inits[node.input[3]]).astype(np.float32)
     else:
         z = np.full_like(scales, 0.0 if init.data_type in (TensorProto.INT4, TensorProto.UINT4) else 2 ** (a.get("bits", 4) - 1))
-    step = np.repeat(np.abs(scales), block, axis=1)[:, :q.shape[1]]
-    return (q - np.repeat(z, block, axis=1)[:, :q.shape[1]]) * step * np.sign(np.repeat(scales, block, axis=1)[:, :q.shape[1]]), step
+    per_element = lambda a: np.repeat(a, block, axis=1)[:, :q.shape[1]]  # noqa: E731 (block values onto their elements)
+    s = per_element(scales)
+    return (q - per_element(z)) * s, np.abs(s)
 
 
 def quantize_embedding_in(folder: Path, *, block_size: int, symmetric: bool) -> bool:
