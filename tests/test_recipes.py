@@ -151,7 +151,43 @@ def test_mixed_given_layers(tiny_llama, tmp_path):
     assert results(out)["quantization"]["mixed"]["how"] == "given"
 
 
+def test_mixed_modules_rule_unpacks_qkv(tiny_llama, tmp_path):
+    """v_proj and down_proj at 8 bits in every layer: q/k stay int4 as their own MatMuls, and the graph still computes the model."""
+    out = export(tiny_llama, tmp_path / "r", target="cpu-x86", precision="int4", int4={"lm_head": "int8"},
+                 mixed={"modules": ["v_proj", "down_proj"]})
+    paths = {p["node"].rsplit("_Q", 1)[0]: p for p in kernels.kernel_paths(out)}
+    eight = {n for n, p in paths.items() if p["bits"] == 8}
+    assert eight == {f"/model/layers.{i}/{m}/MatMul" for i in (0, 1) for m in ("attn/v_proj", "mlp/down_proj")} | {"/lm_head/MatMul"}
+    assert not any("qkv_proj" in n for n in paths)  # unpacked: q, k and v are separate nodes
+    assert {p["bits"] for n, p in paths.items() if "/q_proj/" in n or "/k_proj/" in n} == {4}
+    m = results(out)["quantization"]["mixed"]
+    assert m["how"] == "rule: v_proj, down_proj in every layer" and len(m["layers"]) == 4
+    ref, got = _last_logits(tiny_llama), _genai_logits(out)
+    plain = _genai_logits(export(tiny_llama, tmp_path / "p", target="cpu-x86", precision="int4", int4={"lm_head": "int8"}))
+    assert np.abs(got - ref).mean() < np.abs(plain - ref).mean()  # wider v/down: closer to PyTorch than int4 everywhere
+
+
+def test_mixed_8bit_cli_takes_a_fraction_or_modules():
+    from click.testing import CliRunner
+
+    from edgetune.commands.export import MixedSpec
+
+    spec = MixedSpec()
+    assert spec.convert("0.25", None, None) == {"fraction": 0.25}
+    assert spec.convert("v_proj, down_proj", None, None) == {"modules": ["v_proj", "down_proj"]}
+    import click
+
+    with pytest.raises(click.BadParameter, match="not in"):
+        spec.convert("1.5", None, None)
+    from edgetune.cli import cli
+
+    r = CliRunner().invoke(cli, ["export", "x", "-t", "cpu-x86", "-o", "y", "--mixed-8bit", "v/proj"])
+    assert r.exit_code == 2 and "neither a fraction" in r.output
+
+
 @pytest.mark.parametrize("kwargs,match", [
+    ({"precision": "int4", "mixed": {"modules": ["x_proj"]}}, "'x_proj' is not one"),
+    ({"precision": "int4", "mixed": {"modules": ["v_proj"], "fraction": 0.1}}, "modules must be"),
     ({"precision": "int8", "mixed": {"fraction": 0.2}}, "applies to int4"),
     ({"precision": "int4", "int4": {"algorithm": "gptq"}, "mixed": {"fraction": 0.2}}, "rtn, k_quant"),
     ({"precision": "int4", "mixed": {"fraction": 0.2, "count": 2}}, "one of fraction"),

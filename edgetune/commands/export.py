@@ -8,6 +8,27 @@ from .. import artifacts, console, quant
 from ..cli import common_options, force_option
 
 
+class MixedSpec(click.ParamType):
+    """``--mixed-8bit``: a fraction in (0, 1] -> {"fraction": f}; projection names -> {"modules": [...]} (checked later)."""
+
+    name = "FRACTION|MODULES"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, dict):
+            return value
+        text = str(value).strip()
+        try:
+            f = float(text)
+        except ValueError:
+            mods = [m.strip() for m in text.split(",") if m.strip()]
+            if not mods or not all(m.replace("_", "").isalnum() for m in mods):
+                self.fail(f"'{value}' is neither a fraction nor a comma-separated list of projections (e.g. v_proj,down_proj)", param, ctx)
+            return {"modules": mods}
+        if not 0 < f <= 1:
+            self.fail(f"fraction {f} is not in (0, 1]", param, ctx)
+        return {"fraction": f}
+
+
 @click.command()
 @click.argument("model")
 @click.option("--target", "-t", required=True, help="Target profile name or .toml path.")
@@ -35,8 +56,9 @@ from ..cli import common_options, force_option
                    "passes (docs/llm.md); default: the profile's [quantization].recipe.")
 @click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), help="--recipe auto: text/JSONL to validate candidates on.")
 @click.option("--recipe-candidates", help="--recipe auto: comma-separated candidate names (default: all, see docs/llm.md).")
-@click.option("--mixed-8bit", type=click.FloatRange(0, 1, min_open=True),
-              help="int4 rtn/k_quant: keep this fraction of the decoder MatMuls, the most sensitive on the calibration texts, at 8 bits.")
+@click.option("--mixed-8bit", type=MixedSpec(),
+              help="int4 rtn/k_quant/imatrix: a fraction (0.1: that share of the decoder MatMuls, the most sensitive on the "
+                   "calibration texts) or projections kept at 8 bits in every layer (v_proj,down_proj; as llama.cpp's Q4_K_M).")
 @click.option("--allow-slow-kernel", is_flag=True, help="Ship MatMulNBits nodes that miss the CPU's prepacked kernels (e.g. hqq's float zero points).")
 @click.option("--no-fuse", "no_fuse", is_flag=True,
               help="precision gguf / --float-adapter over it: keep every block-sum correction and LoRA branch as separate nodes (unfused).")
@@ -76,7 +98,7 @@ def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_
     if recipe_candidates:
         opts["candidates"] = [c.strip() for c in recipe_candidates.split(",") if c.strip()]
     if mixed_8bit:
-        opts["mixed"] = {"fraction": mixed_8bit}
+        opts["mixed"] = mixed_8bit
     if allow_slow_kernel:
         opts["allow_slow_kernel"] = True
     if no_fuse:

@@ -174,7 +174,7 @@ def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=N
         raise BadInput(f"int8 is made by the builder ({' or '.join(algorithms(int8=True))}), not by int4 algorithm '{algorithm}'",
                        hint="use --int4-algorithm rtn with --precision int8, or --precision int4")
     cpu = t.runtime.execution_provider == "cpu"
-    from .mixed import check_mixed_request
+    from .mixed import check_mixed_request, unpacks_qkv
 
     measure = check_mixed_request(mixed, precision=precision, algorithm=algorithm)
     if cpu and alg and alg.slow_kernel and precision == "int4" and not allow_slow_kernel:
@@ -219,6 +219,8 @@ def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=N
             emb = embedding_block_size(hidden, q["block_size"])
             console.warn(f"hidden size {hidden} is not a multiple of int4 block {q['block_size']}: embedding untied from lm_head, "
                          + (f"stored int4 with block {emb}" if emb else "kept float"))
+    if precision == "int4" and unpacks_qkv(mixed):  # v_proj at 8 bits, q/k at 4: three MatMuls, not one packed qkv
+        extra["fuse_qkv"] = "false"
     options = {"precision": precision, "execution_provider": ep, "extra": extra, "int4": q, "mixed": mixed,
                "allow_slow_kernel": allow_slow_kernel,
                "calibration": calib.sha256 if calib else None, "target": t.model_dump(mode="json", exclude={"source"})}

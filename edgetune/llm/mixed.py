@@ -44,6 +44,11 @@ _PARTS = {
     ("mlp", "down_proj"): ("mlp.down_proj",),
 }
 HEAD = "/lm_head/MatMul"
+# ``mixed={"modules": [...]}``: a projection kept at 8 bits in every decoder layer (a rule, as llama.cpp's Q4_K_M keeps
+# attn_v / ffn_down wider), -> its builder node name. q/k/v named one by one need the builder's unpacked attention.
+MODULES = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+QKV = ("q_proj", "k_proj", "v_proj")
 
 
 def base_name(node_name: str) -> str:
@@ -175,6 +180,20 @@ def choose(ranking: list[dict[str, Any]], *, count: int | None = None, fraction:
     return chosen
 
 
+def module_layers(model_dir: Path, modules) -> list[str]:
+    """``mixed={"modules": ["v_proj", "down_proj"]}`` -> those projections' builder node names in every decoder layer."""
+    import json
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    layers = int(cfg.get("text_config", cfg).get("num_hidden_layers") or 0)
+    return [f"/model/layers.{i}/{MODULES[m]}/{m}/MatMul" for i in range(layers) for m in modules]
+
+
+def unpacks_qkv(mixed: dict | None) -> bool:
+    """True when the rule names q, k or v alone: the builder must then write three MatMuls, not its packed qkv_proj."""
+    return bool(mixed) and any(m in QKV for m in mixed.get("modules") or ())
+
+
 def quantize_nodes_in(folder: Path, nodes: list[str], *, bits: int, block_size: int, symmetric: bool, accuracy_level: int) -> list[str]:
     """Float MatMuls ``nodes`` of a saved export -> MatMulNBits with ``bits`` (onnxruntime's quantizer, RTN)."""
     onnx = require("onnx", purpose="mixed precision")
@@ -219,9 +238,9 @@ def check_mixed_request(mixed: dict | None, *, precision: str, algorithm: str | 
     """Validate a ``mixed`` option before any work; True when the layers must be measured (calibration needed)."""
     if not mixed:
         return False
-    unknown = set(mixed) - {"layers", "fraction", "count", "sensitivity", "confirm"}
+    unknown = set(mixed) - {"layers", "modules", "fraction", "count", "sensitivity", "confirm"}
     if unknown:
-        raise BadInput(f"unknown mixed-precision option(s): {', '.join(sorted(unknown))}", hint="use layers, fraction or count")
+        raise BadInput(f"unknown mixed-precision option(s): {', '.join(sorted(unknown))}", hint="use layers, modules, fraction or count")
     if precision != "int4":
         raise BadInput(f"mixed precision applies to int4 exports, not {precision}", hint="use --precision int4")
     if algorithm not in MIXED_ALGORITHMS:
@@ -232,6 +251,13 @@ def check_mixed_request(mixed: dict | None, *, precision: str, algorithm: str | 
         if bad:
             raise BadInput(f"mixed precision: '{bad[0]}' is not a decoder-layer MatMul name",
                            hint="use names like /model/layers.0/mlp/down_proj/MatMul (the head: --int4-lm-head int8)")
+        return False
+    if "modules" in mixed:
+        mods = list(mixed["modules"] or ())
+        bad = [m for m in mods if m not in MODULES]
+        if not mods or bad or len(set(mods)) != len(mods) or len(mixed) > 1:
+            raise BadInput(f"mixed precision: modules must be distinct names of {', '.join(MODULES)}, alone"
+                           + (f" ('{bad[0]}' is not one)" if bad else ""), hint="e.g. --mixed-8bit v_proj,down_proj")
         return False
     f, c = mixed.get("fraction"), mixed.get("count")
     if (f is None) == (c is None) or (f is not None and not 0 < float(f) <= 1) or (c is not None and int(c) < 1):
@@ -245,6 +271,9 @@ def plan_mixed(mixed: dict, *, src: Path, model_dir: Path, cache: Path, token_id
 
     if "layers" in mixed:
         return {"layers": list(mixed["layers"]), "how": "given", "sensitivity": mixed.get("sensitivity")}
+    if "modules" in mixed:
+        return {"layers": module_layers(model_dir, mixed["modules"]), "how": f"rule: {', '.join(mixed['modules'])} in every layer",
+                "sensitivity": None}
     probe = cache / "mixed-probe"
     build(probe)
     with console.step("mixed precision: sensitivity on the calibration texts"):

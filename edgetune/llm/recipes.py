@@ -46,6 +46,9 @@ CANDIDATES: tuple[dict[str, Any], ...] = (
     {"name": "imatrix-head8", "precision": "int4", "int4": {"algorithm": "imatrix", "symmetric": False, "lm_head": "int8"}},
     {"name": "imatrix-head8-mixed10", "precision": "int4", "int4": {"algorithm": "imatrix", "symmetric": False, "lm_head": "int8"},
      "mixed": {"fraction": 0.10}},
+    # v_proj and down_proj at 8 bits in every layer (llama.cpp's Q4_K_M widens the same two, in half the layers)
+    {"name": "imatrix-head8-vdown8", "precision": "int4", "int4": {"algorithm": "imatrix", "symmetric": False, "lm_head": "int8"},
+     "mixed": {"modules": ["v_proj", "down_proj"]}},
     {"name": "rtn-head8-mixed10", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.10}},
     {"name": "rtn-head8-mixed25", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.25}},
     {"name": "rtn-head8-mixed50", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.50}},
@@ -152,7 +155,7 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
             kw: dict[str, Any] = {}
             mixed = copy.deepcopy(cand.get("mixed"))
             alg = int4.get("algorithm", t.quantization.int4.algorithm)
-            if mixed and "layers" not in mixed:
+            if mixed and "layers" not in mixed and "modules" not in mixed:  # measured: one sensitivity per algorithm
                 if alg in sens_by_alg:
                     from .mixed import choose
 

@@ -350,6 +350,11 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
             ["--precision", "int4", "--int4-algorithm", "imatrix", "--int4-asymmetric", "--int4-lm-head", "int8",
              "--int4-accuracy-level", "4", "--mixed-8bit", "0.1", "--calibration", "{calibration}"], "{merged}",
             [("option", "--mixed-8bit")], "imatrix")
+        # a rule instead of a measurement: v_proj (3 of 9 heads' values, GQA) and down_proj 8-bit in every layer
+        cli("et-imatrix-h8-acc4-vd8", "same, v_proj and down_proj at 8 bits in every layer (a rule, as Q4_K_M)",
+            ["--precision", "int4", "--int4-algorithm", "imatrix", "--int4-asymmetric", "--int4-lm-head", "int8",
+             "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj,down_proj", "--calibration", "{calibration}"], "{merged}",
+            [("option", "--mixed-8bit")], "imatrix")
         if not quick:
             # asymmetric by construction (hqq): its row is the asymmetric export, a symmetric one is refused
             from edgetune.quant import algorithms
