@@ -256,9 +256,12 @@ def gguf_files(peer: Peer, model_dir: Path, group: str, root: Path, types: list[
 
 # ---------------------------------------------------------------- edgetune artifacts
 
-def cli_help() -> str:
-    p = subprocess.run([sys.executable, "-m", "edgetune", "export", "--help"], capture_output=True, text=True, timeout=120, env=child_env())
-    return p.stdout
+def export_cli() -> dict:
+    """What `edgetune export` offers, asked of edgetune itself (its click options, the quantization table's precisions)."""
+    from edgetune import quant
+    from edgetune.commands.export import export
+
+    return {"options": {o for p in export.params for o in p.opts}, "precisions": tuple(quant.EXPORT_PRECISIONS)}
 
 
 def build_target_fields() -> set[str]:
@@ -389,23 +392,15 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
     return rows
 
 
-def precision_choices(help_text: str) -> list[str]:
-    """The values click lists for `--precision [a|b|...]` (the list may wrap over lines)."""
-    import re
-
-    m = re.search(r"--precision\s*\[([^\]]*)\]", help_text)
-    return re.sub(r"\s+", "", m.group(1)).split("|") if m else []
-
-
-def check_available(row: dict, help_text: str, fields: set[str]) -> str | None:
-    """Why this edgetune cannot make the row yet (None: it can)."""
+def check_available(row: dict, cli: dict, fields: set[str]) -> str | None:
+    """Why this edgetune cannot make the row yet (None: it can); ``cli`` as :func:`export_cli` returns it."""
     for kind, what in row.get("needs", []):
-        if kind == "option" and what not in help_text:
+        if kind == "option" and what not in cli["options"]:
             alt = ""
             if what == "--float-adapter" and "adapter" in fields:
                 alt = " (the build config has a target field `adapter`; the bench uses the export option)"
             return f"`edgetune export` has no {what} yet (engineer {row['owner']}){alt}"
-        if kind == "precision" and what not in precision_choices(help_text):
+        if kind == "precision" and what not in cli["precisions"]:
             return f"`edgetune export --precision` has no '{what}' yet (engineer {row['owner']})"
     return None
 
@@ -587,7 +582,7 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
         log(f"peer: llama-cpp-python {peer.version} in {peer.venv}")
     same, metric_name = task_metric()
     out["task_metric"] = metric_name
-    help_text, fields = cli_help(), build_target_fields()
+    cli, fields = export_cli(), build_target_fields()
     demo = demo_models(log, work_dir=getattr(a, "finetune_work", None))
     out["demo"] = demo
     only = {x.strip() for x in (getattr(a, "peer_rows", None) or "").split(",") if x.strip()}
@@ -690,7 +685,7 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
                     rows.append(row)
                     continue
                 row["recipe"] = "edgetune export " + " ".join(["MODEL"] + [x if not x.startswith("/") else Path(x).name for x in args])
-                why = check_available(spec, help_text, fields)
+                why = check_available(spec, cli, fields)
                 if why:
                     row.update(status="missing", error=why)
                     rows.append(row)
