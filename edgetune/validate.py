@@ -234,27 +234,11 @@ def _decoder(folder, target, pack, text, opts, report, series, task=None):
     bad_t, first_t = _first_mismatch("tricky strings", meta["tricky"], pack.ragged("tricky"), dev_tricky)
     report["tokenizer"] = {"checked": 1 + len(meta["tricky"]), "mismatches": bad_d + bad_t, "first_mismatch": first_d or first_t}
     # scoring on the reference's tokens, same windows
-    nll, kl, top1 = [], [], []
-    off = 0
     ws = M.windows(len(ids), meta["window"], meta["stride"], meta["method"])
-    for w in console.progress(ws, desc="scoring"):
-        lg = L.logits(m, ids[w[0] : w[1]])
-        rows, tg = M.window_targets(ids, w)
-        lg = lg[rows]
-        k = len(tg)
-        nll.append(M.nll(lg, tg))
-        kl.append(M.kl_topk(pack.arrays["top_ids"][off : off + k].astype(np.int64), pack.arrays["top_logp"][off : off + k].astype(np.float64), lg))
-        top1.append(lg.argmax(-1) == pack.arrays["top_ids"][off : off + k, 0])
-        off += k
-    nll_m, kl_a, top1_a = np.concatenate(nll), np.concatenate(kl), np.concatenate(top1)
-    ppl_m, ppl_r = M.perplexity(nll_m), M.perplexity(pack.arrays["nll"])
-    acc.update({
-        "perplexity": ppl_m, "reference_perplexity": ppl_r, "perplexity_increase_pct": 100.0 * (ppl_m / ppl_r - 1.0),
-        "kl_divergence": float(kl_a.mean()), "kl_divergence_p99": float(np.percentile(kl_a, 99)),
-        "top1_agreement": float(top1_a.mean()), "tokens_scored": int(len(nll_m)), "method": meta["method"],
-        "window": meta["window"], "stride": meta["stride"], "kl_topk": meta["topk"],
-    })
-    series.update(nll_model=nll_m, nll_reference=pack.arrays["nll"], kl=kl_a)
+    figures, per_token = M.score_windows(ids, ws, lambda x: L.logits(m, x), pack.arrays["top_ids"], pack.arrays["top_logp"],
+                                         pack.arrays["nll"], wrap=lambda it: console.progress(it, desc="scoring"))
+    acc.update({**figures, "method": meta["method"], "window": meta["window"], "stride": meta["stride"], "kl_topk": meta["topk"]})
+    series.update(nll_model=per_token["nll_model"], nll_reference=pack.arrays["nll"], kl=per_token["kl"])
     # greedy generation agreement on the prompts (golden outputs from the reference)
     agree, exact, gens = [], 0, []
     for i, (p, g) in enumerate(zip(pack.ragged("prompt"), pack.ragged("golden"))):

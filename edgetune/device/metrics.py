@@ -300,3 +300,33 @@ def qa_scores(golds: Sequence[Sequence[str]], answers: Sequence[str]) -> dict:
         return {"examples": 0, "exact_match": None, "f1": None}
     return {"examples": n, "exact_match": 100.0 * sum(squad_exact(g, a) for g, a in zip(golds, answers)) / n,
             "f1": 100.0 * sum(squad_f1(g, a) for g, a in zip(golds, answers)) / n}
+
+
+def score_windows(ids: np.ndarray, windows_: Sequence[tuple[int, int, int]], logits_fn, top_ids: np.ndarray,
+                  top_logp: np.ndarray, reference_nll: np.ndarray, wrap=None) -> tuple[dict, dict]:
+    """Score a model against a reference pack on the pack's own token ids and windows (the one window scorer).
+
+    ``logits_fn(ids)`` returns the model's logits [len(ids), vocab] for one window; ``top_ids`` / ``top_logp`` /
+    ``reference_nll`` are the pack's arrays (the reference's top-k per scored token and its NLL). ``wrap``: an
+    optional iterable wrapper for the windows (a progress bar). Used by ``edgetune validate`` and by the
+    benchmarks for every engine (onnxruntime-genai, llama.cpp), so they score alike.
+
+    Returns (figures, series): perplexity of both, the increase in %, mean and p99 KL over the top-k, top-1
+    agreement, tokens scored; and the per-token ``nll_model`` / ``kl`` arrays.
+    """
+    nll_, kl, top1, off = [], [], [], 0
+    for w in (wrap(windows_) if wrap else windows_):
+        lg = logits_fn(ids[w[0]:w[1]])
+        rows, tg = window_targets(ids, w)
+        lg = lg[rows]
+        k = len(tg)
+        nll_.append(nll(lg, tg))
+        kl.append(kl_topk(top_ids[off:off + k].astype(np.int64), top_logp[off:off + k].astype(np.float64), lg))
+        top1.append(lg.argmax(-1) == top_ids[off:off + k, 0])
+        off += k
+    nll_m, kl_a, top1_a = np.concatenate(nll_), np.concatenate(kl), np.concatenate(top1)
+    ppl_m, ppl_r = perplexity(nll_m), perplexity(reference_nll)
+    figures = {"perplexity": ppl_m, "reference_perplexity": ppl_r, "perplexity_increase_pct": 100.0 * (ppl_m / ppl_r - 1.0),
+               "kl_divergence": float(kl_a.mean()), "kl_divergence_p99": float(np.percentile(kl_a, 99)),
+               "top1_agreement": float(top1_a.mean()), "tokens_scored": int(len(nll_m))}
+    return figures, {"nll_model": nll_m, "kl": kl_a}

@@ -209,24 +209,15 @@ def llama_cpp_score(path: str, pack_dir: str, threads: int | None) -> dict:
     threads = threads or os.cpu_count() or 1
     llm = Llama(model_path=path, n_ctx=width, n_batch=width, n_ubatch=width, logits_all=True, n_threads=threads,
                 n_threads_batch=threads, verbose=False, seed=0)
-    nll, kl, top1, off = [], [], [], 0
-    t0 = time.perf_counter()
-    for w in ws:
+
+    def logits(x):
         llm.reset()
-        llm.eval([int(t) for t in ids[w[0]:w[1]]])
-        lg = np.asarray(llm.scores[: w[1] - w[0]], dtype=np.float32)
-        rows, tg = M.window_targets(ids, w)
-        lg = lg[rows]
-        k = len(tg)
-        nll.append(M.nll(lg, tg))
-        kl.append(M.kl_topk(pack.arrays["top_ids"][off:off + k].astype(np.int64), pack.arrays["top_logp"][off:off + k].astype(np.float64), lg))
-        top1.append(lg.argmax(-1) == pack.arrays["top_ids"][off:off + k, 0])
-        off += k
-    nll_a, kl_a, top1_a = np.concatenate(nll), np.concatenate(kl), np.concatenate(top1)
-    ppl, ppl_r = M.perplexity(nll_a), M.perplexity(pack.arrays["nll"])
-    return {"perplexity": ppl, "reference_perplexity": ppl_r, "perplexity_increase_pct": 100.0 * (ppl / ppl_r - 1.0),
-            "kl_divergence": float(kl_a.mean()), "kl_divergence_p99": float(np.percentile(kl_a, 99)),
-            "top1_agreement": float(top1_a.mean()), "tokens_scored": int(len(nll_a)), "score_s": round(time.perf_counter() - t0, 1)}
+        llm.eval([int(t) for t in x])
+        return np.asarray(llm.scores[: len(x)], dtype=np.float32)
+
+    t0 = time.perf_counter()
+    figures, _ = M.score_windows(ids, ws, logits, pack.arrays["top_ids"], pack.arrays["top_logp"], pack.arrays["nll"])
+    return {**figures, "score_s": round(time.perf_counter() - t0, 1)}
 
 
 ENGINES = {"ort-genai": ort_genai, "torch": torch_eager, "llama.cpp": llama_cpp}

@@ -161,23 +161,9 @@ def score(kind: str, model: str, jobs: list[str], threads: int | None, adapter: 
     e = engine(kind, model, threads, n_ctx=width, logits_all=True, adapter=adapter)
     out = []
     for z, ws in zip(packs, wins):
-        ids = z["ids"]
-        nll, kl, top1, off = [], [], [], 0
         t0 = time.perf_counter()
-        for w in ws:
-            lg = e.logits(ids[w[0]:w[1]])
-            rows, tg = M.window_targets(ids, w)
-            lg = lg[rows]
-            k = len(tg)
-            nll.append(M.nll(lg, tg))
-            kl.append(M.kl_topk(z["top_ids"][off:off + k].astype(np.int64), z["top_logp"][off:off + k].astype(np.float64), lg))
-            top1.append(lg.argmax(-1) == z["top_ids"][off:off + k, 0])
-            off += k
-        nll_a, kl_a, top1_a = np.concatenate(nll), np.concatenate(kl), np.concatenate(top1)
-        ppl, ppl_r = M.perplexity(nll_a), M.perplexity(z["nll"])
-        out.append({"perplexity": ppl, "reference_perplexity": ppl_r, "perplexity_increase_pct": 100.0 * (ppl / ppl_r - 1.0),
-                    "kl_divergence": float(kl_a.mean()), "kl_divergence_p99": float(np.percentile(kl_a, 99)),
-                    "top1_agreement": float(top1_a.mean()), "tokens_scored": int(len(nll_a)), "score_s": round(time.perf_counter() - t0, 1)})
+        figures, _ = M.score_windows(z["ids"], ws, e.logits, z["top_ids"], z["top_logp"], z["nll"])
+        out.append({**figures, "score_s": round(time.perf_counter() - t0, 1)})
     return {"texts": out, "adapter": e.adapter}
 
 
