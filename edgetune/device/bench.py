@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .measure import peak_rss_mb, size_on_disk_mb, summary
+from .measure import peak_rss_mb, size_on_disk_mb, summary, time_generation
 
 _FILLER = ("The quick brown fox jumps over the lazy dog while the edge device measures how fast "
            "it can read and write tokens. ")
@@ -28,27 +28,18 @@ def bench_llm(folder: str, target, prompt_tokens: int, max_tokens: int, repeats:
     rss0 = peak_rss_mb()
     m = L.load(folder, target)
     ids = L.encode(m, _FILLER * (1 + prompt_tokens // 8))[:prompt_tokens]
-    ttft, decode_tps, e2e = [], [], []
-    for r in range(warmup + repeats):
+
+    def generate(stamps: list) -> None:
         gen = L._generator(m, len(ids) + max_tokens, min_length=len(ids) + max_tokens)
-        t0 = time.perf_counter()
         gen.append_tokens(ids.astype(np.int32))
-        gen.generate_next_token()
-        gen.get_next_tokens()
-        t1 = time.perf_counter()
-        n = 1
-        while n < max_tokens and not gen.is_done():
+        while len(stamps) < max_tokens and not (stamps and gen.is_done()):
             gen.generate_next_token()
             gen.get_next_tokens()
-            n += 1
-        t2 = time.perf_counter()
+            stamps.append(time.perf_counter())
         del gen
-        if r < warmup:
-            continue
-        ttft.append((t1 - t0) * 1000)
-        if n > 1:
-            decode_tps.append((n - 1) / (t2 - t1))
-        e2e.append(t2 - t0)
+
+    t = time_generation(generate, repeats=repeats, warmup=warmup)
+    ttft, decode_tps, e2e = t["ttft_ms"], t["decode_tok_s"], t["end_to_end_s"]
     return {
         "kind": "decoder",
         "providers": m.providers,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -30,6 +31,31 @@ def summary(samples: Sequence[float]) -> dict[str, float]:
         "p99": float(np.percentile(a, 99)),
         "max": float(a.max()),
     }
+
+
+def time_generation(generate: Callable[[list], object], *, repeats: int, warmup: int = 0) -> dict[str, list]:
+    """The one decode timer, for every engine: ``generate(stamps)`` runs one generation after the prompt and appends
+    ``time.perf_counter()`` once per new token (the first stamp ends the prefill), returning the generated ids.
+
+    Per timed run: time to first token (ms, from the call to the first stamp), decode tokens/s (tokens after the
+    first over the time between the first and the last stamp) and end to end (s, to the last stamp). Used by
+    ``python -m edgetune.device.bench`` and by the benchmarks' engine workers, so every engine is timed alike.
+    """
+    out: dict[str, list] = {"ttft_ms": [], "decode_tok_s": [], "end_to_end_s": [], "tokens": []}
+    for r in range(warmup + repeats):
+        stamps: list[float] = []
+        t0 = time.perf_counter()
+        tokens = generate(stamps)
+        if not stamps:
+            raise RuntimeError("the generation produced no token")
+        out["tokens"] = list(tokens) if tokens is not None else []
+        if r < warmup:
+            continue
+        out["ttft_ms"].append((stamps[0] - t0) * 1000)
+        if len(stamps) > 1:
+            out["decode_tok_s"].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        out["end_to_end_s"].append(stamps[-1] - t0)
+    return out
 
 
 def peak_rss_mb() -> float:

@@ -29,16 +29,11 @@ import time
 from pathlib import Path
 
 
-def peak_rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    import resource
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, MiB (edgetune's own probe: VmHWM)."""
+    from edgetune.device.measure import peak_rss_mb as probe
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return round(probe(), 1)
 
 
 # ---------------------------------------------------------------- engines
@@ -182,16 +177,18 @@ def speed(kind: str, model: str, job: str, threads: int | None, adapter: str | N
     spec = json.loads(Path(job).read_text())
     ids, new, warm = spec["prompt_ids"], int(spec["new_tokens"]), int(spec.get("warmup_tokens", 16))
     e = engine(kind, model, threads, n_ctx=max(512, len(ids) + new + 8), adapter=adapter)
+    from edgetune.device.measure import time_generation
+
     e.generate(ids, warm, set(), ignore_eos=True)  # kernels, arena and KV buffers warm
-    ttft, dec, toks = [], [], []
-    for _ in range(int(spec.get("repeats", 1))):
-        stamps: list[float] = []
-        t0 = time.perf_counter()
+
+    def generate(stamps: list) -> list[int]:
         toks = e.generate(ids, new, set(), ignore_eos=True, stamps=stamps)
         if len(stamps) != new:
             raise RuntimeError(f"generated {len(stamps)} of {new} tokens")
-        ttft.append(1000 * (stamps[0] - t0))
-        dec.append((new - 1) / (stamps[-1] - stamps[0]))
+        return toks
+
+    t = time_generation(generate, repeats=int(spec.get("repeats", 1)))  # edgetune's own decode timer
+    ttft, dec, toks = t["ttft_ms"], t["decode_tok_s"], t["tokens"]
     return {"threads": e.threads, "load_s": round(e.load_s, 3), "ttft_ms": round(statistics.median(ttft), 2),
             "decode_tok_s": round(statistics.median(dec), 2), "ttft_ms_samples": [round(x, 2) for x in ttft],
             "decode_tok_s_samples": [round(x, 2) for x in dec], "peak_rss_mb": peak_rss_mb(), "generated_ids": toks,
