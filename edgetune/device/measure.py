@@ -33,16 +33,20 @@ def summary(samples: Sequence[float]) -> dict[str, float]:
     }
 
 
-def time_generation(generate: Callable[[list], object], *, repeats: int, warmup: int = 0) -> dict[str, list]:
+def time_generation(generate: Callable[[list], object], *, repeats: int, warmup: int = 0,
+                    stop: Callable[[], bool] | None = None) -> dict[str, list]:
     """The one decode timer, for every engine: ``generate(stamps)`` runs one generation after the prompt and appends
     ``time.perf_counter()`` once per new token (the first stamp ends the prefill), returning the generated ids.
 
     Per timed run: time to first token (ms, from the call to the first stamp), decode tokens/s (tokens after the
     first over the time between the first and the last stamp) and end to end (s, to the last stamp). Used by
     ``python -m edgetune.device.bench`` and by the benchmarks' engine workers, so every engine is timed alike.
+    ``stop()``: checked before each timed run after the first; True ends the series early (a time budget).
     """
-    out: dict[str, list] = {"ttft_ms": [], "decode_tok_s": [], "end_to_end_s": [], "tokens": []}
+    out: dict[str, list] = {"ttft_ms": [], "decode_tok_s": [], "end_to_end_s": [], "tokens_per_run": [], "tokens": []}
     for r in range(warmup + repeats):
+        if stop is not None and out["ttft_ms"] and stop():
+            break
         stamps: list[float] = []
         t0 = time.perf_counter()
         tokens = generate(stamps)
@@ -55,6 +59,7 @@ def time_generation(generate: Callable[[list], object], *, repeats: int, warmup:
         if len(stamps) > 1:
             out["decode_tok_s"].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
         out["end_to_end_s"].append(stamps[-1] - t0)
+        out["tokens_per_run"].append(len(stamps))
     return out
 
 

@@ -30,31 +30,36 @@ import time
 DEADLINE = [float("inf")]  # --max-seconds: stop repeating once past it (after at least one timed run)
 
 
-def _enough(runs: list) -> bool:
-    return bool(runs) and time.perf_counter() > DEADLINE[0]
-
-
 def _peak_rss_mb() -> float:
     from edgetune.device.measure import peak_rss_mb
 
     return round(peak_rss_mb(), 1)
 
 
-def _summary(load_s: float, runs: list[tuple[float, float]], new_tokens: int, prompt_tokens: int, tokens: list[int], extra: dict) -> dict:
-    ttft = [r[0] * 1000 for r in runs]
-    dec = [((r[2] if len(r) > 2 else new_tokens) - 1) / r[1] for r in runs]  # r[2]: tokens of a run cut short by --max-seconds
+def _timed(generate, new_tokens: int, warmup: int, warmup_tokens: int, repeats: int) -> dict:
+    """``generate(stamps, n)`` makes n tokens, stamping each: ``warmup`` untimed runs of ``warmup_tokens``, then
+    edgetune's decode timer (:func:`edgetune.device.measure.time_generation`), no new run once past --max-seconds."""
+    from edgetune.device.measure import time_generation
+
+    for _ in range(warmup):
+        generate([], warmup_tokens)
+    return time_generation(lambda stamps: generate(stamps, new_tokens), repeats=repeats, stop=lambda: time.perf_counter() > DEADLINE[0])
+
+
+def _summary(load_s: float, t: dict, new_tokens: int, prompt_tokens: int, extra: dict) -> dict:
+    ttft, dec = t["ttft_ms"], t["decode_tok_s"]
     return {
         "load_s": round(load_s, 3),
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
-        "repeats": len(runs),
-        "tokens_per_run": [r[2] if len(r) > 2 else new_tokens for r in runs],
+        "repeats": len(ttft),
+        "tokens_per_run": t["tokens_per_run"],  # fewer than new_tokens: a run cut short by --max-seconds
         "ttft_ms": round(statistics.median(ttft), 2),
         "ttft_ms_samples": [round(x, 2) for x in ttft],
         "decode_tok_s": round(statistics.median(dec), 2),
         "decode_tok_s_samples": [round(x, 2) for x in dec],
         "peak_rss_mb": _peak_rss_mb(),
-        "generated_ids": [int(t) for t in tokens],
+        "generated_ids": [int(x) for x in t["tokens"]],
         **extra,
     }
 
@@ -74,39 +79,30 @@ def ort_genai(folder: str, ids: list[int], new_tokens: int, warmup: int, repeats
     model = og.Model(config)
     load_s = time.perf_counter() - t0
     prompt = np.asarray(ids, dtype=np.int32)
-    runs, tokens = [], []
-    for i in range(warmup + repeats):
-        if _enough(runs):
-            break
-        want = warmup_tokens if i < warmup else new_tokens
+
+    def generate(stamps: list, want: int) -> list[int]:
         params = og.GeneratorParams(model)
         total = len(ids) + want
         params.set_search_options(do_sample=False, max_length=total, min_length=total)
         gen = og.Generator(model, params)
-        t0 = time.perf_counter()
         gen.append_tokens(prompt)
-        gen.generate_next_token()
-        t1 = time.perf_counter()
-        n = 1
         cut = False
-        while n < want and not gen.is_done():
+        while len(stamps) < want and not (stamps and gen.is_done()):
             gen.generate_next_token()
-            n += 1
-            if i >= warmup and not runs and n >= 16 and time.perf_counter() > DEADLINE[0]:
+            stamps.append(time.perf_counter())
+            if want == new_tokens and len(stamps) >= 16 and time.perf_counter() > DEADLINE[0]:
                 cut = True  # a very slow model: decode speed from the tokens so far (at least 16)
                 break
-        t2 = time.perf_counter()
-        if n != want and not cut:
-            raise RuntimeError(f"onnxruntime-genai stopped after {n} of {want} tokens")
-        tokens = list(gen.get_sequence(0))[len(ids):]
-        del gen
-        if i >= warmup:
-            runs.append((t1 - t0, t2 - t1, n))
+        if len(stamps) != want and not cut:
+            raise RuntimeError(f"onnxruntime-genai stopped after {len(stamps)} of {want} tokens")
+        return list(gen.get_sequence(0))[len(ids):]
+
+    timing = _timed(generate, new_tokens, warmup, warmup_tokens, repeats)
     cfg = json.loads(open(os.path.join(folder, "genai_config.json")).read())
     so = cfg["model"]["decoder"].get("session_options", {})
     so.update(((ov.get("model") or {}).get("decoder") or {}).get("session_options") or {})
     share = (ov.get("search") or {}).get("past_present_share_buffer", cfg.get("search", {}).get("past_present_share_buffer"))
-    return _summary(load_s, runs, new_tokens, len(ids), tokens, {
+    return _summary(load_s, timing, new_tokens, len(ids), {
         "engine": "onnxruntime-genai", "overlay": ov or None,
         # genai's default is hardware_concurrency / 2 threads when the config sets none
         "threads": so.get("intra_op_num_threads") or max(1, (os.cpu_count() or 2) // 2),
@@ -124,8 +120,8 @@ def torch_eager(folder: str, ids: list[int], new_tokens: int, warmup: int, repea
         torch.set_num_threads(threads)
 
     class Stamp(StoppingCriteria):
-        def __init__(self):
-            self.t: list[float] = []
+        def __init__(self, stamps: list):
+            self.t = stamps
 
         def __call__(self, input_ids, scores, **kw):  # called once per generated token
             self.t.append(time.perf_counter())
@@ -138,25 +134,20 @@ def torch_eager(folder: str, ids: list[int], new_tokens: int, warmup: int, repea
     mask = torch.ones_like(x)
     pad = model.generation_config.eos_token_id
     pad = pad[0] if isinstance(pad, list) else pad
-    runs, tokens = [], []
+
+    def generate(stamps: list, want: int) -> list[int]:
+        out = model.generate(x, attention_mask=mask, max_new_tokens=want, min_new_tokens=want, do_sample=False,
+                             stopping_criteria=StoppingCriteriaList([Stamp(stamps)]), pad_token_id=pad)
+        n = out.shape[1] - x.shape[1]
+        if n != want or len(stamps) != want:
+            raise RuntimeError(f"transformers generated {n} of {want} tokens")
+        return out[0, x.shape[1]:].tolist()
+
     with torch.inference_mode():
-        for i in range(warmup + repeats):
-            if _enough(runs):
-                break
-            want = warmup_tokens if i < warmup else new_tokens
-            stamp = Stamp()
-            t0 = time.perf_counter()
-            out = model.generate(x, attention_mask=mask, max_new_tokens=want, min_new_tokens=want, do_sample=False,
-                                 stopping_criteria=StoppingCriteriaList([stamp]), pad_token_id=pad)
-            n = out.shape[1] - x.shape[1]
-            if n != want or len(stamp.t) != want:
-                raise RuntimeError(f"transformers generated {n} of {want} tokens")
-            tokens = out[0, x.shape[1]:].tolist()
-            if i >= warmup:
-                runs.append((stamp.t[0] - t0, stamp.t[-1] - stamp.t[0]))
+        timing = _timed(generate, new_tokens, warmup, warmup_tokens, repeats)
     import transformers
 
-    return _summary(load_s, runs, new_tokens, len(ids), tokens, {
+    return _summary(load_s, timing, new_tokens, len(ids), {
         "engine": "pytorch-eager-fp32", "threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__})
 
@@ -171,26 +162,19 @@ def llama_cpp(path: str, ids: list[int], new_tokens: int, warmup: int, repeats: 
     llm = Llama(model_path=path, n_ctx=max(512, len(ids) + new_tokens + 8), n_threads=threads, n_threads_batch=threads,
                 n_batch=512, verbose=False, seed=0)
     load_s = time.perf_counter() - t0
-    runs, tokens = [], []
-    for i in range(warmup + repeats):
-        if _enough(runs):
-            break
-        want = warmup_tokens if i < warmup else new_tokens
+
+    def generate(stamps: list, want: int) -> list[int]:
         llm.reset()
         got: list[int] = []
-        t0 = time.perf_counter()
-        t1 = t0
         for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
             got.append(int(tok))
-            if len(got) == 1:
-                t1 = time.perf_counter()
+            stamps.append(time.perf_counter())
             if len(got) == want:
                 break
-        t2 = time.perf_counter()
-        tokens = got
-        if i >= warmup:
-            runs.append((t1 - t0, t2 - t1))
-    return _summary(load_s, runs, new_tokens, len(ids), tokens, {
+        return got
+
+    timing = _timed(generate, new_tokens, warmup, warmup_tokens, repeats)
+    return _summary(load_s, timing, new_tokens, len(ids), {
         "engine": "llama.cpp", "threads": threads, "llama_cpp_python": llama_cpp.__version__})
 
 
