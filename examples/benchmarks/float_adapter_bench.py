@@ -70,23 +70,26 @@ def speed(models: dict[str, str], new_tokens: int, rounds: int, threads: int | N
     llms = {n: _load(f, threads) for n, f in models.items()}
     ids = None
     times: dict[str, list[float]] = {n: [] for n in llms}
+    from edgetune.device.measure import time_generation
+
+    def generate(llm, stamps: list) -> None:
+        params = og.GeneratorParams(llm.model)
+        total = len(ids) + new_tokens
+        # the KV buffer at least the sliding window (genai 0.18 refuses a shorter one: Gemma, Mistral, Phi-3)
+        params.set_search_options(max_length=dev.kv_capacity(llm, total), min_length=total, do_sample=False, top_k=1)
+        gen = og.Generator(llm.model, params)
+        gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        for _ in range(new_tokens):
+            gen.generate_next_token()
+            stamps.append(time.perf_counter())
+
     for r in range(rounds + 1):  # round 0 = warm-up, untimed
         for name, llm in llms.items():
             if ids is None:
                 ids = dev.prompt_ids(llm, prompt)
-            params = og.GeneratorParams(llm.model)
-            total = len(ids) + new_tokens
-            # the KV buffer at least the sliding window (genai 0.18 refuses a shorter one: Gemma, Mistral, Phi-3)
-            params.set_search_options(max_length=dev.kv_capacity(llm, total), min_length=total, do_sample=False, top_k=1)
-            gen = og.Generator(llm.model, params)
-            gen.append_tokens(np.asarray(ids, dtype=np.int32))
-            gen.generate_next_token()
-            t0 = time.perf_counter()
-            for _ in range(new_tokens - 1):
-                gen.generate_next_token()
-            dt = time.perf_counter() - t0
+            t = time_generation(lambda stamps: generate(llm, stamps), repeats=1)  # edgetune's decode timer
             if r:
-                times[name].append((new_tokens - 1) / dt)
+                times[name].append(t["decode_tok_s"][0])
     res = {n: {"folder": models[n], "decode_tok_s_median": round(statistics.median(v), 2), "decode_tok_s": [round(x, 2) for x in v]}
            for n, v in times.items()}
     names = list(res)
