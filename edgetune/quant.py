@@ -66,6 +66,7 @@ class Int4Algorithm:
     asymmetric_only: bool = False  # a symmetric export is refused
     mixed: bool = False  # honours nodes_to_exclude, so layers can be kept at 8 bits (llm/mixed.py)
     int8: bool = False  # can also make --precision int8 (the builder's 8-bit path)
+    error_feedback: bool = False  # GPTQ-style: each column's rounding error moved onto the columns not yet rounded
     any_lm_head: bool = True  # False: quantizes every MatMul, lm_head included (int4 only)
     slow_kernel: str | None = None  # why its graph misses the CPU's prepacked kernels (refused on CPU unless allowed)
     refusal: tuple[str, str] | None = None  # (message, hint) for an unavailable algorithm
@@ -82,6 +83,8 @@ INT4_ALGORITHMS: dict[str, Int4Algorithm] = {a.name: a for a in (
     Int4Algorithm("awq", "awq", "activation-aware scales + RTN", calibrated=True),
     Int4Algorithm("imatrix", "imatrix", "importance-weighted scale/zero-point search per block (llama.cpp's imatrix)",
                   calibrated=True, mixed=True),
+    Int4Algorithm("imatrix-gptq", "imatrix", "GPTQ error feedback over the imatrix search, on the builder's RTN nodes",
+                  calibrated=True, mixed=True, error_feedback=True),
     Int4Algorithm("hqq", "ort", "half-quadratic quantization (onnxruntime)", zero_points="folded", asymmetric_only=True),
     Int4Algorithm("gptq", "ort", "GPTQ (onnxruntime)", calibrated=True, slow=True, any_lm_head=False),
     Int4Algorithm("inc-rtn", "inc", "round to nearest (neural-compressor)", zero_points="always"),

@@ -259,7 +259,13 @@ def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=N
                 src = builder_input(cache / "awq", cache / "awq-view")
             plan = None
             requantize = None
-            if backend == "imatrix":  # the builder's RTN nodes, their values from the importance-weighted search
+            if backend == "imatrix" and alg.error_feedback:  # the same nodes, GPTQ over the imatrix search
+                from .imatrix import Requantizer, collect_hessians
+
+                with console.step(f"{algorithm}: input correlations on the calibration texts"), console.results_only_stdout():
+                    hessians, importance = collect_hessians(model_dir, token_ids)
+                requantize = Requantizer(importance, hessians)
+            elif backend == "imatrix":  # the builder's RTN nodes, their values from the importance-weighted search
                 from .imatrix import Requantizer, collect
 
                 with console.step("imatrix: activation importance on the calibration texts"), console.results_only_stdout():

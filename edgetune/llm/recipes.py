@@ -49,6 +49,9 @@ CANDIDATES: tuple[dict[str, Any], ...] = (
     # v_proj and down_proj at 8 bits in every layer (llama.cpp's Q4_K_M widens the same two, in half the layers)
     {"name": "imatrix-head8-vdown8", "precision": "int4", "int4": {"algorithm": "imatrix", "symmetric": False, "lm_head": "int8"},
      "mixed": {"modules": ["v_proj", "down_proj"]}},
+    # the same rule over GPTQ error feedback (imatrix-gptq): the most faithful fast-kernel candidate measured (docs/llm.md)
+    {"name": "imatrix-gptq-head8-vdown8", "precision": "int4",
+     "int4": {"algorithm": "imatrix-gptq", "symmetric": False, "lm_head": "int8"}, "mixed": {"modules": ["v_proj", "down_proj"]}},
     {"name": "rtn-head8-mixed10", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.10}},
     {"name": "rtn-head8-mixed25", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.25}},
     {"name": "rtn-head8-mixed50", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.50}},

@@ -358,6 +358,14 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
             ["--precision", "int4", "--int4-algorithm", "imatrix", "--int4-asymmetric", "--int4-lm-head", "int8",
              "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj,down_proj", "--calibration", "{calibration}"], "{merged}",
             [("option", "--mixed-8bit")], "imatrix")
+        cli("et-imatrix-gptq-h8-acc4-vd8", "same rule over GPTQ error feedback (imatrix-gptq)",
+            ["--precision", "int4", "--int4-algorithm", "imatrix-gptq", "--int4-asymmetric", "--int4-lm-head", "int8",
+             "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj,down_proj", "--calibration", "{calibration}"], "{merged}",
+            [("option", "--mixed-8bit")], "imatrix")
+        cli("et-imatrix-gptq-h8-acc4-v8", "imatrix-gptq, v_proj at 8 bits only",
+            ["--precision", "int4", "--int4-algorithm", "imatrix-gptq", "--int4-asymmetric", "--int4-lm-head", "int8",
+             "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj", "--calibration", "{calibration}"], "{merged}",
+            [("option", "--mixed-8bit")], "imatrix")
         if not quick:
             # asymmetric by construction (hqq): its row is the asymmetric export, a symmetric one is refused
             from edgetune.quant import algorithms
