@@ -181,3 +181,15 @@ def test_imatrix_gptq_export_is_rtns_graph_closer_to_the_model(outlier_llama, ca
     # are fitted on few tokens, so the held-out gain is smaller than on the calibration inputs)
     err = _held_out_error(outlier_llama, {"gptq": g, "rtn": rtn})
     assert err["gptq"] < 0.95 * err["rtn"], err
+
+
+def test_gptq_correlations_that_would_not_fit_are_refused_in_the_first_forward(tiny_llama):
+    from edgetune.errors import BadInput
+
+    with pytest.raises(BadInput, match="GPTQ's input correlations need more than"):
+        imatrix.collect_hessians(tiny_llama, [[1, 2, 3, 4]], max_bytes=10_000)  # 64x64 float32 is 16 KB
+    hess, imp = imatrix.collect_hessians(tiny_llama, [[1, 2, 3, 4, 5, 6]])
+    q, k = hess["model.layers.0.self_attn.q_proj"], hess["model.layers.0.self_attn.k_proj"]
+    assert q is k and q.shape == (64, 64) and np.allclose(q, q.T)  # q/k/v read one tensor: one H
+    assert hess["model.layers.0.self_attn.o_proj"] is not q and hess["model.layers.0.mlp.up_proj"] is hess["model.layers.0.mlp.gate_proj"]
+    assert np.allclose(imp["model.layers.0.mlp.down_proj"], np.diag(hess["model.layers.0.mlp.down_proj"]))
