@@ -349,23 +349,17 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
         # the int8 head's table is also the tied embedding's (no int4 copy)
         api("et-imatrix-h8-acc4", "edgetune int4 imatrix b32 asym, int8 head, accuracy_level 4",
             R.int4_variant(algorithm="imatrix", symmetric=False, lm_head="int8", accuracy_level=4))
-        cli("et-imatrix-h8-acc4-m10", "same + 10 % of the MatMuls at 8 bits (the most sensitive, measured)",
-            ["--precision", "int4", "--int4-algorithm", "imatrix", "--int4-asymmetric", "--int4-lm-head", "int8",
-             "--int4-accuracy-level", "4", "--mixed-8bit", "0.1", "--calibration", "{calibration}"], "{merged}",
-            [("option", "--mixed-8bit")], "imatrix")
-        # a rule instead of a measurement: v_proj (3 of 9 heads' values, GQA) and down_proj 8-bit in every layer
-        cli("et-imatrix-h8-acc4-vd8", "same, v_proj and down_proj at 8 bits in every layer (a rule, as Q4_K_M)",
-            ["--precision", "int4", "--int4-algorithm", "imatrix", "--int4-asymmetric", "--int4-lm-head", "int8",
-             "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj,down_proj", "--calibration", "{calibration}"], "{merged}",
-            [("option", "--mixed-8bit")], "imatrix")
-        cli("et-imatrix-gptq-h8-acc4-vd8", "same rule over GPTQ error feedback (imatrix-gptq)",
-            ["--precision", "int4", "--int4-algorithm", "imatrix-gptq", "--int4-asymmetric", "--int4-lm-head", "int8",
-             "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj,down_proj", "--calibration", "{calibration}"], "{merged}",
-            [("option", "--mixed-8bit")], "imatrix")
-        cli("et-imatrix-gptq-h8-acc4-v8", "imatrix-gptq, v_proj at 8 bits only",
-            ["--precision", "int4", "--int4-algorithm", "imatrix-gptq", "--int4-asymmetric", "--int4-lm-head", "int8",
-             "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj", "--calibration", "{calibration}"], "{merged}",
-            [("option", "--mixed-8bit")], "imatrix")
+        # imatrix / imatrix-gptq (GPTQ error feedback) with some MatMuls at 8 bits: measured (a fraction), or by rule,
+        # v_proj (3 of 9 heads' values, GQA) and down_proj in every layer (the two Q4_K_M widens)
+        for rid, label, alg, mixed in (
+                ("et-imatrix-h8-acc4-m10", "same + 10 % of the MatMuls at 8 bits (the most sensitive, measured)", "imatrix", "0.1"),
+                ("et-imatrix-h8-acc4-vd8", "same, v_proj and down_proj at 8 bits in every layer (a rule, as Q4_K_M)", "imatrix",
+                 "v_proj,down_proj"),
+                ("et-imatrix-gptq-h8-acc4-vd8", "same rule over GPTQ error feedback (imatrix-gptq)", "imatrix-gptq", "v_proj,down_proj"),
+                ("et-imatrix-gptq-h8-acc4-v8", "imatrix-gptq, v_proj at 8 bits only", "imatrix-gptq", "v_proj")):
+            cli(rid, label, ["--precision", "int4", "--int4-algorithm", alg, "--int4-asymmetric", "--int4-lm-head", "int8",
+                             "--int4-accuracy-level", "4", "--mixed-8bit", mixed, "--calibration", "{calibration}"], "{merged}",
+                [("option", "--mixed-8bit")], "imatrix")
         if not quick:
             # asymmetric by construction (hqq): its row is the asymmetric export, a symmetric one is refused
             from edgetune.quant import algorithms
