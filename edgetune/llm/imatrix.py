@@ -33,7 +33,7 @@ so the *output* error ``tr(dW H dW^T)`` is what is minimized, cross terms includ
 each block's scale and zero point taken from the importance-weighted search when the block's first column is
 reached (on the weights as the earlier columns' errors left them), so the integers, scales and zero points have
 the same layout as before and the graph is still RTN's node for node. Cost: H per distinct linear input
-(K x K float32: 13 MB per SmolLM2 layer, refused before it outgrows half the free memory) and a K-step loop per
+(K x K, accumulated in float64: 27 MB per SmolLM2 layer, refused before it outgrows half the free memory) and a K-step loop per
 linear (SmolLM2-135M: ~2 min on 2 cores).
 
 GPTQ fits H to the calibration texts, and off their domain it can do worse than the plain search (docs/llm.md:
@@ -120,7 +120,7 @@ def collect_hessians(model_dir: Path, token_ids: list[list[int]], *, max_bytes: 
         last[0], last[1] = x, name
         x = x.detach().reshape(-1, x.shape[-1]).double()
         if name not in sums:
-            used[0] += 4 * x.shape[-1] ** 2
+            used[0] += 8 * x.shape[-1] ** 2  # accumulated in float64
             if used[0] > max_bytes:
                 raise BadInput(f"GPTQ's input correlations need more than {max_bytes / 2**30:.1f} GiB for this model",
                                hint="use --int4-algorithm imatrix (no correlations), or free memory")
