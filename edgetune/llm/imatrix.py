@@ -99,11 +99,12 @@ def collect_hessians(model_dir: Path, token_ids: list[list[int]], *, max_bytes: 
     Linears that read the same tensor (q/k/v, gate/up) share one H (the same array). ``max_bytes``: refuse (BadInput,
     during the first forward) once the H matrices would hold more than this (default: half the available memory)."""
     from ..errors import BadInput, require
+    from ..host_memory import available_bytes
     from ..models import load_causal_lm
 
     torch = require("torch", purpose="GPTQ's input correlations")
     if max_bytes is None:
-        max_bytes = _available_bytes() // 2
+        max_bytes = available_bytes()[0] // 2
     model = load_causal_lm(model_dir).eval()
     sums: dict[str, Any] = {}
     alias: dict[str, str] = {}
@@ -145,17 +146,6 @@ def collect_hessians(model_dir: Path, token_ids: list[list[int]], *, max_bytes: 
         hess[name] = hess[owner]
     importance = {name: np.ascontiguousarray(np.diag(h)).astype(np.float32) for name, h in hess.items()}
     return hess, importance
-
-
-def _available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 2**30
 
 
 DAMP = 1.0  # dampening: this times H's mean diagonal added to its diagonal (GPTQ: 0.01); see the module docstring
