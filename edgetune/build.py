@@ -322,6 +322,13 @@ def _build(b: Build, cfg: BuildConfig, config, plans: list, train, vdata, prompt
         from .llm.proof import check_runtime_shapes
 
         check_runtime_shapes(info.config, str(info.path))
+        from .plan import check_llm_precision
+
+        for i, plan in enumerate(plans):  # fp16 on a CPU target, ...: before any training
+            try:
+                check_llm_precision(plan.target, plan.llm_precision)
+            except BadInput as exc:
+                raise BadInput(f"{config}: targets[{i}]: {exc.message}", hint=exc.hint) from None
     overrides = [i for i, t in enumerate(cfg.targets) if t.int4]
     if overrides and info.kind != "decoder":  # the model's kind is known only now, still before any training
         raise BadInput(f"{config}: targets[{overrides[0]}].int4 applies to decoder LLMs; {info.model_type} is a {info.kind}",

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from . import console
 from .errors import BadInput
-from .quant import BLOCK_SIZES, LM_HEADS, int4_algorithm
+from .quant import BLOCK_SIZES, CPU_UNRUNNABLE_LLM_PRECISIONS, LLM_PRECISIONS, LM_HEADS, int4_algorithm
 from .targets import Target
 
 
@@ -26,6 +26,16 @@ def llm_precision(target: Target, precision: str | None = None, *, gguf: bool = 
     GGUF source that was not fine-tuned, on a target that builds CPU graphs; the export knows), else the
     profile's ``[precision].llm``. Not checked here (the export refuses an unknown one)."""
     return precision or ("gguf" if gguf else target.precision.llm)
+
+
+def check_llm_precision(target: Target, precision: str) -> None:
+    """Refuse (exit 2, before any work) a decoder precision the target's runtime cannot run
+    (``quant.CPU_UNRUNNABLE_LLM_PRECISIONS``: fp16 and bf16 on graphs built for the CPU provider)."""
+    if target.runtime.resolved_builder_provider == "cpu" and precision in CPU_UNRUNNABLE_LLM_PRECISIONS:
+        runs = [p for p in LLM_PRECISIONS if p not in CPU_UNRUNNABLE_LLM_PRECISIONS]
+        raise BadInput(f"precision {precision} does not run on the CPU execution provider (target '{target.name}'): "
+                       f"{CPU_UNRUNNABLE_LLM_PRECISIONS[precision]}",
+                       hint=f"use {', '.join(runs[:-1])} or {runs[-1]} for a CPU target, or {precision} on a GPU target (gpu-cuda)")
 
 
 def encoder_precision(target: Target, precision: str | None = None) -> str:

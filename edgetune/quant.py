@@ -28,6 +28,14 @@ GGUF_8BIT_DEFAULT = "planes"
 ENCODER_PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 # What `edgetune export --precision` accepts: decoders' and encoders' (each refuses the other's).
 EXPORT_PRECISIONS = tuple(dict.fromkeys(LLM_PRECISIONS + ENCODER_PRECISIONS))
+# Decoder precisions onnxruntime's CPU provider cannot run in the builder's graphs (onnxruntime 1.32, the
+# onnxruntime-genai 0.18 builder; SmolLM2-135M and a tiny Llama, 2026-12-05): refused before any work for a
+# target whose graphs are built for the CPU. GPU targets (gpu-cuda, gpu-tensorrt) run them.
+CPU_UNRUNNABLE_LLM_PRECISIONS = {
+    "fp16": "the first cached decode step fails in a Cast onnxruntime inserts for the fp16 attention "
+            "('Shape mismatch attempting to re-use buffer'); a full pass runs, generation does not",
+    "bf16": "the graph does not load (no CPU kernel for the bf16 Where of the attention mask)",
+}
 
 # ---------------------------------------------------------------------------- int4 knobs
 

@@ -110,7 +110,8 @@ def check_tokenizer(folder: Path, model_dir: Path, probes: Iterable[str] = TOKEN
         tok = og.Tokenizer(og.Model(str(folder)))
     except RuntimeError as e:
         raise CheckFailed(f"the export does not load in onnxruntime-genai: {str(e).splitlines()[0][:300]}",
-                          hint="asymmetric int4 with tied embeddings is known to break in builders 0.15.2 and 0.18; try --int4-symmetric") from None
+                          hint="a graph onnxruntime cannot load; one known case: asymmetric int4 with tied embeddings in builders "
+                               "0.15.2 and 0.18 (try --int4-symmetric)") from None
     probes = list(probes)
     mismatches = _compare_tokenizers(tok, ref, probes)
     if mismatches:

@@ -102,7 +102,10 @@ def test_grid_covers_every_int4_algorithm_and_block_size(bench):
     assert set(get_args(Int4.model_fields["algorithm"].annotation)) <= algos
     rtn_blocks = {v["int4"]["block_size"] for v in vs if v["precision"] == "int4" and v["int4"]["algorithm"] == "rtn"}
     assert rtn_blocks == set(get_args(Int4.model_fields["block_size"].annotation))
-    assert {"fp32", "fp16", "int8"} <= {v["precision"] for v in vs}
+    from edgetune.quant import CPU_UNRUNNABLE_LLM_PRECISIONS
+
+    assert {"fp32", "int8"} <= {v["precision"] for v in vs}
+    assert not {v["precision"] for v in vs} & set(CPU_UNRUNNABLE_LLM_PRECISIONS)  # the bench runs on the CPU provider
     for name, field in Int4.model_fields.items():  # any other int4 option (e.g. lm_head): each value has a row
         if name not in run.SWEPT:
             assert set(get_args(field.annotation) or (True, False)) <= {v["int4"][name] for v in vs if v["precision"] == "int4"}, name

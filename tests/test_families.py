@@ -15,6 +15,7 @@ import pytest
 
 from edgetune.errors import CheckFailed
 from edgetune.export import export
+from edgetune.targets import resolve
 
 WINDOW = 16
 
@@ -69,9 +70,12 @@ def test_family_exports_fp32_exactly_past_the_sliding_window_and_int4(family, tm
     assert proof["max_abs_logit_diff"] <= 1e-3 * max(1.0, proof["logit_scale"]) and proof["top1_agreement"] == 1.0, proof
     if family in ("mistral", "gemma2", "gemma3_text"):
         assert proof["sliding_window"] == WINDOW and proof["tokens"] > WINDOW and proof["max_abs_logit_diff_past_window"] is not None
+    # the last positions again as the device generates, one token at a time through the KV cache (past the window)
+    assert proof["decode_steps"] == 8 and proof["max_abs_logit_diff_cached_decode"] <= 1e-3 * max(1.0, proof["logit_scale"]), proof
     int4 = json.loads((export(src, tmp_path / "int4", target="cpu-x86", precision="int4") / "edgetune.json").read_text())["results"]
     q = int4["graph_proof"]
     assert q["tolerance"] is None and q["tokens"] == proof["tokens"] and 0.0 < q["max_abs_logit_diff"] and q["top1_agreement"] > 0.3, q
+    assert q["max_abs_logit_diff_cached_vs_full_pass"] < 0.05 * max(1.0, q["logit_scale"]), q  # same int4 graph, cached or not
 
 
 def test_a_graph_that_does_not_compute_its_model_fails_the_export(tmp_path, monkeypatch):
@@ -84,6 +88,30 @@ def test_a_graph_that_does_not_compute_its_model_fails_the_export(tmp_path, monk
     with pytest.raises(CheckFailed, match=f"past its sliding window of {WINDOW} tokens only .* sliding-window attention layers"):
         export(src, tmp_path / "fp32", target="cpu-x86", precision="fp32")
     assert not (tmp_path / "fp32").exists()
+
+
+def test_a_graph_that_fails_at_a_cached_decode_step_fails_the_export(tmp_path):
+    """The builder's fp16 graph on onnxruntime 1.32's CPU provider scores a full pass and fails at the first
+    one-token step (an inserted Cast). ``export`` used to say ok and every validate/run crashed (exit 4); the
+    proof's cached decode now refuses it (exit 1), nothing written. (The builder core is called directly: the
+    export command refuses fp16 on a CPU target before any work, below.) If this starts to pass, onnxruntime
+    fixed it: drop fp16 from quant.CPU_UNRUNNABLE_LLM_PRECISIONS."""
+    from edgetune.llm.builder import export_builder
+
+    src = build_family("llama", tmp_path / "src")
+    with pytest.raises(CheckFailed, match="scores a full pass but fails at a cached decode step"):
+        export_builder(src, tmp_path / "fp16", target=resolve("cpu-x86"), precision="fp16")
+    assert not (tmp_path / "fp16").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_a_precision_the_cpu_provider_cannot_run_is_refused_before_any_work(precision, tmp_path):
+    from conftest import cli_ok
+
+    src = build_family("llama", tmp_path / "src")
+    err = cli_ok(["export", src, "-t", "cpu-x86", "--precision", precision, "-o", tmp_path / "out"], codes=(2,))["error"]
+    assert f"precision {precision} does not run on the CPU execution provider" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_attention_shape_onnxruntime_cannot_run_is_refused_before_the_build(tmp_path):

@@ -387,6 +387,20 @@ def logits(llm: LLM, ids) -> np.ndarray:
     return np.asarray(lg[0], dtype=np.float32)
 
 
+def cached_logits(llm: LLM, ids, prefill: int) -> np.ndarray:
+    """Logits [len(ids) - prefill + 1, vocab] the way the device generates: ``ids[:prefill]`` appended at once
+    (the last row is its last position's), then every further token appended alone, through the KV cache
+    (onnxruntime-genai's generator, ring buffers of sliding-window layers included)."""
+    ids = np.asarray(ids, dtype=np.int32)
+    gen = _generator(llm, len(ids))
+    gen.append_tokens(ids[:prefill])
+    rows = [np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1)]
+    for tok in ids[prefill:]:
+        gen.append_tokens(np.array([tok], dtype=np.int32))
+        rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
+    return np.stack(rows)
+
+
 def iter_window_logits(llm: LLM, ids, windows) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
     """For each (start, end, score_from) window: the logits of ids[start:end]."""
     ids = np.asarray(ids, dtype=np.int64)

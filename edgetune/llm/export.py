@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import console
 from ..errors import BadInput
-from ..plan import int4_plan, llm_precision
+from ..plan import check_llm_precision, int4_plan, llm_precision
 from ..quant import GGUF_8BIT, GGUF_8BIT_DEFAULT, LLM_PRECISIONS
 from ..targets import resolve
 from ..tokenizer_parity import check_tokenizer_files
@@ -67,6 +67,7 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     precision = llm_precision(t, precision, gguf=default_gguf)
     if precision not in LLM_PRECISIONS:
         raise BadInput(f"unknown precision '{precision}'", hint=f"use {', '.join(LLM_PRECISIONS[:-1])} or {LLM_PRECISIONS[-1]}")
+    check_llm_precision(t, precision)
     with console.step("tokenizer: onnxruntime-genai vs transformers (before any weight work)"):
         check_tokenizer_files(model_dir)  # exit 2 in seconds, not exit 1 after the build
     if float_adapter:  # one graph: this base export + the LoRA as float side branches (never quantized)

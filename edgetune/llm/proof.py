@@ -12,6 +12,13 @@ a context longer than the model's sliding window, and compares the logits positi
   sliding-window layers) or from the first token (every layer kind);
 * a quantized graph is compared and recorded (max |dlogit|, KL, top-1 agreement); ``validate`` judges it.
 
+The last ``DECODE_STEPS`` positions are then computed again the way the device generates (onnxruntime-genai's
+generator: the rest appended at once, then one token at a time through the KV cache and, for a sliding
+window, its ring buffer): a graph that scores a full pass but cannot take a cached step (the builder's fp16
+graph on onnxruntime 1.32's CPU provider failed there, in an inserted Cast) is refused (exit 1), and an fp32
+graph's cached logits must match PyTorch's like its full pass. For a quantized graph the cached-vs-full
+difference is recorded.
+
 The tokens are drawn from the vocabulary with a fixed seed (the comparison is about the arithmetic, not
 the text); the reference runs in fp32 on the CPU.
 """
@@ -29,6 +36,7 @@ from ..errors import CheckFailed, require
 FP32_TOLERANCE = 1e-3
 MIN_TOKENS = 64  # without a sliding window
 PAST_WINDOW = 48  # tokens scored past the window
+DECODE_STEPS = 8  # positions recomputed through the KV cache, one token at a time
 
 
 def check_runtime_shapes(config: dict[str, Any], where: str = "the model") -> None:
@@ -93,7 +101,8 @@ def prove(folder: Path, model_dir: Path, *, exact: bool, what: str = "graph") ->
     window = sliding_window(config)
     vocab = int(cfg["vocab_size"])
     ids = np.random.default_rng(0).integers(0, vocab, n)
-    got = dev.logits(dev.load(folder), ids)
+    llm = dev.load(folder)
+    got = dev.logits(llm, ids)
     model = load_causal_lm(model_dir).eval()
     with torch.no_grad():
         want = model(input_ids=torch.tensor(ids)[None]).logits[0].float().numpy()
@@ -126,4 +135,21 @@ def prove(folder: Path, model_dir: Path, *, exact: bool, what: str = "graph") ->
                           f"{result['max_abs_logit_diff']:.3g} (limit {bound:.3g}), {where}",
                           hint="a builder bug for this configuration: report it with the model's config.json; "
                                "nothing was written")
+    # the last positions again, one token at a time through the KV cache (after the full pass: its failure says more)
+    steps = min(DECODE_STEPS, n - 1)
+    try:
+        cached = dev.cached_logits(llm, ids, n - steps)  # rows: positions n-steps-1 .. n-1
+    except RuntimeError as exc:
+        raise CheckFailed(f"the {what} scores a full pass but fails at a cached decode step, as the device generates: "
+                          f"{str(exc).splitlines()[0][:300]}",
+                          hint="onnxruntime cannot run this graph on this execution provider; another precision or "
+                               "target may (see docs/llm.md); nothing was written") from None
+    result.update(decode_steps=steps, max_abs_logit_diff_cached_decode=float(np.abs(cached - want[n - steps - 1:]).max()),
+                  max_abs_logit_diff_cached_vs_full_pass=float(np.abs(cached - got[n - steps - 1:]).max()))
+    if exact and result["max_abs_logit_diff_cached_decode"] > bound:
+        raise CheckFailed(f"the fp32 {what}'s cached decode (one token at a time through the KV cache) does not compute its "
+                          f"model ({cfg.get('model_type')}): max |dlogit| {result['max_abs_logit_diff_cached_decode']:.3g} "
+                          f"(limit {bound:.3g}) over its last {steps + 1} positions, where the full pass matches",
+                          hint="a builder or runtime bug in the KV cache for this configuration: report it with the model's "
+                               "config.json; nothing was written")
     return result

@@ -370,8 +370,8 @@ def variants(s: dict) -> list[dict]:
         values = get_args(field.annotation) or ((True, False) if field.annotation is bool else ())
         others += [int4_variant(**{name: v}) for v in values if v != d.get(name)]
     q8 = dict(d)
+    # fp16/bf16: not offered for a CPU target (exit 2, quant.CPU_UNRUNNABLE_LLM_PRECISIONS)
     out = [{"label": "fp32", "slug": "fp32", "precision": "fp32"},
-           {"label": "fp16", "slug": "fp16", "precision": "fp16"},
            {"label": f"int8 b{q8['block_size']}", "slug": "int8", "precision": "int8", "int4": q8},
            {"label": f"int8 b{q8['block_size']} acc4", "slug": "int8-acc4", "precision": "int8", "int4": {**q8, "accuracy_level": 4}}]
     if s["quick"]:
