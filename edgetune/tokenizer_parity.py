@@ -107,7 +107,9 @@ def check_tokenizer(folder: Path, model_dir: Path, probes: Iterable[str] = TOKEN
     transformers = require("transformers", purpose="tokenizer check")
     ref = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     try:
-        tok = og.Tokenizer(og.Model(str(folder)))
+        cfg = og.Config(str(folder))
+        cfg.clear_providers()  # on this machine's CPU: an export for an NPU names a provider this host lacks
+        tok = og.Tokenizer(og.Model(cfg))
     except RuntimeError as e:
         raise CheckFailed(f"the export does not load in onnxruntime-genai: {str(e).splitlines()[0][:300]}",
                           hint="a graph onnxruntime cannot load; one known case: asymmetric int4 with tied embeddings in builders "

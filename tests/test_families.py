@@ -104,6 +104,21 @@ def test_a_graph_that_fails_at_a_cached_decode_step_fails_the_export(tmp_path):
     assert not (tmp_path / "fp16").exists()
 
 
+@pytest.mark.parametrize("target,precision", [("npu-openvino", "int4"), ("fpga-vitisai", "int8"), ("npu-qnn", "int4")])
+def test_a_decoder_exports_for_an_npu_target_on_a_host_without_its_provider(target, precision, tmp_path):
+    """The graph is built for the CPU and its genai_config names the NPU's provider. The export's own checks
+    (tokenizer, graph proof) used to load the folder with that provider and failed on every host without it
+    (exit 1: "OpenVINO execution provider is not supported in this build"): no NPU bundle could be made on a
+    workstation. They run on this machine's CPU; the folder keeps the target's provider for the device."""
+    src = build_family("llama", tmp_path / "src")
+    out = export(src, tmp_path / "out", target=target, precision=precision)
+    r = json.loads((out / "edgetune.json").read_text())["results"]
+    assert r["tokenizer_check"]["mismatches"] == 0 and r["graph_proof"]["decode_steps"] == 8, r
+    ep = resolve(target).runtime.execution_provider
+    so = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert [next(iter(o)) for o in so["provider_options"]] == [ep]
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_a_precision_the_cpu_provider_cannot_run_is_refused_before_any_work(precision, tmp_path):
     from conftest import cli_ok

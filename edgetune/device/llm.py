@@ -165,11 +165,13 @@ def load(folder: str | Path, target: Any = None, *, adapter: str | None = None) 
     check_tokenizer(folder)  # onnxruntime-genai parses it again in native code: refuse a bad one first
     t0 = time.perf_counter()
     cfg = og.Config(str(folder))
+    # the providers are the target's, not the folder's: a folder exported for an NPU (genai_config names
+    # OpenVINO, VitisAI, QNN) loads on this CPU for the host's checks (target None) and cross-builds
+    cfg.clear_providers()
     providers = ["cpu"]
     if t is not None:
         ep = t.runtime.execution_provider
         if ep != "cpu":
-            cfg.clear_providers()
             name = _OG_PROVIDERS.get(ep, ep)
             cfg.append_provider(name)
             for k, v in t.runtime.provider_options.items():
