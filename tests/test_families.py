@@ -78,6 +78,19 @@ def test_family_exports_fp32_exactly_past_the_sliding_window_and_int4(family, tm
     assert q["max_abs_logit_diff_cached_vs_full_pass"] < 0.05 * max(1.0, q["logit_scale"]), q  # same int4 graph, cached or not
 
 
+@pytest.mark.parametrize("family", ["gemma2", "mistral"])
+def test_onnxruntime_gptq_calibrates_a_sliding_window_model(family, tmp_path):
+    """onnxruntime's GPTQ runs the fp32 graph on the calibration texts with edgetune's feeds; those gave every
+    layer an empty KV cache, which the builder's sliding-window attention refuses (exit 4: "KV cache capacity
+    (0) must be at least local_window_size"). The feeds are now the device scorer's (a zero ring cache)."""
+    src = build_family(family, tmp_path / "src")
+    cal = Path(__file__).resolve().parent.parent / "calibration" / "llm-general.jsonl"
+    out = export(src, tmp_path / "gptq", target="cpu-x86", precision="int4", int4={"algorithm": "gptq"}, calibration=cal)
+    r = json.loads((out / "edgetune.json").read_text())["results"]
+    assert r["int4"]["algorithm"] == "gptq" and r["graph_proof"]["sliding_window"] == WINDOW, r["graph_proof"]
+    assert r["graph_proof"]["top1_agreement"] > 0.3, r["graph_proof"]
+
+
 def test_a_graph_that_does_not_compute_its_model_fails_the_export(tmp_path, monkeypatch):
     """Mistral's config has a sliding_window but no layer_types; without edgetune's config view the builder
     makes every layer attend to the whole context. The export says so (exit 1) and writes nothing."""

@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -356,20 +356,20 @@ def _run_options(llm: LLM):
     return ro
 
 
-def logits(llm: LLM, ids) -> np.ndarray:
-    """Logits [len(ids), vocab] (float32) of one forward pass over ``ids`` from an empty cache."""
-    sess = session(llm)
-    dec = llm.config["model"]["decoder"]
+def prefill_feeds(dec: dict, inputs: Iterable[tuple[str, bool]], ids) -> dict[str, np.ndarray]:
+    """The inputs of one forward pass over ``ids`` from an empty cache, for a builder decoder graph whose
+    genai_config decoder section is ``dec``; ``inputs``: the graph's (input name, is float16) pairs.
+
+    onnxruntime-genai 0.18 builds sliding-window layers whose GroupQueryAttention wants a ring KV cache of
+    at least the window (an empty past is refused): those layers get a zero cache of window_size, which
+    the all-ones attention mask leaves unread (checked exact against PyTorch past the window). Used by the
+    scorer (:func:`logits`) and by onnxruntime's GPTQ calibration (``llm/quantize.py``)."""
     ids = np.asarray(ids, dtype=np.int64)[None, :]
     n = ids.shape[1]
     feeds: dict[str, np.ndarray] = {}
-    # onnxruntime-genai 0.18 builds sliding-window layers whose GroupQueryAttention wants a ring KV cache of
-    # at least the window (an empty past is refused): those layers get a zero cache of window_size, which
-    # the all-ones attention mask leaves unread (checked exact against PyTorch past the window).
     window = dec.get("sliding_window") or {}
     sliding = set(window.get("layers") or ()) if window.get("window_size") else set()
-    for inp in sess.get_inputs():
-        name = inp.name
+    for name, fp16 in inputs:
         if name == dec["inputs"].get("input_ids", "input_ids"):
             feeds[name] = ids
         elif name == dec["inputs"].get("attention_mask", "attention_mask"):
@@ -377,13 +377,20 @@ def logits(llm: LLM, ids) -> np.ndarray:
         elif name == dec["inputs"].get("position_ids", "position_ids"):
             feeds[name] = np.arange(n, dtype=np.int64)[None, :]
         elif name.startswith("past_key_values") or "past" in name:
-            dtype = np.float16 if "float16" in inp.type else np.float32
             kv = dec.get("num_key_value_heads", dec["num_attention_heads"])
             layer = re.search(r"\d+", name)
             cap = window["window_size"] if layer and int(layer.group()) in sliding else 0
-            feeds[name] = np.zeros((1, kv, cap, dec["head_size"]), dtype=dtype)
+            feeds[name] = np.zeros((1, kv, cap, dec["head_size"]), dtype=np.float16 if fp16 else np.float32)
         else:
             raise BadInput(f"decoder input '{name}' is not understood by the scorer", hint="re-export with edgetune export")
+    return feeds
+
+
+def logits(llm: LLM, ids) -> np.ndarray:
+    """Logits [len(ids), vocab] (float32) of one forward pass over ``ids`` from an empty cache."""
+    sess = session(llm)
+    dec = llm.config["model"]["decoder"]
+    feeds = prefill_feeds(dec, [(i.name, "float16" in i.type) for i in sess.get_inputs()], ids)
     out_name = dec["outputs"].get("logits", "logits")
     (lg,) = sess.run([out_name], feeds, _run_options(llm))
     return np.asarray(lg[0], dtype=np.float32)

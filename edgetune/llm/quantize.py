@@ -63,31 +63,18 @@ def encode_calibration(model_dir: Path, texts: list[str], max_tokens: int = CALI
 
 
 def _feeds(model, genai_cfg: dict, token_ids: list[list[int]]) -> list[dict[str, Any]]:
-    """Prefill inputs (empty KV cache) for a builder decoder graph, one dict per text."""
-    import numpy as np
+    """Prefill inputs for a builder decoder graph, one dict per text: the device scorer's own
+    (``device.llm.prefill_feeds``: an empty KV cache, a zero ring cache for sliding-window layers)."""
+    from onnx import TensorProto
+
+    from ..device.llm import prefill_feeds
 
     dec = genai_cfg["model"]["decoder"]
-    head = int(dec["head_size"])
-    feeds = []
-    for ids in token_ids:
-        a = np.array([ids], dtype=np.int64)
-        f: dict[str, Any] = {}
-        for inp in model.graph.input:
-            name = inp.name
-            if name == "input_ids":
-                f[name] = a
-            elif name == "attention_mask":
-                f[name] = np.ones_like(a)
-            elif name == "position_ids":
-                f[name] = np.arange(a.shape[1], dtype=np.int64)[None]
-            elif name.startswith("past_key_values."):
-                kv_heads = inp.type.tensor_type.shape.dim[1].dim_value or int(dec["num_key_value_heads"])
-                f[name] = np.zeros((1, kv_heads, 0, head), dtype=np.float32)
-            else:
-                raise BadInput(f"GPTQ calibration: the decoder graph has an input '{name}' edgetune cannot feed",
-                               hint="use int4 algorithm hqq, rtn or k_quant for this model")
-        feeds.append(f)
-    return feeds
+    inputs = [(i.name, i.type.tensor_type.elem_type == TensorProto.FLOAT16) for i in model.graph.input]
+    try:
+        return [prefill_feeds(dec, inputs, ids) for ids in token_ids]
+    except BadInput as exc:
+        raise BadInput(f"GPTQ calibration: {exc.message}", hint="use int4 algorithm hqq, rtn or k_quant for this model") from None
 
 
 class _Reader:
