@@ -126,10 +126,10 @@ _AWQ_OWN = {
 }
 
 
-# the variants refused (exit 2) on a family they run on: the reason, and a part of the error message
-_ADAPTER_FUSED = ("the ONNX builder fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, so a LoRA on "
-                  "them cannot stay separate: merge first", "so its adapter cannot be kept separate; merge it first")
-REFUSALS = {(family, key): _ADAPTER_FUSED for family in ("phi3", "phi4-mini") for key in ("float_adapter", "runtime_adapter")}
+# the variants refused (exit 2) on a family they run on: (family, key) -> (the reason, a part of the error message).
+# None since 2026-12-05: Phi-3's LoRA on its packed qkv_proj / gate_up_proj, refused before, is unpacked per part
+# (the packed A shared, B's rows of the part) for float and runtime adapters (llm/adapters.py: _unpacked_rows).
+REFUSALS: dict[tuple[str, str], tuple[str, str]] = {}
 
 
 def _variant(family: str, key: str) -> Cell:
@@ -138,7 +138,9 @@ def _variant(family: str, key: str) -> Cell:
         reason, match = REFUSALS[family, key]
         return Refused(reason, (VARIANT_TESTS[key],), match)
     if family in VARIANT_FAMILIES[key]:
-        return Yes((VARIANT_TESTS[key], *own), "fused projections' folds" if family in ("phi3", "phi4-mini") and key == "awq" else "")
+        fused = {"awq": "fused projections' folds", "float_adapter": "LoRA on the fused qkv / gate_up, per part",
+                 "runtime_adapter": "LoRA on the fused qkv / gate_up, per part"}
+        return Yes((VARIANT_TESTS[key], *own), fused.get(key, "") if family in ("phi3", "phi4-mini") else "")
     if own:
         return Yes(own, "folds exact in PyTorch; not exported")
     same = _SAME_LAYOUT.get(family)

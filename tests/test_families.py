@@ -91,6 +91,31 @@ def test_onnxruntime_gptq_calibrates_a_sliding_window_model(family, tmp_path):
     assert r["graph_proof"]["top1_agreement"] > 0.3, r["graph_proof"]
 
 
+def test_phi3_lora_on_its_packed_projections_stays_separate_exactly(tmp_path):
+    """Phi-3 packs q/k/v into qkv_proj and gate/up into gate_up_proj, and a LoRA there is one A and one B per
+    packed module. The builder unpacks each into one branch per part (the A shared, B's rows of the part); both
+    float and runtime adapters used to be refused (exit 2: merge first). A random-B adapter (a large effect, so a
+    wrong row block cannot hide under the tolerance) must equal PyTorch base + PEFT in fp32, either way."""
+    import peft
+    import torch
+    import transformers
+
+    src = build_family("phi3", tmp_path / "src")
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"], init_lora_weights=False,
+                          task_type="CAUSAL_LM")
+    peft.get_peft_model(model, cfg).save_pretrained(tmp_path / "lora")
+    fa = json.loads((export(src, tmp_path / "fa", target="cpu-x86", precision="fp32", float_adapter=tmp_path / "lora")
+                     / "edgetune.json").read_text())["results"]
+    check = fa["float_adapter_check"]
+    assert check["passed"] and check["adapter_effect_max_abs"] > 0.05, check
+    assert fa["float_adapter"]["branch_ops"] == {"MatMul": 4 * 5 * 2}  # 4 layers x (q, k, v, gate, up) x (A, B)
+    ra = json.loads((export(src, tmp_path / "ra", target="cpu-x86", precision="fp32", adapters=[tmp_path / "lora"])
+                     / "edgetune.json").read_text())["results"]
+    assert ra["adapter_check"]["passed"] and ra["adapter_inputs"] == 40, ra["adapter_check"]
+
+
 def test_a_graph_that_does_not_compute_its_model_fails_the_export(tmp_path, monkeypatch):
     """Mistral's config has a sliding_window but no layer_types; without edgetune's config view the builder
     makes every layer attend to the whole context. The export says so (exit 1) and writes nothing."""

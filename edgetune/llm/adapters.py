@@ -179,9 +179,12 @@ def builder_hooks(builder, probe: Path, plan: dict[str, dict[str, Any]], *, as_i
     per targeted module, their input names; without (a fixed float adapter) the weights stay
     initializers and ``plan`` receives the lora_A/lora_B node names.
     """
+    import torch
+
     Model = builder.Model
     saved = (builder.parse_extra_options, Model.make_matmul_lora, Model.save_model)
     nodes: dict[str, tuple[str, str]] = {}
+    packed_rows: dict[str, tuple[str, int, int]] = {}
 
     def parse_extra_options(model_name, input_path, output_dir, precision, ep, cache_dir, extra_options):
         return saved[0](model_name, input_path, output_dir, precision, ep, cache_dir, [*(extra_options or []), f"adapter_path={probe}"])
@@ -201,12 +204,23 @@ def builder_hooks(builder, probe: Path, plan: dict[str, dict[str, Any]], *, as_i
             del self.make_matmul_op
         if not hasattr(self, "_edgetune_modules"):
             self._edgetune_modules = {id(m): n for n, m in self.weights.named_modules()}
+            # a part the builder unpacks from a packed LoRA target shares the packed module's lora_A
+            self._edgetune_lora_a = {id(m.lora_A["default"]): n for n, m in self.weights.named_modules()
+                                     if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and "default" in m.lora_A}
         module = self._edgetune_modules.get(id(matmul), "")
         module = module[len("base_model.model."):] if module.startswith("base_model.model.") else ""
+        rows = None
+        if not module and isinstance(getattr(matmul, "lora_A", None), torch.nn.ModuleDict) and "default" in matmul.lora_A:
+            packed = self._edgetune_lora_a.get(id(matmul.lora_A["default"]), "")
+            packed = packed[len("base_model.model."):] if packed.startswith("base_model.model.") else ""
+            rows = _unpacked_rows(self, packed, basename.rstrip("/").split("/")[-2]) if packed else None
+            module = f"{packed.rpartition('.')[0]}.{basename.split('/')[-2]}" if rows else ""
         if not module or len(made) < 2:
             raise BadInput(f"the ONNX builder fuses the LoRA target at {basename} with other projections "
                            "(e.g. qkv_proj/gate_up_proj), so its adapter cannot be kept separate", hint=_MERGE_HINT)
         nodes[module] = (made[0], made[1])
+        if rows:
+            packed_rows[module] = rows
         return out
 
     def save_model(self, out_dir):
@@ -214,6 +228,8 @@ def builder_hooks(builder, probe: Path, plan: dict[str, dict[str, Any]], *, as_i
             _lora_weights_to_inputs(self, nodes, plan)
         else:
             _exclude_lora(self, nodes, plan)
+        for module, (packed, start, stop) in packed_rows.items():
+            plan[module].update(packed=packed, rows=[start, stop])
         return saved[2](self, out_dir)
 
     builder.parse_extra_options, Model.make_matmul_lora, Model.save_model = parse_extra_options, make_matmul_lora, save_model
@@ -221,6 +237,32 @@ def builder_hooks(builder, probe: Path, plan: dict[str, dict[str, Any]], *, as_i
         yield
     finally:
         builder.parse_extra_options, Model.make_matmul_lora, Model.save_model = saved
+
+
+# The builder unpacks a LoRA on a packed projection (Phi-3's qkv_proj and gate_up_proj) into one LoRA per part,
+# exactly: the packed A shared, B's row block of each part (make_attention_unpacked_lora / make_mlp_unpacked_lora).
+_UNPACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def _unpacked_rows(model, packed_module: str, part: str) -> tuple[str, int, int] | None:
+    """(packed module, first row, end row) of ``part`` (q_proj, ..., up_proj), which the builder unpacked from
+    the LoRA target ``packed_module`` (qkv_proj, gate_up_proj); None for another pairing."""
+    packed = packed_module.rpartition(".")[2]
+    leaf = part
+    if _UNPACKED.get(leaf) != packed:
+        return None
+    if packed == "qkv_proj":
+        q, kv = int(model.q_size), int(model.kv_size)
+        start, stop = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}[leaf]
+    else:
+        i = int(model.intermediate_size)
+        start, stop = (0, i) if leaf == "gate_proj" else (i, 2 * i)
+    return packed_module, start, stop
+
+
+def sources(plan: dict[str, dict[str, Any]]) -> set[str]:
+    """The adapter's modules the graph's LoRA branches come from (a packed one for the parts the builder unpacked)."""
+    return {p.get("packed", m) for m, p in plan.items()}
 
 
 def _exclude_lora(model, nodes: dict[str, tuple[str, str]], plan: dict[str, dict[str, Any]]) -> None:
@@ -273,11 +315,17 @@ def write_adapter(spec: LoraSpec, plan: dict[str, dict[str, Any]], path: Path) -
         m = _KEY.match(key)
         byrole[(m["module"], m["ab"])] = value
     params = {}
-    for module, (_, _, _, scaling) in spec.modules.items():
-        p = plan[module]
+    for node_module, p in sorted(plan.items()):
+        module = p.get("packed", node_module)  # a part the builder unpacked: the packed LoRA's A, its rows of B
+        if module not in spec.modules:
+            continue
+        scaling = spec.modules[module][3]
         dt = np.dtype(p["dtype"])
+        bw = byrole[(module, "B")].astype(np.float32)
+        if "rows" in p:
+            bw = bw[p["rows"][0]:p["rows"][1]]
         a = np.ascontiguousarray(byrole[(module, "A")].astype(np.float32).T.astype(dt))
-        b = np.ascontiguousarray((byrole[(module, "B")].astype(np.float32) * scaling).T.astype(dt))
+        b = np.ascontiguousarray((bw * scaling).T.astype(dt))
         params[p["lora_A"]] = ort.OrtValue.ortvalue_from_numpy(a)
         params[p["lora_B"]] = ort.OrtValue.ortvalue_from_numpy(b)
     fmt = ort.AdapterFormat()
@@ -380,7 +428,7 @@ def export_with_adapters(model_dir: Path, out: Path, *, target, precision: str, 
         union = _write_probe(specs, probe)
         with builder_hooks(builder, probe, plan):
             base_export(model_dir, run.dir, target=t, precision=precision, int4=int4, calibration=calibration)
-        missing = sorted(set(union) - set(plan))
+        missing = sorted(set(union) - sources(plan))
         if missing:
             raise BadInput(f"the ONNX builder made no LoRA graph for {missing[0]}", hint=_MERGE_HINT)
         inner = artifacts.read_record(run.dir) or {}

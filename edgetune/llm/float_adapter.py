@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from .. import artifacts, console
 from ..errors import BadInput, CheckFailed, require
-from .adapters import _MERGE_HINT, BUILDER_QUANT, CHECK_PROMPTS, FP32_TOLERANCE, builder_hooks, check_against_base, read_lora
+from .adapters import _MERGE_HINT, BUILDER_QUANT, CHECK_PROMPTS, FP32_TOLERANCE, builder_hooks, check_against_base, read_lora, sources
 
 FLOAT_TYPES = {1: "float32", 10: "float16", 16: "bfloat16"}  # onnx.TensorProto data types
 LORA_MARK = "lora_"  # every branch node name carries it (the contract with base transcoders)
@@ -153,11 +153,11 @@ def export_with_float_adapter(model_dir: Path, out: Path, *, target, precision: 
         plan: dict[str, dict[str, Any]] = {}
         with builder_hooks(builder, spec.path, plan, as_inputs=False):
             base_export(model_dir, run.dir, target=t, precision=precision, int4=int4, calibration=calibration, fuse=False)
-        missing = sorted(set(spec.modules) - set(plan))
+        missing = sorted(set(spec.modules) - sources(plan))
         if missing:
             raise BadInput(f"the ONNX builder made no LoRA branch for {missing[0]}", hint=_MERGE_HINT)
         graph = lora_graph(run.dir)
-        want = 2 * len(spec.modules)
+        want = 2 * len(plan)  # a packed target (Phi-3 qkv_proj, gate_up_proj) is one branch per part
         if graph["not_float"] or graph["ops"].get("MatMul", 0) != want:
             raise CheckFailed(f"the graph's LoRA branches are not {want} float MatMuls: {graph['ops']} "
                               f"(not float: {graph['not_float'][:3]})", hint="a quantizer reached the adapter; report this as a bug")
