@@ -91,6 +91,20 @@ def test_onnxruntime_gptq_calibrates_a_sliding_window_model(family, tmp_path):
     assert r["graph_proof"]["top1_agreement"] > 0.3, r["graph_proof"]
 
 
+def test_a_build_with_fp16_on_a_cpu_target_is_refused_before_training(tmp_path):
+    import time
+
+    from conftest import cli_ok
+    from test_build import write_config
+
+    src = build_family("llama", tmp_path / "src")
+    cfg = write_config(tmp_path / "b", src, targets='[[targets]]\nname = "cpu-x86"\nprecision = "fp16"\n')
+    t0 = time.perf_counter()
+    err = cli_ok(["build", cfg], codes=(2,))["error"]
+    assert "targets[0]: precision fp16 does not run on the CPU execution provider" in err, err
+    assert time.perf_counter() - t0 < 60 and not (tmp_path / "b" / "out" / ".work" / "adapter").exists()
+
+
 def test_phi3_lora_on_its_packed_projections_stays_separate_exactly(tmp_path):
     """Phi-3 packs q/k/v into qkv_proj and gate/up into gate_up_proj, and a LoRA there is one A and one B per
     packed module. The builder unpacks each into one branch per part (the A shared, B's rows of the part); both
