@@ -213,8 +213,9 @@ def builder_hooks(builder, probe: Path, plan: dict[str, dict[str, Any]], *, as_i
         if not module and isinstance(getattr(matmul, "lora_A", None), torch.nn.ModuleDict) and "default" in matmul.lora_A:
             packed = self._edgetune_lora_a.get(id(matmul.lora_A["default"]), "")
             packed = packed[len("base_model.model."):] if packed.startswith("base_model.model.") else ""
-            rows = _unpacked_rows(self, packed, basename.rstrip("/").split("/")[-2]) if packed else None
-            module = f"{packed.rpartition('.')[0]}.{basename.split('/')[-2]}" if rows else ""
+            part = basename.split("/")[-2]  # /model/layers.N/attn/q_proj/MatMul -> q_proj
+            rows = _unpacked_rows(self, packed, part) if packed else None
+            module = f"{packed.rpartition('.')[0]}.{part}" if rows else ""
         if not module or len(made) < 2:
             raise BadInput(f"the ONNX builder fuses the LoRA target at {basename} with other projections "
                            "(e.g. qkv_proj/gate_up_proj), so its adapter cannot be kept separate", hint=_MERGE_HINT)
@@ -248,15 +249,14 @@ def _unpacked_rows(model, packed_module: str, part: str) -> tuple[str, int, int]
     """(packed module, first row, end row) of ``part`` (q_proj, ..., up_proj), which the builder unpacked from
     the LoRA target ``packed_module`` (qkv_proj, gate_up_proj); None for another pairing."""
     packed = packed_module.rpartition(".")[2]
-    leaf = part
-    if _UNPACKED.get(leaf) != packed:
+    if _UNPACKED.get(part) != packed:
         return None
     if packed == "qkv_proj":
         q, kv = int(model.q_size), int(model.kv_size)
-        start, stop = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}[leaf]
+        start, stop = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}[part]
     else:
         i = int(model.intermediate_size)
-        start, stop = (0, i) if leaf == "gate_proj" else (i, 2 * i)
+        start, stop = (0, i) if part == "gate_proj" else (i, 2 * i)
     return packed_module, start, stop
 
 
