@@ -40,9 +40,24 @@ TOLERANCE = 1e-6  # max |w_onnx - w_gguf| / max |w_gguf| per tensor (fp32 roundi
 EIGHT_BIT_CPU_LEVEL = 4
 _MATMUL = re.compile(r"^/model/layers\.(?P<layer>\d+)/(?P<block>attn|mlp)/(?P<proj>[a-z_]+)/MatMul$")
 _PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-# a node of the builder that is one equal row part of a fused checkpoint tensor (the builder splits
-# Phi-3's gate_up_proj into gate_proj and up_proj MatMuls): node proj -> (fused proj, part, parts)
-_PART_OF = {p: (fused, i, len(parts)) for fused, parts in _PACKED.items() for i, p in enumerate(parts)}
+# a node of the builder that is a row block of a fused checkpoint tensor (the builder splits Phi-3's gate_up_proj
+# into gate_proj and up_proj MatMuls, and its qkv_proj into q/k/v when a LoRA is on it): node proj -> fused proj
+_PART_OF = {p: fused for fused, parts in _PACKED.items() for p in parts}
+
+
+def _part_rows(part: str, n: int, config: dict[str, Any]) -> slice:
+    """The rows of a fused tensor of ``n`` rows that the split node ``part`` takes: gate/up are halves; q/k/v are
+    heads x head_dim, kv_heads x head_dim twice (unequal with grouped-query attention: Phi-4-mini's 24/8 heads)."""
+    if part in ("gate_proj", "up_proj"):
+        return slice(0, n // 2) if part == "gate_proj" else slice(n // 2, n)
+    cfg = config.get("text_config") or config
+    heads = int(cfg["num_attention_heads"])
+    hd = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+    q, kv = heads * hd, int(cfg.get("num_key_value_heads") or heads) * hd
+    if q + 2 * kv != n:
+        raise CheckFailed(f"a fused qkv tensor of {n} rows is not q {q} + k/v 2 x {kv}",
+                          hint="a GGUF layout this transcode does not know: report it with the GGUF file")
+    return {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, n)}[part]
 
 
 def gguf_source(model_dir: Path) -> Path | None:
@@ -145,11 +160,11 @@ class GGUFTensors:
                            hint="use a GGUF quantized with one of those types, or --precision int4 to re-quantize") from None
 
 
-def _hf_names(node_name: str) -> list[list[tuple[str, tuple[int, int] | None]]] | None:
+def _hf_names(node_name: str) -> list[list[tuple[str, str | None]]] | None:
     """The HF weights a builder MatMul may come from, in the order to try, each as (name, part): a packed
     node (qkv_proj, gate_up_proj) is one fused tensor in a fused checkpoint (Phi-3: llama.cpp's attn_qkv /
     ffn_up) and the concatenation of q/k/v (gate/up) in a Llama-layout one; a node the builder split out of
-    a fused tensor (Phi-3's gate_proj, up_proj) is part i of n equal row parts of it."""
+    a fused tensor (Phi-3's gate_proj, up_proj; q/k/v under a LoRA) is its row block ``part`` (:func:`_part_rows`)."""
     if node_name == "/lm_head/MatMul":
         return [[("lm_head.weight", None)]]
     m = _MATMUL.match(node_name)
@@ -160,8 +175,7 @@ def _hf_names(node_name: str) -> list[list[tuple[str, tuple[int, int] | None]]] 
     if m["proj"] in _PACKED:
         names.append([(f"{prefix}{p}.weight", None) for p in _PACKED[m["proj"]]])
     if m["proj"] in _PART_OF:
-        fused, i, n = _PART_OF[m["proj"]]
-        names.append([(f"{prefix}{fused}.weight", (i, n))])
+        names.append([(f"{prefix}{_PART_OF[m['proj']]}.weight", m["proj"])])
     return names
 
 
@@ -229,7 +243,7 @@ def transcode(src: Path, dst: Path, gguf_path: Path, config: dict[str, Any], *, 
             t = g.tensors[gname]
             n = int(t.shape[1])
             perm = g.row_permutation(gname, n)
-            rows = slice(None) if part is None else slice(part[0] * n // part[1], (part[0] + 1) * n // part[1])
+            rows = slice(None) if part is None else _part_rows(part, n, config)
             form = g.form(gname, perm, rows)
             n = len(range(n)[rows])
             entry = proved(gname, form, perm, w_onnx[:, offsets:offsets + n].T, hf, rows)
