@@ -251,27 +251,31 @@ def test_phi3_gguf_with_fused_qkv_and_gate_up_takes_the_exact_path(tmp_path):
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), np.abs(got - want).max()
 
 
-def test_phi3_gguf_with_a_float_lora_on_its_fused_qkv_and_gate_up(tmp_path):
+@pytest.mark.parametrize("family", ["phi3", "phi4_mini"])
+def test_phi3_gguf_with_a_float_lora_on_its_fused_qkv_and_gate_up(family, tmp_path):
     """A LoRA on Phi-3's fused qkv_proj makes the builder split the base's q/k/v MatMuls too; with grouped-query
-    attention (this tiny Phi-3: q 256 rows, k and v 128 each) q/k/v are unequal row blocks of llama.cpp's attn_qkv, which the
-    transcode cut in three equal parts (CheckFailed: "GGUF rows 170 != graph N 256"). The blocks are q, k, v sized
-    from the config now; the graph is the GGUF's blocks plus the float LoRA, and equals PyTorch's dequantized base +
-    PEFT up to noise far below the adapter's effect."""
+    attention (these tiny GGUFs: 4 heads, 2 kv heads; Phi-4-mini's partial rotary too) q/k/v are unequal row blocks
+    of llama.cpp's attn_qkv, which the transcode cut in three equal parts (CheckFailed: "GGUF rows 170 != graph N
+    256"). The blocks are q, k, v sized from the config now; the graph is the GGUF's blocks plus the float LoRA, and
+    equals PyTorch's dequantized base + PEFT up to noise far below the adapter's effect."""
+    import tiny_gguf
     from edgetune.export import export
     from edgetune.models import materialize
     from test_adapters import make_lora
-    from tiny_gguf import write_tiny_phi3_gguf
     from tiny_models import build_bpe_tokenizer
 
     build_bpe_tokenizer(tmp_path)
-    src = write_tiny_phi3_gguf(tmp_path / "phi3.gguf", tmp_path)
+    src = getattr(tiny_gguf, f"write_tiny_{family}_gguf")(tmp_path / "m.gguf", tmp_path)
     base = materialize(src).path
+    cfg = json.loads((base / "config.json").read_text())
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    assert q != kv  # grouped-query attention: equal thirds would be wrong
     lora = make_lora(base, tmp_path / "lora", targets=["qkv_proj", "gate_up_proj", "o_proj", "down_proj"], seed=2)
     out = export(base, tmp_path / "x", target="cpu-x86", precision="gguf", float_adapter=lora)
     res = json.loads((out / "edgetune.json").read_text())["results"]
-    rows = {(t["gguf"], tuple(t["rows"])) for t in res["gguf"]["tensors"] if t["gguf"] == "blk.0.attn_qkv.weight"}
-    assert rows == {("blk.0.attn_qkv.weight", (0, 256)), ("blk.0.attn_qkv.weight", (256, 384)),
-                    ("blk.0.attn_qkv.weight", (384, 512))}, rows
+    rows = {tuple(t["rows"]) for t in res["gguf"]["tensors"] if t["gguf"] == "blk.0.attn_qkv.weight"}
+    assert rows == {(0, q), (q, q + kv), (q + kv, q + 2 * kv)}, rows
     assert res["gguf"]["max_rel_diff_vs_gguf_dequantize"] <= 1e-6 and res["fusion"]["fused"]
     assert res["float_adapter"]["branch_ops"]["MatMul"] == 2 * 7 * 2  # 2 layers x (q, k, v, o, gate, up, down) x (A, B)
     check = res["float_adapter_check"]
