@@ -43,7 +43,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "examples" / "data" / "smarthome_train.jsonl"
 EVAL = ROOT / "examples" / "data" / "smarthome_eval.jsonl"
-HOST = Path(sys.executable).parent
 DEVICE = Path(os.environ.get("EDGETUNE_DEVICE_VENV") or ROOT / ".venv-device") / "bin"
 
 
