@@ -240,24 +240,18 @@ def builder_hooks(builder, probe: Path, plan: dict[str, dict[str, Any]], *, as_i
         builder.parse_extra_options, Model.make_matmul_lora, Model.save_model = saved
 
 
-# The builder unpacks a LoRA on a packed projection (Phi-3's qkv_proj and gate_up_proj) into one LoRA per part,
-# exactly: the packed A shared, B's row block of each part (make_attention_unpacked_lora / make_mlp_unpacked_lora).
-_UNPACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
-
-
 def _unpacked_rows(model, packed_module: str, part: str) -> tuple[str, int, int] | None:
     """(packed module, first row, end row) of ``part`` (q_proj, ..., up_proj), which the builder unpacked from
-    the LoRA target ``packed_module`` (qkv_proj, gate_up_proj); None for another pairing."""
+    the LoRA target ``packed_module`` (qkv_proj, gate_up_proj) exactly: the packed A shared, B's row block of the
+    part (make_attention_unpacked_lora / make_mlp_unpacked_lora); None for another pairing."""
+    from .packed import PART_OF, part_rows
+
     packed = packed_module.rpartition(".")[2]
-    if _UNPACKED.get(part) != packed:
+    if PART_OF.get(part) != packed:
         return None
-    if packed == "qkv_proj":
-        q, kv = int(model.q_size), int(model.kv_size)
-        start, stop = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}[part]
-    else:
-        i = int(model.intermediate_size)
-        start, stop = (0, i) if part == "gate_proj" else (i, 2 * i)
-    return packed_module, start, stop
+    q, kv = int(model.q_size), int(model.kv_size)
+    rows = part_rows(part, q + 2 * kv if packed == "qkv_proj" else 2 * int(model.intermediate_size), q, kv)
+    return packed_module, rows.start, rows.stop
 
 
 def sources(plan: dict[str, dict[str, Any]]) -> set[str]:

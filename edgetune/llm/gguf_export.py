@@ -33,31 +33,22 @@ from .. import artifacts, console
 from ..cleanup import temp_dir
 from ..errors import BadInput, CheckFailed, require
 from .blockform import MS_DOMAIN, BlockForm, GraphEdit, _topo, exact_float
+from .packed import PACKED, PART_OF, part_rows
 
 TOLERANCE = 1e-6  # max |w_onnx - w_gguf| / max |w_gguf| per tensor (fp32 rounding of the offset fold)
 # 8-bit MatMulNBits at accuracy_level 0 on the CPU dequantizes B to fp32 and runs SGEMM on every call
 # (SmolLM2's 576x49152 head: 660 ms vs 6 ms at level 4, measured in docs/llm.md): 8-bit nodes get level 4.
 EIGHT_BIT_CPU_LEVEL = 4
 _MATMUL = re.compile(r"^/model/layers\.(?P<layer>\d+)/(?P<block>attn|mlp)/(?P<proj>[a-z_]+)/MatMul$")
-_PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-# a node of the builder that is a row block of a fused checkpoint tensor (the builder splits Phi-3's gate_up_proj
-# into gate_proj and up_proj MatMuls, and its qkv_proj into q/k/v when a LoRA is on it): node proj -> fused proj
-_PART_OF = {p: fused for fused, parts in _PACKED.items() for p in parts}
 
 
 def _part_rows(part: str, n: int, config: dict[str, Any]) -> slice:
-    """The rows of a fused tensor of ``n`` rows that the split node ``part`` takes: gate/up are halves; q/k/v are
-    heads x head_dim, kv_heads x head_dim twice (unequal with grouped-query attention: Phi-4-mini's 24/8 heads)."""
-    if part in ("gate_proj", "up_proj"):
-        return slice(0, n // 2) if part == "gate_proj" else slice(n // 2, n)
+    """The rows of a packed tensor of ``n`` rows that a node the builder split out of it takes (packed.part_rows,
+    q/k/v sized from the config)."""
     cfg = config.get("text_config") or config
     heads = int(cfg["num_attention_heads"])
     hd = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
-    q, kv = heads * hd, int(cfg.get("num_key_value_heads") or heads) * hd
-    if q + 2 * kv != n:
-        raise CheckFailed(f"a fused qkv tensor of {n} rows is not q {q} + k/v 2 x {kv}",
-                          hint="a GGUF layout this transcode does not know: report it with the GGUF file")
-    return {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, n)}[part]
+    return part_rows(part, n, heads * hd, int(cfg.get("num_key_value_heads") or heads) * hd)
 
 
 def gguf_source(model_dir: Path) -> Path | None:
@@ -172,10 +163,10 @@ def _hf_names(node_name: str) -> list[list[tuple[str, str | None]]] | None:
         return None
     prefix = f"model.layers.{m['layer']}.{'self_attn' if m['block'] == 'attn' else 'mlp'}."
     names = [[(f"{prefix}{m['proj']}.weight", None)]]
-    if m["proj"] in _PACKED:
-        names.append([(f"{prefix}{p}.weight", None) for p in _PACKED[m["proj"]]])
-    if m["proj"] in _PART_OF:
-        names.append([(f"{prefix}{_PART_OF[m['proj']]}.weight", m["proj"])])
+    if m["proj"] in PACKED:
+        names.append([(f"{prefix}{p}.weight", None) for p in PACKED[m["proj"]]])
+    if m["proj"] in PART_OF:
+        names.append([(f"{prefix}{PART_OF[m['proj']]}.weight", m["proj"])])
     return names
 
 
