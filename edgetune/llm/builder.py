@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 
 from .. import artifacts, console
 from ..cleanup import temp_dir
-from ..tokenizer_parity import check_tokenizer, check_tokenizer_files  # noqa: F401 (check_tokenizer_files: llm/export.py)
+from ..tokenizer_parity import check_tokenizer
 from ..errors import BadInput, CheckFailed, require
 from ..plan import int4_plan
 from ..quant import QATSpec, algorithms, embedding_block_size, int4_algorithm

@@ -33,13 +33,12 @@ from .. import artifacts, console
 from ..cleanup import temp_dir
 from ..errors import BadInput, CheckFailed, require
 from .blockform import MS_DOMAIN, BlockForm, GraphEdit, _topo, exact_float
-from .packed import PACKED, PART_OF, part_rows
+from .packed import BLOCKS, HEAD, PACKED, PART_OF, builder_linear, part_rows
 
 TOLERANCE = 1e-6  # max |w_onnx - w_gguf| / max |w_gguf| per tensor (fp32 rounding of the offset fold)
 # 8-bit MatMulNBits at accuracy_level 0 on the CPU dequantizes B to fp32 and runs SGEMM on every call
 # (SmolLM2's 576x49152 head: 660 ms vs 6 ms at level 4, measured in docs/llm.md): 8-bit nodes get level 4.
 EIGHT_BIT_CPU_LEVEL = 4
-_MATMUL = re.compile(r"^/model/layers\.(?P<layer>\d+)/(?P<block>attn|mlp)/(?P<proj>[a-z_]+)/MatMul$")
 
 
 def _part_rows(part: str, n: int, config: dict[str, Any]) -> slice:
@@ -156,17 +155,18 @@ def _hf_names(node_name: str) -> list[list[tuple[str, str | None]]] | None:
     node (qkv_proj, gate_up_proj) is one fused tensor in a fused checkpoint (Phi-3: llama.cpp's attn_qkv /
     ffn_up) and the concatenation of q/k/v (gate/up) in a Llama-layout one; a node the builder split out of
     a fused tensor (Phi-3's gate_proj, up_proj; q/k/v under a LoRA) is its row block ``part`` (:func:`_part_rows`)."""
-    if node_name == "/lm_head/MatMul":
+    if node_name == HEAD:
         return [[("lm_head.weight", None)]]
-    m = _MATMUL.match(node_name)
-    if not m:
+    parsed = builder_linear(node_name) if node_name.endswith("/MatMul") else None
+    if parsed is None:
         return None
-    prefix = f"model.layers.{m['layer']}.{'self_attn' if m['block'] == 'attn' else 'mlp'}."
-    names = [[(f"{prefix}{m['proj']}.weight", None)]]
-    if m["proj"] in PACKED:
-        names.append([(f"{prefix}{p}.weight", None) for p in PACKED[m["proj"]]])
-    if m["proj"] in PART_OF:
-        names.append([(f"{prefix}{PART_OF[m['proj']]}.weight", m["proj"])])
+    layer, block, proj = parsed
+    prefix = f"model.layers.{layer}.{BLOCKS[block]}."
+    names = [[(f"{prefix}{proj}.weight", None)]]
+    if proj in PACKED:
+        names.append([(f"{prefix}{p}.weight", None) for p in PACKED[proj]])
+    if proj in PART_OF:
+        names.append([(f"{prefix}{PART_OF[proj]}.weight", proj)])
     return names
 
 

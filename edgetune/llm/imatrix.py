@@ -338,9 +338,10 @@ class Requantizer:
         self.skipped: list[str] = []
 
     def module_of(self, node_name: str) -> str | None:
-        from .mixed import _modules_of, base_name
+        from .mixed import base_name
+        from .packed import hf_linears
 
-        parts = _modules_of(base_name(node_name))
+        parts = hf_linears(base_name(node_name))
         return parts[0] if parts and parts[0] in self.importance else None
 
     def __call__(self, node_name: str, weight_kn: np.ndarray, proto: Any) -> bool:

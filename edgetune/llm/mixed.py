@@ -31,37 +31,17 @@ from typing import Any
 
 from ..errors import BadInput, require
 from ..quant import algorithms
+from .packed import HEAD, LINEARS, PACKED, builder_node, hf_linears
 
-_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMul")
-_PARTS = {
-    ("attn", "qkv_proj"): ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("attn", "q_proj"): ("self_attn.q_proj",),
-    ("attn", "k_proj"): ("self_attn.k_proj",),
-    ("attn", "v_proj"): ("self_attn.v_proj",),
-    ("attn", "o_proj"): ("self_attn.o_proj",),
-    ("mlp", "gate_proj"): ("mlp.gate_proj",),
-    ("mlp", "up_proj"): ("mlp.up_proj",),
-    ("mlp", "down_proj"): ("mlp.down_proj",),
-}
-HEAD = "/lm_head/MatMul"
 # ``mixed={"modules": [...]}``: a projection kept at 8 bits in every decoder layer (a rule, as llama.cpp's Q4_K_M keeps
-# attn_v / ffn_down wider), -> its builder node name. q/k/v named one by one need the builder's unpacked attention.
-MODULES = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-QKV = ("q_proj", "k_proj", "v_proj")
+# attn_v / ffn_down wider), -> its builder block. q/k/v named one by one need the builder's unpacked attention.
+MODULES = {name: block for name, block in LINEARS.items() if name not in PACKED}
+QKV = PACKED["qkv_proj"]
 
 
 def base_name(node_name: str) -> str:
     """'/model/layers.0/attn/qkv_proj/MatMul_Q4' -> '/model/layers.0/attn/qkv_proj/MatMul' (the builder's name)."""
     return re.sub(r"_Q\d+$", "", node_name)
-
-
-def _modules_of(name: str) -> tuple[str, ...] | None:
-    if name == HEAD:
-        return ("lm_head",)
-    m = _NODE.match(name)
-    parts = _PARTS.get((m.group(2), m.group(3))) if m else None
-    return tuple(f"model.layers.{m.group(1)}.{p}" for p in parts) if parts else None
 
 
 def graph_weights(folder: Path) -> dict[str, Any]:
@@ -99,7 +79,7 @@ def sensitivity(model_dir: Path, int4_dir: Path, token_ids: list[list[int]], *, 
     qweights = graph_weights(int4_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     mods = dict(model.named_modules())
-    nodes = {n: _modules_of(n) for n in qweights}
+    nodes = {n: hf_linears(n) for n in qweights}
     nodes = {n: p for n, p in nodes.items() if p and all(x in mods for x in p)}
     # H = X^T X per distinct input module (gate/up and fused q/k/v read the same input): float32, [K, K]
     first = {n: parts[0] for n, parts in nodes.items()}
@@ -186,7 +166,7 @@ def module_layers(model_dir: Path, modules) -> list[str]:
 
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     layers = int(cfg.get("text_config", cfg).get("num_hidden_layers") or 0)
-    return [f"/model/layers.{i}/{MODULES[m]}/{m}/MatMul" for i in range(layers) for m in modules]
+    return [builder_node(i, m) for i in range(layers) for m in modules]
 
 
 def unpacks_qkv(mixed: dict | None) -> bool:
@@ -222,7 +202,7 @@ def widths(folder: Path) -> dict[str, int]:
     out = {}
     for n in model.graph.node:
         name = base_name(n.name)
-        if _modules_of(name) is None:
+        if hf_linears(name) is None:
             continue
         if n.op_type == "MatMulNBits":
             out[name] = next(int(a.i) for a in n.attribute if a.name == "bits")
@@ -247,7 +227,7 @@ def check_mixed_request(mixed: dict | None, *, precision: str, algorithm: str | 
         raise BadInput(f"mixed precision works with the builder's int4 algorithms ({', '.join(MIXED_ALGORITHMS)}), not '{algorithm}'",
                        hint=f"use --int4-algorithm {' or '.join(MIXED_ALGORITHMS)}")
     if "layers" in mixed:
-        bad = [n for n in mixed["layers"] if n == HEAD or _modules_of(n) is None]
+        bad = [n for n in mixed["layers"] if n == HEAD or hf_linears(n) is None]
         if bad:
             raise BadInput(f"mixed precision: '{bad[0]}' is not a decoder-layer MatMul name",
                            hint="use names like /model/layers.0/mlp/down_proj/MatMul (the head: --int4-lm-head int8)")

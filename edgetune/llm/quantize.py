@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -392,17 +391,6 @@ def dequantize_matmulnbits(b, scales, zero_points, *, k: int, n: int, bits: int,
     return w.reshape(n, -1)[:, :k]
 
 
-_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/")
-_PARTS = {
-    ("attn", "qkv_proj"): ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("attn", "o_proj"): ("self_attn.o_proj",),
-    ("mlp", "gate_proj"): ("mlp.gate_proj",),
-    ("mlp", "up_proj"): ("mlp.up_proj",),
-    ("mlp", "down_proj"): ("mlp.down_proj",),
-    ("mlp", "gate_up_proj"): ("mlp.gate_proj", "mlp.up_proj"),
-}
-
-
 def inc_weight_parity(qmodel, onnx_dir: Path, layers: list[int] | None = None) -> dict[str, Any]:
     """Max |W_graph - W_inc| over the graph's MatMulNBits nodes that map to neural-compressor layers.
 
@@ -417,11 +405,12 @@ def inc_weight_parity(qmodel, onnx_dir: Path, layers: list[int] | None = None) -
     torch = require("torch", purpose="neural-compressor parity")
     model = onnx.load(str(onnx_dir / "model.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
+    from .packed import builder_linear, hf_linears
+
     modules = dict(qmodel.named_modules())
-    prefix = "model.layers"
 
     def inc_weight(name: str):
-        m = modules.get(f"{prefix}.{name}")
+        m = modules.get(name)
         if m is None or not hasattr(m, "unpack"):
             return None
         p = m.unpack()
@@ -438,16 +427,14 @@ def inc_weight_parity(qmodel, onnx_dir: Path, layers: list[int] | None = None) -
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
             continue
-        m = _NODE.match(node.name)
-        parts = _PARTS.get((m.group(2), m.group(3))) if m else None
+        parts = hf_linears(node.name) if not node.name.startswith("/lm_head") else None
         if not parts:
             if not node.name.startswith("/lm_head"):
                 unmatched.append(node.name)
             continue
-        layer = m.group(1)
-        if int(layer) not in layers:
+        if builder_linear(node.name)[0] not in layers:
             continue
-        ws = [inc_weight(f"{layer}.{p}") for p in parts]
+        ws = [inc_weight(p) for p in parts]
         if any(w is None for w in ws):
             unmatched.append(node.name)
             continue
