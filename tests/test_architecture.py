@@ -180,3 +180,20 @@ def test_traits_drive_the_export_checks(tiny_llama, tmp_path):
     with pytest.raises(BadInput, match=r"int8 is made by the builder \(rtn or k_quant\)"):
         export_llm(tiny_llama, tmp_path / "x", target="cpu-x86", precision="int8", int4={"algorithm": "awq"})
     assert not (tmp_path / "x").exists()
+
+
+def test_onnx_files_are_read_and_written_in_one_place():
+    """``edgetune/onnx_graph.py`` reads and writes every ONNX file and indexes graphs (producers, consumers,
+    constants): no other product file calls onnx's load/save or builds its own producer or consumer map
+    (there were ~37 loads in 13 files and three private graph helpers)."""
+    import re
+
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        if path.name == "onnx_graph.py":
+            continue
+        text = path.read_text()
+        for pattern in (r"\bonnx\.(load|save|load_model|save_model)\(", r"\{o: \w+ for \w+ in [\w.]+ for o in \w+\.output\}",
+                        r"\.setdefault\(\w+, \[\]\)\.append\(n\)"):
+            offenders += [f"{path.relative_to(PKG)}: {m.group(0)}" for m in re.finditer(pattern, text)]
+    assert offenders == []

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import onnx_graph
+
 # ops that move or reshape data (no arithmetic): 0 FLOPs
 _ZERO = {
     "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Slice", "Gather", "Shape",
@@ -128,10 +130,9 @@ def _op_key(node) -> str:
 
 def node_times(model_path: Path, batch: int, seq: int, runs: int = 5) -> dict[str, float]:
     """Per-node kernel time (µs, summed over runs) from an onnxruntime CPU profile, optimizations off."""
-    import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    model = onnx_graph.read(model_path)
     inits = {i.name for i in model.graph.initializer}
     feeds = {}
     elem = {1: np.float32, 10: np.float16, 6: np.int32, 7: np.int64, 9: np.bool_}
@@ -163,14 +164,13 @@ def node_times(model_path: Path, batch: int, seq: int, runs: int = 5) -> dict[st
 def coverage(model_path: str | Path, supported: list[str], *, batch: int = 1, sequence_length: int = 128,
              timing: bool = False) -> dict[str, Any]:
     """Coverage report of a model against an operator list (empty list: everything is supported)."""
-    import onnx
 
     model_path = Path(model_path)
-    model = onnx.load(str(model_path), load_external_data=False)
+    model = onnx_graph.read(model_path)
     inferred = _static_copy(model, batch, sequence_length)
     shapes = _shapes(inferred)
     floats = _float_tensors(inferred)
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers = onnx_graph.Graph(model).producer
     qdq = any(n.op_type == "DequantizeLinear" for n in model.graph.node)
     float_flops = 0
     float_ops: Counter = Counter()

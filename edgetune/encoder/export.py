@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .. import console
+from .. import console, onnx_graph
 from ..artifacts import stage_output
 from ..errors import BadInput, CheckFailed
 from ..quant import ENCODER_PRECISIONS
@@ -269,7 +269,6 @@ def quantize_model(
     ``method``: dynamic | static | fp16 (default: from the profile's ``precision.encoder``).
     Static int8 tokenizes the calibration texts with the folder's tokenizer or ``tokenizer``.
     """
-    import onnx
 
     from ..artifacts import read_record
     from ..plan import encoder_precision
@@ -288,7 +287,7 @@ def quantize_model(
         raise BadInput(f"unknown method '{method}'", hint=f"choose one of: {', '.join(METHODS)}")
     record = read_record(folder) if folder else None
     prior = ((record or {}).get("results") or {}).get("precision")
-    graph = onnx.load(str(onnx_file), load_external_data=False).graph
+    graph = onnx_graph.read(onnx_file).graph
     ops = {n.op_type for n in graph.node}
     if (prior and prior != "fp32") or ops & {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger"}:
         raise BadInput(f"{onnx_file} is already quantized ({prior or 'has Q/DQ nodes'})", hint=_FLOAT_SOURCE_HINT)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import onnx_graph
 from ..errors import require
 
 # model_type (HF) -> onnxruntime.transformers optimizer model type
@@ -51,7 +52,6 @@ def offline_optimize(src: Path, dst: Path, *, level: str = "basic") -> dict[str,
     Levels above ``basic`` produce CPU-EP-specific kernels, so they are capped at basic:
     onnxruntime applies the rest itself when the session starts on the device.
     """
-    import onnx
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -60,11 +60,11 @@ def offline_optimize(src: Path, dst: Path, *, level: str = "basic") -> dict[str,
     }.get(level, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     so.optimized_model_filepath = str(dst)
     ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-    source = onnx.load(str(src), load_external_data=False).graph
-    model = onnx.load(str(dst))
+    source = onnx_graph.read(src).graph
+    model = onnx_graph.load(dst)
     renamed = _rename_invented_initializers(model.graph, source)
     if renamed:
-        onnx.save(model, str(dst))
+        onnx_graph.save(model, dst)
     return {"nodes_before": len(source.node), "nodes_after": len(model.graph.node)}
 
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import onnx_graph
+
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 WEIGHT_STEPS = 5  # MinMSE weight candidates: the no-clipping power of two and 5 halvings (32x)
 
@@ -97,13 +99,11 @@ def round_scales(model_in: str | Path, model_out: str | Path, *, float_model: st
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(model_in))
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
-    if consts:
+    model = onnx_graph.load(model_in)
+    G = onnx_graph.Graph(model)
+    g, inits, producers = G.g, G.initializers, G.producer
+    if any(n.op_type == "Constant" for n in g.node):
         raise ValueError("pow2: Constant nodes holding scales are not supported; run quant_pre_process first")
-    producers = {o: n for n in g.node for o in n.output}
 
     def arr(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name])
@@ -113,7 +113,7 @@ def round_scales(model_in: str | Path, model_out: str | Path, *, float_model: st
 
     originals: dict[str, Any] = {}
     if float_model is not None:
-        originals = {i.name: i for i in onnx.load(str(float_model)).graph.initializer}
+        originals = {i.name: i for i in onnx_graph.load(float_model).graph.initializer}
     new_scale: dict[str, np.ndarray] = {}
     weights = biases = activations = from_float = 0
     dq_nodes = [n for n in g.node if n.op_type == "DequantizeLinear"]
@@ -164,10 +164,7 @@ def round_scales(model_in: str | Path, model_out: str | Path, *, float_model: st
         new_scale[s_name] = s2
         activations += 1
     # 3. int32 biases: scale = input scale * weight scale of the consuming node, re-quantized
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = G.consumers
     for n in dq_nodes:
         q_name, s_name = n.input[0], n.input[1]
         if q_name not in inits or arr(q_name).dtype != np.int32:
@@ -191,7 +188,7 @@ def round_scales(model_in: str | Path, model_out: str | Path, *, float_model: st
         put(s_name, s2.astype(np.float32))
         new_scale[s_name] = s2
         biases += 1
-    onnx.save(model, str(model_out))
+    onnx_graph.save(model, model_out)
     out = {"weight_scales": weights, "activation_scales": activations, "bias_scales": biases}
     if float_model is not None:
         out["weights_from_float"] = from_float
@@ -200,10 +197,9 @@ def round_scales(model_in: str | Path, model_out: str | Path, *, float_model: st
 
 def check(model_path: str | Path) -> dict[str, Any]:
     """Read every Q/DQ scale of the graph and check it is an exact power of two."""
-    import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    model = onnx_graph.read(model_path)
     inits = {i.name: i for i in model.graph.initializer}
     seen: set[str] = set()
     total = 0
@@ -244,9 +240,8 @@ def activation_groups(model) -> dict[str, list[str]]:
     Tensors that only move data (Reshape/Transpose/... outputs whose input uses the same
     scale) carry the same values as their source and are left out of the list.
     """
-    g = model.graph
-    inits = {i.name for i in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
+    G = onnx_graph.Graph(model)
+    g, inits, producers = G.g, set(G.initializers), G.producer
     q_scale = {n.input[0]: n.input[1] for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
     groups: dict[str, list[str]] = {}
     for tensor, s_name in q_scale.items():
@@ -313,14 +308,13 @@ def minmse_activation_scales(qdq_model: str | Path, float_model: str | Path, bat
     augmented copy of the float model and each candidate's sum of squared errors kept.
     Zero points (128 for symmetric uint8, 0 for int8) and dtypes stay as the quantizer set them.
     """
-    import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(qdq_model))
+    model = onnx_graph.load(qdq_model)
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     groups = activation_groups(model)
-    fm = onnx.load(str(float_model))
+    fm = onnx_graph.load(float_model)
     fnames = {o for n in fm.graph.node for o in n.output} | {i.name for i in fm.graph.input}
 
     def float_name(t: str) -> str | None:
@@ -349,12 +343,8 @@ def minmse_activation_scales(qdq_model: str | Path, float_model: str | Path, bat
     fetch = sorted({t for ts in wanted.values() for t in ts})
     readers: dict[str, np.ndarray | None] = {}
     if objective == "output":
-        finits = {i.name: i for i in fm.graph.initializer}
-        fcons: dict[str, list] = {}
-        for n in fm.graph.node:
-            for i in n.input:
-                fcons.setdefault(i, []).append(n)
-        readers = {t: _reader_weights(finits, fcons, t) for t in fetch}
+        F = onnx_graph.Graph(fm)
+        readers = {t: _reader_weights(F.initializers, F.consumers, t) for t in fetch}
     sse = {s: np.zeros(len(meta[s][0])) for s in wanted}
     absmax = {s: 0.0 for s in wanted}
     by_tensor: dict[str, list[str]] = {}
@@ -387,7 +377,7 @@ def minmse_activation_scales(qdq_model: str | Path, float_model: str | Path, bat
         if absmax[s_name] > (qmax - zp) * best:
             clipped += 1
     # scales whose tensors the float model lacks (or pure passthroughs): leave to round_scales (ceil)
-    onnx.save(model, str(model_out))
+    onnx_graph.save(model, model_out)
     return {"method": "minmse", "objective": objective, "weighted": sum(w is not None for w in readers.values()),
             "activation_scales": changed, "clipping": clipped,
             "not_calibrated": len(groups) - changed, "batches": len(batches)}
@@ -504,13 +494,9 @@ def equalize(float_in: str | Path, float_out: str | Path, batches: list[dict], *
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(float_in))
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    model = onnx_graph.load(float_in)
+    G = onnx_graph.Graph(model)
+    g, inits, consumers = G.g, G.initializers, G.consumers
 
     def keeps_last_axis(reshape, channels: int) -> bool:
         shape = inits.get(reshape.input[1]) if len(reshape.input) > 1 else None
@@ -639,5 +625,5 @@ def equalize(float_in: str | Path, float_out: str | Path, batches: list[dict], *
                 nodes.extend(new_nodes.get(o, []))
         del g.node[:]
         g.node.extend(nodes)
-    onnx.save(model, str(float_out))
+    onnx_graph.save(model, float_out)
     return {"smoothquant": smoothed, "output_equalized": equalized, "migration": chosen, "outlier_ratio": outlier_ratio}

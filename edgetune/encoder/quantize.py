@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .. import console
+from .. import console, onnx_graph
 from ..artifacts import sha256_bytes
 from ..errors import BadInput, require
 from ..resources import data_dir
@@ -158,9 +158,8 @@ def encode_texts(tokenizer_dir: Path, items: list[str], *, input_names: list[str
 
 def model_input_spec(model_path: Path) -> tuple[list[str], int | None, int | None]:
     """Input names and the static (batch, sequence_length) of the model, None where dynamic."""
-    import onnx
 
-    m = onnx.load(str(model_path), load_external_data=False)
+    m = onnx_graph.read(model_path)
     inits = {i.name for i in m.graph.initializer}
     inputs = [i for i in m.graph.input if i.name not in inits]
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
@@ -195,16 +194,14 @@ def _qtype(name: str):
 
 
 def _op_types(model_path: Path, registry: Iterable[str], exclude: list[str]) -> list[str]:
-    import onnx
 
-    present = {n.op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node}
+    present = {n.op_type for n in onnx_graph.read(model_path).graph.node}
     return sorted(op for op in registry if op in present and op not in set(exclude))
 
 
 def _check_nodes(model_path: Path, names: list[str]) -> None:
-    import onnx
 
-    have = {n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node}
+    have = {n.name for n in onnx_graph.read(model_path).graph.node}
     missing = [n for n in names if n not in have]
     if missing:
         raise BadInput(
@@ -215,9 +212,8 @@ def _check_nodes(model_path: Path, names: list[str]) -> None:
 
 def head_nodes(model_path: Path) -> list[str]:
     """Names of the classifier head: the quantizable nodes producing a graph output."""
-    import onnx
 
-    g = onnx.load(str(model_path), load_external_data=False).graph
+    g = onnx_graph.read(model_path).graph
     outs = {o.name for o in g.output}
     return [n.name for n in g.node if set(n.output) & outs and n.op_type in ("Gemm", "MatMul", "Add")]
 
@@ -228,9 +224,8 @@ def mask_only_nodes(model_path: Path) -> list[str]:
     Its fill value (float32 min, -3.4e38) cannot be quantized meaningfully and breaks
     histogram calibration (Entropy/Percentile), so static quantization keeps it in float.
     """
-    import onnx
 
-    g = onnx.load(str(model_path), load_external_data=False).graph
+    g = onnx_graph.read(model_path).graph
     inits = {i.name for i in g.initializer}
     deps: dict[str, frozenset[str]] = {i.name: frozenset([i.name]) for i in g.input if i.name not in inits}
     out = []
@@ -298,9 +293,8 @@ def quantize_static_int8(src: Path, dst: Path, opts: Int8Options, *, batches: li
     excluded = list(dict.fromkeys(opts.exclude_nodes + mask_nodes))
     # calibration goes by op type, not by node: drop op types whose every node is excluded,
     # or their tensors (the -3.4e38 mask) still reach the histogram calibrators
-    import onnx
 
-    nodes = onnx.load(str(pre), load_external_data=False).graph.node
+    nodes = onnx_graph.read(pre).graph.node
     ops = [op for op in ops if any(n.op_type == op and n.name not in set(excluded) for n in nodes)]
     method = {
         "minmax": CalibrationMethod.MinMax,
@@ -351,20 +345,18 @@ def quantize_static_int8(src: Path, dst: Path, opts: Int8Options, *, batches: li
 
 def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
     """float16 weights and compute, fp32 inputs/outputs (for GPU profiles)."""
-    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    m = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    onnx.save(m, str(dst))
+    m = convert_float_to_float16(onnx_graph.load(src), keep_io_types=True)
+    onnx_graph.save(m, dst)
     return {"format": "fp16", "keep_io_types": True}
 
 
 def quant_summary(model_path: Path) -> dict[str, int]:
     """Counts of the quantization ops in a graph (what a reader checks first)."""
-    import onnx
 
     counts: dict[str, int] = {}
-    for n in onnx.load(str(model_path), load_external_data=False).graph.node:
+    for n in onnx_graph.read(model_path).graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
                          "QLinearMatMul", "QGemm", "QAttention", "DynamicQuantizeMatMul"):
             counts[n.op_type] = counts.get(n.op_type, 0) + 1

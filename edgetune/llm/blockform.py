@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from ..onnx_graph import set_nodes
+
 MS_DOMAIN = "com.microsoft"
 
 
@@ -351,34 +353,5 @@ def convert_float_zero_points(model, *, skip=lambda node: False) -> list[dict[st
     if not done:
         return done
     nodes = [nd for nd in graph.node if (nd.name or nd.output[0]) not in replaced or nd.op_type != "MatMulNBits"] + edit.nodes
-    _topo(nodes, graph)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for nd in graph.node for i in nd.input}
-    keep = [i for i in graph.initializer if i.name in used] + [i for i in edit.initializers if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    set_nodes(graph, nodes, edit.initializers)
     return done
-
-
-def _topo(nodes: list, graph) -> None:
-    """Order ``nodes`` so that each is after the producers of its inputs (stable otherwise)."""
-    avail = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    producer = {o: nd for nd in nodes for o in nd.output}
-    out, done = [], set()
-    for root in nodes:
-        stack = [(root, False)]
-        while stack:
-            nd, expanded = stack.pop()
-            if id(nd) in done:
-                continue
-            if expanded:
-                done.add(id(nd))
-                out.append(nd)
-                continue
-            stack.append((nd, True))
-            for i in reversed(nd.input):
-                p = producer.get(i)
-                if p is not None and id(p) not in done and i not in avail:
-                    stack.append((p, False))
-    nodes[:] = out

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .. import artifacts, console
+from .. import artifacts, console, onnx_graph
 from ..cleanup import temp_dir
 from ..tokenizer_parity import check_tokenizer
 from ..errors import BadInput, CheckFailed, require
@@ -37,7 +37,7 @@ def matmulnbits_attributes(folder: Path, skip_prefix: str | None = None, skip: I
     """Distinct attribute sets of the MatMulNBits nodes in the exported graph."""
     import onnx
 
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    model = onnx_graph.read(folder / "model.onnx")
     seen: dict[str, dict[str, Any]] = {}
     counts: dict[str, int] = {}
     skip = set(skip)
@@ -76,7 +76,7 @@ def lm_head_attributes(folder: Path) -> dict[str, Any] | None:
     """How the graph stores the output head (/lm_head/ MatMul or MatMulNBits), read back from it."""
     import onnx
 
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    model = onnx_graph.read(folder / "model.onnx")
     for node in model.graph.node:
         if node.name.startswith("/lm_head/") and node.op_type in ("MatMul", "MatMulNBits"):
             if node.op_type == "MatMul":
@@ -440,9 +440,8 @@ def _gemma3_flat_rope(builder) -> Iterator[None]:
 
 def embedding_kind(folder: Path) -> str:
     """How the graph stores the token embedding, read back from it."""
-    import onnx
 
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    model = onnx_graph.read(folder / "model.onnx")
     inits = {i.name for i in model.graph.initializer}
     for node in model.graph.node:
         if not node.name.startswith("/model/embed_tokens/"):

@@ -27,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import artifacts, console
+from .. import artifacts, console, onnx_graph
 from ..errors import BadInput, CheckFailed, require
 from .adapters import _MERGE_HINT, BUILDER_QUANT, CHECK_PROMPTS, FP32_TOLERANCE, builder_hooks, check_against_base, read_lora, sources
 
@@ -39,7 +39,7 @@ def lora_graph(folder: Path) -> dict[str, Any]:
     """The LoRA branch nodes of an exported graph, read back from it: op types and weight dtypes."""
     import onnx
 
-    model = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)
+    model = onnx_graph.read(Path(folder) / "model.onnx")
     inits = {i.name: i for i in model.graph.initializer}
     ops: dict[str, int] = {}
     dtypes: dict[str, int] = {}

@@ -35,57 +35,20 @@ from typing import Any
 
 import numpy as np
 
+from .. import onnx_graph
+from ..onnx_graph import Graph, set_nodes
+
 PREFIX = "/edgetune/fuse"
 
 
-class _Graph:
-    def __init__(self, model):
-        from onnx import numpy_helper
-
-        self.model = model
-        self.g = model.graph
-        self.np = numpy_helper
-        inputs = {i.name for i in self.g.input}  # an initializer that is also a graph input can be overridden: not a constant
-        self.inits = {i.name: i for i in self.g.initializer if i.name not in inputs}
-        self.producer = {o: n for n in self.g.node for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in self.g.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-        self.outputs = {o.name for o in self.g.output}
-        self._cache: dict[str, np.ndarray | None] = {}
-
-    def const(self, name: str) -> np.ndarray | None:
-        """The value of a constant tensor: an initializer, a Constant node, or a Cast of one (as float32)."""
-        if name in self._cache:
-            return self._cache[name]
-        val = None
-        if name in self.inits:
-            val = self.np.to_array(self.inits[name])
-        else:
-            p = self.producer.get(name)
-            if p is not None and p.op_type == "Constant" and len(p.attribute) == 1 and p.attribute[0].name == "value":
-                val = self.np.to_array(p.attribute[0].t)
-            elif p is not None and p.op_type == "Cast" and p.input[0] in self.inits:
-                to = next((a.i for a in p.attribute if a.name == "to"), None)
-                if to == 1:  # FLOAT
-                    val = self.np.to_array(self.inits[p.input[0]]).astype(np.float32)
-        self._cache[name] = val
-        return val
-
-    def only_consumer(self, tensor: str):
-        c = self.consumers.get(tensor, [])
-        return c[0] if len(c) == 1 and tensor not in self.outputs else None
-
-
-def _float_weight(G: _Graph, name: str) -> np.ndarray | None:
+def _float_weight(G: Graph, name: str) -> np.ndarray | None:
     w = G.const(name)
     if w is None or w.dtype != np.float32 or w.ndim != 2:
         return None
     return w
 
 
-def _blocksum_block(G: _Graph, bs: str, x: str, k: int) -> tuple[int, list] | None:
+def _blocksum_block(G: Graph, bs: str, x: str, k: int) -> tuple[int, list] | None:
     """``bs = ReduceSum(Reshape(x, [0, 0, K/b, b]), axes=[-1], keepdims=0)`` -> (b, [Reshape, ReduceSum])."""
     rs = G.producer.get(bs)
     if rs is None or rs.op_type != "ReduceSum" or rs.domain not in ("", "ai.onnx"):
@@ -113,7 +76,7 @@ def _blocksum_block(G: _Graph, bs: str, x: str, k: int) -> tuple[int, list] | No
     return b, [rh, rs]
 
 
-def _term(G: _Graph, add, cur: str, x: str, k: int):
+def _term(G: Graph, add, cur: str, x: str, k: int):
     """The side term the Add adds onto ``cur``: ('corr', b, O [K/b, N] name, nodes) or ('lora', A, B, nodes), else None."""
     other = add.input[1] if add.input[0] == cur else add.input[0]
     if add.input[0] == add.input[1]:
@@ -142,7 +105,7 @@ def _term(G: _Graph, add, cur: str, x: str, k: int):
             "nodes": [a_mm, mm, add]}
 
 
-def _linears(G: _Graph) -> list[dict[str, Any]]:
+def _linears(G: Graph) -> list[dict[str, Any]]:
     """Every MatMulNBits followed by a chain of Adds of fusable side terms."""
     found = []
     for node in G.g.node:
@@ -178,11 +141,10 @@ def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto", s_m
     """
     assert blocksums in ("reduce", "matmul", "auto")
     mode = blocksums
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
-    from .blockform import _topo
 
-    G = _Graph(model)
+    G = Graph(model)
     ops_before = Counter(n.op_type for n in G.g.node)
     nodes_before = len(G.g.node)
     runtime_before = runtime_nodes(G.g)
@@ -199,11 +161,11 @@ def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto", s_m
             arr, name = make()
             h = arr.astype(np.float16)
             if np.array_equal(h.astype(np.float32), arr):  # 0/1 and zeros: exact in fp16, folded Cast
-                new_inits.append(G.np.from_array(h, name))
+                new_inits.append(numpy_helper.from_array(h, name))
                 out = f"{name}/f32"
                 new_nodes.append(helper.make_node("Cast", [name], [out], name=f"{name}/Cast", to=TensorProto.FLOAT))
             else:
-                new_inits.append(G.np.from_array(arr, name))
+                new_inits.append(numpy_helper.from_array(arr, name))
                 out = name
             shared[key] = out
         return shared[key]
@@ -327,14 +289,7 @@ def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto", s_m
             for nd in kept:
                 needed.update(nd.input)
     g = G.g
-    g.initializer.extend(new_inits)
-    _topo(kept, g)
-    del g.node[:]
-    g.node.extend(kept)
-    used = {i for nd in g.node for i in nd.input} | G.outputs
-    keep_inits = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep_inits)
+    set_nodes(g, kept, new_inits, keep=G.outputs)
     produced = {o for nd in g.node for o in nd.output} | {i.name for i in g.input} | {i.name for i in g.initializer}
     vi = [v for v in g.value_info if v.name in produced]
     del g.value_info[:]
@@ -349,16 +304,14 @@ def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto", s_m
 
 def fuse_folder(folder: Path) -> dict[str, Any]:
     """Fuse ``folder/model.onnx`` (external data in ``model.onnx.data``) in place."""
-    import onnx
 
     folder = Path(folder)
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=True)
+    model = onnx_graph.load(folder / "model.onnx")
     info = fuse_side_branches(model)
     if info["fused"]:
         tmp = folder / ".fuse-tmp"
         tmp.mkdir(exist_ok=True)
-        onnx.save(model, str(tmp / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location="model.onnx.data", size_threshold=1024)
+        onnx_graph.save(model, tmp / "model.onnx", external=True, size_threshold=1024)
         for f in ("model.onnx", "model.onnx.data"):
             (tmp / f).replace(folder / f)
         tmp.rmdir()

@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import artifacts, console
+from .. import artifacts, console, onnx_graph
 from ..cleanup import temp_dir
 from ..errors import BadInput, CheckFailed, require
-from .blockform import MS_DOMAIN, BlockForm, GraphEdit, _topo, exact_float
+from .blockform import MS_DOMAIN, BlockForm, GraphEdit, exact_float
 from .packed import BLOCKS, HEAD, PACKED, PART_OF, builder_linear, part_rows
 
 TOLERANCE = 1e-6  # max |w_onnx - w_gguf| / max |w_gguf| per tensor (fp32 rounding of the offset fold)
@@ -185,14 +185,12 @@ def transcode(src: Path, dst: Path, gguf_path: Path, config: dict[str, Any], *, 
     instead of one 8-bit node at ``eight_bit_level``; the tied 8-bit head stays one node (it shares its table
     with the embedding's GatherBlockQuantized).
     """
-    import onnx
     from onnx import helper, numpy_helper
 
     g = GGUFTensors(gguf_path, config)
-    model = onnx.load(str(src / "model.onnx"), load_external_data=True)
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
+    model = onnx_graph.load(src / "model.onnx")
+    G = onnx_graph.Graph(model)
+    graph, inits, producers = G.g, G.initializers, G.producer
     edit = GraphEdit(prefix="/gguf")
     tensors: list[dict[str, Any]] = []
     nodes_out: list[dict[str, Any]] = []
@@ -295,20 +293,13 @@ def transcode(src: Path, dst: Path, gguf_path: Path, config: dict[str, Any], *, 
     # ---- splice: old MatMuls (and the float embedding Gather/Transpose) out, new nodes in, then topological order
     drop = set(new_nodes_by_old) | set(embedding.get("drop_nodes", ()))
     new_list = [n for n in graph.node if n.name not in drop] + list(edit.nodes)
-    _topo(new_list, graph)
-    del graph.node[:]
-    graph.node.extend(new_list)
-    used = {i for n in graph.node for i in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep + [i for i in edit.initializers if i.name in used])
+    onnx_graph.set_nodes(graph, new_list, edit.initializers)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     for f in src.iterdir():
         if f.is_file() and not f.name.startswith("model.onnx"):
             shutil.copy2(f, dst / f.name)
-    onnx.save(model, str(dst / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="model.onnx.data", size_threshold=1024)
+    onnx_graph.save(model, dst / "model.onnx", external=True, size_threshold=1024)
     unused = sorted(set(g.tensors) - seen_gguf - {t for t in g.tensors if g.type_name(t) in ("F32", "F16", "BF16") and len(g.tensors[t].shape) == 1})
     types: dict[str, int] = {}
     for t in g.tensors.values():
@@ -483,8 +474,7 @@ def compact_json(path: Path) -> dict[str, Any]:
 
 
 def _has_lora_inputs(folder: Path) -> bool:
-    import onnx
 
-    m = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    m = onnx_graph.read(folder / "model.onnx")
     return any("lora" in i.name for i in m.graph.input)
 

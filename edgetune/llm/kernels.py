@@ -22,6 +22,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .. import onnx_graph
+
 PREPACKED = "prepacked"
 SLOW_8BIT_LEVEL = "8-bit below accuracy_level 4: B dequantized every call"
 SLOW_FLOAT_ZP = "float zero points: no prepacking, B dequantized every call"
@@ -56,7 +58,7 @@ def kernel_paths(folder: Path | str) -> list[dict[str, Any]]:
     """Per MatMulNBits node of ``folder/model.onnx``: name, bits, block, accuracy_level, zero-point dtype, CPU path."""
     import onnx
 
-    model = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)
+    model = onnx_graph.read(Path(folder) / "model.onnx")
     inits = {i.name: i for i in model.graph.initializer}
     value_types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.input)}
     out = []
@@ -100,7 +102,7 @@ def set_accuracy_level(folder: Path | str, level: int, *, bits: int | None = Non
     import onnx
 
     path = Path(folder) / "model.onnx"
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx_graph.read(path)
     n = 0
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
@@ -113,5 +115,5 @@ def set_accuracy_level(folder: Path | str, level: int, *, bits: int | None = Non
         else:
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
         n += 1
-    onnx.save_model(model, str(path))  # graph only; model.onnx.data (weights) is untouched
+    onnx_graph.save_graph(model, path)  # graph only; model.onnx.data (weights) is untouched
     return n

@@ -29,6 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .. import onnx_graph
 from ..errors import BadInput, require
 from ..quant import algorithms
 from .packed import HEAD, LINEARS, PACKED, builder_node, hf_linears
@@ -51,7 +52,7 @@ def graph_weights(folder: Path) -> dict[str, Any]:
 
     from .quantize import dequantize_matmulnbits
 
-    model = onnx.load(str(Path(folder) / "model.onnx"))
+    model = onnx_graph.load(Path(folder) / "model.onnx")
     inits = {i.name: i for i in model.graph.initializer}
     out = {}
     for node in model.graph.node:
@@ -176,9 +177,8 @@ def unpacks_qkv(mixed: dict | None) -> bool:
 
 def quantize_nodes_in(folder: Path, nodes: list[str], *, bits: int, block_size: int, symmetric: bool, accuracy_level: int) -> list[str]:
     """Float MatMuls ``nodes`` of a saved export -> MatMulNBits with ``bits`` (onnxruntime's quantizer, RTN)."""
-    onnx = require("onnx", purpose="mixed precision")
     mnq = require("onnxruntime.quantization.matmul_nbits_quantizer", purpose="mixed precision")
-    model = onnx.load(str(folder / "model.onnx"))
+    model = onnx_graph.load(folder / "model.onnx")
     inits = {i.name for i in model.graph.initializer}
     present = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name in set(nodes) and n.input[1] in inits]
     if not present:
@@ -186,18 +186,14 @@ def quantize_nodes_in(folder: Path, nodes: list[str], *, bits: int, block_size: 
     quant = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
                                      accuracy_level=accuracy_level or None, nodes_to_include=present, algo_config=None)
     quant.process()
-    for f in ("model.onnx", "model.onnx.data"):
-        (folder / f).unlink(missing_ok=True)
-    onnx.save_model(quant.model.model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=0)
+    onnx_graph.save(quant.model.model, folder / "model.onnx", external=True, size_threshold=0)
     return present
 
 
 def widths(folder: Path) -> dict[str, int]:
     """Builder node name -> bits (32 for a float MatMul) of the decoder's weight MatMuls, read from the graph."""
-    import onnx
 
-    model = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)
+    model = onnx_graph.read(Path(folder) / "model.onnx")
     inits = {i.name for i in model.graph.initializer}
     out = {}
     for n in model.graph.node:

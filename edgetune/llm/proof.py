@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import onnx_graph
 from ..errors import CheckFailed, require
 
 FP32_TOLERANCE = 1e-3
@@ -83,9 +84,8 @@ def proof_tokens(config: dict[str, Any]) -> int:
 def has_lora_branches(folder: Path) -> bool:
     """LoRA side branches in the graph, as inputs (runtime adapters) or nodes (a float adapter): the graph is then
     base + adapter, which the adapter exports check against PyTorch themselves (``float_adapter_check``, ...)."""
-    import onnx
 
-    m = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)
+    m = onnx_graph.read(Path(folder) / "model.onnx")
     return any("lora" in i.name for i in m.graph.input) or any("lora_" in n.name for n in m.graph.node)
 
 

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .. import console
+from .. import console, onnx_graph
 from ..errors import BadInput, CheckFailed, require
 from ..quant import embedding_block_size
 from ..resources import data_dir
@@ -119,9 +119,8 @@ def quantize_embedding(model, *, block_size: int, symmetric: bool):
 
 def quantize_lm_head_in(folder: Path, *, bits: int, block_size: int, symmetric: bool, accuracy_level: int) -> bool:
     """Quantize the float lm_head MatMul of a saved export to MatMulNBits with ``bits`` (8: llama.cpp's Q8_0 head)."""
-    onnx = require("onnx", purpose="lm_head quantization")
     mnq = require("onnxruntime.quantization.matmul_nbits_quantizer", purpose="lm_head quantization")
-    model = onnx.load(str(folder / "model.onnx"))
+    model = onnx_graph.load(folder / "model.onnx")
     inits = {i.name for i in model.graph.initializer}
     head = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.startswith("/lm_head/") and n.input[1] in inits]
     if not head:
@@ -134,10 +133,7 @@ def quantize_lm_head_in(folder: Path, *, bits: int, block_size: int, symmetric: 
                                      accuracy_level=accuracy_level or None, nodes_to_include=head, nodes_to_exclude=others,
                                      algo_config=None)
     quant.process()
-    for f in ("model.onnx", "model.onnx.data"):
-        (folder / f).unlink(missing_ok=True)
-    onnx.save_model(quant.model.model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=0)
+    onnx_graph.save(quant.model.model, folder / "model.onnx", external=True, size_threshold=0)
     return True
 
 
@@ -161,12 +157,11 @@ def share_embedding_with_head_in(folder: Path) -> dict[str, Any] | None:
     embedding's table is within a quantization step of the head's (they round the same matrix).
     Returns what was done, or None where there is no float embedding table or no 8-bit head to share.
     """
-    onnx = require("onnx", purpose="lm_head quantization")
     from onnx import helper, numpy_helper
 
     import numpy as np
 
-    model = onnx.load(str(folder / "model.onnx"))
+    model = onnx_graph.load(folder / "model.onnx")
     inits = {i.name: i for i in model.graph.initializer}
     gather = [n for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")
               and n.name.startswith("/model/embed_tokens/") and n.input[0] in inits]
@@ -214,10 +209,7 @@ def share_embedding_with_head_in(folder: Path) -> dict[str, Any] | None:
     for name in {g.input[0], *list(g.input)[2:]} - {""}:  # the embedding's own table (and its scales / zero points)
         if name in inits and sum(name in nd.input for nd in model.graph.node) == 0:
             model.graph.initializer.remove(inits[name])
-    for f in ("model.onnx", "model.onnx.data"):
-        (folder / f).unlink(missing_ok=True)
-    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=0)
+    onnx_graph.save(model, folder / "model.onnx", external=True, size_threshold=0)
     return {"embedding": f"int8 GatherBlockQuantized, shared with lm_head (block {block})"}
 
 
@@ -245,14 +237,10 @@ def _gather_block_dequantized(node, inits: dict) -> tuple[Any, Any]:
 
 def quantize_embedding_in(folder: Path, *, block_size: int, symmetric: bool) -> bool:
     """:func:`quantize_embedding` on a saved export folder (model.onnx + model.onnx.data rewritten)."""
-    onnx = require("onnx", purpose="int4 quantization")
-    model = onnx.load(str(folder / "model.onnx"))
+    model = onnx_graph.load(folder / "model.onnx")
     model, done = quantize_embedding(model, block_size=block_size, symmetric=symmetric)
     if done:
-        for f in ("model.onnx", "model.onnx.data"):
-            (folder / f).unlink(missing_ok=True)
-        onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=0)
+        onnx_graph.save(model, folder / "model.onnx", external=True, size_threshold=0)
     return done
 
 
@@ -261,7 +249,7 @@ def quantize_onnx(fp32_dir: Path, out_dir: Path, *, algorithm: str, q: dict, tok
     onnx = require("onnx", purpose="int4 quantization")
     mnq = require("onnxruntime.quantization.matmul_nbits_quantizer", purpose="int4 quantization")
     require("onnx_ir", purpose="int4 quantization (MatMulNBitsQuantizer)")
-    model = onnx.load(str(fp32_dir / "model.onnx"))
+    model = onnx_graph.load(fp32_dir / "model.onnx")
     if algorithm == "hqq":
         require("torch", purpose="HQQ int4 quantization")
         cfg = mnq.HQQWeightOnlyQuantConfig(block_size=q["block_size"], bits=4)
@@ -292,8 +280,7 @@ def quantize_onnx(fp32_dir: Path, out_dir: Path, *, algorithm: str, q: dict, tok
     for f in fp32_dir.iterdir():
         if f.is_file() and not f.name.startswith("model.onnx"):
             shutil.copy2(f, out_dir / f.name)
-    onnx.save_model(qmodel, str(out_dir / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=0)
+    onnx_graph.save(qmodel, out_dir / "model.onnx", external=True, size_threshold=0)
     info: dict[str, Any] = {"quantizer": "onnxruntime MatMulNBitsQuantizer", "config": type(cfg).__name__,
                             "embedding": "int4 symmetric RTN (DefaultWeightOnlyQuantConfig)" if embed else "float"}
     if fast:
@@ -403,7 +390,7 @@ def inc_weight_parity(qmodel, onnx_dir: Path, layers: list[int] | None = None) -
     from onnx import numpy_helper
 
     torch = require("torch", purpose="neural-compressor parity")
-    model = onnx.load(str(onnx_dir / "model.onnx"))
+    model = onnx_graph.load(onnx_dir / "model.onnx")
     inits = {i.name: i for i in model.graph.initializer}
     from .packed import builder_linear, hf_linears
 
