@@ -99,7 +99,7 @@ def int4_plan(target: Target, int4: "Int4Plan | dict | None") -> Int4Plan:
 
 @dataclass(frozen=True)
 class ExportPlan:
-    """What the build asks one target's export for, resolved once before any work (``build._plan``)."""
+    """What the build asks one target's export for, resolved once before any work (``build.stages.export_plan``)."""
 
     target: Target
     precision: str | None = None  # as asked; None: the export decides (llm_precision / encoder_precision)

@@ -71,7 +71,9 @@ def test_overlapping_validation_data_is_refused_before_any_work(tmp_path, tiny_b
 
 
 def test_rows_split_off_the_held_out_part(tmp_path, tiny_bert):
-    from edgetune.build import Build, _held_out, load_config
+    from edgetune.build import load_config
+    from edgetune.build.runner import Build
+    from edgetune.build.stages import held_out as _held_out
 
     cfg = write(tmp_path, tiny_bert, extra='rows = "21-"')
     c, root = load_config(cfg)

@@ -330,7 +330,8 @@ def test_a_quant_aware_bundle_is_validated_against_the_float_fine_tune_too(qat_b
     assert any(x["path"] == "validation/vs-float-finetune/report.json" for x in m["files"])
     # the float fine-tune is kept in the stage cache under the key of a plain LoRA build of the same settings
     from edgetune import artifacts
-    from edgetune.build import _shared_dir, load_config
+    from edgetune.build import load_config
+    from edgetune.build.runner import shared_dir as _shared_dir
 
     plain = root / "plain.toml"
     plain.write_text("\n".join(line for line in (root / "build.toml").read_text().splitlines() if not line.startswith("quant_aware")))

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from .errors import BadInput
+from ..errors import BadInput
 
 STATE_DIR = "state"
 # Longest string a config field takes (a path is at most 4096 bytes on Linux), and a name (it becomes a
@@ -98,7 +98,7 @@ class BuildConfig(_Strict):
         """The Target a ``[[targets]]`` entry names (a profile name, or a .toml path relative to the config's
         folder ``root``), read on first use and kept: a build reads each profile file once."""
         if t.name not in self._profiles:
-            from .targets import resolve
+            from ..targets import resolve
 
             self._profiles[t.name] = resolve(str(_under(root, t.name)) if t.name.endswith(".toml") else t.name)
         return self._profiles[t.name]
@@ -129,11 +129,11 @@ def _extra_keys(model: type[BaseModel]) -> set[str] | None:
     if model is FinetuneCfg:
         import dataclasses
 
-        from .finetune.options import FinetuneOptions
+        from ..finetune.options import FinetuneOptions
 
         return {f.name for f in dataclasses.fields(FinetuneOptions)}
     if model is ValidateCfg:
-        from .validate import DEFAULTS
+        from ..validate import DEFAULTS
 
         return set(DEFAULTS)
     return None
@@ -195,8 +195,8 @@ def _did_you_mean(key: str, known: list[str]) -> str:
 def _check_values(p: Path, cfg: BuildConfig) -> None:
     """Values the pydantic models pass on unchecked: [validate] extras (typed by validate.DEFAULTS),
     [[targets]] precision (the target schema's precisions)."""
-    from .targets import Precision
-    from .validate import DEFAULTS
+    from ..targets import Precision
+    from ..validate import DEFAULTS
 
     for key, value in (cfg.validation.model_extra or {}).items():
         default = DEFAULTS.get(key)
@@ -206,7 +206,7 @@ def _check_values(p: Path, cfg: BuildConfig) -> None:
         if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, want):
             raise BadInput(f"{p}: validate.{key} = {value!r} should be {type(default).__name__} (like {default!r})",
                            hint="fix the value in [validate]")
-    from .validate import check_numbers
+    from ..validate import check_numbers
 
     check_numbers(cfg.validation.model_extra or {}, where=f"{p}: validate.")
     method = (cfg.validation.model_extra or {}).get("method")
@@ -242,7 +242,7 @@ def load_config(path: str | os.PathLike) -> tuple[BuildConfig, Path]:
     relative paths are resolved against. Unknown keys anywhere exit 2 with a did-you-mean."""
     p = Path(path)
     if not p.is_file():
-        from .errors import not_a_file
+        from ..errors import not_a_file
 
         raise not_a_file(p, "build config", hint="give a .toml file, e.g. examples/smollm2-lora-cpu.toml")
     if p.stat().st_size > MAX_CONFIG:
@@ -268,7 +268,7 @@ def load_config(path: str | os.PathLike) -> tuple[BuildConfig, Path]:
     _check_values(p, cfg)
     _check_float_reference(p, cfg)
     if cfg.finetune.method != "none":
-        from .finetune.options import FinetuneOptions
+        from ..finetune.options import FinetuneOptions
 
         opts = {k: v for k, v in cfg.finetune.model_dump().items()}
         FinetuneOptions.from_dict(opts).check()
@@ -323,8 +323,8 @@ def _check_quant_aware(p: Path, cfg: BuildConfig, root: Path) -> None:
     target must export int4 RTN on that one grid, else exit 2 before any work (a mismatch would ship
     a model the adapter was not trained as).
     """
-    from .plan import llm_precision
-    from .quant import QATSpec
+    from ..plan import llm_precision
+    from ..quant import QATSpec
 
     extra = cfg.finetune.model_extra
     merged = []

@@ -1,0 +1,140 @@
+"""The incremental stage runner of `edgetune build`: a stage runs unless its state file says its output was made
+from the same inputs and options (the fingerprint: content hashes + options) and is still there, unchanged; a stage
+kind may also share outputs between builds through ``$EDGETUNE_CACHE/stages/``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import artifacts, console
+from ..errors import BadInput, CheckFailed
+from .config import STATE_DIR, BuildConfig, _under
+
+
+@dataclass
+class StageInfo:
+    stage: str
+    target: str | None
+    status: str  # ran | skipped | reused (copied from the stage cache, made by another build) | failed
+    seconds: float
+    out: str
+
+
+@dataclass
+class Build:
+    cfg: BuildConfig
+    root: Path
+    force: bool = False
+    output_override: Path | None = None
+    stages: list[StageInfo] = field(default_factory=list)
+    sign: tuple[Any, str, str] | None = None  # [bundle] sign: (private key, its fingerprint, the config's SHA-256)
+
+    @property
+    def output(self) -> Path:
+        return self.output_override or self.path(self.cfg.output)
+
+    @property
+    def work(self) -> Path:
+        return self.output / ".work"
+
+    def path(self, value: str) -> Path:
+        return _under(self.root, value)
+
+    def maybe_path(self, value: str | None) -> Path | None:
+        if value is None:
+            return None
+        p = self.path(value)
+        if not p.exists():
+            raise BadInput(f"{value} not found (resolved to {p})", hint="paths in a build config are relative to the config file")
+        return p
+
+    # -- the incremental stage runner -------------------------------------------------
+    def stage(self, sid: str, out: Path, inputs: dict[str, Any], options: dict[str, Any], body: Callable[[], Any],
+              *, target: str | None = None, shared: str | None = None) -> dict[str, Any]:
+        """Run ``body`` unless the state says ``out`` was made from the same inputs and options.
+
+        ``shared`` (a stage kind, e.g. "finetune"): the output is also kept in ``$EDGETUNE_CACHE/stages/`` under a
+        key of that kind, the inputs' content and the options, and taken from there when another build (another
+        output folder) made it: a quant-aware build's float fine-tune is the plain LoRA build's "finetune"."""
+        hashes = artifacts.input_hashes(inputs)
+        fp = artifacts.fingerprint(sid, hashes, options)
+        state_file = self.work / STATE_DIR / f"{sid}.json"
+        state = read_json(state_file)
+        t0 = time.perf_counter()
+        label = f"{sid}"
+        kept = shared_dir(shared, hashes, options) if shared else None
+        if not self.force and state and state.get("fingerprint") == fp and _signature(out) == state.get("output"):
+            if kept is not None and state.get("status") == "ran" and _signature(kept) is None:
+                _copy_folder(out, kept)  # made before the stage cache was: kept now, for the other builds
+            self.stages.append(StageInfo(sid.split(".")[0], target, "skipped", round(time.perf_counter() - t0, 2), str(out)))
+            console.log(f"[{label}] up to date, skipped")
+            return state
+        status, error = "ran", None
+        if kept is not None and not self.force and _signature(kept) is not None and _copy_folder(kept, out):
+            status = "reused"
+            console.log(f"[{label}] reused from the stage cache ({kept})")
+        else:
+            with console.step(label):
+                try:
+                    with console.results_only_stdout():  # stdout carries only the result (--json); libraries print there
+                        body()
+                except CheckFailed as exc:  # the stage wrote its output (a report) and then failed a gate
+                    status, error = "failed", exc.one_line()
+            if kept is not None and status == "ran":
+                _copy_folder(out, kept)  # best effort: a cache that cannot be written costs the next build time only
+        state = {"fingerprint": fp, "output": _signature(out), "status": status, "error": error}
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        artifacts.write_json(state_file, state)
+        self.stages.append(StageInfo(sid.split(".")[0], target, status, round(time.perf_counter() - t0, 2), str(out)))
+        return state
+
+
+def shared_dir(kind: str, hashes: dict[str, str], options: dict[str, Any]) -> Path:
+    from ..models import cache_root
+
+    return cache_root() / "stages" / artifacts.fingerprint(kind, hashes, options)[:32]
+
+
+def _copy_folder(src: Path, dest: Path) -> bool:
+    """Copy the folder ``src`` to ``dest`` through a temp folder and a rename (a stage output, or the stage
+    cache's copy of one); ``dest`` replaced only when edgetune wrote it. False when it could not be done."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.copy")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        if dest.exists():
+            artifacts.check_replaceable(dest, what="stage output")
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        console.log(f"[stage cache] {src} -> {dest} not copied ({exc.strerror or exc})")
+        return False
+    return True
+
+
+def read_json(p: Path) -> dict | None:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _signature(out: Path) -> str | None:
+    """What identifies the output a stage made: its record or manifest (+ archive), cheap to read."""
+    parts = []
+    for name in (artifacts.RECORD_NAME, "manifest.json", "signature.json", "report.json"):
+        f = out / name
+        if f.is_file():
+            parts.append(artifacts.sha256_file(f))
+    arc = out.with_name(out.name + ".tar.gz")
+    if (out / "manifest.json").is_file() and arc.is_file():
+        parts.append(artifacts.sha256_file(arc))
+    return artifacts.sha256_bytes("|".join(parts).encode()) if parts else None
