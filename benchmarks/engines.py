@@ -3,14 +3,14 @@
 Speed (every engine gets the same prompt token ids and generates exactly `--new-tokens` tokens,
 EOS ignored, greedy; `--warmup` untimed runs of `--warmup-tokens` then `--repeats` timed runs; medians reported):
 
-    python engines.py ort-genai <export folder> --prompt-ids ids.json [--overlay '{"search": {...}}']
-    python engines.py torch <hf folder> --prompt-ids ids.json
-    python engines.py llama.cpp <file.gguf> --prompt-ids ids.json [--threads N]
+    python -m benchmarks.engines ort-genai <export folder> --prompt-ids ids.json [--overlay '{"search": {...}}']
+    python -m benchmarks.engines torch <hf folder> --prompt-ids ids.json
+    python -m benchmarks.engines llama.cpp <file.gguf> --prompt-ids ids.json [--threads N]
 
 Scoring llama.cpp against an edgetune reference pack (same token ids and windows as
 `edgetune validate`; perplexity, KL over the pack's top-k, top-1 agreement):
 
-    python engines.py llama.cpp-score <file.gguf> --pack <reference pack folder>
+    python -m benchmarks.engines llama.cpp-score <file.gguf> --pack <reference pack folder>
 
 Each prints one JSON line on stdout. Timings: `ttft_ms` = prompt prefill + first token,
 `decode_tok_s` = (new_tokens - 1) / time of the remaining tokens. `peak_rss_mb` is this process's
@@ -184,7 +184,7 @@ def llama_cpp_score(path: str, pack_dir: str, threads: int | None) -> dict:
     from llama_cpp import Llama
 
     from edgetune.device import metrics as M
-    from edgetune.reference import load_pack
+    from edgetune.validate.reference import load_pack
 
     pack = load_pack(pack_dir)
     meta, ids = pack.meta, pack.arrays["ids"]

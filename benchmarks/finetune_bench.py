@@ -3,7 +3,7 @@
 Each method runs in its own fresh process (so peak memory is that method's alone), through
 the same `edgetune.finetune.finetune` a user calls, on the example smart-home chat data.
 
-    .venv/bin/python examples/benchmarks/finetune_bench.py [--steps 16] [--seq-len 96] [--batch 4]
+    .venv/bin/python -m benchmarks.finetune_bench [--steps 16] [--seq-len 96] [--batch 4]
 
 Peak memory is the process's peak RSS (VmHWM) on CPU (model load included) and
 torch.cuda.max_memory_allocated on a GPU. Tokens/s counts non-padding tokens over the
@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from .common import ROOT, child_env
+
 DATA = ROOT / "examples" / "data" / "smarthome_train.jsonl"
 
 
@@ -60,13 +61,13 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         return child(a.child, a.steps, a.seq_len, a.batch, a.model)
-    from edgetune.models import materialize
+    from edgetune.model_input import materialize
 
     model = str(materialize(a.model).path)  # convert once, outside the timed children
     rows = []
     for m in a.methods.split(","):
-        cmd = [sys.executable, __file__, "--child", m, "--steps", str(a.steps), "--seq-len", str(a.seq_len), "--batch", str(a.batch), "--model", model]
-        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        cmd = [sys.executable, "-m", "benchmarks.finetune_bench", "--child", m, "--steps", str(a.steps), "--seq-len", str(a.seq_len), "--batch", str(a.batch), "--model", model]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
         if p.returncode != 0:
             print(f"{m}: failed: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
             continue

@@ -1,9 +1,9 @@
 """Float adapter vs merged: task exact match and decode speed of onnxruntime-genai exports.
 
     # greedy exact match on chat JSONL (the last assistant turn is the gold answer)
-    python examples/benchmarks/float_adapter_bench.py exact examples/data/smarthome_eval.jsonl NAME=FOLDER ...
+    python -m benchmarks.float_adapter_bench exact examples/data/smarthome_eval.jsonl NAME=FOLDER ...
     # decode tok/s, interleaved rounds in one process, same prompt ids, EOS ignored, greedy
-    python examples/benchmarks/float_adapter_bench.py speed NAME=FOLDER ... [--threads 1 --new-tokens 100 --rounds 5]
+    python -m benchmarks.float_adapter_bench speed NAME=FOLDER ... [--threads 1 --new-tokens 100 --rounds 5]
 
 Each prints one JSON object on stdout. Exact match: the decoded answer equals the gold text after
 stripping whitespace (``exact``), or both parse as the same JSON value (``json_equal``).

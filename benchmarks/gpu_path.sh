@@ -3,17 +3,17 @@
 # bitsandbytes on CUDA (and a LoRA one), merge, export for the gpu-cuda profile (int4 RTN and fp16),
 # validate both on the CUDA execution provider, bundle, and `edgetune run` the bundle.
 #
-#   examples/benchmarks/gpu_path.sh [OUT]          # default OUT: runs/gpu-path
-#   MODELS=qwen2.5-0.5b,llama-3.2-1b TOKENIZER=dir KEEP=1 examples/benchmarks/gpu_path.sh
+#   benchmarks/gpu_path.sh [OUT]          # default OUT: runs/gpu-path
+#   MODELS=qwen2.5-0.5b,llama-3.2-1b TOKENIZER=dir KEEP=1 benchmarks/gpu_path.sh
 #
-# It is scale.py with --target gpu-cuda: random weights in published configurations (cost and
+# It is benchmarks.scale with --target gpu-cuda: random weights in published configurations (cost and
 # "does it run" only; no quality figure means anything), every stage a fresh `edgetune` process,
 # its wall time and peak RSS in OUT/results.md. Needs, in the Python that runs it: torch with CUDA,
 # onnxruntime-gpu and onnxruntime-genai-cuda (instead of the CPU packages), bitsandbytes, and
 # edgetune's host dependencies; EDGETUNE_DEVICE_VENV names the folder whose bin/edgetune runs the
 # bundle (default .venv-device). Never part of `make test`: CI has no GPU.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 out=${1:-runs/gpu-path}
 py=${PYTHON:-python3}
 mkdir -p "$out"
@@ -34,6 +34,6 @@ assert info["cuda_available"], "torch sees no GPU"
 assert "CUDAExecutionProvider" in info["providers"], "onnxruntime has no CUDA execution provider (install onnxruntime-gpu)"
 EOF
 
-"$py" examples/benchmarks/scale.py --models "${MODELS:-qwen2.5-0.5b}" --target gpu-cuda --methods qlora,lora \
+"$py" -m benchmarks.scale --models "${MODELS:-qwen2.5-0.5b}" --target gpu-cuda --methods qlora,lora \
   --algorithms rtn --precisions int4,fp16 --validate-all --timeout "${STAGE_TIMEOUT:-600}" --out "$out" \
   ${TOKENIZER:+--tokenizer "$TOKENIZER"} ${KEEP:+--keep}

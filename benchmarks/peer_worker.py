@@ -1,14 +1,15 @@
 """One row of the peer benchmark, in its own process: the same measurements for onnxruntime-genai
 (edgetune exports) and llama.cpp (GGUF files), on the same token ids.
 
-    python peer_worker.py score   ort|llama MODEL --job a.npz [--job b.npz ...] [--threads N]   perplexity, KL, top-1 per text
-    python peer_worker.py task    ort|llama MODEL --job task.json [--threads N]   greedy answers (token ids)
-    python peer_worker.py speed   ort|llama MODEL --job speed.json --threads N    decode tok/s, TTFT, peak RSS
-    python peer_worker.py quantize llama IN.gguf --out OUT.gguf --ftype Q4_K_M   llama_model_quantize
+    python -m benchmarks.peer_worker score   ort|llama MODEL --job a.npz [--job b.npz ...] [--threads N]   perplexity, KL, top-1 per text
+    python -m benchmarks.peer_worker task    ort|llama MODEL --job task.json [--threads N]   greedy answers (token ids)
+    python -m benchmarks.peer_worker speed   ort|llama MODEL --job speed.json --threads N    decode tok/s, TTFT, peak RSS
+    python -m benchmarks.peer_worker quantize llama IN.gguf --out OUT.gguf --ftype Q4_K_M   llama_model_quantize
 
 `ort` runs with the project venv (edgetune.device.llm: onnxruntime-genai, runtime LoRA adapters
 activated); `llama` runs with the peer venv's python (llama-cpp-python only; edgetune.device.metrics
-needs nothing but numpy). Every engine gets token ids, never text, so tokenization cannot differ.
+needs nothing but numpy; the parent puts the repository root on PYTHONPATH, so either python finds
+`benchmarks` and `edgetune`). Every engine gets token ids, never text, so tokenization cannot differ.
 
 score: one job per evaluation text (the engine is loaded once for all of them); each job.npz holds
 `ids` (the evaluation tokens), `windows` ([start, end, score_from] rows: llama-perplexity's chunks) and the fp32 reference's `top_ids`/`top_logp` per scored position;

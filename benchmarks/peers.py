@@ -42,8 +42,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+from . import texts as T
+from .common import ROOT, TARGET, child_env, key
+from .exports import SLOW_CALIBRATED, calibrated_algorithms, export_spec, export_variant, exporter_fingerprint
+from .inputs import calibration_file
+from .variants import int4_variant, variants
+
 DEMO_CONFIG = ROOT / "examples" / "smollm2-lora-cpu.toml"
 # the same task, data and LoRA settings trained quant-aware (finetune quant_aware = "int4"): its merged
 # model is exported at plain int4 RTN and compared with the demo's float fine-tune like every other row
@@ -51,8 +55,7 @@ QAT_CONFIG = ROOT / "examples" / "smollm2-qat-int4-cpu.toml"
 # the same, trained (and exported) with the output head at int8: the int4 head's rounding is the largest single loss
 QAT_H8_CONFIG = ROOT / "examples" / "smollm2-qat-int4-h8-cpu.toml"
 TASK_DATA = ROOT / "examples" / "data" / "smarthome_eval.jsonl"
-WORKER = HERE / "peer_worker.py"
-TARGET = "cpu-x86"
+WORKER = "benchmarks.peer_worker"  # run as `python -m benchmarks.peer_worker` (child_env puts the repository root on PYTHONPATH)
 LLAMA_TYPES = ("F32", "Q8_0", "Q4_K_M", "Q4_0")
 BAR = "Q4_K_M"  # the row every other row is compared with
 CHUNK = 512  # llama-perplexity -c
@@ -91,10 +94,6 @@ def sha_folder(folder: Path) -> str:
     return hash_path(folder)[:12]
 
 
-def key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def size_mb(path: Path) -> float:
     p = Path(path)
     if p.is_file():
@@ -125,7 +124,7 @@ def task_metric() -> tuple[Callable[[str, str], bool], str]:
             return (lambda got, want, fn=fn: bool(fn(want, got))), "edgetune.device.metrics.exact_match"
     except ImportError:
         pass
-    return json_equal, "examples/benchmarks/peers.py json_equal (no task metric in edgetune.device.metrics yet)"
+    return json_equal, "benchmarks/peers.py json_equal (no task metric in edgetune.device.metrics yet)"
 
 
 class Peer:
@@ -162,17 +161,10 @@ class Peer:
         return self.problem is None
 
 
-def child_env(extra_path: list[str] | None = None) -> dict:
-    paths = [str(ROOT), *(extra_path or [])]
-    if os.environ.get("PYTHONPATH"):
-        paths.append(os.environ["PYTHONPATH"])
-    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(paths)}
-
-
 def worker(peer: Peer, job_kind: str, eng: str, model: str | Path, *args: str, timeout: float = 1800) -> dict:
     """One peer_worker.py job in its own process (the peer venv's python for llama.cpp); its JSON line."""
     py = str(peer.python) if eng == "llama" else sys.executable
-    cmd = [py, str(WORKER), job_kind, eng, str(model), *args]
+    cmd = [py, "-m", WORKER, job_kind, eng, str(model), *args]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
     if p.returncode != 0:
         why = tail(p.stderr)
@@ -276,10 +268,7 @@ def build_target_fields() -> set[str]:
 def cli_export(args: list[str], model: Path | str, model_key: str, slug: str, root: Path, timeout: float, log: Log,
                fresh: bool) -> dict:
     """`edgetune export MODEL -t cpu-x86 -o OUT ARGS...` in a subprocess, cached by (args, model content, exporter code)."""
-    sys.path.insert(0, str(HERE))
-    import run as R
-
-    folder = root / "exports" / f"{slug}-{key({'args': args, 'model': model_key, 'exporter': R.exporter_fingerprint()})}"
+    folder = root / "exports" / f"{slug}-{key({'args': args, 'model': model_key, 'exporter': exporter_fingerprint()})}"
     if not fresh and (folder / "edgetune.json").is_file():
         return {"status": "ok", "folder": str(folder), "cached": True}
     shutil.rmtree(folder, ignore_errors=True)
@@ -303,17 +292,14 @@ def cli_export(args: list[str], model: Path | str, model_key: str, slug: str, ro
 
 
 def api_export(v: dict, model_dir: Path, model_key: str, root: Path, s: dict, fresh: bool) -> dict:
-    """One `edgetune.export.export` variant through the bench's cached export worker (run.py)."""
-    sys.path.insert(0, str(HERE))
-    import run as R
-
+    """One `edgetune.export.export` variant through the bench's cached export worker (benchmarks.exports)."""
     rs = {"export_timeout_s": s["export_timeout_s"]}
     v = dict(v)
-    if (v.get("int4") or {}).get("algorithm") in R.calibrated_algorithms():
-        cal = R.calibration_file(root)
+    if (v.get("int4") or {}).get("algorithm") in calibrated_algorithms():
+        cal = calibration_file(root)
         if cal is not None:
             v["calibration"] = cal
-    folder, info = R.export_variant(v, model_dir, root, rs, fresh, model_key=model_key)
+    folder, info = export_variant(v, model_dir, root, rs, fresh, model_key=model_key)
     if folder is None:
         return {"status": info["status"], "error": info.get("error"), "export_s": info.get("export_s")}
     return {"status": "ok", "folder": str(folder), **{k: info[k] for k in ("cached", "export_s") if k in info}}
@@ -321,9 +307,6 @@ def api_export(v: dict, model_dir: Path, model_key: str, root: Path, s: dict, fr
 
 def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
     """The edgetune recipes of one group (what to export and how), in table order."""
-    sys.path.insert(0, str(HERE))
-    import run as R
-
     quick = s["quick"]
     rows: list[dict] = []
 
@@ -336,19 +319,19 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
 
     if group == "finetune":
         api("et-fp32", "edgetune fp32", {"label": "fp32", "slug": "fp32", "precision": "fp32"})
-        api("et-rtn", "edgetune int4 RTN b32, int4 head", R.int4_variant(lm_head="int4"))
-        api("et-rtn-h8", "edgetune int4 RTN b32, int8 head", R.int4_variant(lm_head="int8"))
-        api("et-rtn-h8-acc4", "edgetune int4 RTN b32, int8 head, accuracy_level 4", R.int4_variant(lm_head="int8", accuracy_level=4))
+        api("et-rtn", "edgetune int4 RTN b32, int4 head", int4_variant(lm_head="int4"))
+        api("et-rtn-h8", "edgetune int4 RTN b32, int8 head", int4_variant(lm_head="int8"))
+        api("et-rtn-h8-acc4", "edgetune int4 RTN b32, int8 head, accuracy_level 4", int4_variant(lm_head="int8", accuracy_level=4))
         # activation-aware scales folded into the checkpoint, then RTN: same graph and kernels as the RTN rows
         if quick:  # the full run makes et-awq with every other algorithm below
-            api("et-awq", "edgetune int4 awq b32, int4 head", R.int4_variant(algorithm="awq", lm_head="int4"))
-        api("et-awq-h8", "edgetune int4 awq b32, int8 head", R.int4_variant(algorithm="awq", lm_head="int8"))
+            api("et-awq", "edgetune int4 awq b32, int4 head", int4_variant(algorithm="awq", lm_head="int4"))
+        api("et-awq-h8", "edgetune int4 awq b32, int8 head", int4_variant(algorithm="awq", lm_head="int8"))
         api("et-awq-h8-acc4", "edgetune int4 awq b32, int8 head, accuracy_level 4",
-            R.int4_variant(algorithm="awq", lm_head="int8", accuracy_level=4))
+            int4_variant(algorithm="awq", lm_head="int8", accuracy_level=4))
         # importance-weighted search on RTN's graph (uint4 zero points, prepacked): the fast kernel's faithful candidate;
         # the int8 head's table is also the tied embedding's (no int4 copy)
         api("et-imatrix-h8-acc4", "edgetune int4 imatrix b32 asym, int8 head, accuracy_level 4",
-            R.int4_variant(algorithm="imatrix", symmetric=False, lm_head="int8", accuracy_level=4))
+            int4_variant(algorithm="imatrix", symmetric=False, lm_head="int8", accuracy_level=4))
         # imatrix / imatrix-gptq (GPTQ error feedback) with some MatMuls at 8 bits: measured (a fraction), or by rule,
         # v_proj (3 of 9 heads' values, GQA) and down_proj in every layer (the two Q4_K_M widens)
         for rid, label, alg, mixed in (
@@ -365,13 +348,13 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
             from edgetune.quant import algorithms
 
             asymmetric = algorithms(asymmetric_only=True)
-            for algo in R.variants({"quick": False, "full_grid": False, "slow_algorithms": slow_algorithms}):
+            for algo in variants({"quick": False, "full_grid": False, "slow_algorithms": slow_algorithms}):
                 a = (algo.get("int4") or {}).get("algorithm")
-                if algo["precision"] != "int4" or a in (None, "rtn") or algo["int4"] != R.int4_variant(algorithm=a)["int4"]:
+                if algo["precision"] != "int4" or a in (None, "rtn") or algo["int4"] != int4_variant(algorithm=a)["int4"]:
                     continue
                 if a in asymmetric:
-                    algo = R.int4_variant(algorithm=a, symmetric=False)
-                api(f"et-{a}", f"edgetune int4 {a} b32, int4 head", algo, slow=a in R.SLOW_CALIBRATED)
+                    algo = int4_variant(algorithm=a, symmetric=False)
+                api(f"et-{a}", f"edgetune int4 {a} b32, int4 head", algo, slow=a in SLOW_CALIBRATED)
         # recipes landing in parallel (CLI, so an edgetune without them is a 'missing' row)
         cli("et-gguf-fa", "edgetune gguf base + float LoRA adapter", ["--precision", "gguf", "--float-adapter", "{adapter}"], "{base_gguf}",
             [("precision", "gguf"), ("option", "--float-adapter")], "gguf + lora")
@@ -389,7 +372,7 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
         cli("et-auto", "edgetune --recipe auto", ["--recipe", "auto", "--calibration", "{calibration}"], "{merged}",
             [("option", "--recipe")], "recipes", timeout="auto_timeout_s")
     else:
-        api("et-rtn-h8", "edgetune int4 RTN b32, int8 head", R.int4_variant(lm_head="int8"))
+        api("et-rtn-h8", "edgetune int4 RTN b32, int8 head", int4_variant(lm_head="int8"))
         cli("et-gguf", "edgetune gguf (exact GGUF transcode)", ["--precision", "gguf"], "{base_gguf}", [("precision", "gguf")], "gguf")
     return rows
 
@@ -410,12 +393,12 @@ def check_available(row: dict, cli: dict, fields: set[str]) -> str | None:
 # ---------------------------------------------------------------- reference, task
 
 def reference(model_dir: Path, text: str, s: dict, root: Path, group: str, fresh: bool, log: Log, name: str = "") -> tuple[Path, dict]:
-    """PyTorch fp32 of the folder on one text, llama-perplexity chunks: the pack (edgetune.reference) and the worker job file."""
+    """PyTorch fp32 of the folder on one text, llama-perplexity chunks: the pack (edgetune.validate.reference) and the worker job file."""
     import numpy as np
 
     from edgetune import console
     from edgetune.device import metrics as M
-    from edgetune.reference import build_decoder_reference, is_pack, load_pack, text_sha
+    from edgetune.validate.reference import build_decoder_reference, is_pack, load_pack, text_sha
 
     k = key({"model": sha_folder(model_dir), "text": text_sha(text), "chunk": s["chunk"], "eval_tokens": s["eval_tokens"], "topk": s["topk"]})
     pack_dir = root / "reference" / f"peers-{group}-{k}"
@@ -467,7 +450,7 @@ def torch_task(model_dir: Path, job: Path, root: Path, group: str, fresh: bool, 
         return None
     import torch
 
-    from edgetune.models import load_causal_lm
+    from edgetune.model_input import load_causal_lm
 
     model = load_causal_lm(model_dir).eval()
     outs = []
@@ -559,10 +542,7 @@ def ratios(rows: list[dict], threads: list[int]) -> None:
 def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
     from transformers import AutoTokenizer
 
-    from edgetune.models import materialize, resolve
-
-    sys.path.insert(0, str(HERE))
-    import texts as T
+    from edgetune.model_input import materialize, resolve
 
     s = settings(a.quick, a)
     where = {"shakespeare": Path(a.peer_text)} if getattr(a, "peer_text", None) else {}
@@ -607,10 +587,7 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
     base_gguf = resolve("smollm2")
     base_dir = Path(materialize("smollm2").path)
     models = {"finetune": Path(demo["merged"]), "base": base_dir}
-    sys.path.insert(0, str(HERE))
-    import run as R
-
-    cal = R.calibration_file(root)  # the tune text, checked against the judge texts (texts.check_calibration_file)
+    cal = calibration_file(root)  # the tune text, checked against the judge texts (texts.check_calibration_file)
     # what an export reads when it gets no --calibration: the project's generic sets (calibration/*.jsonl), checked the same way
     for generic in sorted((ROOT / "calibration").glob("*.jsonl")):
         T.check_calibration_file(generic, **where)
@@ -670,7 +647,7 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
                 v = spec["variant"]
                 row["recipe"] = {"precision": v["precision"], "int4": v.get("int4")}
                 if spec.get("slow") and not getattr(a, "slow_algorithms", False):
-                    _, folder = R.export_spec(v, model_dir, root, model_key=mkey)
+                    _, folder = export_spec(v, model_dir, root, model_key=mkey)
                     if not (folder / "edgetune.json").is_file():
                         row.update(status="skipped", error="slow calibrated algorithm (~10 min export on 2 cores): add --slow-algorithms once, cached afterwards")
                         rows.append(row)

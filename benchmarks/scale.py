@@ -1,8 +1,8 @@
 """What edgetune costs as models grow: every stage, wall time and peak RSS, from 135M to ~4B parameters.
 
     make bench-scale                                      # both families, every size (hours on 2 cores)
-    .venv/bin/python examples/benchmarks/scale.py --models qwen2.5-0.5b,phi-3-mini --out runs/scale
-    .venv/bin/python examples/benchmarks/scale.py --list  # the configurations
+    .venv/bin/python -m benchmarks.scale --models qwen2.5-0.5b,phi-3-mini --out runs/scale
+    .venv/bin/python -m benchmarks.scale --list  # the configurations
 
 The models are the **real configurations** of published checkpoints (hidden size, layers, heads,
 GQA, vocabulary, tied head, rope) with **random weights** drawn from a seeded generator on this
@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from .common import ROOT
+
 TRAIN = ROOT / "examples" / "data" / "smarthome_train.jsonl"
 EVAL = ROOT / "examples" / "data" / "smarthome_eval.jsonl"
 DEVICE = Path(os.environ.get("EDGETUNE_DEVICE_VENV") or ROOT / ".venv-device") / "bin"
@@ -210,7 +211,7 @@ def run_model(spec: Spec, work: Path, a: argparse.Namespace, logs: Path) -> dict
     a.rows.append(row)
     model = work / "model"
     tok_dir = a.tokenizer or subprocess.run(
-        [sys.executable, "-c", "from edgetune.models import materialize; print(materialize('smollm2').path)"],
+        [sys.executable, "-c", "from edgetune.model_input import materialize; print(materialize('smollm2').path)"],
         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     s = add(measure("make (bf16)", _wrap([sys.executable, "-c", MAKE, json.dumps(spec.config), tok_dir, model]), log,
                     timeout=a.timeout, env=env, out=model))
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = a.out / "logs"
     logs.mkdir(exist_ok=True)
     res: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "target": a.target,
-                           "command": " ".join([Path(sys.executable).name, *sys.argv]), "rows": []}
+                           "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.scale", *sys.argv[1:]]), "rows": []}
     a.rows = res["rows"]
 
     def save() -> None:

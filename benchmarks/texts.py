@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-ROOT = Path(__file__).resolve().parents[2]
+from .common import ROOT
+
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 LICENCE_DIR = Path("/usr/share/common-licenses")
 # distinct licence texts, in this order (GPL-2/LGPL-* repeat much of GPL-3's wording; symlinks such as GPL -> GPL-3 dedupe)

@@ -1,4 +1,4 @@
-"""examples/benchmarks: the Markdown report renders every row of a results.json (refused, failed
+"""benchmarks (the package): the Markdown report renders every row of a results.json (refused, failed
 and missing rows with their reason), the README table is regenerated from the JSON deterministically,
 the peer comparison's ratios and task comparison are right, and the quantization grid covers every
 int4 algorithm and block size the target schema offers. Fast: no model is loaded, no llama.cpp."""
@@ -11,20 +11,8 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "examples" / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import peers
-        import report
-        import run
-
-        yield run, report, peers
-    finally:
-        sys.path.remove(str(BENCH))
+from benchmarks import inputs, peers, report, texts, variants
+from benchmarks.common import ROOT
 
 
 def _results() -> dict:
@@ -66,8 +54,7 @@ def _results() -> dict:
     }
 
 
-def test_markdown_has_every_row_and_error(bench, tmp_path):
-    _, report, _ = bench
+def test_markdown_has_every_row_and_error(tmp_path):
     res = _results()
     path = tmp_path / "results.json"
     path.write_text(json.dumps(res))
@@ -90,14 +77,13 @@ def test_markdown_has_every_row_and_error(bench, tmp_path):
             assert len(widths) == 1, block
 
 
-def test_grid_covers_every_int4_algorithm_and_block_size(bench):
+def test_grid_covers_every_int4_algorithm_and_block_size():
     from typing import get_args
 
     from edgetune.targets import Int4
 
-    run, _, _ = bench
     s = {"quick": False, "full_grid": False}
-    vs = run.variants(s)
+    vs = variants.variants(s)
     algos = {v["int4"]["algorithm"] for v in vs if v["precision"] == "int4"}
     assert set(get_args(Int4.model_fields["algorithm"].annotation)) <= algos
     rtn_blocks = {v["int4"]["block_size"] for v in vs if v["precision"] == "int4" and v["int4"]["algorithm"] == "rtn"}
@@ -107,10 +93,10 @@ def test_grid_covers_every_int4_algorithm_and_block_size(bench):
     assert {"fp32", "int8"} <= {v["precision"] for v in vs}
     assert not {v["precision"] for v in vs} & set(CPU_UNRUNNABLE_LLM_PRECISIONS)  # the bench runs on the CPU provider
     for name, field in Int4.model_fields.items():  # any other int4 option (e.g. lm_head): each value has a row
-        if name not in run.SWEPT:
+        if name not in variants.SWEPT:
             assert set(get_args(field.annotation) or (True, False)) <= {v["int4"][name] for v in vs if v["precision"] == "int4"}, name
     assert len({v["slug"] for v in vs}) == len(vs)  # cache folders never collide
-    full = run.variants({"quick": False, "full_grid": True})
+    full = variants.variants({"quick": False, "full_grid": True})
     assert len(full) > len(vs)
 
 
@@ -159,7 +145,7 @@ def _peer_results() -> dict:
     for r in rows:
         r["group"] = "finetune"
     refs = {t["name"]: {"perplexity": 20.0, "tokens_scored": 1024} for t in TEXTS}
-    return {"created": "2026-12-02T01:00:00+00:00", "command": ".venv/bin/python examples/benchmarks/run.py --quick",
+    return {"created": "2026-12-02T01:00:00+00:00", "command": ".venv/bin/python -m benchmarks.run --quick",
             "machine": {"cpu": "Test CPU", "cpu_count": 2, "memory_gib": 24.0, "doctor_cpu_features": ["avx2"], "loadavg_start": "1.0, 1.0, 1.0",
                         "loadavg_end": "2.0, 2.0, 2.0"},
             "peers": {"settings": {"chunk": 512, "topk": 64, "prompt_tokens": 128, "new_tokens": 64, "rounds": 2, "eval_tokens": 2048},
@@ -181,8 +167,7 @@ def _peer_results_file(peers, tmp_path):
     return res, path
 
 
-def test_peer_ratios_and_task_compare(bench):
-    _, _, peers = bench
+def test_peer_ratios_and_task_compare():
     res = _peer_results()
     rows = res["peers"]["rows"]
     peers.ratios(rows, [1, 2])
@@ -200,8 +185,7 @@ def test_peer_ratios_and_task_compare(bench):
                and "-15.0 pt" in ln for ln in summary)
 
 
-def test_peer_report_renders_every_row(bench, tmp_path):
-    _, report, peers = bench
+def test_peer_report_renders_every_row(tmp_path):
     res, path = _peer_results_file(peers, tmp_path)
     assert report.main([str(path)]) == 0
     md = (tmp_path / "results.md").read_text()
@@ -234,8 +218,7 @@ def test_peer_report_renders_every_row(bench, tmp_path):
             assert len({ln.replace("\\|", "").count("|") for ln in lines}) == 1, block
 
 
-def test_readme_table_regeneration_is_deterministic(bench, tmp_path):
-    _, report, peers = bench
+def test_readme_table_regeneration_is_deterministic(tmp_path):
     res, path = _peer_results_file(peers, tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n## Benchmarks\n\n{report.README_BEGIN}\nold table\n{report.README_END}\n\n## Tests\n")
@@ -253,8 +236,7 @@ def test_readme_table_regeneration_is_deterministic(bench, tmp_path):
     assert report.README_BEGIN in repo_readme.read_text() and report.README_END in repo_readme.read_text()
 
 
-def test_parallel_recipes_are_missing_rows_until_the_cli_has_them(bench):
-    _, _, peers = bench
+def test_parallel_recipes_are_missing_rows_until_the_cli_has_them():
     rows = {r["id"]: r for r in peers.edgetune_rows("finetune", peers.settings(True, object()), False)}
     old = {"options": {"--precision", "--adapter"}, "precisions": ("fp32", "fp16", "bf16", "int8", "int4")}
     new = {"options": old["options"] | {"--float-adapter", "--recipe"}, "precisions": old["precisions"] + ("gguf",)}
@@ -269,7 +251,7 @@ def test_parallel_recipes_are_missing_rows_until_the_cli_has_them(bench):
     assert all(peers.check_available(r, cli, set()) is None for r in rows.values())
 
 
-def test_full_peer_rows_cover_every_int4_algorithm_as_exportable(bench):
+def test_full_peer_rows_cover_every_int4_algorithm_as_exportable():
     """A full run has one row per int4 algorithm of the schema, each asking for what the exporter accepts
     (hqq asymmetric: a symmetric hqq is refused), and the quick run keeps the AWQ rows."""
     from typing import get_args
@@ -277,7 +259,6 @@ def test_full_peer_rows_cover_every_int4_algorithm_as_exportable(bench):
     from edgetune.quant import INT4_ALGORITHMS
     from edgetune.targets import Int4
 
-    _, _, peers = bench
     full = {r["id"]: r for r in peers.edgetune_rows("finetune", {"quick": False}, False)}
     for a in get_args(Int4.model_fields["algorithm"].annotation):
         if a == "rtn":
@@ -289,10 +270,9 @@ def test_full_peer_rows_cover_every_int4_algorithm_as_exportable(bench):
     assert {"et-awq", "et-awq-h8", "et-awq-h8-acc4"} <= quick
 
 
-def test_goal_is_judged_on_judge_texts_only(bench):
+def test_goal_is_judged_on_judge_texts_only():
     """Issue 33's goal: ΔPPL <= Q4_K_M's on every judge text (the seen text never counts), exact match within
     1 point of fp32, size <= 1.15x, decode >= 1.5x at 1 and 2 threads; an unmeasured figure leaves it undecided."""
-    _, _, peers = bench
     res = _peer_results()
     rows = res["peers"]["rows"]
     peers.ratios(rows, [1, 2])
@@ -332,9 +312,8 @@ def test_goal_is_judged_on_judge_texts_only(bench):
     assert good["goal"]["met"] is True
 
 
-def test_report_renders_results_from_before_per_text_scoring(bench, tmp_path):
+def test_report_renders_results_from_before_per_text_scoring(tmp_path):
     """README's table comes from a results.json; one written with a single quality per row still renders, its text labelled seen."""
-    _, report, peers = bench
     res = _peer_results()
     del res["peers"]["texts"]
     res["peers"]["settings"]["text_name"] = "last 10% of tinyshakespeare.txt (from character 1003854)"
@@ -353,9 +332,7 @@ def test_report_renders_results_from_before_per_text_scoring(bench, tmp_path):
 
 
 @pytest.fixture
-def texts_mod(bench):
-    import texts
-
+def texts_mod():
     return texts
 
 
@@ -401,9 +378,8 @@ def test_texts_absent_are_skipped_with_a_note(texts_mod, tmp_path, monkeypatch):
     assert T.load(("judge", "seen"), 64, **_fake_sources(tmp_path))[0].text is None  # just the missing one
 
 
-def test_calibration_never_reads_a_judge_text(bench, texts_mod, tmp_path, monkeypatch):
+def test_calibration_never_reads_a_judge_text(texts_mod, tmp_path, monkeypatch):
     T = texts_mod
-    run, _, _ = bench
     where = _fake_sources(tmp_path)
     T.check_tune_only([T.load("tune", **where)[0].text], "head", **where)
     leak = tmp_path / "cal.jsonl"
@@ -414,14 +390,45 @@ def test_calibration_never_reads_a_judge_text(bench, texts_mod, tmp_path, monkey
     with pytest.raises(AssertionError, match="licences"):
         T.check_calibration_file(leak, **where)
     # the project's generic calibration sets (what an export reads without --calibration) share nothing with the real judge texts
-    for f in sorted((BENCH.parents[1] / "calibration").glob("*.jsonl")):
+    for f in sorted((ROOT / "calibration").glob("*.jsonl")):
         T.check_calibration_file(f)
     # the bench's calibration file is the tinyshakespeare head, guarded
-    monkeypatch.setattr(run, "TEXT", where["shakespeare"])
-    cal = run.calibration_file(tmp_path)
+    monkeypatch.setattr(inputs, "TEXT", where["shakespeare"])
+    cal = inputs.calibration_file(tmp_path)
     lines = [json.loads(x)["text"] for x in cal.read_text().splitlines()]
     head, tail, _ = T.shakespeare_split(where["shakespeare"])
     assert lines and all(x in head for x in lines) and not any(x in tail for x in lines)
     monkeypatch.setattr(T, "python_docs", lambda: "\n".join(lines))  # a judge text equal to the calibration text: refused
     with pytest.raises(AssertionError):
-        run.calibration_file(tmp_path)
+        inputs.calibration_file(tmp_path)
+
+
+# ---------------------------------------------------------------- the package's shape
+
+
+def test_benchmark_modules_import_one_way():
+    """The package's modules import each other without a cycle (run -> sections -> common), the standard
+    tests/test_architecture.py holds edgetune to; lazy imports count too, and nothing edits sys.path."""
+    import ast
+    from graphlib import CycleError, TopologicalSorter
+
+    pkg = ROOT / "benchmarks"
+    mods = {p.stem for p in pkg.glob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m in mods:
+        src = (pkg / f"{m}.py").read_text()
+        assert "sys.path.insert" not in src and "sys.path.append" not in src, m
+        for node in ast.walk(ast.parse(src)):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and (node.level == 1 or node.module == "benchmarks"
+                                                     or (node.module or "").startswith("benchmarks.")):
+                base = (node.module or "") if node.level else (node.module or "").removeprefix("benchmarks").lstrip(".")
+                names = [base] if base else [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name.removeprefix("benchmarks.") for a in node.names if a.name.startswith("benchmarks.")]
+            graph[m] |= {n.split(".")[0] for n in names if n.split(".")[0] in mods and n.split(".")[0] != m}
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as exc:
+        pytest.fail(f"import cycle between benchmark modules: {exc.args[1]}")
+    assert order.index("common") < order.index("run") and "run" not in set().union(*graph.values())
