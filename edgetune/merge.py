@@ -189,7 +189,7 @@ def vs_trained_4bit(cls, base_dir: Path, adapter: Path, quant: dict[str, Any], e
 def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs_diff: float = 1e-3,
           max_kl: float = 1e-4, min_top1: float = 0.99, qlora: bool | None = None,
           max_kl_vs_4bit: float | None = None, min_top1_vs_4bit: float | None = None) -> Path:
-    from .models import materialize
+    from .model_input import materialize
 
     adapter, out = Path(adapter), Path(out)
     cfg = read_adapter(adapter)
@@ -215,7 +215,7 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
                 str(base_dir), num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     tok_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base_dir
     if task == "SEQ_2_SEQ_LM":  # a SentencePiece-only Marian: exit 2 with the fix, not transformers' ImportError
-        from .models import check_seq2seq_tokenizer, inspect
+        from .model_input import check_seq2seq_tokenizer, inspect
 
         check_seq2seq_tokenizer(tok_dir, inspect(base_dir).config)
     options: dict[str, Any] = {"dtype": dtype, "max_abs_diff": max_abs_diff, "max_kl": max_kl, "min_top1": min_top1}

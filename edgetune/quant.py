@@ -18,13 +18,13 @@ from typing import Any, Literal
 
 # ---------------------------------------------------------------------------- precisions
 
-# Decoder LLM export precisions. gguf: the model's own GGUF blocks transcoded exactly (llm/gguf_export.py).
+# Decoder LLM export precisions. gguf: the model's own GGUF blocks transcoded exactly (export/decoder/gguf_export.py).
 LLM_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "gguf")
-# precision gguf: the form of a GGUF's 5-, 6- and 8-bit linears (llm/gguf_export.py; docs/llm.md, "5-, 6- and
+# precision gguf: the form of a GGUF's 5-, 6- and 8-bit linears (export/decoder/gguf_export.py; docs/llm.md, "5-, 6- and
 # 8-bit GGUF types"): a 4-bit node + a 2-/4-bit low-bits node (planes, the default), or one 8-bit node (int8).
 GGUF_8BIT = ("planes", "int8")
 GGUF_8BIT_DEFAULT = "planes"
-# Encoder export precisions (encoder/export.py, encoder/quantize.py).
+# Encoder export precisions (export/encoder/pipeline.py, export/encoder/quantize.py).
 ENCODER_PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 # What `edgetune export --precision` accepts: decoders' and encoders' (each refuses the other's).
 EXPORT_PRECISIONS = tuple(dict.fromkeys(LLM_PRECISIONS + ENCODER_PRECISIONS))
@@ -56,9 +56,9 @@ class Int4Algorithm:
 
     ``backend``: who quantizes. ``builder``: onnxruntime-genai's model builder (``algo_config``);
     ``awq``: edgetune's activation-aware scales folded into the checkpoint, then the builder's RTN
-    (llm/awq.py); ``imatrix``: the builder's RTN nodes with their values from an importance-weighted
-    scale / zero-point search per block (llm/imatrix.py); ``ort``: onnxruntime's ``MatMulNBitsQuantizer`` on the fp32 export
-    (llm/quantize.py); ``inc``: neural-compressor in torch, saved in the GPTQ layout the builder reads;
+    (export/decoder/awq.py); ``imatrix``: the builder's RTN nodes with their values from an importance-weighted
+    scale / zero-point search per block (export/decoder/imatrix.py); ``ort``: onnxruntime's ``MatMulNBitsQuantizer`` on the fp32 export
+    (export/decoder/quantize.py); ``inc``: neural-compressor in torch, saved in the GPTQ layout the builder reads;
     ``unavailable``: known, refused with ``refusal`` (message, hint).
     ``zero_points``: whether its MatMulNBits nodes carry zero points: ``if-asymmetric`` (only for an
     asymmetric export), ``always`` (even symmetric: k_quant, the GPTQ-checkpoint path), ``folded``
@@ -72,7 +72,7 @@ class Int4Algorithm:
     slow: bool = False  # calibration takes many minutes per model: the bench runs it only when asked
     zero_points: ZeroPoints = "if-asymmetric"
     asymmetric_only: bool = False  # a symmetric export is refused
-    mixed: bool = False  # honours nodes_to_exclude, so layers can be kept at 8 bits (llm/mixed.py)
+    mixed: bool = False  # honours nodes_to_exclude, so layers can be kept at 8 bits (export/decoder/mixed.py)
     int8: bool = False  # can also make --precision int8 (the builder's 8-bit path)
     error_feedback: bool = False  # GPTQ-style: each column's rounding error moved onto the columns not yet rounded
     any_lm_head: bool = True  # False: quantizes every MatMul, lm_head included (int4 only)

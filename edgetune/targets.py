@@ -68,7 +68,7 @@ class Runtime(_Strict):
 
 
 class Precision(_Strict):
-    # gguf: the model's own GGUF blocks transcoded exactly (needs a GGUF source; edgetune.llm.gguf_export)
+    # gguf: the model's own GGUF blocks transcoded exactly (needs a GGUF source; edgetune.export.decoder.gguf_export)
     llm: Literal[quant.LLM_PRECISIONS] = "int4"  # the choices live in edgetune.quant
     encoder: Literal[quant.ENCODER_PRECISIONS] = "int8-dynamic"
 
@@ -102,7 +102,7 @@ class Int8(_Strict):
 class Quantization(_Strict):
     # Decoder export recipe when the caller names no precision/int4 options: "profile" = [precision].llm
     # with [quantization.int4]; "auto" = search the candidate recipes against [budgets] and keep the
-    # fastest that passes (edgetune.llm.recipes; minutes per model, so opt-in per profile).
+    # fastest that passes (edgetune.recipes; minutes per model, so opt-in per profile).
     recipe: Literal["profile", "auto"] = "profile"
     int4: Int4 = Int4()
     int8: Int8 = Int8()

@@ -56,7 +56,7 @@ def tiny_bert(tmp_path_factory) -> Path:
 def real_model(alias: str) -> Path:
     """Path of a real example model shipped by a PyPI package, or skip the test."""
     from edgetune.errors import BadInput
-    from edgetune.models import ALIASES, package_file, resolve
+    from edgetune.model_input import ALIASES, package_file, resolve
 
     package, rel = ALIASES[alias]
     if package_file(package, rel) is None:
@@ -79,7 +79,7 @@ def shared_data(name: str) -> Path:
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a clean HF folder (GGUF dequantized once, cached)."""
     real_model("smollm2")
-    from edgetune.models import materialize
+    from edgetune.model_input import materialize
 
     return materialize("smollm2").path
 

@@ -28,7 +28,7 @@ def onnx_logits(folder: Path, texts: list[str], *, tokenizer_dir: Path | None = 
     """Run an export folder on the CPU provider, one text at a time (works for static shapes)."""
     import onnxruntime as ort
 
-    from edgetune.encoder.quantize import encode_texts, model_input_spec
+    from edgetune.export.encoder.quantize import encode_texts, model_input_spec
 
     model = folder / "model.onnx"
     names, batch, seq = model_input_spec(model)

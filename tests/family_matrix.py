@@ -128,7 +128,7 @@ _AWQ_OWN = {
 
 # the variants refused (exit 2) on a family they run on: (family, key) -> (the reason, a part of the error message).
 # None since 2026-12-05: Phi-3's LoRA on its packed qkv_proj / gate_up_proj, refused before, is unpacked per part
-# (the packed A shared, B's rows of the part) for float and runtime adapters (llm/adapters.py: _unpacked_rows).
+# (the packed A shared, B's rows of the part) for float and runtime adapters (export/decoder/adapters.py: _unpacked_rows).
 REFUSALS: dict[tuple[str, str], tuple[str, str]] = {}
 
 

@@ -1,7 +1,7 @@
 """The shape of the code: import direction and the one quantization table (issue 32).
 
 Imports are read from the source (``ast``), top-level and inside functions alike: a lazy import is
-still a dependency. Nodes are edgetune's sub-packages (``edgetune.llm``, ``edgetune.finetune``, ...)
+still a dependency. Nodes are edgetune's sub-packages (``edgetune.export.decoder``, ``edgetune.finetune``, ...)
 and its top-level modules (``edgetune.merge``, ``edgetune.quant``, ...).
 """
 
@@ -73,12 +73,17 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def _node(mod: str) -> str:
+    """The package a module belongs to, at any depth (``edgetune.export.decoder.builder`` -> ``edgetune.export.decoder``,
+    ``edgetune.build.runner`` -> ``edgetune.build``), or the top-level module itself."""
     parts = mod.split(".")
-    return ".".join(parts[:2]) if len(parts) >= 2 and (PKG / parts[1]).is_dir() else mod
+    depth = 1
+    while depth < len(parts) and PKG.joinpath(*parts[1:depth + 1]).is_dir():
+        depth += 1
+    return ".".join(parts[:depth]) if depth > 1 else mod
 
 
 def test_no_import_cycle_between_packages_and_top_level_modules():
-    """finetune <-> llm (qat imported llm.quantize, llm.export imported finetune.qat) was one."""
+    """finetune <-> the decoder export (qat imported its quantize, its dispatcher imported finetune.qat) was one."""
     graph: dict[str, set[str]] = {}
     for mod, targets in _imports(_modules()).items():
         graph.setdefault(_node(mod), set()).update(_node(t) for t in targets if _node(t) != _node(mod))
@@ -86,26 +91,53 @@ def test_no_import_cycle_between_packages_and_top_level_modules():
 
 
 def test_no_import_cycle_between_files():
-    """The last one was the decoder export: llm/export.py and its variants (adapters, float_adapter,
+    """The last one was the decoder export: export/decoder/dispatch.py and its variants (adapters, float_adapter,
     gguf_export) imported each other. Now export -> variants -> builder (the core), one way."""
     assert _cycles(_imports(_modules())) == []
 
 
 def test_the_export_core_knows_no_variant():
-    """llm/builder.py is what the variants build on: it imports none of them, nor the dispatcher."""
+    """export/decoder/builder.py is what the variants build on: it imports none of them, nor the dispatcher."""
     graph = _imports(_modules())
-    variants = {"edgetune.llm.export", "edgetune.llm.adapters", "edgetune.llm.float_adapter", "edgetune.llm.gguf_export"}
-    assert not graph["edgetune.llm.builder"] & variants
-    assert {"edgetune.llm.adapters", "edgetune.llm.float_adapter", "edgetune.llm.gguf_export", "edgetune.llm.builder"} <= \
-        graph["edgetune.llm.export"]
+    variants = {"edgetune.export.decoder.dispatch", "edgetune.export.decoder.adapters", "edgetune.export.decoder.float_adapter", "edgetune.export.decoder.gguf_export"}
+    assert not graph["edgetune.export.decoder.builder"] & variants
+    assert {"edgetune.export.decoder.adapters", "edgetune.export.decoder.float_adapter", "edgetune.export.decoder.gguf_export", "edgetune.export.decoder.builder"} <= \
+        graph["edgetune.export.decoder.dispatch"]
 
 
 def test_device_code_never_imports_host_stages():
     graph = _imports(_modules())
-    host = ("edgetune.llm", "edgetune.encoder", "edgetune.finetune", "edgetune.merge", "edgetune.build")
+    host = ("edgetune.export", "edgetune.finetune", "edgetune.merge", "edgetune.build", "edgetune.recipes",
+            "edgetune.model_input", "edgetune.validate.reference")
     for mod, targets in graph.items():
         if mod.startswith("edgetune.device"):
             assert not [t for t in targets if t.startswith(host)], mod
+
+
+# the pipeline's stages in order: a stage may use an earlier one (validate reads exports), never a later one
+STAGES = ("edgetune.finetune", "edgetune.merge", "edgetune.export", "edgetune.validate", "edgetune.bundle")
+
+
+def _stage(mod: str) -> int | None:
+    return next((i for i, s in enumerate(STAGES) if mod == s or mod.startswith(s + ".")), None)
+
+
+def test_no_stage_imports_a_later_stage():
+    """finetune -> merge -> export -> validate -> bundle, one way (``build`` and ``recipes`` compose stages and sit
+    above them). The last back-arrow was the recipe search inside the decoder export, which imported validate."""
+    back = [f"{mod} -> {t}" for mod, targets in _imports(_modules()).items() if _stage(mod) is not None
+            for t in targets if _stage(t) is not None and _stage(t) > _stage(mod)]
+    assert back == []
+
+
+def test_the_tree_reads_as_the_pipeline():
+    """A home per stage: each stage is one package or module under its own name, and no other module is named like
+    a stage's part (no top-level llm/encoder/seq2seq/reference beside export and validate)."""
+    for stage in STAGES:
+        name = stage.split(".")[1]
+        assert (PKG / name).is_dir() or (PKG / f"{name}.py").is_file(), stage
+    for gone in ("llm", "encoder", "seq2seq", "reference.py", "validate_translation.py", "models.py", "build_config.py"):
+        assert not (PKG / gone).exists(), gone
 
 
 # ---------------------------------------------------------------------------- the quantization table
@@ -169,7 +201,7 @@ def test_traits_drive_the_export_checks(tiny_llama, tmp_path):
     algorithm cannot keep: each refused from its table entry before any work."""
     from edgetune.errors import BadInput
     from edgetune.plan import int4_options
-    from edgetune.llm.export import export_llm
+    from edgetune.export.decoder.dispatch import export_llm
     from edgetune.targets import load_target
 
     t = load_target("cpu-x86")

@@ -9,7 +9,7 @@ import pytest
 
 from edgetune.errors import BadInput
 from edgetune.export import export
-from edgetune.llm.builder import matmulnbits_attributes
+from edgetune.export.decoder.builder import matmulnbits_attributes
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.",
          "Turn on the kitchen lights.", "def f(x):\n    return x**2", "Set the thermostat to 21 degrees.",
@@ -74,7 +74,7 @@ def test_ort_dequant_is_the_qat_grid():
     import torch
 
     from edgetune.finetune.qat import fake_quant
-    from edgetune.llm.awq import ort_dequant
+    from edgetune.export.decoder.awq import ort_dequant
 
     w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
     assert torch.equal(ort_dequant(w, block_size=32, symmetric=True), fake_quant(w, 4, 32))
@@ -157,7 +157,7 @@ def test_awq_folds_into_gemmas_one_plus_w_norms_exactly(family, tmp_path):
     import torch
     import transformers
 
-    from edgetune.llm.awq import scale_checkpoint
+    from edgetune.export.decoder.awq import scale_checkpoint
     from tiny_models import build_bpe_tokenizer
 
     src = tmp_path / family

@@ -54,7 +54,7 @@ def llm_bundle(tmp_path_factory, tiny_llama):
 
 @pytest.fixture(scope="module")
 def encoder_bundle(tmp_path_factory, tiny_bert):
-    from edgetune.encoder.export import export_encoder
+    from edgetune.export.encoder.pipeline import export_encoder
 
     root = tmp_path_factory.mktemp("run-enc")
     exp = export_encoder(tiny_bert, root / "export", target="cpu-x86", precision="fp32")

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgetune.encoder.coverage import coverage, node_flops
+from edgetune.export.encoder.coverage import coverage, node_flops
 
 from encoder_helpers import run_cli
 

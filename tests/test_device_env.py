@@ -118,7 +118,7 @@ def llm_bundle(tmp_path_factory, tiny_llama) -> Path:
 @pytest.fixture(scope="module")
 def encoder_bundle(tmp_path_factory, tiny_bert) -> Path:
     from edgetune.bundle import make_bundle
-    from edgetune.encoder.export import export_encoder
+    from edgetune.export.encoder.pipeline import export_encoder
 
     root = tmp_path_factory.mktemp("device-enc")
     exp = export_encoder(tiny_bert, root / "export", target="cpu-x86", precision="fp32")
@@ -256,7 +256,7 @@ def _torch_entities(model_dir: Path, text: str) -> list[tuple[str, str]]:
 def test_run_ner_bundle_prints_the_models_entities(device, ner_model, tmp_path):
     """A token-classification bundle once crashed `run` (exit 4, "truth value of an array is ambiguous")."""
     from edgetune.bundle import make_bundle
-    from edgetune.encoder.export import export_encoder
+    from edgetune.export.encoder.pipeline import export_encoder
 
     exp = export_encoder(ner_model, tmp_path / "export", target="cpu-x86", precision="fp32")
     bundle = tmp_path / "bundle"
@@ -279,8 +279,8 @@ def test_run_qa_bundle_prints_the_pytorch_models_span_of_the_context(device, tmp
     """Issue 29: a question-answering bundle answers in the base install: windows over a context longer than one
     graph window, span decoding in numpy; the answers are the PyTorch model's on the same windows."""
     from edgetune.bundle import make_bundle
-    from edgetune.encoder.export import export_encoder
-    from edgetune.reference import build_qa_reference
+    from edgetune.export.encoder.pipeline import export_encoder
+    from edgetune.validate.reference import build_qa_reference
     from tiny_models import build_tiny_bert_qa, squad_records
 
     from edgetune.validate import validate
@@ -322,8 +322,8 @@ def test_run_translation_bundle_prints_the_pytorch_greedy_translation(device, tm
 
     from edgetune.bundle import make_bundle
     from edgetune.device import seq2seq as S
-    from edgetune.seq2seq import torch_export as T
-    from edgetune.seq2seq.export import export_seq2seq
+    from edgetune.export.seq2seq import torch_export as T
+    from edgetune.export.seq2seq.pipeline import export_seq2seq
     from edgetune.validate import validate
     from tiny_models import MT_PAIRS, build_tiny_marian, translation_records
 

@@ -35,7 +35,7 @@ def test_device_modules_import_without_torch():
     p = _run(
         """
         import edgetune.device.llm, edgetune.device.encoder, edgetune.device.metrics, edgetune.device.measure
-        import edgetune.device.report, edgetune.device.bench, edgetune.validate, edgetune.reference, edgetune.profiling
+        import edgetune.device.report, edgetune.device.bench, edgetune.validate, edgetune.validate.reference, edgetune.profiling
         import edgetune.commands.validate, edgetune.commands.profile
         import sys
         assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules), "torch leaked"
@@ -50,7 +50,7 @@ def test_validate_against_pack_runs_without_torch(tmp_path, tiny_llama):
     """Build a pack on the host (torch), then validate on a 'device' where torch cannot be imported."""
     from test_validate import TEXT, genai_export
 
-    from edgetune.reference import build_decoder_reference
+    from edgetune.validate.reference import build_decoder_reference
 
     fp32 = genai_export(tiny_llama, tmp_path / "fp32")
     build_decoder_reference(tiny_llama, TEXT, window=64, stride=32, max_new_tokens=6, prompts=["Hello"]).save(tmp_path / "pack")

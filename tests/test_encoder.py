@@ -12,7 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 from edgetune.artifacts import sha256_bytes
-from edgetune.encoder.export import detect_task, export_encoder
+from edgetune.export.encoder.pipeline import detect_task, export_encoder
 from edgetune.errors import BadInput
 
 from encoder_helpers import TEXTS, onnx_logits, record, torch_logits
@@ -65,7 +65,7 @@ def test_static_qdq_int8_records_calibration_and_stays_close(exports):
     assert r["quantization"]["format"] == "qdq" and r["quantization"]["pre_process"] is True
     assert r["quantization"]["ops"]["QuantizeLinear"] > 0 and r["quantization"]["ops"]["DequantizeLinear"] > 0
     # the recorded hash is the hash of exactly the texts used
-    from edgetune.encoder.quantize import load_calibration
+    from edgetune.export.encoder.quantize import load_calibration
 
     calib = load_calibration(r["calibration"]["file"], samples=64)
     assert r["calibration"]["samples"] == calib.count == 64

@@ -73,7 +73,7 @@ def classifier(sms, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exports(classifier, sms, tmp_path_factory):
-    from edgetune.encoder.export import export_encoder
+    from edgetune.export.encoder.pipeline import export_encoder
 
     _, _, calib = sms
     root = tmp_path_factory.mktemp("exports")
@@ -118,7 +118,7 @@ def _session_ops(folder, optimized):
 def test_int8_accuracy_size_latency_vs_fp32(exports, sms, tmp_path):
     import onnxruntime as ort
 
-    from edgetune.encoder.quantize import encode_texts, model_input_spec
+    from edgetune.export.encoder.quantize import encode_texts, model_input_spec
     from edgetune.errors import CheckFailed
     from edgetune.validate import validate
 

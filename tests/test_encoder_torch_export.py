@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgetune.encoder.export import export_encoder
+from edgetune.export.encoder.pipeline import export_encoder
 from edgetune.errors import CheckFailed
 
 from encoder_helpers import TEXTS, record
@@ -177,7 +177,7 @@ def test_no_token_type_ids_for_models_without_them(tiny_bert, tmp_path):
 
 def test_a_wrong_export_fails_the_parity_gate_and_leaves_nothing(tiny_bert, tmp_path, monkeypatch):
     """If the exported graph disagrees with PyTorch (here: the reference is off by 0.05), export stops."""
-    from edgetune.encoder import torch_export
+    from edgetune.export.encoder import torch_export
 
     real = torch_export.export_fp32
 

@@ -2,7 +2,7 @@
 
 Each family: head_dim 64, GQA 2:1, its own quirks (tied/untied head, qk-norm, soft-capping, fused
 Phi-3 projections), and a sliding window (16 tokens) shorter than the export's graph proof, so every
-sliding-window layer is crossed. ``export`` proves its graph against PyTorch itself (edgetune.llm.proof):
+sliding-window layer is crossed. ``export`` proves its graph against PyTorch itself (edgetune.export.decoder.proof):
 fp32 must be exact past the window, int4 is recorded.
 """
 
@@ -133,7 +133,7 @@ def test_phi3_lora_on_its_packed_projections_stays_separate_exactly(tmp_path):
 def test_a_graph_that_does_not_compute_its_model_fails_the_export(tmp_path, monkeypatch):
     """Mistral's config has a sliding_window but no layer_types; without edgetune's config view the builder
     makes every layer attend to the whole context. The export says so (exit 1) and writes nothing."""
-    from edgetune.llm import builder
+    from edgetune.export.decoder import builder
 
     src = build_family("mistral", tmp_path / "src")
     monkeypatch.setattr(builder, "builder_input", lambda model_dir, scratch: model_dir)
@@ -148,7 +148,7 @@ def test_a_graph_that_fails_at_a_cached_decode_step_fails_the_export(tmp_path):
     proof's cached decode now refuses it (exit 1), nothing written. (The builder core is called directly: the
     export command refuses fp16 on a CPU target before any work, below.) If this starts to pass, onnxruntime
     fixed it: drop fp16 from quant.CPU_UNRUNNABLE_LLM_PRECISIONS."""
-    from edgetune.llm.builder import export_builder
+    from edgetune.export.decoder.builder import export_builder
 
     src = build_family("llama", tmp_path / "src")
     with pytest.raises(CheckFailed, match="scores a full pass but fails at a cached decode step"):

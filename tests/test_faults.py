@@ -304,7 +304,7 @@ def test_bundle_for_another_target_than_the_export(quiet_export, tmp_path):
 
 def test_validate_reference_accepts_what_export_accepts(quiet_export, tmp_path, tiny_llama, monkeypatch):
     """`--reference model.gguf` or an alias is materialized like `export` does (here: to the tiny model)."""
-    from edgetune import models
+    from edgetune import model_input as models
     from edgetune.validate import reference_source, validate
 
     out, _ = quiet_export

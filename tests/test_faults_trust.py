@@ -144,7 +144,7 @@ def test_reference_pack_files_are_parsed_defensively(tmp_path):
     """Row (same class): a bundle's reference pack (validation/reference) with a truncated JSON or a damaged .npz
     is exit 2 naming the file (the .npz raised BadZipFile, exit 4)."""
     from edgetune.errors import BadInput
-    from edgetune.reference import PACK_JSON, PACK_NPZ, SCHEMA_VERSION, load_pack
+    from edgetune.validate.reference import PACK_JSON, PACK_NPZ, SCHEMA_VERSION, load_pack
 
     (tmp_path / PACK_JSON).write_text('{"schema_version": ')
     (tmp_path / PACK_NPZ).write_bytes(b"PK\x03\x04 not a zip")
@@ -217,7 +217,7 @@ def test_validate_against_a_reference_with_another_vocabulary(tmp_path, quiet_ex
     assert f"vocabulary of {len(tok) + 256} tokens, the model one of {model_vocab} tokens" in err["error"], err
     assert "made from" in err["hint"]
     # a stored reference pack whose token ids run past the model's vocabulary: the same refusal
-    from edgetune.reference import Pack, load_pack
+    from edgetune.validate.reference import Pack, load_pack
 
     good = tmp_path / "pack"
     r = cli("validate", str(export), "-t", "cpu-x86", "-r", str(export), "-d", str(text), "--no-latency", "-o", str(good))

@@ -100,7 +100,7 @@ def test_the_estimate_is_above_the_measured_peak_of_a_real_fine_tune(tiny_llama,
 
     from edgetune.finetune.memory import check_fits
     from edgetune.finetune.options import FinetuneOptions
-    from edgetune.models import inspect
+    from edgetune.model_input import inspect
 
     data = tmp_path / "pc.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Turn on light {n}", "completion": " ok"}) + "\n" for n in range(16)))

@@ -1,4 +1,4 @@
-"""Side-branch fusion (edgetune/llm/fuse.py): block-sum corrections and float LoRA branches, one MatMul per input group."""
+"""Side-branch fusion (edgetune/export/decoder/fuse.py): block-sum corrections and float LoRA branches, one MatMul per input group."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_fused_gguf_base_equals_unfused(q4_gguf, tmp_path):
 def test_fused_float_adapter_over_gguf_equals_unfused(q4_gguf, tmp_path):
     from edgetune.device import llm as dev
     from edgetune.export import export
-    from edgetune.models import materialize
+    from edgetune.model_input import materialize
     from test_adapters import make_lora
 
     base = materialize(q4_gguf).path
@@ -112,8 +112,8 @@ def test_a_branch_read_elsewhere_is_left_alone():
     """A side term whose tensor has another consumer (here: a graph output) is not fused."""
     from onnx import TensorProto, helper
 
-    from edgetune.llm.blockform import BlockForm, matmul_graph
-    from edgetune.llm.fuse import fuse_side_branches
+    from edgetune.export.decoder.blockform import BlockForm, matmul_graph
+    from edgetune.export.decoder.fuse import fuse_side_branches
 
     rng = np.random.default_rng(0)
     n, k = 16, 64

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def gemma3():
     real_model("gemma3-270m")
-    from edgetune.models import materialize
+    from edgetune.model_input import materialize
 
     return materialize("gemma3-270m").path
 

@@ -10,8 +10,8 @@ import pytest
 gguf = pytest.importorskip("gguf")
 ort = pytest.importorskip("onnxruntime")
 
-from edgetune.llm.blockform import BlockForm, float_zero_point_graph, matmul_graph  # noqa: E402
-from edgetune.llm.gguf_blocks import QUANT_TYPES, to_blockform  # noqa: E402
+from edgetune.export.decoder.blockform import BlockForm, float_zero_point_graph, matmul_graph  # noqa: E402
+from edgetune.export.decoder.gguf_blocks import QUANT_TYPES, to_blockform  # noqa: E402
 
 
 def _session(model):
@@ -64,7 +64,7 @@ def test_hqq_float_zero_points_converted_exactly():
 
     mnq = pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
     pytest.importorskip("torch")
-    from edgetune.llm.blockform import convert_float_zero_points
+    from edgetune.export.decoder.blockform import convert_float_zero_points
 
     rng = np.random.default_rng(3)
     k, n = 256, 96
@@ -105,8 +105,8 @@ def test_tiny_llama_gguf_end_to_end(tiny_gguf, tmp_path):
 
     from edgetune.device import llm as dev
     from edgetune.export import export
-    from edgetune.llm.gguf_export import transcode
-    from edgetune.models import load_causal_lm, materialize
+    from edgetune.export.decoder.gguf_export import transcode
+    from edgetune.model_input import load_causal_lm, materialize
 
     out = export(tiny_gguf, tmp_path / "gguf", target="cpu-x86")
     rec = json.loads((out / "edgetune.json").read_text())["results"]
@@ -127,7 +127,7 @@ def test_tiny_llama_gguf_end_to_end(tiny_gguf, tmp_path):
     exact.mkdir()
     import shutil
 
-    from edgetune.llm.builder import build
+    from edgetune.export.decoder.builder import build
 
     build(folder, exact / "fp32", "fp32", "cpu", exact, {})
     (exact / "q").mkdir()
@@ -172,7 +172,7 @@ def test_runtime_adapter_over_gguf_base(tiny_gguf, tmp_path):
     import onnx
 
     from edgetune.export import export
-    from edgetune.models import materialize
+    from edgetune.model_input import materialize
     from test_adapters import make_lora
     from tiny_gguf import write_tiny_llama_gguf
 
@@ -191,8 +191,8 @@ def test_runtime_adapter_over_gguf_base(tiny_gguf, tmp_path):
 def test_float_adapter_over_gguf_base_is_what_was_trained(tiny_gguf, tmp_path):
     """--float-adapter over the exact GGUF base: one graph, LoRA branches float, == PyTorch dequantized base + PEFT."""
     from edgetune.export import export
-    from edgetune.llm.float_adapter import lora_graph
-    from edgetune.models import materialize
+    from edgetune.export.decoder.float_adapter import lora_graph
+    from edgetune.model_input import materialize
     from test_adapters import make_lora
     from tiny_gguf import write_tiny_llama_gguf
 
@@ -220,9 +220,9 @@ def test_phi3_gguf_with_fused_qkv_and_gate_up_takes_the_exact_path(tmp_path):
     import torch
 
     from edgetune.device import llm as dev
-    from edgetune.llm.builder import build, builder_input
-    from edgetune.llm.gguf_export import transcode
-    from edgetune.models import load_causal_lm, materialize
+    from edgetune.export.decoder.builder import build, builder_input
+    from edgetune.export.decoder.gguf_export import transcode
+    from edgetune.model_input import load_causal_lm, materialize
     from tiny_gguf import write_tiny_phi3_gguf
     from tiny_models import build_bpe_tokenizer
 
@@ -260,7 +260,7 @@ def test_phi3_gguf_with_a_float_lora_on_its_fused_qkv_and_gate_up(family, tmp_pa
     equals PyTorch's dequantized base + PEFT up to noise far below the adapter's effect."""
     import tiny_gguf
     from edgetune.export import export
-    from edgetune.models import materialize
+    from edgetune.model_input import materialize
     from test_adapters import make_lora
     from tiny_models import build_bpe_tokenizer
 
@@ -286,7 +286,7 @@ def test_qwen3_gguf_whose_head_dim_is_not_hidden_over_heads(tmp_path):
     """Qwen3's head_dim comes from the GGUF's attention.key_length (128 here, hidden 256 / 4 heads = 64): the
     import keeps it and the export is the exact transcode (issue 27 saw exit 4 when a loader dropped it)."""
     from edgetune.export import export
-    from edgetune.models import materialize
+    from edgetune.model_input import materialize
     from tiny_gguf import write_tiny_qwen3_gguf
     from tiny_models import build_bpe_tokenizer
 
@@ -312,9 +312,9 @@ def _export_gguf(src, tmp_path) -> tuple[dict, dict]:
 
     from edgetune.device import llm as dev
     from edgetune.export import export
-    from edgetune.llm.builder import build, builder_input
-    from edgetune.llm.gguf_export import transcode
-    from edgetune.models import load_causal_lm, materialize
+    from edgetune.export.decoder.builder import build, builder_input
+    from edgetune.export.decoder.gguf_export import transcode
+    from edgetune.model_input import load_causal_lm, materialize
 
     folder = materialize(src).path
     cfg = json.loads((folder / "config.json").read_text())
@@ -366,7 +366,7 @@ def test_qwen2_gguf_with_q_k_v_biases(tmp_path):
     are exact against PyTorch, whose q/k/v biases are large here)."""
     import torch
 
-    from edgetune.models import load_causal_lm, materialize
+    from edgetune.model_input import load_causal_lm, materialize
     from tiny_gguf import write_tiny_qwen2_gguf
     from tiny_models import build_bpe_tokenizer
 
@@ -394,7 +394,7 @@ def test_phi4_mini_gguf_keeps_partial_rotary_and_longrope(tmp_path):
     both (it imported a full-rotary, unscaled model, and every check after it, the graph proof included, then
     compared against that other model); the import puts them back from the GGUF (models.gguf_rope_fixes)."""
     from edgetune import artifacts
-    from edgetune.models import materialize
+    from edgetune.model_input import materialize
     from tiny_gguf import write_tiny_phi4_mini_gguf
     from tiny_models import build_bpe_tokenizer
 
@@ -429,7 +429,7 @@ def test_llama3_gguf_keeps_its_rope_scaling(rope, tmp_path):
 
     from edgetune import artifacts
     from edgetune.device import llm as dev
-    from edgetune.models import llama3_rope_freqs, load_causal_lm, materialize
+    from edgetune.model_input import llama3_rope_freqs, load_causal_lm, materialize
     from tiny_gguf import LLAMA3_ROPE, llama_cpp_rope_freqs, write_tiny_llama3_gguf
 
     src = write_tiny_llama3_gguf(tmp_path / "llama3.gguf", tmp_path / "source", rope=LLAMA3_ROPE if rope == "llama3" else None)
@@ -464,7 +464,7 @@ def test_llama3_rope_recovered_for_the_real_llama_shapes():
     llama.cpp writes give back parameters that regenerate it element for element. Parameters that differ but
     compute the same divisors (low/high_freq_factor and the original context scaled together) come back as
     Meta's; a scaling with too few smoothed frequencies to tell is refused with the reason."""
-    from edgetune.models import recover_llama3_rope
+    from edgetune.model_input import recover_llama3_rope
     from tiny_gguf import llama_cpp_rope_freqs
 
     meta = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -485,7 +485,7 @@ def test_llama3_rope_recovered_for_the_real_llama_shapes():
 
 def test_llama_gguf_whose_rope_freqs_cannot_be_recovered_exits_2(tmp_path):
     from edgetune.errors import BadInput
-    from edgetune.models import materialize
+    from edgetune.model_input import materialize
     from tiny_gguf import write_tiny_llama3_gguf
 
     few = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 1.2, "original_max_position_embeddings": 64}

@@ -1,5 +1,5 @@
 """int4 algorithm 'imatrix': the builder's RTN nodes, their values from an importance-weighted scale and
-zero-point search per block (edgetune/llm/imatrix.py)."""
+zero-point search per block (edgetune/export/decoder/imatrix.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from edgetune.export import export
-from edgetune.llm import imatrix
-from edgetune.llm.builder import matmulnbits_attributes
+from edgetune.export.decoder import imatrix
+from edgetune.export.decoder.builder import matmulnbits_attributes
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.",
          "Turn on the kitchen lights.", "def f(x):\n    return x**2", "Set the thermostat to 21 degrees.",

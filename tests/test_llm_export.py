@@ -10,7 +10,7 @@ import pytest
 from edgetune.cli import main
 from edgetune.errors import BadInput
 from edgetune.export import export
-from edgetune.llm.builder import matmulnbits_attributes
+from edgetune.export.decoder.builder import matmulnbits_attributes
 
 
 def run_cli(args, capsys):
@@ -283,7 +283,7 @@ def generates(folder, n=12):
 
 @pytest.mark.parametrize("lm_head,op,bits", [("int4", "MatMulNBits", 4), ("int8", "MatMulNBits", 8), ("fp32", "MatMul", 32)])
 def test_int4_lm_head_reaches_graph(tiny_llama, ref_logits, tmp_path, lm_head, op, bits):
-    from edgetune.llm.builder import lm_head_attributes
+    from edgetune.export.decoder.builder import lm_head_attributes
 
     out = export(tiny_llama, tmp_path / lm_head, target="cpu-x86", precision="int4", int4={"lm_head": lm_head})
     rec = json.loads((out / "edgetune.json").read_text())["results"]
@@ -349,7 +349,7 @@ def test_streamed_quantization_is_the_builders_own(family, precision, int4, tmp_
     whole model in fp32, 23 GiB for a 3.8B model): the graph and every tensor must be the builder pass's, byte for byte."""
     import onnx
 
-    from edgetune.llm import stream_quant
+    from edgetune.export.decoder import stream_quant
     from test_families import build_family
 
     src = build_family(family, tmp_path / "src")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edgetune.errors import BadInput
-from edgetune.models import inspect, materialize, normalize_tokenizer
+from edgetune.model_input import inspect, materialize, normalize_tokenizer
 
 
 def test_tiny_models_are_recognized(tiny_llama, tiny_phi3, tiny_bert):
@@ -90,7 +90,7 @@ def test_a_bf16_checkpoint_is_its_fp32_model_bit_for_bit_at_half_the_memory(fami
     import torch
     import transformers
 
-    from edgetune.models import load_causal_lm
+    from edgetune.model_input import load_causal_lm
     from test_families import build_family
 
     src = build_family(family, tmp_path / "src")

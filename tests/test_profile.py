@@ -27,7 +27,7 @@ def test_parse_trace_aggregates_and_calls_out_fallbacks(tmp_path):
 
 
 def test_profile_encoder_export(tmp_path, tiny_bert):
-    from edgetune.encoder.export import export_encoder
+    from edgetune.export.encoder.pipeline import export_encoder
 
     exp = export_encoder(tiny_bert, tmp_path / "exp", target="cpu-x86", precision="int8-dynamic")
     r = profile(exp, target="cpu-x86", top=50, repeats=2, sequence_length=32, trace_out=tmp_path / "trace.json")

@@ -153,7 +153,7 @@ def test_fpga_pow2_profile_exports_the_span_head_with_power_of_two_scales(qa):
     static 128-token windows, every Q/DQ scale a power of two, answers validated next to PyTorch's (cross-build)."""
     import onnx
 
-    from edgetune.encoder.pow2 import check, is_pow2
+    from edgetune.export.encoder.pow2 import check, is_pow2
 
     folder = qa["root"] / "fpga"
     rec = json.loads((folder / "edgetune.json").read_text())["results"]
@@ -229,7 +229,7 @@ def test_run_refuses_wrong_qa_input_with_exit_2(qa, capsys, args, needle):
 
 def test_run_question_on_a_classifier_bundle_is_exit_2(tiny_bert, tmp_path, capsys):
     from edgetune.bundle import make_bundle
-    from edgetune.encoder.export import export_encoder
+    from edgetune.export.encoder.pipeline import export_encoder
 
     exp = export_encoder(tiny_bert, tmp_path / "export", target="cpu-x86", precision="fp32")
     make_bundle(exp, tmp_path / "bundle", target="cpu-x86")

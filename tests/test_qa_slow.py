@@ -88,7 +88,7 @@ def test_exact_match_and_f1_for_fp32_and_int8(qa):
 
 def test_bundle_answers_a_held_out_question_over_several_windows(qa):
     from edgetune.device.qa import window_sizes
-    from edgetune.reference import build_qa_reference
+    from edgetune.validate.reference import build_qa_reference
 
     assert qa["bundle"]["passed"]
     held = [json.loads(x) for x in qa["held"].read_text().splitlines()]

@@ -10,9 +10,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from edgetune.encoder import pow2
-from edgetune.encoder.export import export_encoder
-from edgetune.encoder.quantize import load_calibration
+from edgetune.export.encoder import pow2
+from edgetune.export.encoder.pipeline import export_encoder
+from edgetune.export.encoder.quantize import load_calibration
 from edgetune.errors import BadInput
 
 from encoder_helpers import TEXTS, onnx_logits, record, run_cli
@@ -105,7 +105,7 @@ def _tiny_qdq(tmp_path):
     """A 1-layer MatMul+bias Gemm QDQ model quantized by onnxruntime with ordinary (non-pow2) scales."""
     from onnx import TensorProto, helper
 
-    from edgetune.encoder.quantize import Int8Options, quantize_static_int8
+    from edgetune.export.encoder.quantize import Int8Options, quantize_static_int8
 
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(size=(16, 8)).astype(np.float32) * 0.3, "W")
@@ -186,7 +186,7 @@ def _best_pow2(x: np.ndarray, candidates, zp: int, lo: int, hi: int) -> float:
 def test_minmse_activation_scale_clips_rare_outliers(tmp_path):
     """MinMSE picks, among powers of two, the scale with the lowest quantization error over all
     calibration values: one outlier of 40 among N(0,1) values is clipped, not covered."""
-    from edgetune.encoder.quantize import Int8Options, quantize_static_int8
+    from edgetune.export.encoder.quantize import Int8Options, quantize_static_int8
 
     rng = np.random.default_rng(1)
     src = _gemm_model(tmp_path, rng.normal(size=(16, 8)) * 0.3)
@@ -210,7 +210,7 @@ def test_minmse_activation_scale_clips_rare_outliers(tmp_path):
 def test_round_scales_requantizes_weights_from_the_float_graph(tmp_path):
     """One outlier weight sets onnxruntime's per-tensor scale; MinMSE from the float weights
     clips it and reconstructs the rest far better than rounding the already-quantized values."""
-    from edgetune.encoder.quantize import Int8Options, quantize_static_int8
+    from edgetune.export.encoder.quantize import Int8Options, quantize_static_int8
 
     rng = np.random.default_rng(2)
     w = rng.normal(size=(512, 256)) * 0.05
@@ -300,8 +300,8 @@ def test_xint8_recipe_end_to_end_beats_ceil_rounding(tmp_path):
     closer to float than onnxruntime's MinMax scales rounded up to powers of two."""
     import onnxruntime as ort
 
-    from edgetune.encoder import coverage
-    from edgetune.encoder.quantize import Int8Options, quantize_static_int8
+    from edgetune.export.encoder import coverage
+    from edgetune.export.encoder.quantize import Int8Options, quantize_static_int8
 
     src, batches = _ln_model(tmp_path)
     base = dict(per_channel=False, activation_symmetric=True, exclude_op_types=["LayerNormalization"])

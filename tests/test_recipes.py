@@ -10,7 +10,8 @@ import pytest
 
 from edgetune.errors import BadInput, CheckFailed
 from edgetune.export import export
-from edgetune.llm import kernels
+from edgetune.export.decoder import kernels
+from edgetune.recipes import export_with_recipe
 
 FAST_VALIDATE = {"repeats": 1, "warmup": 0, "max_tokens": 8, "prompt_tokens": 16, "eval_tokens": 256}
 
@@ -130,8 +131,8 @@ def test_mixed_precision_measures_and_records(tiny_llama, calib_file, tmp_path):
 
 
 def test_sensitivity_kl_confirms_top(tiny_llama, calib_file, tmp_path):
-    from edgetune.llm.mixed import sensitivity
-    from edgetune.llm.quantize import encode_calibration, load_calibration
+    from edgetune.export.decoder.mixed import sensitivity
+    from edgetune.export.decoder.quantize import encode_calibration, load_calibration
 
     int4 = export(tiny_llama, tmp_path / "q", target="cpu-x86", precision="int4")
     ids = encode_calibration(tiny_llama, load_calibration(calib_file).texts)
@@ -197,7 +198,7 @@ def test_mixed_8bit_cli_takes_a_fraction_or_modules():
 ])
 def test_bad_mixed_and_recipe_options(tiny_llama, tmp_path, kwargs, match):
     with pytest.raises(BadInput, match=match):
-        export(tiny_llama, tmp_path / "x", target="cpu-x86", **kwargs)
+        export_with_recipe(tiny_llama, tmp_path / "x", target="cpu-x86", **kwargs)
     assert not (tmp_path / "x").exists()
 
 
@@ -224,7 +225,7 @@ def _genai_logits(folder, ids=(5, 17, 42, 99, 7, 3)):
 
 
 def test_auto_recipe_picks_fastest_passing(tiny_llama, calib_file, tmp_path):
-    out = export(tiny_llama, tmp_path / "auto", target="cpu-x86", recipe="auto", calibration=calib_file, data=calib_file,
+    out = export_with_recipe(tiny_llama, tmp_path / "auto", target="cpu-x86", recipe="auto", calibration=calib_file, data=calib_file,
                  candidates=["rtn-head4", "rtn-head8-mixed25"], validate_options=FAST_VALIDATE)
     rec = results(out)
     search = rec["recipe"]
@@ -248,7 +249,7 @@ def test_auto_recipe_nothing_passes_exits_1_with_table(tiny_llama, calib_file, t
     prof = tmp_path / "tiny-budget.toml"
     prof.write_text('name = "tiny-budget"\nextends = "cpu-x86"\n[budgets]\nmax_size_mb = 0.001\n')
     with pytest.raises(CheckFailed, match=r"no recipe meets the budgets(.|\n)*rtn-head4 \|") as exc:
-        export(tiny_llama, tmp_path / "auto", target=str(prof), recipe="auto", calibration=calib_file, data=calib_file,
+        export_with_recipe(tiny_llama, tmp_path / "auto", target=str(prof), recipe="auto", calibration=calib_file, data=calib_file,
                candidates=["rtn-head4"], validate_options=FAST_VALIDATE)
     assert exc.value.exit_code == 1
     table = exc.value.result["table"]

@@ -15,8 +15,8 @@ import json
 import pytest
 
 from conftest import ROOT
-from edgetune.export import export
-from edgetune.llm import kernels
+from edgetune.recipes import export_with_recipe
+from edgetune.export.decoder import kernels
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 def test_auto_recipe_meets_cpu_x86_budgets(demo_build, tmp_path):
     merged = demo_build["work"] / "merged"
     data = ROOT / "examples" / "data" / "smarthome_eval.jsonl"
-    out = export(merged, tmp_path / "auto", target="cpu-x86", recipe="auto", data=data,
+    out = export_with_recipe(merged, tmp_path / "auto", target="cpu-x86", recipe="auto", data=data,
                  candidates=["rtn-head8", "int8"], validate_options={"repeats": 3})
     rec = json.loads((out / "edgetune.json").read_text())["results"]
     search = rec["recipe"]

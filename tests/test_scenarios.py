@@ -57,7 +57,7 @@ def test_chat_data_on_a_base_model_is_refused_before_training(tiny_llama, tmp_pa
     # prompt/completion data on the same base model is accepted by the check
     from edgetune.data import load_dataset
     from edgetune.finetune.train import check_model_and_data
-    from edgetune.models import inspect
+    from edgetune.model_input import inspect
 
     pc = tmp_path / "pc.jsonl"
     pc.write_text(json.dumps({"prompt": "Turn on the lights", "completion": " ok"}) + "\n")
@@ -94,7 +94,7 @@ def test_an_encoder_head_edgetune_does_not_export_is_refused_not_dropped(tiny_be
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
-    from edgetune.encoder.export import export_encoder
+    from edgetune.export.encoder.pipeline import export_encoder
     from edgetune.errors import BadInput
 
     src = tmp_path / "mlm"
@@ -114,7 +114,7 @@ def test_a_question_answering_head_is_exported_with_its_span_outputs(tmp_path):
     """Issue 29: the QA head used to be refused here; now it exports as question-answering (start/end logits)."""
     import onnx
 
-    from edgetune.encoder.export import export_encoder
+    from edgetune.export.encoder.pipeline import export_encoder
     from tiny_models import build_tiny_bert_qa
 
     src = build_tiny_bert_qa(tmp_path / "qa")

@@ -11,7 +11,7 @@ from edgetune.errors import CheckFailed
 
 @pytest.fixture(scope="module")
 def enc_work(tmp_path_factory, tiny_bert):
-    from edgetune.encoder.export import export_encoder
+    from edgetune.export.encoder.pipeline import export_encoder
 
     root = tmp_path_factory.mktemp("venc")
     from tiny_models import CORPUS
@@ -46,7 +46,7 @@ def test_encoder_with_flipped_head_fails_accuracy_drop(enc_work, tiny_bert, tmp_
     from safetensors.torch import load_file, save_file
     import shutil
 
-    from edgetune.encoder.export import export_encoder
+    from edgetune.export.encoder.pipeline import export_encoder
     from edgetune.validate import validate
 
     root, _ = enc_work
@@ -65,7 +65,7 @@ def test_encoder_with_flipped_head_fails_accuracy_drop(enc_work, tiny_bert, tmp_
     w2["classifier.weight"] = w2["classifier.weight"] * 50
     save_file(w2, st2, metadata={"format": "pt"})
     # gold labels = what the reference predicts (a random model has no meaningful gold labels)
-    from edgetune.reference import build_encoder_reference
+    from edgetune.validate.reference import build_encoder_reference
 
     texts = [json.loads(line)["text"] for line in (root / "data.jsonl").read_text().splitlines()]
     pack = build_encoder_reference(wsrc, texts)
@@ -91,7 +91,7 @@ def test_token_classifier_entity_f1_vs_reference(tmp_path, tiny_bert):
     import torch
     from transformers import BertConfig, BertForTokenClassification
 
-    from edgetune.encoder.export import export_encoder
+    from edgetune.export.encoder.pipeline import export_encoder
     from edgetune.validate import validate
 
     src = tmp_path / "tok-src"

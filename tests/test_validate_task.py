@@ -68,13 +68,13 @@ def task_work(tmp_path_factory, tiny_llama):
     """Gold answers = the tiny model's own greedy answers (so a faithful export 'answers the gold'),
     as prompt/completion pairs. The answer cap is fixed (it normally grows with the gold's length)."""
     from edgetune.data import load_dataset, task_examples
-    from edgetune.reference import task_answers
+    from edgetune.validate.reference import task_answers
 
     root = tmp_path_factory.mktemp("task")
     recs = [{"prompt": p, "completion": "x"} for p in PROMPTS]
     (root / "draft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("edgetune.reference.answer_cap", lambda n: CAP)
+        mp.setattr("edgetune.validate.reference.answer_cap", lambda n: CAP)
         got = task_answers(tiny_llama, task_examples(load_dataset(root / "draft.jsonl")))
     for r, a in zip(recs, got["answers"]):
         r["completion"] = a
@@ -87,7 +87,7 @@ def test_model_that_answers_the_gold_passes(task_work, tiny_llama, monkeypatch):
     from edgetune.validate import validate
 
     root, fp32 = task_work
-    monkeypatch.setattr("edgetune.reference.answer_cap", lambda n: CAP)
+    monkeypatch.setattr("edgetune.validate.reference.answer_cap", lambda n: CAP)
     r = validate(fp32, target="cpu-x86", reference=tiny_llama, data=root / "gold.jsonl", out=root / "rep", latency=False,
                  window=64, eval_tokens=128)
     t, acc = r["task"], r["accuracy"]

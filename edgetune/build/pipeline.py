@@ -25,7 +25,7 @@ def build(config: str | os.PathLike, *, force: bool = False, output: str | os.Pa
     ``require_device`` (default: ``[validate] require_device``, false): a target whose execution
     provider this machine lacks is fatal (exit 3) instead of a cross-build (accuracy on the CPU
     provider with the same graph, latency "not measured")."""
-    from ..models import materialize
+    from ..model_input import materialize
 
     cfg, root = load_config(config)
     b = Build(cfg, root, force=force, output_override=Path(output).resolve() if output else None)
@@ -42,7 +42,7 @@ def build(config: str | os.PathLike, *, force: bool = False, output: str | os.Pa
     train = b.maybe_path(cfg.data.train)
     vdata = b.maybe_path(cfg.validation.data)
     prompts = b.maybe_path(cfg.validation.prompts)
-    from ..models import resolve
+    from ..model_input import resolve
 
     resolve(str(b.path(cfg.model.base)) if b.path(cfg.model.base).exists() else cfg.model.base)  # alias or path exists
     # one build at a time per output folder: a second one (say fp32 while int4 runs) fails fast (exit 2)
@@ -74,7 +74,7 @@ def _build(b: Build, cfg: BuildConfig, config, plans: list, train, vdata, prompt
     b.stages.append(StageInfo("materialize", None, "ran", round(time.perf_counter() - t0, 2), str(info.path)))
     base = Path(info.path)
     if info.kind == "decoder":  # an attention shape onnxruntime cannot run: before any training
-        from ..llm.proof import check_runtime_shapes
+        from ..export.decoder.proof import check_runtime_shapes
 
         check_runtime_shapes(info.config, str(info.path))
         from ..plan import check_llm_precision

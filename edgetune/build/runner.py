@@ -96,7 +96,7 @@ class Build:
 
 
 def shared_dir(kind: str, hashes: dict[str, str], options: dict[str, Any]) -> Path:
-    from ..models import cache_root
+    from ..model_input import cache_root
 
     return cache_root() / "stages" / artifacts.fingerprint(kind, hashes, options)[:32]
 

@@ -50,14 +50,14 @@ def run_merge(base: Path, adapter: Path, out: Path) -> None:
 
 
 def run_export(model: Path, out: Path, plan, float_adapter: Path | None = None) -> None:
-    from ..export import export
+    from ..recipes import export_with_recipe
 
     opts: dict[str, Any] = {"calibration": plan.calibration} if plan.calibration else {}
     if float_adapter:
         opts["float_adapter"] = float_adapter
     if plan.int4:
         opts["int4"] = plan.int4  # checked by export_plan: the export uses those options, it does not check them again
-    export(model, out, target=plan.target, precision=plan.precision, **opts)
+    export_with_recipe(model, out, target=plan.target, precision=plan.precision, **opts)
 
 
 def held_out(b: "Build", vdata: Path, train: Path | None) -> tuple[Path, dict[str, Any]]:
@@ -107,7 +107,7 @@ def task_base(base: Path, data: Path, out: Path) -> None:
     """Greedy answers of the base model to the task data (one batched PyTorch pass) and their scores."""
     from ..data import load_dataset, task_examples
     from ..device.metrics import task_scores
-    from ..reference import task_answers
+    from ..validate.reference import task_answers
 
     examples = task_examples(load_dataset(data))
     with artifacts.stage_output(out, "task-base", inputs={"model": base, "data": data}, options={}) as run:
@@ -143,7 +143,7 @@ def has_gold(data: Path) -> bool:
 
 
 def is_decoder(model: Path) -> bool:
-    from ..models import inspect
+    from ..model_input import inspect
 
     try:
         return inspect(model).kind == "decoder"

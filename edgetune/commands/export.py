@@ -71,7 +71,7 @@ def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_
            int4_lm_head, adapters, float_adapter, calibration, task, recipe, eval_data, recipe_candidates, mixed_8bit,
            allow_slow_kernel, no_fuse, gguf_8bit) -> None:
     """Export MODEL (alias, GGUF or HF folder) to ONNX for target T."""
-    from ..export import export as run_export
+    from ..recipes import export_with_recipe as run_export
 
     # before the model is converted or loaded; an output that holds an input is never replaced
     artifacts.check_replaceable(out, inputs=(model, float_adapter, calibration, eval_data, *adapters))

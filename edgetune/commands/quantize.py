@@ -56,8 +56,8 @@ def quantize(model: Path, target: str, out: Path | None, method, calibration, ca
 
     tgt = load_target(target)
     if coverage_only:
-        from ..encoder.coverage import coverage, format_report
-        from ..encoder.export import _source
+        from ..export.encoder.coverage import coverage, format_report
+        from ..export.encoder.pipeline import _source
 
         onnx_file, _ = _source(model)
         report = coverage(onnx_file, tgt.operators.supported, batch=tgt.graph.batch_size,
@@ -71,7 +71,7 @@ def quantize(model: Path, target: str, out: Path | None, method, calibration, ca
     if out is None:
         raise BadInput("--out is required", hint="give an output folder, or use --coverage-only")
     from ..artifacts import read_record
-    from ..encoder.export import quantize_model
+    from ..export.encoder.pipeline import quantize_model
 
     path = quantize_model(model, out, target=tgt, method=method, calibration=calibration, tokenizer=tokenizer,
                           calibration_method=calibration_method, per_channel=per_channel,

@@ -363,7 +363,7 @@ def prefill_feeds(dec: dict, inputs: Iterable[tuple[str, bool]], ids) -> dict[st
     onnxruntime-genai 0.18 builds sliding-window layers whose GroupQueryAttention wants a ring KV cache of
     at least the window (an empty past is refused): those layers get a zero cache of window_size, which
     the all-ones attention mask leaves unread (checked exact against PyTorch past the window). Used by the
-    scorer (:func:`logits`) and by onnxruntime's GPTQ calibration (``llm/quantize.py``)."""
+    scorer (:func:`logits`) and by onnxruntime's GPTQ calibration (``export/decoder/quantize.py``)."""
     ids = np.asarray(ids, dtype=np.int64)[None, :]
     n = ids.shape[1]
     feeds: dict[str, np.ndarray] = {}

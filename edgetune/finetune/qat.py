@@ -302,7 +302,7 @@ class _CorpusCache:
         from importlib import metadata
 
         from ..artifacts import hash_path
-        from ..models import cache_root
+        from ..model_input import cache_root
 
         key = {"base": hash_path(base_path), "prompts": hashlib.sha256("\0".join(prompts).encode()).hexdigest(),
                "seed": seed, "seq_len": seq_len, **self.SAMPLING,

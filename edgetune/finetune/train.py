@@ -22,7 +22,7 @@ from typing import Any
 from .. import artifacts, console
 from ..data import Dataset, load_dataset, split
 from ..errors import BadInput, CheckFailed, EdgetuneError, require
-from ..models import materialize
+from ..model_input import materialize
 from .options import FinetuneOptions
 
 STAGE = "finetune"
@@ -78,7 +78,7 @@ def check_model_and_data(task: str, ds: Dataset, info) -> str:
     data needs a chat template. ``edgetune build`` calls it too, before its first stage."""
     task = resolve_task(task, ds, info.kind)
     if task == "translation":  # the export and the device need tokenizer.json: refuse now, not after training
-        from ..models import check_seq2seq_tokenizer
+        from ..model_input import check_seq2seq_tokenizer
 
         check_seq2seq_tokenizer(Path(info.path), info.config)
     if task in TASK_DATA and info.kind == "decoder":

@@ -1,0 +1,402 @@
+"""Importance-weighted int4 rounding: a scale and zero-point search per block, weighted by how much each
+input channel's activations carry (llama.cpp's k-quant search with an imatrix), on the fast kernel.
+
+Round-to-nearest (the builder's RTN) gives every block the scale that maps its extreme values onto the
+grid ends, whatever that costs the other 31 weights, and treats every input channel alike. What a
+linear's int4 rounding costs is its output error ``E|x dW^T|^2``; with the cross terms dropped that is
+``sum_k E[x_k^2] dw_k^2``: the rounding error of weight ``k`` weighted by the mean square of the
+activation it multiplies (the "importance matrix" llama.cpp's ``llama-imatrix`` collects). Per block
+this module searches the scale (and for an asymmetric export the integer zero point) that minimizes
+that weighted error:
+
+1. candidate scales around RTN's (``STEPS`` of them, +-``SPREAD`` of the 4-bit range, as llama.cpp's
+   ``make_qkx2_quants`` / ``make_qx_quants`` step their inverse scale); for each, the weights are
+   rounded, then the scale (and the offset, rounded back onto an integer zero point) is solved by
+   weighted least squares for those integers, the weights rounded again and the error taken;
+2. the candidate with the least weighted error wins, per block; RTN's own integers are one of the
+   candidates that are compared, so no block ends up worse than RTN on this measure (a test checks it).
+
+The result is stored exactly as the builder's RTN stores it: the same MatMulNBits node, uint4 weights,
+fp32 scales, uint4 zero points (asymmetric) or none (symmetric). Nothing changes in the graph but the
+values, so the node keeps the prepacked kernel, accuracy_level 4 included (no float zero points, no
+block-sum correction: what made the exact GGUF form slower).
+
+The importance comes from one fp32 PyTorch forward over the calibration texts (forward hooks on the
+linears' inputs: q/k/v read one input, gate/up another). It plugs into :mod:`.stream_quant`, which
+already quantizes the builder's MatMuls one weight at a time: the builder's quantizer writes RTN, then
+:meth:`Requantizer.__call__` replaces the node's values from the same fp32 weight.
+
+**With error feedback (``imatrix-gptq``).** The search above rounds every weight on its own. GPTQ (Frantar et
+al., 2022) rounds the columns of a linear in order and moves each column's rounding error onto the columns not
+yet rounded, weighted by the inverse of H = X^T X (the linear's input correlations on the calibration texts),
+so the *output* error ``tr(dW H dW^T)`` is what is minimized, cross terms included. :func:`gptq` does that with
+each block's scale and zero point taken from the importance-weighted search when the block's first column is
+reached (on the weights as the earlier columns' errors left them), so the integers, scales and zero points have
+the same layout as before and the graph is still RTN's node for node. Cost: H per distinct linear input
+(K x K, accumulated in float64: 27 MB per SmolLM2 layer, refused before it outgrows half the free memory) and a K-step loop per
+linear (SmolLM2-135M: ~2 min on 2 cores).
+
+GPTQ fits H to the calibration texts, and off their domain it can do worse than the plain search (docs/llm.md:
+calibrated on tinyshakespeare, GPTQ's usual 1 % dampening took the demo fine-tune from +11.0 % to +4.6 % perplexity
+on Shakespeare but made a libpng manual, +10.0 % -> +11.9 %, worse). ``DAMP`` = 1.0 (H's mean diagonal added to
+its diagonal: the correlations count, the diagonal, i.e. the importance, counts as much) measured best on that
+manual (+8.5 %); calibrate on text like the deployment's.
+
+Why own code: onnxruntime's quantizers have no importance-weighted RTN (HQQ fits float zero points,
+which run MatMulNBits' slow path; GPTQ needs minutes per layer on 2 cores and updates later columns);
+NNCF's ONNX weight compression with a data-aware scale search matches its own ONNX graphs, not the
+builder's, and is not in the pinned set; llama.cpp's search lives in C on its own block formats.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STEPS = 20  # candidate scales per block (llama.cpp: nstep 20 for Q4_K)
+SPREAD = 1.0  # +- this much of the grid's range around RTN's scale, in grid steps (llama.cpp: rmin -1, rdelta 0.1)
+EPS = 1e-3  # importance floor, relative to a block's mean: a channel never seen active still counts a little
+
+
+def collect(model_dir: Path, token_ids: list[list[int]]) -> dict[str, np.ndarray]:
+    """Mean square of each linear's input per channel over the calibration tokens, by module name.
+
+    One fp32 forward (a bf16/fp16 checkpoint computes in fp32 one module at a time). Keys: every
+    ``nn.Linear`` of the model (q/k/v and gate/up get the same vector: they read the same input)."""
+    from ...errors import require
+    from ...model_input import load_causal_lm
+
+    torch = require("torch", purpose="the importance matrix")
+    model = load_causal_lm(model_dir).eval()
+    sums: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            def hook(_m, inp, _out, name=name):
+                x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
+                s = (x * x).sum(0)
+                sums[name] = s if name not in sums else sums[name] + s
+                counts[name] = counts.get(name, 0) + x.shape[0]
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for ids in token_ids:
+                model(torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    del model
+    return {name: (s / max(counts[name], 1)).double().numpy().astype(np.float32) for name, s in sums.items()}
+
+
+def collect_hessians(model_dir: Path, token_ids: list[list[int]], *, max_bytes: int | None = None
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """H = X^T X / tokens of each linear's input over the calibration tokens, and the importance (its diagonal).
+
+    Linears that read the same tensor (q/k/v, gate/up) share one H (the same array). ``max_bytes``: refuse (BadInput,
+    during the first forward) once the H matrices would hold more than this (default: half the available memory)."""
+    from ...errors import BadInput, require
+    from ...host_memory import available_bytes
+    from ...model_input import load_causal_lm
+
+    torch = require("torch", purpose="GPTQ's input correlations")
+    if max_bytes is None:
+        max_bytes = available_bytes()[0] // 2
+    model = load_causal_lm(model_dir).eval()
+    sums: dict[str, Any] = {}
+    alias: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    last: list = [None, None]  # the previous linear's input tensor and name: q/k/v (gate/up) are called in a row on one
+    used = [0]                 # tensor; holding it keeps its memory from being reused by another tensor meanwhile
+    hooks = []
+
+    def hook(_m, inp, _out, name):
+        x = inp[0]
+        if x is last[0]:
+            alias[name] = last[1]
+            return
+        last[0], last[1] = x, name
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        if name not in sums:
+            used[0] += 8 * x.shape[-1] ** 2  # accumulated in float64
+            if used[0] > max_bytes:
+                raise BadInput(f"GPTQ's input correlations need more than {max_bytes / 2**30:.1f} GiB for this model",
+                               hint="use --int4-algorithm imatrix (no correlations), or free memory")
+        h = x.T @ x
+        sums[name] = h if name not in sums else sums[name] + h
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name)))
+    try:
+        with torch.no_grad():
+            for ids in token_ids:
+                model(torch.tensor([ids]))
+                last[0] = None
+    finally:
+        for h in hooks:
+            h.remove()
+    del model
+    hess = {name: (s / max(counts[name], 1)).float().numpy() for name, s in sums.items()}
+    for name, owner in alias.items():
+        hess[name] = hess[owner]
+    importance = {name: np.ascontiguousarray(np.diag(h)).astype(np.float32) for name, h in hess.items()}
+    return hess, importance
+
+
+DAMP = 1.0  # dampening: this times H's mean diagonal added to its diagonal (GPTQ: 0.01); see the module docstring
+LAZY = 128  # columns per lazy batch update (GPTQ's block), a multiple of the int4 block
+
+
+def gptq(weight: np.ndarray, hessian: np.ndarray, importance: np.ndarray, *, block: int, symmetric: bool, bits: int = 4
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """GPTQ of ``weight`` [N, K] with H [K, K]; each block's scale/zero point from :func:`search` when it is reached.
+
+    Returns ``(q [N, K] uint8, scales [N, K/block], zero_points [N, K/block] uint8 or None)`` as :func:`search`."""
+    n, k = weight.shape
+    assert k % block == 0, (k, block)
+    nmax = 2 ** bits - 1
+    w = np.array(weight, np.float32)
+    h = np.array(hessian, np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(k)] += DAMP * float(np.mean(np.diag(h)))
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # upper Cholesky factor of H^-1
+    q = np.zeros((n, k), np.uint8)
+    scales = np.zeros((n, k // block), np.float32)
+    zeros = np.full((n, k // block), 2 ** (bits - 1), np.uint8)
+    lazy = block * max(1, LAZY // block)
+    sc = zc = None
+    for b0 in range(0, k, lazy):
+        b1 = min(b0 + lazy, k)
+        w1 = w[:, b0:b1].copy()
+        err = np.zeros_like(w1)
+        hi = hinv[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = b0 + j
+            if col % block == 0:
+                g = col // block
+                _, gs, gz, _ = search(np.ascontiguousarray(w1[:, j:j + block]), importance[col:col + block], block=block,
+                                      symmetric=symmetric, bits=bits)
+                scales[:, g] = gs[:, 0]
+                if gz is not None:
+                    zeros[:, g] = gz[:, 0]
+                sc = np.where(gs[:, 0] == 0, np.float32(1), gs[:, 0])
+                zc = zeros[:, g].astype(np.float32)
+            x = w1[:, j]
+            qq = np.clip(np.rint(x / sc) + zc, 0, nmax)
+            q[:, col] = qq
+            e = (x - (qq - zc) * sc) / hi[j, j]
+            w1[:, j + 1:] -= np.outer(e, hi[j, j + 1:])
+            err[:, j] = e
+        w[:, b1:] -= err @ hinv[b0:b1, b1:]
+    return q, scales, (None if symmetric else zeros)
+
+
+def output_error(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarray) -> float:
+    """``tr(dW H dW^T)``: the linear's mean squared output error on the calibration inputs."""
+    d = (dequantized - weight).astype(np.float32)
+    return float(((d @ hessian) * d).sum())
+
+
+def _fit(x: np.ndarray, w: np.ndarray, q: np.ndarray, z: np.ndarray | float, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least-squares scale for fixed integers ``q - z`` per block; returns (scale, error)."""
+    d = q - z
+    num = (w * x * d).sum(-1)
+    den = (w * d * d).sum(-1)
+    s = np.where(den > 0, num / np.where(den > 0, den, 1), 0).astype(np.float32)
+    err = (w * (s[..., None] * d - x) ** 2).sum(-1)
+    return s, err
+
+
+ROWS = 2048  # output rows searched at a time (a 262k-vocabulary head would need GBs of temporaries at once)
+
+
+def search(weight: np.ndarray, importance: np.ndarray, *, block: int, symmetric: bool, bits: int = 4,
+           rtn: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, float]]:
+    """Integers, scales and zero points of ``weight`` [N, K] per block of ``block`` along K.
+
+    ``importance``: [K] (one weight per input channel, the imatrix) or [N, K] (one per weight element).
+
+    Returns ``(q [N, K] uint8, scales [N, K/block] float32, zero_points [N, K/block] uint8 or None, info)``
+    with ``w ~ scales * (q - zero_points)`` (symmetric: zero point ``2**(bits-1)``). ``rtn``: RTN's own
+    ``(q, scales, zero_points)`` of the same weight, kept wherever no candidate beats it. ``info``: the
+    importance-weighted squared error summed over the weight, RTN's and this result's.
+    """
+    parts = []
+    for r in range(0, weight.shape[0], ROWS):
+        sl = slice(r, r + ROWS)
+        part_rtn = None if rtn is None else (rtn[0][sl], rtn[1][sl], None if rtn[2] is None else rtn[2][sl])
+        imp = importance[sl] if np.ndim(importance) == 2 else importance
+        parts.append(_search(weight[sl], imp, block=block, symmetric=symmetric, bits=bits, rtn=part_rtn))
+    q = np.concatenate([p[0] for p in parts])
+    s = np.concatenate([p[1] for p in parts])
+    z = None if symmetric else np.concatenate([p[2] for p in parts])
+    err_rtn = None if rtn is None else sum(p[3]["err_rtn"] for p in parts)
+    return q, s, z, {"err_rtn": err_rtn, "err": sum(p[3]["err"] for p in parts)}
+
+
+def _search(weight, importance, *, block, symmetric, bits, rtn):
+    n, k = weight.shape
+    assert k % block == 0, (k, block)
+    nmax = 2 ** bits - 1
+    x = weight.astype(np.float32).reshape(n, k // block, block)
+    imp = np.asarray(importance, np.float32).reshape(-1, k // block, block)  # [1 or N, K/block, block]
+    w = imp + EPS * imp.mean(-1, keepdims=True) + np.float32(1e-12)
+    w = np.broadcast_to(w, x.shape)
+    best_err = np.full(x.shape[:2], np.inf, np.float32)
+    best_q = np.zeros(x.shape, np.float32)
+    best_s = np.zeros(x.shape[:2], np.float32)
+    best_z = np.full(x.shape[:2], 2 ** (bits - 1), np.float32)
+
+    def keep(q, s, z, err):
+        better = err < best_err
+        best_err[better] = err[better]
+        best_q[better] = q[better]
+        best_s[better] = s[better]
+        if not symmetric:
+            best_z[better] = np.broadcast_to(z, better.shape)[better]
+
+    rtn_err = None
+    if rtn is not None:
+        rq, rs, rz = rtn
+        rq = rq.astype(np.float32).reshape(x.shape)
+        rs = rs.astype(np.float32).reshape(x.shape[:2])
+        rz = np.float32(2 ** (bits - 1)) if rz is None else rz.astype(np.float32).reshape(x.shape[:2])
+        zz = rz[..., None] if np.ndim(rz) else rz
+        err = (w * (rs[..., None] * (rq - zz) - x) ** 2).sum(-1)
+        keep(rq, rs, rz, err)
+        rtn_err = float(err.sum())
+    if symmetric:
+        zc = np.float32(2 ** (bits - 1))
+        # RTN's scale maps the largest-magnitude weight onto -2**(bits-1) (onnxruntime's and llama.cpp's Q4_0 rule)
+        idx = np.abs(x).argmax(-1)[..., None]
+        vmax = np.take_along_axis(x, idx, -1)[..., 0]
+        vmax = np.where(vmax == 0, np.float32(1e-30), vmax)
+        for i in range(STEPS + 1):
+            iscale = -(zc + SPREAD * (2 * i / STEPS - 1)) / vmax
+            q = np.clip(np.rint(x * iscale[..., None]) + zc, 0, nmax)
+            s, _ = _fit(x, w, q, zc, nmax)
+            for _ in range(2):  # round again with the fitted scale, refit
+                q = np.clip(np.rint(x / np.where(s == 0, 1, s)[..., None]) + zc, 0, nmax)
+                s, err = _fit(x, w, q, zc, nmax)
+            keep(q, s, zc, err)
+    else:
+        mn = np.minimum(x.min(-1), 0)
+        mx = np.maximum(x.max(-1), 0)
+        rng = np.where(mx - mn > 0, mx - mn, np.float32(1e-30))
+        for i in range(STEPS + 1):
+            iscale = (nmax + SPREAD * (2 * i / STEPS - 1)) / rng
+            lq = np.clip(np.rint((x - mn[..., None]) * iscale[..., None]), 0, nmax)
+            # weighted least squares for x ~ s * L + m, then m onto an integer zero point: m = -s * z
+            sw, sl, sx = w.sum(-1), (w * lq).sum(-1), (w * x).sum(-1)
+            sll, slx = (w * lq * lq).sum(-1), (w * lq * x).sum(-1)
+            det = sw * sll - sl * sl
+            ok = det > 0
+            s = np.where(ok, (sw * slx - sl * sx) / np.where(ok, det, 1), 1 / iscale)
+            m = np.where(ok, (sll * sx - sl * slx) / np.where(ok, det, 1), mn)
+            s = np.where(s > 0, s, 1 / iscale).astype(np.float32)
+            z = np.clip(np.rint(-m / s), 0, nmax).astype(np.float32)
+            for _ in range(2):
+                q = np.clip(np.rint(x / s[..., None]) + z[..., None], 0, nmax)
+                s, err = _fit(x, w, q, z[..., None], nmax)
+                s = np.where(s > 0, s, 1 / iscale).astype(np.float32)
+            keep(q, s, z, err)
+    q = best_q.astype(np.uint8).reshape(n, k)
+    zp = None if symmetric else best_z.astype(np.uint8)
+    return q, best_s, zp, {"err_rtn": rtn_err, "err": float(best_err.sum())}
+
+
+def _pack_zero_points(z: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits' zero_points: per row, ``bits``-bit values packed low first, each row padded to whole bytes."""
+    from .blockform import pack
+
+    n, nb = z.shape
+    per_byte = 8 // bits
+    padded = -(-nb // per_byte) * per_byte
+    z = np.concatenate([z, np.zeros((n, padded - nb), np.uint8)], 1)
+    return pack(z, bits, padded).reshape(-1)
+
+
+class Requantizer:
+    """Replaces the values of the builder's RTN MatMulNBits nodes with the importance-weighted search.
+
+    Called by :func:`edgetune.export.decoder.stream_quant.prequantize` with each node's name, its fp32 weight [K, N]
+    and the one-node model the builder's quantizer wrote (an onnx ModelProto, changed in place).
+    """
+
+    def __init__(self, importance: dict[str, np.ndarray], hessians: dict[str, np.ndarray] | None = None):
+        self.importance = importance
+        self.hessians = hessians  # given: GPTQ error feedback (imatrix-gptq), the error measured on the outputs
+        self.done: list[dict[str, Any]] = []
+        self.skipped: list[str] = []
+
+    def module_of(self, node_name: str) -> str | None:
+        from .mixed import base_name
+        from .packed import hf_linears
+
+        parts = hf_linears(base_name(node_name))
+        return parts[0] if parts and parts[0] in self.importance else None
+
+    def __call__(self, node_name: str, weight_kn: np.ndarray, proto: Any) -> bool:
+        from onnx import helper, numpy_helper
+
+        from .blockform import pack, unpack
+
+        mod = self.module_of(node_name)
+        nodes = [nd for nd in proto.graph.node if nd.op_type == "MatMulNBits"]
+        if mod is None or len(nodes) != 1:
+            self.skipped.append(node_name)
+            return False
+        node = nodes[0]
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        bits, block, k, n = a["bits"], a["block_size"], a["K"], a["N"]
+        if k % block or weight_kn.shape != (k, n):
+            self.skipped.append(node_name)
+            return False
+        inits = {i.name: i for i in proto.graph.initializer}
+        names = list(node.input)[1:4]
+        b_init, s_init = inits[names[0]], inits[names[1]]
+        z_init = inits.get(names[2]) if len(names) > 2 and names[2] else None
+        rq = unpack(numpy_helper.to_array(b_init).reshape(n, -1), bits, k)
+        rs = numpy_helper.to_array(s_init).reshape(n, k // block)
+        rz = None
+        if z_init is not None:
+            zp = numpy_helper.to_array(z_init).reshape(n, -1)
+            rz = unpack(zp, bits, zp.shape[1] * 8 // bits)[:, :k // block]
+        imp = self.importance[mod]
+        if self.hessians is not None:
+            w = np.ascontiguousarray(weight_kn.T)
+            hess = self.hessians[mod]
+            q, s, z = gptq(w, hess, imp, block=block, symmetric=z_init is None, bits=bits)
+
+            def deq(q_, s_, z_):
+                zz = np.float32(2 ** (bits - 1)) if z_ is None else z_.astype(np.float32).reshape(n, k // block, 1)
+                return ((q_.astype(np.float32).reshape(n, k // block, block) - zz) * s_.reshape(n, k // block, 1)).reshape(n, k)
+
+            info = {"err_rtn": output_error(w, deq(rq, rs, rz), hess), "err": output_error(w, deq(q, s, z), hess)}
+        else:
+            q, s, z, info = search(np.ascontiguousarray(weight_kn.T), imp, block=block, symmetric=z_init is None, bits=bits,
+                                   rtn=(rq, rs, rz))
+        b_init.CopyFrom(numpy_helper.from_array(pack(q, bits, block).reshape(numpy_helper.to_array(b_init).shape), b_init.name))
+        s_init.CopyFrom(numpy_helper.from_array(s.astype(np.float32).reshape(numpy_helper.to_array(s_init).shape), s_init.name))
+        if z_init is not None:
+            z_init.CopyFrom(numpy_helper.from_array(_pack_zero_points(z, bits).reshape(numpy_helper.to_array(z_init).shape),
+                                                    z_init.name))
+        self.done.append({"node": node_name, "module": mod, **info})
+        return True
+
+    def summary(self) -> dict[str, Any]:
+        rtn = sum(d["err_rtn"] or 0.0 for d in self.done)
+        err = sum(d["err"] for d in self.done)
+        out = {"nodes": len(self.done), "skipped": self.skipped,
+               "weighted_error_vs_rtn": round(err / rtn, 4) if rtn else None}
+        if self.hessians is not None:  # GPTQ: the outputs' error tr(dW H dW^T), summed over the nodes, vs RTN's
+            out = {"nodes": len(self.done), "skipped": self.skipped, "method": "gptq", "output_error_vs_rtn": out.pop("weighted_error_vs_rtn")}
+        return out

@@ -1,0 +1,122 @@
+"""Quantize the builder's MatMul weights one at a time, so an int4 export never holds the fp32 model.
+
+onnxruntime-genai 0.18's builder keeps every weight as a lazy fp32 view of the PyTorch tensor, then
+quantizes in ``Model.to_nbits``: ``ir.to_proto(self.model)`` materializes the *whole* model in fp32
+and ``MatMulNBitsQuantizer`` runs over that proto. For a 3.8B model that is 15.7 GB of fp32 on top of
+the 7.9 GB bf16 PyTorch model: the int4 export of Phi-3-mini peaked at 23.0 GiB on a 23.6 GiB machine.
+
+:func:`prequantize` runs first (patched in by :func:`edgetune.export.decoder.builder.builder_fixes`): for each
+MatMul that the builder's pass would quantize, it materializes that one weight, quantizes a one-node
+model with the same ``MatMulNBitsQuantizer`` and the same arguments the builder passes, and puts the
+resulting nodes and initializers in place of the MatMul; the fp32 copy is dropped before the next one.
+The builder's own pass then finds no MatMul left to quantize (it still quantizes anything else it
+is asked to, e.g. a Gather) and goes on as before. The quantizer is the same code on the same weight
+with the same settings, so the tensors are the same: a test compares both exports initializer by
+initializer. Used only where the builder's pass is one per-node pass (no mixed-precision passes, no
+exact-quantization overrides, no CUDA prepacking); anything else is left to the builder unchanged.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+ENABLED = True  # tests turn it off to compare with the builder's own pass
+# set by `requantizing`: called with (node name, fp32 weight [K, N], the quantizer's one-node ModelProto) to
+# replace the RTN values in place (edgetune.export.decoder.imatrix.Requantizer); None: the builder's values as they are
+REQUANTIZE: Any = None
+# the builder's own quantization methods (its `quant_config.weights.method`, not edgetune's algorithm names)
+# whose `to_nbits` is one pass in which each MatMul is quantized on its own
+BUILDER_PER_NODE_METHODS = frozenset({"default", "k_quant", "rtn"})
+
+
+@contextmanager
+def requantizing(fn: Any) -> Iterator[None]:
+    """Within this block, every MatMul the streamed pass quantizes is handed to ``fn`` after the quantizer."""
+    global REQUANTIZE
+    prev, REQUANTIZE = REQUANTIZE, fn
+    try:
+        yield
+    finally:
+        REQUANTIZE = prev
+
+
+def applies(model: Any) -> bool:
+    """Whether the builder's ``to_nbits`` is one pass that quantizes each MatMul on its own."""
+    attrs = getattr(model, "quant_attrs", None) or {}
+    method = getattr(model, "quantization_algo", "default")
+    return (method in BUILDER_PER_NODE_METHODS and not getattr(model, "int4_customized_weight_config", None)
+            and not getattr(model, "exact_quant_override_names", None) and "MatMul" in attrs.get("op_types_to_quantize", ())
+            and not (getattr(model, "ep", "cpu") == "cuda" and (getattr(model, "matmul_attrs", {}) or {}).get("weights_prepacked", 0) > 0))
+
+
+def prequantize(model: Any, quantizer_cls: Any, quant_format: Any) -> int:
+    """Quantize the builder model's eligible MatMuls one by one, in place; the number done."""
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+    from onnx import helper
+
+    attrs = model.quant_attrs
+    exclude = set(attrs["nodes_to_exclude"])
+    graph = model.model.graph
+    done = 0
+    for node in list(graph):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.name in exclude or len(node.inputs) != 2:
+            continue
+        act, weight = node.inputs
+        if weight is None or weight.const_value is None or not weight.is_initializer() or len(weight.uses()) != 1:
+            continue
+        if weight.shape is None or len(weight.shape) != 2 or weight.dtype != ir.DataType.FLOAT:
+            continue
+        # a one-node model: the same node name, input names and weight as in the builder's graph
+        array = weight.const_value.numpy()  # the one fp32 weight that exists at a time
+        out_name = node.outputs[0].name
+        proto = helper.make_model(helper.make_graph(
+            [helper.make_node("MatMul", [act.name, weight.name], [out_name], name=node.name)], "one",
+            [helper.make_tensor_value_info(act.name, onnx.TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info(out_name, onnx.TensorProto.FLOAT, None)],
+            [onnx.numpy_helper.from_array(array, weight.name)]), opset_imports=[helper.make_opsetid("", 21)])
+        if REQUANTIZE is None:
+            del array
+        algo = None
+        if model.quantization_algo != "default":  # as to_nbits: per-node bits for RTN / k_quant
+            algo = model.make_algo_config(model.quantization_algo, {node.name: {"bits": attrs["bits"]}})
+        q = quantizer_cls(model=proto, bits=attrs["bits"], block_size=attrs["matmul_block_size"],
+                          is_symmetric=attrs["is_symmetric"], accuracy_level=attrs["accuracy_level"], nodes_to_exclude=[],
+                          quant_format=quant_format, op_types_to_quantize=("MatMul",), algo_config=algo)
+        q.process()
+        if REQUANTIZE is not None:
+            REQUANTIZE(node.name, array, q.model.model)
+            del array
+        one = ir.from_proto(q.model.model)
+        del proto, q
+        if [n.op_type for n in one.graph] == ["MatMul"]:  # the quantizer declined this weight: leave it to the builder
+            continue
+        new_nodes = list(one.graph)
+        # fresh arrays: a tensor read from a protobuf keeps the whole message alive (the fp32 weight too)
+        fresh = {name: ir.Value(name=name, shape=v.shape, type=v.type,
+                                const_value=ir.tensor(np.array(v.const_value.numpy()), name=name))
+                 for name, v in one.graph.initializers.items()}
+        old_inits = dict(one.graph.initializers)
+        for n in new_nodes:
+            one.graph.remove(n)
+        one.graph.initializers.clear()
+        one.graph.outputs.clear()
+        one_in = one.graph.inputs[0]
+        for n in new_nodes:  # the builder graph's activation and fresh weights in place of the one-node model's
+            for i, v in enumerate(n.inputs):
+                if v is one_in:
+                    n.replace_input_with(i, act)
+                elif v is not None and v.name in fresh and v is old_inits.get(v.name):
+                    n.replace_input_with(i, fresh[v.name])
+        del one, old_inits
+        for v in fresh.values():
+            graph.register_initializer(v)
+        new_out = next(o for n in new_nodes for o in n.outputs if o.name == out_name)
+        new_out.name = None
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [new_out])
+        del graph.initializers[weight.name]
+        weight.const_value = None  # the builder keeps its values by name: drop the (cached) fp32 tensor itself
+        done += 1
+    return done

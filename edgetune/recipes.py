@@ -1,0 +1,282 @@
+"""Recipes: an export as the profile says, or the automatic recipe search (try int4/int8 recipes, validate each
+against the target's budgets, keep the fastest that passes). The search composes two stages, export and validate,
+so it sits above both (as `build` does): the export package never imports validate.
+
+:func:`export_with_recipe` is what `edgetune export` and `edgetune build` call: the recipe asked for (``--recipe``),
+else the profile's ``[quantization] recipe`` when nothing else was asked; ``profile`` is the plain
+:func:`edgetune.export.export`.
+
+``auto_export(model_dir, out, target=...)`` (CLI ``edgetune export --recipe auto``; the build default
+for a profile with ``[quantization] recipe = "auto"``):
+
+1. Each candidate of :data:`CANDIDATES` (data: add a dict to extend) is exported with
+   :func:`edgetune.export.decoder.dispatch.export_llm` into a work folder next to ``out``
+   (``.<out>.recipes/<name>``); mixed-precision candidates reuse one sensitivity measurement
+   (:mod:`edgetune.export.decoder.mixed`) made on the first export of the same algorithm.
+2. On CPU targets whose profile accuracy_level is not 4, a **level-4 twin** of each candidate is
+   made by rewriting the MatMulNBits accuracy_level attribute (the weights are the same; only the
+   compute type changes), so validation decides whether int8 activations are good enough on this
+   model (onnxruntime #29849), never a silent default. Twins of candidates with zero points are
+   made only when the target lists avx512f (onnxruntime #29853: AVX2 CompInt8 wrong for asymmetric).
+3. Each one is validated with :func:`edgetune.validate.validate` (perplexity, KL, top-1, generation
+   agreement, task metrics if the validator reports them, size, latency and decode tok/s) against the
+   target's budgets, on the eval data (default: the calibration texts) vs the PyTorch reference
+   (computed once, then its stored pack is reused).
+4. The passing candidate with the highest measured decode tok/s wins; it is exported again into
+   ``out`` when it is a twin (so its record is its own), else moved there. The record's
+   ``results.recipe`` holds the search table. Nothing passes -> CheckFailed (exit 1) with the table;
+   ``out`` is not written. The work folder is removed either way.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from . import artifacts, console
+from .errors import BadInput, CheckFailed
+from .quant import INT4_ALGORITHMS
+from .targets import resolve
+
+# Smallest/fastest first. int4 options override the profile's; "mixed" as in export_llm.
+CANDIDATES: tuple[dict[str, Any], ...] = (
+    {"name": "rtn-head4", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int4"}},
+    {"name": "awq-head4", "precision": "int4", "int4": {"algorithm": "awq", "lm_head": "int4"}},
+    {"name": "rtn-head8", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}},
+    {"name": "awq-head8", "precision": "int4", "int4": {"algorithm": "awq", "lm_head": "int8"}},
+    {"name": "k_quant-head8", "precision": "int4", "int4": {"algorithm": "k_quant", "lm_head": "int8"}},
+    # importance-weighted search on RTN's graph (calibrated): the fast kernel's most faithful int4 (docs/llm.md)
+    {"name": "imatrix-head8", "precision": "int4", "int4": {"algorithm": "imatrix", "symmetric": False, "lm_head": "int8"}},
+    {"name": "imatrix-head8-mixed10", "precision": "int4", "int4": {"algorithm": "imatrix", "symmetric": False, "lm_head": "int8"},
+     "mixed": {"fraction": 0.10}},
+    # v_proj and down_proj at 8 bits in every layer (llama.cpp's Q4_K_M widens the same two, in half the layers)
+    {"name": "imatrix-head8-vdown8", "precision": "int4", "int4": {"algorithm": "imatrix", "symmetric": False, "lm_head": "int8"},
+     "mixed": {"modules": ["v_proj", "down_proj"]}},
+    # the same rule over GPTQ error feedback (imatrix-gptq): the most faithful fast-kernel candidate measured (docs/llm.md)
+    {"name": "imatrix-gptq-head8-vdown8", "precision": "int4",
+     "int4": {"algorithm": "imatrix-gptq", "symmetric": False, "lm_head": "int8"}, "mixed": {"modules": ["v_proj", "down_proj"]}},
+    {"name": "rtn-head8-mixed10", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.10}},
+    {"name": "rtn-head8-mixed25", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.25}},
+    {"name": "rtn-head8-mixed50", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.50}},
+    {"name": "int8", "precision": "int8", "int4": {"algorithm": "rtn"}},
+)
+TABLE_KEYS = ("size_mb", "perplexity_increase_pct", "kl_divergence", "top1_agreement", "generation_agreement",
+              "task_accuracy", "decode_tokens_per_s")
+
+
+def export_with_recipe(model, out, *, target, precision=None, **options) -> Path:
+    """:func:`edgetune.export.export`, or for a decoder the automatic recipe search when ``recipe="auto"`` is asked or,
+    with no precision, int4, adapter or mixed option given, when the profile's ``[quantization] recipe`` is auto.
+    ``data``, ``candidates`` and ``validate_options`` are the search's."""
+    from .export import export
+    from .model_input import inspect, materialize
+
+    folder = Path(model) if Path(model).is_dir() else Path(materialize(model).path)
+    if inspect(folder).kind != "decoder":
+        return export(folder, out, target=target, precision=precision, **options)  # refuses recipe options itself
+    target = resolve(target)  # once, for the recipe and the export
+    recipe = options.pop("recipe", None)
+    if recipe is None and precision is None and not any(options.get(k) for k in ("int4", "adapters", "mixed")):
+        recipe = target.quantization.recipe
+    if recipe != "auto":
+        return export(folder, out, target=target, precision=precision, recipe=recipe, **options)
+    from .export.decoder.proof import check_runtime_shapes
+
+    check_runtime_shapes(inspect(folder).config, str(folder))  # before the first candidate's export
+    options.pop("task", None)
+    search = {k: options.pop(k) for k in ("data", "candidates", "validate_options") if k in options}
+    if precision is not None or {k for k in options if k != "calibration"}:
+        raise BadInput("--recipe auto chooses precision and int4 options itself",
+                       hint="drop --precision/--int4-*/--mixed-8bit/--adapter, or use --recipe profile")
+    return auto_export(folder, out, target=target, **options, **search)
+
+
+def candidate_list(names=None) -> list[dict[str, Any]]:
+    """The candidates by name (or as dicts), in the given order; None = all of :data:`CANDIDATES`."""
+    if names is None:
+        return [copy.deepcopy(c) for c in CANDIDATES]
+    by_name = {c["name"]: c for c in CANDIDATES}
+    out = []
+    for n in names:
+        if isinstance(n, dict):
+            if "name" not in n:
+                raise BadInput("a recipe candidate needs a name", hint="e.g. {'name': 'mine', 'precision': 'int4', 'int4': {...}}")
+            out.append(copy.deepcopy(n))
+        elif n in by_name:
+            out.append(copy.deepcopy(by_name[n]))
+        else:
+            raise BadInput(f"unknown recipe candidate '{n}'", hint=f"choose from {', '.join(by_name)}")
+    if not out:
+        raise BadInput("no recipe candidates given", hint=f"choose from {', '.join(by_name)}")
+    return out
+
+
+def _level4_twin_ok(cand: dict, t, rec: dict) -> bool:
+    if t.runtime.execution_provider != "cpu" or cand.get("precision") == "int8":
+        return False
+    body = [p for p in (rec.get("kernel_paths") or {}).get("nodes", []) if p["bits"] == 4]
+    if not body or all(p["accuracy_level"] == 4 for p in body):
+        return False
+    has_zp = any(p["zero_points"] != "none" for p in body)
+    return not has_zp or "avx512f" in t.runtime.cpu_features
+
+
+def _row(name: str, report: dict | None, rec: dict | None, error: str | None = None) -> dict[str, Any]:
+    acc = (report or {}).get("accuracy") or {}
+    lat = (report or {}).get("latency") or {}
+    tps = (lat.get("decode_tokens_per_s") or {}).get("p50")
+    row = {"recipe": name, "size_mb": (rec or {}).get("size_mb") or (report or {}).get("model", {}).get("size_mb"),
+           "perplexity_increase_pct": acc.get("perplexity_increase_pct"), "kl_divergence": acc.get("kl_divergence"),
+           "top1_agreement": acc.get("top1_agreement"), "generation_agreement": acc.get("generation_agreement"),
+           "task_accuracy": acc.get("task_accuracy"), "task_accuracy_drop": acc.get("task_accuracy_drop"),
+           "decode_tokens_per_s": tps,
+           "passed": bool(report and report.get("passed")), "failed": (report or {}).get("failed") or ([] if report else ["export"])}
+    if error:
+        row["error"] = error
+    return row
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    def f(v, k):
+        if v is None:
+            return "-"
+        if k == "kl_divergence":
+            return f"{v:.4f}"
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    head = "recipe | MB | dPPL% | KL | top1 | task | tok/s | passed"
+    lines = [head] + [" | ".join([r["recipe"]] + [f(r.get(k), k) for k in ("size_mb", "perplexity_increase_pct", "kl_divergence",
+                                                                       "top1_agreement", "task_accuracy", "decode_tokens_per_s")]
+                                 + ["yes" if r["passed"] else "no: " + ",".join(r["failed"])]) for r in rows]
+    return "\n".join(lines)
+
+
+def auto_export(model_dir, out, *, target, calibration=None, data=None, candidates=None, validate_options=None,
+                twins: bool = True, sensitivity_options=None) -> Path:
+    """Search the recipes (see the module docstring); returns ``out``.
+
+    ``sensitivity_options``: ``confirm`` / ``confirm_samples`` of :func:`edgetune.export.decoder.mixed.sensitivity`
+    and ``samples`` (calibration texts used to rank, default all 32).
+    """
+    from .export.decoder import kernels
+    from .export.decoder.dispatch import export_llm
+    from .export.decoder.mixed import sensitivity
+    from .export.decoder.quantize import encode_calibration, load_calibration
+    from .validate import validate
+
+    model_dir, out = Path(model_dir), Path(out)
+    t = resolve(target)
+    cands = candidate_list(candidates)
+    calib = load_calibration(calibration)
+    eval_data = Path(data) if data else calib.path
+    if data is None:
+        console.warn(f"recipe search: no eval data given; validating on the calibration texts {calib.path.name} (pass --eval-data)")
+    vopts = {"latency": True, **(validate_options or {})}
+    work = out.parent / f".{out.name}.recipes"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    rows: list[dict[str, Any]] = []
+    dirs: dict[str, tuple[Path, dict]] = {}
+    sens_by_alg: dict[str, dict] = {}
+    reference: Path = model_dir
+    token_ids = None
+    try:
+        for cand in cands:
+            name = cand["name"]
+            int4 = dict(cand.get("int4") or {})
+            kw: dict[str, Any] = {}
+            mixed = copy.deepcopy(cand.get("mixed"))
+            alg = int4.get("algorithm", t.quantization.int4.algorithm)
+            if mixed and "layers" not in mixed and "modules" not in mixed:  # measured: one sensitivity per algorithm
+                if alg in sens_by_alg:
+                    from .export.decoder.mixed import choose
+
+                    sens = sens_by_alg[alg]
+                    mixed = {"layers": choose(sens["ranking"], count=mixed.get("count"), fraction=mixed.get("fraction")),
+                             "sensitivity": sens}
+                else:
+                    kw["calibration"] = calib.path
+            if cand.get("precision", "int4") == "int4" and INT4_ALGORITHMS[alg].calibrated:
+                kw["calibration"] = calib.path
+            if mixed:
+                kw["mixed"] = mixed
+            folder = work / name
+            try:
+                with console.step(f"recipe {name}: export"):
+                    export_llm(model_dir, folder, target=t, precision=cand.get("precision"), int4=int4, **kw)
+            except (BadInput, CheckFailed) as e:
+                rows.append(_row(name, None, None, error=str(e).splitlines()[0][:200]))
+                continue
+            rec = artifacts.read_record(folder)["results"]
+            # one sensitivity measurement per algorithm, from this candidate's own int4 weights
+            if cand.get("precision", "int4") == "int4" and alg not in sens_by_alg:
+                m = (rec.get("quantization") or {}).get("mixed") or {}
+                if m.get("sensitivity") and m["sensitivity"].get("ranking"):
+                    sens_by_alg[alg] = m["sensitivity"]
+                elif any(c.get("mixed") for c in cands) and INT4_ALGORITHMS[alg].mixed:
+                    so = dict(sensitivity_options or {})
+                    if token_ids is None:
+                        token_ids = encode_calibration(model_dir, calib.texts[: so.pop("samples", None) or len(calib.texts)])
+                    so.pop("samples", None)
+                    with console.step(f"recipe search: sensitivity of the {alg} int4 weights"):
+                        sens_by_alg[alg] = sensitivity(model_dir, folder, token_ids, **so)
+            variants = [(name, folder, False)]
+            if twins and _level4_twin_ok(cand, t, rec):
+                twin = work / f"{name}@level4"
+                shutil.copytree(folder, twin)
+                kernels.set_accuracy_level(twin, 4)
+                variants.append((f"{name}@level4", twin, True))
+            for vname, vdir, is_twin in variants:
+                with console.step(f"recipe {vname}: validate"):
+                    try:
+                        report = validate(vdir, target=t, reference=reference, data=eval_data if reference == model_dir else None,
+                                          out=work / f"validate-{vname}", **vopts)
+                    except CheckFailed as e:
+                        report = e.result if isinstance(e.result, dict) else None
+                if reference == model_dir and (work / f"validate-{vname}" / "reference" / "reference.json").is_file():
+                    reference = work / f"validate-{vname}" / "reference"  # the PyTorch reference once, then its pack
+                rows.append(_row(vname, report, rec if not is_twin else {**rec, "size_mb": rec.get("size_mb")}))
+                dirs[vname] = (vdir, cand | {"twin": is_twin})
+        passing = [r for r in rows if r["passed"]]
+        search = {"candidates": [c["name"] for c in cands], "table": rows, "eval_data": str(eval_data),
+                  "reference": str(model_dir), "calibration": str(calib.path), "twins": twins,
+                  "sensitivity": {a: {"method": s["method"], "top": s["ranking"][:10]} for a, s in sens_by_alg.items()}}
+        if not passing:
+            raise CheckFailed(f"no recipe meets the budgets of {t.name}:\n{format_table(rows)}",
+                              hint="relax the target's budgets, give calibration/eval data like the deployment's, or add candidates",
+                              result=search)
+        best = max(passing, key=lambda r: r["decode_tokens_per_s"] or 0.0)
+        search["chosen"] = best["recipe"]
+        search["why"] = f"highest decode tok/s ({best['decode_tokens_per_s']}) of {len(passing)} passing of {len(rows)}"
+        vdir, cand = dirs[best["recipe"]]
+        final_work = work / "final"
+        if cand["twin"]:  # re-export for a record of its own (level 4 as an option, not a patched graph)
+            int4 = {**(cand.get("int4") or {}), "accuracy_level": 4}
+            m = (artifacts.read_record(vdir)["results"].get("quantization") or {}).get("mixed")
+            kw = {"mixed": {"layers": m["layers"], "sensitivity": m.get("sensitivity")}} if m else {}
+            export_llm(model_dir, final_work, target=t, precision=cand.get("precision"), int4=int4, **kw)
+        else:
+            shutil.move(str(vdir), str(final_work))
+        rec = artifacts.read_record(final_work)
+        with artifacts.stage_output(out, "export", inputs={"model": model_dir, "calibration": calib.path, "data": eval_data},
+                                    options={"recipe": "auto", "candidates": cands, "twins": twins, "validate": vopts,
+                                             "target": t.model_dump(mode="json", exclude={"source"})}) as run:
+            for f in final_work.iterdir():
+                if f.name != artifacts.RECORD_NAME:
+                    shutil.move(str(f), str(run.dir / f.name))
+            run.results.update(rec["results"])
+            run.results["recipe"] = search
+            run.record["chosen_export"] = {k: rec.get(k) for k in ("options", "fingerprint", "inputs")}
+        console.log(f"recipe search: {best['recipe']} ({search['why']})\n{format_table(rows)}")
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def table_json(out: Path) -> str:
+    rec = artifacts.read_record(out) or {}
+    return json.dumps(((rec.get("results") or {}).get("recipe") or {}).get("table"), indent=1)
