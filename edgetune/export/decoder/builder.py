@@ -162,22 +162,66 @@ def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=N
                    allow_slow_kernel: bool = False) -> Path:
     """The builder's own export of an HF decoder folder (``precision`` fp32, fp16, bf16, int8 or int4).
 
-    ``mixed``, ``allow_slow_kernel``: as :func:`edgetune.export.decoder.dispatch.export_llm`.
+    ``mixed``, ``allow_slow_kernel``: as :func:`edgetune.export.decoder.dispatch.export_llm`. Steps: the request
+    checked before any work (:func:`_request`), the builder's options (:func:`_builder_extra`), the build with the
+    algorithm's backend (:func:`_build_quantized`), the head and embedding (:func:`_head_and_embedding`), the graph
+    checked against the request (:func:`_check_graph`), the tokenizer and the graph proof, the record.
     """
     model_dir, out = Path(model_dir), Path(out)
     t = resolve(target)
     ep = t.runtime.resolved_builder_provider
+    r = _request(model_dir, t, precision, int4, calibration, mixed, allow_slow_kernel)
+    q, calib = r["q"], r["calib"]
+    trained_grid = quant_aware_grid(model_dir, precision, q, mixed)
+    extra = _builder_extra(model_dir, t, precision, q, mixed)
+    options = {"precision": precision, "execution_provider": ep, "extra": extra, "int4": q, "mixed": mixed,
+               "allow_slow_kernel": allow_slow_kernel,
+               "calibration": calib.sha256 if calib else None, "target": t.model_dump(mode="json", exclude={"source"})}
+    inputs = {"model": model_dir, "calibration": calib.path if calib else None}
+    with artifacts.stage_output(out, "export", inputs=inputs, options=options) as run, \
+            temp_dir("genai") as cache_name:
+        cache = Path(cache_name)
+        token_ids = encode_calibration(model_dir, calib.texts) if calib else None
+        qinfo, parity = _build_quantized(model_dir, run.dir, cache, t, precision, r, extra, mixed, token_ids)
+        _head_and_embedding(model_dir, run.dir, t, precision, q, r["backend"], extra, qinfo)
+        configure_genai(run.dir, t)
+        nbits, head, paths = _check_graph(run.dir, t, precision, q, r["alg"], qinfo, allow_slow_kernel)
+        tok = check_tokenizer(run.dir, model_dir) if ep == "cpu" else None
+        proof = None
+        from .proof import has_lora_branches, prove
+
+        if ep == "cpu" and not has_lora_branches(run.dir):  # the graph computes its model past any window (fp32: exact, else exit 1)
+            with console.step("graph vs PyTorch (teacher-forced, past the sliding window)"), console.results_only_stdout():
+                proof = prove(run.dir, model_dir, exact=precision == "fp32")
+        size = sum(p.stat().st_size for p in run.dir.iterdir() if p.is_file())
+        if calib:
+            qinfo["calibration"] = {"file": str(calib.path), "samples": calib.count, "sha256": calib.sha256,
+                                    "tokens": sum(len(x) for x in token_ids or [])}
+        if parity:
+            qinfo["weight_parity"] = parity
+        if trained_grid:
+            qinfo["quant_aware"] = trained_grid
+        run.results.update(kind="decoder", precision=precision, target=t.name, execution_provider=t.runtime.execution_provider,
+                           builder_provider=ep, int4=q if precision == "int4" else None, int8=q if precision == "int8" else None,
+                           quantization=qinfo or None, embeddings=embedding_kind(run.dir),
+                           matmulnbits=nbits, lm_head=head, kernel_paths={**kernels.summary(paths), "nodes": paths}, size_mb=round(size / 2**20, 3), tokenizer_check=tok,
+                           graph_proof=proof, exporter="onnxruntime-genai builder")
+    return out
+
+
+def _request(model_dir: Path, t, precision: str, int4, calibration, mixed, allow_slow_kernel: bool) -> dict[str, Any]:
+    """The request checked before any work: the int4/int8 options (``q``), the algorithm (``alg``) and the backend
+    that runs it, and the calibration texts (read now, so a bad file fails at once)."""
     q = dict(int4_plan(t, int4).options) if precision in ("int4", "int8") else None
     algorithm = q["algorithm"] if q else None
     alg = int4_algorithm(algorithm) if q else None
     if precision == "int8" and not alg.int8:
         raise BadInput(f"int8 is made by the builder ({' or '.join(algorithms(int8=True))}), not by int4 algorithm '{algorithm}'",
                        hint="use --int4-algorithm rtn with --precision int8, or --precision int4")
-    cpu = t.runtime.execution_provider == "cpu"
-    from .mixed import check_mixed_request, unpacks_qkv
+    from .mixed import check_mixed_request
 
     measure = check_mixed_request(mixed, precision=precision, algorithm=algorithm)
-    if cpu and alg and alg.slow_kernel and precision == "int4" and not allow_slow_kernel:
+    if t.runtime.execution_provider == "cpu" and alg and alg.slow_kernel and precision == "int4" and not allow_slow_kernel:
         raise BadInput(alg.slow_kernel, hint="use rtn or k_quant (or pass --allow-slow-kernel to ship it anyway)")
     calibrated = precision == "int4" and (alg.calibrated or measure)
     if calibration is not None and not calibrated:
@@ -190,13 +234,20 @@ def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=N
 
         check_supported(model_dir)
     calib = load_calibration(calibration) if calibrated else None  # read (and fail) before any work
-    trained_grid = quant_aware_grid(model_dir, precision, q, mixed)
+    return {"q": q, "algorithm": algorithm, "alg": alg, "backend": backend, "calib": calib}
+
+
+def _builder_extra(model_dir: Path, t, precision: str, q: dict | None, mixed) -> dict[str, str]:
+    """The builder's ``extra_options`` for the request: block, symmetry, accuracy level, and where a tied embedding must
+    be untied or the head left float."""
+    from .mixed import unpacks_qkv
+
     extra: dict[str, str] = {}
     if q:
         extra = {"block_size": str(q["block_size"]), "is_symmetric": str(q["symmetric"]).lower(),
                  "accuracy_level": str(q["accuracy_level"])}
-        if algorithm == "k_quant":  # rtn = the quantizer's default RTN path (algo_config=rtn breaks on tied embeddings)
-            extra["algo_config"] = algorithm
+        if q["algorithm"] == "k_quant":  # rtn = the quantizer's default RTN path (algo_config=rtn breaks on tied embeddings)
+            extra["algo_config"] = q["algorithm"]
         if precision == "int8":  # 8-bit MatMulNBits is prepacked on the CPU at accuracy_level 4 only
             extra["accuracy_level"] = str(kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider))
         if precision == "int8" or not q["symmetric"]:
@@ -221,149 +272,142 @@ def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=N
                          + (f"stored int4 with block {emb}" if emb else "kept float"))
     if precision == "int4" and unpacks_qkv(mixed):  # v_proj at 8 bits, q/k at 4: three MatMuls, not one packed qkv
         extra["fuse_qkv"] = "false"
-    options = {"precision": precision, "execution_provider": ep, "extra": extra, "int4": q, "mixed": mixed,
-               "allow_slow_kernel": allow_slow_kernel,
-               "calibration": calib.sha256 if calib else None, "target": t.model_dump(mode="json", exclude={"source"})}
-    inputs = {"model": model_dir, "calibration": calib.path if calib else None}
-    with artifacts.stage_output(out, "export", inputs=inputs, options=options) as run, \
-            temp_dir("genai") as cache_name:
-        cache = Path(cache_name)
-        src = builder_input(model_dir, cache)
-        token_ids = encode_calibration(model_dir, calib.texts) if calib else None
-        qinfo: dict[str, Any] = {"quantizer": "onnxruntime-genai builder"} if q else {}
-        parity = None
-        if backend == "ort":
-            # fp32 graph with its own embedding table (untied), then its MatMuls quantized
-            build(src, cache / "fp32", "fp32", ep, cache, {"shared_embeddings": "false"})
-            with console.step(f"onnxruntime MatMulNBitsQuantizer ({algorithm} int4)"), console.results_only_stdout():
-                qinfo = quantize_onnx(cache / "fp32", run.dir, algorithm=algorithm, q=q, token_ids=token_ids)
-        elif backend == "inc":
-            with console.step(f"neural-compressor ({algorithm} int4)"), console.results_only_stdout():
-                qmodel, qinfo = inc_checkpoint(src, cache / "inc", algorithm=algorithm, q=q, token_ids=token_ids)
-            build(cache / "inc", run.dir, precision, ep, cache, extra)
-            with console.step("weights: graph vs neural-compressor"):
-                parity = inc_weight_parity(qmodel, run.dir)
-            del qmodel
-            if not parity["compared"] or parity["max_abs_diff"] > 1e-5 * max(1.0, parity["max_abs_weight"]):
-                raise CheckFailed(f"the graph's int4 weights differ from neural-compressor's (max |diff| {parity['max_abs_diff']:.3g} "
-                                  f"over {parity['compared']} MatMulNBits nodes)", hint="the builder misread the GPTQ-layout checkpoint")
+    return extra
+
+
+def _build_quantized(model_dir: Path, out: Path, cache: Path, t, precision: str, r: dict[str, Any], extra: dict[str, str],
+                     mixed, token_ids) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The graph into ``out`` by the request's backend: onnxruntime's quantizer over an fp32 build (``ort``),
+    neural-compressor's checkpoint built and checked weight for weight (``inc``), or the builder itself with AWQ's
+    scales folded in, imatrix/GPTQ values streamed into its nodes and/or mixed precision. Returns (quantization
+    record, neural-compressor's weight parity)."""
+    q, algorithm, alg, backend = r["q"], r["algorithm"], r["alg"], r["backend"]
+    ep = t.runtime.resolved_builder_provider
+    src = builder_input(model_dir, cache)
+    qinfo: dict[str, Any] = {"quantizer": "onnxruntime-genai builder"} if q else {}
+    parity = None
+    if backend == "ort":
+        # fp32 graph with its own embedding table (untied), then its MatMuls quantized
+        build(src, cache / "fp32", "fp32", ep, cache, {"shared_embeddings": "false"})
+        with console.step(f"onnxruntime MatMulNBitsQuantizer ({algorithm} int4)"), console.results_only_stdout():
+            qinfo = quantize_onnx(cache / "fp32", out, algorithm=algorithm, q=q, token_ids=token_ids)
+        return qinfo, parity
+    if backend == "inc":
+        with console.step(f"neural-compressor ({algorithm} int4)"), console.results_only_stdout():
+            qmodel, qinfo = inc_checkpoint(src, cache / "inc", algorithm=algorithm, q=q, token_ids=token_ids)
+        build(cache / "inc", out, precision, ep, cache, extra)
+        with console.step("weights: graph vs neural-compressor"):
+            parity = inc_weight_parity(qmodel, out)
+        del qmodel
+        if not parity["compared"] or parity["max_abs_diff"] > 1e-5 * max(1.0, parity["max_abs_weight"]):
+            raise CheckFailed(f"the graph's int4 weights differ from neural-compressor's (max |diff| {parity['max_abs_diff']:.3g} "
+                              f"over {parity['compared']} MatMulNBits nodes)", hint="the builder misread the GPTQ-layout checkpoint")
+        return qinfo, parity
+    if backend == "awq":  # scales folded into a checkpoint; the builder's RTN then
+        from .awq import scale_checkpoint
+
+        # from the user's folder, not the builder's view: transformers 5 loads a mistral config that
+        # carries layer_types (builder_input adds them) as Ministral, and would save it so
+        with console.step("awq: activation-aware scales on the calibration texts"), console.results_only_stdout():
+            qinfo["awq"] = scale_checkpoint(model_dir, cache / "awq", token_ids=token_ids, q=q)
+        (cache / "awq-view").mkdir()
+        src = builder_input(cache / "awq", cache / "awq-view")
+    plan = None
+    requantize = None
+    if backend == "imatrix" and alg.error_feedback:  # the same nodes, GPTQ over the imatrix search
+        from .imatrix import Requantizer, collect_hessians
+
+        with console.step(f"{algorithm}: input correlations on the calibration texts"), console.results_only_stdout():
+            hessians, importance = collect_hessians(model_dir, token_ids)
+        requantize = Requantizer(importance, hessians)
+    elif backend == "imatrix":  # the builder's RTN nodes, their values from the importance-weighted search
+        from .imatrix import Requantizer, collect
+
+        with console.step("imatrix: activation importance on the calibration texts"), console.results_only_stdout():
+            requantize = Requantizer(collect(model_dir, token_ids))
+    with stream_quant.requantizing(requantize):
+        if mixed:
+            from .mixed import plan_mixed
+
+            plan = plan_mixed(mixed, src=src, model_dir=model_dir, cache=cache, token_ids=token_ids,
+                              build=lambda d: build(src, d, precision, ep, cache, extra))
+            extra = {**extra, "nodes_to_exclude": ",".join(filter(None, [extra.get("nodes_to_exclude"), *plan["layers"]]))}
+        if requantize:
+            requantize.done.clear()
+        build(src, out, precision, ep, cache, extra)
+    if requantize:
+        qinfo["imatrix"] = requantize.summary()
+        if not requantize.done:
+            raise CheckFailed("the importance-weighted search requantized no MatMul of the builder's graph",
+                              hint="use --int4-algorithm rtn; this builder version quantizes in a way edgetune does not stream")
+    if plan:
+        from .mixed import finish_mixed
+
+        with console.step(f"mixed precision: {len(plan['layers'])} MatMuls at 8 bits"), console.results_only_stdout():
+            qinfo["mixed"] = finish_mixed(out, plan, q=q, execution_provider=t.runtime.execution_provider)
+    return qinfo, parity
+
+
+def _head_and_embedding(model_dir: Path, out: Path, t, precision: str, q: dict | None, backend: str, extra: dict[str, str],
+                        qinfo: dict[str, Any]) -> None:
+    """An int8 lm_head (and a tied embedding sharing its table), or an embedding we untied stored int4 too."""
+    if precision == "int4" and q["lm_head"] == "int8":
+        with console.step("int8 lm_head (MatMulNBits bits=8)"), console.results_only_stdout():
+            # CPU: 8-bit MatMulNBits at accuracy_level 0 dequantizes the whole head every step (SmolLM2:
+            # ~1 tok/s instead of ~11); level 4 (int8 activations) runs MLAS's int8 kernel at int4 speed.
+            head_level = kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider)
+            quantize_lm_head_in(out, bits=8, block_size=q["block_size"], symmetric=q["symmetric"],
+                                accuracy_level=head_level)
+        if tied_embeddings(model_dir):  # one int8 matrix for both, not an int8 head + an int4 copy
+            with console.step("embedding: the int8 head's table (GatherBlockQuantized bits=8)"), console.results_only_stdout():
+                shared = share_embedding_with_head_in(out)
+            if shared:
+                qinfo["embedding"] = shared["embedding"]
+    if precision == "int4" and backend != "ort" and extra.get("shared_embeddings") == "false" and "embedding" not in qinfo:
+        # untied by us (asymmetric int4): store the now separate embedding as int4 too, not float
+        with console.step("int4 embedding (GatherBlockQuantized)"), console.results_only_stdout():
+            if quantize_embedding_in(out, block_size=q["block_size"], symmetric=q["symmetric"]):
+                emb = embedding_block_size(hidden_size(model_dir) or q["block_size"], q["block_size"])
+                qinfo["embedding"] = (f"int4 {'symmetric' if q['symmetric'] else 'asymmetric'} RTN (DefaultWeightOnlyQuantConfig)"
+                                      f", block {emb}")
+
+
+def _check_graph(out: Path, t, precision: str, q: dict | None, alg, qinfo: dict[str, Any],
+                 allow_slow_kernel: bool) -> tuple[list, dict | None, list]:
+    """The written graph against the request: the head's kind, every MatMulNBits node's bits, block, accuracy level
+    and zero points, and (CPU) no node off the prepacked kernels. Returns (MatMulNBits attributes, head, kernel paths)."""
+    nbits = matmulnbits_attributes(out)
+    head = lm_head_attributes(out)
+    if precision == "int4" and head and head["kind"] != q["lm_head"]:
+        raise CheckFailed(f"the graph's lm_head is {head['kind']} ({head['op']}), not the requested {q['lm_head']}",
+                          hint="the builder ignored nodes_to_exclude; check the onnxruntime-genai version")
+    if precision in ("int4", "int8"):
+        bits = 4 if precision == "int4" else 8
+
+        def zero_points_ok(a) -> bool:
+            if alg.zero_points == "folded":  # converted to the symmetric + correction form: none may remain
+                return not a["zero_points"]
+            if not q["symmetric"]:
+                return a["zero_points"]
+            return alg.zero_points == "always" or not a["zero_points"]
+
+        eight = set((qinfo.get("mixed") or {}).get("layers", []))  # checked by finish_mixed
+        if precision == "int4" and (q["lm_head"] == "int8" or eight):  # the head is checked above
+            nbits_body = matmulnbits_attributes(out, skip_prefix="/lm_head/", skip=eight)
         else:
-            if backend == "awq":  # scales folded into a checkpoint; the builder's RTN then
-                from .awq import scale_checkpoint
-
-                # from the user's folder, not the builder's view: transformers 5 loads a mistral config that
-                # carries layer_types (builder_input adds them) as Ministral, and would save it so
-                with console.step("awq: activation-aware scales on the calibration texts"), console.results_only_stdout():
-                    qinfo["awq"] = scale_checkpoint(model_dir, cache / "awq", token_ids=token_ids, q=q)
-                (cache / "awq-view").mkdir()
-                src = builder_input(cache / "awq", cache / "awq-view")
-            plan = None
-            requantize = None
-            if backend == "imatrix" and alg.error_feedback:  # the same nodes, GPTQ over the imatrix search
-                from .imatrix import Requantizer, collect_hessians
-
-                with console.step(f"{algorithm}: input correlations on the calibration texts"), console.results_only_stdout():
-                    hessians, importance = collect_hessians(model_dir, token_ids)
-                requantize = Requantizer(importance, hessians)
-            elif backend == "imatrix":  # the builder's RTN nodes, their values from the importance-weighted search
-                from .imatrix import Requantizer, collect
-
-                with console.step("imatrix: activation importance on the calibration texts"), console.results_only_stdout():
-                    requantize = Requantizer(collect(model_dir, token_ids))
-            with stream_quant.requantizing(requantize):
-                if mixed:
-                    from .mixed import plan_mixed
-
-                    plan = plan_mixed(mixed, src=src, model_dir=model_dir, cache=cache, token_ids=token_ids,
-                                      build=lambda d: build(src, d, precision, ep, cache, extra))
-                    extra = {**extra, "nodes_to_exclude": ",".join(filter(None, [extra.get("nodes_to_exclude"), *plan["layers"]]))}
-                if requantize:
-                    requantize.done.clear()
-                build(src, run.dir, precision, ep, cache, extra)
-            if requantize:
-                qinfo["imatrix"] = requantize.summary()
-                if not requantize.done:
-                    raise CheckFailed("the importance-weighted search requantized no MatMul of the builder's graph",
-                                      hint="use --int4-algorithm rtn; this builder version quantizes in a way edgetune does not stream")
-            if plan:
-                from .mixed import finish_mixed
-
-                with console.step(f"mixed precision: {len(plan['layers'])} MatMuls at 8 bits"), console.results_only_stdout():
-                    qinfo["mixed"] = finish_mixed(run.dir, plan, q=q, execution_provider=t.runtime.execution_provider)
-        int8_head = precision == "int4" and q["lm_head"] == "int8"
-        if int8_head:
-            with console.step("int8 lm_head (MatMulNBits bits=8)"), console.results_only_stdout():
-                # CPU: 8-bit MatMulNBits at accuracy_level 0 dequantizes the whole head every step (SmolLM2:
-                # ~1 tok/s instead of ~11); level 4 (int8 activations) runs MLAS's int8 kernel at int4 speed.
-                head_level = kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider)
-                quantize_lm_head_in(run.dir, bits=8, block_size=q["block_size"], symmetric=q["symmetric"],
-                                    accuracy_level=head_level)
-            if tied_embeddings(model_dir):  # one int8 matrix for both, not an int8 head + an int4 copy
-                with console.step("embedding: the int8 head's table (GatherBlockQuantized bits=8)"), console.results_only_stdout():
-                    shared = share_embedding_with_head_in(run.dir)
-                if shared:
-                    qinfo["embedding"] = shared["embedding"]
-        if precision == "int4" and backend != "ort" and extra.get("shared_embeddings") == "false" and "embedding" not in qinfo:
-            # untied by us (asymmetric int4): store the now separate embedding as int4 too, not float
-            with console.step("int4 embedding (GatherBlockQuantized)"), console.results_only_stdout():
-                if quantize_embedding_in(run.dir, block_size=q["block_size"], symmetric=q["symmetric"]):
-                    emb = embedding_block_size(hidden_size(model_dir) or q["block_size"], q["block_size"])
-                    qinfo["embedding"] = (f"int4 {'symmetric' if q['symmetric'] else 'asymmetric'} RTN (DefaultWeightOnlyQuantConfig)"
-                                          f", block {emb}")
-        configure_genai(run.dir, t)
-        nbits = matmulnbits_attributes(run.dir)
-        head = lm_head_attributes(run.dir)
-        if precision == "int4" and head and head["kind"] != q["lm_head"]:
-            raise CheckFailed(f"the graph's lm_head is {head['kind']} ({head['op']}), not the requested {q['lm_head']}",
-                              hint="the builder ignored nodes_to_exclude; check the onnxruntime-genai version")
-        if precision in ("int4", "int8"):
-            bits = 4 if precision == "int4" else 8
-
-            def zero_points_ok(a) -> bool:
-                if alg.zero_points == "folded":  # converted to the symmetric + correction form: none may remain
-                    return not a["zero_points"]
-                if not q["symmetric"]:
-                    return a["zero_points"]
-                return alg.zero_points == "always" or not a["zero_points"]
-
-            eight = set((qinfo.get("mixed") or {}).get("layers", []))  # checked by finish_mixed
-            if precision == "int4" and (q["lm_head"] == "int8" or eight):  # the head is checked above
-                nbits_body = matmulnbits_attributes(run.dir, skip_prefix="/lm_head/", skip=eight)
-            else:
-                nbits_body = nbits
-            level = kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider) if bits == 8 else q["accuracy_level"]
-            bad = [a for a in nbits_body if a.get("bits") != bits or a.get("block_size") != q["block_size"]
-                   or a.get("accuracy_level", 0) != level or not zero_points_ok(a)]
-            if not nbits_body or bad:
-                raise CheckFailed(f"the graph's MatMulNBits nodes do not carry the requested options: {bad or 'none found'}",
-                                  hint="the builder ignored an option; check the onnxruntime-genai version")
-        paths = kernels.kernel_paths(run.dir)
-        slow = kernels.slow_nodes(paths)
-        if cpu and slow and not allow_slow_kernel:
-            raise CheckFailed(f"{len(slow)} MatMulNBits nodes would run off the CPU's prepacked kernels ({slow[0]['node']}: {slow[0]['path']})",
-                              hint="use rtn or k_quant, accuracy_level 4 for 8-bit, or --allow-slow-kernel")
-        tok = check_tokenizer(run.dir, model_dir) if ep == "cpu" else None
-        proof = None
-        from .proof import has_lora_branches, prove
-
-        if ep == "cpu" and not has_lora_branches(run.dir):  # the graph computes its model past any window (fp32: exact, else exit 1)
-            with console.step("graph vs PyTorch (teacher-forced, past the sliding window)"), console.results_only_stdout():
-                proof = prove(run.dir, model_dir, exact=precision == "fp32")
-        size = sum(p.stat().st_size for p in run.dir.iterdir() if p.is_file())
-        if calib:
-            qinfo["calibration"] = {"file": str(calib.path), "samples": calib.count, "sha256": calib.sha256,
-                                    "tokens": sum(len(x) for x in token_ids or [])}
-        if parity:
-            qinfo["weight_parity"] = parity
-        if trained_grid:
-            qinfo["quant_aware"] = trained_grid
-        run.results.update(kind="decoder", precision=precision, target=t.name, execution_provider=t.runtime.execution_provider,
-                           builder_provider=ep, int4=q if precision == "int4" else None, int8=q if precision == "int8" else None,
-                           quantization=qinfo or None, embeddings=embedding_kind(run.dir),
-                           matmulnbits=nbits, lm_head=head, kernel_paths={**kernels.summary(paths), "nodes": paths}, size_mb=round(size / 2**20, 3), tokenizer_check=tok,
-                           graph_proof=proof, exporter="onnxruntime-genai builder")
-    return out
-
+            nbits_body = nbits
+        level = kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider) if bits == 8 else q["accuracy_level"]
+        bad = [a for a in nbits_body if a.get("bits") != bits or a.get("block_size") != q["block_size"]
+               or a.get("accuracy_level", 0) != level or not zero_points_ok(a)]
+        if not nbits_body or bad:
+            raise CheckFailed(f"the graph's MatMulNBits nodes do not carry the requested options: {bad or 'none found'}",
+                              hint="the builder ignored an option; check the onnxruntime-genai version")
+    paths = kernels.kernel_paths(out)
+    slow = kernels.slow_nodes(paths)
+    if t.runtime.execution_provider == "cpu" and slow and not allow_slow_kernel:
+        raise CheckFailed(f"{len(slow)} MatMulNBits nodes would run off the CPU's prepacked kernels ({slow[0]['node']}: {slow[0]['path']})",
+                          hint="use rtn or k_quant, accuracy_level 4 for 8-bit, or --allow-slow-kernel")
+    return nbits, head, paths
 
 
 def build(src: Path, out_dir: Path, precision: str, ep: str, cache: Path, extra: dict[str, str]) -> None:
