@@ -343,6 +343,11 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
             cli(rid, label, ["--precision", "int4", "--int4-algorithm", alg, "--int4-asymmetric", "--int4-lm-head", "int8",
                              "--int4-accuracy-level", "4", "--mixed-8bit", mixed, "--calibration", "{calibration}"], "{merged}",
                 [("option", "--mixed-8bit")], "imatrix")
+        # the same graph with its sibling MatMulNBits packed (gate+up, q+k): bit-exact, one kernel call per group
+        cli("et-imatrix-gptq-h8-acc4-vd8-pack", "imatrix-gptq + v/down 8-bit, siblings packed (--pack-siblings)",
+            ["--precision", "int4", "--int4-algorithm", "imatrix-gptq", "--int4-asymmetric", "--int4-lm-head", "int8",
+             "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj,down_proj", "--pack-siblings", "--calibration", "{calibration}"],
+            "{merged}", [("option", "--mixed-8bit"), ("option", "--pack-siblings")], "imatrix")
         if not quick:
             # asymmetric by construction (hqq): its row is the asymmetric export, a symmetric one is refused
             from edgetune.quant import algorithms

@@ -62,6 +62,9 @@ class MixedSpec(click.ParamType):
 @click.option("--allow-slow-kernel", is_flag=True, help="Ship MatMulNBits nodes that miss the CPU's prepacked kernels (e.g. hqq's float zero points).")
 @click.option("--no-fuse", "no_fuse", is_flag=True,
               help="precision gguf / --float-adapter over it: keep every block-sum correction and LoRA branch as separate nodes (unfused).")
+@click.option("--pack-siblings", "pack_siblings", is_flag=True,
+              help="int4/int8 for a CPU target: pack the MatMulNBits that read one input (gate+up; q+k with --mixed-8bit v_proj) "
+                   "into one node + Split. Bit-exact; faster at 2+ threads (docs/llm.md).")
 @click.option("--gguf-8bit", "gguf_8bit", type=click.Choice(quant.GGUF_8BIT),
               help="precision gguf: the GGUF's 5-/6-/8-bit linears as a 4-bit node + a 2-/4-bit low-bits node (planes, default: "
                    "fp32 activations, smaller) or one 8-bit node at accuracy_level 4 (int8: int8 activations, fastest). docs/llm.md.")
@@ -69,7 +72,7 @@ class MixedSpec(click.ParamType):
 @common_options
 def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_accuracy_level, int4_symmetric,
            int4_lm_head, adapters, float_adapter, calibration, task, recipe, eval_data, recipe_candidates, mixed_8bit,
-           allow_slow_kernel, no_fuse, gguf_8bit) -> None:
+           allow_slow_kernel, no_fuse, pack_siblings, gguf_8bit) -> None:
     """Export MODEL (alias, GGUF or HF folder) to ONNX for target T."""
     from ..recipes import export_with_recipe as run_export
 
@@ -105,6 +108,8 @@ def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_
         opts["fuse"] = False
     if gguf_8bit:
         opts["gguf_8bit"] = gguf_8bit
+    if pack_siblings:
+        opts["pack"] = True
     path = run_export(model, out, target=target, precision=precision, **opts)
     rec = artifacts.read_record(path)
     result = {"out": str(path), **rec.get("results", {})}

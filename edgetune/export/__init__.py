@@ -41,7 +41,7 @@ def export(model, out, *, target, precision=None, **options) -> Path:
         from .seq2seq.pipeline import export_seq2seq
 
         for k in ("int4", "adapters", "float_adapter", "mixed", "recipe", "candidates", "data", "allow_slow_kernel", "fuse", "gguf_8bit",
-                  "calibration", "calibration_method", "per_channel", "exclude_nodes", "exclude_op_types", "keep_head_float"):
+                  "pack", "calibration", "calibration_method", "per_channel", "exclude_nodes", "exclude_op_types", "keep_head_float"):
             if options.pop(k, None):
                 raise BadInput(f"{k} options do not apply to a {info.model_type} translation model",
                                hint="translation exports take --precision fp32 or int8 (dynamic) only")
@@ -50,7 +50,7 @@ def export(model, out, *, target, precision=None, **options) -> Path:
         enc = importlib.import_module("edgetune.export.encoder.pipeline")
     except ImportError as e:
         raise BadInput(f"encoder export is unavailable ({e})", hint="install edgetune with its encoder extras") from None
-    for k in ("int4", "adapters", "float_adapter", "mixed", "recipe", "candidates", "data", "allow_slow_kernel", "fuse", "gguf_8bit"):
+    for k in ("int4", "adapters", "float_adapter", "mixed", "recipe", "candidates", "data", "allow_slow_kernel", "fuse", "gguf_8bit", "pack"):
         if options.pop(k, None):
             raise BadInput(f"{k} options apply to decoder LLMs, not to a {info.model_type} encoder")
     return enc.export_encoder(folder, out, target=target, precision=precision, **options)

@@ -159,13 +159,15 @@ def builder_input(model_dir: Path, scratch: Path) -> Path:
 
 
 def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=None, calibration=None, mixed=None,
-                   allow_slow_kernel: bool = False) -> Path:
+                   allow_slow_kernel: bool = False, pack: bool = False) -> Path:
     """The builder's own export of an HF decoder folder (``precision`` fp32, fp16, bf16, int8 or int4).
 
-    ``mixed``, ``allow_slow_kernel``: as :func:`edgetune.export.decoder.dispatch.export_llm`. Steps: the request
-    checked before any work (:func:`_request`), the builder's options (:func:`_builder_extra`), the build with the
-    algorithm's backend (:func:`_build_quantized`), the head and embedding (:func:`_head_and_embedding`), the graph
-    checked against the request (:func:`_check_graph`), the tokenizer and the graph proof, the record.
+    ``mixed``, ``allow_slow_kernel``: as :func:`edgetune.export.decoder.dispatch.export_llm`. ``pack``: on a CPU
+    target, sibling MatMulNBits that read one input become one node + Split (:mod:`.pack`, bit-exact); the adapter
+    variants, which find the base's nodes by name, build their base unpacked. Steps: the request checked before any
+    work (:func:`_request`), the builder's options (:func:`_builder_extra`), the build with the algorithm's backend
+    (:func:`_build_quantized`), the head and embedding (:func:`_head_and_embedding`), packing, the graph checked
+    against the request (:func:`_check_graph`), the tokenizer and the graph proof, the record.
     """
     model_dir, out = Path(model_dir), Path(out)
     t = resolve(target)
@@ -174,8 +176,9 @@ def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=N
     q, calib = r["q"], r["calib"]
     trained_grid = quant_aware_grid(model_dir, precision, q, mixed)
     extra = _builder_extra(model_dir, t, precision, q, mixed)
+    pack = pack and t.runtime.execution_provider == "cpu" and precision in ("int4", "int8")
     options = {"precision": precision, "execution_provider": ep, "extra": extra, "int4": q, "mixed": mixed,
-               "allow_slow_kernel": allow_slow_kernel,
+               "allow_slow_kernel": allow_slow_kernel, **({"pack": True} if pack else {}),
                "calibration": calib.sha256 if calib else None, "target": t.model_dump(mode="json", exclude={"source"})}
     inputs = {"model": model_dir, "calibration": calib.path if calib else None}
     with artifacts.stage_output(out, "export", inputs=inputs, options=options) as run, \
@@ -184,6 +187,12 @@ def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=N
         token_ids = encode_calibration(model_dir, calib.texts) if calib else None
         qinfo, parity = _build_quantized(model_dir, run.dir, cache, t, precision, r, extra, mixed, token_ids)
         _head_and_embedding(model_dir, run.dir, t, precision, q, r["backend"], extra, qinfo)
+        packed = None
+        if pack:
+            from .pack import pack_folder
+
+            with console.step("pack sibling MatMulNBits (gate+up, q+k)"), console.results_only_stdout():
+                packed = pack_folder(run.dir)
         configure_genai(run.dir, t)
         nbits, head, paths = _check_graph(run.dir, t, precision, q, r["alg"], qinfo, allow_slow_kernel)
         tok = check_tokenizer(run.dir, model_dir) if ep == "cpu" else None
@@ -205,7 +214,8 @@ def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=N
                            builder_provider=ep, int4=q if precision == "int4" else None, int8=q if precision == "int8" else None,
                            quantization=qinfo or None, embeddings=embedding_kind(run.dir),
                            matmulnbits=nbits, lm_head=head, kernel_paths={**kernels.summary(paths), "nodes": paths}, size_mb=round(size / 2**20, 3), tokenizer_check=tok,
-                           graph_proof=proof, exporter="onnxruntime-genai builder")
+                           graph_proof=proof, exporter="onnxruntime-genai builder",
+                           **({"packed": {"groups": packed["groups"], "nodes": [g["node"] for g in packed["nodes"]]}} if packed else {}))
     return out
 
 

@@ -38,7 +38,7 @@ def base_export(model_dir, out, *, target, precision: str, int4=None, calibratio
 
 
 def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=(), calibration=None, mixed=None,
-               allow_slow_kernel=False, float_adapter=None, fuse=True, gguf_8bit: str | None = None) -> Path:
+               allow_slow_kernel=False, float_adapter=None, fuse=True, gguf_8bit: str | None = None, pack: bool = False) -> Path:
     """Export an HF decoder folder for ``target``.
 
     ``mixed``: layer-wise mixed precision (int4 builder algorithms): ``{"layers": [builder node names]}``
@@ -48,6 +48,8 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     ``float_adapter``: a LoRA adapter folder kept as float side branches over this base (:mod:`.float_adapter`).
     ``fuse``: precision gguf (alone or under a float adapter): fuse the block-sum corrections and LoRA branches of
     the linears that share an input into one MatMul per group + one MatMul/Add per linear (:mod:`.fuse`, exact).
+    ``pack``: an int4/int8 builder export for a CPU target gets its sibling MatMulNBits (gate+up; q+k when v is 8-bit)
+    packed into one node + Split (:mod:`.pack`, bit-exact; +3.5 % decode at 2 threads, none at 1, docs/llm.md).
     ``gguf_8bit``: precision gguf, the form of the GGUF's 5-, 6- and 8-bit linears: ``planes`` (a 4-bit node
     at the profile's level + a 2-/4-bit low-bits node, :meth:`~.blockform.GraphEdit.planes`) or ``int8`` (one
     8-bit node at level 4 on the CPU); default :data:`GGUF_8BIT_DEFAULT`. docs/llm.md has the measurements.
@@ -68,6 +70,9 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     if precision not in LLM_PRECISIONS:
         raise BadInput(f"unknown precision '{precision}'", hint=f"use {', '.join(LLM_PRECISIONS[:-1])} or {LLM_PRECISIONS[-1]}")
     check_llm_precision(t, precision)
+    if pack and (precision not in ("int4", "int8") or adapters or float_adapter):
+        raise BadInput(f"--pack-siblings packs the builder's MatMulNBits: int4 or int8 exports without adapters, not "
+                       f"{precision}{' with adapters' if adapters or float_adapter else ''}", hint="drop --pack-siblings")
     with console.step("tokenizer: onnxruntime-genai vs transformers (before any weight work)"):
         check_tokenizer_files(model_dir)  # exit 2 in seconds, not exit 1 after the build
     if float_adapter:  # one graph: this base export + the LoRA as float side branches (never quantized)
@@ -85,4 +90,4 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     if gguf_8bit is not None:
         raise BadInput("--gguf-8bit applies to --precision gguf only", hint="drop --gguf-8bit")
     return export_builder(model_dir, out, target=t, precision=precision, int4=int4, calibration=calibration, mixed=mixed,
-                          allow_slow_kernel=allow_slow_kernel)
+                          allow_slow_kernel=allow_slow_kernel, pack=pack)

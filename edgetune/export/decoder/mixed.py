@@ -32,11 +32,11 @@ from typing import Any
 from ... import onnx_graph
 from ...errors import BadInput, require
 from ...quant import algorithms
-from .packed import HEAD, LINEARS, PACKED, builder_node, hf_linears
+from .packed import HEAD, LINEARS, PACKED, SIBLINGS, builder_node, hf_linears
 
 # ``mixed={"modules": [...]}``: a projection kept at 8 bits in every decoder layer (a rule, as llama.cpp's Q4_K_M keeps
 # attn_v / ffn_down wider), -> its builder block. q/k/v named one by one need the builder's unpacked attention.
-MODULES = {name: block for name, block in LINEARS.items() if name not in PACKED}
+MODULES = {name: block for name, block in LINEARS.items() if name not in SIBLINGS}
 QKV = PACKED["qkv_proj"]
 
 

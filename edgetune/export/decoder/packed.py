@@ -19,9 +19,12 @@ from ...errors import CheckFailed
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 PART_OF = {p: packed for packed, parts in PACKED.items() for p in parts}  # part -> its packed linear
 
+# what edgetune packs itself (export/decoder/pack.py: siblings that read one input), besides the checkpoints' own
+SIBLINGS = {**PACKED, "qk_proj": ("q_proj", "k_proj")}
+
 BLOCKS = {"attn": "self_attn", "mlp": "mlp"}  # the builder's block name -> the HF module it stands for
 # every linear of a decoder layer, packed or not -> its builder block
-LINEARS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn", "qkv_proj": "attn",
+LINEARS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn", "qkv_proj": "attn", "qk_proj": "attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "gate_up_proj": "mlp"}
 HEAD = "/lm_head/MatMul"
 _NODE = re.compile(r"^/model/layers\.(?P<layer>\d+)/(?P<block>attn|mlp)/(?P<proj>[a-z_]+)/MatMul")
@@ -42,7 +45,12 @@ def hf_linears(node_name: str) -> tuple[str, ...] | None:
     if parsed is None or LINEARS.get(parsed[2]) != parsed[1]:
         return None
     layer, block, proj = parsed
-    return tuple(f"model.layers.{layer}.{BLOCKS[block]}.{p}" for p in PACKED.get(proj, (proj,)))
+    return tuple(f"model.layers.{layer}.{BLOCKS[block]}.{p}" for p in SIBLINGS.get(proj, (proj,)))
+
+
+def packed_name(projs) -> str | None:
+    """The name of the packed linear whose parts are exactly ``projs`` (gate_proj + up_proj -> gate_up_proj), if any."""
+    return next((name for name, parts in SIBLINGS.items() if sorted(parts) == sorted(projs)), None)
 
 
 def builder_node(layer: int, proj: str) -> str:
