@@ -55,9 +55,11 @@ CANDIDATES: tuple[dict[str, Any], ...] = (
     # v_proj and down_proj at 8 bits in every layer (llama.cpp's Q4_K_M widens the same two, in half the layers)
     {"name": "imatrix-head8-vdown8", "precision": "int4", "int4": {"algorithm": "imatrix", "symmetric": False, "lm_head": "int8"},
      "mixed": {"modules": ["v_proj", "down_proj"]}},
-    # the same rule over GPTQ error feedback (imatrix-gptq): the most faithful fast-kernel candidate measured (docs/llm.md)
+    # the same rule over GPTQ error feedback (imatrix-gptq): the most faithful fast-kernel candidate measured, its
+    # sibling MatMulNBits packed (gate+up, q+k: bit-exact, faster at 2 threads; docs/llm.md)
     {"name": "imatrix-gptq-head8-vdown8", "precision": "int4",
-     "int4": {"algorithm": "imatrix-gptq", "symmetric": False, "lm_head": "int8"}, "mixed": {"modules": ["v_proj", "down_proj"]}},
+     "int4": {"algorithm": "imatrix-gptq", "symmetric": False, "lm_head": "int8"}, "mixed": {"modules": ["v_proj", "down_proj"]},
+     "pack": True},
     {"name": "rtn-head8-mixed10", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.10}},
     {"name": "rtn-head8-mixed25", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.25}},
     {"name": "rtn-head8-mixed50", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.50}},
@@ -204,6 +206,8 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
                 kw["calibration"] = calib.path
             if mixed:
                 kw["mixed"] = mixed
+            if cand.get("pack"):
+                kw["pack"] = True
             folder = work / name
             try:
                 with console.step(f"recipe {name}: export"):
@@ -217,7 +221,8 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
                 m = (rec.get("quantization") or {}).get("mixed") or {}
                 if m.get("sensitivity") and m["sensitivity"].get("ranking"):
                     sens_by_alg[alg] = m["sensitivity"]
-                elif any(c.get("mixed") for c in cands) and INT4_ALGORITHMS[alg].mixed:
+                elif any(c.get("mixed") for c in cands) and INT4_ALGORITHMS[alg].mixed and not rec.get("packed"):
+                    # (measured on the builder's node names: never on a packed graph)
                     so = dict(sensitivity_options or {})
                     if token_ids is None:
                         token_ids = encode_calibration(model_dir, calib.texts[: so.pop("samples", None) or len(calib.texts)])

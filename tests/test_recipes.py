@@ -245,6 +245,23 @@ def test_auto_recipe_picks_fastest_passing(tiny_llama, calib_file, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auto"]
 
 
+def test_auto_recipe_gptq_rule_candidate_ships_packed(tiny_llama, calib_file, tmp_path):
+    """The v/down 8-bit GPTQ candidate is exported with its siblings packed (gate+up, q+k); a packed graph is never
+    where the search measures layer sensitivity (its node names are not the builder's): rtn's is measured instead."""
+    out = export_with_recipe(tiny_llama, tmp_path / "auto", target="cpu-x86", recipe="auto", calibration=calib_file, data=calib_file,
+                             candidates=["imatrix-gptq-head8-vdown8"], validate_options=FAST_VALIDATE)
+    rec = results(out)
+    assert rec["recipe"]["chosen"] == "imatrix-gptq-head8-vdown8"
+    layers = json.loads((tiny_llama / "config.json").read_text())["num_hidden_layers"]
+    assert rec["packed"]["groups"] == 2 * layers
+    assert {n.split("/")[-2] for n in rec["packed"]["nodes"]} == {"qk_proj", "gate_up_proj"}
+    out2 = export_with_recipe(tiny_llama, tmp_path / "auto2", target="cpu-x86", recipe="auto", calibration=calib_file, data=calib_file,
+                              candidates=["imatrix-gptq-head8-vdown8", "imatrix-head8-mixed10"], validate_options=FAST_VALIDATE)
+    sens = results(out2)["recipe"]["sensitivity"]
+    assert "imatrix-gptq" not in sens and sens["imatrix"]["top"]
+    assert all("qk_proj" not in n and "gate_up_proj" not in n for n in sens["imatrix"]["top"])
+
+
 def test_auto_recipe_nothing_passes_exits_1_with_table(tiny_llama, calib_file, tmp_path):
     prof = tmp_path / "tiny-budget.toml"
     prof.write_text('name = "tiny-budget"\nextends = "cpu-x86"\n[budgets]\nmax_size_mb = 0.001\n')
