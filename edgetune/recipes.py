@@ -81,7 +81,7 @@ def export_with_recipe(model, out, *, target, precision=None, **options) -> Path
         return export(folder, out, target=target, precision=precision, **options)  # refuses recipe options itself
     target = resolve(target)  # once, for the recipe and the export
     recipe = options.pop("recipe", None)
-    if recipe is None and precision is None and not any(options.get(k) for k in ("int4", "adapters", "mixed")):
+    if recipe is None and precision is None and not any(options.get(k) for k in ("int4", "adapters", "mixed", "pack")):
         recipe = target.quantization.recipe
     if recipe != "auto":
         return export(folder, out, target=target, precision=precision, recipe=recipe, **options)
