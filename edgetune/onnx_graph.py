@@ -5,7 +5,8 @@ through here (decoder exports, their quantizers and fusions, the encoder's quant
   read, in milliseconds even for a 4B model); :func:`load` is the whole model, weights included.
 * :func:`save` writes a model. ``external=True`` is the decoder folder's form: every tensor over
   ``size_threshold`` bytes in one ``model.onnx.data`` next to it (any older pair removed first: onnx appends to an
-  existing data file). :func:`save_graph` rewrites only the graph of a folder whose weights stay where they are.
+  existing data file); a model read with :func:`read` and saved without ``external`` rewrites only the graph, its
+  external weights staying where they are.
 * :class:`Graph` indexes a loaded graph once: initializers, the producer and consumers of each tensor, the graph
   outputs, and the value of any constant (an initializer, a Constant node, a Cast of an initializer).
 * :func:`set_nodes` puts a graph's new node list in place (topological order, unused initializers dropped).
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 DATA = "model.onnx.data"  # the decoder folders' one external-data file
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulNBits, GatherBlockQuantized, ...)
 
 
 def read(path: str | Path):
@@ -51,13 +53,6 @@ def save(model, path: str | Path, *, external: bool = False, size_threshold: int
         f.unlink(missing_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA,
                     size_threshold=size_threshold)
-
-
-def save_graph(model, path: str | Path) -> None:
-    """Rewrite ``path`` with ``model``'s graph (read with :func:`read`): the external weights it names stay as they are."""
-    import onnx
-
-    onnx.save_model(model, str(path))
 
 
 def attributes(node) -> dict[str, Any]:

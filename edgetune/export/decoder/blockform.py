@@ -28,9 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ...onnx_graph import set_nodes
-
-MS_DOMAIN = "com.microsoft"
+from ...onnx_graph import MS_DOMAIN, attributes, set_nodes
 
 
 @dataclass
@@ -320,7 +318,7 @@ def convert_float_zero_points(model, *, skip=lambda node: False) -> list[dict[st
     + block-sum correction with offsets ``s * (z0 - z)``. The last new node writes the old output.
     Returns one record per converted node.
     """
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -335,7 +333,7 @@ def convert_float_zero_points(model, *, skip=lambda node: False) -> list[dict[st
             continue
         if len(node.input) > 4 and any(node.input[4:]):  # g_idx / bias: leave alone
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = attributes(node)
         n, k, bits, block = attrs["N"], attrs["K"], attrs.get("bits", 4), attrs["block_size"]
         if k % block or bits not in (4, 8) or node.input[1] not in inits or node.input[2] not in inits:
             continue

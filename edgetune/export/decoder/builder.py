@@ -35,7 +35,6 @@ from .quantize import (encode_calibration, inc_checkpoint, inc_weight_parity, lo
 
 def matmulnbits_attributes(folder: Path, skip_prefix: str | None = None, skip: Iterable[str] = ()) -> list[dict[str, Any]]:
     """Distinct attribute sets of the MatMulNBits nodes in the exported graph."""
-    import onnx
 
     model = onnx_graph.read(folder / "model.onnx")
     seen: dict[str, dict[str, Any]] = {}
@@ -44,7 +43,7 @@ def matmulnbits_attributes(folder: Path, skip_prefix: str | None = None, skip: I
     for node in model.graph.node:
         if node.op_type != "MatMulNBits" or (skip_prefix and node.name.startswith(skip_prefix)) or base_name(node.name) in skip:
             continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = onnx_graph.attributes(node)
         attrs = {k: v for k, v in attrs.items() if k in ("bits", "block_size", "accuracy_level")}
         # symmetric weights carry no zero points input
         attrs["zero_points"] = len(node.input) > 3 and bool(node.input[3])
@@ -74,14 +73,13 @@ def quant_aware_grid(model_dir: Path, precision: str, q: dict | None, mixed) -> 
 
 def lm_head_attributes(folder: Path) -> dict[str, Any] | None:
     """How the graph stores the output head (/lm_head/ MatMul or MatMulNBits), read back from it."""
-    import onnx
 
     model = onnx_graph.read(folder / "model.onnx")
     for node in model.graph.node:
         if node.name.startswith("/lm_head/") and node.op_type in ("MatMul", "MatMulNBits"):
             if node.op_type == "MatMul":
                 return {"node": node.name, "op": "MatMul", "bits": 32, "kind": "fp32"}
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            attrs = onnx_graph.attributes(node)
             return {"node": node.name, "op": "MatMulNBits", "bits": attrs.get("bits"), "block_size": attrs.get("block_size"),
                     "accuracy_level": attrs.get("accuracy_level", 0), "kind": f"int{attrs.get('bits')}"}
     return None

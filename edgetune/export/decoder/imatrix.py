@@ -55,6 +55,8 @@ from typing import Any
 
 import numpy as np
 
+from ... import onnx_graph
+
 STEPS = 20  # candidate scales per block (llama.cpp: nstep 20 for Q4_K)
 SPREAD = 1.0  # +- this much of the grid's range around RTN's scale, in grid steps (llama.cpp: rmin -1, rdelta 0.1)
 EPS = 1e-3  # importance floor, relative to a block's mean: a channel never seen active still counts a little
@@ -345,7 +347,7 @@ class Requantizer:
         return parts[0] if parts and parts[0] in self.importance else None
 
     def __call__(self, node_name: str, weight_kn: np.ndarray, proto: Any) -> bool:
-        from onnx import helper, numpy_helper
+        from onnx import numpy_helper
 
         from .blockform import pack, unpack
 
@@ -355,7 +357,7 @@ class Requantizer:
             self.skipped.append(node_name)
             return False
         node = nodes[0]
-        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        a = onnx_graph.attributes(node)
         bits, block, k, n = a["bits"], a["block_size"], a["K"], a["N"]
         if k % block or weight_kn.shape != (k, n):
             self.skipped.append(node_name)

@@ -56,7 +56,6 @@ def _zp_dtype(node, inits: dict, value_types: dict) -> str:
 
 def kernel_paths(folder: Path | str) -> list[dict[str, Any]]:
     """Per MatMulNBits node of ``folder/model.onnx``: name, bits, block, accuracy_level, zero-point dtype, CPU path."""
-    import onnx
 
     model = onnx_graph.read(Path(folder) / "model.onnx")
     inits = {i.name: i for i in model.graph.initializer}
@@ -65,7 +64,7 @@ def kernel_paths(folder: Path | str) -> list[dict[str, Any]]:
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
             continue
-        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+        a = onnx_graph.attributes(node)
         zp = _zp_dtype(node, inits, value_types)
         bits, level = int(a.get("bits", 4)), int(a.get("accuracy_level", 0))
         g_idx = len(node.input) > 4 and bool(node.input[4])
@@ -115,5 +114,5 @@ def set_accuracy_level(folder: Path | str, level: int, *, bits: int | None = Non
         else:
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
         n += 1
-    onnx_graph.save_graph(model, path)  # graph only; model.onnx.data (weights) is untouched
+    onnx_graph.save(model, path)  # graph only (read without weights): model.onnx.data is untouched
     return n

@@ -47,7 +47,6 @@ def base_name(node_name: str) -> str:
 
 def graph_weights(folder: Path) -> dict[str, Any]:
     """Dequantized [N, K] weights of every MatMulNBits node of an export, keyed by builder node name."""
-    import onnx
     from onnx import numpy_helper
 
     from .quantize import dequantize_matmulnbits
@@ -58,7 +57,7 @@ def graph_weights(folder: Path) -> dict[str, Any]:
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
             continue
-        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+        a = onnx_graph.attributes(node)
         arr = [numpy_helper.to_array(inits[i]) if i in inits else None for i in list(node.input)[1:4]] + [None] * 3
         out[base_name(node.name)] = dequantize_matmulnbits(arr[0], arr[1], arr[2], k=a["K"], n=a["N"], bits=a["bits"],
                                                            block_size=a["block_size"])

@@ -28,11 +28,9 @@ import numpy as np
 from ... import onnx_graph
 from .packed import SIBLINGS, builder_linear, packed_name
 
-MS_DOMAIN = "com.microsoft"
-
 
 def _key(node, G: onnx_graph.Graph) -> tuple | None:
-    if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN:
+    if node.op_type != "MatMulNBits" or node.domain != onnx_graph.MS_DOMAIN:
         return None
     ins = list(node.input)
     if len(ins) > 4 or any(i and i not in G.constants for i in ins[1:]):  # g_idx / bias, or a weight computed at run time
@@ -76,7 +74,7 @@ def pack_siblings(model) -> dict[str, Any]:
             inputs.append(tensor)
         out = f"{name}/output_0"
         attrs = {k: v for k, v in a.items() if k != "N"}
-        new_nodes.append(helper.make_node("MatMulNBits", inputs, [out], name=name, domain=MS_DOMAIN, N=sum(sizes), **attrs))
+        new_nodes.append(helper.make_node("MatMulNBits", inputs, [out], name=name, domain=onnx_graph.MS_DOMAIN, N=sum(sizes), **attrs))
         split = f"{name}/split_sizes"  # a Constant node, never external data: shape inference reads it
         new_nodes.append(helper.make_node("Constant", [], [split], name=f"{split}/Constant",
                                           value=numpy_helper.from_array(np.array(sizes, np.int64), f"{split}/value")))

@@ -169,7 +169,7 @@ def share_embedding_with_head_in(folder: Path) -> dict[str, Any] | None:
     if len(gather) != 1 or len(head) != 1:
         return None
     g, h = gather[0], head[0]
-    a = {x.name: helper.get_attribute_value(x) for x in h.attribute}
+    a = onnx_graph.attributes(h)
     k, n, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
     names = list(h.input)[1:4] + [""] * 2
     if bits != 8 or k % block or not all(x in inits for x in names[:2]):
@@ -201,7 +201,7 @@ def share_embedding_with_head_in(folder: Path) -> dict[str, Any] | None:
                                       name=f"{prefix}/Reshape_zero_points"))
         gbq_in.append(f"{prefix}/zero_points")
     nodes.append(helper.make_node("GatherBlockQuantized", gbq_in, list(g.output), name="/model/embed_tokens/GatherBlockQuantized",
-                                  domain="com.microsoft", bits=8, block_size=block, gather_axis=0, quantize_axis=1))
+                                  domain=onnx_graph.MS_DOMAIN, bits=8, block_size=block, gather_axis=0, quantize_axis=1))
     at = list(model.graph.node).index(g)
     model.graph.node.remove(g)
     for i, nd in enumerate(nodes):
@@ -216,9 +216,9 @@ def share_embedding_with_head_in(folder: Path) -> dict[str, Any] | None:
 def _gather_block_dequantized(node, inits: dict) -> tuple[Any, Any]:
     """The float table [N, K] of a GatherBlockQuantized (quantize_axis 1) and its quantization step per element."""
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, numpy_helper
 
-    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    a = onnx_graph.attributes(node)
     block = a.get("block_size", 128)
     init = inits[node.input[0]]
     data = numpy_helper.to_array(init)
@@ -386,7 +386,6 @@ def inc_weight_parity(qmodel, onnx_dir: Path, layers: list[int] | None = None) -
     same code for every layer.
     """
     import numpy as np
-    import onnx
     from onnx import numpy_helper
 
     torch = require("torch", purpose="neural-compressor parity")
@@ -426,7 +425,7 @@ def inc_weight_parity(qmodel, onnx_dir: Path, layers: list[int] | None = None) -
             unmatched.append(node.name)
             continue
         want = np.concatenate(ws, axis=0)
-        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+        a = onnx_graph.attributes(node)
         arr = [numpy_helper.to_array(inits[i]) if i in inits else None for i in list(node.input)[1:4]] + [None] * 3
         got = dequantize_matmulnbits(arr[0], arr[1], arr[2], k=a["K"], n=a["N"], bits=a["bits"], block_size=a["block_size"])
         if got.shape != want.shape:

@@ -291,7 +291,7 @@ def quantize_model(
     ops = {n.op_type for n in graph.node}
     if (prior and prior != "fp32") or ops & {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger"}:
         raise BadInput(f"{onnx_file} is already quantized ({prior or 'has Q/DQ nodes'})", hint=_FLOAT_SOURCE_HINT)
-    fused = sorted({n.op_type for n in graph.node if n.domain == "com.microsoft"})
+    fused = sorted({n.op_type for n in graph.node if n.domain == onnx_graph.MS_DOMAIN})
     if precision == "int8-static" and fused:
         raise BadInput(
             f"{onnx_file} has fused onnxruntime ops ({', '.join(fused)}); static QDQ needs the plain ONNX graph",
