@@ -77,7 +77,8 @@ def export_with_recipe(model, out, *, target, precision=None, **options) -> Path
     from .model_input import inspect, materialize
 
     folder = Path(model) if Path(model).is_dir() else Path(materialize(model).path)
-    if inspect(folder).kind != "decoder":
+    info = inspect(folder)
+    if info.kind != "decoder":
         return export(folder, out, target=target, precision=precision, **options)  # refuses recipe options itself
     target = resolve(target)  # once, for the recipe and the export
     recipe = options.pop("recipe", None)
@@ -87,7 +88,7 @@ def export_with_recipe(model, out, *, target, precision=None, **options) -> Path
         return export(folder, out, target=target, precision=precision, recipe=recipe, **options)
     from .export.decoder.proof import check_runtime_shapes
 
-    check_runtime_shapes(inspect(folder).config, str(folder))  # before the first candidate's export
+    check_runtime_shapes(info.config, str(folder))  # before the first candidate's export
     options.pop("task", None)
     search = {k: options.pop(k) for k in ("data", "candidates", "validate_options") if k in options}
     if precision is not None or {k for k in options if k != "calibration"}:

@@ -13,6 +13,12 @@ from ..errors import BadInput
 from ..model_input import inspect, materialize
 from ..targets import resolve
 
+# options that only a decoder export takes: refused (exit 2) for an encoder or a translation model
+DECODER_OPTIONS = ("int4", "adapters", "float_adapter", "mixed", "recipe", "candidates", "data", "allow_slow_kernel", "fuse",
+                   "gguf_8bit", "pack")
+# options of the encoder's int8 quantizer: refused for a translation model too
+ENCODER_QUANT_OPTIONS = ("calibration", "calibration_method", "per_channel", "exclude_nodes", "exclude_op_types", "keep_head_float")
+
 
 def export(model, out, *, target, precision=None, **options) -> Path:
     """Export ``model`` for ``target`` (a profile name or path, or a resolved Target: ``targets.resolve``).
@@ -40,8 +46,7 @@ def export(model, out, *, target, precision=None, **options) -> Path:
     if info.kind == "seq2seq":
         from .seq2seq.pipeline import export_seq2seq
 
-        for k in ("int4", "adapters", "float_adapter", "mixed", "recipe", "candidates", "data", "allow_slow_kernel", "fuse", "gguf_8bit",
-                  "pack", "calibration", "calibration_method", "per_channel", "exclude_nodes", "exclude_op_types", "keep_head_float"):
+        for k in DECODER_OPTIONS + ENCODER_QUANT_OPTIONS:
             if options.pop(k, None):
                 raise BadInput(f"{k} options do not apply to a {info.model_type} translation model",
                                hint="translation exports take --precision fp32 or int8 (dynamic) only")
@@ -50,7 +55,7 @@ def export(model, out, *, target, precision=None, **options) -> Path:
         enc = importlib.import_module("edgetune.export.encoder.pipeline")
     except ImportError as e:
         raise BadInput(f"encoder export is unavailable ({e})", hint="install edgetune with its encoder extras") from None
-    for k in ("int4", "adapters", "float_adapter", "mixed", "recipe", "candidates", "data", "allow_slow_kernel", "fuse", "gguf_8bit", "pack"):
+    for k in DECODER_OPTIONS:
         if options.pop(k, None):
             raise BadInput(f"{k} options apply to decoder LLMs, not to a {info.model_type} encoder")
     return enc.export_encoder(folder, out, target=target, precision=precision, **options)

@@ -59,7 +59,7 @@ def pack_siblings(model) -> dict[str, Any]:
         if packed_proj is None:
             continue
         order = SIBLINGS[packed_proj]  # the rows in the packed linear's own order (gate before up)
-        nodes = sorted(nodes, key=lambda n: order.index(builder_linear(n.name)[2]))
+        nodes = [n for _, n in sorted(zip(parsed, nodes), key=lambda pn: order.index(pn[0][2]))]
         name = f"/model/layers.{layer}/{block}/{packed_proj}/MatMul_Q{key[2]}"
         a = onnx_graph.attributes(nodes[0])
         sizes = [int(onnx_graph.attributes(n)["N"]) for n in nodes]
