@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import ROOT
+from .common import ROOT, child_env
 
 TRAIN = ROOT / "examples" / "data" / "smarthome_train.jsonl"
 EVAL = ROOT / "examples" / "data" / "smarthome_eval.jsonl"
@@ -195,7 +195,7 @@ def run_model(spec: Spec, work: Path, a: argparse.Namespace, logs: Path) -> dict
                            "stages": []}
     work.mkdir(parents=True, exist_ok=True)
     log = logs / f"{spec.name}.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", EDGETUNE_CACHE=str(work / "cache"))
+    env = dict(child_env(), HF_HUB_OFFLINE="1", EDGETUNE_CACHE=str(work / "cache"))
     et = [sys.executable, "-m", "edgetune"]
     stages: list[Stage] = []
 
