@@ -74,6 +74,12 @@ def _qwen25(hidden: int, inter: int, layers: int, heads: int, kv: int) -> dict:
 
 
 SPECS = {s.name: s for s in [
+    # the demo's model (its published configuration, random bf16 weights like every row): the first point
+    Spec("llama/phi3", "smollm2-135m", dict(
+        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, hidden_act="silu", head_dim=64, rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+        0.135, "HuggingFaceTB/SmolLM2-135M-Instruct config.json"),
     Spec("qwen2", "qwen2.5-0.5b", _qwen25(896, 4864, 24, 14, 2), 0.49, "Qwen/Qwen2.5-0.5B-Instruct config.json"),
     Spec("qwen2", "qwen2.5-1.5b", _qwen25(1536, 8960, 28, 12, 2), 1.54, "Qwen/Qwen2.5-1.5B-Instruct config.json"),
     Spec("qwen2", "qwen2.5-3b", _qwen25(2048, 11008, 36, 16, 2), 3.09, "Qwen/Qwen2.5-3B-Instruct config.json"),
@@ -90,7 +96,7 @@ SPECS = {s.name: s for s in [
                                     num_attention_heads=2, num_key_value_heads=1, vocab_size=49152, tie_word_embeddings=True,
                                     max_position_embeddings=2048, head_dim=64), 0.0066, "a check of this script"),
 ]}
-DEFAULT = "qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-3b,llama-3.2-1b,llama-3.2-3b,phi-3-mini"
+DEFAULT = "smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-3b,llama-3.2-1b,llama-3.2-3b,phi-3-mini"
 
 
 # ---------------------------------------------------------------- measuring one process
