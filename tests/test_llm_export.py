@@ -342,11 +342,47 @@ def test_block_not_dividing_hidden_unties_embedding(tmp_path):
     assert generates(out)
 
 
+@pytest.mark.parametrize("method, symmetric, bits", [("default", True, 4), ("default", False, 4), ("rtn", True, 4),
+                                                     ("rtn", False, 4), ("k_quant", True, 4), ("default", True, 8),
+                                                     ("rtn", False, 8)])
+def test_sliced_quantization_is_the_one_shot(method, symmetric, bits):
+    """A weight above stream_quant.CHUNK_BYTES (Qwen2.5-1.5B's tied head: 0.93 GB in fp32) is quantized in column
+    slices; stacked, they must be the one-shot result byte for byte. K = 96 has an odd block count (flat 4-bit zero
+    points pack pairs across columns) and N = 50 is no multiple of the slice."""
+    import numpy as np
+    from onnx import numpy_helper
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    from edgetune.export.decoder.stream_quant import quantize_weight
+
+    names = ("/lm_head/MatMul", "hidden", "lm_head.weight", "logits")
+    per_node = {names[0]: {"bits": bits}}
+    algo = {"default": None, "rtn": mq.RTNWeightOnlyQuantConfig(customized_weight_config=per_node),
+            "k_quant": mq.KQuantWeightOnlyQuantConfig(customized_weight_config=per_node)}[method]
+    settings = dict(quantizer_cls=mq.MatMulNBitsQuantizer, quant_format=QuantFormat.QOperator, algo=algo, bits=bits,
+                    block_size=32, is_symmetric=symmetric, accuracy_level=4)
+    # onnxruntime's RTN and k_quant (zero points always) cannot pack an odd block count themselves
+    k = 128 if method == "k_quant" or (method == "rtn" and not symmetric) else 96
+    w = np.random.default_rng(0).standard_normal((k, 50)).astype(np.float32) * np.linspace(0.1, 3, 50, dtype=np.float32)
+    one = quantize_weight(w, names, **settings)
+    sliced = quantize_weight(w, names, step=8, **settings)
+    assert [n.op_type for n in one.graph.node] == ["MatMulNBits"]
+    assert one.graph.node == sliced.graph.node  # inputs, outputs and attributes (N = 50, K, bits, block_size)
+    a = {t.name: numpy_helper.to_array(t) for t in one.graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in sliced.graph.initializer}
+    assert a.keys() == b.keys() and len(a) >= 2
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert a[name].tobytes() == b[name].tobytes(), name
+
+
 @pytest.mark.parametrize("family, precision, int4", [("phi3", "int4", {"algorithm": "rtn", "lm_head": "int8"}),
                                                      ("qwen2", "int4", {"algorithm": "k_quant"}), ("gemma2", "int8", None)])
 def test_streamed_quantization_is_the_builders_own(family, precision, int4, tmp_path, monkeypatch):
     """int4/int8 exports quantize the MatMuls one weight at a time (llm.stream_quant: the builder's own pass holds the
-    whole model in fp32, 23 GiB for a 3.8B model): the graph and every tensor must be the builder pass's, byte for byte."""
+    whole model in fp32, 23 GiB for a 3.8B model), the largest in column slices: the graph and every tensor must be
+    the builder pass's, byte for byte."""
     import onnx
 
     from edgetune.export.decoder import stream_quant
@@ -356,10 +392,16 @@ def test_streamed_quantization_is_the_builders_own(family, precision, int4, tmp_
     done = []
     real = stream_quant.prequantize
     monkeypatch.setattr(stream_quant, "prequantize", lambda *a: done.append(real(*a)) or done[-1])
+    # the MLP weights (128 KB in fp32) and the head are quantized in column slices, q/k/v/o (64 KB) in one piece
+    monkeypatch.setattr(stream_quant, "CHUNK_BYTES", 100 << 10)
+    sliced = []
+    real_slices = stream_quant.slice_columns
+    monkeypatch.setattr(stream_quant, "slice_columns", lambda *a: sliced.append(real_slices(*a)) or sliced[-1])
     streamed = export(src, tmp_path / "streamed", target="cpu-x86", precision=precision, int4=int4)
     monkeypatch.setattr(stream_quant, "ENABLED", False)
     builders = export(src, tmp_path / "builder", target="cpu-x86", precision=precision, int4=int4)
     assert done and done[0] >= 4 * 4, done  # every layer's projections at least
+    assert 0 in sliced and any(sliced), sliced  # some weights sliced, some not
     a, b = (onnx.load(str(d / "model.onnx"), load_external_data=False) for d in (streamed, builders))
     assert a.graph == b.graph  # nodes, attributes, initializer names and external-data offsets
     assert (streamed / "model.onnx.data").read_bytes() == (builders / "model.onnx.data").read_bytes()

@@ -14,6 +14,15 @@ is asked to, e.g. a Gather) and goes on as before. The quantizer is the same cod
 with the same settings, so the tensors are the same: a test compares both exports initializer by
 initializer. Used only where the builder's pass is one per-node pass (no mixed-precision passes, no
 exact-quantization overrides, no CUDA prepacking); anything else is left to the builder unchanged.
+
+A weight larger than :data:`CHUNK_BYTES` in fp32 (the tied 152k x 1536 head of Qwen2.5-1.5B is 0.93 GB) is
+quantized in slices of output columns: every block of MatMulNBits lies within one column (blocks run
+along K), so each slice's packed weights, scales and zero points are rows of the whole weight's, and the
+slices, stacked, are the one-shot result byte for byte (a test compares them). Slices hold an even
+number of columns, so the flat, pairwise-packed 4-bit zero points of an odd block count never straddle
+two slices. The quantizer's own copies (the weight read back from the protobuf, padded, transposed) are
+then the size of a slice, not of the head: for Qwen2.5-1.5B that was ~3 GB of transient fp32 at the
+export's peak.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 ENABLED = True  # tests turn it off to compare with the builder's own pass
+CHUNK_BYTES = 64 << 20  # a weight above this (fp32) is quantized in slices of output columns; tests lower it
 # set by `requantizing`: called with (node name, fp32 weight [K, N], the quantizer's one-node ModelProto) to
 # replace the RTN values in place (edgetune.export.decoder.imatrix.Requantizer); None: the builder's values as they are
 REQUANTIZE: Any = None
@@ -53,9 +63,7 @@ def applies(model: Any) -> bool:
 def prequantize(model: Any, quantizer_cls: Any, quant_format: Any) -> int:
     """Quantize the builder model's eligible MatMuls one by one, in place; the number done."""
     import numpy as np
-    import onnx
     import onnx_ir as ir
-    from onnx import helper
 
     attrs = model.quant_attrs
     exclude = set(attrs["nodes_to_exclude"])
@@ -69,28 +77,22 @@ def prequantize(model: Any, quantizer_cls: Any, quant_format: Any) -> int:
             continue
         if weight.shape is None or len(weight.shape) != 2 or weight.dtype != ir.DataType.FLOAT:
             continue
-        # a one-node model: the same node name, input names and weight as in the builder's graph
         array = weight.const_value.numpy()  # the one fp32 weight that exists at a time
-        out_name = node.outputs[0].name
-        proto = helper.make_model(helper.make_graph(
-            [helper.make_node("MatMul", [act.name, weight.name], [out_name], name=node.name)], "one",
-            [helper.make_tensor_value_info(act.name, onnx.TensorProto.FLOAT, None)],
-            [helper.make_tensor_value_info(out_name, onnx.TensorProto.FLOAT, None)],
-            [onnx.numpy_helper.from_array(array, weight.name)]), opset_imports=[helper.make_opsetid("", 21)])
-        if REQUANTIZE is None:
-            del array
         algo = None
         if model.quantization_algo != "default":  # as to_nbits: per-node bits for RTN / k_quant
             algo = model.make_algo_config(model.quantization_algo, {node.name: {"bits": attrs["bits"]}})
-        q = quantizer_cls(model=proto, bits=attrs["bits"], block_size=attrs["matmul_block_size"],
-                          is_symmetric=attrs["is_symmetric"], accuracy_level=attrs["accuracy_level"], nodes_to_exclude=[],
-                          quant_format=quant_format, op_types_to_quantize=("MatMul",), algo_config=algo)
-        q.process()
+        # a one-node model: the same node name, input names and weight as in the builder's graph
+        names = (node.name, act.name, weight.name, node.outputs[0].name)
+        settings = dict(quantizer_cls=quantizer_cls, quant_format=quant_format, algo=algo, bits=attrs["bits"],
+                        block_size=attrs["matmul_block_size"], is_symmetric=attrs["is_symmetric"],
+                        accuracy_level=attrs["accuracy_level"])
+        step = 0 if REQUANTIZE is not None else slice_columns(array.shape, quant_format)
+        quantized = quantize_weight(array, names, step=step, **settings)
         if REQUANTIZE is not None:
-            REQUANTIZE(node.name, array, q.model.model)
-            del array
-        one = ir.from_proto(q.model.model)
-        del proto, q
+            REQUANTIZE(node.name, array, quantized)
+        del array
+        one = ir.from_proto(quantized)
+        del quantized
         if [n.op_type for n in one.graph] == ["MatMul"]:  # the quantizer declined this weight: leave it to the builder
             continue
         new_nodes = list(one.graph)
@@ -113,10 +115,77 @@ def prequantize(model: Any, quantizer_cls: Any, quant_format: Any) -> int:
         del one, old_inits
         for v in fresh.values():
             graph.register_initializer(v)
-        new_out = next(o for n in new_nodes for o in n.outputs if o.name == out_name)
+        new_out = next(o for n in new_nodes for o in n.outputs if o.name == names[3])
         new_out.name = None
         ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [new_out])
         del graph.initializers[weight.name]
         weight.const_value = None  # the builder keeps its values by name: drop the (cached) fp32 tensor itself
         done += 1
     return done
+
+
+def quantize_weight(w: Any, names: tuple[str, str, str, str], *, step: int = 0, **settings: Any) -> Any:
+    """The quantizer's one-node model for the fp32 weight ``w`` [K, N] (in slices of ``step`` columns if ``step``).
+
+    ``names``: (node, activation, weight, output) as in the builder's graph; ``settings``: ``quantizer_cls``,
+    ``quant_format``, ``algo`` and the quantizer's ``bits``, ``block_size``, ``is_symmetric``, ``accuracy_level``."""
+    import numpy as np
+
+    if step:
+        return _stacked([_quantize_one(np.ascontiguousarray(w[:, i:i + step]), names, **settings)
+                         for i in range(0, w.shape[1], step)], w.shape[1])
+    return _quantize_one(w, names, **settings)
+
+
+def _quantize_one(w: Any, names: tuple[str, str, str, str], *, quantizer_cls: Any, quant_format: Any, algo: Any,
+                  **attrs: Any) -> Any:
+    import onnx
+    from onnx import helper
+
+    node, act, weight, out = names
+    proto = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", [act, weight], [out], name=node)], "one",
+        [helper.make_tensor_value_info(act, onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, weight)]), opset_imports=[helper.make_opsetid("", 21)])
+    q = quantizer_cls(model=proto, nodes_to_exclude=[], quant_format=quant_format, op_types_to_quantize=("MatMul",),
+                      algo_config=algo, **attrs)
+    q.process()
+    return q.model.model
+
+
+def slice_columns(shape: tuple, quant_format: Any) -> int:
+    """Columns per slice for a [K, N] fp32 weight above :data:`CHUNK_BYTES` (an even count), or 0: in one piece."""
+    k, n = shape
+    if k * n * 4 <= CHUNK_BYTES or getattr(quant_format, "name", "QOperator") != "QOperator":
+        return 0  # QDQ packs the whole [K, N] matrix as one int4 array: not column-separable
+    step = max(2, CHUNK_BYTES // (4 * k) // 2 * 2)
+    return step if step < n else 0
+
+
+def _stacked(parts: list, n: int) -> Any:
+    """One quantized one-node model from its column slices: each initializer's rows stacked, the node's N set to n.
+
+    Raises ``AssertionError`` unless the slices are the same node over initializers whose rows add up (a quantizer
+    whose output is not per-column would fail here rather than export something else)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    first = parts[0]
+    nodes = [list(p.graph.node) for p in parts]
+    if all([n.op_type for n in ns] == ["MatMul"] for ns in nodes):
+        return first  # the quantizer declined the weight (the caller leaves it to the builder)
+    assert all(len(ns) == 1 and ns[0].op_type == "MatMulNBits" for ns in nodes), [n.op_type for ns in nodes for n in ns]
+    node = first.graph.node[0]
+    names = [t.name for t in first.graph.initializer]
+    assert all([t.name for t in p.graph.initializer] == names for p in parts)
+    stacked = []
+    for i, name in enumerate(names):
+        arrays = [numpy_helper.to_array(p.graph.initializer[i]) for p in parts]
+        stacked.append(numpy_helper.from_array(np.concatenate(arrays, axis=0), name))
+    del first.graph.initializer[:]
+    first.graph.initializer.extend(stacked)
+    for a in node.attribute:
+        if a.name == "N":
+            a.CopyFrom(helper.make_attribute("N", n))
+    return first
