@@ -131,15 +131,7 @@ def measure(name: str, cmd: list[str], log: Path, *, timeout: float, env: dict |
     text = stdout.decode(errors="replace").strip().splitlines()
     if text and text[-1].startswith("{\"peak_kib\""):
         peak = json.loads(text.pop())["peak_kib"] / 2**20
-    result: dict = {}
-    for line in reversed(text):
-        try:
-            result = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(result, dict):
-            break
-        result = {}
+    result = _last_json("\n".join(text))
     code = p.returncode
     if code in ok_codes:
         status = "ok"
@@ -153,8 +145,21 @@ def measure(name: str, cmd: list[str], log: Path, *, timeout: float, env: dict |
     disk = None
     if out is not None and out.exists():
         disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**30
-    extra = result if name.startswith("make") else {k: result[k] for k in ("results",) if k in result}
+    extra = result if name.startswith("make") else {k: result[k] for k in ("results", "load_s") if k in result}
     return Stage(name, status, seconds, peak, disk, note, extra)
+
+
+def _last_json(text: str) -> dict:
+    """The last JSON object printed (``--json`` prints one, indented over many lines), or {}."""
+    dec = json.JSONDecoder()
+    for i in reversed([i for i, c in enumerate(text) if c == "{" and (i == 0 or text[i - 1] == "\n")]):
+        try:
+            obj, end = dec.raw_decode(text, i)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and not text[end:].strip():
+            return obj
+    return {}
 
 
 WRAP = ("import json,resource,subprocess,sys;"
@@ -362,7 +367,20 @@ def render(res: dict) -> str:
         lines.append(f"| {r['model']} ({r['family']}) | {p / 1e9:.2f}B |" if p else f"| {r['model']} ({r['family']}) | - |")
         lines[-1] += " " + " | ".join(cells) + " |"
     lines.append("")
-    lines.append("Cells: wall seconds, peak RSS of the stage's process tree. Notes (refusals, failures):")
+    lines.append("Cells: wall seconds, peak RSS of the stage's process tree.")
+    lines += ["", "The device side (`edgetune run` of the bundle in the device venv: one prompt, 16 new tokens):", "",
+              "| model | bundle on disk | run peak RSS | peak / bundle | load | decode |", "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        by = {s["name"]: s for s in r["stages"]}
+        b, run = by.get("bundle"), by.get("run (device)")
+        if not (b and run and b.get("disk_gib") and run["status"] == "ok" and run.get("peak_gib")):
+            continue
+        gen = (run.get("extra") or {}).get("results") or [{}]
+        load = (run.get("extra") or {}).get("load_s")
+        load = f"{load:.1f} s" if load is not None else f"{run['seconds'] - gen[0].get('seconds', 0):.1f} s (wall less generation)"
+        lines.append(f"| {r['model']} | {b['disk_gib']:.2f} GiB | {run['peak_gib']:.2f} GiB | {run['peak_gib'] / b['disk_gib']:.1f}x | "
+                     f"{load} | {gen[0].get('tokens_per_s', '-')} tok/s |")
+    lines += ["", "Notes (refusals, failures):"]
     for r in res["rows"]:
         for s in r["stages"]:
             if s["status"] != "ok" or s.get("note"):

@@ -432,3 +432,24 @@ def test_benchmark_modules_import_one_way():
     except CycleError as exc:
         pytest.fail(f"import cycle between benchmark modules: {exc.args[1]}")
     assert order.index("common") < order.index("run") and "run" not in set().union(*graph.values())
+
+
+def test_scale_reads_indented_json_and_renders_the_device_side():
+    """benchmarks.scale: a stage's result is the last JSON object its command printed (``--json`` indents it over many
+    lines: the device run's load time and decode speed were lost to a line-by-line parse), and the report has a row
+    per bundle that ran on the device, with the peak against the bundle's size."""
+    from benchmarks import scale
+
+    out = "loading...\n" + json.dumps({"load_s": 2.5, "results": [{"seconds": 4.0, "tokens_per_s": 4.0}]}, indent=2)
+    assert scale._last_json(out) == {"load_s": 2.5, "results": [{"seconds": 4.0, "tokens_per_s": 4.0}]}
+    assert scale._last_json("no result\n{ not json") == {}
+    run = {"name": "run (device)", "status": "ok", "seconds": 9.0, "peak_gib": 3.8, "extra": scale._last_json(out)}
+    res = {"machine": {"cpu": "Test CPU", "cores": 2, "memory_gib": 24, "features": ["avx2"], "load_start": [0.1, 0.1, 0.1]},
+           "date": "2026-12-06", "command": "python -m benchmarks.scale", "rows": [
+               {"model": "phi-3-mini", "family": "llama/phi3", "params": 3.93e9, "stages": [
+                   {"name": "bundle", "status": "ok", "seconds": 4.0, "peak_gib": 0.04, "disk_gib": 2.0}, run]},
+               {"model": "qwen2.5-3b", "family": "qwen2", "params": 3.1e9, "stages": [
+                   {"name": "export int4 rtn", "status": "timeout", "seconds": 2400.0, "note": "killed after 2400 s"}]}]}
+    md = scale.render(res)
+    assert "| phi-3-mini | 2.00 GiB | 3.80 GiB | 1.9x | 2.5 s | 4.0 tok/s |" in md
+    assert "qwen2.5-3b, export int4 rtn: timeout: killed after 2400 s" in md

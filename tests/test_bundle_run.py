@@ -67,6 +67,7 @@ def test_run_llm_bundle_device_only(llm_bundle):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert [x["prompt"] for x in res["results"]] == ["Turn on the lights", "hello"]
+    assert res["load_s"] > 0 and res["providers"][-1] == "cpu"
     assert all(1 <= x["new_tokens"] <= 6 and x["prompt_tokens"] > 3 for x in res["results"])
     assert "[verify] ok" in r.stderr
 

@@ -162,7 +162,8 @@ def _run_llm(folder: Path, target: str | None, prompts, chat: bool, raw: bool, s
         msg = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
         results.append({"prompt": p, **one(p if raw else msg)})
     if console.MODE.json:
-        console.emit({"bundle": str(folder), "kind": "decoder", "adapter": adapter, "results": results})
+        console.emit({"bundle": str(folder), "kind": "decoder", "adapter": adapter, "load_s": round(m.load_time_s, 3),
+                      "providers": list(m.providers), "results": results})
     for r in results:
         console.log(f"[run] {r['new_tokens']} tokens in {r['seconds']:.2f}s ({r['tokens_per_s']} tok/s)")
 
