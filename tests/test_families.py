@@ -62,6 +62,19 @@ def build_family(family: str, out: Path, window: int = WINDOW) -> Path:
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "phi4-mini", "gemma2", "gemma3_text"]
 
 
+def test_the_proof_stays_within_the_exports_context(tmp_path):
+    """The graph proof covers the window + 48 tokens, but never more than the export's context: the device's generator
+    refuses a longer sequence, so Phi-3-mini (window 2,047) failed every cpu-x86 export (context 2,048) at the cached
+    decode step (found by benchmarks.scale). Here a window of 16 and a profile whose context is 40."""
+    src = build_family("mistral", tmp_path / "src")
+    (tmp_path / "short.toml").write_text('extends = "cpu-x86"\nname = "short"\n[generation]\ncontext_length = 40\nmax_length = 40\n')
+    out = export(src, tmp_path / "fp32", target=str(tmp_path / "short.toml"), precision="fp32")
+    proof = json.loads((out / "edgetune.json").read_text())["results"]["graph_proof"]
+    assert json.loads((out / "genai_config.json").read_text())["model"]["context_length"] == 40
+    assert proof["tokens"] == 40 and proof["sliding_window"] == WINDOW and proof["max_abs_logit_diff_past_window"] is not None, proof
+    assert proof["decode_steps"] == 8 and proof["max_abs_logit_diff_cached_decode"] <= 1e-3 * max(1.0, proof["logit_scale"]), proof
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_exports_fp32_exactly_past_the_sliding_window_and_int4(family, tmp_path):
     src = build_family(family, tmp_path / "src")

@@ -73,12 +73,23 @@ def sliding_window(config: dict[str, Any]) -> int | None:
     return int(w)
 
 
-def proof_tokens(config: dict[str, Any]) -> int:
-    """How many tokens the comparison covers: past the sliding window by PAST_WINDOW, within the model's length."""
+def proof_tokens(config: dict[str, Any], context_length: int | None = None) -> int:
+    """How many tokens the comparison covers: past the sliding window by PAST_WINDOW, within the model's length and
+    the export's context (genai_config's ``context_length``: the device generates no further, and its generator refuses
+    a longer sequence: Phi-3-mini's window of 2,047 + 48 is past cpu-x86's 2,048)."""
     cfg = config.get("text_config") or config
     w = sliding_window(config)
     n = max(MIN_TOKENS, w + PAST_WINDOW) if w else MIN_TOKENS
-    return min(n, int(cfg.get("max_position_embeddings") or n))
+    return min(n, int(cfg.get("max_position_embeddings") or n), context_length or n)
+
+
+def context_length(folder: Path) -> int | None:
+    """The longest sequence an export's genai_config lets the device generate (None: not recorded)."""
+    try:
+        n = json.loads((Path(folder) / "genai_config.json").read_text())["model"].get("context_length")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    return int(n) if n else None
 
 
 def has_lora_branches(folder: Path) -> bool:
@@ -97,7 +108,7 @@ def prove(folder: Path, model_dir: Path, *, exact: bool, what: str = "graph") ->
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
     cfg = config.get("text_config") or config
-    n = proof_tokens(config)
+    n = proof_tokens(config, context_length(folder))
     window = sliding_window(config)
     vocab = int(cfg["vocab_size"])
     ids = np.random.default_rng(0).integers(0, vocab, n)
