@@ -186,7 +186,17 @@ def vs_trained_4bit(cls, base_dir: Path, adapter: Path, quant: dict[str, Any], e
             **{k: quant[k] for k in ("quant_type", "double_quant", "compute_dtype", "source")}}
 
 
-def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs_diff: float = 1e-3,
+def stored_dtype(model_dir: Path) -> str | None:
+    """The dtype a checkpoint's config.json says its weights are stored in (None: not recorded)."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    d = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    return str(d).replace("torch.", "") if d else None
+
+
+def merge(base, adapter, out, *, dtype: str = "auto", gate_data=None, max_abs_diff: float = 1e-3,
           max_kl: float = 1e-4, min_top1: float = 0.99, qlora: bool | None = None,
           max_kl_vs_4bit: float | None = None, min_top1_vs_4bit: float | None = None) -> Path:
     from .model_input import materialize
@@ -197,9 +207,17 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
     torch = require("torch", purpose="merge")
     transformers = require("transformers", purpose="merge")
     peft = require("peft", purpose="merge")
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise BadInput(f"unknown dtype {dtype}", hint="use float32, float16 or bfloat16")
+    if dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise BadInput(f"unknown dtype {dtype}", hint="use auto (the base's own), float32, float16 or bfloat16")
     task = cfg.get("task_type") or "CAUSAL_LM"
+    # auto: the base's own dtype (a bf16 checkpoint merges into bf16, as peft's merge_and_unload does; an fp32 one,
+    # e.g. a dequantized GGUF, stays fp32), so a 3.8B bf16 base never needs its 15.7 GB fp32 copy
+    stored = stored_dtype(base_dir)
+    requested, dtype = dtype, (dtype if dtype != "auto" else stored if stored in ("bfloat16", "float16") else "float32")
+    # the stored weights kept, computed in fp32 one module at a time (the reference is then the fp32 model's, bit for
+    # bit), the adapter merged into them; a quant-aware adapter's fake-quant reference needs the float base
+    keep_stored = (task == "CAUSAL_LM" and dtype == stored and dtype in ("bfloat16", "float16")
+                   and trained_grid(adapter) is None)
     cls = getattr(transformers, TASK_CLASSES[task])
     kwargs: dict[str, Any] = {}
     if task in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
@@ -218,7 +236,7 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
         from .model_input import check_seq2seq_tokenizer, inspect
 
         check_seq2seq_tokenizer(tok_dir, inspect(base_dir).config)
-    options: dict[str, Any] = {"dtype": dtype, "max_abs_diff": max_abs_diff, "max_kl": max_kl, "min_top1": min_top1}
+    options: dict[str, Any] = {"dtype": requested, "max_abs_diff": max_abs_diff, "max_kl": max_kl, "min_top1": min_top1}
     strict_4bit = max_kl_vs_4bit is not None or min_top1_vs_4bit is not None
     quant = trained_quantization(adapter, True if strict_4bit and qlora is None else qlora)
     if quant is not None:
@@ -229,7 +247,12 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
     with artifacts.stage_output(out, "merge", inputs={"base": base_dir, "adapter": adapter, "gate_data": gate_data},
                                 options=options) as run:
         with console.step("load base + adapter"):
-            model = cls.from_pretrained(str(base_dir), dtype=torch.float32, use_safetensors=True, **kwargs).eval()
+            if keep_stored:
+                from .model_input import load_causal_lm
+
+                model = load_causal_lm(base_dir).eval()
+            else:
+                model = cls.from_pretrained(str(base_dir), dtype=torch.float32, use_safetensors=True, **kwargs).eval()
             try:
                 model = peft.PeftModel.from_pretrained(model, str(adapter)).eval()
             except (RuntimeError, ValueError, KeyError) as e:
@@ -271,6 +294,7 @@ def merge(base, adapter, out, *, dtype: str = "float32", gate_data=None, max_abs
         if qat_spec is not None:
             gate["vs_fake_quant"] = _gate_vs_fake_quant(merged, qat_spec, encodings, merged_logits, trained_logits, max_kl, min_top1,
                                                         strict=dtype == "float32")
+        merged.config.dtype = target_dtype  # compute_in_fp32 marks the config fp32 for its masks: the weights are these
         merged.save_pretrained(str(run.dir), safe_serialization=True)
         tokenizer.save_pretrained(str(run.dir))
         if quant is not None:

@@ -178,3 +178,40 @@ def test_qlora_flag_defaults_and_tolerance(tiny_llama, lora, tmp_path, capsys):
     code, out, _ = run_cli(["merge", str(tiny_llama), str(adapter), "--out", str(tmp_path / "n"), "--no-qlora", "--json"], capsys)
     assert code == 0 and "vs_trained_4bit" not in json.loads(out)["gate"]
 
+
+
+def test_a_bf16_base_merges_into_bf16_without_an_fp32_copy(tiny_llama, lora, tmp_path, monkeypatch):
+    """--dtype auto (the default) keeps a bf16 base's dtype, as peft's merge_and_unload does: the merged checkpoint is
+    bf16 (half the disk and memory of the fp32 one: a 3.8B model's merge peaked at 22 GiB in fp32), its config says
+    so, the gate's reference is base + adapter computed in fp32 (the stored weights widened one module at a time, never
+    a whole fp32 copy), and the merged model is the fp32 merge rounded to bf16."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgetune import model_input
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.bfloat16).save_pretrained(str(bf16))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_llama / f).is_file():
+            (bf16 / f).write_bytes((tiny_llama / f).read_bytes())
+    widened = []
+    real = model_input.compute_in_fp32
+    monkeypatch.setattr(model_input, "compute_in_fp32", lambda m: widened.append(1) or real(m))
+    out = merge(bf16, lora, tmp_path / "merged")
+    rec = json.loads((out / "edgetune.json").read_text())
+    assert rec["options"]["dtype"] == "auto" and rec["results"]["dtype"] == "bfloat16" and widened
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    gate = rec["results"]["gate"]
+    assert gate["passed"] and gate["top1_agreement"] == 1.0, gate
+    full = merge(bf16, lora, tmp_path / "merged-fp32", dtype="float32")
+    assert json.loads((full / "config.json").read_text())["dtype"] == "float32"
+    a = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    b = AutoModelForCausalLM.from_pretrained(str(full), dtype=torch.float32)
+    assert next(AutoModelForCausalLM.from_pretrained(str(out)).parameters()).dtype == torch.bfloat16
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        # one bf16 rounding of the fp32 merge (peft may round the delta first: two half-ulps)
+        assert torch.allclose(p, q.to(torch.bfloat16).float(), rtol=2 ** -7, atol=1e-6), name
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # bf16, not the fp32 values
+    # an fp32 base still merges into fp32 (the demo's dequantized GGUF)
+    assert json.loads((merge(tiny_llama, lora, tmp_path / "m32") / "config.json").read_text())["dtype"] == "float32"

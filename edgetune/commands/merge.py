@@ -12,7 +12,8 @@ from ..cli import common_options, force_option
 @click.argument("base")
 @click.argument("adapter", type=click.Path(path_type=str))
 @click.option("--out", "-o", required=True, type=click.Path(), help="Folder for the merged HF model (safetensors).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
+              help="The merged weights' dtype; auto: the base's own (bf16 stays bf16, fp32 stays fp32).")
 @click.option("--gate-data", type=click.Path(exists=True, dir_okay=False), help="Held-out texts for the merge gate (default: built-in prompts).")
 @click.option("--max-abs-diff", type=click.FloatRange(0), default=1e-3, show_default=True, help="Gate: max |logit difference| vs base + adapter.")
 @click.option("--max-kl", type=click.FloatRange(0), default=1e-4, show_default=True, help="Gate: max KL(base + adapter || merged) per token.")
