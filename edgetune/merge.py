@@ -283,13 +283,19 @@ def merge(base, adapter, out, *, dtype: str = "auto", gate_data=None, max_abs_di
         with torch.no_grad():
             merged_logits = [_logits(merged(**e)).float() for e in encodings]
         figures = compare_logits(ref_logits, merged_logits)
-        passed = figures["max_abs_diff"] <= max_abs_diff * (1 if dtype == "float32" else 1000) and \
-            figures["kl"] <= max_kl * (1 if dtype == "float32" else 100) and figures["top1_agreement"] >= min_top1
-        gate = {**figures, "passed": passed, "reference": "unmerged PeftModel (base + adapter), float32",
+        # fp16/bf16 weights round the merge: the |dlogit| and KL limits widen, and top-1 is reported, not gated (the
+        # rounding flips only near-ties, which those two bound: random-weight models flip 3 % of their flat positions)
+        exact = dtype == "float32"
+        limits = {"max_abs_diff": max_abs_diff * (1 if exact else 1000), "kl": max_kl * (1 if exact else 100),
+                  "top1_agreement": min_top1 if exact else None}
+        passed = figures["max_abs_diff"] <= limits["max_abs_diff"] and figures["kl"] <= limits["kl"] and \
+            (not exact or figures["top1_agreement"] >= min_top1)
+        gate = {**figures, "passed": passed, "limits": limits, "reference": "unmerged PeftModel (base + adapter), float32",
                 "adapter_type": cfg.get("peft_type"), "use_dora": bool(cfg.get("use_dora")), "task_type": task}
         if not passed:
-            raise CheckFailed(f"merge gate failed: max|dlogit|={figures['max_abs_diff']:.3g} (<= {max_abs_diff}), "
-                              f"KL={figures['kl']:.3g} (<= {max_kl}), top-1={figures['top1_agreement']:.3f} (>= {min_top1})",
+            top1 = f" (>= {min_top1})" if exact else " (not gated for a rounded merge)"
+            raise CheckFailed(f"merge gate failed ({dtype}): max|dlogit|={figures['max_abs_diff']:.3g} (<= {limits['max_abs_diff']:.3g}), "
+                              f"KL={figures['kl']:.3g} (<= {limits['kl']:.3g}), top-1={figures['top1_agreement']:.3f}{top1}",
                               result=gate)
         if qat_spec is not None:
             gate["vs_fake_quant"] = _gate_vs_fake_quant(merged, qat_spec, encodings, merged_logits, trained_logits, max_kl, min_top1,

@@ -203,7 +203,8 @@ def test_a_bf16_base_merges_into_bf16_without_an_fp32_copy(tiny_llama, lora, tmp
     assert rec["options"]["dtype"] == "auto" and rec["results"]["dtype"] == "bfloat16" and widened
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     gate = rec["results"]["gate"]
-    assert gate["passed"] and gate["top1_agreement"] == 1.0, gate
+    assert gate["passed"] and gate["top1_agreement"] == 1.0 and gate["limits"]["top1_agreement"] is None, gate
+    assert gate["max_abs_diff"] <= gate["limits"]["max_abs_diff"] == 1.0
     full = merge(bf16, lora, tmp_path / "merged-fp32", dtype="float32")
     assert json.loads((full / "config.json").read_text())["dtype"] == "float32"
     a = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
