@@ -369,7 +369,7 @@ def render(res: dict) -> str:
     lines.append("")
     lines.append("Cells: wall seconds, peak RSS of the stage's process tree.")
     lines += ["", "The device side (`edgetune run` of the bundle in the device venv: one prompt, 16 new tokens):", "",
-              "| model | bundle on disk | run peak RSS | peak / bundle | load | decode |", "|---|---|---|---|---|---|"]
+              "| model | bundle on disk | run peak RSS | peak / bundle | load | generation (16 new tokens, prefill included) |", "|---|---|---|---|---|---|"]
     for r in res["rows"]:
         by = {s["name"]: s for s in r["stages"]}
         b, run = by.get("bundle"), by.get("run (device)")
@@ -379,7 +379,7 @@ def render(res: dict) -> str:
         load = (run.get("extra") or {}).get("load_s")
         load = f"{load:.1f} s" if load is not None else f"{run['seconds'] - gen[0].get('seconds', 0):.1f} s (wall less generation)"
         lines.append(f"| {r['model']} | {b['disk_gib']:.2f} GiB | {run['peak_gib']:.2f} GiB | {run['peak_gib'] / b['disk_gib']:.1f}x | "
-                     f"{load} | {gen[0].get('tokens_per_s', '-')} tok/s |")
+                     f"{load} | {gen[0].get('seconds', '-')} s, {gen[0].get('tokens_per_s', '-')} tok/s |")
     lines += ["", "Notes (refusals, failures):"]
     for r in res["rows"]:
         for s in r["stages"]:

@@ -451,5 +451,5 @@ def test_scale_reads_indented_json_and_renders_the_device_side():
                {"model": "qwen2.5-3b", "family": "qwen2", "params": 3.1e9, "stages": [
                    {"name": "export int4 rtn", "status": "timeout", "seconds": 2400.0, "note": "killed after 2400 s"}]}]}
     md = scale.render(res)
-    assert "| phi-3-mini | 2.00 GiB | 3.80 GiB | 1.9x | 2.5 s | 4.0 tok/s |" in md
+    assert "| phi-3-mini | 2.00 GiB | 3.80 GiB | 1.9x | 2.5 s | 4.0 s, 4.0 tok/s |" in md
     assert "qwen2.5-3b, export int4 rtn: timeout: killed after 2400 s" in md
