@@ -186,20 +186,10 @@ def vs_trained_4bit(cls, base_dir: Path, adapter: Path, quant: dict[str, Any], e
             **{k: quant[k] for k in ("quant_type", "double_quant", "compute_dtype", "source")}}
 
 
-def stored_dtype(model_dir: Path) -> str | None:
-    """The dtype a checkpoint's config.json says its weights are stored in (None: not recorded)."""
-    try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    d = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
-    return str(d).replace("torch.", "") if d else None
-
-
 def merge(base, adapter, out, *, dtype: str = "auto", gate_data=None, max_abs_diff: float = 1e-3,
           max_kl: float = 1e-4, min_top1: float = 0.99, qlora: bool | None = None,
           max_kl_vs_4bit: float | None = None, min_top1_vs_4bit: float | None = None) -> Path:
-    from .model_input import materialize
+    from .model_input import materialize, stored_dtype
 
     adapter, out = Path(adapter), Path(out)
     cfg = read_adapter(adapter)

@@ -550,22 +550,47 @@ def materialize(spec: str | os.PathLike, *, cache_dir: Path | None = None, dtype
     return inspect(out)
 
 
+def _widened_forward(module, forward, names: list[str]):
+    """``forward`` of ``module`` with its parameters ``names`` read as fp32 copies for the call (see compute_in_fp32)."""
+
+    def widened(*args, **kwargs):
+        stored = {n: module._parameters[n] for n in names}
+        for n, p in stored.items():
+            if p.requires_grad:  # a trainable weight must stay the Parameter the optimizer updates
+                raise RuntimeError(f"{type(module).__name__}.{n} is trainable in {p.dtype}: train it in fp32")
+            module._parameters[n] = p.detach().float()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            module._parameters.update(stored)
+
+    return widened
+
+
 def load_tokenizer(folder: str | os.PathLike):
     transformers = require("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 
-def load_causal_lm(folder: str | os.PathLike, *, dtype: str = "float32", trust_remote_code: bool = False, _stored: bool = True):
+def stored_dtype(folder: str | os.PathLike) -> str | None:
+    """The dtype a checkpoint's config.json says its weights are stored in (None: not recorded or unreadable)."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    d = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    return str(d).replace("torch.", "") if d else None
+
+
+def load_causal_lm(folder: str | os.PathLike, *, dtype: str = "float32", trust_remote_code: bool = False, _stored: bool = True,
+                   training: bool = False):
     """The model in ``dtype``. ``dtype="float32"`` of a checkpoint stored in bf16/fp16 keeps the stored weights and
     computes in fp32 one module at a time (:func:`compute_in_fp32`): the same logits as a full fp32 copy, bit for
     bit (widening bf16/fp16 is exact), at half the memory (a 3.8B bf16 model: 7.9 GB instead of 15.7 GB)."""
     transformers = require("transformers")
     torch = require("torch")
     check_hf_folder(Path(folder))
-    stored = None
-    if dtype == "float32" and _stored:
-        cfg = json.loads((Path(folder) / "config.json").read_text())
-        stored = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    stored = stored_dtype(folder) if dtype == "float32" and _stored else None
     load = stored if stored in ("bfloat16", "float16") else dtype
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(folder), dtype=getattr(torch, load), trust_remote_code=trust_remote_code, use_safetensors=True
@@ -576,17 +601,29 @@ def load_causal_lm(folder: str | os.PathLike, *, dtype: str = "float32", trust_r
             # model's: only a full fp32 load is
             del model
             return load_causal_lm(folder, dtype=dtype, trust_remote_code=trust_remote_code, _stored=False)
-        compute_in_fp32(model)
+        compute_in_fp32(model, training=training)
     return model
 
 
-def compute_in_fp32(model) -> None:
+def compute_in_fp32(model, *, training: bool = False) -> None:
     """Hooks that widen each module's own weights to fp32 for its forward and put the stored ones back after.
 
     Only one module's weights exist in fp32 at a time; activations are fp32 throughout (the first module,
     the embedding, returns fp32 rows), so the result is the fp32 model's.
+
+    ``training``: for a backward pass through frozen stored weights. Autograd keeps the tensors a forward used, and the
+    hooks' in-place swap of ``.data`` would hand the backward the stored bf16 weight again; so each module's forward
+    instead reads fp32 copies put in place of its parameters for that call (new tensors, which autograd keeps: with
+    gradient checkpointing only one layer's at a time).
     """
     torch = require("torch")
+    if training:
+        for m in model.modules():
+            own = [n for n, p in m.named_parameters(recurse=False) if p.dtype != torch.float32]
+            if own:
+                m.forward = _widened_forward(m, m.forward, own)
+        model.config.dtype = torch.float32
+        return
 
     def widen(module, args):
         saved = [(p, p.data) for p in module.parameters(recurse=False) if p.dtype != torch.float32]

@@ -197,7 +197,7 @@ def test_a_bf16_base_merges_into_bf16_without_an_fp32_copy(tiny_llama, lora, tmp
             (bf16 / f).write_bytes((tiny_llama / f).read_bytes())
     widened = []
     real = model_input.compute_in_fp32
-    monkeypatch.setattr(model_input, "compute_in_fp32", lambda m: widened.append(1) or real(m))
+    monkeypatch.setattr(model_input, "compute_in_fp32", lambda m, **kw: widened.append(kw) or real(m, **kw))
     out = merge(bf16, lora, tmp_path / "merged")
     rec = json.loads((out / "edgetune.json").read_text())
     assert rec["options"]["dtype"] == "auto" and rec["results"]["dtype"] == "bfloat16" and widened

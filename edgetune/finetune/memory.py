@@ -9,7 +9,8 @@ sequence, DeepSpeed ZeRO-3 offload, a smaller model).
 
 The estimate, per part (fp32 on a CPU; bf16/fp16 halve the float parts):
   weights      parameters x bytes per weight (QLoRA: 4-bit linears, ~0.56 byte with double quant
-               and scales, embeddings and head in the compute dtype)
+               and scales, embeddings and head in the compute dtype; a LoRA with gradient checkpointing
+               of a bf16/fp16 checkpoint: its 2 bytes plus one layer in fp32, ``keeps_stored_weights``)
   trainable    adapter parameters x 16 bytes (fp32 weight, gradient, two AdamW moments)
   activations  per layer, what the backward pass keeps: s*b*h*34 + 5*a*s^2*b bytes at 16 bits
                (sequence s, batch b, hidden h, heads a; Korthikanti et al. 2022), twice that in
@@ -80,9 +81,27 @@ class Estimate:
                 "activations": self.activations, "logits": self.logits, "runtime": RUNTIME_BYTES, "total": self.total}
 
 
+def keeps_stored_weights(folder: Path, task: str, opts, **over: Any) -> bool:
+    """Whether the fine-tune keeps a bf16/fp16 checkpoint's frozen weights as stored, computing in fp32 one module at a
+    time (:func:`edgetune.model_input.compute_in_fp32`) instead of loading an fp32 copy (Phi-3-mini: 15.7 GB).
+
+    Only a plain LoRA of a causal LM in fp32 with gradient checkpointing: autograd keeps the fp32 weight each linear's
+    backward needs, and only recomputation frees them layer by layer (without it, every widened weight would be held
+    until the backward: more than the fp32 copy); DoRA reads the base weight outside its layer's forward, quant-aware
+    training and DeepSpeed handle the weights themselves. The gradients are the fp32 fine-tune's (widening is exact)."""
+    from ..model_input import stored_dtype
+
+    o = {k: getattr(opts, k, None) for k in ("method", "precision", "gradient_checkpointing", "quant_aware", "deepspeed")}
+    o.update((k, v) for k, v in over.items() if k in o)
+    prec = "fp32" if o["precision"] in ("auto", None) else o["precision"]
+    return (task == "causal-lm" and o["method"] == "lora" and prec == "fp32" and bool(o["gradient_checkpointing"])
+            and not o["quant_aware"] and not o["deepspeed"] and stored_dtype(folder) in ("bfloat16", "float16"))
+
+
 def estimate(parameters: int, config: dict[str, Any], *, method: str, precision: str, batch_size: int, max_seq_len: int,
-             rank: int, gradient_checkpointing: bool) -> Estimate:
-    """Peak host memory of a CPU fine-tune (see the module docstring for each part)."""
+             rank: int, gradient_checkpointing: bool, stored_half: bool = False) -> Estimate:
+    """Peak host memory of a CPU fine-tune (see the module docstring for each part); ``stored_half``: the frozen
+    weights stay in a 16-bit checkpoint's dtype, one layer at a time widened (:func:`keeps_stored_weights`)."""
     cfg = config.get("text_config") or config  # multimodal configs nest the decoder's
     hidden = int(cfg.get("hidden_size") or cfg.get("d_model") or cfg.get("dim") or 1024)
     layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers") or 1)
@@ -91,6 +110,8 @@ def estimate(parameters: int, config: dict[str, Any], *, method: str, precision:
     embed = vocab * hidden * (1 if cfg.get("tie_word_embeddings", True) else 2)
     if method == "qlora":
         weights = int(max(parameters - embed, 0) * 0.5625) + embed * fbytes
+    elif stored_half:
+        weights = parameters * 2 + (parameters - embed) // layers * 4
     else:
         weights = parameters * fbytes
     # LoRA-like adapters: rank x (in + out) per adapted linear; ~7 linears of width ~hidden per layer
@@ -107,7 +128,8 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
-def check_fits(folder: Path, config: dict[str, Any], opts, model_name: str | None = None) -> dict[str, Any] | None:
+def check_fits(folder: Path, config: dict[str, Any], opts, model_name: str | None = None, task: str = "causal-lm"
+               ) -> dict[str, Any] | None:
     """Refuse (exit 2) a CPU fine-tune whose estimated peak exceeds the memory available; the estimate otherwise.
 
     Skipped (None) with DeepSpeed (offloaded and sharded states are its business) and on a GPU
@@ -128,7 +150,8 @@ def check_fits(folder: Path, config: dict[str, Any], opts, model_name: str | Non
     def est(**over) -> Estimate:
         kw = dict(method=opts.method, precision=prec, batch_size=opts.batch_size, max_seq_len=opts.max_seq_len,
                   rank=opts.rank, gradient_checkpointing=opts.gradient_checkpointing)
-        return estimate(params, config, **{**kw, **over})
+        kw.update(over)
+        return estimate(params, config, **kw, stored_half=keeps_stored_weights(folder, task, opts, **kw))
 
     need = est()
     have, source = available_bytes()

@@ -193,6 +193,12 @@ def peft_config(opts: FinetuneOptions, task: str, model):
 def load_model(path: Path, task: str, opts: FinetuneOptions, label_names: list[str]):
     transformers = require("transformers")
     torch = require("torch")
+    from .memory import keeps_stored_weights
+
+    if not _on_gpu() and keeps_stored_weights(path, task, opts):
+        from ..model_input import load_causal_lm
+
+        return load_causal_lm(path, training=True)  # the stored bf16/fp16 weights, computed in fp32 one module at a time
     prec = _precision(opts)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
     kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": False}
@@ -510,7 +516,7 @@ def _finetune(model, data, out: Path, opts: FinetuneOptions, resume: bool) -> Pa
     task = check_model_and_data(opts.task, ds, info)
     from .memory import check_fits
 
-    check_fits(Path(info.path), info.config, opts)  # before any weight is loaded: exit 2 with the figures
+    check_fits(Path(info.path), info.config, opts, task=task)  # before any weight is loaded: exit 2 with the figures
     if task == "qa" and opts.doc_stride >= opts.max_seq_len:
         raise BadInput(f"--doc-stride {opts.doc_stride} must be below --max-seq-len {opts.max_seq_len} (windows share that many tokens)",
                        hint="use e.g. --doc-stride 128 with --max-seq-len 384")
