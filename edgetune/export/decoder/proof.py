@@ -83,15 +83,6 @@ def proof_tokens(config: dict[str, Any], context_length: int | None = None) -> i
     return min(n, int(cfg.get("max_position_embeddings") or n), context_length or n)
 
 
-def context_length(folder: Path) -> int | None:
-    """The longest sequence an export's genai_config lets the device generate (None: not recorded)."""
-    try:
-        n = json.loads((Path(folder) / "genai_config.json").read_text())["model"].get("context_length")
-    except (OSError, ValueError, KeyError, AttributeError):
-        return None
-    return int(n) if n else None
-
-
 def has_lora_branches(folder: Path) -> bool:
     """LoRA side branches in the graph, as inputs (runtime adapters) or nodes (a float adapter): the graph is then
     base + adapter, which the adapter exports check against PyTorch themselves (``float_adapter_check``, ...)."""
@@ -108,7 +99,7 @@ def prove(folder: Path, model_dir: Path, *, exact: bool, what: str = "graph") ->
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
     cfg = config.get("text_config") or config
-    n = proof_tokens(config, context_length(folder))
+    n = proof_tokens(config, dev.context_length(folder))
     window = sliding_window(config)
     vocab = int(cfg["vocab_size"])
     ids = np.random.default_rng(0).integers(0, vocab, n)
