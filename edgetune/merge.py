@@ -206,8 +206,8 @@ def merge(base, adapter, out, *, dtype: str = "auto", gate_data=None, max_abs_di
     requested, dtype = dtype, (dtype if dtype != "auto" else stored if stored in ("bfloat16", "float16") else "float32")
     # the stored weights kept, computed in fp32 one module at a time (the reference is then the fp32 model's, bit for
     # bit), the adapter merged into them; a quant-aware adapter's fake-quant reference needs the float base
-    keep_stored = (task == "CAUSAL_LM" and dtype == stored and dtype in ("bfloat16", "float16")
-                   and trained_grid(adapter) is None)
+    qat_spec = trained_grid(adapter)
+    keep_stored = task == "CAUSAL_LM" and dtype == stored and dtype in ("bfloat16", "float16") and qat_spec is None
     cls = getattr(transformers, TASK_CLASSES[task])
     kwargs: dict[str, Any] = {}
     if task in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
@@ -260,7 +260,6 @@ def merge(base, adapter, out, *, dtype: str = "auto", gate_data=None, max_abs_di
             encodings = [tokenizer(t, return_tensors="pt", **cut) for t in _inputs(tokenizer, task, Path(gate_data) if gate_data else None)]
         with torch.no_grad():
             ref_logits = [_logits(model(**e)).float().clone() for e in encodings]
-        qat_spec = trained_grid(adapter)
         trained_logits = None
         if qat_spec is not None:
             with console.step(f"quant-aware adapter: the model it was trained as ({qat_spec.describe()})"):
