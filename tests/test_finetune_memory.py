@@ -121,18 +121,14 @@ def test_a_bf16_lora_with_checkpointing_keeps_the_stored_weights_and_trains_as_f
     """LoRA with gradient checkpointing on a bf16 checkpoint keeps the frozen weights in bf16 and widens one module at a
     time (Phi-3-mini's LoRA peaked at 22 GiB with the fp32 copy): the adapter it trains is the fp32 load's, the
     estimate counts 2 bytes per weight, and without checkpointing (or for DoRA) the fp32 copy is loaded as before."""
-    import torch
     from safetensors.numpy import load_file
-    from transformers import AutoModelForCausalLM
 
     from edgetune import model_input
     from edgetune.finetune import FinetuneOptions, finetune
     from edgetune.finetune import memory
-    bf16 = tmp_path / "bf16"
-    AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.bfloat16).save_pretrained(str(bf16))
-    for f in tiny_llama.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")) or f.name == "chat_template.jinja":
-            (bf16 / f.name).write_bytes(f.read_bytes())
+    from tiny_models import bf16_copy
+
+    bf16 = bf16_copy(tiny_llama, tmp_path / "bf16")
     data = Path(__file__).resolve().parent.parent / "examples" / "data" / "smarthome_train.jsonl"
     opts = FinetuneOptions(max_steps=3, save_steps=3, batch_size=2, max_seq_len=128, lr=3e-3, limit=12, seed=0,
                            gradient_checkpointing=True)

@@ -189,12 +189,9 @@ def test_a_bf16_base_merges_into_bf16_without_an_fp32_copy(tiny_llama, lora, tmp
     from transformers import AutoModelForCausalLM
 
     from edgetune import model_input
+    from tiny_models import bf16_copy
 
-    bf16 = tmp_path / "bf16"
-    AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.bfloat16).save_pretrained(str(bf16))
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tiny_llama / f).is_file():
-            (bf16 / f).write_bytes((tiny_llama / f).read_bytes())
+    bf16 = bf16_copy(tiny_llama, tmp_path / "bf16")
     widened = []
     real = model_input.compute_in_fp32
     monkeypatch.setattr(model_input, "compute_in_fp32", lambda m, **kw: widened.append(kw) or real(m, **kw))

@@ -91,6 +91,18 @@ def _decoder_common(tok) -> dict:
     )
 
 
+def bf16_copy(src: Path, out: Path) -> Path:
+    """``src`` (an HF causal LM folder) saved again in bf16, as the hub ships checkpoints, with its tokenizer files."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16).save_pretrained(str(out))
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")) or f.name == "chat_template.jinja":
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
 def build_tiny_llama(out: Path, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
