@@ -47,6 +47,7 @@ from .common import ROOT, TARGET, child_env, key
 from .exports import SLOW_CALIBRATED, calibrated_algorithms, export_spec, export_variant, exporter_fingerprint
 from .inputs import calibration_file
 from .variants import int4_variant, variants
+from .weights_read import read_mb
 
 DEMO_CONFIG = ROOT / "examples" / "smollm2-lora-cpu.toml"
 # the same task, data and LoRA settings trained quant-aware (finetune quant_aware = "int4"): its merged
@@ -348,6 +349,12 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
             ["--precision", "int4", "--int4-algorithm", "imatrix-gptq", "--int4-asymmetric", "--int4-lm-head", "int8",
              "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj,down_proj", "--pack-siblings", "--calibration", "{calibration}"],
             "{merged}", [("option", "--mixed-8bit"), ("option", "--pack-siblings")], "imatrix")
+        # the same with the head at 4 bits through the same GPTQ (the int8 head is ~30 % of the bytes a SmolLM2 decode step
+        # reads); the untied embedding gets its own int4 table
+        cli("et-imatrix-gptq-h4-acc4-vd8-pack", "same, int4 head (GPTQ'd like the blocks)",
+            ["--precision", "int4", "--int4-algorithm", "imatrix-gptq", "--int4-asymmetric", "--int4-lm-head", "int4",
+             "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj,down_proj", "--pack-siblings", "--calibration", "{calibration}"],
+            "{merged}", [("option", "--mixed-8bit"), ("option", "--pack-siblings")], "imatrix")
         if not quick:
             # asymmetric by construction (hqq): its row is the asymmetric export, a symmetric one is refused
             from edgetune.quant import algorithms
@@ -523,6 +530,8 @@ def ratios(rows: list[dict], threads: list[int]) -> None:
         v: dict[str, Any] = {}
         if r.get("size_mb") and bar.get("size_mb"):
             v["size"] = round(r["size_mb"] / bar["size_mb"], 3)
+        if r.get("read_mb") and bar.get("read_mb"):
+            v["read"] = round(r["read_mb"] / bar["read_mb"], 3)
         for t in threads:
             a, b = (r.get("speed") or {}).get(str(t), {}), (bar.get("speed") or {}).get(str(t), {})
             if a.get("decode_tok_s") and b.get("decode_tok_s"):
@@ -642,7 +651,8 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
             info = ggufs.get(t) or {"status": "failed", "error": "not made"}
             rows.append({"id": f"llama-{t.lower()}", "label": f"llama.cpp {t}", "toolchain": "llama.cpp", "engine": "llama", "llama_type": t,
                          "recipe": f"convert_hf_to_gguf.py --outtype f32{'' if t == 'F32' else f' + llama_model_quantize {t}'}",
-                         "status": info["status"], "error": info.get("error"), "artifact": info.get("path"), "size_mb": info.get("size_mb")})
+                         "status": info["status"], "error": info.get("error"), "artifact": info.get("path"), "size_mb": info.get("size_mb"),
+                         "read_mb": read_mb(info.get("path"))})
         # edgetune
         for spec in edgetune_rows(group, s, getattr(a, "slow_algorithms", False)):
             if only and spec["id"] not in only:
@@ -685,6 +695,7 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
             if info.get("folder"):
                 row["artifact"] = info["folder"]
                 row["size_mb"] = size_mb(Path(info["folder"]))
+                row["read_mb"] = read_mb(info["folder"])
                 try:
                     rec = json.loads((Path(info["folder"]) / "edgetune.json").read_text())
                     row["record"] = {k: rec.get("results", {}).get(k) for k in ("size_mb", "matmulnbits", "recipe", "search")

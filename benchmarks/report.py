@@ -311,6 +311,26 @@ def peers_tables(p: dict, machine: dict | None = None) -> list[str]:
                 table(peer_head(texts), [_peer_row(r, p) for r in rows]), "",
                 f"Per text ({', '.join(_text_label(t) for t in texts)}): perplexity, mean KL and top-1 agreement vs PyTorch fp32.", "",
                 table(qhead, [_quality_row(r, p) for r in rows]), ""]
+        bw = bandwidth_rows(rows)
+        if bw:
+            out += ["Weights one decode step reads (the MatMuls' and the head's, not the embedding table; "
+                    "benchmarks/weights_read.py) and the memory bandwidth that makes at each row's decode speed: rows that reach "
+                    "the same GB/s are bound by their bytes.", "",
+                    table(["row", "MB read / token", "vs Q4_K_M", "GB/s 1t", "GB/s 2t"], bw), ""]
+    return out
+
+
+def bandwidth_rows(rows: list[dict]) -> list[list[str]]:
+    """MB read per decode step and GB/s at 1 and 2 threads (MB x tok/s), for the rows that have both."""
+    out = []
+    for r in rows:
+        mb = r.get("read_mb")
+        if r.get("status", "ok") != "ok" or not mb:
+            continue
+        sp = r.get("speed") or {}
+        gbs = [fmt(mb * (sp.get(t) or {})["decode_tok_s"] * 2**20 / 1e9, ".2f") if (sp.get(t) or {}).get("decode_tok_s") else DASH
+               for t in ("1", "2")]
+        out.append([r.get("label", r.get("id", "?")), fmt(mb, ".1f"), ratio((r.get("vs_q4_k_m") or {}).get("read")), *gbs])
     return out
 
 

@@ -453,3 +453,59 @@ def test_scale_reads_indented_json_and_renders_the_device_side():
     md = scale.render(res)
     assert "| phi-3-mini | 2.00 GiB | 3.80 GiB | 1.9x | 2.5 s | 4.0 s, 4.0 tok/s |" in md
     assert "qwen2.5-3b, export int4 rtn: timeout: killed after 2400 s" in md
+
+
+def test_weights_read_per_token_counts_the_matmuls_folded_constants_and_untied_heads(tmp_path):
+    """benchmarks.weights_read: an onnx graph's MatMul weights count (an fp16 weight widened by a Cast at its fp32
+    size, a MatMulNBits' packed bytes, scales and zero points), the embedding's Gather table does not, a tensor read
+    twice counts once; a GGUF's token table counts only when it is the (tied) head."""
+    import numpy as np
+    import onnx
+    from gguf import GGUFWriter
+    from onnx import TensorProto, helper, numpy_helper
+
+    from benchmarks.weights_read import gguf_read_bytes, onnx_read_bytes, read_mb
+
+    inits = [numpy_helper.from_array(np.zeros((100, 8), np.float32), "table"),  # the embedding: 3,200 bytes, not read
+             numpy_helper.from_array(np.zeros((8, 16), np.float32), "w"),  # 512
+             numpy_helper.from_array(np.zeros((16, 8), np.float16), "w16"),  # 256 stored, 512 after the Cast
+             numpy_helper.from_array(np.zeros((8, 1, 16), np.uint8), "qb"),  # MatMulNBits K=32 N=8 b32: 128
+             numpy_helper.from_array(np.zeros((8,), np.float32), "qs")]  # 32
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["x"]),
+             helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Cast", ["w16"], ["w32"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["h", "w32"], ["h2"]),
+             helper.make_node("MatMul", ["h2", "w"], ["h3"]),  # "w" again: read once
+             helper.make_node("Concat", ["h3", "h3", "h3", "h3"], ["h4"], axis=-1),
+             helper.make_node("MatMulNBits", ["h4", "qb", "qs"], ["y"], domain="com.microsoft", K=32, N=8, bits=4, block_size=32)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    (tmp_path / "g").mkdir()
+    onnx.save(model, tmp_path / "g" / "model.onnx")
+    assert onnx_read_bytes(tmp_path / "g" / "model.onnx") == 512 + 512 + 128 + 32
+    assert read_mb(tmp_path / "g") == round(1184 / 2**20, 2) and read_mb(tmp_path / "nothing") is None
+
+    def gguf(name, tensors):
+        w = GGUFWriter(str(tmp_path / name), "llama")
+        for n, shape in tensors:
+            w.add_tensor(n, np.zeros(shape, np.float32))
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
+        w.close()
+        return tmp_path / name
+
+    untied = gguf("untied.gguf", [("token_embd.weight", (100, 8)), ("output.weight", (100, 8)), ("blk.0.attn_q.weight", (8, 8))])
+    tied = gguf("tied.gguf", [("token_embd.weight", (100, 8)), ("blk.0.attn_q.weight", (8, 8))])
+    assert gguf_read_bytes(untied) == 3200 + 256 and gguf_read_bytes(tied) == 3200 + 256
+
+
+def test_bandwidth_table_is_bytes_times_speed():
+    rows = [{"label": "llama.cpp Q4_K_M", "status": "ok", "read_mb": 100.0, "speed": {"1": {"decode_tok_s": 50.0}, "2": {"decode_tok_s": 80.0}},
+             "vs_q4_k_m": {"read": 1.0}},
+            {"label": "int4", "status": "ok", "read_mb": 50.0, "speed": {"1": {"decode_tok_s": 100.0}}, "vs_q4_k_m": {"read": 0.5}},
+            {"label": "refused", "status": "refused", "read_mb": 10.0}, {"label": "no figure", "status": "ok"}]
+    assert report.bandwidth_rows(rows) == [["llama.cpp Q4_K_M", "100.0", "1.00x", "5.24", "8.39"], ["int4", "50.0", "0.50x", "5.24", "–"]]
+    bar, row = dict(rows[0]), dict(rows[1])
+    bar["llama_type"], bar["size_mb"], row["size_mb"] = "Q4_K_M", 101.0, 60.0
+    peers.ratios([bar, row], [1, 2])
+    assert row["vs_q4_k_m"]["read"] == 0.5 and row["vs_q4_k_m"]["decode_1t"] == 2.0
