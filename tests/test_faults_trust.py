@@ -287,8 +287,11 @@ def test_signal_during_bundle_removes_its_temp_files(tmp_path, quiet_export, pha
     parent.mkdir()
     marker = tmp_path / "marker"
     env = {**os.environ, "SLOW_PHASE": phase, "SLOW_MARKER": str(marker), "PYTHONPATH": str(ROOT)}
+    # the child starts with SIGINT's default action, as under a terminal: a test run started in the background by a
+    # non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, which Python and edgetune rightly keep
     p = subprocess.Popen([sys.executable, "-c", _SLOW, "bundle", str(export), "-t", "cpu-x86", "-o", str(parent / "b"),
-                          "--archive", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+                          "--archive", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not marker.exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
