@@ -178,6 +178,12 @@ def worker(peer: Peer, job_kind: str, eng: str, model: str | Path, *args: str, t
 
 # ---------------------------------------------------------------- the models
 
+def shown(path: str) -> str:
+    """A path as the report prints it: relative to the repository when inside it (no machine's absolute path)."""
+    p = Path(path)
+    return str(p.relative_to(ROOT)) if p.is_absolute() and p.is_relative_to(ROOT) else path
+
+
 def demo_models(log: Log, config: Path = DEMO_CONFIG, work_dir: str | None = None) -> dict:
     """Run the demo build (cached stages) and return its merged model and adapter folders.
 
@@ -615,7 +621,7 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
         mkey = sha_folder(model_dir)
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         g: dict[str, Any] = {"model": str(model_dir), "model_sha": mkey,
-                             "label": (("demo fine-tune (merged)" if not demo.get("work") else f"fine-tune (merged) from {demo['work']}")
+                             "label": (("demo fine-tune (merged)" if not demo.get("work") else f"fine-tune (merged) from {shown(demo['work'])}")
                                        if group == "finetune" else "base SmolLM2-135M-Instruct (fp32 from the shipped GGUF)")}
         out["groups"][group] = g
         log(f"== peers: {group} ({model_dir})")

@@ -509,3 +509,8 @@ def test_bandwidth_table_is_bytes_times_speed():
     bar["llama_type"], bar["size_mb"], row["size_mb"] = "Q4_K_M", 101.0, 60.0
     peers.ratios([bar, row], [1, 2])
     assert row["vs_q4_k_m"]["read"] == 0.5 and row["vs_q4_k_m"]["decode_1t"] == 2.0
+
+
+def test_report_shows_paths_inside_the_repository_relative():
+    assert peers.shown(str(ROOT / "build" / "demo" / ".work")) == "build/demo/.work"
+    assert peers.shown("/elsewhere/.work") == "/elsewhere/.work" and peers.shown("rel/.work") == "rel/.work"
