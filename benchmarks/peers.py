@@ -203,7 +203,7 @@ def demo_models(log: Log, config: Path = DEMO_CONFIG, work_dir: str | None = Non
     p = subprocess.run([sys.executable, "-m", "edgetune", "build", str(config), "--quiet"], capture_output=True, text=True,
                        timeout=4 * 3600, env=child_env())
     merged, adapter = work / "merged", work / "adapter"
-    info = {"config": str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config), "build_exit": p.returncode,
+    info = {"config": shown(str(config)), "build_exit": p.returncode,
             "build_s": round(time.perf_counter() - t0, 1), "merged": str(merged), "adapter": str(adapter),
             "finetune": cfg.finetune.model_dump()}
     if p.returncode not in (0, 1) or not (merged / "config.json").is_file():
@@ -350,17 +350,15 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
             cli(rid, label, ["--precision", "int4", "--int4-algorithm", alg, "--int4-asymmetric", "--int4-lm-head", "int8",
                              "--int4-accuracy-level", "4", "--mixed-8bit", mixed, "--calibration", "{calibration}"], "{merged}",
                 [("option", "--mixed-8bit")], "imatrix")
-        # the same graph with its sibling MatMulNBits packed (gate+up, q+k): bit-exact, one kernel call per group
-        cli("et-imatrix-gptq-h8-acc4-vd8-pack", "imatrix-gptq + v/down 8-bit, siblings packed (--pack-siblings)",
-            ["--precision", "int4", "--int4-algorithm", "imatrix-gptq", "--int4-asymmetric", "--int4-lm-head", "int8",
-             "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj,down_proj", "--pack-siblings", "--calibration", "{calibration}"],
-            "{merged}", [("option", "--mixed-8bit"), ("option", "--pack-siblings")], "imatrix")
-        # the same with the head at 4 bits through the same GPTQ (the int8 head is ~30 % of the bytes a SmolLM2 decode step
-        # reads); the untied embedding gets its own int4 table
-        cli("et-imatrix-gptq-h4-acc4-vd8-pack", "same, int4 head (GPTQ'd like the blocks)",
-            ["--precision", "int4", "--int4-algorithm", "imatrix-gptq", "--int4-asymmetric", "--int4-lm-head", "int4",
-             "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj,down_proj", "--pack-siblings", "--calibration", "{calibration}"],
-            "{merged}", [("option", "--mixed-8bit"), ("option", "--pack-siblings")], "imatrix")
+        # the same graph with its sibling MatMulNBits packed (gate+up, q+k): bit-exact, one kernel call per group; and with
+        # the head at 4 bits through the same GPTQ (the int8 head is ~30 % of the bytes a SmolLM2 decode step reads; the
+        # untied embedding then gets its own int4 table)
+        for rid, label, head in (("et-imatrix-gptq-h8-acc4-vd8-pack", "imatrix-gptq + v/down 8-bit, siblings packed (--pack-siblings)", "int8"),
+                                 ("et-imatrix-gptq-h4-acc4-vd8-pack", "same, int4 head (GPTQ'd like the blocks)", "int4")):
+            cli(rid, label, ["--precision", "int4", "--int4-algorithm", "imatrix-gptq", "--int4-asymmetric", "--int4-lm-head", head,
+                             "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj,down_proj", "--pack-siblings", "--calibration",
+                             "{calibration}"],
+                "{merged}", [("option", "--mixed-8bit"), ("option", "--pack-siblings")], "imatrix")
         if not quick:
             # asymmetric by construction (hqq): its row is the asymmetric export, a symmetric one is refused
             from edgetune.quant import algorithms

@@ -327,9 +327,8 @@ def bandwidth_rows(rows: list[dict]) -> list[list[str]]:
         mb = r.get("read_mb")
         if r.get("status", "ok") != "ok" or not mb:
             continue
-        sp = r.get("speed") or {}
-        gbs = [fmt(mb * (sp.get(t) or {})["decode_tok_s"] * 2**20 / 1e9, ".2f") if (sp.get(t) or {}).get("decode_tok_s") else DASH
-               for t in ("1", "2")]
+        tok_s = [((r.get("speed") or {}).get(t) or {}).get("decode_tok_s") for t in ("1", "2")]
+        gbs = [fmt(mb * x * 2**20 / 1e9, ".2f") if x else DASH for x in tok_s]
         out.append([r.get("label", r.get("id", "?")), fmt(mb, ".1f"), ratio((r.get("vs_q4_k_m") or {}).get("read")), *gbs])
     return out
 

@@ -36,7 +36,9 @@ def onnx_read_bytes(model_path: Path) -> int:
     """Bytes of weights a one-token step of this graph reads (see the module docstring)."""
     import onnx
 
-    m = onnx.load(str(model_path), load_external_data=False)
+    from edgetune import onnx_graph
+
+    m = onnx_graph.read(model_path)
     inits = {i.name: i for i in m.graph.initializer}
     # constants: initializers and every output of a node whose inputs are all constants (folded at load)
     const = set(inits)
