@@ -193,3 +193,23 @@ def test_gptq_correlations_that_would_not_fit_are_refused_in_the_first_forward(t
     assert q is k and q.shape == (64, 64) and np.allclose(q, q.T)  # q/k/v read one tensor: one H
     assert hess["model.layers.0.self_attn.o_proj"] is not q and hess["model.layers.0.mlp.up_proj"] is hess["model.layers.0.mlp.gate_proj"]
     assert np.allclose(imp["model.layers.0.mlp.down_proj"], np.diag(hess["model.layers.0.mlp.down_proj"]))
+
+
+@pytest.mark.parametrize("algorithm", ["imatrix", "imatrix-gptq"])
+def test_a_block_wider_than_a_linears_input_is_searched_over_its_padding(outlier_llama, calib, tmp_path, algorithm):
+    # block 128 on a 64-wide hidden size (SmolLM2's 576 in blocks of 128 alike): MatMulNBits pads the last block, and
+    # the search pads the same way (zero weights of no importance), so no node falls back to RTN's values
+    int4 = {"symmetric": False, "lm_head": "int8", "accuracy_level": 4, "block_size": 128}
+    im = export(outlier_llama, tmp_path / "im", target="cpu-x86", precision="int4", calibration=calib,
+                int4={**int4, "algorithm": algorithm})
+    rtn = export(outlier_llama, tmp_path / "rtn", target="cpu-x86", precision="int4", int4={**int4, "algorithm": "rtn"})
+    info = json.loads((im / "edgetune.json").read_text())["results"]["quantization"]["imatrix"]
+    assert info["nodes"] == 10 and info["skipped"] == [], info
+    assert (info.get("output_error_vs_rtn") or info.get("weighted_error_vs_rtn")) < 0.9, info
+    assert matmulnbits_attributes(im) == matmulnbits_attributes(rtn)  # RTN's graph: only values differ
+    from edgetune import onnx_graph
+
+    ks = [onnx_graph.attributes(n)["K"] for n in onnx_graph.read(im / "model.onnx").graph.node if n.op_type == "MatMulNBits"]
+    assert sum(k % 128 != 0 for k in ks) >= 8, ks  # q/k/v/o/gate/up of both layers read 64 inputs: a padded block each
+    err = _held_out_error(outlier_llama, {"im": im, "rtn": rtn})
+    assert err["im"] < 0.95 * err["rtn"], err

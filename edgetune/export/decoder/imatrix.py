@@ -315,6 +315,14 @@ def _search(weight, importance, *, block, symmetric, bits, rtn):
     return q, best_s, zp, {"err_rtn": rtn_err, "err": float(best_err.sum())}
 
 
+def _pad(importance: np.ndarray, kp: int) -> np.ndarray:
+    """The importance [K] or [N, K] with zeros up to ``kp`` columns (the padding of a last partial block)."""
+    k = importance.shape[-1]
+    if k == kp:
+        return importance
+    return np.concatenate([importance, np.zeros(importance.shape[:-1] + (kp - k,), importance.dtype)], -1)
+
+
 def _pack_zero_points(z: np.ndarray, bits: int) -> np.ndarray:
     """MatMulNBits' zero_points: per row, ``bits``-bit values packed low first, each row padded to whole bytes."""
     from .blockform import pack
@@ -359,33 +367,42 @@ class Requantizer:
         node = nodes[0]
         a = onnx_graph.attributes(node)
         bits, block, k, n = a["bits"], a["block_size"], a["K"], a["N"]
-        if k % block or weight_kn.shape != (k, n):
+        if weight_kn.shape != (k, n):
             self.skipped.append(node_name)
             return False
+        # K not a multiple of the block (SmolLM2's 576 in blocks of 128): MatMulNBits pads the last block, and so does
+        # this search: zero weights of no importance (and a dead row/column of H), whose integers are dropped by the
+        # kernel (the activations it pads with are zeros)
+        nb = -(-k // block)
+        kp = nb * block
         inits = {i.name: i for i in proto.graph.initializer}
         names = list(node.input)[1:4]
         b_init, s_init = inits[names[0]], inits[names[1]]
         z_init = inits.get(names[2]) if len(names) > 2 and names[2] else None
-        rq = unpack(numpy_helper.to_array(b_init).reshape(n, -1), bits, k)
-        rs = numpy_helper.to_array(s_init).reshape(n, k // block)
+        rq = unpack(numpy_helper.to_array(b_init).reshape(n, -1), bits, kp)
+        rs = numpy_helper.to_array(s_init).reshape(n, nb)
         rz = None
         if z_init is not None:
             zp = numpy_helper.to_array(z_init).reshape(n, -1)
-            rz = unpack(zp, bits, zp.shape[1] * 8 // bits)[:, :k // block]
-        imp = self.importance[mod]
+            rz = unpack(zp, bits, zp.shape[1] * 8 // bits)[:, :nb]
+        w = np.zeros((n, kp), np.float32)
+        w[:, :k] = weight_kn.T
+        imp = _pad(np.asarray(self.importance[mod], np.float32), kp)
         if self.hessians is not None:
-            w = np.ascontiguousarray(weight_kn.T)
             hess = self.hessians[mod]
+            if kp != k:
+                hp = np.zeros((kp, kp), hess.dtype)
+                hp[:k, :k] = hess
+                hess = hp
             q, s, z = gptq(w, hess, imp, block=block, symmetric=z_init is None, bits=bits)
 
             def deq(q_, s_, z_):
-                zz = np.float32(2 ** (bits - 1)) if z_ is None else z_.astype(np.float32).reshape(n, k // block, 1)
-                return ((q_.astype(np.float32).reshape(n, k // block, block) - zz) * s_.reshape(n, k // block, 1)).reshape(n, k)
+                zz = np.float32(2 ** (bits - 1)) if z_ is None else z_.astype(np.float32).reshape(n, nb, 1)
+                return ((q_.astype(np.float32).reshape(n, nb, block) - zz) * s_.reshape(n, nb, 1)).reshape(n, kp)
 
             info = {"err_rtn": output_error(w, deq(rq, rs, rz), hess), "err": output_error(w, deq(q, s, z), hess)}
         else:
-            q, s, z, info = search(np.ascontiguousarray(weight_kn.T), imp, block=block, symmetric=z_init is None, bits=bits,
-                                   rtn=(rq, rs, rz))
+            q, s, z, info = search(w, imp, block=block, symmetric=z_init is None, bits=bits, rtn=(rq, rs, rz))
         b_init.CopyFrom(numpy_helper.from_array(pack(q, bits, block).reshape(numpy_helper.to_array(b_init).shape), b_init.name))
         s_init.CopyFrom(numpy_helper.from_array(s.astype(np.float32).reshape(numpy_helper.to_array(s_init).shape), s_init.name))
         if z_init is not None:
