@@ -169,6 +169,12 @@ def test_target_int4_overrides_are_checked_before_any_work_and_reach_the_export(
     c = write_config(tmp_path / "fp", tiny_llama, targets=CPU + 'int4 = { lm_head = "int8" }\n')
     code, _, err = run_cli(["build", str(c), "--quiet"], capsys)
     assert code == 2 and "targets[0].int4 is set but the target exports at fp32" in err
+    # a gguf target keeps the GGUF's blocks: its int4 table may only pick the kernels' accuracy_level
+    c = write_config(tmp_path / "gg", tiny_llama, targets='[[targets]]\nname = "cpu-x86"\nprecision = "gguf"\n'
+                     'int4 = { accuracy_level = 4, lm_head = "int8" }\n')
+    code, _, err = run_cli(["build", str(c), "--quiet"], capsys)
+    assert code == 2 and "targets[0].int4 sets lm_head, but a gguf target keeps the GGUF's own quantization" in err, err
+    assert not (tmp_path / "gg" / "out").exists()
     c = write_config(tmp_path / "enc", tiny_bert, targets='[[targets]]\nname = "cpu-x86"\nint4 = { lm_head = "int8" }\n')
     code, _, err = run_cli(["build", str(c), "--quiet"], capsys)
     assert code == 2 and "targets[0].int4 applies to decoder LLMs" in err

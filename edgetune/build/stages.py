@@ -20,9 +20,15 @@ def export_plan(config, i: int, t: TargetCfg, target, calibration: Path | None):
 
     plan = ExportPlan(target, t.precision, Int4Plan(target, t.int4_options()) if t.int4 else None, t.adapter, calibration)
     if plan.int4 is not None:
-        if plan.llm_precision != "int4":
+        if plan.llm_precision == "gguf":  # the GGUF keeps its own blocks: only the kernels' accuracy_level applies
+            extra = sorted(set(t.int4_options()) - {"accuracy_level"})
+            if extra:
+                raise BadInput(f"{config}: targets[{i}].int4 sets {', '.join(extra)}, but a gguf target keeps the GGUF's own "
+                               "quantization", hint="keep only accuracy_level in that target's int4 table")
+        elif plan.llm_precision != "int4":
             raise BadInput(f"{config}: targets[{i}].int4 is set but the target exports at {plan.llm_precision}",
-                           hint="set precision = \"int4\" for that target, or drop its int4 table")
+                           hint="set precision = \"int4\" (or \"gguf\", for accuracy_level only) for that target, or drop "
+                                "its int4 table")
         try:
             plan.int4.options  # computed (and checked) now; the export reads the same Int4Plan
         except BadInput as exc:
