@@ -62,6 +62,9 @@ class MixedSpec(click.ParamType):
 @click.option("--allow-slow-kernel", is_flag=True, help="Ship MatMulNBits nodes that miss the CPU's prepacked kernels (e.g. hqq's float zero points).")
 @click.option("--no-fuse", "no_fuse", is_flag=True,
               help="precision gguf / --float-adapter over it: keep every block-sum correction and LoRA branch as separate nodes (unfused).")
+@click.option("--side-int8", "side_int8", is_flag=True,
+              help="precision gguf / --float-adapter over it: store the fused side weights (LoRA A/B, block offsets; fp32) as "
+                   "8-bit MatMulNBits at accuracy_level 4: 4x fewer of their bytes per token, not exact (docs/llm.md).")
 @click.option("--pack-siblings", "pack_siblings", is_flag=True,
               help="int4/int8 for a CPU target: pack the MatMulNBits that read one input (gate+up; q+k with --mixed-8bit v_proj) "
                    "into one node + Split. Bit-exact; faster at 2+ threads (docs/llm.md).")
@@ -72,7 +75,7 @@ class MixedSpec(click.ParamType):
 @common_options
 def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_accuracy_level, int4_symmetric,
            int4_lm_head, adapters, float_adapter, calibration, task, recipe, eval_data, recipe_candidates, mixed_8bit,
-           allow_slow_kernel, no_fuse, pack_siblings, gguf_8bit) -> None:
+           allow_slow_kernel, no_fuse, side_int8, pack_siblings, gguf_8bit) -> None:
     """Export MODEL (alias, GGUF or HF folder) to ONNX for target T."""
     from ..recipes import export_with_recipe as run_export
 
@@ -104,8 +107,14 @@ def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_
         opts["mixed"] = mixed_8bit
     if allow_slow_kernel:
         opts["allow_slow_kernel"] = True
+    if no_fuse and side_int8:
+        from ..errors import BadInput
+
+        raise BadInput("--side-int8 stores the fused side weights: it needs the fusion --no-fuse turns off", hint="drop one of them")
     if no_fuse:
         opts["fuse"] = False
+    if side_int8:
+        opts["fuse"] = "int8"
     if gguf_8bit:
         opts["gguf_8bit"] = gguf_8bit
     if pack_siblings:

@@ -47,13 +47,17 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     whose MatMulNBits miss the CPU's prepacked kernels (:mod:`edgetune.export.decoder.kernels`), refused otherwise.
     ``float_adapter``: a LoRA adapter folder kept as float side branches over this base (:mod:`.float_adapter`).
     ``fuse``: precision gguf (alone or under a float adapter): fuse the block-sum corrections and LoRA branches of
-    the linears that share an input into one MatMul per group + one MatMul/Add per linear (:mod:`.fuse`, exact).
+    the linears that share an input into one MatMul per group + one MatMul/Add per linear (:mod:`.fuse`, exact);
+    ``"int8"``: fuse, then store those side weights as 8-bit MatMulNBits at accuracy_level 4
+    (:func:`.fuse.quantize_side_weights`: 4x fewer side bytes per token, not exact).
     ``pack``: an int4/int8 builder export for a CPU target gets its sibling MatMulNBits (gate+up; q+k when v is 8-bit)
     packed into one node + Split (:mod:`.pack`, bit-exact; +3.5 % decode at 2 threads, none at 1, docs/llm.md).
     ``gguf_8bit``: precision gguf, the form of the GGUF's 5-, 6- and 8-bit linears: ``planes`` (a 4-bit node
     at the profile's level + a 2-/4-bit low-bits node, :meth:`~.blockform.GraphEdit.planes`) or ``int8`` (one
     8-bit node at level 4 on the CPU); default :data:`GGUF_8BIT_DEFAULT`. docs/llm.md has the measurements.
     """
+    if fuse not in (True, False, "int8"):
+        raise BadInput(f"unknown fuse option {fuse!r}", hint="use true, false or \"int8\"")
     if gguf_8bit not in (None, *GGUF_8BIT):
         raise BadInput(f"unknown --gguf-8bit '{gguf_8bit}'", hint=f"use {' or '.join(GGUF_8BIT)}")
     base_export_ = functools.partial(base_export, gguf_8bit=gguf_8bit)
@@ -70,6 +74,9 @@ def export_llm(model_dir, out, *, target, precision=None, int4=None, adapters=()
     if precision not in LLM_PRECISIONS:
         raise BadInput(f"unknown precision '{precision}'", hint=f"use {', '.join(LLM_PRECISIONS[:-1])} or {LLM_PRECISIONS[-1]}")
     check_llm_precision(t, precision)
+    if fuse == "int8" and precision != "gguf":
+        raise BadInput(f"--side-int8 stores the fused side weights of a GGUF transcode; precision {precision} has none",
+                       hint="add --precision gguf (with a GGUF base), or drop --side-int8")
     if pack and (precision not in ("int4", "int8") or adapters or float_adapter):
         raise BadInput(f"--pack-siblings packs the builder's MatMulNBits: int4 or int8 exports without adapters, not "
                        f"{precision}{' with adapters' if adapters or float_adapter else ''}", hint="drop --pack-siblings")

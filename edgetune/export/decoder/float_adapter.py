@@ -166,8 +166,8 @@ def export_with_float_adapter(model_dir: Path, out: Path, *, target, precision: 
         if fuse and precision == "gguf":
             from .fuse import fuse_folder, summary
 
-            with console.step("fuse LoRA branches + block-sum corrections (one MatMul per input group)"):
-                fusion = summary(fuse_folder(run.dir))
+            with console.step("fuse LoRA branches + block-sum corrections (one MatMul per input group)" + (", 8-bit" if fuse == "int8" else "")):
+                fusion = summary(fuse_folder(run.dir, side_int8=fuse == "int8"))
         check = None
         if t.runtime.resolved_builder_provider == "cpu":
             with console.step("float adapter check (onnxruntime vs PyTorch base + PEFT, and vs merged)"):

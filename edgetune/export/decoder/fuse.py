@@ -129,7 +129,8 @@ def _linears(G: Graph) -> list[dict[str, Any]]:
     return found
 
 
-def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto", s_max_bytes: int | None = 65536) -> dict[str, Any]:
+def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto", s_max_bytes: int | None = 65536,
+                       align: int = 1) -> dict[str, Any]:
     """Rewrite ``model`` (onnx ModelProto, in place) into the fused form; returns what was fused.
 
     ``blocksums``: ``"reduce"`` keeps the shared Reshape -> ReduceSum and concatenates its output after ``x @ A_cat``
@@ -138,6 +139,9 @@ def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto", s_m
     for a group without LoRA terms (W1 is then the one shared S of that K), ``"reduce"`` otherwise.
     ``s_max_bytes``: with ``"auto"``, use S only where its fp32 size ``4*K*K/b`` is at most this (64 KiB: on SmolLM2
     S for K=576 (41 KB) is faster than Reshape -> ReduceSum, S for down_proj's K=1536 (295 KB) is not; docs/llm.md).
+    ``align``: each LoRA's columns of ``z`` are followed by zero columns up to a multiple of this (zeros in W1, zero rows
+    in W2), so that a kernel working on blocks of ``align`` along z (:func:`quantize_side_weights`) never puts two
+    parts in one block; 1 (no padding) for the float graph.
     """
     assert blocksums in ("reduce", "matmul", "auto")
     mode = blocksums
@@ -191,6 +195,8 @@ def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto", s_m
                 if t["kind"] == "lora":
                     col_of[(li, ti)] = len(cols)
                     cols.append(("A", t["a"], t["rank"]))
+                    if t["rank"] % align:
+                        cols.append(("P", None, align - t["rank"] % align))
         blocks = sorted({t["block"] for lin in lins for t in lin["terms"] if t["kind"] == "corr"})
         for b in blocks:
             col_of[("S", b)] = len(cols)
@@ -210,7 +216,7 @@ def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto", s_m
         tag = x.strip("/").replace("/", "_")
         base = f"{PREFIX}/{tag}"
         if blocksums == "matmul":
-            w1_parts = [c[1] if c[0] == "A" else s_matrix(k, c[1]) for c in cols]
+            w1_parts = [c[1] if c[0] == "A" else zeros(k, c[2]) if c[0] == "P" else s_matrix(k, c[1]) for c in cols]
             w1 = w1_parts[0]
             if len(w1_parts) > 1:
                 w1 = f"{base}/W1"
@@ -219,7 +225,7 @@ def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto", s_m
             new_nodes.append(helper.make_node("MatMul", [x, w1], [z], name=f"{base}/MatMul"))
         else:
             parts = []
-            a_parts = [c[1] for c in cols if c[0] == "A"]
+            a_parts = [c[1] if c[0] == "A" else zeros(k, c[2]) for c in cols if c[0] in ("A", "P")]
             if a_parts:
                 w1 = a_parts[0]
                 if len(a_parts) > 1:
@@ -302,12 +308,92 @@ def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto", s_m
             "groups_detail": fused_groups}
 
 
-def fuse_folder(folder: Path) -> dict[str, Any]:
-    """Fuse ``folder/model.onnx`` (external data in ``model.onnx.data``) in place."""
+SIDE_BLOCK = 16  # the 8-bit side weights' block along K: z's parts (each rank-16 LoRA, each block-sum group) own whole blocks
+
+
+def _folded(G: Graph, name: str) -> np.ndarray | None:
+    """A constant tensor, Concats of constants (the fused W1/W2) included; None for anything computed."""
+    v = G.const(name)
+    if v is not None:
+        return v
+    p = G.producer.get(name)
+    if p is None or p.op_type != "Concat":
+        return None
+    parts = [_folded(G, i) for i in p.input]
+    if any(x is None for x in parts):
+        return None
+    return np.concatenate(parts, axis=next(a.i for a in p.attribute if a.name == "axis"))
+
+
+def quantize_side_weights(model, *, block: int = SIDE_BLOCK) -> dict[str, Any]:
+    """The fused graph's float side MatMuls (``x @ W1`` and ``z @ W2``: LoRA A/B, GGUF block offsets) as 8-bit
+    MatMulNBits at accuracy_level 4 (``model`` changed in place); returns what changed.
+
+    Why: on SmolLM2 these fp32 weights are 42 MB of the ~134 MB a decode step reads (the 4-bit body reads ~70): at
+    8 bits they read 4x fewer bytes through the int8 kernels (docs/benchmarks.md has the measured speed and quality).
+    Not exact: each weight is rounded to 8 bits per block of ``block`` along K (symmetric, scale = max|w|/127), and at
+    level 4 the kernel rounds its input (``z``: the LoRA's rank columns, then the block sums) to int8 per block too.
+    With block 16 and LoRA ranks that are multiples of 16 every part of ``z`` owns its blocks, so a large block sum
+    never sets the int8 step of a LoRA column. Only a MatMul whose weight is a 2-D float32 constant (or a Concat of
+    constants) and whose input is computed is rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    G = Graph(model)
+    new_nodes, new_inits, done = [], [], []
+    fp32_bytes = int8_bytes = 0
+    worst = 0.0
+    for nd in G.g.node:
+        w = None
+        if nd.op_type == "MatMul" and nd.domain in ("", "ai.onnx") and G.const(nd.input[0]) is None:
+            w = _folded(G, nd.input[1])
+        if w is None or w.dtype != np.float32 or w.ndim != 2:
+            new_nodes.append(nd)
+            continue
+        k, n = w.shape
+        nb = -(-k // block)
+        wp = np.zeros((nb * block, n), np.float32)
+        wp[:k] = w
+        wb = wp.T.reshape(n, nb, block)
+        scale = np.abs(wb).max(-1) / np.float32(127)
+        scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+        q = np.clip(np.rint(wb / scale[..., None]), -127, 127)
+        deq = (q * scale[..., None]).reshape(n, -1)[:, :k].T
+        worst = max(worst, float(np.abs(deq - w).max() / max(float(np.abs(w).max()), 1e-30)))
+        name = f"{nd.name or nd.output[0]}/Q8"
+        new_inits += [numpy_helper.from_array((q + 128).astype(np.uint8), f"{name}/B"),
+                      numpy_helper.from_array(scale.reshape(-1), f"{name}/scales")]
+        new_nodes.append(helper.make_node("MatMulNBits", [nd.input[0], f"{name}/B", f"{name}/scales"], list(nd.output), name=name,
+                                          domain=onnx_graph.MS_DOMAIN, K=k, N=n, bits=8, block_size=block, accuracy_level=4))
+        done.append(nd.name)
+        fp32_bytes += w.nbytes
+        int8_bytes += n * nb * (block + 4)
+    if done:  # the Concats/Casts that built W1/W2 and the fp32 weights are dropped: nothing reads them any more
+        needed = set(G.outputs) | {i for nd in new_nodes for i in nd.input}
+        while True:
+            live = [nd for nd in new_nodes if nd.op_type not in ("Concat", "Cast", "Constant") or any(o in needed for o in nd.output)]
+            if len(live) == len(new_nodes):
+                break
+            new_nodes = live
+            needed = set(G.outputs) | {i for nd in new_nodes for i in nd.input}
+        set_nodes(G.g, new_nodes, new_inits, keep=G.outputs)
+        produced = {o for nd in G.g.node for o in nd.output} | {i.name for i in G.g.input} | {i.name for i in G.g.initializer}
+        vi = [v for v in G.g.value_info if v.name in produced]
+        del G.g.value_info[:]
+        G.g.value_info.extend(vi)
+    return {"bits": 8, "block_size": block, "accuracy_level": 4, "matmuls": len(done), "fp32_mb": round(fp32_bytes / 1e6, 2),
+            "int8_mb": round(int8_bytes / 1e6, 2), "max_weight_error_rel": round(worst, 6)}
+
+
+def fuse_folder(folder: Path, *, side_int8: bool = False) -> dict[str, Any]:
+    """Fuse ``folder/model.onnx`` (external data in ``model.onnx.data``) in place; ``side_int8``: then store the fused
+    side weights at 8 bits (:func:`quantize_side_weights`)."""
 
     folder = Path(folder)
     model = onnx_graph.load(folder / "model.onnx")
-    info = fuse_side_branches(model)
+    info = fuse_side_branches(model, align=SIDE_BLOCK if side_int8 else 1)
+    if info["fused"] and side_int8:
+        info["side_int8"] = quantize_side_weights(model)
     if info["fused"]:
         tmp = folder / ".fuse-tmp"
         tmp.mkdir(exist_ok=True)

@@ -442,8 +442,8 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
         if fuse:
             from .fuse import fuse_folder, summary
 
-            with console.step("fuse side branches (one MatMul per input group)"):
-                info["fusion"] = summary(fuse_folder(run.dir))
+            with console.step("fuse side branches (one MatMul per input group)" + (", 8-bit" if fuse == "int8" else "")):
+                info["fusion"] = summary(fuse_folder(run.dir, side_int8=fuse == "int8"))
         else:
             info["fusion"] = {"fused": False, "reason": "not requested (--no-fuse, or a float adapter fuses after its branch check)"}
         configure_genai(run.dir, t)
