@@ -359,6 +359,13 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
                              "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj,down_proj", "--pack-siblings", "--calibration",
                              "{calibration}"],
                 "{merged}", [("option", "--mixed-8bit"), ("option", "--pack-siblings")], "imatrix")
+        # wider blocks: fewer fp32 scales to read and fewer per-block steps in the kernel (576 in blocks of 128 pads the
+        # last one); the same GPTQ'd search, int8 head, every body MatMul at 4 bits
+        for blk in (64, 128):
+            cli(f"et-imatrix-gptq-h8-acc4-b{blk}-pack", f"imatrix-gptq b{blk}, int8 head, siblings packed",
+                ["--precision", "int4", "--int4-algorithm", "imatrix-gptq", "--int4-asymmetric", "--int4-lm-head", "int8",
+                 "--int4-accuracy-level", "4", "--int4-block-size", str(blk), "--pack-siblings", "--calibration", "{calibration}"],
+                "{merged}", [("option", "--pack-siblings")], "imatrix")
         if not quick:
             # asymmetric by construction (hqq): its row is the asymmetric export, a symmetric one is refused
             from edgetune.quant import algorithms
@@ -372,8 +379,15 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
                     algo = int4_variant(algorithm=a, symmetric=False)
                 api(f"et-{a}", f"edgetune int4 {a} b32, int4 head", algo, slow=a in SLOW_CALIBRATED)
         # recipes landing in parallel (CLI, so an edgetune without them is a 'missing' row)
-        cli("et-gguf-fa", "edgetune gguf base + float LoRA adapter", ["--precision", "gguf", "--float-adapter", "{adapter}"], "{base_gguf}",
+        cli("et-gguf-fa", "edgetune gguf base + float LoRA adapter, accuracy_level 0", ["--precision", "gguf", "--float-adapter", "{adapter}"],
+            "{base_gguf}", [("precision", "gguf"), ("option", "--float-adapter")], "gguf + lora")
+        # the demo's default (examples/smollm2-lora-cpu.toml): the same graph, its 4-bit kernels on int8 activations
+        cli("et-gguf-fa-acc4", "edgetune gguf base + float LoRA adapter, accuracy_level 4 (the demo's default)",
+            ["--precision", "gguf", "--float-adapter", "{adapter}", "--int4-accuracy-level", "4"], "{base_gguf}",
             [("precision", "gguf"), ("option", "--float-adapter")], "gguf + lora")
+        cli("et-gguf-fa-acc4-side8", "same, the fused side weights (LoRA A/B, block offsets) at 8 bits (--side-int8)",
+            ["--precision", "gguf", "--float-adapter", "{adapter}", "--int4-accuracy-level", "4", "--side-int8"], "{base_gguf}",
+            [("precision", "gguf"), ("option", "--side-int8")], "gguf + lora")
         cli("et-rtn-fa", "edgetune int4 RTN base + float LoRA adapter", ["--precision", "int4", "--float-adapter", "{adapter}"], "{base}",
             [("option", "--float-adapter")], "lora")
         # a different fine-tune (trained through the int4 grid), so a CLI row on its own merged model; scored
