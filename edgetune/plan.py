@@ -106,6 +106,7 @@ class ExportPlan:
     int4: Int4Plan | None = None  # the [[targets]] int4 overrides, None when there are none
     adapter: Literal["merged", "float"] = "merged"
     calibration: Path | None = None
+    side_int8: bool = False  # precision gguf: the fused side weights at 8 bits (export --side-int8)
 
     @property
     def llm_precision(self) -> str:

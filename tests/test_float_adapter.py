@@ -122,6 +122,34 @@ def test_build_with_float_adapter_target(tiny_llama, tmp_path, capsys):
     assert code == 0 and json.loads(out)["results"][0]["output"]
 
 
+def test_build_over_a_gguf_base_takes_the_kernels_level_and_side_int8(tmp_path, capsys):
+    """A gguf target's int4 = { accuracy_level = 4 } and side_int8 reach its export (the demo's settings + the option)."""
+    pytest.importorskip("gguf")
+    from test_build import write_config
+    from test_gguf_transcode import FOUR_BIT
+    from tiny_gguf import write_tiny_llama_gguf
+    from tiny_models import build_bpe_tokenizer
+
+    src = tmp_path / "gguf"
+    build_bpe_tokenizer(src)
+    base = write_tiny_llama_gguf(src / "q4.gguf", src, override=FOUR_BIT)
+    target = '[[targets]]\nname = "cpu-x86"\nprecision = "gguf"\nadapter = "float"\nint4 = { accuracy_level = 4 }\nside_int8 = true\narchive = false\n'
+    cfg = write_config(tmp_path / "b", base, targets=target)
+    # the tiny GGUF has no chat template: text records
+    (tmp_path / "b" / "train.jsonl").write_text("".join(json.dumps({"text": f"Turn on the lights in room {i}."}) + "\n" for i in range(16)))
+    code, _, err = run_cli(["build", str(cfg), "--json", "--quiet"], capsys)
+    assert code in (0, 1), err  # 1: a missed budget still writes the bundle (rejected/)
+    rec = json.loads((tmp_path / "b" / "out" / ".work" / "export-cpu-x86" / "edgetune.json").read_text())
+    res = rec["results"]
+    assert rec["options"]["fuse"] == "int8" and res["fusion"]["side_int8"]["matmuls"] > 0, res["fusion"]
+    assert res["quantization"]["accuracy_level"] == 4 and {m["accuracy_level"] for m in res["matmulnbits"]} == {4}
+    # side_int8 on a target that has no GGUF transcode: refused before any work
+    cfg = write_config(tmp_path / "c", base, targets='[[targets]]\nname = "cpu-x86"\nprecision = "int4"\nside_int8 = true\n')
+    code, _, err = run_cli(["build", str(cfg), "--quiet"], capsys)
+    assert code == 2 and "targets[0].side_int8 stores the fused side weights of a GGUF transcode" in err, err
+    assert not (tmp_path / "c" / "out").exists()
+
+
 def test_float_target_needs_a_lora_finetune(tiny_llama, tmp_path, capsys):
     cfg = tmp_path / "b.toml"
     cfg.write_text(f'name = "x"\n[model]\nbase = "{tiny_llama}"\n[[targets]]\nname = "cpu-x86"\nadapter = "float"\n')

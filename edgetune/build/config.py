@@ -61,6 +61,8 @@ class TargetCfg(_Strict):
     # decoders with a fine-tune: export the merged model, or the base + the LoRA as float side
     # branches that are never quantized (edgetune export BASE --float-adapter ADAPTER)
     adapter: Literal["merged", "float"] = "merged"
+    # precision gguf: the fused side weights (LoRA A/B, block offsets) at 8 bits (edgetune export --side-int8)
+    side_int8: bool = False
 
     def int4_options(self) -> dict[str, Any]:
         """The int4 overrides set (empty when none)."""

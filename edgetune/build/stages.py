@@ -18,7 +18,11 @@ def export_plan(config, i: int, t: TargetCfg, target, calibration: Path | None):
     apply only to an int4 decoder export and are checked here, once: the export reuses the checked options."""
     from ..plan import ExportPlan, Int4Plan
 
-    plan = ExportPlan(target, t.precision, Int4Plan(target, t.int4_options()) if t.int4 else None, t.adapter, calibration)
+    plan = ExportPlan(target, t.precision, Int4Plan(target, t.int4_options()) if t.int4 else None, t.adapter, calibration,
+                      t.side_int8)
+    if t.side_int8 and plan.llm_precision != "gguf":
+        raise BadInput(f"{config}: targets[{i}].side_int8 stores the fused side weights of a GGUF transcode; this target "
+                       f"exports at {plan.llm_precision}", hint="set precision = \"gguf\" for that target, or drop side_int8")
     if plan.int4 is not None:
         if plan.llm_precision == "gguf":  # the GGUF keeps its own blocks: only the kernels' accuracy_level applies
             extra = sorted(set(t.int4_options()) - {"accuracy_level"})
@@ -63,6 +67,8 @@ def run_export(model: Path, out: Path, plan, float_adapter: Path | None = None) 
         opts["float_adapter"] = float_adapter
     if plan.int4:
         opts["int4"] = plan.int4  # checked by export_plan: the export uses those options, it does not check them again
+    if plan.side_int8:
+        opts["fuse"] = "int8"
     export_with_recipe(model, out, target=plan.target, precision=plan.precision, **opts)
 
 
