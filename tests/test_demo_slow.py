@@ -40,4 +40,9 @@ def test_demo_bundle_keeps_the_fine_tune(demo_build):
     if missed:
         print(f"\nspeed budgets missed on this CPU (bundle kept under rejected/): {missed}")
     assert report["task"]["model"]["exact_match"] == row["task_figures"]["exact_match"]
+    # the config's gguf target with int4 = { accuracy_level = 4 }: the setting reached the export, every 4-bit node (and
+    # the Q8_0 head) runs on int8 activations, the GGUF's own blocks kept
+    rec = json.loads((demo_build["work"] / f"export-{row['target']}" / "edgetune.json").read_text())["results"]
+    assert rec["precision"] == "gguf" and rec["quantization"]["accuracy_level"] == 4, rec["quantization"]
+    assert {(m["bits"], m["accuracy_level"]) for m in rec["matmulnbits"]} == {(4, 4), (8, 4)}, rec["matmulnbits"]
     assert (bundle / "manifest.json").is_file() and archive.is_file()
