@@ -22,6 +22,9 @@ for a profile with ``[quantization] recipe = "auto"``):
    agreement, task metrics if the validator reports them, size, latency and decode tok/s) against the
    target's budgets, on the eval data (default: the calibration texts) vs the PyTorch reference
    (computed once, then its stored pack is reused).
+   The ``float_adapter`` candidates (the base's own GGUF blocks + the LoRA as float side branches: the fine-tune kept
+   exactly) are tried when the search is given the base and the adapter of the merged model (``lora``; the build
+   does), exported from the base with the adapter and validated against the merged model like the others.
 4. The passing candidate with the highest measured decode tok/s wins; it is exported again into
    ``out`` when it is a twin (so its record is its own), else moved there. The record's
    ``results.recipe`` holds the search table. Nothing passes -> CheckFailed (exit 1) with the table;
@@ -64,6 +67,11 @@ CANDIDATES: tuple[dict[str, Any], ...] = (
     {"name": "rtn-head8-mixed25", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.25}},
     {"name": "rtn-head8-mixed50", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.50}},
     {"name": "int8", "precision": "int8", "int4": {"algorithm": "rtn"}},
+    # the fine-tune kept exactly: the base's own GGUF blocks + the LoRA as float side branches (the demo's recipe), and
+    # the same with those side weights at 8 bits; tried only where the search is given the base and the adapter
+    # (`edgetune build` with a LoRA fine-tune), validated against the merged model like every other candidate
+    {"name": "gguf-float-lora", "precision": "gguf", "float_adapter": True},
+    {"name": "gguf-float-lora-side8", "precision": "gguf", "float_adapter": True, "fuse": "int8", "int4": {"accuracy_level": 4}},
 )
 TABLE_KEYS = ("size_mb", "perplexity_increase_pct", "kl_divergence", "top1_agreement", "generation_agreement",
               "task_accuracy", "decode_tokens_per_s")
@@ -72,10 +80,12 @@ TABLE_KEYS = ("size_mb", "perplexity_increase_pct", "kl_divergence", "top1_agree
 def export_with_recipe(model, out, *, target, precision=None, **options) -> Path:
     """:func:`edgetune.export.export`, or for a decoder the automatic recipe search when ``recipe="auto"`` is asked or,
     with no precision, int4, adapter or mixed option given, when the profile's ``[quantization] recipe`` is auto.
-    ``data``, ``candidates`` and ``validate_options`` are the search's."""
+    ``data``, ``candidates``, ``validate_options`` and ``lora_search`` ((base, adapter) of a merged ``model``: the
+    float-adapter candidates) are the search's."""
     from .export import export
     from .model_input import inspect, materialize
 
+    lora_search = options.pop("lora_search", None)
     folder = Path(model) if Path(model).is_dir() else Path(materialize(model).path)
     info = inspect(folder)
     if info.kind != "decoder":
@@ -94,7 +104,7 @@ def export_with_recipe(model, out, *, target, precision=None, **options) -> Path
     if precision is not None or {k for k in options if k != "calibration"}:
         raise BadInput("--recipe auto chooses precision and int4 options itself",
                        hint="drop --precision/--int4-*/--mixed-8bit/--adapter, or use --recipe profile")
-    return auto_export(folder, out, target=target, **options, **search)
+    return auto_export(folder, out, target=target, lora=lora_search, **options, **search)
 
 
 def candidate_list(names=None) -> list[dict[str, Any]]:
@@ -120,10 +130,11 @@ def candidate_list(names=None) -> list[dict[str, Any]]:
 def _level4_twin_ok(cand: dict, t, rec: dict) -> bool:
     if t.runtime.execution_provider != "cpu" or cand.get("precision") == "int8":
         return False
-    body = [p for p in (rec.get("kernel_paths") or {}).get("nodes", []) if p["bits"] == 4]
+    # the builder's exports list every node's kernel path; a GGUF transcode (and a float adapter over it) its node groups
+    body = [p for p in (rec.get("kernel_paths") or {}).get("nodes", []) or rec.get("matmulnbits") or [] if p["bits"] == 4]
     if not body or all(p["accuracy_level"] == 4 for p in body):
         return False
-    has_zp = any(p["zero_points"] != "none" for p in body)
+    has_zp = any(p["zero_points"] not in ("none", False) for p in body)
     return not has_zp or "avx512f" in t.runtime.cpu_features
 
 
@@ -158,11 +169,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def auto_export(model_dir, out, *, target, calibration=None, data=None, candidates=None, validate_options=None,
-                twins: bool = True, sensitivity_options=None) -> Path:
+                twins: bool = True, sensitivity_options=None, lora: tuple[Path, Path] | None = None) -> Path:
     """Search the recipes (see the module docstring); returns ``out``.
 
     ``sensitivity_options``: ``confirm`` / ``confirm_samples`` of :func:`edgetune.export.decoder.mixed.sensitivity`
     and ``samples`` (calibration texts used to rank, default all 32).
+    ``lora``: ``(base, adapter)`` when ``model_dir`` is their merge: the ``float_adapter`` candidates export the base
+    with the adapter as float side branches (``export --float-adapter``) and are validated against ``model_dir`` like
+    the others. Without it the default list leaves them out, and one asked for by name is a row with the reason.
     """
     from .export.decoder import kernels
     from .export.decoder.dispatch import export_llm
@@ -173,6 +187,8 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
     model_dir, out = Path(model_dir), Path(out)
     t = resolve(target)
     cands = candidate_list(candidates)
+    if candidates is None and lora is None:
+        cands = [c for c in cands if not c.get("float_adapter")]
     calib = load_calibration(calibration)
     eval_data = Path(data) if data else calib.path
     if data is None:
@@ -210,15 +226,22 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
             if cand.get("pack"):
                 kw["pack"] = True
             folder = work / name
+            src = model_dir
+            if cand.get("float_adapter"):
+                if lora is None:
+                    rows.append(_row(name, None, None, error="needs the base model and its LoRA adapter (edgetune build with a "
+                                                               "LoRA fine-tune gives them)"))
+                    continue
+                src, kw = Path(lora[0]), {"float_adapter": Path(lora[1]), "fuse": cand.get("fuse", True)}
             try:
                 with console.step(f"recipe {name}: export"):
-                    export_llm(model_dir, folder, target=t, precision=cand.get("precision"), int4=int4, **kw)
+                    export_llm(src, folder, target=t, precision=cand.get("precision"), int4=int4, **kw)
             except (BadInput, CheckFailed) as e:
                 rows.append(_row(name, None, None, error=str(e).splitlines()[0][:200]))
                 continue
             rec = artifacts.read_record(folder)["results"]
             # one sensitivity measurement per algorithm, from this candidate's own int4 weights
-            if cand.get("precision", "int4") == "int4" and alg not in sens_by_alg:
+            if cand.get("precision", "int4") == "int4" and alg not in sens_by_alg and not cand.get("float_adapter"):
                 m = (rec.get("quantization") or {}).get("mixed") or {}
                 if m.get("sensitivity") and m["sensitivity"].get("ranking"):
                     sens_by_alg[alg] = m["sensitivity"]
@@ -250,6 +273,7 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
         passing = [r for r in rows if r["passed"]]
         search = {"candidates": [c["name"] for c in cands], "table": rows, "eval_data": str(eval_data),
                   "reference": str(model_dir), "calibration": str(calib.path), "twins": twins,
+                  "lora": [str(x) for x in lora] if lora else None,
                   "sensitivity": {a: {"method": s["method"], "top": s["ranking"][:10]} for a, s in sens_by_alg.items()}}
         if not passing:
             raise CheckFailed(f"no recipe meets the budgets of {t.name}:\n{format_table(rows)}",
@@ -264,11 +288,17 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
             int4 = {**(cand.get("int4") or {}), "accuracy_level": 4}
             m = (artifacts.read_record(vdir)["results"].get("quantization") or {}).get("mixed")
             kw = {"mixed": {"layers": m["layers"], "sensitivity": m.get("sensitivity")}} if m else {}
-            export_llm(model_dir, final_work, target=t, precision=cand.get("precision"), int4=int4, **kw)
+            src = model_dir
+            if cand.get("float_adapter"):
+                src, kw = Path(lora[0]), {"float_adapter": Path(lora[1]), "fuse": cand.get("fuse", True)}
+            export_llm(src, final_work, target=t, precision=cand.get("precision"), int4=int4, **kw)
         else:
             shutil.move(str(vdir), str(final_work))
         rec = artifacts.read_record(final_work)
-        with artifacts.stage_output(out, "export", inputs={"model": model_dir, "calibration": calib.path, "data": eval_data},
+        inputs = {"model": model_dir, "calibration": calib.path, "data": eval_data}
+        if cand.get("float_adapter"):
+            inputs.update(base=Path(lora[0]), float_adapter=Path(lora[1]))
+        with artifacts.stage_output(out, "export", inputs=inputs,
                                     options={"recipe": "auto", "candidates": cands, "twins": twins, "validate": vopts,
                                              "target": t.model_dump(mode="json", exclude={"source"})}) as run:
             for f in final_work.iterdir():

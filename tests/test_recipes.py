@@ -262,6 +262,43 @@ def test_auto_recipe_gptq_rule_candidate_ships_packed(tiny_llama, calib_file, tm
     assert all("qk_proj" not in n and "gate_up_proj" not in n for n in sens["imatrix"]["top"])
 
 
+def test_auto_recipe_tries_the_fine_tune_kept_exactly_when_given_base_and_adapter(calib_file, tmp_path):
+    """Over a GGUF base's LoRA merge the search also exports the base's own blocks + the LoRA in float (and at 8-bit
+    side weights), validated against the merge like the rest: the exact one is the closest to it."""
+    pytest.importorskip("gguf")
+    from edgetune.merge import merge
+    from edgetune.model_input import materialize
+    from test_adapters import make_lora
+    from test_gguf_transcode import FOUR_BIT
+    from tiny_gguf import write_tiny_llama_gguf
+    from tiny_models import build_bpe_tokenizer
+
+    src = tmp_path / "gguf"
+    build_bpe_tokenizer(src)
+    base = materialize(write_tiny_llama_gguf(src / "q4.gguf", src, override=FOUR_BIT)).path
+    lora = make_lora(base, tmp_path / "lora", targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], seed=4)
+    merged = merge(base, lora, tmp_path / "merged")
+    cands = ["rtn-head8", "gguf-float-lora", "gguf-float-lora-side8"]
+    out = export_with_recipe(merged, tmp_path / "auto", target="cpu-x86", recipe="auto", calibration=calib_file, data=calib_file,
+                             candidates=cands, validate_options=FAST_VALIDATE, lora_search=(base, lora))
+    search = results(out)["recipe"]
+    rows = {r["recipe"]: r for r in search["table"]}
+    # the level-4 twin of the exact graph too (symmetric 4-bit nodes); the side8 candidate is at level 4 already
+    assert list(rows) == ["rtn-head8", "rtn-head8@level4", "gguf-float-lora", "gguf-float-lora@level4", "gguf-float-lora-side8"]
+    assert all(r["kl_divergence"] is not None and "error" not in r for r in rows.values()), rows
+    assert rows["gguf-float-lora"]["kl_divergence"] < 1e-4 < rows["rtn-head8"]["kl_divergence"]
+    assert rows["gguf-float-lora"]["kl_divergence"] < rows["gguf-float-lora-side8"]["kl_divergence"] < rows["rtn-head8"]["kl_divergence"]
+    assert search["lora"] == [str(base), str(lora)] and search["reference"] == str(merged)
+    chosen = results(out)
+    if search["chosen"].startswith("gguf-float-lora"):  # the shipped folder is that export, its inputs recorded
+        assert chosen["float_adapter"]["name"] and json.loads((out / "edgetune.json").read_text())["inputs"]["float_adapter"]
+    # without base and adapter the default list leaves them out; asked for by name, the row says why
+    with pytest.raises(CheckFailed) as exc:
+        export_with_recipe(merged, tmp_path / "none", target="cpu-x86", recipe="auto", calibration=calib_file, data=calib_file,
+                           candidates=["gguf-float-lora"], validate_options=FAST_VALIDATE)
+    assert "needs the base model and its LoRA adapter" in exc.value.result["table"][0]["error"]
+
+
 def test_auto_recipe_nothing_passes_exits_1_with_table(tiny_llama, calib_file, tmp_path):
     prof = tmp_path / "tiny-budget.toml"
     prof.write_text('name = "tiny-budget"\nextends = "cpu-x86"\n[budgets]\nmax_size_mb = 0.001\n')

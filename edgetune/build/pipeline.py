@@ -143,12 +143,16 @@ def _build(b: Build, cfg: BuildConfig, config, plans: list, train, vdata, prompt
         calib = plan.calibration
         # adapter = "float": the base + the LoRA as float branches; validated against the merged model all the same
         xmodel, xadapter = (base, adapter) if plan.adapter == "float" else (model, None)
+        # a recipe search (profile recipe = "auto") over the merged model may also try the base + this LoRA in float
+        lora = None
+        if adapter is not None and xadapter is None and not cfg.finetune.model_dump().get("quant_aware"):
+            lora = (base, adapter)
         int4 = plan.int4.overrides if plan.int4 else {}
         b.stage(f"export.{key}", export_dir, {"model": xmodel, "calibration": calib, "target": target.model_dump(mode="json", exclude={"source"}),
                                               **({"float_adapter": xadapter} if xadapter else {})},
                 {"precision": plan.precision, **({"adapter": "float"} if xadapter else {}), **({"int4": int4} if int4 else {}),
                  **({"side_int8": True} if plan.side_int8 else {})},
-                lambda: run_export(xmodel, export_dir, plan, xadapter), target=key)
+                lambda: run_export(xmodel, export_dir, plan, xadapter, lora), target=key)
 
         report_dir = b.work / f"validate-{key}"
         vopts = {k: v for k, v in cfg.validation.model_dump().items() if k not in ("data", "prompts", "reference", "rows", "drop_overlap")}

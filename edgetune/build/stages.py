@@ -59,12 +59,16 @@ def run_merge(base: Path, adapter: Path, out: Path) -> None:
     merge(base, adapter, out)
 
 
-def run_export(model: Path, out: Path, plan, float_adapter: Path | None = None) -> None:
+def run_export(model: Path, out: Path, plan, float_adapter: Path | None = None, lora: tuple[Path, Path] | None = None) -> None:
+    """``lora``: (base, adapter) of the merged ``model``, for a recipe search's float-adapter candidates (only read when
+    the target's recipe is auto)."""
     from ..recipes import export_with_recipe
 
     opts: dict[str, Any] = {"calibration": plan.calibration} if plan.calibration else {}
     if float_adapter:
         opts["float_adapter"] = float_adapter
+    if lora:
+        opts["lora_search"] = lora
     if plan.int4:
         opts["int4"] = plan.int4  # checked by export_plan: the export uses those options, it does not check them again
     if plan.side_int8:
