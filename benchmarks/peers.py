@@ -55,6 +55,8 @@ DEMO_CONFIG = ROOT / "examples" / "smollm2-lora-cpu.toml"
 QAT_CONFIG = ROOT / "examples" / "smollm2-qat-int4-cpu.toml"
 # the same, trained (and exported) with the output head at int8: the int4 head's rounding is the largest single loss
 QAT_H8_CONFIG = ROOT / "examples" / "smollm2-qat-int4-h8-cpu.toml"
+# the same on the grid of blocks of 64 (int8 head, accuracy_level 4): the kernel's faster path, trained through
+QAT_H8_B64_CONFIG = ROOT / "examples" / "smollm2-qat-int4-h8-b64-cpu.toml"
 TASK_DATA = ROOT / "examples" / "data" / "smarthome_eval.jsonl"
 WORKER = "benchmarks.peer_worker"  # run as `python -m benchmarks.peer_worker` (child_env puts the repository root on PYTHONPATH)
 LLAMA_TYPES = ("F32", "Q8_0", "Q4_K_M", "Q4_0")
@@ -399,6 +401,9 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
         cli("et-qat-h8", "edgetune QAT LoRA, int8 head (quant_aware_lm_head int8) -> int4 RTN b32, int8 head", h8,
             "{qat_h8_merged}", [], "qat-h8")
         cli("et-qat-h8-acc4", "same, accuracy_level 4", h8 + ["--int4-accuracy-level", "4"], "{qat_h8_merged}", [], "qat-h8")
+        cli("et-qat-h8-b64-acc4", "edgetune QAT LoRA on blocks of 64, int8 head -> int4 RTN b64, int8 head, accuracy_level 4",
+            h8 + ["--int4-block-size", "64", "--int4-accuracy-level", "4", "--pack-siblings"], "{qat_h8_b64_merged}",
+            [("option", "--pack-siblings")], "qat-h8-b64")
         cli("et-auto", "edgetune --recipe auto", ["--recipe", "auto", "--calibration", "{calibration}"], "{merged}",
             [("option", "--recipe")], "recipes", timeout="auto_timeout_s")
     else:
@@ -602,7 +607,8 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
     only = {x.strip() for x in (getattr(a, "peer_rows", None) or "").split(",") if x.strip()}
     owners = {r["owner"] for r in edgetune_rows("finetune", s, False) if r["kind"] == "cli" and (not only or r["id"] in only)}
     qat: dict[str, dict] = {}  # the quant-aware fine-tunes, by the rows' owner
-    for owner, flag, default in (("qat", "qat_config", QAT_CONFIG), ("qat-h8", "qat_h8_config", QAT_H8_CONFIG)):
+    for owner, flag, default in (("qat", "qat_config", QAT_CONFIG), ("qat-h8", "qat_h8_config", QAT_H8_CONFIG),
+                                 ("qat-h8-b64", "qat_h8_b64_config", QAT_H8_B64_CONFIG)):
         if owner not in owners:
             continue
         config = Path(getattr(a, flag, None) or default).resolve()
@@ -624,7 +630,7 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
     for generic in sorted((ROOT / "calibration").glob("*.jsonl")):
         T.check_calibration_file(generic, **where)
     subst = {"{adapter}": demo["adapter"], "{base_gguf}": str(base_gguf), "{base}": str(base_dir), "{merged}": demo["merged"], "{qat_merged}": qat.get("qat", {}).get("merged", ""),
-             "{qat_h8_merged}": qat.get("qat-h8", {}).get("merged", ""),
+             "{qat_h8_merged}": qat.get("qat-h8", {}).get("merged", ""), "{qat_h8_b64_merged}": qat.get("qat-h8-b64", {}).get("merged", ""),
              "{calibration}": str(cal) if cal else ""}
     s["text_name"] = "; ".join(f"{t.name} ({t.kind}, {t.role})" for t in evals) or "no text"
     all_rows: list[dict] = []

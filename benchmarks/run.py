@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                     "et-qat rows export (default examples/smollm2-qat-int4-cpu.toml)")
     ap.add_argument("--qat-h8-config", default=None, help="peer comparison: the same for the et-qat-h8 rows (int8 head; "
                     "default examples/smollm2-qat-int4-h8-cpu.toml)")
+    ap.add_argument("--qat-h8-b64-config", default=None, help="peer comparison: the same for the et-qat-h8-b64 row (blocks of "
+                    "64; default examples/smollm2-qat-int4-h8-b64-cpu.toml)")
     ap.add_argument("--peer-rows", default=None, help="peer comparison: only these edgetune rows (comma-separated ids, e.g. "
                     "et-rtn,et-gguf-fa,et-qat; default all); the llama.cpp rows always run")
     ap.add_argument("--finetune-work", default=None, help="peer comparison: an existing build's .work folder (merged/ + adapter/) "
