@@ -50,10 +50,11 @@ def int4_options(target: Target, int4: dict | None) -> dict[str, Any]:
     q.update({k: v for k, v in (int4 or {}).items() if v is not None})
     unknown = set(q) - {"algorithm", "block_size", "symmetric", "accuracy_level"} - set(target.quantization.int4.model_dump())
     if unknown:
-        raise BadInput(f"unknown int4 option(s): {', '.join(sorted(unknown))}", hint="use algorithm, block_size, symmetric, accuracy_level, lm_head")
+        raise BadInput(f"unknown int4 option(s): {', '.join(sorted(unknown))}", hint="use algorithm, block_size, symmetric, accuracy_level, lm_head, int8_block_size")
     alg = int4_algorithm(q["algorithm"])
-    if q["block_size"] not in BLOCK_SIZES:
-        raise BadInput(f"int4 block size {q['block_size']} is not supported", hint="use " + ", ".join(map(str, BLOCK_SIZES)))
+    for key, what in (("block_size", "int4 block size"), ("int8_block_size", "8-bit block size")):
+        if q.get(key) is not None and q[key] not in BLOCK_SIZES:
+            raise BadInput(f"{what} {q[key]} is not supported", hint="use " + ", ".join(map(str, BLOCK_SIZES)))
     if q.get("lm_head", "int4") not in LM_HEADS:
         raise BadInput(f"int4 lm_head '{q['lm_head']}' is not supported", hint="use " + ", ".join(LM_HEADS))
     if not alg.any_lm_head and q["lm_head"] != "int4":
@@ -68,6 +69,12 @@ def int4_options(target: Target, int4: dict | None) -> dict[str, Any]:
         console.warn(f"{alg.name} is asymmetric by construction: the profile's symmetric=true is not used")
         q["symmetric"] = False
     return q
+
+
+def gguf_unused_int4(int4: dict | None) -> list[str]:
+    """The int4 overrides a gguf export cannot use, sorted: all but ``accuracy_level`` (the GGUF keeps its own blocks;
+    only the kernels' accuracy level applies). Read by ``export --precision gguf`` and a build's gguf target."""
+    return sorted(k for k, v in (int4 or {}).items() if v is not None and k != "accuracy_level")
 
 
 class Int4Plan:

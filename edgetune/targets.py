@@ -83,6 +83,10 @@ class Int4(_Strict):
     # blocks, int8 (MatMulNBits bits=8, llama.cpp's Q8_0 output head) or fp32 (plain MatMul).
     # Not int4 untie a tied embedding (the embedding stays int4 GatherBlockQuantized).
     lm_head: Literal[quant.LM_HEADS] = "int4"
+    # Block of the 8-bit MatMulNBits nodes (the int8 head, mixed-precision 8-bit layers, precision int8); unset:
+    # block_size. Wider is faster on the CPU's 8-bit kernel (edgetune.quant.int8_block_size); a tied head takes
+    # the widest block up to it that divides the hidden size (its table is also the embedding's).
+    int8_block_size: Literal[quant.BLOCK_SIZES] | None = None
 
 
 class Int8(_Strict):

@@ -160,6 +160,7 @@ def test_target_int4_overrides_are_checked_before_any_work_and_reach_the_export(
     bad = [('int4 = { lm_heads = "int8" }\n', "targets.0.int4.lm_heads (did you mean 'lm_head'?)"),
            ('int4 = { lm_head = "int3" }\n', "targets[0].int4: int4 lm_head 'int3' is not supported"),
            ('int4 = { block_size = 48 }\n', "targets[0].int4: int4 block size 48"),
+           ('int4 = { int8_block_size = 48 }\n', "targets[0].int4: 8-bit block size 48"),
            ('int4 = { algorithm = "awq2" }\n', "targets[0].int4: unknown int4 algorithm 'awq2'")]
     for line, words in bad:
         c = write_config(tmp_path / "bad", tiny_llama, targets='[[targets]]\nname = "cpu-x86"\nprecision = "int4"\n' + line)
@@ -175,13 +176,17 @@ def test_target_int4_overrides_are_checked_before_any_work_and_reach_the_export(
     code, _, err = run_cli(["build", str(c), "--quiet"], capsys)
     assert code == 2 and "targets[0].int4 sets lm_head, but a gguf target keeps the GGUF's own quantization" in err, err
     assert not (tmp_path / "gg" / "out").exists()
+    c = write_config(tmp_path / "gg8", tiny_llama, targets='[[targets]]\nname = "cpu-x86"\nprecision = "gguf"\n'
+                     'int4 = { int8_block_size = 128 }\n')
+    code, _, err = run_cli(["build", str(c), "--quiet"], capsys)
+    assert code == 2 and "targets[0].int4 sets int8_block_size, but a gguf target" in err, err
     c = write_config(tmp_path / "enc", tiny_bert, targets='[[targets]]\nname = "cpu-x86"\nint4 = { lm_head = "int8" }\n')
     code, _, err = run_cli(["build", str(c), "--quiet"], capsys)
     assert code == 2 and "targets[0].int4 applies to decoder LLMs" in err
     assert not (tmp_path / "enc" / "out" / ".work" / "adapter").exists()  # no fine-tune ran
     # it reaches the graph: lm_head int8 + accuracy_level 4 on the tiny model's int4 export
     write_config(root, tiny_llama, targets='[[targets]]\nname = "cpu-x86"\nprecision = "int4"\narchive = false\n'
-                 'int4 = { lm_head = "int8", accuracy_level = 4 }\n')
+                 'int4 = { lm_head = "int8", accuracy_level = 4, int8_block_size = 64 }\n')
     try:
         code, out, err = run_cli(["build", str(cfg), "--json", "--quiet"], capsys)
         assert code in (0, 1), err
@@ -190,6 +195,7 @@ def test_target_int4_overrides_are_checked_before_any_work_and_reach_the_export(
         rec = json.loads((root / "out" / ".work" / "export-cpu-x86" / "edgetune.json").read_text())
         r = rec["results"]
         assert r["int4"]["lm_head"] == "int8" and r["int4"]["accuracy_level"] == 4 and r["lm_head"]["kind"] == "int8"
+        assert r["lm_head"]["block_size"] == 64 and {n["block_size"] for n in r["matmulnbits"] if n["bits"] == 4} == {32}
         assert {n["accuracy_level"] for n in r["matmulnbits"]} == {4}
     finally:
         write_config(root, tiny_llama)

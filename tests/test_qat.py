@@ -359,3 +359,16 @@ def test_a_bundle_that_misses_a_budget_against_the_float_fine_tune_fails_the_bui
     assert m["figures"]["passed"] is False and m["figures"]["vs_float_finetune"]["failed_checks"] == ["kl_divergence"]
     own = json.loads((root / "out" / ".work" / "validate-strict" / "report.json").read_text())
     assert own["passed"] is True  # against its own merge alone it would have shipped
+
+
+def test_the_grid_names_every_difference_from_an_export():
+    """QATSpec.matches_export: what an export does differently from the grid the adapter was trained through."""
+    from edgetune.quant import QATSpec
+
+    spec = QATSpec(block_size=64, lm_head="int8")
+    same = {"algorithm": "rtn", "block_size": 64, "symmetric": True, "lm_head": "int8"}
+    assert spec.matches_export(same) == [] and spec.matches_export({**same, "int8_block_size": 64}) == []
+    assert spec.matches_export({**same, "int8_block_size": 128}) == ["int8_block_size 128 (the head trained in blocks of 64)"]
+    assert spec.matches_export({**same, "block_size": 32, "lm_head": "int4", "symmetric": False}) == [
+        "block_size 32 (trained for 64)", "asymmetric (trained for symmetric)", "lm_head int4 (trained for int8)"]
+    assert QATSpec().matches_export({"block_size": 32, "lm_head": "int4", "int8_block_size": 128}) == []  # no 8-bit head

@@ -12,6 +12,7 @@ from edgetune.errors import BadInput, CheckFailed
 from edgetune.export import export
 from edgetune.export.decoder import kernels
 from edgetune.recipes import export_with_recipe
+from test_build import run_cli  # the same CLI runner (exit code, stdout, stderr)
 
 FAST_VALIDATE = {"repeats": 1, "warmup": 0, "max_tokens": 8, "prompt_tokens": 16, "eval_tokens": 256}
 
@@ -166,6 +167,47 @@ def test_mixed_modules_rule_unpacks_qkv(tiny_llama, tmp_path):
     ref, got = _last_logits(tiny_llama), _genai_logits(out)
     plain = _genai_logits(export(tiny_llama, tmp_path / "p", target="cpu-x86", precision="int4", int4={"lm_head": "int8"}))
     assert np.abs(got - ref).mean() < np.abs(plain - ref).mean()  # wider v/down: closer to PyTorch than int4 everywhere
+
+
+def test_int8_block_size_widens_the_8bit_nodes(tiny_llama, tmp_path, capsys):
+    """--int8-block-size: the 8-bit head and --mixed-8bit layers in wider blocks (the CPU's 8-bit kernel runs them faster),
+    the int4 body untouched; a tied head takes the widest block that divides the hidden size (64 here), so the embedding
+    still reads its table. Bad sizes are refused before any work."""
+    args = ["export", str(tiny_llama), "-t", "cpu-x86", "--precision", "int4", "--int4-lm-head", "int8", "--int4-accuracy-level", "4",
+            "--mixed-8bit", "v_proj,down_proj", "--json"]
+    code, out, _ = run_cli(args + ["-o", str(tmp_path / "w"), "--int8-block-size", "128"], capsys)
+    assert code == 0, out
+    folder = tmp_path / "w"
+    blocks = {(p["bits"], p["block_size"]) for p in kernels.kernel_paths(folder)}
+    by_node = {p["node"].rsplit("_Q", 1)[0]: p for p in kernels.kernel_paths(folder)}
+    assert by_node["/lm_head/MatMul"]["block_size"] == 64  # tied, hidden 64
+    assert {p["block_size"] for n, p in by_node.items() if p["bits"] == 8 and n != "/lm_head/MatMul"} == {128}
+    assert {p["block_size"] for p in by_node.values() if p["bits"] == 4} == {32}
+    assert blocks == {(4, 32), (8, 64), (8, 128)}
+    rec = results(folder)
+    assert rec["quantization"]["lm_head_block_size"] == 64 and rec["quantization"]["mixed"]["block_size_8bit"] == 128
+    assert rec["embeddings"] == "int8 GatherBlockQuantized, shared with lm_head" and rec["int4"]["int8_block_size"] == 128
+    # the default keeps the int4 block (Q8_0's 32), and the wider blocks cost no accuracy here
+    narrow = export(tiny_llama, tmp_path / "n", target="cpu-x86", precision="int4",
+                    int4={"lm_head": "int8", "accuracy_level": 4}, mixed={"modules": ["v_proj", "down_proj"]})
+    assert {p["block_size"] for p in kernels.kernel_paths(narrow)} == {32}
+    ref = _last_logits(tiny_llama)
+    wide_err, narrow_err = np.abs(_genai_logits(folder) - ref).mean(), np.abs(_genai_logits(narrow) - ref).mean()
+    assert wide_err < 1.2 * narrow_err + 1e-3, (wide_err, narrow_err)
+    code, out, _ = run_cli(args + ["-o", str(tmp_path / "bad"), "--int8-block-size", "48"], capsys)
+    assert code == 2 and not (tmp_path / "bad").exists()
+    with pytest.raises(BadInput, match="8-bit block size 48"):
+        export(tiny_llama, tmp_path / "bad2", target="cpu-x86", precision="int4", int4={"lm_head": "int8", "int8_block_size": 48})
+
+
+def test_mixed_keeps_an_fp32_head_float(tiny_llama, tmp_path):
+    """The 8-bit step quantizes the planned layers only: onnxruntime's quantizer took every float MatMul, the fp32 head
+    included (the export then failed its own head check)."""
+    out = export(tiny_llama, tmp_path / "f", target="cpu-x86", precision="int4", int4={"lm_head": "fp32"},
+                 mixed={"modules": ["down_proj"]})
+    eight = {p["node"].rsplit("_Q", 1)[0] for p in kernels.kernel_paths(out) if p["bits"] == 8}
+    assert eight == {f"/model/layers.{i}/mlp/down_proj/MatMul" for i in (0, 1)}
+    assert results(out)["lm_head"]["kind"] == "fp32"
 
 
 def test_mixed_8bit_cli_takes_a_fraction_or_modules():

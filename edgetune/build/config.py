@@ -50,6 +50,7 @@ class Int4Cfg(_Strict):
     symmetric: bool | None = None
     accuracy_level: int | None = None
     lm_head: str | None = None
+    int8_block_size: int | None = None  # the 8-bit nodes' block (export --int8-block-size)
 
 
 class TargetCfg(_Strict):

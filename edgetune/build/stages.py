@@ -16,7 +16,7 @@ from .runner import Build
 def export_plan(config, i: int, t: TargetCfg, target, calibration: Path | None):
     """A target's export plan, decided once before any work and handed to the export. Its ``int4`` overrides
     apply only to an int4 decoder export and are checked here, once: the export reuses the checked options."""
-    from ..plan import ExportPlan, Int4Plan
+    from ..plan import ExportPlan, Int4Plan, gguf_unused_int4
 
     plan = ExportPlan(target, t.precision, Int4Plan(target, t.int4_options()) if t.int4 else None, t.adapter, calibration,
                       t.side_int8)
@@ -25,7 +25,7 @@ def export_plan(config, i: int, t: TargetCfg, target, calibration: Path | None):
                        f"exports at {plan.llm_precision}", hint="set precision = \"gguf\" for that target, or drop side_int8")
     if plan.int4 is not None:
         if plan.llm_precision == "gguf":  # the GGUF keeps its own blocks: only the kernels' accuracy_level applies
-            extra = sorted(set(t.int4_options()) - {"accuracy_level"})
+            extra = gguf_unused_int4(t.int4_options())
             if extra:
                 raise BadInput(f"{config}: targets[{i}].int4 sets {', '.join(extra)}, but a gguf target keeps the GGUF's own "
                                "quantization", hint="keep only accuracy_level in that target's int4 table")

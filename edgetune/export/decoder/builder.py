@@ -26,7 +26,7 @@ from ...cleanup import temp_dir
 from ...tokenizer_parity import check_tokenizer
 from ...errors import BadInput, CheckFailed, require
 from ...plan import int4_plan
-from ...quant import QATSpec, algorithms, embedding_block_size, int4_algorithm
+from ...quant import QATSpec, algorithms, embedding_block_size, int4_algorithm, int8_block_size
 from ...targets import resolve
 from . import kernels, stream_quant
 from .mixed import base_name
@@ -252,7 +252,8 @@ def _builder_extra(model_dir: Path, t, precision: str, q: dict | None, mixed) ->
 
     extra: dict[str, str] = {}
     if q:
-        extra = {"block_size": str(q["block_size"]), "is_symmetric": str(q["symmetric"]).lower(),
+        extra = {"block_size": str(int8_block_size(q) if precision == "int8" else q["block_size"]),
+                 "is_symmetric": str(q["symmetric"]).lower(),
                  "accuracy_level": str(q["accuracy_level"])}
         if q["algorithm"] == "k_quant":  # rtn = the quantizer's default RTN path (algo_config=rtn breaks on tied embeddings)
             extra["algo_config"] = q["algorithm"]
@@ -364,8 +365,11 @@ def _head_and_embedding(model_dir: Path, out: Path, t, precision: str, q: dict |
             # CPU: 8-bit MatMulNBits at accuracy_level 0 dequantizes the whole head every step (SmolLM2:
             # ~1 tok/s instead of ~11); level 4 (int8 activations) runs MLAS's int8 kernel at int4 speed.
             head_level = kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider)
-            quantize_lm_head_in(out, bits=8, block_size=q["block_size"], symmetric=q["symmetric"],
-                                accuracy_level=head_level)
+            block = int8_block_size(q)
+            if tied_embeddings(model_dir):  # the head's table is also the embedding's: its block must divide the hidden size
+                block = embedding_block_size(hidden_size(model_dir) or block, block) or block
+            quantize_lm_head_in(out, bits=8, block_size=block, symmetric=q["symmetric"], accuracy_level=head_level)
+            qinfo["lm_head_block_size"] = block
         if tied_embeddings(model_dir):  # one int8 matrix for both, not an int8 head + an int4 copy
             with console.step("embedding: the int8 head's table (GatherBlockQuantized bits=8)"), console.results_only_stdout():
                 shared = share_embedding_with_head_in(out)
@@ -389,6 +393,9 @@ def _check_graph(out: Path, t, precision: str, q: dict | None, alg, qinfo: dict[
     if precision == "int4" and head and head["kind"] != q["lm_head"]:
         raise CheckFailed(f"the graph's lm_head is {head['kind']} ({head['op']}), not the requested {q['lm_head']}",
                           hint="the builder ignored nodes_to_exclude; check the onnxruntime-genai version")
+    if precision == "int4" and q["lm_head"] == "int8" and head.get("block_size") != qinfo.get("lm_head_block_size"):
+        raise CheckFailed(f"the graph's int8 lm_head has block {head.get('block_size')}, not {qinfo.get('lm_head_block_size')}",
+                          hint="onnxruntime's MatMulNBitsQuantizer ignored block_size; check the onnxruntime version")
     if precision in ("int4", "int8"):
         bits = 4 if precision == "int4" else 8
 
@@ -405,7 +412,8 @@ def _check_graph(out: Path, t, precision: str, q: dict | None, alg, qinfo: dict[
         else:
             nbits_body = nbits
         level = kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider) if bits == 8 else q["accuracy_level"]
-        bad = [a for a in nbits_body if a.get("bits") != bits or a.get("block_size") != q["block_size"]
+        block = int8_block_size(q) if bits == 8 else q["block_size"]
+        bad = [a for a in nbits_body if a.get("bits") != bits or a.get("block_size") != block
                or a.get("accuracy_level", 0) != level or not zero_points_ok(a)]
         if not nbits_body or bad:
             raise CheckFailed(f"the graph's MatMulNBits nodes do not carry the requested options: {bad or 'none found'}",

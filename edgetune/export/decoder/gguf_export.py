@@ -400,7 +400,7 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
     the logit check below runs on the fused graph.
     """
 
-    from ...plan import int4_plan
+    from ...plan import gguf_unused_int4, int4_plan
     from ...targets import resolve
     from .builder import build, builder_input, check_tokenizer, configure_genai, embedding_kind, lm_head_attributes, \
         matmulnbits_attributes
@@ -409,10 +409,10 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
     t = resolve(target)
     int4 = int4_plan(t, int4).overrides  # only accuracy_level applies: the GGUF keeps its own quantization
     gguf_path = require_gguf_source(model_dir)
-    extra_opts = sorted(k for k, v in (int4 or {}).items() if v is not None and k != "accuracy_level")
+    extra_opts = gguf_unused_int4(int4)
     if extra_opts:
         raise BadInput(f"--precision gguf keeps the GGUF's own quantization; {', '.join(extra_opts)} does not apply",
-                       hint="drop the --int4-* options except --int4-accuracy-level")
+                       hint="drop the --int4-* and --int8-block-size options except --int4-accuracy-level")
     ep = t.runtime.resolved_builder_provider
     if ep != "cpu":
         raise BadInput(f"--precision gguf builds CPU graphs (fp32 activations); target {t.name} builds for {ep}",
@@ -440,10 +440,9 @@ def export_gguf(model_dir: Path, out: Path, *, target, int4: dict | None = None,
             info = transcode(scratch / "fp32", run.dir, gguf_path, config, accuracy_level=level, eight_bit_level=eight,
                              context_length=ctx, planes=planes)
         if fuse:
-            from .fuse import fuse_folder, summary
+            from .fuse import fuse_step
 
-            with console.step("fuse side branches (one MatMul per input group)" + (", 8-bit" if fuse == "int8" else "")):
-                info["fusion"] = summary(fuse_folder(run.dir, side_int8=fuse == "int8"))
+            info["fusion"] = fuse_step(run.dir, fuse, "fuse side branches (one MatMul per input group)")
         else:
             info["fusion"] = {"fused": False, "reason": "not requested (--no-fuse, or a float adapter fuses after its branch check)"}
         configure_genai(run.dir, t)

@@ -182,8 +182,12 @@ def quantize_nodes_in(folder: Path, nodes: list[str], *, bits: int, block_size: 
     present = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name in set(nodes) and n.input[1] in inits]
     if not present:
         return []
+    # onnxruntime 1.32's quantizer also takes every other float MatMul (nodes_to_include does not restrict it; see
+    # quantize_lm_head_in): the head left float for its own int8 / fp32 step and any LoRA branch are excluded by name.
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(present)]
     quant = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
-                                     accuracy_level=accuracy_level or None, nodes_to_include=present, algo_config=None)
+                                     accuracy_level=accuracy_level or None, nodes_to_include=present, nodes_to_exclude=others,
+                                     algo_config=None)
     quant.process()
     onnx_graph.save(quant.model.model, folder / "model.onnx", external=True, size_threshold=0)
     return present
@@ -260,14 +264,18 @@ def plan_mixed(mixed: dict, *, src: Path, model_dir: Path, cache: Path, token_id
 def finish_mixed(folder: Path, plan: dict, *, q: dict, execution_provider: str) -> dict[str, Any]:
     """Quantize the planned (builder-excluded, float) MatMuls to 8 bits and prove it on the graph."""
     from ...errors import CheckFailed
+    from ...quant import int8_block_size
     from .kernels import eight_bit_level
 
     level = eight_bit_level(q["accuracy_level"], execution_provider)
-    done = quantize_nodes_in(folder, plan["layers"], bits=8, block_size=q["block_size"], symmetric=q["symmetric"], accuracy_level=level)
+    block = int8_block_size(q)
+    done = quantize_nodes_in(folder, plan["layers"], bits=8, block_size=block, symmetric=q["symmetric"], accuracy_level=level)
     w = widths(folder)
-    wrong = [n for n in plan["layers"] if w.get(n) != 8]
+    blocks = {base_name(n.name): onnx_graph.attributes(n).get("block_size")
+              for n in onnx_graph.read(folder / "model.onnx").graph.node if n.op_type == "MatMulNBits"}
+    wrong = [n for n in plan["layers"] if w.get(n) != 8 or blocks.get(n) != block]
     if wrong or len(done) != len(plan["layers"]):
-        raise CheckFailed(f"mixed precision: {len(wrong)} planned MatMuls are not 8-bit in the graph (first: {wrong[:1]})",
+        raise CheckFailed(f"mixed precision: {len(wrong)} planned MatMuls are not 8-bit blocks of {block} in the graph (first: {wrong[:1]})",
                           hint="the builder ignored nodes_to_exclude; check the onnxruntime-genai version")
     scores = {r["node"]: r for r in ((plan.get("sensitivity") or {}).get("ranking") or [])}
     layers = [{"node": n, "bits": w[n], "why": "8-bit: " + (f"sensitivity rank {scores[n]['rank']}, score {scores[n]['score']:.3g}"
@@ -278,5 +286,5 @@ def finish_mixed(folder: Path, plan: dict, *, q: dict, execution_provider: str) 
             s = scores.get(r["node"])
             r["why"] = f"{r['bits']}-bit: " + (f"sensitivity rank {s['rank']}, score {s['score']:.3g}" if s else "not ranked")
     sens = plan.get("sensitivity") or {}
-    return {"layers": plan["layers"], "how": plan["how"], "accuracy_level_8bit": level, "widths": layers,
+    return {"layers": plan["layers"], "how": plan["how"], "accuracy_level_8bit": level, "block_size_8bit": block, "widths": layers,
             "sensitivity": {k: v for k, v in sens.items() if k != "ranking"} | {"ranking": sens.get("ranking")} if sens else None}
