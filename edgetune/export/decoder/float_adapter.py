@@ -164,10 +164,9 @@ def export_with_float_adapter(model_dir: Path, out: Path, *, target, precision: 
         inner = artifacts.read_record(run.dir) or {}
         fusion = {"fused": False, "reason": "--no-fuse" if not fuse else f"base precision {precision} (fused for gguf only)"}
         if fuse and precision == "gguf":
-            from .fuse import fuse_folder, summary
+            from .fuse import fuse_step
 
-            with console.step("fuse LoRA branches + block-sum corrections (one MatMul per input group)" + (", 8-bit" if fuse == "int8" else "")):
-                fusion = summary(fuse_folder(run.dir, side_int8=fuse == "int8"))
+            fusion = fuse_step(run.dir, fuse, "fuse LoRA branches + block-sum corrections (one MatMul per input group)")
         check = None
         if t.runtime.resolved_builder_provider == "cpu":
             with console.step("float adapter check (onnxruntime vs PyTorch base + PEFT, and vs merged)"):

@@ -274,38 +274,35 @@ def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto", s_m
         return {"fused": False, "groups": 0, "linears": 0, "nodes_before": nodes_before, "nodes_after": nodes_before,
                 "runtime_nodes_before": runtime_before, "runtime_nodes_after": runtime_before,
                 "ops_before": dict(ops_before), "ops_after": dict(ops_before), "groups_detail": []}
-    kept = [nd for nd in G.g.node if id(nd) not in removed] + new_nodes
     # drop what became dead: the Reshape/ReduceSum pairs, Casts/Constants that only fed removed nodes
-    needed = set(G.outputs)
-    for nd in kept:
-        needed.update(nd.input)
-    changed = True
-    while changed:
-        changed = False
-        live = []
-        for nd in kept:
-            if nd.op_type in ("Reshape", "ReduceSum", "Cast", "Constant") and not any(o in needed for o in nd.output) \
-                    and not any(o in G.outputs for o in nd.output):
-                changed = True
-                continue
-            live.append(nd)
-        if changed:
-            kept = live
-            needed = set(G.outputs)
-            for nd in kept:
-                needed.update(nd.input)
+    kept = _live([nd for nd in G.g.node if id(nd) not in removed] + new_nodes, G.outputs, ("Reshape", "ReduceSum", "Cast", "Constant"))
     g = G.g
-    set_nodes(g, kept, new_inits, keep=G.outputs)
-    produced = {o for nd in g.node for o in nd.output} | {i.name for i in g.input} | {i.name for i in g.initializer}
-    vi = [v for v in g.value_info if v.name in produced]
-    del g.value_info[:]
-    g.value_info.extend(vi)
+    _set_graph(g, kept, new_inits, keep=G.outputs)
     ops_after = Counter(n.op_type for n in g.node)
     return {"fused": True, "groups": len(fused_groups), "linears": sum(len(f["linears"]) for f in fused_groups),
             "nodes_before": nodes_before, "nodes_after": len(g.node),
             "runtime_nodes_before": runtime_before, "runtime_nodes_after": runtime_nodes(g), "ops_before": dict(ops_before), "ops_after": dict(ops_after),
             "constant_nodes_folded_at_load": {k: v for k, v in ops_after.items() if k in ("Concat", "Cast")},
             "groups_detail": fused_groups}
+
+
+def _live(nodes: list, outputs, ops: tuple[str, ...]) -> list:
+    """``nodes`` less those of type ``ops`` whose outputs nothing reads, repeated until none is left (what a rewrite made dead)."""
+    while True:
+        needed = set(outputs) | {i for nd in nodes for i in nd.input}
+        live = [nd for nd in nodes if nd.op_type not in ops or any(o in needed for o in nd.output)]
+        if len(live) == len(nodes):
+            return live
+        nodes = live
+
+
+def _set_graph(g, nodes: list, inits: list, *, keep) -> None:
+    """The graph's nodes and new initializers (:func:`set_nodes`), and no value_info left for a tensor nothing makes."""
+    set_nodes(g, nodes, inits, keep=keep)
+    produced = {o for nd in g.node for o in nd.output} | {i.name for i in g.input} | {i.name for i in g.initializer}
+    vi = [v for v in g.value_info if v.name in produced]
+    del g.value_info[:]
+    g.value_info.extend(vi)
 
 
 SIDE_BLOCK = 16  # the 8-bit side weights' block along K: z's parts (each rank-16 LoRA, each block-sum group) own whole blocks
@@ -369,18 +366,7 @@ def quantize_side_weights(model, *, block: int = SIDE_BLOCK) -> dict[str, Any]:
         fp32_bytes += w.nbytes
         int8_bytes += n * nb * (block + 4)
     if done:  # the Concats/Casts that built W1/W2 and the fp32 weights are dropped: nothing reads them any more
-        needed = set(G.outputs) | {i for nd in new_nodes for i in nd.input}
-        while True:
-            live = [nd for nd in new_nodes if nd.op_type not in ("Concat", "Cast", "Constant") or any(o in needed for o in nd.output)]
-            if len(live) == len(new_nodes):
-                break
-            new_nodes = live
-            needed = set(G.outputs) | {i for nd in new_nodes for i in nd.input}
-        set_nodes(G.g, new_nodes, new_inits, keep=G.outputs)
-        produced = {o for nd in G.g.node for o in nd.output} | {i.name for i in G.g.input} | {i.name for i in G.g.initializer}
-        vi = [v for v in G.g.value_info if v.name in produced]
-        del G.g.value_info[:]
-        G.g.value_info.extend(vi)
+        _set_graph(G.g, _live(new_nodes, G.outputs, ("Concat", "Cast", "Constant")), new_inits, keep=G.outputs)
     return {"bits": 8, "block_size": block, "accuracy_level": 4, "matmuls": len(done), "fp32_mb": round(fp32_bytes / 1e6, 2),
             "int8_mb": round(int8_bytes / 1e6, 2), "max_weight_error_rel": round(worst, 6)}
 
@@ -402,6 +388,15 @@ def fuse_folder(folder: Path, *, side_int8: bool = False) -> dict[str, Any]:
             (tmp / f).replace(folder / f)
         tmp.rmdir()
     return info
+
+
+def fuse_step(folder: Path, fuse: bool | str, what: str) -> dict[str, Any]:
+    """An export's fusion step, one progress line: ``folder`` fused in place (``fuse == "int8"``: its side weights then
+    at 8 bits); returns the record's ``fusion`` entry."""
+    from ... import console
+
+    with console.step(what + (", 8-bit side weights" if fuse == "int8" else "")):
+        return summary(fuse_folder(folder, side_int8=fuse == "int8"))
 
 
 def summary(info: dict[str, Any]) -> dict[str, Any]:
