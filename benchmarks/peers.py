@@ -361,6 +361,16 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
                              "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj,down_proj", "--pack-siblings", "--calibration",
                              "{calibration}"],
                 "{merged}", [("option", "--mixed-8bit"), ("option", "--pack-siblings")], "imatrix")
+        # the same two rows with their 8-bit nodes (head, v/down) in blocks of 128 (the tied head: 64, the widest dividing
+        # 576): the CPU's 8-bit kernel runs wide blocks faster, the 4-bit body is unchanged (--int8-block-size)
+        cli("et-rtn-h8-acc4-w128", "edgetune int4 RTN b32, int8 head in blocks of 64, accuracy_level 4",
+            ["--precision", "int4", "--int4-lm-head", "int8", "--int4-accuracy-level", "4", "--int8-block-size", "128"], "{merged}",
+            [("option", "--int8-block-size")], "int8 blocks")
+        cli("et-imatrix-gptq-h8-acc4-vd8-pack-w128", "imatrix-gptq + v/down 8-bit, packed, 8-bit nodes in blocks of 128 (head 64)",
+            ["--precision", "int4", "--int4-algorithm", "imatrix-gptq", "--int4-asymmetric", "--int4-lm-head", "int8",
+             "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj,down_proj", "--pack-siblings", "--int8-block-size", "128",
+             "--calibration", "{calibration}"],
+            "{merged}", [("option", "--int8-block-size")], "int8 blocks")
         # wider blocks: fewer fp32 scales to read and fewer per-block steps in the kernel (576 in blocks of 128 pads the
         # last one); the same GPTQ'd search, int8 head, every body MatMul at 4 bits
         for blk in (64, 128):
