@@ -340,6 +340,12 @@ def test_block_not_dividing_hidden_unties_embedding(tmp_path):
     assert all(a["block_size"] == 64 for a in rec["matmulnbits"]) and rec["lm_head"]["bits"] == 4
     check_close(out, ref, 0.3)
     assert generates(out)
+    # an int8 head keeps the tie: its table in the widest block dividing 96 (32) is also the embedding's
+    out = export(src, tmp_path / "int8-head", target="cpu-x86", precision="int4", int4={"block_size": 64, "lm_head": "int8"})
+    rec = json.loads((out / "edgetune.json").read_text())["results"]
+    assert rec["embeddings"] == "int8 GatherBlockQuantized, shared with lm_head"
+    assert rec["lm_head"]["block_size"] == 32 and {a["block_size"] for a in rec["matmulnbits"] if a["bits"] == 4} == {64}
+    check_close(out, ref, 0.3)
 
 
 @pytest.mark.parametrize("method, symmetric, bits", [("default", True, 4), ("default", False, 4), ("rtn", True, 4),

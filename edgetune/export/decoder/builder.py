@@ -277,8 +277,9 @@ def _builder_extra(model_dir: Path, t, precision: str, q: dict | None, mixed) ->
             # then stored int4 with the largest block that divides (quantize_embedding).
             extra["shared_embeddings"] = "false"
             emb = embedding_block_size(hidden, q["block_size"])
-            console.warn(f"hidden size {hidden} is not a multiple of int4 block {q['block_size']}: embedding untied from lm_head, "
-                         + (f"stored int4 with block {emb}" if emb else "kept float"))
+            if q["lm_head"] != "int8" or not tied_embeddings(model_dir):  # a tied int8 head shares its own table
+                console.warn(f"hidden size {hidden} is not a multiple of int4 block {q['block_size']}: embedding untied from "
+                             "lm_head, " + (f"stored int4 with block {emb}" if emb else "kept float"))
     if precision == "int4" and unpacks_qkv(mixed):  # v_proj at 8 bits, q/k at 4: three MatMuls, not one packed qkv
         extra["fuse_qkv"] = "false"
     return extra
@@ -393,7 +394,7 @@ def _check_graph(out: Path, t, precision: str, q: dict | None, alg, qinfo: dict[
     if precision == "int4" and head and head["kind"] != q["lm_head"]:
         raise CheckFailed(f"the graph's lm_head is {head['kind']} ({head['op']}), not the requested {q['lm_head']}",
                           hint="the builder ignored nodes_to_exclude; check the onnxruntime-genai version")
-    if precision == "int4" and q["lm_head"] == "int8" and head.get("block_size") != qinfo.get("lm_head_block_size"):
+    if precision == "int4" and q["lm_head"] == "int8" and head and head.get("block_size") != qinfo.get("lm_head_block_size"):
         raise CheckFailed(f"the graph's int8 lm_head has block {head.get('block_size')}, not {qinfo.get('lm_head_block_size')}",
                           hint="onnxruntime's MatMulNBitsQuantizer ignored block_size; check the onnxruntime version")
     if precision in ("int4", "int8"):
