@@ -362,16 +362,17 @@ def _head_and_embedding(model_dir: Path, out: Path, t, precision: str, q: dict |
                         qinfo: dict[str, Any]) -> None:
     """An int8 lm_head (and a tied embedding sharing its table), or an embedding we untied stored int4 too."""
     if precision == "int4" and q["lm_head"] == "int8":
+        tied = tied_embeddings(model_dir)
         with console.step("int8 lm_head (MatMulNBits bits=8)"), console.results_only_stdout():
             # CPU: 8-bit MatMulNBits at accuracy_level 0 dequantizes the whole head every step (SmolLM2:
             # ~1 tok/s instead of ~11); level 4 (int8 activations) runs MLAS's int8 kernel at int4 speed.
             head_level = kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider)
             block = int8_block_size(q)
-            if tied_embeddings(model_dir):  # the head's table is also the embedding's: its block must divide the hidden size
+            if tied:  # the head's table is also the embedding's: its block must divide the hidden size
                 block = embedding_block_size(hidden_size(model_dir) or block, block) or block
             quantize_lm_head_in(out, bits=8, block_size=block, symmetric=q["symmetric"], accuracy_level=head_level)
             qinfo["lm_head_block_size"] = block
-        if tied_embeddings(model_dir):  # one int8 matrix for both, not an int8 head + an int4 copy
+        if tied:  # one int8 matrix for both, not an int8 head + an int4 copy
             with console.step("embedding: the int8 head's table (GatherBlockQuantized bits=8)"), console.results_only_stdout():
                 shared = share_embedding_with_head_in(out)
             if shared:

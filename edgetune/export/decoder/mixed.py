@@ -174,27 +174,8 @@ def unpacks_qkv(mixed: dict | None) -> bool:
     return bool(mixed) and any(m in QKV for m in mixed.get("modules") or ())
 
 
-def quantize_nodes_in(folder: Path, nodes: list[str], *, bits: int, block_size: int, symmetric: bool, accuracy_level: int) -> list[str]:
-    """Float MatMuls ``nodes`` of a saved export -> MatMulNBits with ``bits`` (onnxruntime's quantizer, RTN)."""
-    mnq = require("onnxruntime.quantization.matmul_nbits_quantizer", purpose="mixed precision")
-    model = onnx_graph.load(folder / "model.onnx")
-    inits = {i.name for i in model.graph.initializer}
-    present = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name in set(nodes) and n.input[1] in inits]
-    if not present:
-        return []
-    # onnxruntime 1.32's quantizer also takes every other float MatMul (nodes_to_include does not restrict it; see
-    # quantize_lm_head_in): the head left float for its own int8 / fp32 step and any LoRA branch are excluded by name.
-    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(present)]
-    quant = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
-                                     accuracy_level=accuracy_level or None, nodes_to_include=present, nodes_to_exclude=others,
-                                     algo_config=None)
-    quant.process()
-    onnx_graph.save(quant.model.model, folder / "model.onnx", external=True, size_threshold=0)
-    return present
-
-
-def widths(folder: Path) -> dict[str, int]:
-    """Builder node name -> bits (32 for a float MatMul) of the decoder's weight MatMuls, read from the graph."""
+def forms(folder: Path) -> dict[str, tuple[int, int | None]]:
+    """Builder node name -> (bits, block) of the decoder's weight MatMuls, read from the graph ((32, None): float)."""
 
     model = onnx_graph.read(Path(folder) / "model.onnx")
     inits = {i.name for i in model.graph.initializer}
@@ -204,10 +185,16 @@ def widths(folder: Path) -> dict[str, int]:
         if hf_linears(name) is None:
             continue
         if n.op_type == "MatMulNBits":
-            out[name] = next(int(a.i) for a in n.attribute if a.name == "bits")
+            a = onnx_graph.attributes(n)
+            out[name] = (int(a["bits"]), int(a["block_size"]))
         elif n.op_type == "MatMul" and n.input[1] in inits:
-            out[name] = 32
+            out[name] = (32, None)
     return out
+
+
+def widths(folder: Path) -> dict[str, int]:
+    """Builder node name -> bits (32 for a float MatMul) of the decoder's weight MatMuls, read from the graph."""
+    return {name: bits for name, (bits, _) in forms(folder).items()}
 
 
 MIXED_ALGORITHMS = algorithms(mixed=True)  # the builder's own int4 paths (nodes_to_exclude is honoured)
@@ -266,14 +253,15 @@ def finish_mixed(folder: Path, plan: dict, *, q: dict, execution_provider: str) 
     from ...errors import CheckFailed
     from ...quant import int8_block_size
     from .kernels import eight_bit_level
+    from .quantize import quantize_matmuls_in
 
     level = eight_bit_level(q["accuracy_level"], execution_provider)
     block = int8_block_size(q)
-    done = quantize_nodes_in(folder, plan["layers"], bits=8, block_size=block, symmetric=q["symmetric"], accuracy_level=level)
-    w = widths(folder)
-    blocks = {base_name(n.name): onnx_graph.attributes(n).get("block_size")
-              for n in onnx_graph.read(folder / "model.onnx").graph.node if n.op_type == "MatMulNBits"}
-    wrong = [n for n in plan["layers"] if w.get(n) != 8 or blocks.get(n) != block]
+    done = quantize_matmuls_in(folder, set(plan["layers"]).__contains__, bits=8, block_size=block, symmetric=q["symmetric"],
+                               accuracy_level=level)
+    f = forms(folder)
+    w = {name: bits for name, (bits, _) in f.items()}
+    wrong = [n for n in plan["layers"] if f.get(n) != (8, block)]
     if wrong or len(done) != len(plan["layers"]):
         raise CheckFailed(f"mixed precision: {len(wrong)} planned MatMuls are not 8-bit blocks of {block} in the graph (first: {wrong[:1]})",
                           hint="the builder ignored nodes_to_exclude; check the onnxruntime-genai version")

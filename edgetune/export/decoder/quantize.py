@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ... import console, onnx_graph
 from ...errors import BadInput, CheckFailed, require
@@ -117,24 +117,32 @@ def quantize_embedding(model, *, block_size: int, symmetric: bool):
     return gq.model.model, True
 
 
-def quantize_lm_head_in(folder: Path, *, bits: int, block_size: int, symmetric: bool, accuracy_level: int) -> bool:
-    """Quantize the float lm_head MatMul of a saved export to MatMulNBits with ``bits`` (8: llama.cpp's Q8_0 head)."""
-    mnq = require("onnxruntime.quantization.matmul_nbits_quantizer", purpose="lm_head quantization")
+def quantize_matmuls_in(folder: Path, select: Callable[[str], bool], *, bits: int, block_size: int, symmetric: bool,
+                        accuracy_level: int) -> list[str]:
+    """The float MatMuls of a saved export whose names ``select`` takes -> MatMulNBits with ``bits`` (onnxruntime's
+    quantizer, RTN); returns their names (one whose weight is computed is skipped). Every other MatMul stays as it is."""
+    mnq = require("onnxruntime.quantization.matmul_nbits_quantizer", purpose=f"{bits}-bit MatMulNBits")
     model = onnx_graph.load(folder / "model.onnx")
     inits = {i.name for i in model.graph.initializer}
-    head = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.startswith("/lm_head/") and n.input[1] in inits]
-    if not head:
-        return False
+    present = [n.name for n in model.graph.node if n.op_type == "MatMul" and select(n.name) and n.input[1] in inits]
+    if not present:
+        return []
     # onnxruntime 1.32's MatMulNBitsQuantizer quantizes a node when it is in nodes_to_include *or* of a
-    # quantizable op type, so nodes_to_include alone does not restrict it: every other float MatMul (the
-    # LoRA branches of a float or runtime adapter) must be excluded by name.
-    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in head]
+    # quantizable op type, so nodes_to_include alone does not restrict it: every other float MatMul (a head left
+    # float for its own step, the LoRA branches of a float or runtime adapter) must be excluded by name.
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(present)]
     quant = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
-                                     accuracy_level=accuracy_level or None, nodes_to_include=head, nodes_to_exclude=others,
+                                     accuracy_level=accuracy_level or None, nodes_to_include=present, nodes_to_exclude=others,
                                      algo_config=None)
     quant.process()
     onnx_graph.save(quant.model.model, folder / "model.onnx", external=True, size_threshold=0)
-    return True
+    return present
+
+
+def quantize_lm_head_in(folder: Path, *, bits: int, block_size: int, symmetric: bool, accuracy_level: int) -> bool:
+    """Quantize the float lm_head MatMul of a saved export to MatMulNBits with ``bits`` (8: llama.cpp's Q8_0 head)."""
+    return bool(quantize_matmuls_in(folder, lambda name: name.startswith("/lm_head/"), bits=bits, block_size=block_size,
+                                    symmetric=symmetric, accuracy_level=accuracy_level))
 
 
 def tied_embeddings(model_dir: Path) -> bool:
