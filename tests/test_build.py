@@ -76,8 +76,12 @@ def run_cli(args, capsys):
 def first_build(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("build")
     cfg = write_config(root, tiny_llama)
-    with pytest.raises(SystemExit) as exc:
-        main(["build", str(cfg), "--json", "--quiet"])
+    # a cache of its own: the shared one ($EDGETUNE_CACHE/stages) keeps this fine-tune from an earlier test run, and the
+    # first build would reuse it instead of running it (a second `make test` on one checkout failed here)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGETUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        with pytest.raises(SystemExit) as exc:
+            main(["build", str(cfg), "--json", "--quiet"])
     assert exc.value.code == 0
     return root, cfg, json.loads((root / "out" / "build-summary.json").read_text())
 
