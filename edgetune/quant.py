@@ -188,3 +188,36 @@ def embedding_block_size(hidden: int, block_size: int) -> int | None:
             return b
         b //= 2
     return None
+
+
+# The automatic recipe search's candidates (edgetune.recipes; a profile's [quantization] recipe_candidates names
+# them). Smallest/fastest first. int4 options override the profile's; "mixed" as in export_llm.
+RECIPE_CANDIDATES: tuple[dict[str, Any], ...] = (
+    {"name": "rtn-head4", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int4"}},
+    {"name": "awq-head4", "precision": "int4", "int4": {"algorithm": "awq", "lm_head": "int4"}},
+    {"name": "rtn-head8", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}},
+    {"name": "awq-head8", "precision": "int4", "int4": {"algorithm": "awq", "lm_head": "int8"}},
+    {"name": "k_quant-head8", "precision": "int4", "int4": {"algorithm": "k_quant", "lm_head": "int8"}},
+    # importance-weighted search on RTN's graph (calibrated): the fast kernel's most faithful int4 (docs/llm.md)
+    {"name": "imatrix-head8", "precision": "int4", "int4": {"algorithm": "imatrix", "symmetric": False, "lm_head": "int8"}},
+    {"name": "imatrix-head8-mixed10", "precision": "int4", "int4": {"algorithm": "imatrix", "symmetric": False, "lm_head": "int8"},
+     "mixed": {"fraction": 0.10}},
+    # v_proj and down_proj at 8 bits in every layer (llama.cpp's Q4_K_M widens the same two, in half the layers)
+    {"name": "imatrix-head8-vdown8", "precision": "int4", "int4": {"algorithm": "imatrix", "symmetric": False, "lm_head": "int8"},
+     "mixed": {"modules": ["v_proj", "down_proj"]}},
+    # the same rule over GPTQ error feedback (imatrix-gptq): the most faithful fast-kernel candidate measured, its
+    # sibling MatMulNBits packed (gate+up, q+k: bit-exact, faster at 2 threads) and its 8-bit nodes in blocks of 128
+    # (the CPU's 8-bit kernel is faster on wide blocks at the same measured quality; docs/llm.md)
+    {"name": "imatrix-gptq-head8-vdown8", "precision": "int4",
+     "int4": {"algorithm": "imatrix-gptq", "symmetric": False, "lm_head": "int8", "int8_block_size": 128},
+     "mixed": {"modules": ["v_proj", "down_proj"]}, "pack": True},
+    {"name": "rtn-head8-mixed10", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.10}},
+    {"name": "rtn-head8-mixed25", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.25}},
+    {"name": "rtn-head8-mixed50", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.50}},
+    {"name": "int8", "precision": "int8", "int4": {"algorithm": "rtn"}},
+    # the fine-tune kept exactly: the base's own GGUF blocks + the LoRA as float side branches (the demo's recipe), and
+    # the same with those side weights at 8 bits; tried only where the search is given the base and the adapter
+    # (`edgetune build` with a LoRA fine-tune), validated against the merged model like every other candidate
+    {"name": "gguf-float-lora", "precision": "gguf", "float_adapter": True},
+    {"name": "gguf-float-lora-side8", "precision": "gguf", "float_adapter": True, "fuse": "int8", "int4": {"accuracy_level": 4}},
+)

@@ -9,7 +9,7 @@ else the profile's ``[quantization] recipe`` when nothing else was asked; ``prof
 ``auto_export(model_dir, out, target=...)`` (CLI ``edgetune export --recipe auto``; the build default
 for a profile with ``[quantization] recipe = "auto"``):
 
-1. Each candidate of :data:`CANDIDATES` (data: add a dict to extend) is exported with
+1. Each candidate of :data:`edgetune.quant.RECIPE_CANDIDATES` (data: add a dict to extend) is exported with
    :func:`edgetune.export.decoder.dispatch.export_llm` into a work folder next to ``out``
    (``.<out>.recipes/<name>``); mixed-precision candidates reuse one sensitivity measurement
    (:mod:`edgetune.export.decoder.mixed`) made on the first export of the same algorithm.
@@ -36,46 +36,78 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from . import artifacts, console
-from .errors import BadInput, CheckFailed
+from .errors import BadInput, CheckFailed, EdgetuneError
 from .quant import INT4_ALGORITHMS
+from .quant import RECIPE_CANDIDATES as CANDIDATES  # (data: the profile checks names against it)
 from .targets import resolve
 
-# Smallest/fastest first. int4 options override the profile's; "mixed" as in export_llm.
-CANDIDATES: tuple[dict[str, Any], ...] = (
-    {"name": "rtn-head4", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int4"}},
-    {"name": "awq-head4", "precision": "int4", "int4": {"algorithm": "awq", "lm_head": "int4"}},
-    {"name": "rtn-head8", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}},
-    {"name": "awq-head8", "precision": "int4", "int4": {"algorithm": "awq", "lm_head": "int8"}},
-    {"name": "k_quant-head8", "precision": "int4", "int4": {"algorithm": "k_quant", "lm_head": "int8"}},
-    # importance-weighted search on RTN's graph (calibrated): the fast kernel's most faithful int4 (docs/llm.md)
-    {"name": "imatrix-head8", "precision": "int4", "int4": {"algorithm": "imatrix", "symmetric": False, "lm_head": "int8"}},
-    {"name": "imatrix-head8-mixed10", "precision": "int4", "int4": {"algorithm": "imatrix", "symmetric": False, "lm_head": "int8"},
-     "mixed": {"fraction": 0.10}},
-    # v_proj and down_proj at 8 bits in every layer (llama.cpp's Q4_K_M widens the same two, in half the layers)
-    {"name": "imatrix-head8-vdown8", "precision": "int4", "int4": {"algorithm": "imatrix", "symmetric": False, "lm_head": "int8"},
-     "mixed": {"modules": ["v_proj", "down_proj"]}},
-    # the same rule over GPTQ error feedback (imatrix-gptq): the most faithful fast-kernel candidate measured, its
-    # sibling MatMulNBits packed (gate+up, q+k: bit-exact, faster at 2 threads) and its 8-bit nodes in blocks of 128
-    # (the CPU's 8-bit kernel is faster on wide blocks at the same measured quality; docs/llm.md)
-    {"name": "imatrix-gptq-head8-vdown8", "precision": "int4",
-     "int4": {"algorithm": "imatrix-gptq", "symmetric": False, "lm_head": "int8", "int8_block_size": 128},
-     "mixed": {"modules": ["v_proj", "down_proj"]}, "pack": True},
-    {"name": "rtn-head8-mixed10", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.10}},
-    {"name": "rtn-head8-mixed25", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.25}},
-    {"name": "rtn-head8-mixed50", "precision": "int4", "int4": {"algorithm": "rtn", "lm_head": "int8"}, "mixed": {"fraction": 0.50}},
-    {"name": "int8", "precision": "int8", "int4": {"algorithm": "rtn"}},
-    # the fine-tune kept exactly: the base's own GGUF blocks + the LoRA as float side branches (the demo's recipe), and
-    # the same with those side weights at 8 bits; tried only where the search is given the base and the adapter
-    # (`edgetune build` with a LoRA fine-tune), validated against the merged model like every other candidate
-    {"name": "gguf-float-lora", "precision": "gguf", "float_adapter": True},
-    {"name": "gguf-float-lora-side8", "precision": "gguf", "float_adapter": True, "fuse": "int8", "int4": {"accuracy_level": 4}},
-)
 TABLE_KEYS = ("size_mb", "perplexity_increase_pct", "kl_divergence", "top1_agreement", "generation_agreement",
               "task_accuracy", "decode_tokens_per_s")
+
+
+def _measured(mixed) -> bool:
+    """A mixed request whose layers come from a sensitivity measurement (a fraction or a count)."""
+    return bool(mixed) and "layers" not in mixed and "modules" not in mixed
+
+
+def _export_call(cand: dict[str, Any], alg: str, model_dir: Path, calibration: Path, lora, sens_by_alg: dict):
+    """``(source, export_llm options)`` of a candidate (its int4 options and precision aside), None for a float-adapter
+    candidate without a LoRA. A measured mixed candidate reuses the algorithm's sensitivity when there is one."""
+    if cand.get("float_adapter"):
+        return None if lora is None else _float_adapter_source(cand, lora)
+    kw: dict[str, Any] = {}
+    mixed = copy.deepcopy(cand.get("mixed"))
+    if _measured(mixed):
+        if alg in sens_by_alg:
+            from .export.decoder.mixed import choose
+
+            sens = sens_by_alg[alg]
+            mixed = {"layers": choose(sens["ranking"], count=mixed.get("count"), fraction=mixed.get("fraction")), "sensitivity": sens}
+        else:
+            kw["calibration"] = calibration
+    if cand.get("precision", "int4") == "int4" and INT4_ALGORITHMS[alg].calibrated:
+        kw["calibration"] = calibration
+    if mixed:
+        kw["mixed"] = mixed
+    if cand.get("pack"):
+        kw["pack"] = True
+    return model_dir, kw
+
+
+def graph_difference(a: Path, b: Path) -> str | None:
+    """What differs between two exports' graphs when accuracy_level is not counted (None: nothing): the nodes,
+    inline tensors and external-data layout of ``model.onnx``, and the bytes of every other weight file."""
+    import hashlib
+
+    from . import onnx_graph
+
+    def graph(folder: Path) -> list:
+        g = onnx_graph.read(folder / "model.onnx").graph
+        nodes = [(n.name, n.op_type, n.domain, tuple(n.input), tuple(n.output),
+                  sorted(a.SerializeToString() for a in n.attribute if not (n.op_type == "MatMulNBits" and a.name == "accuracy_level")))
+                 for n in g.node]
+        return [nodes] + [[x.SerializeToString() for x in getattr(g, f)] for f in ("initializer", "input", "output", "value_info")]
+
+    def digest(path: Path) -> str:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def weights(folder: Path) -> list[str]:
+        return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith((".data", ".onnx_data", ".bin")))
+
+    if graph(a) != graph(b):
+        return "model.onnx's nodes or tensors"
+    if weights(a) != weights(b):
+        return f"weight files {weights(a)} vs {weights(b)}"
+    return next((f"{n}'s bytes" for n in weights(a) if digest(a / n) != digest(b / n)), None)
 
 
 def _float_adapter_source(cand: dict[str, Any], lora: tuple) -> tuple[Path, dict[str, Any]]:
@@ -86,7 +118,8 @@ def _float_adapter_source(cand: dict[str, Any], lora: tuple) -> tuple[Path, dict
 def export_with_recipe(model, out, *, target, precision=None, **options) -> Path:
     """:func:`edgetune.export.export`, or for a decoder the automatic recipe search when ``recipe="auto"`` is asked or,
     with no precision, int4, adapter or mixed option given, when the profile's ``[quantization] recipe`` is auto.
-    ``data``, ``candidates``, ``validate_options`` and ``lora_search`` ((base, adapter) of a merged ``model``: the
+    ``data``, ``candidates``, ``validate_options``, ``time_budget_s`` (default: the profile's ``recipe_candidates`` and
+    ``recipe_time_budget_s``) and ``lora_search`` ((base, adapter) of a merged ``model``: the
     float-adapter candidates) are the search's."""
     from .export import export
     from .model_input import inspect, materialize
@@ -106,7 +139,9 @@ def export_with_recipe(model, out, *, target, precision=None, **options) -> Path
 
     check_runtime_shapes(info.config, str(folder))  # before the first candidate's export
     options.pop("task", None)
-    search = {k: options.pop(k) for k in ("data", "candidates", "validate_options") if k in options}
+    search = {k: options.pop(k) for k in ("data", "candidates", "validate_options", "time_budget_s") if k in options}
+    search.setdefault("candidates", target.quantization.recipe_candidates)
+    search.setdefault("time_budget_s", target.quantization.recipe_time_budget_s)
     if precision is not None or {k for k in options if k != "calibration"}:
         raise BadInput("--recipe auto chooses precision and int4 options itself",
                        hint="drop --precision/--int4-*/--mixed-8bit/--adapter, or use --recipe profile")
@@ -144,7 +179,7 @@ def _level4_twin_ok(cand: dict, t, rec: dict) -> bool:
     return not has_zp or "avx512f" in t.runtime.cpu_features
 
 
-def _row(name: str, report: dict | None, rec: dict | None, error: str | None = None) -> dict[str, Any]:
+def _row(name: str, report: dict | None, rec: dict | None, error: str | None = None, failed: list[str] | None = None) -> dict[str, Any]:
     acc = (report or {}).get("accuracy") or {}
     lat = (report or {}).get("latency") or {}
     tps = (lat.get("decode_tokens_per_s") or {}).get("p50")
@@ -153,7 +188,7 @@ def _row(name: str, report: dict | None, rec: dict | None, error: str | None = N
            "top1_agreement": acc.get("top1_agreement"), "generation_agreement": acc.get("generation_agreement"),
            "task_accuracy": acc.get("task_accuracy"), "task_accuracy_drop": acc.get("task_accuracy_drop"),
            "decode_tokens_per_s": tps,
-           "passed": bool(report and report.get("passed")), "failed": (report or {}).get("failed") or ([] if report else ["export"])}
+           "passed": bool(report and report.get("passed")), "failed": failed or (report or {}).get("failed") or ([] if report else ["export"])}
     if error:
         row["error"] = error
     return row
@@ -175,7 +210,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def auto_export(model_dir, out, *, target, calibration=None, data=None, candidates=None, validate_options=None,
-                twins: bool = True, sensitivity_options=None, lora: tuple[Path, Path] | None = None) -> Path:
+                twins: bool = True, sensitivity_options=None, lora: tuple[Path, Path] | None = None,
+                time_budget_s: float | None = None) -> Path:
     """Search the recipes (see the module docstring); returns ``out``.
 
     ``sensitivity_options``: ``confirm`` / ``confirm_samples`` of :func:`edgetune.export.decoder.mixed.sensitivity`
@@ -183,6 +219,8 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
     ``lora``: ``(base, adapter)`` when ``model_dir`` is their merge: the ``float_adapter`` candidates export the base
     with the adapter as float side branches (``export --float-adapter``) and are validated against ``model_dir`` like
     the others. Without it the default list leaves them out, and one asked for by name is a row with the reason.
+    ``time_budget_s``: a candidate starts only while the search has run for less than this (one that starts is exported
+    and validated with its twin); the ones left are rows "not tried" (the profile's ``recipe_time_budget_s``).
     """
     from .export.decoder import kernels
     from .export.decoder.dispatch import export_llm
@@ -205,40 +243,27 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
         shutil.rmtree(work)
     work.mkdir(parents=True)
     rows: list[dict[str, Any]] = []
+    started = time.monotonic()
     dirs: dict[str, tuple[Path, dict]] = {}
     sens_by_alg: dict[str, dict] = {}
     reference: Path = model_dir
     token_ids = None
     try:
-        for cand in cands:
+        for i, cand in enumerate(cands):
             name = cand["name"]
+            if time_budget_s is not None and time.monotonic() - started >= time_budget_s:
+                rows.extend(_row(c["name"], None, None, error=f"not tried: the search's time budget ({time_budget_s:g} s) was spent",
+                                 failed=["time budget"]) for c in cands[i:])
+                break
             int4 = dict(cand.get("int4") or {})
-            kw: dict[str, Any] = {}
-            mixed = copy.deepcopy(cand.get("mixed"))
             alg = int4.get("algorithm", t.quantization.int4.algorithm)
-            if mixed and "layers" not in mixed and "modules" not in mixed:  # measured: one sensitivity per algorithm
-                if alg in sens_by_alg:
-                    from .export.decoder.mixed import choose
-
-                    sens = sens_by_alg[alg]
-                    mixed = {"layers": choose(sens["ranking"], count=mixed.get("count"), fraction=mixed.get("fraction")),
-                             "sensitivity": sens}
-                else:
-                    kw["calibration"] = calib.path
-            if cand.get("precision", "int4") == "int4" and INT4_ALGORITHMS[alg].calibrated:
-                kw["calibration"] = calib.path
-            if mixed:
-                kw["mixed"] = mixed
-            if cand.get("pack"):
-                kw["pack"] = True
+            call = _export_call(cand, alg, model_dir, calib.path, lora, sens_by_alg)
+            if call is None:
+                rows.append(_row(name, None, None, error="needs the base model and its LoRA adapter (edgetune build with a "
+                                                           "LoRA fine-tune gives them)"))
+                continue
+            src, kw = call
             folder = work / name
-            src = model_dir
-            if cand.get("float_adapter"):
-                if lora is None:
-                    rows.append(_row(name, None, None, error="needs the base model and its LoRA adapter (edgetune build with a "
-                                                               "LoRA fine-tune gives them)"))
-                    continue
-                src, kw = _float_adapter_source(cand, lora)
             try:
                 with console.step(f"recipe {name}: export"):
                     export_llm(src, folder, target=t, precision=cand.get("precision"), int4=int4, **kw)
@@ -251,7 +276,9 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
                 m = (rec.get("quantization") or {}).get("mixed") or {}
                 if m.get("sensitivity") and m["sensitivity"].get("ranking"):
                     sens_by_alg[alg] = m["sensitivity"]
-                elif any(c.get("mixed") for c in cands) and INT4_ALGORITHMS[alg].mixed and not rec.get("packed"):
+                elif (INT4_ALGORITHMS[alg].mixed and not rec.get("packed")
+                      and any(_measured(c.get("mixed")) and (c.get("int4") or {}).get("algorithm", t.quantization.int4.algorithm) == alg
+                              for c in cands)):  # only where a later candidate of this algorithm will read it
                     # (measured on the builder's node names: never on a packed graph)
                     so = dict(sensitivity_options or {})
                     if token_ids is None:
@@ -275,29 +302,38 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
                 if reference == model_dir and (work / f"validate-{vname}" / "reference" / "reference.json").is_file():
                     reference = work / f"validate-{vname}" / "reference"  # the PyTorch reference once, then its pack
                 rows.append(_row(vname, report, rec if not is_twin else {**rec, "size_mb": rec.get("size_mb")}))
-                dirs[vname] = (vdir, cand | {"twin": is_twin})
+                dirs[vname] = (vdir, cand | {"twin": is_twin}, (src, int4, kw))
         passing = [r for r in rows if r["passed"]]
         search = {"candidates": [c["name"] for c in cands], "table": rows, "eval_data": str(eval_data),
                   "reference": str(model_dir), "calibration": str(calib.path), "twins": twins,
                   "lora": [str(x) for x in lora] if lora else None,
-                  "sensitivity": {a: {"method": s["method"], "top": s["ranking"][:10]} for a, s in sens_by_alg.items()}}
+                  "sensitivity": {a: {"method": s["method"], "top": s["ranking"][:10]} for a, s in sens_by_alg.items()},
+                  "time_budget_s": time_budget_s, "seconds": round(time.monotonic() - started, 1)}
+        untried = [r["recipe"] for r in rows if r["failed"] == ["time budget"]]
         if not passing:
-            raise CheckFailed(f"no recipe meets the budgets of {t.name}:\n{format_table(rows)}",
-                              hint="relax the target's budgets, give calibration/eval data like the deployment's, or add candidates",
-                              result=search)
+            hint = "relax the target's budgets, give calibration/eval data like the deployment's, or add candidates"
+            if untried:
+                hint = (f"{len(untried)} candidates were not tried within the time budget ({time_budget_s:g} s): raise it "
+                        f"(--recipe-time-budget, [quantization] recipe_time_budget_s) or put them first (--recipe-candidates); or {hint}")
+            raise CheckFailed(f"no recipe meets the budgets of {t.name}:\n{format_table(rows)}", hint=hint, result=search)
         best = max(passing, key=lambda r: r["decode_tokens_per_s"] or 0.0)
         search["chosen"] = best["recipe"]
-        search["why"] = f"highest decode tok/s ({best['decode_tokens_per_s']}) of {len(passing)} passing of {len(rows)}"
-        vdir, cand = dirs[best["recipe"]]
+        search["why"] = f"highest decode tok/s ({best['decode_tokens_per_s']}) of {len(passing)} passing of {len(rows) - len(untried)} tried"
+        if untried:
+            search["why"] += f" ({len(untried)} not tried within the time budget)"
+        vdir, cand, (src, int4, kw) = dirs[best["recipe"]]
         final_work = work / "final"
-        if cand["twin"]:  # re-export for a record of its own (level 4 as an option, not a patched graph)
-            int4 = {**(cand.get("int4") or {}), "accuracy_level": 4}
+        if cand["twin"]:  # re-export for a record of its own (level 4 as an option, not a patched graph): the same call
             m = (artifacts.read_record(vdir)["results"].get("quantization") or {}).get("mixed")
-            kw = {"mixed": {"layers": m["layers"], "sensitivity": m.get("sensitivity")}} if m else {}
-            src = model_dir
-            if cand.get("float_adapter"):
-                src, kw = _float_adapter_source(cand, lora)
-            export_llm(src, final_work, target=t, precision=cand.get("precision"), int4=int4, **kw)
+            if m and _measured(cand.get("mixed")):  # the layers the sensitivity chose, not a second measurement
+                kw = {**kw, "mixed": {"layers": m["layers"], "sensitivity": m.get("sensitivity")}}
+                if not INT4_ALGORITHMS[int4.get("algorithm", t.quantization.int4.algorithm)].calibrated:
+                    kw.pop("calibration", None)
+            with console.step(f"recipe {best['recipe']}: export with accuracy_level 4"):
+                export_llm(src, final_work, target=t, precision=cand.get("precision"), int4={**int4, "accuracy_level": 4}, **kw)
+            if (diff := graph_difference(vdir, final_work)) is not None:
+                raise EdgetuneError(f"recipe search: the level-4 export of {cand['name']} is not the graph that was validated ({diff})",
+                                    hint="a bug in edgetune: please report it with this line")
         else:
             shutil.move(str(vdir), str(final_work))
         rec = artifacts.read_record(final_work)
@@ -305,7 +341,7 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
         if cand.get("float_adapter"):
             inputs.update(base=Path(lora[0]), float_adapter=Path(lora[1]))
         with artifacts.stage_output(out, "export", inputs=inputs,
-                                    options={"recipe": "auto", "candidates": cands, "twins": twins, "validate": vopts,
+                                    options={"recipe": "auto", "candidates": cands, "twins": twins, "validate": vopts, "time_budget_s": time_budget_s,
                                              "target": t.model_dump(mode="json", exclude={"source"})}) as run:
             for f in final_work.iterdir():
                 if f.name != artifacts.RECORD_NAME:

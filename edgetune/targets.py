@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import quant
 from .errors import BadInput
@@ -108,8 +108,24 @@ class Quantization(_Strict):
     # with [quantization.int4]; "auto" = search the candidate recipes against [budgets] and keep the
     # fastest that passes (edgetune.recipes; minutes per model, so opt-in per profile).
     recipe: Literal["profile", "auto"] = "profile"
+    # recipe = "auto": the candidates to try, in order (default: all of quant.RECIPE_CANDIDATES; the float-adapter
+    # ones where the build gives a LoRA), and the search's time budget in seconds (a candidate starts only while the
+    # search has run for less; the rest are rows "not tried"). Unset: no limit.
+    recipe_candidates: list[str] | None = None
+    recipe_time_budget_s: float | None = Field(None, gt=0)
     int4: Int4 = Int4()
     int8: Int8 = Int8()
+
+    @field_validator("recipe_candidates")
+    @classmethod
+    def _known_candidates(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None:
+            known = [c["name"] for c in quant.RECIPE_CANDIDATES]
+            if not names:
+                raise ValueError("empty (leave it out for all)")
+            if bad := [n for n in names if n not in known]:
+                raise ValueError(f"unknown {', '.join(bad)} (known: {', '.join(known)})")
+        return names
 
 
 class Graph(_Strict):

@@ -236,7 +236,8 @@ def test_mixed_8bit_cli_takes_a_fraction_or_modules():
     ({"precision": "int4", "mixed": {"fraction": 0.2, "count": 2}}, "one of fraction"),
     ({"precision": "int4", "mixed": {"layers": ["/lm_head/MatMul"]}}, "not a decoder-layer MatMul"),
     ({"recipe": "auto", "precision": "int4"}, "chooses precision"),
-    ({"data": "x.txt"}, "only apply to --recipe auto"),
+    ({"data": "x.txt"}, "--eval-data only apply to --recipe auto"),
+    ({"time_budget_s": 60}, "--recipe-time-budget only apply to --recipe auto"),
 ])
 def test_bad_mixed_and_recipe_options(tiny_llama, tmp_path, kwargs, match):
     with pytest.raises(BadInput, match=match):
@@ -363,3 +364,125 @@ def test_recipe_profile_field(tmp_path):
     prof.write_text('name = "a"\nextends = "cpu-x86"\n[quantization]\nrecipe = "best"\n')
     with pytest.raises(BadInput, match="recipe"):
         load_target(str(prof))
+
+
+def test_auto_recipe_ships_the_level4_twin_it_validated(tiny_llama, calib_file, tmp_path, monkeypatch):
+    """A twin that wins is exported again with accuracy_level 4 by the same call as its candidate: packed, 8-bit blocks,
+    mixed layers and the user's calibration kept (before, the re-export dropped --pack and the calibration), and the
+    shipped graph is checked against the validated one. Here only the twin may pass (the plain candidate is failed after
+    its real validation), so the twin's path is the one taken."""
+    import edgetune.validate as validate_mod
+
+    real = validate_mod.validate
+
+    def only_twins_pass(folder, **kw):
+        report = real(folder, **kw)
+        if not str(folder).endswith("@level4"):
+            report = {**report, "passed": False, "failed": ["(test: only the twin may win)"]}
+        return report
+
+    monkeypatch.setattr(validate_mod, "validate", only_twins_pass)
+    cand = {"name": "gptq-sym-vd8-pack", "precision": "int4",
+            "int4": {"algorithm": "imatrix-gptq", "symmetric": True, "lm_head": "int8", "int8_block_size": 64},
+            "mixed": {"modules": ["v_proj", "down_proj"]}, "pack": True}
+    out = export_with_recipe(tiny_llama, tmp_path / "auto", target="cpu-x86", recipe="auto", calibration=calib_file, data=calib_file,
+                             candidates=[cand], validate_options=FAST_VALIDATE)
+    rec = results(out)
+    assert [r["recipe"] for r in rec["recipe"]["table"]] == ["gptq-sym-vd8-pack", "gptq-sym-vd8-pack@level4"]
+    assert rec["recipe"]["chosen"] == "gptq-sym-vd8-pack@level4"
+    layers = json.loads((tiny_llama / "config.json").read_text())["num_hidden_layers"]
+    assert rec["packed"]["groups"] == 2 * layers
+    assert rec["quantization"]["calibration"]["file"] == str(calib_file)  # the user's texts, not the project's generic set
+    paths = kernels.kernel_paths(out)
+    assert all(p["accuracy_level"] == 4 for p in paths)
+    assert {p["block_size"] for p in paths if p["bits"] == 8} == {64}
+    assert json.loads((out / "edgetune.json").read_text())["chosen_export"]["options"]["int4"]["accuracy_level"] == 4
+
+
+def test_graph_difference_ignores_only_the_accuracy_level(tiny_llama, tmp_path):
+    from edgetune.recipes import graph_difference
+
+    a = export(tiny_llama, tmp_path / "a", target="cpu-x86", precision="int4")
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    assert kernels.set_accuracy_level(b, 4) > 0
+    assert graph_difference(a, b) is None
+    data = next(p for p in b.iterdir() if p.name.endswith(".data"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    assert graph_difference(a, b) == f"{data.name}'s bytes"
+
+
+def test_auto_recipe_time_budget_leaves_the_rest_untried(tiny_llama, calib_file, tmp_path):
+    """A candidate starts only while the search has run for less than the budget: the first one starts at once, the
+    others are rows 'not tried' (the profile's recipe_candidates / recipe_time_budget_s, as the build reads them)."""
+    prof = tmp_path / "budgeted.toml"
+    prof.write_text('name = "budgeted"\nextends = "cpu-x86"\n[quantization]\nrecipe = "auto"\n'
+                    'recipe_candidates = ["rtn-head8", "imatrix-head8-vdown8", "int8"]\nrecipe_time_budget_s = 0.001\n')
+    out = export_with_recipe(tiny_llama, tmp_path / "auto", target=str(prof), calibration=calib_file, data=calib_file,
+                             validate_options=FAST_VALIDATE)
+    search = results(out)["recipe"]
+    assert [r["recipe"] for r in search["table"]] == ["rtn-head8", "rtn-head8@level4", "imatrix-head8-vdown8", "int8"]
+    untried = search["table"][2:]
+    assert all(r["failed"] == ["time budget"] and "not tried" in r["error"] for r in untried)
+    assert search["chosen"].startswith("rtn-head8") and "2 not tried within the time budget" in search["why"]
+    assert search["time_budget_s"] == 0.001
+    # no layer sensitivity is measured where no candidate reads one (v/down is a rule, not a ranking)
+    assert search["sensitivity"] == {}
+    # nothing passes and candidates were left: the message says the budget is why they were not tried
+    prof.write_text(prof.read_text() + "[budgets]\nmax_size_mb = 0.001\n")
+    with pytest.raises(CheckFailed, match="not tried within the time budget") as exc:
+        export_with_recipe(tiny_llama, tmp_path / "none", target=str(prof), calibration=calib_file, data=calib_file,
+                           validate_options=FAST_VALIDATE)
+    assert exc.value.exit_code == 1
+
+
+def test_recipe_time_budget_flag(tiny_llama, tmp_path, capsys):
+    code, _, err = run_cli(["export", str(tiny_llama), "--target", "cpu-x86", "-o", str(tmp_path / "x"), "--recipe-time-budget", "60"], capsys)
+    assert code == 2 and "--recipe-time-budget only apply to --recipe auto" in err
+    code, _, err = run_cli(["export", str(tiny_llama), "--target", "cpu-x86", "-o", str(tmp_path / "x"), "--recipe", "auto",
+                            "--recipe-time-budget", "0"], capsys)
+    assert code == 2 and "--recipe-time-budget" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_recipe_profile_candidates_are_checked_when_the_profile_loads(tmp_path):
+    from edgetune.targets import load_target
+
+    prof = tmp_path / "a.toml"
+    prof.write_text('name = "a"\nextends = "cpu-x86"\n[quantization]\nrecipe = "auto"\nrecipe_candidates = ["rtn-head8", "fastest"]\n')
+    with pytest.raises(BadInput, match="recipe_candidates.*unknown fastest"):
+        load_target(str(prof))
+    prof.write_text('name = "a"\nextends = "cpu-x86"\n[quantization]\nrecipe_time_budget_s = -5\n')
+    with pytest.raises(BadInput, match="recipe_time_budget_s"):
+        load_target(str(prof))
+
+
+def test_a_float_adapter_twin_exports_again_to_the_graph_it_validated(calib_file, tmp_path):
+    """The level-4 re-export of the float-adapter candidates (the exact GGUF base + float LoRA, and its 8-bit side
+    weights) is the patched twin's graph: the search's check would otherwise refuse to ship the winner."""
+    pytest.importorskip("gguf")
+    from edgetune.export.decoder.dispatch import export_llm
+    from edgetune.model_input import materialize
+    from edgetune.quant import RECIPE_CANDIDATES
+    from edgetune.recipes import _float_adapter_source, graph_difference
+    from test_adapters import make_lora
+    from test_gguf_transcode import FOUR_BIT
+    from tiny_gguf import write_tiny_llama_gguf
+    from tiny_models import build_bpe_tokenizer
+
+    src = tmp_path / "gguf"
+    build_bpe_tokenizer(src)
+    base = materialize(write_tiny_llama_gguf(src / "q4.gguf", src, override=FOUR_BIT)).path
+    lora = make_lora(base, tmp_path / "lora", targets=["q_proj", "v_proj", "down_proj"], seed=4)
+    cands = [c for c in RECIPE_CANDIDATES if c.get("float_adapter")]
+    assert len(cands) == 2
+    for cand in cands:
+        source, kw = _float_adapter_source(cand, (base, lora))
+        int4 = dict(cand.get("int4") or {})
+        twin, level4 = tmp_path / f"{cand['name']}-twin", tmp_path / f"{cand['name']}-level4"
+        export_llm(source, twin, target="cpu-x86", precision=cand["precision"], int4=int4, **kw)
+        assert kernels.set_accuracy_level(twin, 4) > 0
+        export_llm(source, level4, target="cpu-x86", precision=cand["precision"], int4={**int4, "accuracy_level": 4}, **kw)
+        assert graph_difference(twin, level4) is None, cand["name"]

@@ -58,7 +58,11 @@ class MixedSpec(click.ParamType):
               help="Decoders: 'auto' searches the candidate recipes against the target's budgets and keeps the fastest that "
                    "passes (docs/llm.md); default: the profile's [quantization].recipe.")
 @click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), help="--recipe auto: text/JSONL to validate candidates on.")
-@click.option("--recipe-candidates", help="--recipe auto: comma-separated candidate names (default: all, see docs/llm.md).")
+@click.option("--recipe-candidates", help="--recipe auto: comma-separated candidate names, tried in this order (default: the "
+                                          "profile's recipe_candidates, else all; docs/llm.md).")
+@click.option("--recipe-time-budget", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="--recipe auto: start no candidate after this many seconds of search; the rest are rows 'not tried' "
+                   "(default: the profile's recipe_time_budget_s, else no limit).")
 @click.option("--mixed-8bit", type=MixedSpec(),
               help="int4 rtn/k_quant/imatrix: a fraction (0.1: that share of the decoder MatMuls, the most sensitive on the "
                    "calibration texts) or projections kept at 8 bits in every layer (v_proj,down_proj; as llama.cpp's Q4_K_M).")
@@ -77,7 +81,8 @@ class MixedSpec(click.ParamType):
 @force_option
 @common_options
 def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_accuracy_level, int4_symmetric,
-           int4_lm_head, int8_block_size, adapters, float_adapter, calibration, task, recipe, eval_data, recipe_candidates, mixed_8bit,
+           int4_lm_head, int8_block_size, adapters, float_adapter, calibration, task, recipe, eval_data, recipe_candidates,
+           recipe_time_budget, mixed_8bit,
            allow_slow_kernel, no_fuse, side_int8, pack_siblings, gguf_8bit) -> None:
     """Export MODEL (alias, GGUF or HF folder) to ONNX for target T."""
     from ..recipes import export_with_recipe as run_export
@@ -106,6 +111,8 @@ def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_
         opts["data"] = eval_data
     if recipe_candidates:
         opts["candidates"] = [c.strip() for c in recipe_candidates.split(",") if c.strip()]
+    if recipe_time_budget:
+        opts["time_budget_s"] = recipe_time_budget
     if mixed_8bit:
         opts["mixed"] = mixed_8bit
     if allow_slow_kernel:

@@ -39,7 +39,9 @@ def export(model, out, *, target, precision=None, **options) -> Path:
                            hint="call edgetune.recipes.export_with_recipe, or `edgetune export --recipe auto`")
         if recipe not in (None, "profile"):
             raise BadInput(f"unknown recipe '{recipe}'", hint="use profile or auto")
-        search = [k for k in ("data", "candidates", "validate_options") if k in options]
+        flags = {"data": "--eval-data", "candidates": "--recipe-candidates", "validate_options": "validate_options",
+                 "time_budget_s": "--recipe-time-budget"}
+        search = [flag for k, flag in flags.items() if k in options]
         if search:
             raise BadInput(f"{', '.join(search)} only apply to --recipe auto", hint="add --recipe auto")
         return export_llm(folder, out, target=resolve(target), precision=precision, **options)
