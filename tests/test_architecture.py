@@ -229,3 +229,24 @@ def test_onnx_files_are_read_and_written_in_one_place():
                         r"\.setdefault\(\w+, \[\]\)\.append\(n\)"):
             offenders += [f"{path.relative_to(PKG)}: {m.group(0)}" for m in re.finditer(pattern, text)]
     assert offenders == []
+
+
+def test_the_targets_readme_names_every_profile_field():
+    """targets/README.md is the profile schema a user reads: every field of every table is named there (it had fallen
+    five fields behind the code: recipe, lm_head, int8_block_size ...)."""
+    from pydantic import BaseModel
+
+    from edgetune.targets import Target
+
+    text = (PKG.parent / "targets" / "README.md").read_text()
+    missing = []
+
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation, f"{prefix}{name}.")
+            elif name != "source" and f"`{name}`" not in text:  # (source: set by the loader, not written)
+                missing.append(prefix + name)
+
+    walk(Target)
+    assert not missing, f"targets/README.md does not name {missing}"
