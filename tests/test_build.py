@@ -278,3 +278,25 @@ def test_sigkill_mid_stage_then_rerun_finishes(tmp_path, tiny_llama):
     assert "resum" in done.stderr.lower(), done.stderr[-3000:]
     assert not [p for p in out.rglob(".*tmp-*")]
     shutil.rmtree(tmp_path / "k")
+
+
+def test_a_target_whose_profile_says_auto_ships_the_search_winner(tmp_path, tiny_llama, capsys):
+    """A target with no precision whose profile says recipe = "auto": the build's export stage is the recipe search
+    (the profile's candidate list), and the summary names the candidate that ships."""
+    root = tmp_path / "b"
+    cfg = write_config(root, tiny_llama, targets='[[targets]]\nname = "auto.toml"\narchive = false\n')
+    # a random tiny model is no judge of int4: loose quality budgets, so the choice is the search's speed rule
+    (root / "auto.toml").write_text('extends = "cpu-x86"\nname = "auto"\n[quantization]\nrecipe = "auto"\n'
+                                    'recipe_candidates = ["rtn-head8", "int8"]\n[budgets]\nmax_perplexity_increase_pct = 1000\n'
+                                    'max_kl_divergence = 100\nmin_top1_agreement = 0\nmin_generation_agreement = 0\n'
+                                    'max_time_to_first_token_ms = 60000\nmin_decode_tokens_per_s = 0.1\n')
+    code, out, err = run_cli(["build", str(cfg), "--json", "--quiet"], capsys)
+    assert code == 0, err
+    row = json.loads(out)["targets"][0]
+    search = row["recipe_search"]
+    assert [r["recipe"] for r in search["table"]][0] == "rtn-head8" and "int8" in [r["recipe"] for r in search["table"]]
+    assert row["recipe"].startswith(f"auto: {search['chosen']} (") and search["chosen"] in [r["recipe"] for r in search["table"] if r["passed"]]
+    shipped = json.loads((root / "out" / "auto" / "manifest.json").read_text())["precision"]
+    assert shipped == ("int8" if search["chosen"] == "int8" else "int4")
+    code, out, _ = run_cli(["build", str(cfg)], capsys)  # the console table names it too
+    assert code == 0 and "recipe" in out and f"auto: {search['chosen']}" in out

@@ -195,9 +195,10 @@ def _build(b: Build, cfg: BuildConfig, config, plans: list, train, vdata, prompt
                 {"archive": tc.archive, "name": f"{cfg.name}-{key}", "passed": passed, **signed},
                 lambda: run_bundle(export_dir, dest, target, report_dir, tc.archive, f"{cfg.name}-{key}", b.sign, float_dir), target=key)
         manifest = read_json(dest / "manifest.json") or {}
+        search = ((artifacts.read_record(export_dir) or {}).get("results") or {}).get("recipe")
         rows.append(summary_row(key, dest, manifest, report, passed, tc.archive, base_task, vs_float,
                                  own={"merged": "the quant-aware model's own fp32 merge", "base": "the fp32 base"}[cfg.validation.reference]
-                                 if float_model is not None else None))
+                                 if float_model is not None else None, search=search))
         if not passed:
             failed_targets.append(key)
 

@@ -52,7 +52,9 @@ def _vs_float_row(vs_float: dict) -> dict[str, Any]:
 
 
 def summary_row(key: str, dest: Path, manifest: dict, report: dict, passed: bool, archive: bool,
-                 base_task: dict | None = None, vs_float: dict | None = None, own: str | None = None) -> dict[str, Any]:
+                 base_task: dict | None = None, vs_float: dict | None = None, own: str | None = None,
+                 search: dict | None = None) -> dict[str, Any]:
+    """``search``: the export's recipe search (``results.recipe`` of a target whose profile says recipe = "auto")."""
     figs = manifest.get("figures") or {}
     acc = report.get("accuracy") or {}
     lat = report.get("latency") or {}
@@ -108,6 +110,10 @@ def summary_row(key: str, dest: Path, manifest: dict, report: dict, passed: bool
         "latency_figures": {"decode_tokens_per_s_p50": p50("decode_tokens_per_s"), "time_to_first_token_ms_p50": p50("time_to_first_token_ms"),
                             "latency_ms_p50": (lat.get("latency_ms") or {}).get("p50") if isinstance(lat.get("latency_ms"), dict) else None},
     }
+    if search and search.get("chosen"):  # recipe = "auto": which candidate ships, and why (the table is the export's record)
+        tried = [r for r in search.get("table") or [] if r.get("failed") != ["time budget"]]
+        row["recipe"] = f"auto: {search['chosen']} ({sum(r['passed'] for r in tried)} of {len(tried)} passed)"
+        row["recipe_search"] = {"chosen": search["chosen"], "why": search.get("why"), "table": search.get("table")}
     if vs is not None:  # a quant-aware build: the figures above are against `reference`, these against the float fine-tune
         row["reference"] = own
         row["vs float FT"] = vs.pop("text")
@@ -119,7 +125,7 @@ def summary_text(result: dict[str, Any]) -> str:
     ran = [s for s in result["stages"] if s["status"] == "ran" and s["stage"] != "materialize"]
     skipped = [s for s in result["stages"] if s["status"] in ("skipped", "reused")]
     head = f"build {result['name']}: {len(ran)} stage(s) ran, {len(skipped)} skipped, {result['seconds']:.1f}s"
-    cols = ["target", "precision", "size_mb"]
+    cols = ["target", "precision"] + (["recipe"] if any(r.get("recipe") for r in result["targets"]) else []) + ["size_mb"]
     if any(r.get("task") for r in result["targets"]):
         cols += ["base", "fine-tuned", "task"]  # task accuracy (exact match or token F1, %): base -> fine-tuned -> bundle
     qat = any(r.get("vs_float_finetune") for r in result["targets"])
