@@ -63,10 +63,14 @@ def test_fused_gguf_base_equals_unfused(q4_gguf, tmp_path):
     fz = rec["fusion"]
     assert fz["fused"] and fz["runtime_nodes_after"] < fz["runtime_nodes_before"]
     assert not json.loads((plain / "edgetune.json").read_text())["results"]["gguf"]["fusion"]["fused"]
-    # the block sums are one MatMul per input now, not Reshape -> ReduceSum; the MatMulNBits are the same nodes
+    # the block sums are one MatMul per input now, not Reshape -> ReduceSum; the MatMulNBits are the same nodes but
+    # gate and up (Q4_1 beside Q4_K: fp16 scales beside fp32 ones), packed into one per layer (qkv is one already)
     gp, gf = _graph(plain), _graph(fused)
     assert sum(n.op_type == "ReduceSum" for n in gf.node) < sum(n.op_type == "ReduceSum" for n in gp.node)
-    assert sorted(n.name for n in gf.node if n.op_type == "MatMulNBits") == sorted(n.name for n in gp.node if n.op_type == "MatMulNBits")
+    assert fz["packed"] == {"groups": 2, "nodes": [f"/model/layers.{i}/mlp/gate_up_proj/MatMulNBits" for i in (0, 1)]}
+    unpacked = {n.name for n in gp.node if n.op_type == "MatMulNBits"} - {f"/model/layers.{i}/mlp/{p}_proj/MatMulNBits" for i in (0, 1)
+                                                                           for p in ("gate", "up")}
+    assert {n.name for n in gf.node if n.op_type == "MatMulNBits"} == unpacked | set(fz["packed"]["nodes"])
     assert {o.name for o in gf.output} == {o.name for o in gp.output}
     got, want = dev.logits(dev.load(fused), IDS), dev.logits(dev.load(plain), IDS)
     assert _rel(got, want) <= 1e-5, _rel(got, want)
@@ -99,10 +103,14 @@ def test_fused_float_adapter_over_gguf_equals_unfused(q4_gguf, tmp_path):
     ops_p, ops_f = _runtime_ops(plain), _runtime_ops(fused)
     # removed: 11 corrections (MatMul + Add) and 12 LoRA branches (2 MatMul + Add); added: per LoRA group (6) one
     # MatMul(x, A_cat) and one Concat(x @ A_cat, block sums), for the head's correction-only group one MatMul(x, S)
-    # instead of Reshape -> ReduceSum, and per linear (13) one MatMul + Add
-    assert ops_p["MatMul"] - ops_f["MatMul"] == (11 + 2 * 12) - (6 + 1 + 13) and ops_p["Add"] - ops_f["Add"] == (11 + 12) - 13
+    # instead of Reshape -> ReduceSum, and per linear (13) one MatMul + Add; then per layer q/k/v and gate/up packed
+    # (pack_fused_siblings): one MatMulNBits, side MatMul and Add per group instead of one per linear, and a Split
+    packed = fz["packed"]
+    assert packed["nodes"] == [f"/model/layers.{i}/{p}/MatMulNBits" for i in (0, 1) for p in ("attn/qkv_proj", "mlp/gate_up_proj")]
+    fewer = 2 * ((3 - 1) + (2 - 1))  # per layer: qkv 3 -> 1, gate/up 2 -> 1
+    assert ops_p["MatMul"] - ops_f["MatMul"] == (11 + 2 * 12) - (6 + 1 + 13) + fewer and ops_p["Add"] - ops_f["Add"] == (11 + 12) - 13 + fewer
     assert ops_p["ReduceSum"] - ops_f["ReduceSum"] == 1 and ops_f["Concat"] == 6  # constant W1/W2 Concats folded at load
-    assert ops_f["MatMulNBits"] == ops_p["MatMulNBits"]
+    assert ops_p["MatMulNBits"] - ops_f["MatMulNBits"] == fewer and ops_f["Split"] - ops_p.get("Split", 0) == 4
     got, want = dev.logits(dev.load(fused), IDS), dev.logits(dev.load(plain), IDS)
     assert _rel(got, want) <= 1e-5, _rel(got, want)
     assert dev.generate_ids(dev.load(fused), IDS, 6, ignore_eos=True) == dev.generate_ids(dev.load(plain), IDS, 6, ignore_eos=True)
@@ -146,13 +154,14 @@ def test_side_int8_stores_the_fused_side_weights_at_8_bits_close_to_the_float_on
     q8 = export(base, tmp_path / "q8", target="cpu-x86", precision="gguf", float_adapter=lora, fuse="int8")
     side = json.loads((q8 / "edgetune.json").read_text())["results"]["fusion"]["side_int8"]
     ops_fp, ops_q8 = _runtime_ops(fp), _runtime_ops(q8)
-    # every float side MatMul (6 x @ A_cat, the head's x @ S, 13 z @ W2, and o_proj's unfused LoRA A and B in both
-    # layers) is an 8-bit MatMulNBits now: none is left
-    assert side["matmuls"] == 24 and ops_fp["MatMul"] == 24 and ops_q8["MatMul"] == 0, (side, ops_fp, ops_q8)
-    assert ops_q8["MatMulNBits"] == ops_fp["MatMulNBits"] + 24 and ops_q8["Add"] == ops_fp["Add"]
+    # every float side MatMul (6 x @ A_cat, the head's x @ S, 13 z @ W2 less the 6 that packing made one with its
+    # siblings (q/k/v and gate/up of both layers), and o_proj's unfused LoRA A and B in both layers) is an 8-bit
+    # MatMulNBits now: none is left
+    assert side["matmuls"] == 18 and ops_fp["MatMul"] == 18 and ops_q8["MatMul"] == 0, (side, ops_fp, ops_q8)
+    assert ops_q8["MatMulNBits"] == ops_fp["MatMulNBits"] + 18 and ops_q8["Add"] == ops_fp["Add"]
     assert side["int8_mb"] < 0.5 * side["fp32_mb"] and side["max_weight_error_rel"] < 1 / 127
     nodes = [n for n in _graph(q8).node if n.name.endswith("/Q8")]
-    assert len(nodes) == 24 and all({a.name: a.i for a in n.attribute if a.name in ("bits", "accuracy_level")} == {"bits": 8, "accuracy_level": 4}
+    assert len(nodes) == 18 and all({a.name: a.i for a in n.attribute if a.name in ("bits", "accuracy_level")} == {"bits": 8, "accuracy_level": 4}
                                     for n in nodes)
     # close to the float side branches, not equal (8-bit weights, int8 activations in those nodes): 0.023 here; 0.11
     # before each rank-4 LoRA's columns of z were padded to a block of their own (the block sums set the int8 step)
@@ -166,3 +175,34 @@ def test_side_int8_stores_the_fused_side_weights_at_8_bits_close_to_the_float_on
     code, _, err = run_cli(["export", str(base), "-t", "cpu-x86", "-o", str(tmp_path / "y"), "--precision", "int4", "--side-int8"], capsys)
     assert code == 2 and "precision int4 has none" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_packing_the_fused_siblings_changes_no_output(q4_gguf, tmp_path):
+    """q/k/v and gate/up packed after the fusion (one MatMulNBits, side MatMul and Add per group, then a Split) compute
+    what the fused siblings computed: each column from its own rows and scales, the side terms the same dot products."""
+    import shutil
+
+    from edgetune import onnx_graph
+    from edgetune.device import llm as dev
+    from edgetune.export import export
+    from edgetune.export.decoder.fuse import fuse_side_branches
+    from edgetune.model_input import materialize
+    from test_adapters import make_lora
+
+    base = materialize(q4_gguf).path
+    lora = make_lora(base, tmp_path / "chat", targets=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], seed=5)
+    plain = export(base, tmp_path / "plain", target="cpu-x86", precision="gguf", float_adapter=lora, fuse=False)
+    packed = export(base, tmp_path / "packed", target="cpu-x86", precision="gguf", float_adapter=lora)
+    assert json.loads((packed / "edgetune.json").read_text())["results"]["fusion"]["packed"]["groups"] == 4
+    fused = tmp_path / "fused"  # the same fusion, nothing packed
+    shutil.copytree(plain, fused)
+    model = onnx_graph.load(fused / "model.onnx")
+    assert fuse_side_branches(model)["fused"]
+    (fused / "new").mkdir()
+    onnx_graph.save(model, fused / "new" / "model.onnx", external=True, size_threshold=1024)
+    for f in ("model.onnx", "model.onnx.data"):
+        (fused / "new" / f).replace(fused / f)
+    assert sum(n.op_type == "MatMulNBits" for n in _graph(fused).node) - sum(n.op_type == "MatMulNBits" for n in _graph(packed).node) == 6
+    got, want = dev.logits(dev.load(packed), IDS), dev.logits(dev.load(fused), IDS)
+    assert _rel(got, want) <= 1e-6, _rel(got, want)
+    assert dev.generate_ids(dev.load(packed), IDS, 6, ignore_eos=True) == dev.generate_ids(dev.load(fused), IDS, 6, ignore_eos=True)

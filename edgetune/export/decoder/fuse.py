@@ -305,6 +305,113 @@ def _set_graph(g, nodes: list, inits: list, *, keep) -> None:
     g.value_info.extend(vi)
 
 
+def _stored(G: Graph, name: str) -> tuple[np.ndarray, int | None] | None:
+    """A MatMulNBits weight input as stored: a constant initializer (``(array, None)``) or a ``Cast`` of one (the GGUF
+    transcode's fp16 scales: ``(fp16 array, to)``); None for anything computed."""
+    if name in G.constants:
+        return G.array(name), None
+    p = G.producer.get(name)
+    if p is not None and p.op_type == "Cast" and p.input[0] in G.constants:
+        return G.array(p.input[0]), next(a.i for a in p.attribute if a.name == "to")
+    return None
+
+
+def _stack(parts: list) -> tuple[np.ndarray | None, int | None] | None:
+    """The siblings' stored forms of one MatMulNBits input (:func:`_stored`) stacked along N: ``(array, Cast to)``;
+    ``(None, None)`` for an absent input; fp16 scales behind a Cast beside fp32 ones (a Q4_1 linear beside a Q4_K one)
+    are all stored in fp32 (the Cast is exact); None where they cannot be one tensor."""
+    from onnx import TensorProto
+
+    if parts[0][0] is None:
+        return None, None
+    to = parts[0][1]
+    if any(p[1] != to for p in parts):
+        if any(p[1] not in (None, TensorProto.FLOAT) or (p[1] is None and p[0].dtype != np.float32) for p in parts):
+            return None
+        parts, to = [(p[0].astype(np.float32), None) for p in parts], None
+    if len({p[0].dtype for p in parts}) != 1 or len({p[0].shape[1:] for p in parts}) != 1:
+        return None
+    return np.ascontiguousarray(np.concatenate([p[0] for p in parts], axis=0)), to
+
+
+def pack_fused_siblings(model) -> dict[str, Any]:
+    """Pack the fused linears that read one input: q/k/v and gate/up of every layer (``model`` changed in place).
+
+    After :func:`fuse_side_branches` each linear is ``y_i = MatMulNBits_i(x) + z @ W2_i`` with the group's shared ``z``.
+    Siblings with the same ``K``, bits, block, accuracy_level and stored inputs become
+
+        [y_1 | y_2 | ...] = Split(MatMulNBits(x; [B_1; B_2; ...], [s_1; s_2; ...]) + z @ [W2_1 | W2_2 | ...])
+
+    one quantized kernel, one side MatMul and one Add per group instead of one of each per linear (what
+    :mod:`.pack` does for the builder's graphs). The 4-bit columns are computed exactly as before (each from its own
+    rows, scales and, at level 4, the same int8 ``x``); the side MatMul's columns are the same dot products over ``z``.
+    The packed nodes take the builder's packed names (``.../attn/qkv_proj/MatMulNBits``), so
+    :func:`edgetune.export.decoder.packed.hf_linears` maps them back.
+    """
+    from onnx import helper, numpy_helper
+
+    from .packed import SIBLINGS, builder_linear, packed_name
+
+    G = Graph(model)
+    groups: dict[tuple, list] = {}
+    for add in G.g.node:
+        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+            continue
+        m, mm = G.producer.get(add.input[0]), G.producer.get(add.input[1])
+        if (m is None or mm is None or m.op_type != "MatMulNBits" or mm.op_type != "MatMul"
+                or G.only_consumer(add.input[0]) is not add or G.only_consumer(add.input[1]) is not add):
+            continue
+        stored = [_stored(G, i) if i else (None, None) for i in m.input[1:]]
+        parsed = builder_linear(m.name)
+        if len(m.input) > 4 or any(st is None for st in stored) or parsed is None:
+            continue  # g_idx / bias, a weight computed at run time, or no builder linear
+        a = onnx_graph.attributes(m)
+        key = (m.input[0], a["K"], a["bits"], a["block_size"], a.get("accuracy_level", 0),
+               tuple(st[0] is not None for st in stored), mm.input[0], parsed[:2])
+        groups.setdefault(key, []).append((parsed[2], m, mm, add, stored))
+    new_nodes, new_inits, removed, packed = [], [], set(), []
+    for key, members in groups.items():
+        proj = packed_name([mem[0] for mem in members])
+        if len(members) < 2 or proj is None:
+            continue
+        order = SIBLINGS[proj]
+        members.sort(key=lambda mem: order.index(mem[0]))
+        layer, block = key[-1]
+        name = f"/model/layers.{layer}/{block}/{proj}/MatMulNBits"
+        lname = name.rsplit("/", 1)[0]
+        sizes = [int(onnx_graph.attributes(mem[1])["N"]) for mem in members]
+        stacked = [_stack([mem[4][j] for mem in members]) for j in range(len(members[0][4]))]
+        if any(st is None for st in stacked):
+            continue
+        inputs = [key[0]]
+        for j, (arr, to) in enumerate(stacked):
+            if arr is None:
+                inputs.append("")
+                continue
+            tensor = f"{name}.input{j + 1}"
+            new_inits.append(numpy_helper.from_array(arr, tensor))
+            if to is not None:
+                new_nodes.append(helper.make_node("Cast", [tensor], [f"{tensor}/Cast/output_0"], name=f"{tensor}/Cast", to=to))
+                tensor = f"{tensor}/Cast/output_0"
+            inputs.append(tensor)
+        attrs = {k: v for k, v in onnx_graph.attributes(members[0][1]).items() if k != "N"}
+        y, w2, side, total = f"{name}/output_0", f"{lname}/fused/W2", f"{lname}/fused/MatMul/output_0", f"{lname}/fused/Add/output_0"
+        split = f"{lname}/split_sizes"
+        new_nodes += [
+            helper.make_node("MatMulNBits", inputs, [y], name=name, domain=onnx_graph.MS_DOMAIN, N=sum(sizes), **attrs),
+            helper.make_node("Concat", [mem[2].input[1] for mem in members], [w2], name=f"{w2}/Concat", axis=1),
+            helper.make_node("MatMul", [key[6], w2], [side], name=f"{lname}/fused/MatMul"),
+            helper.make_node("Add", [y, side], [total], name=f"{lname}/fused/Add"),
+            helper.make_node("Constant", [], [split], name=f"{split}/Constant", value=numpy_helper.from_array(np.array(sizes, np.int64), f"{split}/value")),
+            helper.make_node("Split", [total, split], [mem[3].output[0] for mem in members], name=f"{lname}/Split", axis=-1)]
+        removed.update(id(nd) for mem in members for nd in mem[1:4])
+        packed.append({"node": name, "from": [mem[1].name for mem in members], "N": sizes})
+    if packed:
+        kept = _live([nd for nd in G.g.node if id(nd) not in removed] + new_nodes, G.outputs, ("Cast", "Constant"))
+        _set_graph(G.g, kept, new_inits, keep=G.outputs)
+    return {"groups": len(packed), "nodes": packed}
+
+
 SIDE_BLOCK = 16  # the 8-bit side weights' block along K: z's parts (each rank-16 LoRA, each block-sum group) own whole blocks
 
 
@@ -372,12 +479,18 @@ def quantize_side_weights(model, *, block: int = SIDE_BLOCK) -> dict[str, Any]:
 
 
 def fuse_folder(folder: Path, *, side_int8: bool = False) -> dict[str, Any]:
-    """Fuse ``folder/model.onnx`` (external data in ``model.onnx.data``) in place; ``side_int8``: then store the fused
-    side weights at 8 bits (:func:`quantize_side_weights`)."""
+    """Fuse ``folder/model.onnx`` (external data in ``model.onnx.data``) in place, then pack the fused siblings
+    (:func:`pack_fused_siblings`); ``side_int8``: then store the fused side weights at 8 bits (:func:`quantize_side_weights`)."""
 
     folder = Path(folder)
     model = onnx_graph.load(folder / "model.onnx")
     info = fuse_side_branches(model, align=SIDE_BLOCK if side_int8 else 1)
+    if info["fused"]:  # then q/k/v and gate/up as one node each (+8 / +11 % decode on the demo, docs/llm.md)
+        packed = pack_fused_siblings(model)
+        info["packed"] = {"groups": packed["groups"], "nodes": [p["node"] for p in packed["nodes"]]}
+        info["runtime_nodes_after"] = runtime_nodes(model.graph)
+        info["nodes_after"] = len(model.graph.node)
+        info["ops_after"] = dict(Counter(n.op_type for n in model.graph.node))
     if info["fused"] and side_int8:
         info["side_int8"] = quantize_side_weights(model)
     if info["fused"]:
