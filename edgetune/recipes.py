@@ -202,9 +202,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             return f"{v:.4f}"
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
-    head = "recipe | MB | dPPL% | KL | top1 | task | tok/s | passed"
+    head = "recipe | MB | dPPL% | KL | top1 | task | tok/s | s | passed"
     lines = [head] + [" | ".join([r["recipe"]] + [f(r.get(k), k) for k in ("size_mb", "perplexity_increase_pct", "kl_divergence",
-                                                                       "top1_agreement", "task_accuracy", "decode_tokens_per_s")]
+                                                                       "top1_agreement", "task_accuracy", "decode_tokens_per_s", "seconds")]
                                  + ["yes" if r["passed"] else "no: " + ",".join(r["failed"])]) for r in rows]
     return "\n".join(lines)
 
@@ -257,6 +257,7 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
                 break
             int4 = dict(cand.get("int4") or {})
             alg = int4.get("algorithm", t.quantization.int4.algorithm)
+            mark = time.monotonic()  # each row's seconds: the candidate's export (+ a sensitivity) and validation; a twin's validation
             call = _export_call(cand, alg, model_dir, calib.path, lora, sens_by_alg)
             if call is None:
                 rows.append(_row(name, None, None, error="needs the base model and its LoRA adapter (edgetune build with a "
@@ -269,6 +270,7 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
                     export_llm(src, folder, target=t, precision=cand.get("precision"), int4=int4, **kw)
             except (BadInput, CheckFailed) as e:
                 rows.append(_row(name, None, None, error=str(e).splitlines()[0][:200]))
+                rows[-1]["seconds"] = round(time.monotonic() - mark, 1)
                 continue
             rec = artifacts.read_record(folder)["results"]
             # one sensitivity measurement per algorithm, from this candidate's own int4 weights
@@ -302,6 +304,7 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
                 if reference == model_dir and (work / f"validate-{vname}" / "reference" / "reference.json").is_file():
                     reference = work / f"validate-{vname}" / "reference"  # the PyTorch reference once, then its pack
                 rows.append(_row(vname, report, rec if not is_twin else {**rec, "size_mb": rec.get("size_mb")}))
+                rows[-1]["seconds"], mark = round(time.monotonic() - mark, 1), time.monotonic()
                 dirs[vname] = (vdir, cand | {"twin": is_twin}, (src, int4, kw))
         passing = [r for r in rows if r["passed"]]
         search = {"candidates": [c["name"] for c in cands], "table": rows, "eval_data": str(eval_data),
