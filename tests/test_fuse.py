@@ -206,3 +206,31 @@ def test_packing_the_fused_siblings_changes_no_output(q4_gguf, tmp_path):
     got, want = dev.logits(dev.load(packed), IDS), dev.logits(dev.load(fused), IDS)
     assert _rel(got, want) <= 1e-6, _rel(got, want)
     assert dev.generate_ids(dev.load(packed), IDS, 6, ignore_eos=True) == dev.generate_ids(dev.load(fused), IDS, 6, ignore_eos=True)
+
+
+@pytest.mark.parametrize("gguf_type", ["Q4_0", "Q8_0"])
+def test_siblings_without_a_side_term_are_packed_too(tmp_path, gguf_type):
+    """A GGUF type without a min (Q4_0, Q8_0) has no correction and the graph no fusion; its gate and up (q/k/v is the
+    builder's one node already) are still packed into one MatMulNBits + Split, computing the same logits. Q8_0's
+    default form is two planes per linear (a 4-bit ``_hi`` and a low-bits ``_lo`` node): the ``_lo`` planes pack, under
+    names of their own; the ``_hi`` ones keep their nodes (their scales are the GGUF's times 16, a Mul computed at
+    load, which the packing does not restack)."""
+    from edgetune.device import llm as dev
+    from edgetune.export import export
+    from tiny_gguf import write_tiny_llama_gguf
+    from tiny_models import build_bpe_tokenizer
+
+    build_bpe_tokenizer(tmp_path / "src")
+    types = dict.fromkeys(("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"), gguf_type)
+    src = write_tiny_llama_gguf(tmp_path / "src" / "m.gguf", tmp_path / "src", embedding_type=gguf_type, override=types)
+    out = export(src, tmp_path / "packed", target="cpu-x86", precision="gguf")
+    fz = json.loads((out / "edgetune.json").read_text())["results"]["gguf"]["fusion"]
+    planes = ("MatMulNBits",) if gguf_type == "Q4_0" else ("MatMulNBits_lo",)
+    assert not fz["fused"] and sorted(fz["packed"]["nodes"]) == sorted(f"/model/layers.{i}/mlp/gate_up_proj/{p}" for i in (0, 1)
+                                                                      for p in planes)
+    plain = export(src, tmp_path / "plain", target="cpu-x86", precision="gguf", fuse=False)  # --no-fuse: nothing packed
+    names = lambda d: sorted(n.name for n in _graph(d).node if n.op_type == "MatMulNBits")  # noqa: E731
+    assert len(names(plain)) - len(names(out)) == 2 * len(planes) and f"/model/layers.0/mlp/gate_proj/{planes[0]}" in names(plain)
+    assert len(set(names(out))) == len(names(out))
+    got, want = dev.logits(dev.load(out), IDS), dev.logits(dev.load(plain), IDS)
+    assert _rel(got, want) <= 1e-6, _rel(got, want)

@@ -335,15 +335,16 @@ def _stack(parts: list) -> tuple[np.ndarray | None, int | None] | None:
 
 
 def pack_fused_siblings(model) -> dict[str, Any]:
-    """Pack the fused linears that read one input: q/k/v and gate/up of every layer (``model`` changed in place).
+    """Pack the linears that read one input: q/k/v and gate/up of every layer (``model`` changed in place).
 
-    After :func:`fuse_side_branches` each linear is ``y_i = MatMulNBits_i(x) + z @ W2_i`` with the group's shared ``z``.
-    Siblings with the same ``K``, bits, block, accuracy_level and stored inputs become
+    After :func:`fuse_side_branches` each linear with a side term is ``y_i = MatMulNBits_i(x) + z @ W2_i`` with the
+    group's shared ``z``. Siblings with the same ``K``, bits, block, accuracy_level and stored inputs become
 
         [y_1 | y_2 | ...] = Split(MatMulNBits(x; [B_1; B_2; ...], [s_1; s_2; ...]) + z @ [W2_1 | W2_2 | ...])
 
     one quantized kernel, one side MatMul and one Add per group instead of one of each per linear (what
-    :mod:`.pack` does for the builder's graphs). The 4-bit columns are computed exactly as before (each from its own
+    :mod:`.pack` does for the builder's graphs). Siblings with no side term (a GGUF type without a min: Q4_0, Q8_0)
+    are packed the same way without it; a linear with a side term and one without stay apart. The 4-bit columns are computed exactly as before (each from its own
     rows, scales and, at level 4, the same int8 ``x``); the side MatMul's columns are the same dot products over ``z``.
     The packed nodes take the builder's packed names (``.../attn/qkv_proj/MatMulNBits``), so
     :func:`edgetune.export.decoder.packed.hf_linears` maps them back.
@@ -354,21 +355,23 @@ def pack_fused_siblings(model) -> dict[str, Any]:
 
     G = Graph(model)
     groups: dict[tuple, list] = {}
-    for add in G.g.node:
-        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
-            continue
-        m, mm = G.producer.get(add.input[0]), G.producer.get(add.input[1])
-        if (m is None or mm is None or m.op_type != "MatMulNBits" or mm.op_type != "MatMul"
-                or G.only_consumer(add.input[0]) is not add or G.only_consumer(add.input[1]) is not add):
+    for m in G.g.node:
+        if m.op_type != "MatMulNBits" or m.domain != onnx_graph.MS_DOMAIN:
             continue
         stored = [_stored(G, i) if i else (None, None) for i in m.input[1:]]
         parsed = builder_linear(m.name)
         if len(m.input) > 4 or any(st is None for st in stored) or parsed is None:
             continue  # g_idx / bias, a weight computed at run time, or no builder linear
+        add, mm = G.only_consumer(m.output[0]), None  # the fused form: Add(MatMulNBits(x), MatMul(z, W2))
+        if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx") and list(add.input[:1]) == [m.output[0]]:
+            mm = G.producer.get(add.input[1]) if len(add.input) == 2 else None
+            if mm is None or mm.op_type != "MatMul" or G.only_consumer(add.input[1]) is not add:
+                mm = None
         a = onnx_graph.attributes(m)
         key = (m.input[0], a["K"], a["bits"], a["block_size"], a.get("accuracy_level", 0),
-               tuple(st[0] is not None for st in stored), mm.input[0], parsed[:2])
-        groups.setdefault(key, []).append((parsed[2], m, mm, add, stored))
+               tuple(st[0] is not None for st in stored), mm.input[0] if mm is not None else None,
+               m.name.rsplit("/", 1)[-1], parsed[:2])  # (the node's own name: MatMulNBits, or a GGUF plane's _hi / _lo)
+        groups.setdefault(key, []).append((parsed[2], m, mm, add if mm is not None else None, stored))
     new_nodes, new_inits, removed, packed = [], [], set(), []
     for key, members in groups.items():
         proj = packed_name([mem[0] for mem in members])
@@ -377,8 +380,7 @@ def pack_fused_siblings(model) -> dict[str, Any]:
         order = SIBLINGS[proj]
         members.sort(key=lambda mem: order.index(mem[0]))
         layer, block = key[-1]
-        name = f"/model/layers.{layer}/{block}/{proj}/MatMulNBits"
-        lname = name.rsplit("/", 1)[0]
+        name = f"/model/layers.{layer}/{block}/{proj}/{key[-2]}"
         sizes = [int(onnx_graph.attributes(mem[1])["N"]) for mem in members]
         stacked = [_stack([mem[4][j] for mem in members]) for j in range(len(members[0][4]))]
         if any(st is None for st in stacked):
@@ -395,17 +397,20 @@ def pack_fused_siblings(model) -> dict[str, Any]:
                 tensor = f"{tensor}/Cast/output_0"
             inputs.append(tensor)
         attrs = {k: v for k, v in onnx_graph.attributes(members[0][1]).items() if k != "N"}
-        y, w2, side, total = f"{name}/output_0", f"{lname}/fused/W2", f"{lname}/fused/MatMul/output_0", f"{lname}/fused/Add/output_0"
-        split = f"{lname}/split_sizes"
+        y, split = f"{name}/output_0", f"{name}/split_sizes"
+        new_nodes.append(helper.make_node("MatMulNBits", inputs, [y], name=name, domain=onnx_graph.MS_DOMAIN, N=sum(sizes), **attrs))
+        total, outs = y, [mem[1].output[0] for mem in members]
+        if key[6] is not None:  # the fused form: one side MatMul and one Add for the group
+            w2, side, total = f"{name}/fused/W2", f"{name}/fused/MatMul/output_0", f"{name}/fused/Add/output_0"
+            new_nodes += [helper.make_node("Concat", [mem[2].input[1] for mem in members], [w2], name=f"{w2}/Concat", axis=1),
+                          helper.make_node("MatMul", [key[6], w2], [side], name=f"{name}/fused/MatMul"),
+                          helper.make_node("Add", [y, side], [total], name=f"{name}/fused/Add")]
+            outs = [mem[3].output[0] for mem in members]
         new_nodes += [
-            helper.make_node("MatMulNBits", inputs, [y], name=name, domain=onnx_graph.MS_DOMAIN, N=sum(sizes), **attrs),
-            helper.make_node("Concat", [mem[2].input[1] for mem in members], [w2], name=f"{w2}/Concat", axis=1),
-            helper.make_node("MatMul", [key[6], w2], [side], name=f"{lname}/fused/MatMul"),
-            helper.make_node("Add", [y, side], [total], name=f"{lname}/fused/Add"),
             helper.make_node("Constant", [], [split], name=f"{split}/Constant", value=numpy_helper.from_array(np.array(sizes, np.int64), f"{split}/value")),
-            helper.make_node("Split", [total, split], [mem[3].output[0] for mem in members], name=f"{lname}/Split", axis=-1)]
-        removed.update(id(nd) for mem in members for nd in mem[1:4])
-        packed.append({"node": name, "from": [mem[1].name for mem in members], "N": sizes})
+            helper.make_node("Split", [total, split], outs, name=f"{name}/Split", axis=-1)]
+        removed.update(id(nd) for mem in members for nd in mem[1:4] if nd is not None)
+        packed.append({"node": name, "from": [mem[1].name for mem in members], "N": sizes, "side": key[6] is not None})
     if packed:
         kept = _live([nd for nd in G.g.node if id(nd) not in removed] + new_nodes, G.outputs, ("Cast", "Constant"))
         _set_graph(G.g, kept, new_inits, keep=G.outputs)
@@ -485,15 +490,16 @@ def fuse_folder(folder: Path, *, side_int8: bool = False) -> dict[str, Any]:
     folder = Path(folder)
     model = onnx_graph.load(folder / "model.onnx")
     info = fuse_side_branches(model, align=SIDE_BLOCK if side_int8 else 1)
-    if info["fused"]:  # then q/k/v and gate/up as one node each (+8 / +11 % decode on the demo, docs/llm.md)
-        packed = pack_fused_siblings(model)
-        info["packed"] = {"groups": packed["groups"], "nodes": [p["node"] for p in packed["nodes"]]}
+    # then q/k/v and gate/up as one node each, fused or not (+6-16 % decode on the demo at 1 thread, docs/llm.md)
+    packed = pack_fused_siblings(model)
+    info["packed"] = {"groups": packed["groups"], "nodes": [p["node"] for p in packed["nodes"]]}
+    if packed["groups"]:
         info["runtime_nodes_after"] = runtime_nodes(model.graph)
         info["nodes_after"] = len(model.graph.node)
         info["ops_after"] = dict(Counter(n.op_type for n in model.graph.node))
     if info["fused"] and side_int8:
         info["side_int8"] = quantize_side_weights(model)
-    if info["fused"]:
+    if info["fused"] or packed["groups"]:
         tmp = folder / ".fuse-tmp"
         tmp.mkdir(exist_ok=True)
         onnx_graph.save(model, tmp / "model.onnx", external=True, size_threshold=1024)
