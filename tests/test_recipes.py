@@ -448,6 +448,13 @@ def test_recipe_time_budget_flag(tiny_llama, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("option", [{"time_budget_s": 60}, {"candidates": ["rtn-head8"]}, {"recipe": "auto"}])
+def test_recipe_search_options_are_refused_for_an_encoder(tiny_bert, tmp_path, option):
+    with pytest.raises(BadInput, match="apply to decoder LLMs"):
+        export_with_recipe(tiny_bert, tmp_path / "x", target="cpu-x86", **option)
+    assert not (tmp_path / "x").exists()
+
+
 def test_recipe_profile_candidates_are_checked_when_the_profile_loads(tmp_path):
     from edgetune.targets import load_target
 

@@ -14,8 +14,8 @@ from ..model_input import inspect, materialize
 from ..targets import resolve
 
 # options that only a decoder export takes: refused (exit 2) for an encoder or a translation model
-DECODER_OPTIONS = ("int4", "adapters", "float_adapter", "mixed", "recipe", "candidates", "data", "allow_slow_kernel", "fuse",
-                   "gguf_8bit", "pack")
+DECODER_OPTIONS = ("int4", "adapters", "float_adapter", "mixed", "recipe", "candidates", "data", "time_budget_s",
+                   "allow_slow_kernel", "fuse", "gguf_8bit", "pack")
 # options of the encoder's int8 quantizer: refused for a translation model too
 ENCODER_QUANT_OPTIONS = ("calibration", "calibration_method", "per_channel", "exclude_nodes", "exclude_op_types", "keep_head_float")
 

@@ -343,11 +343,12 @@ def pack_fused_siblings(model) -> dict[str, Any]:
         [y_1 | y_2 | ...] = Split(MatMulNBits(x; [B_1; B_2; ...], [s_1; s_2; ...]) + z @ [W2_1 | W2_2 | ...])
 
     one quantized kernel, one side MatMul and one Add per group instead of one of each per linear (what
-    :mod:`.pack` does for the builder's graphs). Siblings with no side term (a GGUF type without a min: Q4_0, Q8_0)
-    are packed the same way without it; a linear with a side term and one without stay apart. The 4-bit columns are computed exactly as before (each from its own
-    rows, scales and, at level 4, the same int8 ``x``); the side MatMul's columns are the same dot products over ``z``.
-    The packed nodes take the builder's packed names (``.../attn/qkv_proj/MatMulNBits``), so
-    :func:`edgetune.export.decoder.packed.hf_linears` maps them back.
+    :mod:`.pack` does for the builder's graphs). Siblings with no side term (a GGUF type without a min: Q4_0, the low
+    plane of Q8_0) are packed the same way without it; a linear with a side term and one without stay apart. The
+    quantized columns are computed exactly as before (each from its own rows, scales and, at level 4, the same int8
+    ``x``); the side MatMul's columns are the same dot products over ``z``. The packed nodes take the builder's packed
+    names (``.../attn/qkv_proj/MatMulNBits``, a plane's ``..._lo``), so :func:`edgetune.export.decoder.packed.hf_linears`
+    maps them back.
     """
     from onnx import helper, numpy_helper
 
@@ -398,7 +399,8 @@ def pack_fused_siblings(model) -> dict[str, Any]:
             inputs.append(tensor)
         attrs = {k: v for k, v in onnx_graph.attributes(members[0][1]).items() if k != "N"}
         y, split = f"{name}/output_0", f"{name}/split_sizes"
-        new_nodes.append(helper.make_node("MatMulNBits", inputs, [y], name=name, domain=onnx_graph.MS_DOMAIN, N=sum(sizes), **attrs))
+        new_nodes.append(helper.make_node("MatMulNBits", inputs, [y], name=name, domain=onnx_graph.MS_DOMAIN, N=sum(sizes),
+                                          **attrs))
         total, outs = y, [mem[1].output[0] for mem in members]
         if key[6] is not None:  # the fused form: one side MatMul and one Add for the group
             w2, side, total = f"{name}/fused/W2", f"{name}/fused/MatMul/output_0", f"{name}/fused/Add/output_0"
@@ -407,7 +409,8 @@ def pack_fused_siblings(model) -> dict[str, Any]:
                           helper.make_node("Add", [y, side], [total], name=f"{name}/fused/Add")]
             outs = [mem[3].output[0] for mem in members]
         new_nodes += [
-            helper.make_node("Constant", [], [split], name=f"{split}/Constant", value=numpy_helper.from_array(np.array(sizes, np.int64), f"{split}/value")),
+            helper.make_node("Constant", [], [split], name=f"{split}/Constant",
+                             value=numpy_helper.from_array(np.array(sizes, np.int64), f"{split}/value")),
             helper.make_node("Split", [total, split], outs, name=f"{name}/Split", axis=-1)]
         removed.update(id(nd) for mem in members for nd in mem[1:4] if nd is not None)
         packed.append({"node": name, "from": [mem[1].name for mem in members], "N": sizes, "side": key[6] is not None})
