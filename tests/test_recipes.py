@@ -426,7 +426,8 @@ def test_auto_recipe_time_budget_leaves_the_rest_untried(tiny_llama, calib_file,
     assert [r["recipe"] for r in search["table"]] == ["rtn-head8", "rtn-head8@level4", "imatrix-head8-vdown8", "int8"]
     untried = search["table"][2:]
     assert all(r["failed"] == ["time budget"] and "not tried" in r["error"] and "seconds" not in r for r in untried)
-    assert all(r["seconds"] > 0 for r in search["table"][:2]) and search["seconds"] >= sum(r["seconds"] for r in search["table"][:2])
+    tried = search["table"][:2]  # (each figure rounded to 0.1 s)
+    assert all(r["seconds"] > 0 for r in tried) and sum(r["seconds"] for r in tried) <= search["seconds"] + 0.05 * (len(tried) + 1)
     assert search["chosen"].startswith("rtn-head8") and "2 not tried within the time budget" in search["why"]
     assert search["time_budget_s"] == 0.001
     # no layer sensitivity is measured where no candidate reads one (v/down is a rule, not a ranking)
