@@ -206,3 +206,26 @@ def test_cli_config_file_and_flags(tiny_llama, tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["global_step"] == 2
     assert json.loads((tmp_path / "o" / "adapter_config.json").read_text())["r"] == 2  # the flag wins over the file
+
+
+def test_a_failed_multi_process_run_names_its_cause_not_torchruns_banner():
+    """torchrun ends a failed run with a summary banner; the one-line error showed its last line ('=====...') and the
+    cause was lost (a CI run failed that way). The cause is the worker's last '...Error: ...' line."""
+    from edgetune.finetune.deepspeed import failure_cause
+
+    out = "\n".join([
+        "[rank1]: Traceback (most recent call last):",
+        '[rank1]:   File "worker.py", line 9, in <module>',
+        "[rank1]: RuntimeError: The server socket has failed to listen on any local network address.",
+        "E1206 17:40:01 torch/distributed/elastic/multiprocessing/api.py:869] failed (exitcode: 1) local_rank: 1",
+        "Traceback (most recent call last):",
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+        "============================================================",
+        "edgetune.finetune.worker FAILED",
+        "------------------------------------------------------------",
+        "Root Cause (first observed failure):",
+        "============================================================",
+    ])
+    assert failure_cause(out) == "[rank1]: RuntimeError: The server socket has failed to listen on any local network address."
+    assert failure_cause("killed\n=====\n-----\n") == "killed"
+    assert failure_cause("=====\n") is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -192,6 +193,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def failure_cause(output: str) -> str | None:
+    """The line of a failed torchrun's output that names the cause: the last ``...Error: ...`` / ``...Exception: ...``
+    line of a worker's traceback (torchrun's closing summary, a banner of ``=`` and ``-`` lines, names none; it was
+    what the one-line error showed), else the last line that is not a banner."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.search(r"\w(Error|Exception)\b:", line) and "ChildFailedError" not in line:
+            return line[:300]
+    rest = [line for line in lines if set(line) - set("=- ")]
+    return rest[-1][:300] if rest else None
+
+
 def launch(spec_file: Path, num_processes: int) -> None:
     """Run the training worker in ``num_processes`` ranks on this machine with torchrun.
 
@@ -212,5 +225,10 @@ def launch(spec_file: Path, num_processes: int) -> None:
     console.log(f"[finetune] launching {num_processes} processes: {' '.join(cmd[1:])}")
     proc = subprocess.run(cmd, env=env, stdout=sys.stderr if not console.MODE.quiet else subprocess.DEVNULL, stderr=subprocess.STDOUT if not console.MODE.quiet else subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        tail = (proc.stderr or "").strip().splitlines()[-1:] if console.MODE.quiet else []
-        raise EdgetuneError(f"the {num_processes}-process DeepSpeed run failed (exit {proc.returncode}){': ' + tail[0] if tail else ''}", hint="rerun without --quiet to see the workers' log; add --resume to continue from the last checkpoint")
+        cause, hint = None, "rerun without --quiet to see the workers' log"
+        if console.MODE.quiet:  # the workers' output was captured: keep it, and name its cause
+            log = Path(spec_file).parent / "workers.log"
+            log.write_text(proc.stderr or "")
+            cause, hint = failure_cause(proc.stderr or ""), f"the workers' log is {log}"
+        raise EdgetuneError(f"the {num_processes}-process DeepSpeed run failed (exit {proc.returncode}){': ' + cause if cause else ''}",
+                            hint=f"{hint}; add --resume to continue from the last checkpoint")
