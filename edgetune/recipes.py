@@ -82,8 +82,6 @@ def _export_call(cand: dict[str, Any], alg: str, model_dir: Path, calibration: P
 def graph_difference(a: Path, b: Path) -> str | None:
     """What differs between two exports' graphs when accuracy_level is not counted (None: nothing): the nodes,
     inline tensors and external-data layout of ``model.onnx``, and the bytes of every other weight file."""
-    import hashlib
-
     from . import onnx_graph
 
     def graph(folder: Path) -> list:
@@ -93,13 +91,6 @@ def graph_difference(a: Path, b: Path) -> str | None:
                  for n in g.node]
         return [nodes] + [[x.SerializeToString() for x in getattr(g, f)] for f in ("initializer", "input", "output", "value_info")]
 
-    def digest(path: Path) -> str:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        return h.hexdigest()
-
     def weights(folder: Path) -> list[str]:
         return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith((".data", ".onnx_data", ".bin")))
 
@@ -107,7 +98,7 @@ def graph_difference(a: Path, b: Path) -> str | None:
         return "model.onnx's nodes or tensors"
     if weights(a) != weights(b):
         return f"weight files {weights(a)} vs {weights(b)}"
-    return next((f"{n}'s bytes" for n in weights(a) if digest(a / n) != digest(b / n)), None)
+    return next((f"{n}'s bytes" for n in weights(a) if artifacts.sha256_file(a / n) != artifacts.sha256_file(b / n)), None)
 
 
 def _float_adapter_source(cand: dict[str, Any], lora: tuple) -> tuple[Path, dict[str, Any]]:
