@@ -3,7 +3,6 @@ each made in its own process (`python -m benchmarks.run --export-worker SPEC`)."
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -11,26 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+from edgetune.artifacts import code_identity
 from edgetune.quant import algorithms
 
-from .common import ROOT, TARGET, child_env, key
+from .common import TARGET, child_env, key
 
 
 def exporter_fingerprint() -> str:
-    """Changes when the export code or the builder changes, so a cached export is never stale."""
-    from importlib import metadata
-
-    h = hashlib.sha256()
-    pkg = ROOT / "edgetune"  # the export stage and the shared modules its settings and graphs go through
-    for p in [*sorted((pkg / "export").rglob("*.py")), *(pkg / f for f in ("onnx_graph.py", "quant.py", "plan.py", "targets.py"))]:
-        if p.is_file():
-            h.update(p.read_bytes())
-    for pkg in ("onnxruntime-genai", "onnxruntime", "edgetune"):
-        try:
-            h.update(metadata.version(pkg).encode())
-        except metadata.PackageNotFoundError:
-            pass
-    return h.hexdigest()[:12]
+    """Changes when the export code (the import closure of edgetune.export) or a library that shapes the graph
+    changes, so a cached export is never stale: the export stage's own code identity."""
+    return code_identity("export")[:12]
 
 
 def export_worker(spec_json: str) -> int:

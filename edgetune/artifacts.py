@@ -2,8 +2,8 @@
 
 The record (``edgetune.json`` in the output folder) says what made the artifact: the
 stage, the content hashes of its inputs, its options, library versions, timings and
-results. Its ``fingerprint`` (stage + input hashes + options + edgetune version) is what
-``edgetune build`` compares to skip a stage whose inputs did not change.
+results. Its ``fingerprint`` (stage + input hashes + options + the code that makes the stage, see
+``stage_code``) is what ``edgetune build`` compares to skip a stage whose inputs, options and code did not change.
 
 Outputs are written to a temporary sibling folder and renamed into place only when the
 stage succeeded, so an interrupted stage never leaves a folder that looks complete.
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from . import __version__
+from .stage_code import source_hash
 
 RECORD_NAME = "edgetune.json"
 RECORD_FORMAT = 1
@@ -140,9 +141,19 @@ def _canonical(obj: Any) -> Any:
     return obj
 
 
+@functools.lru_cache(maxsize=None)
+def code_identity(stage: str) -> str:
+    """The code behind ``stage``'s outputs in this process: its edgetune modules' source (``stage_code``) and the
+    versions of the libraries that shape artifacts. Cached: the code does not change under a running process."""
+    versions = ",".join(f"{k}={v}" for k, v in sorted(package_versions().items()))
+    return sha256_bytes(f"{source_hash(stage)}|{versions}".encode())
+
+
 def fingerprint(stage: str, input_hashes: Mapping[str, str], options: Mapping[str, Any]) -> str:
+    """What must match for an output to count as made from these inputs and options by this stage: their hashes
+    and the stage's code identity (its edgetune modules' source and the library versions)."""
     payload = json.dumps(
-        {"stage": stage, "inputs": _canonical(input_hashes), "options": _canonical(options), "edgetune": __version__},
+        {"stage": stage, "inputs": _canonical(input_hashes), "options": _canonical(options), "code": code_identity(stage)},
         sort_keys=True,
         default=str,
     )
@@ -494,6 +505,7 @@ def stage_output(
         },
         "options": _canonical(options),
         "fingerprint": fingerprint(stage, hashes, options),
+        "code": code_identity(stage),
         "versions": package_versions(),
         "machine": machine_info(),
     }

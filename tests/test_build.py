@@ -128,6 +128,28 @@ def test_changed_option_reruns_only_downstream_stages(first_build, tiny_llama, c
         write_config(root, tiny_llama)
 
 
+def test_changed_stage_code_reruns_that_stage(first_build, capsys, monkeypatch):
+    """An output made by other code is not up to date: edgetune's version stays "0.1.0" on a git install while its
+    code changes (a build kept a stale export after the exporter changed). Here only the bundle stage's code
+    "changed": the bundle is made again, nothing upstream."""
+    from edgetune import artifacts
+    from edgetune.artifacts import code_identity
+    from edgetune.stage_code import stage_kind
+
+    root, cfg, _ = first_build
+    assert run_cli(["build", str(cfg), "--quiet"], capsys)[0] == 0  # settled: whatever an earlier test changed is made again
+    monkeypatch.setattr(artifacts, "code_identity",
+                        lambda stage: "edited" if stage_kind(stage) == "bundle" else code_identity(stage))
+    code, out, _ = run_cli(["build", str(cfg), "--json", "--quiet"], capsys)
+    assert code == 0
+    status = {s["stage"]: s["status"] for s in json.loads(out)["stages"]}
+    assert status == {"materialize": "ran", "finetune": "skipped", "merge": "skipped", "export": "skipped",
+                      "validate": "skipped", "bundle": "ran"}
+    monkeypatch.undo()  # the real code again: the bundle made by the "edited" code is not up to date either
+    code, out, _ = run_cli(["build", str(cfg), "--json", "--quiet"], capsys)
+    assert code == 0 and {s["stage"]: s["status"] for s in json.loads(out)["stages"]}["bundle"] == "ran"
+
+
 def test_missed_budget_exits_1_and_keeps_bundle_out_of_the_deploy_path(first_build, tiny_llama, capsys):
     root, cfg, _ = first_build
     write_config(root, tiny_llama, targets=CPU + TIGHT)

@@ -134,6 +134,32 @@ def test_internal_error_is_one_line(monkeypatch, capsys):
     cli.commands.pop("boom-test", None)
 
 
+def test_code_identity_hashes_the_stage_import_closure(tmp_path):
+    """A stage's code identity follows its imports (relative, function-level) through edgetune's source: an edit
+    in the bundle's modules changes the bundle's identity and not the merge's."""
+    import shutil
+
+    from edgetune import stage_code as ci
+
+    root = tmp_path / "edgetune"
+    shutil.copytree(ci.PACKAGE_DIR, root, ignore=shutil.ignore_patterns("__pycache__"))
+    assert ci.source_hash("bundle.cpu-x86", root) == ci.source_hash("bundle.cpu-x86")  # same source, same hash
+    before = {k: ci.source_hash(k, root) for k in ("bundle.cpu-x86", "merge", "export.cpu-x86")}
+    assert len(set(before.values())) == 3
+    assert "edgetune.signing" in ci.closure(("edgetune.bundle",), root)  # a function-level import counts
+    assert "edgetune.doctor" not in ci.closure(("edgetune.bundle",), root)
+
+    with (root / "bundle.py").open("a") as f:
+        f.write("\n\ndef _later():\n    from . import doctor\n")
+    assert "edgetune.doctor" in ci.closure(("edgetune.bundle",), root)
+    after = {k: ci.source_hash(k, root) for k in before}
+    assert after["bundle.cpu-x86"] != before["bundle.cpu-x86"] and after["merge"] == before["merge"]
+    (root / "doctor.py").write_text((root / "doctor.py").read_text() + "\n# edited\n")  # reached only through the new import
+    assert ci.source_hash("bundle.cpu-x86", root) != after["bundle.cpu-x86"]
+    assert ci.source_hash("merge", root) == before["merge"]
+    assert ci.source_hash("demo", root) != ci.source_hash("demo")  # an unknown kind hashes the whole package
+
+
 def test_stage_output_is_atomic_and_fingerprinted(tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("hello")
@@ -147,6 +173,10 @@ def test_stage_output_is_atomic_and_fingerprinted(tmp_path):
     assert rec["inputs"]["src"]["sha256"] == artifacts.sha256_file(src)
     assert artifacts.up_to_date(out, "demo", {"src": src}, {"k": 1})
     assert not artifacts.up_to_date(out, "demo", {"src": src}, {"k": 2})
+    assert rec["code"] == artifacts.code_identity("demo")
+    with pytest.MonkeyPatch.context() as mp:  # same inputs and options, other code: not up to date
+        mp.setattr(artifacts, "code_identity", lambda stage: "other code")
+        assert not artifacts.up_to_date(out, "demo", {"src": src}, {"k": 1})
     src.write_text("changed")
     assert not artifacts.up_to_date(out, "demo", {"src": src}, {"k": 1})
 

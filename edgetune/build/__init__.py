@@ -3,7 +3,7 @@
 Stages: materialize -> finetune -> merge -> export (per target) -> validate (per target)
 -> bundle (per target). Each stage writes its folder under ``<output>/.work/`` atomically
 (``artifacts.stage_output``) and the build keeps, per stage, a small state file with the
-stage's fingerprint (content hashes of its inputs + its options) and the signature of the
+stage's fingerprint (content hashes of its inputs + its options + its code identity) and the signature of the
 output it made. A stage whose fingerprint and output are unchanged is skipped; an
 interrupted build re-runs only the stages that did not finish (fine-tuning also resumes
 from its last checkpoint).

@@ -1,5 +1,6 @@
 """The incremental stage runner of `edgetune build`: a stage runs unless its state file says its output was made
-from the same inputs and options (the fingerprint: content hashes + options) and is still there, unchanged; a stage
+from the same inputs and options by the same code (the fingerprint: content hashes + options + the stage's code
+identity, ``artifacts.code_identity``) and is still there, unchanged; a stage
 kind may also share outputs between builds through ``$EDGETUNE_CACHE/stages/``."""
 
 from __future__ import annotations
