@@ -158,7 +158,8 @@ def topo_sort(nodes: list, graph) -> None:
 
 def set_nodes(graph, nodes: list, new_initializers=(), *, keep=frozenset()) -> None:
     """Make ``nodes`` the graph's nodes, in topological order, with the graph's initializers then
-    ``new_initializers`` that some node reads (or ``keep`` names); the others are dropped."""
+    ``new_initializers`` that some node reads (or ``keep`` names); the others are dropped, and so is the
+    value_info of a tensor nothing makes any more."""
     topo_sort(nodes, graph)
     del graph.node[:]
     graph.node.extend(nodes)
@@ -166,3 +167,19 @@ def set_nodes(graph, nodes: list, new_initializers=(), *, keep=frozenset()) -> N
     kept = [i for i in graph.initializer if i.name in used] + [i for i in new_initializers if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+    made = {o for nd in graph.node for o in nd.output} | {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    if any(v.name not in made for v in graph.value_info):
+        vi = [v for v in graph.value_info if v.name in made]
+        del graph.value_info[:]
+        graph.value_info.extend(vi)
+
+
+def live_nodes(nodes: list, outputs, ops: tuple[str, ...]) -> list:
+    """``nodes`` less those of type ``ops`` whose outputs nothing reads, repeated until none is left (what a rewrite
+    made dead)."""
+    while True:
+        needed = set(outputs) | {i for nd in nodes for i in nd.input}
+        live = [nd for nd in nodes if nd.op_type not in ops or any(o in needed for o in nd.output)]
+        if len(live) == len(nodes):
+            return live
+        nodes = live

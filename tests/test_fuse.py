@@ -104,7 +104,7 @@ def test_fused_float_adapter_over_gguf_equals_unfused(q4_gguf, tmp_path):
     # removed: 11 corrections (MatMul + Add) and 12 LoRA branches (2 MatMul + Add); added: per LoRA group (6) one
     # MatMul(x, A_cat) and one Concat(x @ A_cat, block sums), for the head's correction-only group one MatMul(x, S)
     # instead of Reshape -> ReduceSum, and per linear (13) one MatMul + Add; then per layer q/k/v and gate/up packed
-    # (pack_fused_siblings): one MatMulNBits, side MatMul and Add per group instead of one per linear, and a Split
+    # (pack.pack_siblings): one MatMulNBits, side MatMul and Add per group instead of one per linear, and a Split
     packed = fz["packed"]
     assert packed["nodes"] == [f"/model/layers.{i}/{p}/MatMulNBits" for i in (0, 1) for p in ("attn/qkv_proj", "mlp/gate_up_proj")]
     fewer = 2 * ((3 - 1) + (2 - 1))  # per layer: qkv 3 -> 1, gate/up 2 -> 1

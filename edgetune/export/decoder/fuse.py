@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from ... import onnx_graph
-from ...onnx_graph import Graph, set_nodes
+from ...onnx_graph import Graph, live_nodes, set_nodes
+from .pack import pack_siblings
 
 PREFIX = "/edgetune/fuse"
 
@@ -275,149 +276,15 @@ def fuse_side_branches(model, *, min_gain: int = 1, blocksums: str = "auto", s_m
                 "runtime_nodes_before": runtime_before, "runtime_nodes_after": runtime_before,
                 "ops_before": dict(ops_before), "ops_after": dict(ops_before), "groups_detail": []}
     # drop what became dead: the Reshape/ReduceSum pairs, Casts/Constants that only fed removed nodes
-    kept = _live([nd for nd in G.g.node if id(nd) not in removed] + new_nodes, G.outputs, ("Reshape", "ReduceSum", "Cast", "Constant"))
+    kept = live_nodes([nd for nd in G.g.node if id(nd) not in removed] + new_nodes, G.outputs, ("Reshape", "ReduceSum", "Cast", "Constant"))
     g = G.g
-    _set_graph(g, kept, new_inits, keep=G.outputs)
+    set_nodes(g, kept, new_inits, keep=G.outputs)
     ops_after = Counter(n.op_type for n in g.node)
     return {"fused": True, "groups": len(fused_groups), "linears": sum(len(f["linears"]) for f in fused_groups),
             "nodes_before": nodes_before, "nodes_after": len(g.node),
             "runtime_nodes_before": runtime_before, "runtime_nodes_after": runtime_nodes(g), "ops_before": dict(ops_before), "ops_after": dict(ops_after),
             "constant_nodes_folded_at_load": {k: v for k, v in ops_after.items() if k in ("Concat", "Cast")},
             "groups_detail": fused_groups}
-
-
-def _live(nodes: list, outputs, ops: tuple[str, ...]) -> list:
-    """``nodes`` less those of type ``ops`` whose outputs nothing reads, repeated until none is left (what a rewrite made dead)."""
-    while True:
-        needed = set(outputs) | {i for nd in nodes for i in nd.input}
-        live = [nd for nd in nodes if nd.op_type not in ops or any(o in needed for o in nd.output)]
-        if len(live) == len(nodes):
-            return live
-        nodes = live
-
-
-def _set_graph(g, nodes: list, inits: list, *, keep) -> None:
-    """The graph's nodes and new initializers (:func:`set_nodes`), and no value_info left for a tensor nothing makes."""
-    set_nodes(g, nodes, inits, keep=keep)
-    produced = {o for nd in g.node for o in nd.output} | {i.name for i in g.input} | {i.name for i in g.initializer}
-    vi = [v for v in g.value_info if v.name in produced]
-    del g.value_info[:]
-    g.value_info.extend(vi)
-
-
-def _stored(G: Graph, name: str) -> tuple[np.ndarray, int | None] | None:
-    """A MatMulNBits weight input as stored: a constant initializer (``(array, None)``) or a ``Cast`` of one (the GGUF
-    transcode's fp16 scales: ``(fp16 array, to)``); None for anything computed."""
-    if name in G.constants:
-        return G.array(name), None
-    p = G.producer.get(name)
-    if p is not None and p.op_type == "Cast" and p.input[0] in G.constants:
-        return G.array(p.input[0]), next(a.i for a in p.attribute if a.name == "to")
-    return None
-
-
-def _stack(parts: list) -> tuple[np.ndarray | None, int | None] | None:
-    """The siblings' stored forms of one MatMulNBits input (:func:`_stored`) stacked along N: ``(array, Cast to)``;
-    ``(None, None)`` for an absent input; fp16 scales behind a Cast beside fp32 ones (a Q4_1 linear beside a Q4_K one)
-    are all stored in fp32 (the Cast is exact); None where they cannot be one tensor."""
-    from onnx import TensorProto
-
-    if parts[0][0] is None:
-        return None, None
-    to = parts[0][1]
-    if any(p[1] != to for p in parts):
-        if any(p[1] not in (None, TensorProto.FLOAT) or (p[1] is None and p[0].dtype != np.float32) for p in parts):
-            return None
-        parts, to = [(p[0].astype(np.float32), None) for p in parts], None
-    if len({p[0].dtype for p in parts}) != 1 or len({p[0].shape[1:] for p in parts}) != 1:
-        return None
-    return np.ascontiguousarray(np.concatenate([p[0] for p in parts], axis=0)), to
-
-
-def pack_fused_siblings(model) -> dict[str, Any]:
-    """Pack the linears that read one input: q/k/v and gate/up of every layer (``model`` changed in place).
-
-    After :func:`fuse_side_branches` each linear with a side term is ``y_i = MatMulNBits_i(x) + z @ W2_i`` with the
-    group's shared ``z``. Siblings with the same ``K``, bits, block, accuracy_level and stored inputs become
-
-        [y_1 | y_2 | ...] = Split(MatMulNBits(x; [B_1; B_2; ...], [s_1; s_2; ...]) + z @ [W2_1 | W2_2 | ...])
-
-    one quantized kernel, one side MatMul and one Add per group instead of one of each per linear (what
-    :mod:`.pack` does for the builder's graphs). Siblings with no side term (a GGUF type without a min: Q4_0, the low
-    plane of Q8_0) are packed the same way without it; a linear with a side term and one without stay apart. The
-    quantized columns are computed exactly as before (each from its own rows, scales and, at level 4, the same int8
-    ``x``); the side MatMul's columns are the same dot products over ``z``. The packed nodes take the builder's packed
-    names (``.../attn/qkv_proj/MatMulNBits``, a plane's ``..._lo``), so :func:`edgetune.export.decoder.packed.hf_linears`
-    maps them back.
-    """
-    from onnx import helper, numpy_helper
-
-    from .packed import SIBLINGS, builder_linear, packed_name
-
-    G = Graph(model)
-    groups: dict[tuple, list] = {}
-    for m in G.g.node:
-        if m.op_type != "MatMulNBits" or m.domain != onnx_graph.MS_DOMAIN:
-            continue
-        stored = [_stored(G, i) if i else (None, None) for i in m.input[1:]]
-        parsed = builder_linear(m.name)
-        if len(m.input) > 4 or any(st is None for st in stored) or parsed is None:
-            continue  # g_idx / bias, a weight computed at run time, or no builder linear
-        add, mm = G.only_consumer(m.output[0]), None  # the fused form: Add(MatMulNBits(x), MatMul(z, W2))
-        if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx") and list(add.input[:1]) == [m.output[0]]:
-            mm = G.producer.get(add.input[1]) if len(add.input) == 2 else None
-            if mm is None or mm.op_type != "MatMul" or G.only_consumer(add.input[1]) is not add:
-                mm = None
-        a = onnx_graph.attributes(m)
-        key = (m.input[0], a["K"], a["bits"], a["block_size"], a.get("accuracy_level", 0),
-               tuple(st[0] is not None for st in stored), mm.input[0] if mm is not None else None,
-               m.name.rsplit("/", 1)[-1], parsed[:2])  # (the node's own name: MatMulNBits, or a GGUF plane's _hi / _lo)
-        groups.setdefault(key, []).append((parsed[2], m, mm, add if mm is not None else None, stored))
-    new_nodes, new_inits, removed, packed = [], [], set(), []
-    for key, members in groups.items():
-        proj = packed_name([mem[0] for mem in members])
-        if len(members) < 2 or proj is None:
-            continue
-        order = SIBLINGS[proj]
-        members.sort(key=lambda mem: order.index(mem[0]))
-        layer, block = key[-1]
-        name = f"/model/layers.{layer}/{block}/{proj}/{key[-2]}"
-        sizes = [int(onnx_graph.attributes(mem[1])["N"]) for mem in members]
-        stacked = [_stack([mem[4][j] for mem in members]) for j in range(len(members[0][4]))]
-        if any(st is None for st in stacked):
-            continue
-        inputs = [key[0]]
-        for j, (arr, to) in enumerate(stacked):
-            if arr is None:
-                inputs.append("")
-                continue
-            tensor = f"{name}.input{j + 1}"
-            new_inits.append(numpy_helper.from_array(arr, tensor))
-            if to is not None:
-                new_nodes.append(helper.make_node("Cast", [tensor], [f"{tensor}/Cast/output_0"], name=f"{tensor}/Cast", to=to))
-                tensor = f"{tensor}/Cast/output_0"
-            inputs.append(tensor)
-        attrs = {k: v for k, v in onnx_graph.attributes(members[0][1]).items() if k != "N"}
-        y, split = f"{name}/output_0", f"{name}/split_sizes"
-        new_nodes.append(helper.make_node("MatMulNBits", inputs, [y], name=name, domain=onnx_graph.MS_DOMAIN, N=sum(sizes),
-                                          **attrs))
-        total, outs = y, [mem[1].output[0] for mem in members]
-        if key[6] is not None:  # the fused form: one side MatMul and one Add for the group
-            w2, side, total = f"{name}/fused/W2", f"{name}/fused/MatMul/output_0", f"{name}/fused/Add/output_0"
-            new_nodes += [helper.make_node("Concat", [mem[2].input[1] for mem in members], [w2], name=f"{w2}/Concat", axis=1),
-                          helper.make_node("MatMul", [key[6], w2], [side], name=f"{name}/fused/MatMul"),
-                          helper.make_node("Add", [y, side], [total], name=f"{name}/fused/Add")]
-            outs = [mem[3].output[0] for mem in members]
-        new_nodes += [
-            helper.make_node("Constant", [], [split], name=f"{split}/Constant",
-                             value=numpy_helper.from_array(np.array(sizes, np.int64), f"{split}/value")),
-            helper.make_node("Split", [total, split], outs, name=f"{name}/Split", axis=-1)]
-        removed.update(id(nd) for mem in members for nd in mem[1:4] if nd is not None)
-        packed.append({"node": name, "from": [mem[1].name for mem in members], "N": sizes, "side": key[6] is not None})
-    if packed:
-        kept = _live([nd for nd in G.g.node if id(nd) not in removed] + new_nodes, G.outputs, ("Cast", "Constant"))
-        _set_graph(G.g, kept, new_inits, keep=G.outputs)
-    return {"groups": len(packed), "nodes": packed}
 
 
 SIDE_BLOCK = 16  # the 8-bit side weights' block along K: z's parts (each rank-16 LoRA, each block-sum group) own whole blocks
@@ -481,20 +348,20 @@ def quantize_side_weights(model, *, block: int = SIDE_BLOCK) -> dict[str, Any]:
         fp32_bytes += w.nbytes
         int8_bytes += n * nb * (block + 4)
     if done:  # the Concats/Casts that built W1/W2 and the fp32 weights are dropped: nothing reads them any more
-        _set_graph(G.g, _live(new_nodes, G.outputs, ("Concat", "Cast", "Constant")), new_inits, keep=G.outputs)
+        set_nodes(G.g, live_nodes(new_nodes, G.outputs, ("Concat", "Cast", "Constant")), new_inits, keep=G.outputs)
     return {"bits": 8, "block_size": block, "accuracy_level": 4, "matmuls": len(done), "fp32_mb": round(fp32_bytes / 1e6, 2),
             "int8_mb": round(int8_bytes / 1e6, 2), "max_weight_error_rel": round(worst, 6)}
 
 
 def fuse_folder(folder: Path, *, side_int8: bool = False) -> dict[str, Any]:
     """Fuse ``folder/model.onnx`` (external data in ``model.onnx.data``) in place, then pack the fused siblings
-    (:func:`pack_fused_siblings`); ``side_int8``: then store the fused side weights at 8 bits (:func:`quantize_side_weights`)."""
+    (:func:`.pack.pack_siblings`); ``side_int8``: then store the fused side weights at 8 bits (:func:`quantize_side_weights`)."""
 
     folder = Path(folder)
     model = onnx_graph.load(folder / "model.onnx")
     info = fuse_side_branches(model, align=SIDE_BLOCK if side_int8 else 1)
     # then q/k/v and gate/up as one node each, fused or not (+6-16 % decode on the demo at 1 thread, docs/llm.md)
-    packed = pack_fused_siblings(model)
+    packed = pack_siblings(model)
     info["packed"] = {"groups": packed["groups"], "nodes": [p["node"] for p in packed["nodes"]]}
     if packed["groups"]:
         info["runtime_nodes_after"] = runtime_nodes(model.graph)
