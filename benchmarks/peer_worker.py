@@ -158,8 +158,9 @@ def score(kind: str, model: str, jobs: list[str], threads: int | None, adapter: 
     out = []
     for z, ws in zip(packs, wins):
         t0 = time.perf_counter()
-        figures, _ = M.score_windows(z["ids"], ws, e.logits, z["top_ids"], z["top_logp"], z["nll"])
-        out.append({**figures, "score_s": round(time.perf_counter() - t0, 1)})
+        figures, series = M.score_windows(z["ids"], ws, e.logits, z["top_ids"], z["top_logp"], z["nll"])
+        out.append({**figures, "window_nll_delta": [round(float(x), 6) for x in series["window_nll_delta"]],
+                    "score_s": round(time.perf_counter() - t0, 1)})
     return {"texts": out, "adapter": e.adapter}
 
 

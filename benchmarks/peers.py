@@ -571,17 +571,36 @@ def ratios(rows: list[dict], threads: list[int]) -> None:
                 v[f"decode_{t}t"] = round(a["decode_tok_s"] / b["decode_tok_s"], 3)
             if a.get("ttft_ms") and b.get("ttft_ms"):
                 v[f"ttft_{t}t"] = round(a["ttft_ms"] / b["ttft_ms"], 3)
-        dppl = {}
+        dppl, dppl_se = {}, {}
         for name, qa in (r.get("quality_by_text") or {}).items():
             qb = (bar.get("quality_by_text") or {}).get(name) or {}
             if qa.get("perplexity_increase_pct") is not None and qb.get("perplexity_increase_pct") is not None:
                 dppl[name] = round(qa["perplexity_increase_pct"] - qb["perplexity_increase_pct"], 3)
+                se = paired_se_pt(qa, qb)
+                if se is not None:
+                    dppl_se[name] = round(se, 3)
         if dppl:
             v["dppl_pt"] = dppl  # per text: this row's ΔPPL minus Q4_K_M's, percentage points
+        if dppl_se:
+            v["dppl_se_pt"] = dppl_se  # its standard error (paired over the same scoring windows)
         ta, tb = r.get("task") or {}, bar.get("task") or {}
         if ta.get("exact_match") is not None and tb.get("exact_match") is not None:
             v["exact_match_pt"] = round(100 * (ta["exact_match"] - tb["exact_match"]), 1)
         r["vs_q4_k_m"] = v
+
+
+def paired_se_pt(qa: dict, qb: dict) -> float | None:
+    """Standard error of ΔPPL(a) - ΔPPL(b), percentage points, from both rows' per-window NLL differences on the same
+    windows (``window_nll_delta``: paired, so what the two share, the text's hard passages, cancels). None when either
+    row lacks them or their windows differ."""
+    from edgetune.device.metrics import increase_se_pct
+
+    wa, wb = qa.get("window_nll_delta"), qb.get("window_nll_delta")
+    if not wa or not wb or len(wa) != len(wb):
+        return None
+    d = [x - y for x, y in zip(wa, wb)]
+    mean = sum(wa) / len(wa) / 2 + sum(wb) / len(wb) / 2  # the delta method's exp() at the pair's mean level
+    return increase_se_pct(d, mean)
 
 
 # ---------------------------------------------------------------- the section

@@ -268,7 +268,11 @@ def _peer_row(r: dict, p: dict) -> list[str]:
     d1, d2 = v.get("decode_1t"), v.get("decode_2t")
     spd_ratio = DASH if d1 is None and d2 is None else f"{ratio(d1)} / {ratio(d2)}"
     dv = row_dppl_vs_bar(r, p)
-    dppl = DASH if not dv else " / ".join(fmt(dv.get(x["name"]), "+.2f") for x in texts)
+    se = v.get("dppl_se_pt") or {}
+
+    def vs_bar(name: str) -> str:
+        return fmt(dv.get(name), "+.2f") + (f" ±{se[name]:.2f}" if se.get(name) is not None and dv.get(name) is not None else "")
+    dppl = DASH if not dv else " / ".join(vs_bar(x["name"]) for x in texts)
     return ([label, fmt(r.get("size_mb"), ".1f")] + qcells + [emc, spd(s1, "decode_tok_s", ".1f"), spd(s2, "decode_tok_s", ".1f"),
             spd(s1, "ttft_ms", ".0f"), spd(s2, "ttft_ms", ".0f"), fmt(peak, ".0f"), ratio(v.get("size")), spd_ratio,
             dppl, fmt(v.get("exact_match_pt"), "+.1f"), _goal_cell(r.get("goal"))])
@@ -347,7 +351,8 @@ def peers_intro(results: dict) -> str:
             f"top-1 vs the PyTorch fp32 model of the same folder (top-{s.get('topk')} + rest). Exact match: examples/data/smarthome_eval.jsonl, "
             f"greedy, JSON compared as values ({p.get('task_metric', '?')}). Speed: {s.get('prompt_tokens')}-token prompt, {s.get('new_tokens')} new "
             f"tokens (EOS ignored), median of {s.get('rounds')} interleaved rounds, fresh process per run; peak MB = that process's VmHWM. "
-            f"Ratios: each row / llama.cpp Q4_K_M of the same model, same run. Goal: issue 33's, judged on the judge texts only. "
+            f"Ratios: each row / llama.cpp Q4_K_M of the same model, same run; ± after a ΔPPL difference: its standard error, "
+            f"paired over the same scoring windows. Goal: issue 33's, judged on the judge texts only. "
             f"Columns: docs/benchmarks.md.\n\n{texts_line(p)}")
 
 

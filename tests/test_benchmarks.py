@@ -185,6 +185,36 @@ def test_peer_ratios_and_task_compare():
                and "-15.0 pt" in ln for ln in summary)
 
 
+def test_a_difference_to_q4_k_m_carries_its_paired_standard_error(tmp_path):
+    """Two rows scored on the same windows: what they share (the text's hard passages) cancels in the paired error,
+    so a row that is Q4_K_M plus a constant has a difference with no spread, though each ΔPPL alone has one."""
+    from edgetune.device.metrics import increase_se_pct
+
+    bar_w = [0.02, 0.09, -0.01, 0.05, 0.12, 0.03, 0.07, 0.00]
+    row_w = [x + 0.01 for x in bar_w]
+    assert peers.paired_se_pt({"window_nll_delta": row_w}, {"window_nll_delta": bar_w}) == pytest.approx(0, abs=1e-9)
+    assert increase_se_pct(row_w, sum(row_w) / 8) > 1.0  # alone: more than a point
+    noisy = [x + e for x, e in zip(row_w, [0.01, -0.01, 0.02, -0.02, 0.0, 0.01, -0.01, 0.0])]
+    se = peers.paired_se_pt({"window_nll_delta": noisy}, {"window_nll_delta": bar_w})
+    assert 0 < se < increase_se_pct(noisy, sum(noisy) / 8)
+    assert peers.paired_se_pt({"window_nll_delta": noisy[:4]}, {"window_nll_delta": bar_w}) is None  # other windows
+    assert peers.paired_se_pt({}, {"window_nll_delta": bar_w}) is None  # an older results.json: no figures
+
+    res = _peer_results()
+    rows = res["peers"]["rows"]
+    for r in rows:
+        for q in (r.get("quality_by_text") or {}).values():
+            if "perplexity_increase_pct" in q:
+                q["window_nll_delta"] = noisy if r["id"] == "et-rtn-h8" else bar_w
+    peers.ratios(rows, [1, 2])
+    et = next(r for r in rows if r["id"] == "et-rtn-h8")
+    assert et["vs_q4_k_m"]["dppl_se_pt"]["python-docs"] == pytest.approx(se, abs=1e-3)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    assert report.main([str(path)]) == 0
+    assert f"+7.40 ±{se:.2f} / +5.00 ±{se:.2f}" in (tmp_path / "results.md").read_text()
+
+
 def test_peer_report_renders_every_row(tmp_path):
     res, path = _peer_results_file(peers, tmp_path)
     assert report.main([str(path)]) == 0

@@ -50,6 +50,42 @@ def test_perplexity_of_windows_equals_direct_numpy():
     assert got == pytest.approx(direct, rel=1e-12)
 
 
+def test_score_windows_gives_the_per_window_differences_and_the_standard_error():
+    rng = np.random.default_rng(1)
+    vocab, n = 40, 8 * 32
+    ids = rng.integers(0, vocab, n)
+    ref_table, noise = rng.normal(size=(vocab, vocab)), rng.normal(size=(vocab, vocab)) * 0.3
+    ws = M.windows(n, 32, method="chunked")
+
+    def ref_model(x):
+        return ref_table[x]
+
+    ref_nll, top_ids, top_logp = [], [], []
+    for w in ws:
+        lg = ref_model(ids[w[0]:w[1]])
+        rows, tg = M.window_targets(ids, w)
+        ref_nll.append(M.nll(lg[rows], tg))
+        i, lp = M.topk(lg[rows], 8)
+        top_ids.append(i)
+        top_logp.append(lp)
+    ref_nll, top_ids, top_logp = np.concatenate(ref_nll), np.concatenate(top_ids), np.concatenate(top_logp)
+
+    same, series = M.score_windows(ids, ws, ref_model, top_ids, top_logp, ref_nll)
+    assert same["perplexity_increase_pct"] == pytest.approx(0, abs=1e-9) and same["perplexity_increase_se_pct"] == pytest.approx(0, abs=1e-9)
+    figures, series = M.score_windows(ids, ws, lambda x: ref_table[x] + noise[x], top_ids, top_logp, ref_nll)
+    d = series["window_nll_delta"]
+    assert len(d) == len(ws) == 8
+    # each window's mean NLL difference, and their mean is the log of the perplexity ratio (equal windows)
+    k = len(ref_nll) // len(ws)
+    assert d == pytest.approx((series["nll_model"] - ref_nll).reshape(len(ws), k).mean(1), rel=1e-12)
+    ratio = figures["perplexity"] / figures["reference_perplexity"]
+    assert np.mean(d) == pytest.approx(math.log(ratio), rel=1e-9)
+    # the delta method over windows: 100 * ratio * std(window means) / sqrt(windows)
+    assert figures["perplexity_increase_se_pct"] == pytest.approx(100 * ratio * np.std(d, ddof=1) / math.sqrt(8), rel=1e-9)
+    assert figures["perplexity_increase_se_pct"] > 0
+    assert M.increase_se_pct([0.1], 0.1) is None  # one window: no spread to measure
+
+
 def test_kl_topk_exact_with_full_vocab_and_lower_bound_otherwise():
     rng = np.random.default_rng(1)
     ref, mod = rng.normal(size=(5, 30)) * 3, rng.normal(size=(5, 30)) * 3
