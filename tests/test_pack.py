@@ -106,3 +106,46 @@ def test_siblings_of_different_widths_or_inputs_stay_apart():
     assert list(split.output) == ["/model/layers.0/mlp/gate_proj/MatMul_Q4/out", "/model/layers.0/mlp/up_proj/MatMul_Q4/out"]
     assert {n.name for n in model.graph.node if n.op_type == "MatMulNBits"} >= {"/model/layers.0/attn/q_proj/MatMul_Q4",
                                                                                    "/model/layers.0/attn/k_proj/MatMul_Q8"}
+
+
+def test_siblings_with_side_terms_of_their_own_pack_their_quantized_nodes():
+    """q/k/v each with a LoRA branch of its own (``x @ A_i @ B_i`` added to the node's output): no one side MatMul
+    serves them, so the three MatMulNBits become one + Split and each Add reads its Split output; the outputs are
+    the same as before, and a group whose side terms share one input (the GGUF fusion's) takes them along."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgetune.export.decoder.pack import pack_siblings
+
+    rng = np.random.default_rng(1)
+    k, r = 32, 4
+    nodes, inits, outs = [], [], []
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        name = f"/model/layers.0/attn/{proj}/MatMul_Q4"
+        w = rng.integers(0, 255, size=(16, 1, 16), dtype=np.uint8)
+        s = (rng.random(16) * 0.1).astype(np.float32)
+        a, b = rng.normal(size=(k, r)).astype(np.float32), rng.normal(size=(r, 16)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"{name}.w"), numpy_helper.from_array(s, f"{name}.s"),
+                  numpy_helper.from_array(a, f"{name}.A"), numpy_helper.from_array(b, f"{name}.B")]
+        nodes += [helper.make_node("MatMulNBits", ["x", f"{name}.w", f"{name}.s"], [f"{name}/out"], name=name, domain="com.microsoft",
+                                   K=k, N=16, bits=4, block_size=32),
+                  helper.make_node("MatMul", ["x", f"{name}.A"], [f"{name}/xa"], name=f"{name}/lora_A"),
+                  helper.make_node("MatMul", [f"{name}/xa", f"{name}.B"], [f"{name}/xab"], name=f"{name}/lora_B"),
+                  helper.make_node("Add", [f"{name}/out", f"{name}/xab"], [f"{proj}_y"], name=f"{name}/lora_Add")]
+        outs.append(f"{proj}_y")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    x = rng.normal(size=(2, k)).astype(np.float32)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(outs, {"x": x})
+
+    before = run(model)
+    info = pack_siblings(model)
+    assert info["groups"] == 1 and info["nodes"][0]["node"] == "/model/layers.0/attn/qkv_proj/MatMul_Q4"
+    assert info["nodes"][0]["side"] is False
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulNBits") == 1 and ops.count("Add") == 3 and ops.count("MatMul") == 6 and ops.count("Split") == 1
+    for got, want in zip(run(model), before):
+        np.testing.assert_array_equal(got, want)

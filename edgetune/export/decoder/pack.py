@@ -18,7 +18,9 @@ with the group's shared ``z`` (block sums of ``x``, LoRA ``x @ A``). Such siblin
     [y_1 | y_2 | ...] = Split(MatMulNBits(x; [B_1; B_2; ...], ...) + z @ [W2_1 | W2_2 | ...])
 
 one quantized kernel, one side MatMul (W2 a Concat of constants, folded at load) and one Add per group; the side
-MatMul's columns are the same dot products over ``z``. A linear with a side term and one without stay apart.
+MatMul's columns are the same dot products over ``z``. A linear with a side term and one without stay apart. Siblings
+whose side terms read different inputs (each its own LoRA ``x @ A``) have their quantized nodes packed alone, each Add
+then reading its Split output.
 
 Only exact siblings are packed: same input tensor, same ``K``, ``bits``, ``block_size`` and ``accuracy_level``, the
 same optional inputs present, every weight input a constant initializer or a ``Cast`` of one (the GGUF transcode's
@@ -93,6 +95,17 @@ def pack_siblings(model) -> dict[str, Any]:
                tuple(st[0] is not None for st in stored), mm.input[0] if mm is not None else None,
                m.name.rsplit("/", 1)[-1], parsed[:2])  # (the node's own name: MatMulNBits, or a GGUF plane's _hi / _lo)
         groups.setdefault(key, []).append((parsed[2], m, mm, add if mm is not None else None, stored))
+    # siblings whose side terms read different inputs (each linear its own LoRA ``x @ A``, say) cannot share one side
+    # MatMul: their quantized nodes are packed alone, each Add reading its Split output as it read the node's
+    alone: dict[tuple, list] = {}
+    for key, members in groups.items():
+        if key[6] is not None and len(members) == 1:
+            alone.setdefault(key[:6] + (None,) + key[7:], []).append(members[0])
+    for key, members in alone.items():
+        if len(members) > 1 and len(groups.get(key, [])) < 2:
+            for m in members:
+                del groups[key[:6] + (m[2].input[0],) + key[7:]]
+            groups[key] = groups.get(key, []) + [(proj, m, None, None, st) for proj, m, _, _, st in members]
     new_nodes, new_inits, removed, packed = [], [], set(), []
     for key, members in groups.items():
         proj = packed_name([mem[0] for mem in members])
