@@ -121,11 +121,14 @@ def test_changed_option_reruns_only_downstream_stages(first_build, tiny_llama, c
     root, cfg, _ = first_build
     write_config(root, tiny_llama, repeats=2)
     try:
-        code, out, _ = run_cli(["build", str(cfg), "--json", "--quiet"], capsys)
+        code, out, err = run_cli(["build", str(cfg), "--json"], capsys)
         assert code == 0
         status = {s["stage"]: s["status"] for s in json.loads(out)["stages"]}
         assert status == {"materialize": "ran", "finetune": "skipped", "merge": "skipped", "export": "skipped",
                           "validate": "ran", "bundle": "ran"}
+        # each stage that runs again says why: the option that changed, or the input it made
+        assert "[validate.cpu-x86] runs again: option repeats changed" in err, err
+        assert "[bundle.cpu-x86] runs again: input report changed" in err, err
     finally:
         write_config(root, tiny_llama)
 
@@ -142,11 +145,12 @@ def test_changed_stage_code_reruns_that_stage(first_build, capsys, monkeypatch):
     assert run_cli(["build", str(cfg), "--quiet"], capsys)[0] == 0  # settled: whatever an earlier test changed is made again
     monkeypatch.setattr(artifacts, "code_identity",
                         lambda stage: "edited" if stage_kind(stage) == "bundle" else code_identity(stage))
-    code, out, _ = run_cli(["build", str(cfg), "--json", "--quiet"], capsys)
+    code, out, err = run_cli(["build", str(cfg), "--json"], capsys)
     assert code == 0
     status = {s["stage"]: s["status"] for s in json.loads(out)["stages"]}
     assert status == {"materialize": "ran", "finetune": "skipped", "merge": "skipped", "export": "skipped",
                       "validate": "skipped", "bundle": "ran"}
+    assert "[bundle.cpu-x86] runs again: its code changed (edgetune's modules for this stage, or a library's version)" in err
     monkeypatch.undo()  # the real code again: the bundle made by the "edited" code is not up to date either
     code, out, _ = run_cli(["build", str(cfg), "--json", "--quiet"], capsys)
     assert code == 0 and {s["stage"]: s["status"] for s in json.loads(out)["stages"]}["bundle"] == "ran"
@@ -326,3 +330,17 @@ def test_a_target_whose_profile_says_auto_ships_the_search_winner(tmp_path, tiny
     assert shipped == ("int8" if search["chosen"] == "int8" else "int4")
     code, out, _ = run_cli(["build", str(cfg)], capsys)  # the console table names it too
     assert code == 0 and "recipe" in out and f"auto: {search['chosen']}" in out
+
+
+def test_why_a_stage_runs_again():
+    from edgetune.build.runner import why_again
+
+    made = {"inputs": {"model": "a", "data": "b"}, "options": "o1", "option_values": {"lr": 1, "epochs": 2}, "code": "c1"}
+    state = {"output": "sig", "made_from": made}
+    assert why_again(state, made, "other") == "its output was changed or removed"
+    assert why_again(state, made, None) == "its output is gone"
+    now = {**made, "inputs": {"model": "a", "data": "B", "teacher": "t"}, "options": "o2",
+           "option_values": {"lr": 3, "epochs": 2, "seed": 1}, "code": "c2"}
+    assert why_again(state, now, "sig") == ("inputs data, teacher changed; options lr, seed changed; "
+                                            "its code changed (edgetune's modules for this stage, or a library's version)")
+    assert why_again({"output": "sig"}, made, "sig") == "made by an earlier edgetune that did not record what from"

@@ -70,12 +70,18 @@ class Build:
         t0 = time.perf_counter()
         label = f"{sid}"
         kept = shared_dir(shared, hashes, options) if shared else None
-        if not self.force and state and state.get("fingerprint") == fp and _signature(out) == state.get("output"):
+        plain = json.loads(json.dumps(options, sort_keys=True, default=str))  # as the state file keeps them
+        made = {"inputs": hashes, "options": artifacts.sha256_bytes(json.dumps(plain, sort_keys=True).encode()),
+                "option_values": plain, "code": artifacts.code_identity(sid)}
+        signature = _signature(out)
+        if not self.force and state and state.get("fingerprint") == fp and signature == state.get("output"):
             if kept is not None and state.get("status") == "ran" and _signature(kept) is None:
                 _copy_folder(out, kept)  # made before the stage cache was: kept now, for the other builds
             self.stages.append(StageInfo(sid.split(".")[0], target, "skipped", round(time.perf_counter() - t0, 2), str(out)))
             console.log(f"[{label}] up to date, skipped")
             return state
+        if not self.force and state:
+            console.log(f"[{label}] runs again: {why_again(state, made, signature)}")
         status, error = "ran", None
         if kept is not None and not self.force and _signature(kept) is not None and _copy_folder(kept, out):
             status = "reused"
@@ -89,11 +95,34 @@ class Build:
                     status, error = "failed", exc.one_line()
             if kept is not None and status == "ran":
                 _copy_folder(out, kept)  # best effort: a cache that cannot be written costs the next build time only
-        state = {"fingerprint": fp, "output": _signature(out), "status": status, "error": error}
+        state = {"fingerprint": fp, "output": _signature(out), "status": status, "error": error, "made_from": made}
         state_file.parent.mkdir(parents=True, exist_ok=True)
         artifacts.write_json(state_file, state)
         self.stages.append(StageInfo(sid.split(".")[0], target, status, round(time.perf_counter() - t0, 2), str(out)))
         return state
+
+
+def why_again(state: dict, made: dict, signature: str | None) -> str:
+    """Why a stage that ran before runs again, from what its state recorded (``made_from``) and what it would be made
+    from now: the inputs, options or code that changed, or an output that changed or is gone. A user who pulled a new
+    edgetune and sees a ten-minute fine-tune start again learns that its code changed, not only that it runs."""
+    before = state.get("made_from")
+    if not isinstance(before, dict):  # a state written before the build recorded what a stage was made from
+        return "made by an earlier edgetune that did not record what from"
+    why = []
+    ins = sorted(set(before.get("inputs") or {}) ^ set(made["inputs"])
+                 | {k for k in made["inputs"] if (before.get("inputs") or {}).get(k, made["inputs"][k]) != made["inputs"][k]})
+    if ins:
+        why.append(f"input{'s' if len(ins) > 1 else ''} {', '.join(ins)} changed")
+    if before.get("options") != made["options"]:
+        old, new = before.get("option_values") or {}, made["option_values"]
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        why.append(f"option{'s' if len(keys) != 1 else ''} {', '.join(keys) or '?'} changed")
+    if before.get("code") != made["code"]:
+        why.append("its code changed (edgetune's modules for this stage, or a library's version)")
+    if not why and signature != state.get("output"):
+        why.append("its output was changed or removed" if signature else "its output is gone")
+    return "; ".join(why) or "its record changed"
 
 
 def shared_dir(kind: str, hashes: dict[str, str], options: dict[str, Any]) -> Path:
