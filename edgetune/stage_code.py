@@ -6,7 +6,8 @@ while the exporter changes (a build kept a stale export as "up to date" after th
 every GGUF graph). A stage's code identity hashes
 
 * the source of the edgetune modules the stage can run: the import closure of its entry modules, read from their
-  syntax trees (every ``import`` in a module, function-level ones included, so lazy imports count), and
+  syntax trees (every ``import`` in a module, function-level ones included, so lazy imports count, and every string
+  that names an edgetune module: ``importlib.import_module("edgetune....")``, a worker run as ``-m edgetune....``), and
 * the versions of the libraries that shape artifacts (``artifacts.TRACKED_PACKAGES``, from package metadata).
 
 The closure over-approximates (a module imported by one branch counts for all), never under: editing bundle.py
@@ -37,6 +38,9 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "bundle": ("edgetune.bundle",),
     "gguf": ("edgetune.model_input",),
 }
+
+
+_MODULE_NAME = re.compile(r"edgetune(\.[A-Za-z_][A-Za-z0-9_]*)+")
 
 
 def stage_kind(stage: str) -> str:
@@ -76,6 +80,9 @@ def _parsed_imports(name: str, source: Path, _mtime_ns: int, _size: int) -> froz
             if mod.split(".")[0] == "edgetune":
                 found.add(mod)
                 found.update(f"{mod}.{a.name}" for a in node.names if a.name != "*")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _MODULE_NAME.fullmatch(node.value) \
+                and name != __name__:  # (this module's table names modules as data)
+            found.add(node.value)  # importlib.import_module("edgetune.export.encoder.pipeline"), `-m edgetune.finetune.worker`
     return frozenset(found)
 
 

@@ -152,6 +152,10 @@ def test_code_identity_hashes_the_stage_import_closure(tmp_path):
     with (root / "bundle.py").open("a") as f:
         f.write("\n\ndef _later():\n    from . import doctor\n")
     assert "edgetune.doctor" in ci.closure(("edgetune.bundle",), root)
+    assert "edgetune.profiling" not in ci.closure(("edgetune.bundle",), root)
+    with (root / "bundle.py").open("a") as f:  # a module named in a string: a worker run with -m, import_module(...)
+        f.write('\n\ndef _worker():\n    return ["-m", "edgetune.profiling"]\n')
+    assert "edgetune.profiling" in ci.closure(("edgetune.bundle",), root)
     after = {k: ci.source_hash(k, root) for k in before}
     assert after["bundle.cpu-x86"] != before["bundle.cpu-x86"] and after["merge"] == before["merge"]
     (root / "doctor.py").write_text((root / "doctor.py").read_text() + "\n# edited\n")  # reached only through the new import

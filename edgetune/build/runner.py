@@ -110,8 +110,8 @@ def why_again(state: dict, made: dict, signature: str | None) -> str:
     if not isinstance(before, dict):  # a state written before the build recorded what a stage was made from
         return "made by an earlier edgetune that did not record what from"
     why = []
-    ins = sorted(set(before.get("inputs") or {}) ^ set(made["inputs"])
-                 | {k for k in made["inputs"] if (before.get("inputs") or {}).get(k, made["inputs"][k]) != made["inputs"][k]})
+    old_in = before.get("inputs") or {}
+    ins = sorted(k for k in set(old_in) | set(made["inputs"]) if old_in.get(k) != made["inputs"].get(k))
     if ins:
         why.append(f"input{'s' if len(ins) > 1 else ''} {', '.join(ins)} changed")
     if before.get("options") != made["options"]:
