@@ -344,3 +344,30 @@ def test_why_a_stage_runs_again():
     assert why_again(state, now, "sig") == ("inputs data, teacher changed; options lr, seed changed; "
                                             "its code changed (edgetune's modules for this stage, or a library's version)")
     assert why_again({"output": "sig"}, made, "sig") == "made by an earlier edgetune that did not record what from"
+
+
+def test_the_stage_cache_keeps_the_most_recently_used_entries(tmp_path):
+    from edgetune import artifacts
+    from edgetune.build.runner import prune_stage_cache
+
+    folder = tmp_path / "stages"
+    made = []
+    for i in range(5):
+        entry = folder / f"entry{i}"
+        entry.mkdir(parents=True)
+        artifacts.write_json(entry / artifacts.RECORD_NAME, {"stage": "finetune", "fingerprint": str(i)})
+        os.utime(entry, (1000 + i, 1000 + i))
+        made.append(entry)
+    foreign = folder / "mine"  # not edgetune's: never removed
+    foreign.mkdir()
+    os.utime(foreign, (1, 1))
+    os.utime(made[0], (2000, 2000))  # the oldest entry was reused last
+    fresh = folder / "fresh"  # made or reused within the week: kept, whatever the count
+    fresh.mkdir()
+    artifacts.write_json(fresh / artifacts.RECORD_NAME, {"stage": "finetune", "fingerprint": "f"})
+    gone = prune_stage_cache(folder, keep=2)  # kept: the two most recent (fresh, entry0)
+    assert sorted(p.name for p in gone) == ["entry1", "entry2", "entry3", "entry4"]
+    assert sorted(p.name for p in folder.iterdir()) == ["entry0", "fresh", "mine"]
+    assert [p.name for p in prune_stage_cache(folder, keep=0)] == ["entry0"]  # the week-old rule alone keeps fresh
+    assert sorted(p.name for p in folder.iterdir()) == ["fresh", "mine"]
+    assert prune_stage_cache(folder, keep=0) == [] and prune_stage_cache(tmp_path / "absent") == []

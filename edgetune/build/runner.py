@@ -86,6 +86,7 @@ class Build:
         if kept is not None and not self.force and _signature(kept) is not None and _copy_folder(kept, out):
             status = "reused"
             console.log(f"[{label}] reused from the stage cache ({kept})")
+            _touch(kept)  # recently used: the last to be pruned
         else:
             with console.step(label):
                 try:
@@ -93,8 +94,8 @@ class Build:
                         body()
                 except CheckFailed as exc:  # the stage wrote its output (a report) and then failed a gate
                     status, error = "failed", exc.one_line()
-            if kept is not None and status == "ran":
-                _copy_folder(out, kept)  # best effort: a cache that cannot be written costs the next build time only
+            if kept is not None and status == "ran" and _copy_folder(out, kept):  # best effort: a cache that cannot be
+                prune_stage_cache(kept.parent)  # written costs the next build time only
         state = {"fingerprint": fp, "output": _signature(out), "status": status, "error": error, "made_from": made}
         state_file.parent.mkdir(parents=True, exist_ok=True)
         artifacts.write_json(state_file, state)
@@ -123,6 +124,40 @@ def why_again(state: dict, made: dict, signature: str | None) -> str:
     if not why and signature != state.get("output"):
         why.append("its output was changed or removed" if signature else "its output is gone")
     return "; ".join(why) or "its record changed"
+
+
+STAGE_CACHE_KEEP = 8  # stage cache entries always kept: the most recently made or reused (~23 MB per SmolLM2 fine-tune)
+STAGE_CACHE_MIN_AGE_S = 7 * 86400  # and any entry made or reused within a week
+
+
+def prune_stage_cache(folder: Path, keep: int = STAGE_CACHE_KEEP, min_age_s: float = STAGE_CACHE_MIN_AGE_S) -> list[Path]:
+    """Remove the entries of the stage cache ``folder`` that are neither among the ``keep`` most recently made or reused
+    nor made or reused within ``min_age_s``; returns what went.
+
+    Its keys hold the inputs' content, the options and the code identity, so every edgetune upgrade that touches a
+    cached stage's modules, and every change of data or settings, adds an entry that the older ones never replace.
+    Only folders edgetune wrote (a stage record) are removed; anything else in the folder is left alone."""
+    try:
+        entries = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and artifacts.is_edgetune_output(p)]
+    except OSError:
+        return []
+    entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    gone, now = [], time.time()
+    for p in entries[keep:]:
+        if now - p.stat().st_mtime < min_age_s:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p)
+    if gone:
+        console.log(f"[stage cache] removed {len(gone)} entr{'y' if len(gone) == 1 else 'ies'} unused for a week or more ({folder})")
+    return gone
+
+
+def _touch(p: Path) -> None:
+    try:
+        os.utime(p)
+    except OSError:
+        pass
 
 
 def shared_dir(kind: str, hashes: dict[str, str], options: dict[str, Any]) -> Path:
