@@ -30,7 +30,7 @@ FLOAT_REFERENCE = "the float fine-tune's fp32 merge (same base, data and LoRA se
 
 def _accuracy_text(acc: dict) -> str | None:
     """The one accuracy figure of a summary row; a perplexity increase with its standard error over the scoring windows
-    (``ppl -0.13% ±0.41``: a change inside about two of them is not one the text can show)."""
+    (``ppl -0.13% ±0.20``, the demo's: a change inside about two of them is not one the text can show)."""
     if acc.get("perplexity_increase_pct") is not None:
         se = acc.get("perplexity_increase_se_pct")
         return f"ppl {acc['perplexity_increase_pct']:+.2f}%" + (f" ±{se:.2f}" if isinstance(se, (int, float)) else "")
