@@ -335,11 +335,11 @@ def test_a_target_whose_profile_says_auto_ships_the_search_winner(tmp_path, tiny
 def test_why_a_stage_runs_again():
     from edgetune.build.runner import why_again
 
-    made = {"inputs": {"model": "a", "data": "b"}, "options": "o1", "option_values": {"lr": 1, "epochs": 2}, "code": "c1"}
+    made = {"inputs": {"model": "a", "data": "b"}, "option_values": {"lr": 1, "epochs": 2}, "code": "c1"}
     state = {"output": "sig", "made_from": made}
     assert why_again(state, made, "other") == "its output was changed or removed"
     assert why_again(state, made, None) == "its output is gone"
-    now = {**made, "inputs": {"model": "a", "data": "B", "teacher": "t"}, "options": "o2",
+    now = {**made, "inputs": {"model": "a", "data": "B", "teacher": "t"},
            "option_values": {"lr": 3, "epochs": 2, "seed": 1}, "code": "c2"}
     assert why_again(state, now, "sig") == ("inputs data, teacher changed; options lr, seed changed; "
                                             "its code changed (edgetune's modules for this stage, or a library's version)")

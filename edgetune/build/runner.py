@@ -71,8 +71,7 @@ class Build:
         label = f"{sid}"
         kept = shared_dir(shared, hashes, options) if shared else None
         plain = json.loads(json.dumps(options, sort_keys=True, default=str))  # as the state file keeps them
-        made = {"inputs": hashes, "options": artifacts.sha256_bytes(json.dumps(plain, sort_keys=True).encode()),
-                "option_values": plain, "code": artifacts.code_identity(sid)}
+        made = {"inputs": hashes, "option_values": plain, "code": artifacts.code_identity(sid)}
         signature = _signature(out)
         if not self.force and state and state.get("fingerprint") == fp and signature == state.get("output"):
             if kept is not None and state.get("status") == "ran" and _signature(kept) is None:
@@ -115,10 +114,10 @@ def why_again(state: dict, made: dict, signature: str | None) -> str:
     ins = sorted(k for k in set(old_in) | set(made["inputs"]) if old_in.get(k) != made["inputs"].get(k))
     if ins:
         why.append(f"input{'s' if len(ins) > 1 else ''} {', '.join(ins)} changed")
-    if before.get("options") != made["options"]:
-        old, new = before.get("option_values") or {}, made["option_values"]
-        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        why.append(f"option{'s' if len(keys) != 1 else ''} {', '.join(keys) or '?'} changed")
+    old, new = before.get("option_values") or {}, made["option_values"]
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if keys:
+        why.append(f"option{'s' if len(keys) != 1 else ''} {', '.join(keys)} changed")
     if before.get("code") != made["code"]:
         why.append("its code changed (edgetune's modules for this stage, or a library's version)")
     if not why and signature != state.get("output"):
