@@ -23,6 +23,38 @@ def _torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
 
 
+def pytest_report_header(config):
+    """Free disk where the tests write: a run needs a few GB (exports, the stage cache), and a
+    failure for want of space reads as a dozen unrelated errors without this line."""
+    import shutil
+    import tempfile
+
+    places = {"tmp": Path(tempfile.gettempdir()), "repo": ROOT}
+    free = ", ".join(f"{name} {shutil.disk_usage(path).free / 2**30:.1f} GiB" for name, path in places.items())
+    return f"free disk: {free} (a full run needs about 4 GiB)"
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """``module_tmp("name")``: a new folder for one test module's shared artifacts, removed when
+    the module ends unless one of its tests failed. A full run exports dozens of models; kept to
+    the session's end (pytest's own retention) they took ~6 GB of /tmp and a CI run on a
+    fuller disk failed half-way with no space left."""
+    import shutil
+
+    made: list[Path] = []
+    failed_before = request.session.testsfailed
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer random Llama (tied embeddings, GQA) with a ByteLevel BPE tokenizer."""

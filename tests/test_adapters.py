@@ -40,25 +40,25 @@ def make_lora(base, out, *, targets, seed, dora=False, r=4, alpha=8):
 
 
 @pytest.fixture(scope="module")
-def loras(tiny_llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("loras")
+def loras(tiny_llama, module_tmp):
+    root = module_tmp("loras")
     # different modules and ranks: the graph takes the union, each adapter fills its part
     return {"chat": make_lora(tiny_llama, root / "chat", targets=["q_proj", "v_proj", "down_proj"], seed=1),
             "sql": make_lora(tiny_llama, root / "sql", targets=["k_proj", "o_proj", "gate_proj", "up_proj"], seed=2, r=8, alpha=16)}
 
 
 @pytest.fixture(scope="module")
-def multi(tiny_llama, loras, tmp_path_factory):
-    return export(tiny_llama, tmp_path_factory.mktemp("multi") / "x", target="cpu-x86", precision="fp32",
+def multi(tiny_llama, loras, module_tmp):
+    return export(tiny_llama, module_tmp("multi") / "x", target="cpu-x86", precision="fp32",
                   adapters=[loras["chat"], loras["sql"]])
 
 
 @pytest.fixture(scope="module")
-def merged_exports(tiny_llama, loras, tmp_path_factory):
+def merged_exports(tiny_llama, loras, module_tmp):
     """The reference: edgetune merge each adapter, then export the merged model in fp32 (and the base)."""
     from edgetune.merge import merge
 
-    root = tmp_path_factory.mktemp("merged")
+    root = module_tmp("merged")
     out = {None: export(tiny_llama, root / "base", target="cpu-x86", precision="fp32")}
     for name, path in loras.items():
         m = merge(tiny_llama, path, root / f"m-{name}")

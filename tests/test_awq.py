@@ -17,12 +17,12 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "What is the capital of
 
 
 @pytest.fixture(scope="module")
-def outlier_llama(tiny_llama, tmp_path_factory):
+def outlier_llama(tiny_llama, module_tmp):
     """The tiny Llama with a few input channels of every RMSNorm 30x larger: the activation outliers AWQ is for."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path_factory.mktemp("outlier") / "model"
+    out = module_tmp("outlier") / "model"
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), torch_dtype=torch.float32)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -37,8 +37,8 @@ def outlier_llama(tiny_llama, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    p = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+def calib(module_tmp):
+    p = module_tmp("calib") / "calib.jsonl"
     p.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:4]))
     return p
 

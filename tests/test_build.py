@@ -74,13 +74,13 @@ def run_cli(args, capsys):
 
 
 @pytest.fixture(scope="module")
-def first_build(tmp_path_factory, tiny_llama):
-    root = tmp_path_factory.mktemp("build")
+def first_build(module_tmp, tiny_llama):
+    root = module_tmp("build")
     cfg = write_config(root, tiny_llama)
     # a cache of its own: the shared one ($EDGETUNE_CACHE/stages) keeps this fine-tune from an earlier test run, and the
     # first build would reuse it instead of running it (a second `make test` on one checkout failed here)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDGETUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("EDGETUNE_CACHE", str(module_tmp("cache")))
         with pytest.raises(SystemExit) as exc:
             main(["build", str(cfg), "--json", "--quiet"])
     assert exc.value.code == 0

@@ -84,10 +84,10 @@ def _build(cfg) -> dict:
 
 
 @pytest.fixture(scope="module")
-def qa_build(tmp_path_factory):
+def qa_build(module_tmp):
     from tiny_models import build_tiny_bert_qa
 
-    root = tmp_path_factory.mktemp("build-qa")
+    root = module_tmp("build-qa")
     base = build_tiny_bert_qa(root / "model")
     recs = squad_records(long_context_repeats=12)
     assert len(recs) == 9

@@ -41,8 +41,8 @@ def fake_export(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return fake_export(tmp_path_factory.mktemp("bundle-src") / "work")
+def export_dir(module_tmp):
+    return fake_export(module_tmp("bundle-src") / "work")
 
 
 @pytest.fixture()

@@ -41,10 +41,10 @@ def device_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProc
 
 
 @pytest.fixture(scope="module")
-def llm_bundle(tmp_path_factory, tiny_llama):
+def llm_bundle(module_tmp, tiny_llama):
     import onnxruntime_genai.models.builder as b
 
-    root = tmp_path_factory.mktemp("run")
+    root = module_tmp("run")
     out = root / "export"
     extra = b.parse_extra_options("", str(tiny_llama), str(out), "fp32", "cpu", str(root / "cache"), [])
     b.create_model("", str(tiny_llama), str(out), "fp32", "cpu", str(root / "cache"), **extra)
@@ -53,10 +53,10 @@ def llm_bundle(tmp_path_factory, tiny_llama):
 
 
 @pytest.fixture(scope="module")
-def encoder_bundle(tmp_path_factory, tiny_bert):
+def encoder_bundle(module_tmp, tiny_bert):
     from edgetune.export.encoder.pipeline import export_encoder
 
-    root = tmp_path_factory.mktemp("run-enc")
+    root = module_tmp("run-enc")
     exp = export_encoder(tiny_bert, root / "export", target="cpu-x86", precision="fp32")
     make_bundle(exp, root / "bundle", target="cpu-x86")
     return root / "bundle"

@@ -95,7 +95,7 @@ def device(tmp_path_factory) -> Device:
 
 
 @pytest.fixture(scope="module")
-def llm_bundle(tmp_path_factory, tiny_llama) -> Path:
+def llm_bundle(module_tmp, tiny_llama) -> Path:
     """Host side: fp32 export of the tiny Llama, validated against the PyTorch model (the report
     holds the reference pack), bundled with that report, plus its reproducible .tar.gz."""
     import onnxruntime_genai.models.builder as b
@@ -103,7 +103,7 @@ def llm_bundle(tmp_path_factory, tiny_llama) -> Path:
     from edgetune.bundle import make_bundle
     from edgetune.validate import validate
 
-    root = tmp_path_factory.mktemp("device-llm")
+    root = module_tmp("device-llm")
     export = root / "export"
     extra = b.parse_extra_options("", str(tiny_llama), str(export), "fp32", "cpu", str(root / "cache"), [])
     b.create_model("", str(tiny_llama), str(export), "fp32", "cpu", str(root / "cache"), **extra)
@@ -116,11 +116,11 @@ def llm_bundle(tmp_path_factory, tiny_llama) -> Path:
 
 
 @pytest.fixture(scope="module")
-def encoder_bundle(tmp_path_factory, tiny_bert) -> Path:
+def encoder_bundle(module_tmp, tiny_bert) -> Path:
     from edgetune.bundle import make_bundle
     from edgetune.export.encoder.pipeline import export_encoder
 
-    root = tmp_path_factory.mktemp("device-enc")
+    root = module_tmp("device-enc")
     exp = export_encoder(tiny_bert, root / "export", target="cpu-x86", precision="fp32")
     make_bundle(exp, root / "bundle", target="cpu-x86")
     return root / "bundle"
@@ -235,10 +235,10 @@ def test_run_encoder_bundle(device, encoder_bundle):
 
 
 @pytest.fixture(scope="module")
-def ner_model(tmp_path_factory) -> Path:
+def ner_model(module_tmp) -> Path:
     from tiny_models import build_tiny_bert_ner
 
-    return build_tiny_bert_ner(tmp_path_factory.mktemp("tiny-ner"))
+    return build_tiny_bert_ner(module_tmp("tiny-ner"))
 
 
 def _torch_entities(model_dir: Path, text: str) -> list[tuple[str, str]]:

@@ -19,9 +19,9 @@ from encoder_helpers import TEXTS, onnx_logits, record, torch_logits
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_bert, tmp_path_factory):
+def exports(tiny_bert, module_tmp):
     """Each (target, precision) exported once for the module."""
-    root = tmp_path_factory.mktemp("enc")
+    root = module_tmp("enc")
     cache = {}
 
     def get(target: str, precision: str | None = None, **kw):

@@ -22,12 +22,12 @@ N_TRAIN, N_EVAL = 600, 300
 
 
 @pytest.fixture(scope="module")
-def sms(tmp_path_factory):
+def sms(module_tmp):
     from edgetune.data import load_dataset, split
 
     ds = load_dataset(shared_data("sms_spam_train.tsv"))
     train, held = split(ds, eval_fraction=0.15, seed=0)
-    root = tmp_path_factory.mktemp("sms")
+    root = module_tmp("sms")
     held_file = root / "heldout.jsonl"
     held_file.write_text("".join(json.dumps(r) + "\n" for r in held.records[:N_EVAL]))
     calib_file = root / "calib.jsonl"  # calibration texts come from the training split, never the held-out one
@@ -36,7 +36,7 @@ def sms(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def classifier(sms, tmp_path_factory):
+def classifier(sms, module_tmp):
     """MiniLM + classification head: encoder frozen, pooler + classifier trained on cached [CLS] states (~1 min)."""
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
@@ -65,18 +65,18 @@ def classifier(sms, tmp_path_factory):
         loss = torch.nn.functional.cross_entropy(logits, y, weight=weight)
         loss.backward()
         opt.step()
-    out = tmp_path_factory.mktemp("minilm-sms")
+    out = module_tmp("minilm-sms")
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
 
 
 @pytest.fixture(scope="module")
-def exports(classifier, sms, tmp_path_factory):
+def exports(classifier, sms, module_tmp):
     from edgetune.export.encoder.pipeline import export_encoder
 
     _, _, calib = sms
-    root = tmp_path_factory.mktemp("exports")
+    root = module_tmp("exports")
     plan = {
         "cpu-fp32": ("cpu-x86", "fp32"),
         "cpu-int8-dynamic": ("cpu-x86", "int8-dynamic"),

@@ -23,12 +23,12 @@ TAGS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
 
 
 @pytest.fixture(scope="module")
-def tiny_token_bert(tiny_bert, tmp_path_factory):
+def tiny_token_bert(tiny_bert, module_tmp):
     """The tiny BERT with a 5-tag token-classification head (random weights)."""
     import torch
     from transformers import BertConfig, BertForTokenClassification
 
-    src = tmp_path_factory.mktemp("tok-bert")
+    src = module_tmp("tok-bert")
     shutil.copytree(tiny_bert, src, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
     cfg = BertConfig.from_pretrained(tiny_bert, num_labels=len(TAGS), id2label=dict(enumerate(TAGS)),
                                      label2id={t: i for i, t in enumerate(TAGS)})
@@ -44,9 +44,9 @@ def models(tiny_bert, tiny_token_bert):
 
 
 @pytest.fixture(scope="module")
-def exported(models, tmp_path_factory):
+def exported(models, module_tmp):
     """fp32 exports: 'dynamic' (cpu-x86, fused) and 'static' (fpga-vitisai shapes 1x128, unfused)."""
-    root = tmp_path_factory.mktemp("tx")
+    root = module_tmp("tx")
     cache = {}
 
     def get(task: str, shapes: str):

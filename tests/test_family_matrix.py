@@ -47,13 +47,13 @@ def _params(test: str):
 # ---------------------------------------------------------------- the whole pipeline, one build per family
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(module_tmp):
     """family -> its build (made on first use, shared by the family's variant tests)."""
     cache: dict[str, dict] = {}
 
     def get(family: str) -> dict:
         if family not in cache:
-            root = tmp_path_factory.mktemp(f"matrix-{family}")
+            root = module_tmp(f"matrix-{family}")
             src = build_family(family, root / "src")
             cfg = write_config(root, src, targets=TARGET)
             (root / "tiny-int4.toml").write_text(PROFILE)
@@ -142,8 +142,8 @@ def _export(args, capsys, refused: fm.Refused | None = None) -> dict | None:
 
 
 @pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    p = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+def calib(module_tmp):
+    p = module_tmp("calib") / "calib.jsonl"
     texts = ["Turn on the kitchen lights and set the thermostat to 21 degrees.",
              "What is the capital of France? Paris is the capital of France.",
              "Edge devices run small language models with int4 weights.",

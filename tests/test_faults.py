@@ -47,9 +47,9 @@ def one_json(stdout: str) -> dict:
 # ---------------------------------------------------------------- shared tiny artifacts
 
 @pytest.fixture(scope="module")
-def quiet_export(tmp_path_factory, tiny_llama):
+def quiet_export(module_tmp, tiny_llama):
     """`edgetune export TINY -t cpu-x86 --precision fp32 --quiet` (the process result is kept)."""
-    out = tmp_path_factory.mktemp("faults") / "export"
+    out = module_tmp("faults") / "export"
     r = cli("export", str(tiny_llama), "-t", "cpu-x86", "-o", str(out), "--precision", "fp32", "--quiet")
     return out, r
 

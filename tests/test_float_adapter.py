@@ -13,15 +13,15 @@ from test_adapters import IDS, NEW, make_lora, run_cli
 
 
 @pytest.fixture(scope="module")
-def lora(tiny_llama, tmp_path_factory):
-    return make_lora(tiny_llama, tmp_path_factory.mktemp("fa") / "chat", targets=["q_proj", "v_proj", "o_proj", "down_proj"], seed=5)
+def lora(tiny_llama, module_tmp):
+    return make_lora(tiny_llama, module_tmp("fa") / "chat", targets=["q_proj", "v_proj", "o_proj", "down_proj"], seed=5)
 
 
 @pytest.fixture(scope="module")
-def merged_fp32(tiny_llama, lora, tmp_path_factory):
+def merged_fp32(tiny_llama, lora, module_tmp):
     from edgetune.merge import merge
 
-    root = tmp_path_factory.mktemp("fa-merged")
+    root = module_tmp("fa-merged")
     return export(merge(tiny_llama, lora, root / "m"), root / "x", target="cpu-x86", precision="fp32")
 
 

@@ -16,13 +16,13 @@ IDS = np.array([5, 17, 42, 99, 3, 250, 7, 64, 11, 200], dtype=np.int64)
 
 
 @pytest.fixture(scope="module")
-def q4_gguf(tmp_path_factory):
+def q4_gguf(module_tmp):
     """A tiny Llama GGUF whose every tensor is 4-bit (accuracy_level 0 throughout: the graph is exact fp32)."""
     pytest.importorskip("torch")
     from tiny_gguf import write_tiny_llama_gguf
     from tiny_models import build_bpe_tokenizer
 
-    d = tmp_path_factory.mktemp("fuse-gguf")
+    d = module_tmp("fuse-gguf")
     build_bpe_tokenizer(d)
     return write_tiny_llama_gguf(d / "q4.gguf", d, override=FOUR_BIT)
 

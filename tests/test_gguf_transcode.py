@@ -89,12 +89,12 @@ def test_hqq_float_zero_points_converted_exactly():
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
+def tiny_gguf(module_tmp):
     pytest.importorskip("torch")
     from tiny_gguf import write_tiny_llama_gguf
     from tiny_models import build_bpe_tokenizer
 
-    d = tmp_path_factory.mktemp("tiny-gguf")
+    d = module_tmp("tiny-gguf")
     build_bpe_tokenizer(d)
     return write_tiny_llama_gguf(d / "tiny.gguf", d)
 

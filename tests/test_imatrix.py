@@ -66,19 +66,19 @@ def test_the_search_never_loses_to_rtn_on_its_measure_and_stays_on_the_grid(symm
 
 
 @pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    p = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+def calib(module_tmp):
+    p = module_tmp("calib") / "calib.jsonl"
     p.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:4]))
     return p
 
 
 @pytest.fixture(scope="module")
-def outlier_llama(tiny_llama, tmp_path_factory):
+def outlier_llama(tiny_llama, module_tmp):
     """The tiny Llama with a few input channels of every RMSNorm 30x larger: activations of uneven importance."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path_factory.mktemp("outlier-im") / "model"
+    out = module_tmp("outlier-im") / "model"
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():

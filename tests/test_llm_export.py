@@ -21,8 +21,8 @@ def run_cli(args, capsys):
 
 
 @pytest.fixture(scope="module")
-def fp32_export(tiny_llama, tmp_path_factory):
-    return export(tiny_llama, tmp_path_factory.mktemp("x") / "fp32", target="cpu-x86", precision="fp32")
+def fp32_export(tiny_llama, module_tmp):
+    return export(tiny_llama, module_tmp("x") / "fp32", target="cpu-x86", precision="fp32")
 
 
 def test_fp32_logits_match_pytorch(tiny_llama, fp32_export):
@@ -132,8 +132,8 @@ def ref_logits(tiny_llama):
 
 
 @pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+def calib_file(module_tmp):
+    p = module_tmp("calib") / "calib.jsonl"
     texts = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.",
              "Turn on the kitchen lights.", "def f(x):\n    return x**2"]
     p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

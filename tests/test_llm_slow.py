@@ -12,8 +12,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def int4_export(smollm2_dir, tmp_path_factory):
-    return export(smollm2_dir, tmp_path_factory.mktemp("smol") / "int4", target="cpu-x86", precision="int4")
+def int4_export(smollm2_dir, module_tmp):
+    return export(smollm2_dir, module_tmp("smol") / "int4", target="cpu-x86", precision="int4")
 
 
 def test_int4_answers_paris(int4_export):

@@ -33,8 +33,8 @@ def make_adapter(base, out, *, dora=False, task="CAUSAL_LM"):
 
 
 @pytest.fixture(scope="module")
-def lora(tiny_llama, tmp_path_factory):
-    return make_adapter(tiny_llama, tmp_path_factory.mktemp("a") / "lora")
+def lora(tiny_llama, module_tmp):
+    return make_adapter(tiny_llama, module_tmp("a") / "lora")
 
 
 @pytest.mark.parametrize("dora", [False, True])

@@ -24,9 +24,9 @@ N_TRAIN, N_EVAL, STEPS = 400, 100, 60
 
 
 @pytest.fixture(scope="module")
-def ner(tmp_path_factory):
+def ner(module_tmp):
     base = real_model("minilm")
-    root = tmp_path_factory.mktemp("ner")
+    root = module_tmp("ner")
     train, held = root / "train.jsonl", root / "heldout.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in ner_records(N_TRAIN, split="train")))
     held.write_text("".join(json.dumps(r) + "\n" for r in ner_records(N_EVAL, split="eval")))

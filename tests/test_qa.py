@@ -36,9 +36,9 @@ def _ok(args: list, capsys) -> dict:
 
 
 @pytest.fixture(scope="module")
-def qa(tiny_bert, tmp_path_factory):
+def qa(tiny_bert, module_tmp):
     """The whole host pipeline once; each test reads the folders it made."""
-    root = tmp_path_factory.mktemp("qa")
+    root = module_tmp("qa")
     data = root / "squad.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in squad_records(long_context_repeats=LONG)))
     static = root / "cpu-static.toml"

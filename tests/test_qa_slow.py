@@ -31,9 +31,9 @@ INT8 = 'extends = "cpu-x86"\nname = "cpu-int8-qa"\n[budgets]\nmax_accuracy_drop 
 
 
 @pytest.fixture(scope="module")
-def qa(tmp_path_factory):
+def qa(module_tmp):
     base = real_model("minilm")
-    root = tmp_path_factory.mktemp("qa")
+    root = module_tmp("qa")
     train, held = root / "train.jsonl", root / "heldout.jsonl"
     # training contexts of ~60-80 tokens, held-out ones longer (more unrelated sentences): ~100 tokens, past
     # one 64-token window

@@ -75,10 +75,10 @@ def test_classifier_refused(tiny_bert, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def qat_adapter(tiny_llama, tmp_path_factory):
+def qat_adapter(tiny_llama, module_tmp):
     opts = FinetuneOptions(max_steps=8, save_steps=8, batch_size=4, max_seq_len=96, lr=3e-3, limit=48, seed=0,
                            quant_aware="int4", quant_aware_block_size=32, quant_aware_lm_head="int4")
-    return finetune(tiny_llama, CHAT, tmp_path_factory.mktemp("qat") / "adapter", options=opts)
+    return finetune(tiny_llama, CHAT, module_tmp("qat") / "adapter", options=opts)
 
 
 def test_quant_aware_training_records_its_grid_and_learns(qat_adapter):
@@ -90,10 +90,10 @@ def test_quant_aware_training_records_its_grid_and_learns(qat_adapter):
 
 
 @pytest.fixture(scope="module")
-def qat_merged(tiny_llama, qat_adapter, tmp_path_factory):
+def qat_merged(tiny_llama, qat_adapter, module_tmp):
     from edgetune.merge import merge
 
-    return merge(tiny_llama, qat_adapter, tmp_path_factory.mktemp("qat-merged") / "m")
+    return merge(tiny_llama, qat_adapter, module_tmp("qat-merged") / "m")
 
 
 def test_merge_then_int4_export_is_the_trained_model(tiny_llama, qat_adapter, qat_merged, tmp_path):
@@ -289,9 +289,9 @@ def _qat_build(root: Path, base: Path, target: str = "cpu-x86") -> tuple[int, di
 
 
 @pytest.fixture(scope="module")
-def qat_build(tiny_llama, tmp_path_factory):
+def qat_build(tiny_llama, module_tmp):
     """A quant-aware build of the tiny Llama: the float fine-tune is made too and every bundle validated against it."""
-    root = tmp_path_factory.mktemp("qat-build")
+    root = module_tmp("qat-build")
     (root / "train.jsonl").write_text("".join(CHAT.read_text().splitlines(keepends=True)[:16]))
     (root / "eval.txt").write_text("The quick brown fox jumps over the lazy dog. Turn on the kitchen lights. " * 30)
     (root / "prompts.txt").write_text("Turn on the lights\nWhat is the weather\n")

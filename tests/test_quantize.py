@@ -19,9 +19,9 @@ from encoder_helpers import TEXTS, onnx_logits, record, run_cli
 
 
 @pytest.fixture(scope="module")
-def fp32_static(tiny_bert, tmp_path_factory):
+def fp32_static(tiny_bert, module_tmp):
     """A plain (unfused) static-shape fp32 export, as `edgetune export --precision fp32 -t fpga-vitisai` makes."""
-    return export_encoder(tiny_bert, tmp_path_factory.mktemp("q") / "fp32", target="fpga-vitisai", precision="fp32")
+    return export_encoder(tiny_bert, module_tmp("q") / "fp32", target="fpga-vitisai", precision="fp32")
 
 
 def test_missing_calibration_file_exits_2_with_clear_message(fp32_static, tmp_path):

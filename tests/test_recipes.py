@@ -22,8 +22,8 @@ def results(folder):
 
 
 @pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+def calib_file(module_tmp):
+    p = module_tmp("calib") / "calib.jsonl"
     texts = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.",
              "Turn on the kitchen lights.", "def f(x):\n    return x**2", "Once upon a time there was a tiny model."]
     p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

@@ -41,17 +41,17 @@ def one_error_line(err: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory):
+def keys(module_tmp):
     """Two key pairs: the publisher's (a) and someone else's (b)."""
     from edgetune.signing import keygen
 
-    root = tmp_path_factory.mktemp("keys")
+    root = module_tmp("keys")
     return {"a": keygen(root / "a"), "b": keygen(root / "b")}
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return fake_export(tmp_path_factory.mktemp("sign-src") / "work")
+def export_dir(module_tmp):
+    return fake_export(module_tmp("sign-src") / "work")
 
 
 @pytest.fixture()

@@ -49,11 +49,11 @@ cli = _Capture()
 
 
 @pytest.fixture(scope="module")
-def mt(tmp_path_factory):
+def mt(module_tmp):
     """The whole host pipeline once on a tiny Marian; each test reads the folders it made."""
     from tiny_models import build_tiny_marian
 
-    root = tmp_path_factory.mktemp("mt")
+    root = module_tmp("mt")
     base = build_tiny_marian(root / "marian")
     data = root / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in translation_records()))

@@ -48,8 +48,8 @@ def scaled_weights_export(src: Path, tmp_path: Path, factor: float) -> Path:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, tiny_llama):
-    root = tmp_path_factory.mktemp("validate")
+def work(module_tmp, tiny_llama):
+    root = module_tmp("validate")
     (root / "eval.txt").write_text(TEXT)
     (root / "prompts.txt").write_text("What is the capital of France?\nTurn on the lights.\n")
     fp32 = genai_export(tiny_llama, root / "fp32")

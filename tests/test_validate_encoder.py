@@ -10,10 +10,10 @@ from edgetune.errors import CheckFailed
 
 
 @pytest.fixture(scope="module")
-def enc_work(tmp_path_factory, tiny_bert):
+def enc_work(module_tmp, tiny_bert):
     from edgetune.export.encoder.pipeline import export_encoder
 
-    root = tmp_path_factory.mktemp("venc")
+    root = module_tmp("venc")
     from tiny_models import CORPUS
 
     rows = [{"text": t, "label": f"LABEL_{i % 2}"} for i, t in enumerate(CORPUS[:40])]

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory, smollm2_dir):
-    root = tmp_path_factory.mktemp("smol-validate")
+def smol(module_tmp, smollm2_dir):
+    root = module_tmp("smol-validate")
     text = shared_data("tinyshakespeare.txt").read_text()
     (root / "tail.txt").write_text(text[-6000:])  # ~1.5k tokens from the end of the play
     return root, smollm2_dir

@@ -64,13 +64,13 @@ CAP = 12  # new tokens per answer: a random model never stops, so the gold is it
 
 
 @pytest.fixture(scope="module")
-def task_work(tmp_path_factory, tiny_llama):
+def task_work(module_tmp, tiny_llama):
     """Gold answers = the tiny model's own greedy answers (so a faithful export 'answers the gold'),
     as prompt/completion pairs. The answer cap is fixed (it normally grows with the gold's length)."""
     from edgetune.data import load_dataset, task_examples
     from edgetune.validate.reference import task_answers
 
-    root = tmp_path_factory.mktemp("task")
+    root = module_tmp("task")
     recs = [{"prompt": p, "completion": "x"} for p in PROMPTS]
     (root / "draft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     with pytest.MonkeyPatch.context() as mp:
