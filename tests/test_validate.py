@@ -183,3 +183,26 @@ def test_missing_execution_provider_exits_3(work, capsys):
     _, fp32 = work
     code, _, err = run_cli(["profile", str(fp32), "-t", "gpu-tensorrt"], capsys)
     assert code == 3 and "TensorrtExecutionProvider" in err
+
+
+@pytest.mark.parametrize("increase, se, flagged, passed", [
+    (24.0, 0.8, True, True),     # 1 below the budget of 25, 1.25 standard errors: passes, flagged
+    (26.0, 0.8, True, False),    # 1 above it: fails, flagged as undecided too
+    (20.0, 0.8, False, True),    # 5 below, 6 standard errors: decided
+    (24.0, None, False, True),   # no standard error (one scoring window): nothing to say
+])
+def test_a_perplexity_verdict_within_its_noise_is_flagged(increase, se, flagged, passed):
+    from edgetune.commands.validate import _human
+    from edgetune.device.report import markdown
+    from edgetune.targets import load_target
+    from edgetune.validate import _checks
+
+    target = load_target("cpu-x86")
+    assert target.budgets.max_perplexity_increase_pct == 25
+    report = {"model": {"kind": "decoder", "path": "m"}, "target": {"name": "cpu-x86"}, "runtime": {"providers": ["CPU"]},
+              "accuracy": {"perplexity_increase_pct": increase, "perplexity_increase_se_pct": se}, "latency": None}
+    (c,) = [c for c in _checks(report, target) if c["name"] == "perplexity_increase_pct"]
+    assert c["passed"] is passed and bool(c.get("within_noise")) is flagged
+    report.update(checks=[c], passed=passed, failed=[] if passed else [c["name"]], report_dir="r", machine={}, versions={})
+    said = "within two standard errors of the limit 25" in _human(report)
+    assert said is flagged and ("within two standard errors" in markdown(report, [])) is flagged

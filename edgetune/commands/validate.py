@@ -41,7 +41,7 @@ def _human(r: dict) -> str:
     if rows:
         lines += ["", console.table(rows)]
     for c in r.get("checks", []):
-        if not c["passed"] and c.get("detail"):
+        if (not c["passed"] or c.get("within_noise")) and c.get("detail"):
             lines.append(f"{c['name']}: {c['detail']}")
     lines.append(f"\nreport: {r.get('report_dir')}/report.md  ->  {'PASSED' if r.get('passed') else 'FAILED: ' + ', '.join(r.get('failed', []))}")
     return "\n".join(lines)

@@ -44,6 +44,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
     lines += ["| check | value | limit | result |", "|---|---|---|---|"]
     for c in report["checks"]:
         lines.append(f"| {c['name']} | {_fmt(c['value'])} | {c['op']} {_fmt(c['limit'])} | {'pass' if c['passed'] else '**FAIL**'} |")
+    lines += [f"\n{c['name']}: {c['detail']}" for c in report["checks"] if c.get("within_noise")]
     if report.get("not_measured"):
         lines += ["", "Not measured here: " + ", ".join(report["not_measured"])]
     acc = report.get("accuracy") or {}

@@ -546,8 +546,23 @@ def _checks(report, target) -> list[dict]:
                 continue
             report.setdefault("not_measured", []).append(name)
             continue
-        out.append(check(name, value, limit, op, detail=_task_detail(report, name)))
+        c = check(name, value, limit, op, detail=_task_detail(report, name))
+        if name == "perplexity_increase_pct":
+            _mark_noise(c, acc.get("perplexity_increase_se_pct"))
+        out.append(c)
     return out
+
+
+def _mark_noise(c: dict, se: float | None) -> None:
+    """Flag a perplexity verdict that the scored text cannot decide: the increase lies within two of
+    its standard errors (over scoring windows, :func:`edgetune.device.metrics.increase_se_pct`)
+    of the budget, so another text of the same kind may well flip it. The verdict stands (a
+    budget is a budget); the flag says to score more text before trusting it either way."""
+    if not isinstance(se, (int, float)) or se <= 0 or abs(c["limit"] - c["value"]) >= 2 * se:
+        return
+    c["within_noise"] = True
+    c["detail"] = (f"{c['value']:+.2f}% ±{se:.2f} (one standard error) is within two standard errors of the limit "
+                   f"{c['limit']}: the verdict could go the other way on other text; score more (--eval-tokens) to decide")
 
 
 def _task_detail(report, name) -> str | None:
