@@ -229,3 +229,21 @@ def test_a_failed_multi_process_run_names_its_cause_not_torchruns_banner():
     assert failure_cause(out) == "[rank1]: RuntimeError: The server socket has failed to listen on any local network address."
     assert failure_cause("killed\n=====\n-----\n") == "killed"
     assert failure_cause("=====\n") is None
+
+
+def test_the_data_is_checked_before_the_model_is_imported(tmp_path, monkeypatch):
+    """A missing or malformed data file fails at once: before the (half-minute) import of a GGUF model. The model
+    here is a damaged GGUF, so reaching the import at all would fail on the model instead."""
+    import edgetune.finetune.train as train
+
+    damaged = tmp_path / "model.gguf"
+    damaged.write_bytes(b"not a gguf")
+    imported = []
+    monkeypatch.setattr(train, "materialize", lambda m: imported.append(m) or pytest.fail("the model was imported first"))
+    with pytest.raises(BadInput, match="data file not found"):
+        finetune(damaged, tmp_path / "missing.jsonl", tmp_path / "out", options=_opts())
+    (tmp_path / "eval.jsonl").write_text('{"x": 1}\n')
+    (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
+    with pytest.raises(BadInput, match=r"eval\.jsonl:1"):
+        finetune(damaged, tmp_path / "train.jsonl", tmp_path / "out", options=_opts(eval_data=str(tmp_path / "eval.jsonl")))
+    assert imported == [] and not (tmp_path / "out").exists()

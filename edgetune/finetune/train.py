@@ -511,8 +511,11 @@ def finetune(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
 
 
 def _finetune(model, data, out: Path, opts: FinetuneOptions, resume: bool) -> Path:
-    info = materialize(model)
+    # the data first: a missing or malformed file is found before a GGUF import of half a minute or more
     ds = load_dataset(data, limit=opts.limit)
+    if opts.eval_data:
+        load_dataset(opts.eval_data)  # fail early, line-exact
+    info = materialize(model)
     task = check_model_and_data(opts.task, ds, info)
     from .memory import check_fits
 
@@ -524,8 +527,6 @@ def _finetune(model, data, out: Path, opts: FinetuneOptions, resume: bool) -> Pa
         raise BadInput(f"--source-prefix is for translation fine-tunes (this is a {task} fine-tune)", hint="drop --source-prefix")
     if opts.quant_aware and task != "causal-lm":
         raise BadInput(f"--quant-aware is for decoder LLMs exported at int4 (this is a {task} fine-tune)", hint="drop --quant-aware")
-    if opts.eval_data:
-        load_dataset(opts.eval_data)  # fail early, line-exact
     wd = work_dir(out)
     spec_path = wd / "spec.json"
     spec = {"model_path": str(info.path), "data": str(Path(data).resolve()), "eval_data": opts.eval_data, "task": task, "options": opts.to_dict(), "workdir": str(wd.resolve())}
