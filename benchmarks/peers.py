@@ -550,6 +550,8 @@ def interleaved_speed(peer: Peer, rows: list[dict], s: dict, job: Path, log: Log
             ttft = [x for z in rs for x in z["ttft_ms_samples"]]
             r["speed"][str(t)] = {"decode_tok_s": round(statistics.median(dec), 2), "ttft_ms": round(statistics.median(ttft), 1),
                                   "decode_tok_s_samples": dec, "ttft_ms_samples": ttft, "peak_rss_mb": max(z["peak_rss_mb"] for z in rs),
+                                  # round i of every row ran under the same load: ratios pair them (see ratios)
+                                  "decode_tok_s_rounds": [round(statistics.median(z["decode_tok_s_samples"]), 2) for z in rs],
                                   "load_s": round(statistics.median(z["load_s"] for z in rs), 3), "rounds": len(rs),
                                   "generated_ids": rs[-1].get("generated_ids")}
 
@@ -569,6 +571,9 @@ def ratios(rows: list[dict], threads: list[int]) -> None:
             a, b = (r.get("speed") or {}).get(str(t), {}), (bar.get("speed") or {}).get(str(t), {})
             if a.get("decode_tok_s") and b.get("decode_tok_s"):
                 v[f"decode_{t}t"] = round(a["decode_tok_s"] / b["decode_tok_s"], 3)
+                spread = round_ratio_range(a.get("decode_tok_s_rounds"), b.get("decode_tok_s_rounds"))
+                if spread:
+                    v[f"decode_{t}t_rounds"] = spread
             if a.get("ttft_ms") and b.get("ttft_ms"):
                 v[f"ttft_{t}t"] = round(a["ttft_ms"] / b["ttft_ms"], 3)
         dppl, dppl_se = {}, {}
@@ -587,6 +592,14 @@ def ratios(rows: list[dict], threads: list[int]) -> None:
         if ta.get("exact_match") is not None and tb.get("exact_match") is not None:
             v["exact_match_pt"] = round(100 * (ta["exact_match"] - tb["exact_match"]), 1)
         r["vs_q4_k_m"] = v
+
+
+def round_ratio_range(a: list[float] | None, b: list[float] | None) -> list[float] | None:
+    """[lowest, highest] of a row's decode speed over Q4_K_M's **round by round** (round i of both ran back to back,
+    under the same load): how far the ratio moves within one run, which the median ratio alone hides (this VM's 2-thread
+    ratios moved by 8 % between two runs of the same graph). None with fewer than two paired rounds."""
+    pairs = [x / y for x, y in zip(a or [], b or []) if x and y]
+    return [round(min(pairs), 3), round(max(pairs), 3)] if len(pairs) >= 2 else None
 
 
 def paired_se_pt(qa: dict, qb: dict) -> float | None:
@@ -886,7 +899,9 @@ def summary(p: dict) -> list[str]:
             parts.append(f"size {v['size']:.2f}x")
         for t in ("1", "2"):
             if f"decode_{t}t" in v:
-                parts.append(f"decode {v[f'decode_{t}t']:.2f}x at {t} thread{'s' if t != '1' else ''}")
+                rng = v.get(f"decode_{t}t_rounds")
+                within = f" (rounds {rng[0]:.2f}-{rng[1]:.2f}x)" if rng else ""
+                parts.append(f"decode {v[f'decode_{t}t']:.2f}x{within} at {t} thread{'s' if t != '1' else ''}")
         lines.append(f"{r['label']} vs Q4_K_M: " + ", ".join(parts) + f"; {goal_text(r.get('goal'))}.")
     judged = [r for r in rows if r.get("goal")]
     met = [r["label"] for r in judged if r["goal"]["met"]]

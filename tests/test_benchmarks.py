@@ -544,3 +544,25 @@ def test_bandwidth_table_is_bytes_times_speed():
 def test_report_shows_paths_inside_the_repository_relative():
     assert peers.shown(str(ROOT / "build" / "demo" / ".work")) == "build/demo/.work"
     assert peers.shown("/elsewhere/.work") == "/elsewhere/.work" and peers.shown("rel/.work") == "rel/.work"
+
+
+def test_a_speed_ratio_carries_its_range_over_paired_rounds():
+    """Round i of every row runs under the same load, so the ratio is taken round by round: its range shows how far
+    one run's ratio moves, which the median ratio hides."""
+    assert peers.round_ratio_range([100.0, 90.0, 120.0], [50.0, 60.0, 60.0]) == [1.5, 2.0]
+    assert peers.round_ratio_range([100.0], [50.0]) is None  # one round: no range
+    assert peers.round_ratio_range(None, [50.0, 60.0]) is None  # an older results.json
+    assert peers.round_ratio_range([100.0, 90.0, 80.0], [50.0, 45.0]) == [2.0, 2.0]  # a row that failed its last round
+
+    res = _peer_results()
+    rows = res["peers"]["rows"]
+    bar = next(r for r in rows if r["id"] == "llama-q4_k_m")
+    et = next(r for r in rows if r["id"] == "et-rtn-h8")
+    bar["speed"]["1"]["decode_tok_s_rounds"] = [50.0, 40.0, 60.0]
+    et["speed"]["1"]["decode_tok_s_rounds"] = [100.0, 100.0, 90.0]
+    peers.ratios(rows, [1, 2])
+    assert et["vs_q4_k_m"]["decode_1t"] == 2.0 and et["vs_q4_k_m"]["decode_1t_rounds"] == [1.5, 2.5]
+    assert "decode_2t_rounds" not in et["vs_q4_k_m"]  # no rounds recorded at 2 threads
+    peers.goals(rows, res["peers"]["texts"])
+    line = next(ln for ln in peers.summary({"rows": rows, "texts": res["peers"]["texts"]}) if ln.startswith(et["label"]))
+    assert "decode 2.00x (rounds 1.50-2.50x) at 1 thread, decode 1.50x at 2 threads" in line
