@@ -372,3 +372,22 @@ def test_the_grid_names_every_difference_from_an_export():
     assert spec.matches_export({**same, "block_size": 32, "lm_head": "int4", "symmetric": False}) == [
         "block_size 32 (trained for 64)", "asymmetric (trained for symmetric)", "lm_head int4 (trained for int8)"]
     assert QATSpec().matches_export({"block_size": 32, "lm_head": "int4", "int8_block_size": 128}) == []  # no 8-bit head
+
+
+def test_the_distillation_prompts_are_an_input_of_the_quant_aware_fine_tune(qat_build, tiny_llama, monkeypatch):
+    """The corpus comes from a data file (calibration/llm-general.jsonl), not code: an edgetune whose set changed
+    trains the quant-aware fine-tune again (and only it and what follows) instead of reusing one distilled on the old set."""
+    from edgetune.finetune import qat
+
+    root, _, _ = qat_build
+    record = json.loads((root / "out" / ".work" / "adapter" / "edgetune.json").read_text())
+    assert "distill_prompts" in record["inputs"]
+    changed = root / "llm-general.jsonl"
+    changed.write_text("".join(reversed(qat.distill_prompts().read_text().splitlines(keepends=True))))  # other prompts first
+    monkeypatch.setattr(qat, "distill_prompts", lambda: changed)
+    code, s, text = _qat_build(root, tiny_llama)
+    assert code == 0, text
+    status = {(x["stage"], x["target"]): x["status"] for x in s["stages"]}
+    assert status[("finetune-float", None)] == status[("merge-float", None)] == "skipped"
+    assert status[("finetune", None)] == status[("merge", None)] == "ran"
+    assert "[finetune] runs again: input distill_prompts changed" in text

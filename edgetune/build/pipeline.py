@@ -120,6 +120,9 @@ def _build(b: Build, cfg: BuildConfig, config, plans: list, train, vdata, prompt
                 run_opts = {**ft_opts, "quant_aware_teacher": str(float_model) if teacher == "finetune" else None}
                 if teacher == "finetune":
                     ft_inputs["teacher"] = float_model  # by content: the fingerprint does not depend on the folder's path
+                from ..finetune.qat import distill_prompts
+
+                ft_inputs["distill_prompts"] = distill_prompts()  # a data file the corpus comes from, by content
         adapter = b.work / "adapter"
         b.stage("finetune", adapter, ft_inputs, ft_opts, lambda: run_finetune(base, train, adapter, run_opts),
                 shared=None if ft_opts.get("quant_aware") else "finetune")

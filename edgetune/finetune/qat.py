@@ -183,6 +183,16 @@ def _round_frozen(base, spec: QATSpec) -> list[str]:
 
 # ---------------------------------------------------------------------------- keeping the base model
 
+
+def distill_prompts():
+    """The prompts the distillation corpus continues: the project's generic calibration set. A data file, not
+    code: the fine-tune's fingerprint names it as an input (build and record), so an edgetune whose set changed
+    trains again instead of reusing a fine-tune distilled on the old one."""
+    from ..resources import data_dir
+
+    return data_dir("calibration") / "llm-general.jsonl"
+
+
 class Distiller:
     """Data-free self-distillation for quant-aware LoRA (``--quant-aware-distill WEIGHT``).
 
@@ -208,11 +218,10 @@ class Distiller:
         import torch
 
         from ..data import load_dataset, texts
-        from ..resources import data_dir
 
         self.weight = weight
         self.batch_size = batch_size
-        source = data_dir("calibration") / "llm-general.jsonl"
+        source = distill_prompts()
         texts_ = [t for t in texts(load_dataset(source)) if t.strip()]
         prompts = [texts_[i % len(texts_)] for i in range(samples)]  # a prompt used again gets another sampled continuation
         gen = torch.Generator().manual_seed(seed)

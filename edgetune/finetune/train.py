@@ -550,6 +550,10 @@ def _finetune(model, data, out: Path, opts: FinetuneOptions, resume: bool) -> Pa
     inputs = {"model": info.path, "data": Path(data)}
     if opts.eval_data:
         inputs["eval_data"] = Path(opts.eval_data)
+    if opts.quant_aware and opts.quant_aware_distill:
+        from .qat import distill_prompts
+
+        inputs["distill_prompts"] = distill_prompts()
     try:
         _train_and_write(wd, spec, spec_path, out, inputs, opts, task, info, model, data)
     except (BadInput, OSError):
