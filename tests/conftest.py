@@ -38,8 +38,8 @@ def pytest_report_header(config):
 def module_tmp(tmp_path_factory, request):
     """``module_tmp("name")``: a new folder for one test module's shared artifacts, removed when
     the module ends unless one of its tests failed. A full run exports dozens of models; kept to
-    the session's end (pytest's own retention) they took ~6 GB of /tmp and a CI run on a
-    fuller disk failed half-way with no space left."""
+    the session's end (pytest's own retention) they took 4-6 GB of /tmp per run (now a peak of
+    ~0.6 GB), and a CI run on a 96 % full disk failed half-way, by all signs for want of space."""
     import shutil
 
     made: list[Path] = []
