@@ -140,10 +140,16 @@ def prune_stage_cache(folder: Path, keep: int = STAGE_CACHE_KEEP, min_age_s: flo
         entries = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and artifacts.is_edgetune_output(p)]
     except OSError:
         return []
-    entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    dated = []
+    for p in entries:  # each entry's time read once; one that another build removed meanwhile is skipped
+        try:
+            dated.append((p.stat().st_mtime, p))
+        except OSError:
+            continue
+    dated.sort(reverse=True)
     gone, now = [], time.time()
-    for p in entries[keep:]:
-        if now - p.stat().st_mtime < min_age_s:
+    for mtime, p in dated[keep:]:
+        if now - mtime < min_age_s:
             continue
         shutil.rmtree(p, ignore_errors=True)
         gone.append(p)
