@@ -332,6 +332,31 @@ def test_a_target_whose_profile_says_auto_ships_the_search_winner(tmp_path, tiny
     assert code == 0 and "recipe" in out and f"auto: {search['chosen']}" in out
 
 
+def test_finetune_eval_data_is_read_next_to_the_config_and_by_content(tmp_path, tiny_llama, capsys, monkeypatch):
+    """[finetune] eval_data is a path relative to the config (like data.train, not to the working folder), and its
+    content is an input of the fine-tune: the same file with other lines trains again, the same lines do not."""
+    root = tmp_path / "e"
+    cfg = write_config(root, tiny_llama, steps=1)
+    cfg.write_text(cfg.read_text().replace("[finetune]\n", '[finetune]\neval_data = "held.jsonl"\n'))
+    lines = TRAIN.read_text().splitlines(keepends=True)
+    (root / "held.jsonl").write_text("".join(lines[16:20]))
+    monkeypatch.setenv("EDGETUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # not the config's folder: a path taken from the working folder is not found
+    code, out, err = run_cli(["build", str(cfg), "--json"], capsys)
+    assert code == 0, err
+    record = json.loads((root / "out" / ".work" / "adapter" / "edgetune.json").read_text())
+    assert "eval_data" in record["inputs"], record["inputs"]
+    (root / "held.jsonl").write_text("".join(lines[20:24]))  # same path, other requests
+    code, out, err = run_cli(["build", str(cfg), "--json"], capsys)
+    assert code == 0, err
+    assert "[finetune] runs again: input eval_data changed" in err, err
+    assert {s["stage"]: s["status"] for s in json.loads(out)["stages"]}["finetune"] == "ran"
+    (root / "held.jsonl").write_text("not json\n")  # a malformed line: named before any work
+    code, out, err = run_cli(["build", str(cfg)], capsys)
+    assert code == 2 and "held.jsonl:1: not valid JSON" in err, err
+    assert "materialize" not in err, err
+
+
 def test_why_a_stage_runs_again():
     from edgetune.build.runner import why_again
 

@@ -40,6 +40,11 @@ def build(config: str | os.PathLike, *, force: bool = False, output: str | os.Pa
     # Target and export plan are what the stages get.
     plans = [export_plan(config, i, t, cfg.profile(t, root), b.maybe_path(t.calibration)) for i, t in enumerate(cfg.targets)]
     train = b.maybe_path(cfg.data.train)
+    ft_eval = b.maybe_path((cfg.finetune.model_extra or {}).get("eval_data"))  # relative to the config, as data.train
+    if ft_eval is not None and cfg.finetune.method != "none":
+        from ..data import load_dataset
+
+        load_dataset(ft_eval)  # a malformed line fails here, line-exact, before any work
     vdata = b.maybe_path(cfg.validation.data)
     prompts = b.maybe_path(cfg.validation.prompts)
     from ..model_input import resolve
@@ -102,22 +107,31 @@ def _build(b: Build, cfg: BuildConfig, config, plans: list, train, vdata, prompt
 
         check_fits(Path(info.path), info.config, FinetuneOptions.from_dict(cfg.finetune.model_dump()))
         ft_opts = cfg.finetune.model_dump()
-        ft_inputs: dict[str, Any] = {"model": base, "data": train}
-        run_opts = ft_opts
+        # what every fine-tune of this build reads, by content; [finetune] eval_data is resolved against the config's
+        # folder like data.train, and is an input, not an option: a changed file re-runs the fine-tune, a moved
+        # checkout does not
+        data_inputs: dict[str, Any] = {"model": base, "data": train}
+        path_opts: dict[str, Any] = {}
+        if ft_opts.get("eval_data"):
+            eval_path = b.path(ft_opts.pop("eval_data"))
+            data_inputs["eval_data"] = eval_path
+            path_opts["eval_data"] = str(eval_path)
+        ft_inputs: dict[str, Any] = dict(data_inputs)
+        run_opts = {**ft_opts, **path_opts}
         if ft_opts.get("quant_aware"):
             # the float fine-tune (same base, data and LoRA settings, no quant_aware): the model the user would
             # otherwise ship. Every bundle is validated against it too, and it is the distillation's teacher
             # by default. Kept in the stage cache: a plain LoRA build of the same settings shares it.
             float_adapter, float_model = b.work / "adapter-float", b.work / "merged-float"
             f_opts = float_finetune_options(ft_opts)
-            b.stage("finetune-float", float_adapter, {"model": base, "data": train}, f_opts,
-                    lambda: run_finetune(base, train, float_adapter, f_opts), shared="finetune")
+            b.stage("finetune-float", float_adapter, dict(data_inputs), f_opts,
+                    lambda: run_finetune(base, train, float_adapter, {**f_opts, **path_opts}), shared="finetune")
             b.stage("merge-float", float_model, {"base": base, "adapter": float_adapter}, {},
                     lambda: run_merge(base, float_adapter, float_model))
             if ft_opts.get("quant_aware_distill"):
                 teacher = ft_opts.get("quant_aware_teacher") or "finetune"
                 ft_opts = {**ft_opts, "quant_aware_teacher": teacher}
-                run_opts = {**ft_opts, "quant_aware_teacher": str(float_model) if teacher == "finetune" else None}
+                run_opts = {**run_opts, "quant_aware_teacher": str(float_model) if teacher == "finetune" else None}
                 if teacher == "finetune":
                     ft_inputs["teacher"] = float_model  # by content: the fingerprint does not depend on the folder's path
                 from ..finetune.qat import distill_prompts
