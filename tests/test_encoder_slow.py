@@ -10,7 +10,6 @@ import json
 import statistics
 import time
 
-import numpy as np
 import pytest
 
 from conftest import real_model, shared_data

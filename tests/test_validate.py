@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from edgetune.cli import main
-from edgetune.errors import CheckFailed
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. What is the capital of France? Paris is the capital of France. "

@@ -281,7 +281,7 @@ def run_training(spec: dict[str, Any]) -> None:
     warnings.filterwarnings("ignore", message="mtime may not be reliable")
     warnings.filterwarnings("ignore", message="To copy construct from a tensor")
     transformers = require("transformers", purpose="fine-tuning")
-    torch = require("torch")
+    require("torch")  # installed, or one line naming the extra (exit 3), before any data is read
     opts = FinetuneOptions.from_dict(spec["options"])
     wd = Path(spec["workdir"])
     model_path = Path(spec["model_path"])
@@ -381,15 +381,15 @@ def run_training(spec: dict[str, Any]) -> None:
         **({"label_names": ["start_positions", "end_positions"]} if task == "qa" else {}),
         **opts.extra,
     )
-    metric_fn = None
-    if task in ("seq-cls", "token-cls"):
+    def accuracy(p):
         import numpy as np
 
-        def metric_fn(p):
-            preds = np.argmax(p.predictions, axis=-1)
-            labels = p.label_ids
-            mask = labels != F.IGNORE
-            return {"accuracy": float((preds[mask] == labels[mask]).mean())}
+        preds = np.argmax(p.predictions, axis=-1)
+        labels = p.label_ids
+        mask = labels != F.IGNORE
+        return {"accuracy": float((preds[mask] == labels[mask]).mean())}
+
+    metric_fn = accuracy if task in ("seq-cls", "token-cls") else None
 
     class _Trainer(transformers.Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
