@@ -246,6 +246,17 @@ def test_run_prompt_bytes_that_are_not_utf8(tiny_bundle):
     assert r.returncode == BAD_INPUT and r.stderr.startswith("error: --system is not valid UTF-8 text"), r.stderr[-800:]
 
 
+
+def test_run_refuses_an_empty_prompt(tiny_bundle):
+    """Row: `run -p "$PROMPT"` with PROMPT unset ran the model on its chat template alone and printed made-up output
+    with exit 0. A blank prompt (or text, question, context) is now exit 2 naming which one, before the model loads."""
+    r = cli("run", str(tiny_bundle), "-p", "", "--json")
+    assert r.returncode == BAD_INPUT, (r.returncode, r.stderr[-800:])
+    assert one_json(r.stdout)["error"] == "--prompt is empty"
+    r = cli("run", str(tiny_bundle), "-p", "lights on", "-p", " \t", "-n", "2")
+    assert r.returncode == BAD_INPUT and r.stderr.startswith("error: --prompt #2 is empty"), r.stderr[-800:]
+    assert "[run] loaded" not in r.stderr
+
 # ---------------------------------------------------------------- signals, and what killed runs leave behind
 
 _SLOW = """

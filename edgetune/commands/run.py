@@ -34,6 +34,17 @@ def _utf8(ctx: click.Context, param: click.Parameter, value):
     return value
 
 
+def _text(ctx: click.Context, param: click.Parameter, value):
+    """A text to run (a prompt, a text, a question, a context): UTF-8 and not blank. An empty one is nearly always
+    an unset shell variable (`-p "$PROMPT"`), and the model would answer its chat template alone with made-up output."""
+    _utf8(ctx, param, value)
+    for i, text in enumerate(value, 1):
+        if not text.strip():
+            which = f" #{i}" if len(value) > 1 else ""
+            raise BadInput(f"{param.opts[0]}{which} is empty", hint="pass the text to run (an unset shell variable gives an empty one)")
+    return value
+
+
 def _open(path: Path, stack) -> Path:
     from ..archive import extract, is_archive, single_root
 
@@ -45,16 +56,16 @@ def _open(path: Path, stack) -> Path:
 
 @click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--prompt", "-p", "prompts", multiple=True, callback=_utf8, help="LLM: a prompt to answer (repeatable).")
+@click.option("--prompt", "-p", "prompts", multiple=True, callback=_text, help="LLM: a prompt to answer (repeatable).")
 @click.option("--chat", is_flag=True, help="LLM: interactive chat on stdin (history kept; empty line or EOF ends).")
 @click.option("--raw", is_flag=True, help="LLM: no chat template, continue the prompt text as is.")
 @click.option("--system", default=None, callback=_utf8, help="LLM: a system message for --prompt/--chat.")
-@click.option("--text", "-x", "texts", multiple=True, callback=_utf8,
+@click.option("--text", "-x", "texts", multiple=True, callback=_text,
               help="Encoder: a text to classify or tag; translation: a text to translate (repeatable); none: one per stdin line "
                    "(translation: plain lines or JSONL {\"source\": ...}).")
-@click.option("--question", "-Q", "questions", multiple=True, callback=_utf8,
+@click.option("--question", "-Q", "questions", multiple=True, callback=_text,
               help="Question-answering encoder: a question (repeatable); none: JSONL {\"question\", \"context\"} per stdin line.")
-@click.option("--context", "-c", "contexts", multiple=True, callback=_utf8,
+@click.option("--context", "-c", "contexts", multiple=True, callback=_text,
               help="Question-answering encoder: the text the answer is taken from (one for all questions, or one per --question).")
 @click.option("--adapter", "-a", default=None, help="LLM: a runtime LoRA adapter shipped in the bundle, by name (<name>.onnx_adapter).")
 @click.option("--max-tokens", "-n", default=128, show_default=True, type=click.IntRange(1), help="LLM and translation: new tokens at most.")
