@@ -302,6 +302,28 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return data
 
 
+
+def carried(model: str | os.PathLike) -> dict[str, Path]:
+    """What a bundle folder carries for measuring it again on a device: ``target`` (its target.toml, the budgets and
+    session options it was validated with) and ``reference`` (its reference pack), each present only when the bundle
+    has it; {} for anything that is not a bundle folder (an export). The paths are the manifest's, refused when one
+    escapes the bundle."""
+    folder = Path(model)
+    if not (folder / MANIFEST).is_file():
+        return {}
+    from .manifest_paths import named_paths, resolve
+
+    manifest = read_manifest(folder)
+    out: dict[str, Path] = {}
+    target = resolve(folder, manifest, "target.file", "target.toml")
+    if target.is_file():
+        out["target"] = target
+    if "validation.reference" in {name for name, _, _ in named_paths(manifest)}:
+        ref = resolve(folder, manifest, "validation.reference", "validation/reference")
+        if (ref / "reference.json").is_file():
+            out["reference"] = ref
+    return out
+
 def _verify_folder(folder: Path, key=None) -> dict[str, Any]:
     problems: list[dict[str, str]] = []
     try:

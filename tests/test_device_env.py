@@ -219,12 +219,26 @@ def test_validate_against_the_bundled_reference_pack(device, llm_bundle, tmp_pat
     assert r["passed"] is True and acc["top1_agreement"] == 1.0 and acc["generation_agreement"] == 1.0
     assert abs(acc["perplexity_increase_pct"]) < 0.01 and r["latency"]["decode_tokens_per_s"]["p50"] > 0
     assert r["reference"]["computed_with"] and (tmp_path / "rep" / "report.json").is_file()
+    # a bundle given no target and no reference: the target.toml and the pack it carries, the same figures
+    p = device.edgetune("validate", str(llm_bundle), "-o", str(tmp_path / "own"), "--json", "--repeats", "1",
+                        "--max-tokens", "4", "--prompt-tokens", "8")
+    assert p.returncode == 0, p.stderr
+    own = json.loads(p.stdout)
+    assert "[validate] target: the bundle's own (target.toml)" in p.stderr and "the bundle's reference pack" in p.stderr
+    assert own["target"]["name"] == r["target"]["name"] and own["passed"] is True
+    assert {k: own["accuracy"][k] for k in ("perplexity", "top1_agreement", "generation_agreement")} == \
+        {k: acc[k] for k in ("perplexity", "top1_agreement", "generation_agreement")}
+    # an export carries no target: one line naming the option
+    p = device.edgetune("validate", str(llm_bundle / "model"), "--no-latency")
+    assert p.returncode == 2 and p.stderr.startswith("error: validate needs --target:") and "Traceback" not in p.stderr
 
 
 def test_profile_llm_bundle(device, llm_bundle):
     _, r = device.json("profile", llm_bundle, "-t", "cpu-x86", "--repeats", "1", "--prompt-tokens", "8", "--decode-steps", "2")
     assert r["session_providers"][0] == "CPUExecutionProvider" and r["total_ms"] > 0
     assert r["top_op_types"] and r["fallback_nodes"] == 0
+    _, own = device.json("profile", llm_bundle, "--repeats", "1", "--prompt-tokens", "8", "--decode-steps", "2")  # its target.toml
+    assert own["target"] == r["target"] and own["total_ms"] > 0
 
 
 def test_run_encoder_bundle(device, encoder_bundle):

@@ -25,7 +25,7 @@ def _human(r: dict) -> str:
 
 @click.command()
 @click.argument("model", type=click.Path())
-@click.option("--target", "-t", required=True, help="Target profile (providers and session options).")
+@click.option("--target", "-t", help="Target profile (providers and session options) [a bundle: the target.toml it carries].")
 @click.option("--top", default=15, type=click.IntRange(1), show_default=True, help="Rows in the top-N tables.")
 @click.option("--repeats", default=3, type=click.IntRange(1), show_default=True, help="Profiled runs.")
 @click.option("--prompt-tokens", default=64, type=click.IntRange(1), show_default=True, help="Decoder prefill length.")
@@ -36,6 +36,8 @@ def _human(r: dict) -> str:
 def profile(model, target, top, repeats, prompt_tokens, decode_steps, sequence_length, trace):
     """Profile MODEL with onnxruntime's profiler on TARGET's execution provider."""
     from ..profiling import profile as run
+    from .validate import bundle_defaults
 
+    target, _ = bundle_defaults(model, target, None, False, "profile")
     console.emit(run(model, target=target, top=top, repeats=repeats, prompt_tokens=prompt_tokens, decode_steps=decode_steps,
                      sequence_length=sequence_length, trace_out=trace), _human)

@@ -6,7 +6,7 @@ import click
 
 from .. import console
 from ..cli import common_options, force_option
-from ..errors import CheckFailed
+from ..errors import BadInput, CheckFailed
 from ..validate import MINIMUM
 
 
@@ -47,10 +47,30 @@ def _human(r: dict) -> str:
     return "\n".join(lines)
 
 
+
+def bundle_defaults(model, target, reference, pack_ok: bool, command: str):
+    """--target and --reference of a bundle that was given none: what it carries (its target.toml, its reference pack;
+    the pack only when no other data was asked for), said on the console. An export needs --target."""
+    from ..bundle import carried
+
+    own = carried(model)
+    if target is None:
+        if "target" not in own:
+            raise BadInput(f"{command} needs --target: {model} is not a bundle that carries one",
+                           hint="give -t TARGET (edgetune targets lists them), e.g. -t cpu-x86")
+        target = str(own["target"])
+        console.log(f"[{command}] target: the bundle's own ({own['target'].name})")
+    if reference is None and pack_ok and "reference" in own:
+        reference = str(own["reference"])
+        console.log(f"[{command}] reference: the bundle's reference pack ({own['reference']})")
+    return target, reference
+
 @click.command()
 @click.argument("model", type=click.Path())
-@click.option("--target", "-t", required=True, help="Target profile name or .toml path (budgets, execution provider, session options).")
-@click.option("--reference", "-r", type=click.Path(), help="fp32 reference: HF folder (host, torch), fp32 ONNX export, or a stored reference pack.")
+@click.option("--target", "-t", help="Target profile name or .toml path (budgets, execution provider, session options) "
+              "[a bundle: the target.toml it carries].")
+@click.option("--reference", "-r", type=click.Path(), help="fp32 reference: HF folder (host, torch), fp32 ONNX export, or a stored "
+              "reference pack [a bundle given no --reference, --data or --prompts: the pack it carries].")
 @click.option("--data", "-d", type=click.Path(), help="Evaluation data: text/JSONL for LLMs, labelled examples for encoders.")
 @click.option("--prompts", type=click.Path(), help="Prompts for greedy generation agreement (.txt lines or JSONL prompt/messages).")
 @click.option("--out", "-o", type=click.Path(), help="Report folder (default: <model>.validation next to the model).")
@@ -78,6 +98,7 @@ def validate(model, target, reference, data, prompts, out, no_latency, cross, **
     """
     from ..validate import validate as run
 
+    target, reference = bundle_defaults(model, target, reference, data is None and prompts is None, "validate")
     try:
         result = run(model, target=target, reference=reference, data=data, prompts=prompts, out=out,
                      latency=not no_latency, require_device=not cross, **opts)
