@@ -192,6 +192,11 @@ def make_bundle(model: str | os.PathLike, out: str | os.PathLike, *, target, rep
     model = Path(model)
     if not model.exists():
         raise BadInput(f"model not found: {model}", hint="give an export folder (edgetune export ...)")
+    if (model / MANIFEST).is_file():
+        # a bundle's model/ carries no export record: a new manifest would guess its precision, lose its task, labels and
+        # provenance, and skip the check that it was made for this target
+        raise BadInput(f"{model} is a bundle (it has {MANIFEST}), not an export: a manifest made from it could not say what it holds",
+                       hint="bundle the export it was made from (a build keeps it in OUTPUT/.work/export-<target>), or copy the bundle as it is")
     kind, folder = _model_folder(model)
     if kind == "decoder":
         from .chat_template import check_folder

@@ -141,3 +141,13 @@ def test_not_a_bundle_is_bad_input(tmp_path, capsys):
     assert code == 2 and "manifest.json" in err
     code, _, err = run_cli(["bundle", str(tmp_path), "-o", str(tmp_path / "x"), "-t", "cpu-x86"], capsys)
     assert code == 2 and not (tmp_path / "x").exists()
+
+
+def test_a_bundle_is_not_bundled_again(built, capsys):
+    """`bundle BUNDLE` took the bundle's model/ (which carries no export record) and wrote a manifest that guessed the
+    precision from the target and lost the task, labels, provenance and the made-for-this-target check. Now exit 2
+    naming the export to bundle instead, and nothing written."""
+    tmp, _, first = built
+    code, out, _ = run_cli(["bundle", str(tmp / "b1"), "-o", str(tmp / "again"), "-t", "cpu-x86", "--json"], capsys)
+    assert code == 2 and json.loads(out)["error"].startswith(f"{tmp / 'b1'} is a bundle (it has manifest.json), not an export")
+    assert not (tmp / "again").exists() and first["provenance"]
