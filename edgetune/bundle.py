@@ -307,7 +307,6 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return data
 
 
-
 def carried(model: str | os.PathLike) -> dict[str, Path]:
     """What a bundle folder carries for measuring it again on a device: ``target`` (its target.toml, the budgets and
     session options it was validated with) and ``reference`` (its reference pack), each present only when the bundle
@@ -328,6 +327,7 @@ def carried(model: str | os.PathLike) -> dict[str, Path]:
         if (ref / "reference.json").is_file():
             out["reference"] = ref
     return out
+
 
 def _verify_folder(folder: Path, key=None) -> dict[str, Any]:
     problems: list[dict[str, str]] = []

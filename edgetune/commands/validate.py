@@ -47,7 +47,6 @@ def _human(r: dict) -> str:
     return "\n".join(lines)
 
 
-
 def bundle_defaults(model, target, reference, pack_ok: bool, command: str):
     """--target and --reference of a bundle that was given none: what it carries (its target.toml, its reference pack;
     the pack only when no other data was asked for), said on the console. An export needs --target."""
@@ -64,6 +63,7 @@ def bundle_defaults(model, target, reference, pack_ok: bool, command: str):
         reference = str(own["reference"])
         console.log(f"[{command}] reference: the bundle's reference pack ({own['reference']})")
     return target, reference
+
 
 @click.command()
 @click.argument("model", type=click.Path())

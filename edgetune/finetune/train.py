@@ -381,6 +381,7 @@ def run_training(spec: dict[str, Any]) -> None:
         **({"label_names": ["start_positions", "end_positions"]} if task == "qa" else {}),
         **opts.extra,
     )
+
     def accuracy(p):
         import numpy as np
 
