@@ -99,6 +99,11 @@ def test_validate_with_stored_pack_via_cli(work, capsys):
     r = json.loads(out)
     assert r["reference"]["computed_with"] == "torch" and r["accuracy"]["top1_agreement"] == 1.0
     assert "decode_tokens_per_s" in r.get("not_measured", []) or not any(c["name"] == "decode_tokens_per_s" for c in r["checks"])
+    assert "accuracy is not checked" not in err
+    # nothing to compare with: it passes on size alone, and says so (a script reading only the exit code learns nothing)
+    code, out, err = run_cli(["validate", str(fp32), "-t", "cpu-x86", "--no-latency", "--json", "-o", str(root / "rep-none")], capsys)
+    assert code == 0 and [c["name"] for c in json.loads(out)["checks"]] == ["size_mb"]
+    assert "warning: no --reference, --data or --prompts: accuracy is not checked" in err, err
 
 
 def test_scaled_weights_fail_with_exit_1(work, tiny_llama, tmp_path, capsys):

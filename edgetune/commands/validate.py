@@ -99,6 +99,9 @@ def validate(model, target, reference, data, prompts, out, no_latency, cross, **
     from ..validate import validate as run
 
     target, reference = bundle_defaults(model, target, reference, data is None and prompts is None, "validate")
+    if reference is None and data is None and prompts is None:
+        console.warn("no --reference, --data or --prompts: accuracy is not checked, only size, memory and speed "
+                     "(give -r REFERENCE, e.g. a reference pack; a bundle that carries one uses it)")
     try:
         result = run(model, target=target, reference=reference, data=data, prompts=prompts, out=out,
                      latency=not no_latency, require_device=not cross, **opts)
