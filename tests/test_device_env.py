@@ -228,6 +228,14 @@ def test_validate_against_the_bundled_reference_pack(device, llm_bundle, tmp_pat
     assert own["target"]["name"] == r["target"]["name"] and own["passed"] is True
     assert {k: own["accuracy"][k] for k in ("perplexity", "top1_agreement", "generation_agreement")} == \
         {k: acc[k] for k in ("perplexity", "top1_agreement", "generation_agreement")}
+    # the archive as it was shipped: unpacked, checked against its manifest, the same figures; the report names it
+    arc = llm_bundle.with_name(llm_bundle.name + ".tar.gz")
+    p = device.edgetune("validate", str(arc), "-o", str(tmp_path / "arc"), "--json", "--repeats", "1", "--max-tokens", "4",
+                        "--prompt-tokens", "8")
+    assert p.returncode == 0, p.stderr
+    packed = json.loads(p.stdout)
+    assert "files match the manifest" in p.stderr and packed["model"]["path"] == str(arc)
+    assert packed["accuracy"]["perplexity"] == acc["perplexity"] and packed["passed"] is True
     # an export carries no target: one line naming the option
     p = device.edgetune("validate", str(llm_bundle / "model"), "--no-latency")
     assert p.returncode == 2 and p.stderr.startswith("error: validate needs --target:") and "Traceback" not in p.stderr
@@ -239,6 +247,9 @@ def test_profile_llm_bundle(device, llm_bundle):
     assert r["top_op_types"] and r["fallback_nodes"] == 0
     _, own = device.json("profile", llm_bundle, "--repeats", "1", "--prompt-tokens", "8", "--decode-steps", "2")  # its target.toml
     assert own["target"] == r["target"] and own["total_ms"] > 0
+    arc = llm_bundle.with_name(llm_bundle.name + ".tar.gz")
+    _, packed = device.json("profile", arc, "--repeats", "1", "--prompt-tokens", "8", "--decode-steps", "2")
+    assert packed["target"] == r["target"] and packed["model"] == str(arc) and packed["total_ms"] > 0
 
 
 def test_run_encoder_bundle(device, encoder_bundle):

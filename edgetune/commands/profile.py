@@ -35,9 +35,14 @@ def _human(r: dict) -> str:
 @common_options
 def profile(model, target, top, repeats, prompt_tokens, decode_steps, sequence_length, trace):
     """Profile MODEL with onnxruntime's profiler on TARGET's execution provider."""
-    from ..profiling import profile as run
-    from .validate import bundle_defaults
+    from contextlib import ExitStack
 
-    target, _ = bundle_defaults(model, target, None, False, "profile")
-    console.emit(run(model, target=target, top=top, repeats=repeats, prompt_tokens=prompt_tokens, decode_steps=decode_steps,
-                     sequence_length=sequence_length, trace_out=trace), _human)
+    from ..profiling import profile as run
+    from .validate import bundle_defaults, open_bundle
+
+    with ExitStack() as stack:
+        given, (model, _) = model, open_bundle(model, stack, "profile")
+        target, _ = bundle_defaults(model, target, None, False, "profile")
+        result = run(model, target=target, top=top, repeats=repeats, prompt_tokens=prompt_tokens, decode_steps=decode_steps,
+                     sequence_length=sequence_length, trace_out=trace)
+    console.emit({**result, "model": str(given)}, _human)

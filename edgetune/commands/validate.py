@@ -47,6 +47,27 @@ def _human(r: dict) -> str:
     return "\n".join(lines)
 
 
+def open_bundle(model, stack, command: str):
+    """``(folder, default report folder)``: a bundle archive (.tar.gz) is unpacked into a temporary folder and checked
+    against its manifest first, as `run` does; its report goes next to the archive. Anything else is taken as it is."""
+    from pathlib import Path
+
+    from ..archive import is_archive
+
+    if not is_archive(model):
+        return model, None
+    from ..bundle import verify_or_raise
+    from ..signing import describe
+    from .run import _open
+
+    folder = _open(Path(model), stack)
+    res = verify_or_raise(folder)
+    console.log(f"[{command}] {model}: {res['files_checked']} files match the manifest; {describe(res.get('signature'))}")
+    arc = Path(model)
+    stem = arc.name[: -len(next(x for x in (".tar.gz", ".tgz", ".tar") if arc.name.endswith(x)))]
+    return str(folder), arc.resolve().parent / f"{stem}.validation"
+
+
 def bundle_defaults(model, target, reference, pack_ok: bool, command: str):
     """--target and --reference of a bundle that was given none: what it carries (its target.toml, its reference pack;
     the pack only when no other data was asked for), said on the console. An export needs --target."""
@@ -96,17 +117,21 @@ def validate(model, target, reference, data, prompts, out, no_latency, cross, **
 
     Exit 1 when a check or budget fails (the report is written first).
     """
+    from contextlib import ExitStack
+
     from ..validate import validate as run
 
-    target, reference = bundle_defaults(model, target, reference, data is None and prompts is None, "validate")
-    if reference is None and data is None and prompts is None:
-        console.warn("no --reference, --data or --prompts: accuracy is not checked, only size, memory and speed "
-                     "(give -r REFERENCE, e.g. a reference pack; a bundle that carries one uses it)")
-    try:
-        result = run(model, target=target, reference=reference, data=data, prompts=prompts, out=out,
-                     latency=not no_latency, require_device=not cross, **opts)
-    except CheckFailed as exc:
-        if isinstance(exc.result, dict):
-            console.emit(exc.result, _human)
-        raise
+    with ExitStack() as stack:
+        given, (model, default_out) = model, open_bundle(model, stack, "validate")
+        target, reference = bundle_defaults(model, target, reference, data is None and prompts is None, "validate")
+        if reference is None and data is None and prompts is None:
+            console.warn("no --reference, --data or --prompts: accuracy is not checked, only size, memory and speed "
+                         "(give -r REFERENCE, e.g. a reference pack; a bundle that carries one uses it)")
+        try:
+            result = run(model, target=target, reference=reference, data=data, prompts=prompts, out=out or default_out,
+                         latency=not no_latency, require_device=not cross, shown_as=str(given), **opts)
+        except CheckFailed as exc:
+            if isinstance(exc.result, dict):
+                console.emit(exc.result, _human)
+            raise
     console.emit(result, _human)

@@ -581,8 +581,9 @@ def _task_detail(report, name) -> str | None:
     return s
 
 
-def validate(model, *, target, reference=None, data=None, out=None, prompts=None, **options) -> dict:
-    """Validate ``model`` (export or bundle) on this machine against ``target``; returns the report."""
+def validate(model, *, target, reference=None, data=None, out=None, prompts=None, shown_as: str | None = None, **options) -> dict:
+    """Validate ``model`` (export or bundle) on this machine against ``target``; returns the report. ``shown_as``: the
+    path the report names (the archive a bundle was unpacked from into a temporary ``model``)."""
     from ..device.measure import size_on_disk_mb
     from ..device.report import SCHEMA_VERSION, write
 
@@ -655,7 +656,7 @@ def validate(model, *, target, reference=None, data=None, out=None, prompts=None
     record = artifacts.read_record(folder) or {}
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "model": {"path": str(model), "folder": str(folder), "kind": kind, "size_mb": size_on_disk_mb(folder),
+        "model": {"path": shown_as or str(model), "folder": str(folder), "kind": kind, "size_mb": size_on_disk_mb(folder),
                   "precision": (record.get("results") or {}).get("precision")},
         "target": {"name": t.name, "source": t.source, "execution_provider": t.runtime.execution_provider},
         "reference": None,
