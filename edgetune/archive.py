@@ -109,9 +109,18 @@ def pack(folder: str | os.PathLike, archive: str | os.PathLike, *, prefix: str |
     return archive
 
 
+SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+
 def is_archive(path: str | os.PathLike) -> bool:
     p = Path(path)
-    return p.is_file() and (p.name.endswith((".tar.gz", ".tgz", ".tar")))
+    return p.is_file() and p.name.endswith(SUFFIXES)
+
+
+def stem(path: str | os.PathLike) -> str:
+    """The archive's name without its suffix (``cpu-x86.tar.gz`` -> ``cpu-x86``)."""
+    name = Path(path).name
+    return next((name[: -len(x)] for x in SUFFIXES if name.endswith(x)), name)
 
 
 def _check_name(name: str, archive: Path) -> PurePosixPath:

@@ -53,10 +53,10 @@ def build(config: str | os.PathLike, *, force: bool = False, output: str | os.Pa
     # one build at a time per output folder: a second one (say fp32 while int4 runs) fails fast (exit 2)
     # instead of validating and bundling the other one's export
     with artifacts.output_lock(b.output, what="build output"):
-        return _build(b, cfg, config, plans, train, vdata, prompts, materialize, require_device)
+        return _build(b, cfg, config, plans, train, ft_eval, vdata, prompts, materialize, require_device)
 
 
-def _build(b: Build, cfg: BuildConfig, config, plans: list, train, vdata, prompts, materialize,
+def _build(b: Build, cfg: BuildConfig, config, plans: list, train, ft_eval, vdata, prompts, materialize,
            require_device: bool | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     b.work.mkdir(parents=True, exist_ok=True)
@@ -112,10 +112,9 @@ def _build(b: Build, cfg: BuildConfig, config, plans: list, train, vdata, prompt
         # checkout does not
         data_inputs: dict[str, Any] = {"model": base, "data": train}
         path_opts: dict[str, Any] = {}
-        if ft_opts.get("eval_data"):
-            eval_path = b.path(ft_opts.pop("eval_data"))
-            data_inputs["eval_data"] = eval_path
-            path_opts["eval_data"] = str(eval_path)
+        if ft_opts.pop("eval_data", None):  # resolved and read in build(), before any work
+            data_inputs["eval_data"] = ft_eval
+            path_opts["eval_data"] = str(ft_eval)
         ft_inputs: dict[str, Any] = dict(data_inputs)
         run_opts = {**ft_opts, **path_opts}
         if ft_opts.get("quant_aware"):

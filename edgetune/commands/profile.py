@@ -38,10 +38,10 @@ def profile(model, target, top, repeats, prompt_tokens, decode_steps, sequence_l
     from contextlib import ExitStack
 
     from ..profiling import profile as run
-    from .validate import bundle_defaults, open_bundle
+    from .bundle_input import bundle_defaults, open_bundle
 
     with ExitStack() as stack:
-        given, (model, _) = model, open_bundle(model, stack, "profile")
+        given, (model, _) = model, open_bundle(model, stack)
         target, _ = bundle_defaults(model, target, None, False, "profile")
         result = run(model, target=target, top=top, repeats=repeats, prompt_tokens=prompt_tokens, decode_steps=decode_steps,
                      sequence_length=sequence_length, trace_out=trace)

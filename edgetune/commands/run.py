@@ -14,7 +14,6 @@ from pathlib import Path
 import click
 
 from .. import console
-from ..cleanup import temp_dir
 from ..cli import common_options
 from ..errors import BadInput
 
@@ -45,15 +44,6 @@ def _text(ctx: click.Context, param: click.Parameter, value):
     return value
 
 
-def _open(path: Path, stack) -> Path:
-    from ..archive import extract, is_archive, single_root
-
-    if is_archive(path):
-        tmp = stack.enter_context(temp_dir("run"))
-        return single_root(extract(path, Path(tmp) / "bundle"))
-    return path
-
-
 @click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--prompt", "-p", "prompts", multiple=True, callback=_text, help="LLM: a prompt to answer (repeatable).")
@@ -79,7 +69,8 @@ def run(bundle: Path, prompts: tuple[str, ...], chat: bool, raw: bool, system: s
     """Run the model of BUNDLE (folder or .tar.gz): generate/chat for LLMs, classify, tag or answer for encoders."""
     from contextlib import ExitStack
 
-    from ..bundle import read_manifest, verify_or_raise
+    from ..bundle import read_manifest
+    from .bundle_input import check as verify, unpack
     from ..errors import BadInput
 
     if key is not None:
@@ -89,12 +80,9 @@ def run(bundle: Path, prompts: tuple[str, ...], chat: bool, raw: bool, system: s
 
         key = load_public_key(key)  # before an archive is unpacked
     with ExitStack() as stack:
-        folder = _open(bundle, stack)
+        folder = unpack(bundle, stack)
         if check:
-            from ..signing import describe
-
-            res = verify_or_raise(folder, key)
-            console.log(f"[verify] ok: {res['files_checked']} files match the manifest; {describe(res.get('signature'))}")
+            verify(folder, key)
         manifest = read_manifest(folder)
         from ..manifest_paths import resolve
 

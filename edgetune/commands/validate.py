@@ -6,7 +6,7 @@ import click
 
 from .. import console
 from ..cli import common_options, force_option
-from ..errors import BadInput, CheckFailed
+from ..errors import CheckFailed
 from ..validate import MINIMUM
 
 
@@ -47,45 +47,6 @@ def _human(r: dict) -> str:
     return "\n".join(lines)
 
 
-def open_bundle(model, stack, command: str):
-    """``(folder, default report folder)``: a bundle archive (.tar.gz) is unpacked into a temporary folder and checked
-    against its manifest first, as `run` does; its report goes next to the archive. Anything else is taken as it is."""
-    from pathlib import Path
-
-    from ..archive import is_archive
-
-    if not is_archive(model):
-        return model, None
-    from ..bundle import verify_or_raise
-    from ..signing import describe
-    from .run import _open
-
-    folder = _open(Path(model), stack)
-    res = verify_or_raise(folder)
-    console.log(f"[{command}] {model}: {res['files_checked']} files match the manifest; {describe(res.get('signature'))}")
-    arc = Path(model)
-    stem = arc.name[: -len(next(x for x in (".tar.gz", ".tgz", ".tar") if arc.name.endswith(x)))]
-    return str(folder), arc.resolve().parent / f"{stem}.validation"
-
-
-def bundle_defaults(model, target, reference, pack_ok: bool, command: str):
-    """--target and --reference of a bundle that was given none: what it carries (its target.toml, its reference pack;
-    the pack only when no other data was asked for), said on the console. An export needs --target."""
-    from ..bundle import carried
-
-    own = carried(model)
-    if target is None:
-        if "target" not in own:
-            raise BadInput(f"{command} needs --target: {model} is not a bundle that carries one",
-                           hint="give -t TARGET (edgetune targets lists them), e.g. -t cpu-x86")
-        target = str(own["target"])
-        console.log(f"[{command}] target: the bundle's own ({own['target'].name})")
-    if reference is None and pack_ok and "reference" in own:
-        reference = str(own["reference"])
-        console.log(f"[{command}] reference: the bundle's reference pack ({own['reference']})")
-    return target, reference
-
-
 @click.command()
 @click.argument("model", type=click.Path())
 @click.option("--target", "-t", help="Target profile name or .toml path (budgets, execution provider, session options) "
@@ -120,9 +81,10 @@ def validate(model, target, reference, data, prompts, out, no_latency, cross, **
     from contextlib import ExitStack
 
     from ..validate import validate as run
+    from .bundle_input import bundle_defaults, open_bundle
 
     with ExitStack() as stack:
-        given, (model, default_out) = model, open_bundle(model, stack, "validate")
+        given, (model, default_out) = model, open_bundle(model, stack)
         target, reference = bundle_defaults(model, target, reference, data is None and prompts is None, "validate")
         if reference is None and data is None and prompts is None:
             console.warn("no --reference, --data or --prompts: accuracy is not checked, only size, memory and speed "
