@@ -153,6 +153,18 @@ def test_mixed_given_layers(tiny_llama, tmp_path):
     assert results(out)["quantization"]["mixed"]["how"] == "given"
 
 
+def test_mixed_given_v_proj_layers_unpack_qkv(tiny_llama, tmp_path):
+    """v_proj of one layer given by name (llama.cpp's Q4_K_M widens v/down in some layers only): the builder writes q, k
+    and v as their own MatMuls in every layer (it unpacked the named layer alone, and the next layer's graph did not load)."""
+    layers = ["/model/layers.0/attn/v_proj/MatMul", "/model/layers.0/mlp/down_proj/MatMul"]
+    out = export(tiny_llama, tmp_path / "v", target="cpu-x86", precision="int4", int4={"lm_head": "int8"}, mixed={"layers": layers})
+    paths = {p["node"].rsplit("_Q", 1)[0]: p["bits"] for p in kernels.kernel_paths(out)}
+    assert {n for n, b in paths.items() if b == 8} == set(layers) | {"/lm_head/MatMul"}
+    assert paths["/model/layers.1/attn/v_proj/MatMul"] == 4 and not any("qkv_proj" in n for n in paths)
+    ref, got = _last_logits(tiny_llama), _genai_logits(out)
+    assert np.abs(got - ref).mean() < np.abs(ref).mean() * 0.2  # it loads and computes the model
+
+
 def test_mixed_modules_rule_unpacks_qkv(tiny_llama, tmp_path):
     """v_proj and down_proj at 8 bits in every layer: q/k stay int4 as their own MatMuls, and the graph still computes the model."""
     out = export(tiny_llama, tmp_path / "r", target="cpu-x86", precision="int4", int4={"lm_head": "int8"},

@@ -170,8 +170,12 @@ def module_layers(model_dir: Path, modules) -> list[str]:
 
 
 def unpacks_qkv(mixed: dict | None) -> bool:
-    """True when the rule names q, k or v alone: the builder must then write three MatMuls, not its packed qkv_proj."""
-    return bool(mixed) and any(m in QKV for m in mixed.get("modules") or ())
+    """True when the rule or the given layers name q, k or v alone: the builder must then write three MatMuls, not its
+    packed qkv_proj (given layers unpacked only theirs, and a packed layer after one did not load)."""
+    if not mixed:
+        return False
+    given = [hf_linears(n) or () for n in mixed.get("layers") or ()]
+    return any(m in QKV for m in mixed.get("modules") or ()) or any(len(p) == 1 and p[0].rsplit(".", 1)[-1] in QKV for p in given)
 
 
 def forms(folder: Path) -> dict[str, tuple[int, int | None]]:
