@@ -342,6 +342,33 @@ def test_goal_is_judged_on_judge_texts_only():
     assert good["goal"]["met"] is True
 
 
+def test_goal_names_what_the_run_cannot_decide():
+    """A verdict on the goal says which of its figures lie within this run's noise, met or missed: a ΔPPL difference from
+    Q4_K_M smaller than its paired standard error, a decode ratio whose rounds straddle 1.5x; clear figures are not named."""
+    rows = [dict(r) for r in _peer_results()["peers"]["rows"]]
+    bar = next(r for r in rows if r["id"] == "llama-q4_k_m")
+    good = next(r for r in rows if r["id"] == "et-good")
+    qat = next(r for r in rows if r["id"] == "et-qat")
+    bar["speed"]["1"]["decode_tok_s_rounds"] = [50.0, 50.0, 50.0]
+    good["speed"]["1"]["decode_tok_s_rounds"] = [72.0, 75.0, 79.0]  # 1.44-1.58x around a 1.50x median
+    qat["speed"]["1"]["decode_tok_s_rounds"] = [80.0, 81.0, 79.0]  # 1.58-1.62x: clear
+    for r, deltas in ((bar, [0.02, 0.03, 0.025, 0.03]), (good, [0.0, 0.06, 0.01, 0.03]), (qat, [0.02, 0.031, 0.026, 0.03])):
+        for q in r["quality_by_text"].values():
+            q["window_nll_delta"] = deltas
+    peers.ratios(rows, [1, 2])
+    peers.goals(rows, TEXTS)
+    g = good["goal"]
+    assert g["met"] is True and len(g["within_noise"]) == 3, g
+    assert g["within_noise"][0].startswith("ΔPPL on python-docs -0.10 pt, standard error ")
+    assert g["within_noise"][2] == "decode at 1 thread 1.44-1.58x round by round"
+    text = peers.goal_text(g)
+    assert text.startswith("meets the goal on every judge text; within this run's noise (more --repeats or --peer-eval-tokens")
+    # et-qat: the same windows as Q4_K_M's but for a hair, so its ΔPPL gaps (-0.6 / +0.5 pt) exceed their tiny errors,
+    # and its rounds are clear of 1.5x: nothing undecided
+    assert qat["goal"]["met"] is False and qat["goal"]["within_noise"] == []
+    assert "noise" not in peers.goal_text(qat["goal"])
+
+
 def test_report_renders_results_from_before_per_text_scoring(tmp_path):
     """README's table comes from a results.json; one written with a single quality per row still renders, its text labelled seen."""
     res = _peer_results()
