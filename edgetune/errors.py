@@ -61,6 +61,11 @@ class MissingDependency(EdgetuneError):
     exit_code = MISSING_DEPENDENCY
 
 
+class UnloadableGraph(EdgetuneError):
+    """A graph edgetune (or the builder it drives) wrote that onnxruntime refuses to load (exit 4: their bug, not a
+    missed budget). A recipe search records it against the candidate and goes on."""
+
+
 def not_a_file(path, what: str, *, hint: str = "check the path") -> BadInput:
     """BadInput for a ``what`` input that is not a regular file: "not found" only when nothing is there,
     else what is there instead (a FIFO, a folder, a device, a socket)."""

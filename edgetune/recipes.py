@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from . import artifacts, console
-from .errors import BadInput, CheckFailed, EdgetuneError
+from .errors import BadInput, CheckFailed, EdgetuneError, UnloadableGraph
 from .quant import INT4_ALGORITHMS
 from .quant import RECIPE_CANDIDATES as CANDIDATES  # (data: the profile checks names against it)
 from .targets import resolve
@@ -259,7 +259,7 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
             try:
                 with console.step(f"recipe {name}: export"):
                     export_llm(src, folder, target=t, precision=cand.get("precision"), int4=int4, **kw)
-            except (BadInput, CheckFailed) as e:
+            except (BadInput, CheckFailed, UnloadableGraph) as e:
                 rows.append(_row(name, None, None, error=str(e).splitlines()[0][:200]))
                 rows[-1]["seconds"] = round(time.monotonic() - mark, 1)
                 continue

@@ -59,3 +59,22 @@ def test_unigram_tokenizer_is_refused_before_any_weight_work(tmp_path):
     build_unigram_tokenizer(tmp_path)
     with pytest.raises(BadInput, match="cannot read the Unigram tokenizer.json"):
         check_tokenizer_files(tmp_path)
+
+
+def test_an_export_onnxruntime_cannot_load_is_edgetunes_bug(tmp_path):
+    """A graph edgetune wrote that onnxruntime-genai refuses is exit 4 (a bug to report), not exit 1 (a missed budget,
+    which build scripts read as a quality verdict), and its hint no longer sends the user after a builder case that
+    edgetune already works around."""
+    from edgetune.errors import INTERNAL, UnloadableGraph
+    from edgetune.tokenizer_parity import check_tokenizer
+
+    build_bpe_tokenizer(tmp_path)
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"type": "llama", "vocab_size": 512, "context_length": 64,
+                                                                       "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+                                                                       "decoder": {"filename": "model.onnx", "head_size": 16,
+                                                                                   "hidden_size": 64, "num_attention_heads": 4,
+                                                                                   "num_hidden_layers": 1, "num_key_value_heads": 4}}}))
+    (tmp_path / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(UnloadableGraph, match="the export does not load in onnxruntime-genai") as exc:
+        check_tokenizer(tmp_path, tmp_path)
+    assert exc.value.exit_code == INTERNAL and "please report it" in exc.value.hint and "--int4-symmetric" not in exc.value.hint
