@@ -32,7 +32,7 @@ from typing import Any
 from ... import onnx_graph
 from ...errors import BadInput, require
 from ...quant import algorithms
-from .packed import HEAD, LINEARS, PACKED, SIBLINGS, builder_node, hf_linears
+from .packed import HEAD, LINEARS, PACKED, SIBLINGS, builder_linear, builder_node, hf_linears
 
 # ``mixed={"modules": [...]}``: a projection kept at 8 bits in every decoder layer (a rule, as llama.cpp's Q4_K_M keeps
 # attn_v / ffn_down wider), -> its builder block. q/k/v named one by one need the builder's unpacked attention.
@@ -174,8 +174,8 @@ def unpacks_qkv(mixed: dict | None) -> bool:
     packed qkv_proj (given layers unpacked only theirs, and a packed layer after one did not load)."""
     if not mixed:
         return False
-    given = [hf_linears(n) or () for n in mixed.get("layers") or ()]
-    return any(m in QKV for m in mixed.get("modules") or ()) or any(len(p) == 1 and p[0].rsplit(".", 1)[-1] in QKV for p in given)
+    given = [p[2] for p in map(builder_linear, mixed.get("layers") or ()) if p]
+    return any(m in QKV for m in [*(mixed.get("modules") or ()), *given])
 
 
 def forms(folder: Path) -> dict[str, tuple[int, int | None]]:
