@@ -50,7 +50,7 @@ def int4_options(target: Target, int4: dict | None) -> dict[str, Any]:
     q.update({k: v for k, v in (int4 or {}).items() if v is not None})
     unknown = set(q) - {"algorithm", "block_size", "symmetric", "accuracy_level"} - set(target.quantization.int4.model_dump())
     if unknown:
-        raise BadInput(f"unknown int4 option(s): {', '.join(sorted(unknown))}", hint="use algorithm, block_size, symmetric, accuracy_level, lm_head, int8_block_size")
+        raise BadInput(f"unknown int4 option(s): {', '.join(sorted(unknown))}", hint="use algorithm, block_size, symmetric, accuracy_level, lm_head, int8_block_size, smooth_8bit")
     alg = int4_algorithm(q["algorithm"])
     for key, what in (("block_size", "int4 block size"), ("int8_block_size", "8-bit block size")):
         if q.get(key) is not None and q[key] not in BLOCK_SIZES:
@@ -114,6 +114,8 @@ class ExportPlan:
     adapter: Literal["merged", "float"] = "merged"
     calibration: Path | None = None
     side_int8: bool = False  # precision gguf: the fused side weights at 8 bits (export --side-int8)
+    mixed: dict | None = None  # int4: {"modules": [...]} kept at 8 bits in every layer (export --mixed-8bit)
+    pack: bool = False  # int4/int8: sibling MatMulNBits packed (export --pack-siblings)
 
     @property
     def llm_precision(self) -> str:

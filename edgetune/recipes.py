@@ -159,6 +159,12 @@ def candidate_list(names=None) -> list[dict[str, Any]]:
     return out
 
 
+def _level4_runs(t, *, symmetric: bool) -> bool:
+    """Whether a candidate made at accuracy_level 4 may run on the target: its CPU kernels, and zero points only where
+    the target lists avx512f (onnxruntime #29853: AVX2 CompInt8 wrong for asymmetric), as for the twins below."""
+    return t.runtime.execution_provider == "cpu" and (symmetric or "avx512f" in t.runtime.cpu_features)
+
+
 def _level4_twin_ok(cand: dict, t, rec: dict) -> bool:
     if t.runtime.execution_provider != "cpu" or cand.get("precision") == "int8":
         return False
@@ -167,7 +173,7 @@ def _level4_twin_ok(cand: dict, t, rec: dict) -> bool:
     if not body or all(p["accuracy_level"] == 4 for p in body):
         return False
     has_zp = any(p["zero_points"] not in ("none", False) for p in body)
-    return not has_zp or "avx512f" in t.runtime.cpu_features
+    return _level4_runs(t, symmetric=not has_zp)
 
 
 def _row(name: str, report: dict | None, rec: dict | None, error: str | None = None, failed: list[str] | None = None) -> dict[str, Any]:
@@ -249,6 +255,10 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
             int4 = dict(cand.get("int4") or {})
             alg = int4.get("algorithm", t.quantization.int4.algorithm)
             mark = time.monotonic()  # each row's seconds: the candidate's export (+ a sensitivity) and validation; a twin's validation
+            if int4.get("accuracy_level") == 4 and not _level4_runs(t, symmetric=int4.get("symmetric", t.quantization.int4.symmetric)):
+                rows.append(_row(name, None, None, error="needs the CPU's int8 kernels with zero points (accuracy_level 4): "
+                                                           "this target lists no avx512f (onnxruntime #29853)"))
+                continue
             call = _export_call(cand, alg, model_dir, calib.path, lora, sens_by_alg)
             if call is None:
                 rows.append(_row(name, None, None, error="needs the base model and its LoRA adapter (edgetune build with a "

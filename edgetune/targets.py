@@ -87,6 +87,10 @@ class Int4(_Strict):
     # block_size. Wider is faster on the CPU's 8-bit kernel (edgetune.quant.int8_block_size); a tied head takes
     # the widest block up to it that divides the hidden size (its table is also the embedding's).
     int8_block_size: Literal[quant.BLOCK_SIZES] | None = None
+    # accuracy_level 4: fold the activation outliers of the 8-bit nodes' inputs (down_proj at 8 bits by rule: into up_proj's
+    # rows; the int8 head: into the final norm) into their weights, so the kernel's int8 activation blocks round finely
+    # (edgetune/export/decoder/smooth.py; calibrated).
+    smooth_8bit: bool = False
 
 
 class Int8(_Strict):

@@ -212,6 +212,158 @@ def test_int8_block_size_widens_the_8bit_nodes(tiny_llama, tmp_path, capsys):
         export(tiny_llama, tmp_path / "bad2", target="cpu-x86", precision="int4", int4={"lm_head": "int8", "int8_block_size": 48})
 
 
+@pytest.fixture(scope="module")
+def outlier_llama(tiny_llama, module_tmp):
+    """The tiny Llama with its MLPs 10x louder (so their rounding shows in the logits), as is (``clean``) and with two of
+    down_proj's input channels 300x larger in every layer (``outliers``: the same function, up_proj's rows times 300
+    and down_proj's columns over 300; the outliers real models carry in act(gate) * up)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    made = {}
+    for name, factor in (("clean", 1.0), ("outliers", 300.0)):
+        out = made[name] = module_tmp(f"mlp-llama-{name}")
+        m = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+        with torch.no_grad():
+            for layer in m.model.layers:
+                layer.mlp.down_proj.weight *= 10
+                for j in (3, 77):
+                    layer.mlp.up_proj.weight[j] *= factor
+                    layer.mlp.down_proj.weight[:, j] /= factor
+        m.save_pretrained(str(out))
+        for f in tiny_llama.iterdir():
+            if f.is_file() and not (out / f.name).exists() and f.suffix != ".safetensors":
+                shutil.copy2(f, out / f.name)
+    return made
+
+
+def test_smooth_8bit_folds_down_proj_outliers_into_up_proj(outlier_llama, calib_file, tmp_path, capsys):
+    """--smooth-8bit: at accuracy_level 4 the kernel rounds down_proj's input to int8 per block, and an outlier channel sets
+    the step for the whole block. The fold moves it into the 8-bit weights (exact in float): the export computes the
+    model about as well as the same export of the model without outliers, where without the fold it is far off."""
+    model, clean = outlier_llama["outliers"], outlier_llama["clean"]
+    ref = _last_logits(model)
+    assert np.abs(ref - _last_logits(clean)).max() < 1e-3  # the same function
+    args = ["export", str(model), "-t", "cpu-x86", "--precision", "int4", "--int4-lm-head", "int8", "--int4-accuracy-level", "4",
+            "--mixed-8bit", "down_proj", "--int8-block-size", "128", "--json"]
+    code, out, _ = run_cli(args + ["-o", str(tmp_path / "plain")], capsys)
+    assert code == 0, out
+    code, out, _ = run_cli(args + ["-o", str(tmp_path / "smooth"), "--smooth-8bit", "--calibration", str(calib_file)], capsys)
+    assert code == 0, out
+    rec = results(tmp_path / "smooth")
+    sm = rec["quantization"]["smooth"]
+    assert rec["int4"]["smooth_8bit"] is True and results(tmp_path / "plain")["int4"]["smooth_8bit"] is False
+    assert sm["layers"] == 2 and sm["smoothed_layers"] == 2 and sm["output_error_vs_unsmoothed"] < 0.5
+    assert sm["float_logit_check"]["max_abs_diff"] < 1e-4 * max(1.0, sm["float_logit_check"]["max_abs_logit"])
+    assert all(r["err_after"] < r["err_before"] for r in sm["table"])
+    # the same graph: the 8-bit nodes are down_proj's and the head, in the blocks asked for
+    paths = {p["node"].rsplit("_Q", 1)[0]: p for p in kernels.kernel_paths(tmp_path / "smooth")}
+    assert {n for n, p in paths.items() if p["bits"] == 8} == {f"/model/layers.{i}/mlp/down_proj/MatMul" for i in (0, 1)} | {"/lm_head/MatMul"}
+    smooth_err = np.abs(_genai_logits(tmp_path / "smooth") - ref).mean()
+    plain_err = np.abs(_genai_logits(tmp_path / "plain") - ref).mean()
+    clean_out = export(clean, tmp_path / "clean", target="cpu-x86", precision="int4",
+                       int4={"lm_head": "int8", "accuracy_level": 4, "int8_block_size": 128}, mixed={"modules": ["down_proj"]})
+    clean_err = np.abs(_genai_logits(clean_out) - ref).mean()
+    assert smooth_err < 0.6 * plain_err and smooth_err < 1.2 * clean_err, (smooth_err, plain_err, clean_err)
+
+
+def test_smooth_8bit_folds_the_heads_outliers_into_the_final_norm(tiny_llama, calib_file, module_tmp, tmp_path, capsys):
+    """--smooth-8bit with an int8 head: the final norm's output (the head's input) with two channels 40x louder; the fold
+    puts the scales into the float head's rows and the norm's gamma before the head is quantized, and the tied embedding,
+    which reads the head's int8 table, gets one Mul by 1 / s after its gather: the int8 head adds less than a quarter
+    of the error it adds without the fold (measured: 0.0026 vs 0.0107 of mean |logit| error over the int4 body's)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = module_tmp("loud-norm-llama")
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    with torch.no_grad():
+        m.model.norm.weight[[5, 40]] *= 40
+    m.save_pretrained(str(model))
+    for f in tiny_llama.iterdir():
+        if f.is_file() and not (model / f.name).exists() and f.suffix != ".safetensors":
+            shutil.copy2(f, model / f.name)
+    ref = _last_logits(model)
+    args = ["export", str(model), "-t", "cpu-x86", "--precision", "int4", "--int4-lm-head", "int8", "--int4-accuracy-level", "4", "--json"]
+    code, out, _ = run_cli(args + ["-o", str(tmp_path / "plain")], capsys)
+    assert code == 0, out
+    code, out, _ = run_cli(args + ["-o", str(tmp_path / "smooth"), "--smooth-8bit", "--calibration", str(calib_file)], capsys)
+    assert code == 0, out
+    rec = results(tmp_path / "smooth")
+    head = rec["quantization"]["smooth"]["head"]
+    assert head["form"] != "identity" and head["err_after"] < 0.5 * head["err_before"] and head["folded"]["gamma"]
+    assert rec["quantization"]["smooth"]["layers"] == 0 and not rec["quantization"]["smooth"]["checkpoint_changed"]
+    # one int8 table for the head and the embedding, as without the fold: the same size
+    assert rec["embeddings"] == results(tmp_path / "plain")["embeddings"] == "int8 GatherBlockQuantized, shared with lm_head"
+    assert "times 1 / the head's smoothing scales" in rec["quantization"]["embedding"]
+    assert abs(rec["size_mb"] - results(tmp_path / "plain")["size_mb"]) < 0.01
+    # what the int8 head adds to the int4 body's error (the same export with a float head), with the fold and without
+    floor = np.abs(_genai_logits(export(model, tmp_path / "fp32-head", target="cpu-x86", precision="int4",
+                                        int4={"lm_head": "fp32", "accuracy_level": 4})) - ref).mean()
+    smooth_err = np.abs(_genai_logits(tmp_path / "smooth") - ref).mean()
+    plain_err = np.abs(_genai_logits(tmp_path / "plain") - ref).mean()
+    assert smooth_err - floor < 0.4 * (plain_err - floor), (smooth_err, plain_err, floor)
+
+
+@pytest.mark.parametrize("extra,match", [
+    ([], "inputs of the 8-bit nodes"),  # nothing at 8 bits
+    (["--mixed-8bit", "v_proj"], "inputs of the 8-bit nodes"),
+    (["--mixed-8bit", "0.5"], "inputs of the 8-bit nodes"),  # measured: not known before the export
+    (["--mixed-8bit", "down_proj", "--int4-accuracy-level", "0"], "accuracy_level 4"),
+    (["--mixed-8bit", "down_proj", "--int4-algorithm", "awq"], "not 'awq'"),  # awq folds scales of its own
+    (["--int4-lm-head", "int8", "--int4-algorithm", "inc-rtn"], "not the 'inc' quantizer's"),
+])
+def test_smooth_8bit_refused_before_any_work(tiny_llama, calib_file, tmp_path, capsys, extra, match):
+    args = ["export", str(tiny_llama), "-t", "cpu-x86", "--precision", "int4", "--int4-accuracy-level", "4", "--smooth-8bit",
+            "--calibration", str(calib_file), "-o", str(tmp_path / "x"), *extra]
+    code, out, err = run_cli(args, capsys)
+    assert code == 2 and match in out + err and not (tmp_path / "x").exists(), out + err
+
+
+FAST_TARGET = """[[targets]]
+name = "cpu-x86"
+precision = "int4"
+int4 = { algorithm = "imatrix-gptq", symmetric = false, lm_head = "int8", accuracy_level = 4, int8_block_size = 128, smooth_8bit = true }
+mixed_8bit = ["v_proj", "down_proj"]
+pack = true
+calibration = "calib.jsonl"
+archive = false
+"""
+
+
+def test_build_target_takes_mixed_8bit_pack_and_smoothing(tiny_llama, calib_file, tmp_path, capsys):
+    """A build's [[targets]] entry says what `edgetune export` says with --mixed-8bit, --pack-siblings and --smooth-8bit
+    (the fast recipe of issue 33), and they reach its export; the same keys where they cannot apply are refused before
+    any work, naming the entry."""
+    from test_build import write_config
+
+    cfg = write_config(tmp_path / "b", tiny_llama, targets=FAST_TARGET)
+    shutil.copy(calib_file, tmp_path / "b" / "calib.jsonl")
+    code, _, err = run_cli(["build", str(cfg), "--json", "--quiet"], capsys)
+    assert code in (0, 1), err  # 1: a missed budget still writes the bundle (rejected/)
+    rec = json.loads((tmp_path / "b" / "out" / ".work" / "export-cpu-x86" / "edgetune.json").read_text())
+    res = rec["results"]
+    assert rec["options"]["mixed"] == {"modules": ["v_proj", "down_proj"]} and rec["options"]["pack"] is True
+    assert rec["options"]["int4"]["smooth_8bit"] is True and res["quantization"]["smooth"]["layers"] == 2
+    assert res["quantization"]["mixed"]["how"] == "rule: v_proj, down_proj in every layer" and res["packed"]["groups"]
+    paths = {p["node"].rsplit("_Q", 1)[0]: p for p in kernels.kernel_paths(tmp_path / "b" / "out" / ".work" / "export-cpu-x86")}
+    assert {p["block_size"] for p in paths.values() if p["bits"] == 8} == {64, 128}  # the tied head: 64
+    for targets, match in (
+            (FAST_TARGET.replace('precision = "int4"', 'precision = "fp32"').replace("int4 = {", "# int4 = {"),
+             "targets[0].pack packs sibling MatMulNBits"),
+            (FAST_TARGET.replace("pack = true", "").replace('precision = "int4"', 'precision = "fp32"').replace("int4 = {", "# int4 = {"),
+             "targets[0].mixed_8bit keeps layers of an int4 export at 8 bits"),
+            (FAST_TARGET.replace('mixed_8bit = ["v_proj", "down_proj"]', 'mixed_8bit = ["w_proj"]'), "targets[0]: mixed precision: modules"),
+            (FAST_TARGET.replace('mixed_8bit = ["v_proj", "down_proj"]', "").replace('lm_head = "int8"', 'lm_head = "int4"'),
+             "targets[0]: --smooth-8bit smooths the inputs of the 8-bit nodes")):
+        root = tmp_path / f"bad{len(match)}"
+        cfg = write_config(root, tiny_llama, targets=targets)
+        shutil.copy(calib_file, root / "calib.jsonl")
+        code, _, err = run_cli(["build", str(cfg), "--quiet"], capsys)
+        assert code == 2 and match in err, err
+        assert not (root / "out").exists()
+
+
 def test_mixed_keeps_an_fp32_head_float(tiny_llama, tmp_path):
     """The 8-bit step quantizes the planned layers only: onnxruntime's quantizer took every float MatMul, the fp32 head
     included (the export then failed its own head check)."""
@@ -298,6 +450,22 @@ def test_auto_recipe_picks_fastest_passing(tiny_llama, calib_file, tmp_path):
     assert search["sensitivity"]["rtn"]["top"]
     # only the winner is kept: no candidate work folder left next to the output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auto"]
+
+
+def test_auto_recipe_smooth_candidate_runs_where_level_4_runs_zero_points(tiny_llama, calib_file, tmp_path):
+    """The smoothed candidate is made at accuracy_level 4 (--smooth-8bit shapes its int8 activations): tried on a target
+    that lists avx512f, skipped with its reason on plain AVX2 (onnxruntime #29853: asymmetric CompInt8 wrong there)."""
+    cands = ["imatrix-gptq-head8-vdown8-smooth", "rtn-head8"]
+    out = export_with_recipe(tiny_llama, tmp_path / "avx2", target="cpu-x86", recipe="auto", calibration=calib_file, data=calib_file,
+                             candidates=cands, validate_options=FAST_VALIDATE)
+    rows = {r["recipe"]: r for r in results(out)["recipe"]["table"]}
+    assert results(out)["recipe"]["chosen"].startswith("rtn-head8") and "lists no avx512f" in rows[cands[0]]["error"]
+    out = export_with_recipe(tiny_llama, tmp_path / "avx512", target="cpu-x86-avx512", recipe="auto", calibration=calib_file,
+                             data=calib_file, candidates=cands[:1], validate_options=FAST_VALIDATE)
+    rec = results(out)
+    assert rec["recipe"]["chosen"] == cands[0] and rec["int4"]["smooth_8bit"] and rec["int4"]["accuracy_level"] == 4
+    sm = rec["quantization"]["smooth"]
+    assert sm["layers"] == 2 and sm["head"]["err_after"] <= sm["head"]["err_before"]
 
 
 def test_auto_recipe_gptq_rule_candidate_ships_packed(tiny_llama, calib_file, tmp_path):

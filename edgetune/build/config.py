@@ -51,6 +51,7 @@ class Int4Cfg(_Strict):
     accuracy_level: int | None = None
     lm_head: str | None = None
     int8_block_size: int | None = None  # the 8-bit nodes' block (export --int8-block-size)
+    smooth_8bit: bool | None = None  # the 8-bit nodes' activation outliers folded into their weights (export --smooth-8bit)
 
 
 class TargetCfg(_Strict):
@@ -64,6 +65,10 @@ class TargetCfg(_Strict):
     adapter: Literal["merged", "float"] = "merged"
     # precision gguf: the fused side weights (LoRA A/B, block offsets) at 8 bits (edgetune export --side-int8)
     side_int8: bool = False
+    # int4 decoders: these projections at 8 bits in every layer (edgetune export --mixed-8bit v_proj,down_proj)
+    mixed_8bit: list[str] | None = None
+    # int4/int8 decoders on a CPU target: sibling MatMulNBits packed into one node (edgetune export --pack-siblings)
+    pack: bool = False
 
     def int4_options(self) -> dict[str, Any]:
         """The int4 overrides set (empty when none)."""

@@ -167,7 +167,8 @@ def _build(b: Build, cfg: BuildConfig, config, plans: list, train, ft_eval, vdat
         b.stage(f"export.{key}", export_dir, {"model": xmodel, "calibration": calib, "target": target.model_dump(mode="json", exclude={"source"}),
                                               **({"float_adapter": xadapter} if xadapter else {})},
                 {"precision": plan.precision, **({"adapter": "float"} if xadapter else {}), **({"int4": int4} if int4 else {}),
-                 **({"side_int8": True} if plan.side_int8 else {})},
+                 **({"side_int8": True} if plan.side_int8 else {}), **({"mixed": plan.mixed} if plan.mixed else {}),
+                 **({"pack": True} if plan.pack else {})},
                 lambda: run_export(xmodel, export_dir, plan, xadapter, lora), target=key)
 
         report_dir = b.work / f"validate-{key}"

@@ -19,7 +19,7 @@ def export_plan(config, i: int, t: TargetCfg, target, calibration: Path | None):
     from ..plan import ExportPlan, Int4Plan, gguf_unused_int4
 
     plan = ExportPlan(target, t.precision, Int4Plan(target, t.int4_options()) if t.int4 else None, t.adapter, calibration,
-                      t.side_int8)
+                      t.side_int8, {"modules": list(t.mixed_8bit)} if t.mixed_8bit else None, t.pack)
     if t.side_int8 and plan.llm_precision != "gguf":
         raise BadInput(f"{config}: targets[{i}].side_int8 stores the fused side weights of a GGUF transcode; this target "
                        f"exports at {plan.llm_precision}", hint="set precision = \"gguf\" for that target, or drop side_int8")
@@ -37,7 +37,35 @@ def export_plan(config, i: int, t: TargetCfg, target, calibration: Path | None):
             plan.int4.options  # computed (and checked) now; the export reads the same Int4Plan
         except BadInput as exc:
             raise BadInput(f"{config}: targets[{i}].int4: {exc.message}", hint=exc.hint) from None
+    _check_int4_graph_options(config, i, t, plan)
     return plan
+
+
+def _check_int4_graph_options(config, i: int, t: TargetCfg, plan) -> None:
+    """``mixed_8bit``, ``pack`` and ``int4.smooth_8bit`` against the target's precision and int4 options, before any work
+    (the export checks them again; here the message names the config entry)."""
+    from ..export.decoder import smooth
+    from ..export.decoder.mixed import check_mixed_request
+    from ..plan import Int4Plan
+    from ..quant import int4_algorithm
+
+    where = f"{config}: targets[{i}]"
+    if t.pack and plan.llm_precision not in ("int4", "int8"):
+        raise BadInput(f"{where}.pack packs sibling MatMulNBits of an int4/int8 export; this target exports at {plan.llm_precision}",
+                       hint="set precision = \"int4\" for that target, or drop pack")
+    if plan.llm_precision != "int4":
+        if t.mixed_8bit:
+            raise BadInput(f"{where}.mixed_8bit keeps layers of an int4 export at 8 bits; this target exports at {plan.llm_precision}",
+                           hint="set precision = \"int4\" for that target, or drop mixed_8bit")
+        return
+    q = (plan.int4 or Int4Plan(plan.target, {})).options
+    try:
+        check_mixed_request(plan.mixed, precision="int4", algorithm=q["algorithm"])
+        if q.get("smooth_8bit"):
+            smooth.check_request(plan.mixed, accuracy_level=q["accuracy_level"], lm_head=q["lm_head"],
+                                 backend=int4_algorithm(q["algorithm"]).backend)
+    except BadInput as exc:
+        raise BadInput(f"{where}: {exc.message}", hint=exc.hint) from None
 
 
 def run_finetune(base: Path, data: Path, out: Path, options: dict[str, Any]) -> None:
@@ -73,6 +101,10 @@ def run_export(model: Path, out: Path, plan, float_adapter: Path | None = None, 
         opts["int4"] = plan.int4  # checked by export_plan: the export uses those options, it does not check them again
     if plan.side_int8:
         opts["fuse"] = "int8"
+    if plan.mixed:
+        opts["mixed"] = plan.mixed
+    if plan.pack:
+        opts["pack"] = True
     export_with_recipe(model, out, target=plan.target, precision=plan.precision, **opts)
 
 

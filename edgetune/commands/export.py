@@ -46,6 +46,10 @@ class MixedSpec(click.ParamType):
 @click.option("--int8-block-size", type=click.Choice([str(b) for b in quant.BLOCK_SIZES]),
               help="Block of the 8-bit MatMulNBits nodes (int8 head, --mixed-8bit layers, precision int8); default: the int4 "
                    "block. Wider runs faster on the CPU (docs/llm.md).")
+@click.option("--smooth-8bit/--no-smooth-8bit", default=None,
+              help="int4 at accuracy_level 4: fold the activation outliers of the 8-bit nodes' inputs into their weights "
+                   "(down_proj at 8 bits by --mixed-8bit: into up_proj; the int8 head: into the final norm; exact in float), "
+                   "so the kernel's int8 activation blocks round finely; calibrated (docs/llm.md).")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(exists=True), help="LoRA adapter folder kept separate (repeatable): written as <name>.onnx_adapter, chosen at run time.")
 @click.option("--float-adapter", type=click.Path(exists=True, file_okay=False),
               help="LoRA adapter folder baked into the graph as float side branches over the (quantized) base: "
@@ -81,7 +85,7 @@ class MixedSpec(click.ParamType):
 @force_option
 @common_options
 def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_accuracy_level, int4_symmetric,
-           int4_lm_head, int8_block_size, adapters, float_adapter, calibration, task, recipe, eval_data, recipe_candidates,
+           int4_lm_head, int8_block_size, smooth_8bit, adapters, float_adapter, calibration, task, recipe, eval_data, recipe_candidates,
            recipe_time_budget, mixed_8bit,
            allow_slow_kernel, no_fuse, side_int8, pack_siblings, gguf_8bit) -> None:
     """Export MODEL (alias, GGUF or HF folder) to ONNX for target T."""
@@ -92,7 +96,8 @@ def export(model, target, out, precision, int4_algorithm, int4_block_size, int4_
 
     int4 = {"algorithm": int4_algorithm, "block_size": int(int4_block_size) if int4_block_size else None,
             "accuracy_level": int4_accuracy_level, "symmetric": int4_symmetric,
-            "lm_head": int4_lm_head, "int8_block_size": int(int8_block_size) if int8_block_size else None}
+            "lm_head": int4_lm_head, "int8_block_size": int(int8_block_size) if int8_block_size else None,
+            "smooth_8bit": smooth_8bit}
     int4 = {k: v for k, v in int4.items() if v is not None}
     opts = {}
     if int4:

@@ -190,13 +190,7 @@ def scale_checkpoint(src: Path, out: Path, *, token_ids: list[list[int]], q: dic
         for g, linears, _fold in plan:
             hooks.append(linears[0].register_forward_pre_hook(lambda _m, args, key=(i, g): stats[key].add(args[0])))
     probe = torch.tensor([token_ids[0]])
-    try:
-        with torch.no_grad():
-            for ids in token_ids:
-                model(input_ids=torch.tensor([ids]))
-    finally:
-        for h in hooks:
-            h.remove()
+    run_calibration(model, token_ids, hooks)
     with torch.no_grad():
         before = model(input_ids=probe).logits[0]
     def tie_gqa(s):  # o_proj's input channel h*d + i is v row (h // per_kv)*d + i: one scale per v row
@@ -214,20 +208,45 @@ def scale_checkpoint(src: Path, out: Path, *, token_ids: list[list[int]], q: dic
                 fold(s.reshape(kv, per_kv, head_dim)[:, 0].reshape(-1) if g == "o" else s)
                 table.append({"layer": i, "group": g, **row})
         after = model(input_ids=probe).logits[0]
-    diff = float((after - before).abs().max())
-    scale = float(before.abs().max())
-    if not diff <= 1e-4 * max(1.0, scale):
-        raise CheckFailed(f"awq: the scaled float model's logits moved by {diff:.3g} (max |logit| {scale:.3g})",
-                          hint="a fold is not exact for this architecture; use --int4-algorithm rtn")
-    model.save_pretrained(str(out), safe_serialization=True)
-    for f in Path(src).iterdir():  # tokenizer, chat template, ...: the builder reads them from here; never the old weights
-        if f.is_file() and not (out / f.name).exists() and f.suffix not in WEIGHT_SUFFIXES and f.name not in SKIP_FILES:
-            shutil.copy2(f, out / f.name)
+    check = float_logit_check(before, after, what="awq", hint="use --int4-algorithm rtn")
+    save_scaled(model, src, out)
     rtn = sum(r["err_rtn"] for r in table)
     awq = sum(r["err_awq"] for r in table)
     return {"method": "awq (own: scales folded into the checkpoint, then the builder's RTN)", "grid": GRID,
             "rows_per_group": max(r["rows"] for r in table), "groups": len(table),
             "scaled_groups": sum(r["alpha"] > 0 for r in table),
             "output_error_vs_rtn": round(awq / rtn, 4) if rtn else None,
-            "float_logit_check": {"max_abs_diff": diff, "max_abs_logit": scale},
+            "float_logit_check": check,
             "table": [{**r, "err_rtn": round(r["err_rtn"], 8), "err_awq": round(r["err_awq"], 8)} for r in table]}
+
+
+def run_calibration(model, token_ids: list[list[int]], hooks: list) -> None:
+    """The float model over each calibration text (the ``hooks`` collect what they need), then the hooks removed."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            for ids in token_ids:
+                model(input_ids=torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def float_logit_check(before, after, *, what: str, hint: str) -> dict[str, float]:
+    """The folds are exact in float: the scaled model's logits equal the original's (CheckFailed, exit 1, if not)."""
+    diff = float((after - before).abs().max())
+    scale = float(before.abs().max())
+    if not diff <= 1e-4 * max(1.0, scale):
+        raise CheckFailed(f"{what}: the scaled float model's logits moved by {diff:.3g} (max |logit| {scale:.3g})",
+                          hint=f"a fold is not exact for this architecture; {hint}")
+    return {"max_abs_diff": diff, "max_abs_logit": scale}
+
+
+def save_scaled(model, src: Path, out: Path) -> None:
+    """The scaled model to ``out`` with ``src``'s other files (tokenizer, chat template, ...: the builder reads them from
+    there); never ``src``'s old weights or its stage record."""
+    model.save_pretrained(str(out), safe_serialization=True)
+    for f in Path(src).iterdir():
+        if f.is_file() and not (out / f.name).exists() and f.suffix not in WEIGHT_SUFFIXES and f.name not in SKIP_FILES:
+            shutil.copy2(f, out / f.name)

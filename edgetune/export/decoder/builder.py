@@ -85,14 +85,19 @@ def lm_head_attributes(folder: Path) -> dict[str, Any] | None:
     return None
 
 
-def hidden_size(model_dir: Path) -> int | None:
+def config_value(model_dir: Path, *keys: str) -> int | None:
+    """The first of ``keys`` set in the model's config.json (a multimodal one's text_config), as an int."""
     try:
         cfg = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
         return None
     cfg = cfg.get("text_config", cfg)
-    h = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")
-    return int(h) if h else None
+    v = next((cfg[k] for k in keys if cfg.get(k)), None)
+    return int(v) if v else None
+
+
+def hidden_size(model_dir: Path) -> int | None:
+    return config_value(model_dir, "hidden_size", "n_embd", "d_model")
 
 
 def configure_genai(folder: Path, target) -> None:
@@ -184,7 +189,8 @@ def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=N
         cache = Path(cache_name)
         token_ids = encode_calibration(model_dir, calib.texts) if calib else None
         qinfo, parity = _build_quantized(model_dir, run.dir, cache, t, precision, r, extra, mixed, token_ids)
-        _head_and_embedding(model_dir, run.dir, t, precision, q, r["backend"], extra, qinfo)
+        head_scales = _smooth_head_scales(cache)
+        _head_and_embedding(model_dir, run.dir, t, precision, q, r["backend"], extra, qinfo, head_scales)
         packed = None
         if pack:
             from .pack import pack_folder
@@ -231,12 +237,18 @@ def _request(model_dir: Path, t, precision: str, int4, calibration, mixed, allow
     measure = check_mixed_request(mixed, precision=precision, algorithm=algorithm)
     if t.runtime.execution_provider == "cpu" and alg and alg.slow_kernel and precision == "int4" and not allow_slow_kernel:
         raise BadInput(alg.slow_kernel, hint="use rtn or k_quant (or pass --allow-slow-kernel to ship it anyway)")
-    calibrated = precision == "int4" and (alg.calibrated or measure)
+    smooth = precision == "int4" and q.get("smooth_8bit")
+    calibrated = precision == "int4" and (alg.calibrated or measure or smooth)
     if calibration is not None and not calibrated:
         names = algorithms(calibrated=True)
-        raise BadInput(f"--calibration is only used by the int4 algorithms {', '.join(names[:-1])} and {names[-1]} and by mixed precision",
+        raise BadInput(f"--calibration is only used by the int4 algorithms {', '.join(names[:-1])} and {names[-1]}, by mixed "
+                       "precision and by --smooth-8bit",
                        hint=f"drop --calibration or pass --precision int4 --int4-algorithm {names[0]} (or {', '.join(names[1:])})")
     backend = alg.backend if precision == "int4" else "builder"
+    if smooth:
+        from .smooth import check_request
+
+        check_request(mixed, accuracy_level=q["accuracy_level"], lm_head=q["lm_head"], backend=backend, model_dir=model_dir)
     if backend == "awq":
         from .awq import check_supported
 
@@ -322,6 +334,22 @@ def _build_quantized(model_dir: Path, out: Path, cache: Path, t, precision: str,
             qinfo["awq"] = scale_checkpoint(model_dir, cache / "awq", token_ids=token_ids, q=q)
         (cache / "awq-view").mkdir()
         src = builder_input(cache / "awq", cache / "awq-view")
+    if precision == "int4" and q.get("smooth_8bit"):  # exact in float: the imatrix statistics and the mixed plan below read the smoothed model
+        import numpy as np
+
+        from .smooth import HEAD_SCALES, down_layers, smooth_checkpoint
+
+        layers = down_layers(mixed, config_value(model_dir, "num_hidden_layers") or 0)
+        head_block = _head_block(model_dir, q) if q["lm_head"] == "int8" else None
+        what = ", ".join(filter(None, [f"down_proj in {len(layers)} layers" if layers else "", "the head" if head_block else ""]))
+        with console.step(f"smooth: the 8-bit nodes' activation outliers into the weights ({what})"), console.results_only_stdout():
+            qinfo["smooth"], head_scales = smooth_checkpoint(model_dir, cache / "smooth", token_ids=token_ids, layers=layers,
+                                                             block=int8_block_size(q), symmetric=q["symmetric"], head_block=head_block)
+        if head_scales is not None:  # folded into the graph's head and final norm by _head_and_embedding
+            np.save(cache / HEAD_SCALES, head_scales)
+        if qinfo["smooth"]["checkpoint_changed"]:
+            (cache / "smooth-view").mkdir()
+            model_dir, src = cache / "smooth", builder_input(cache / "smooth", cache / "smooth-view")
     plan = None
     requantize = None
     if backend == "imatrix" and alg.error_feedback:  # the same nodes, GPTQ over the imatrix search
@@ -358,23 +386,52 @@ def _build_quantized(model_dir: Path, out: Path, cache: Path, t, precision: str,
     return qinfo, parity
 
 
+def _smooth_head_scales(cache: Path):
+    """The head's ``--smooth-8bit`` scales the checkpoint pass left in ``cache``, or None."""
+    from .smooth import HEAD_SCALES
+
+    path = cache / HEAD_SCALES
+    if not path.exists():
+        return None
+    import numpy as np
+
+    return np.load(path)
+
+
+def _head_block(model_dir: Path, q: dict) -> int:
+    """The int8 head's block: the 8-bit nodes', or for a tied head (its table is also the embedding's) the widest up to it
+    that divides the hidden size."""
+    block = int8_block_size(q)
+    if tied_embeddings(model_dir):
+        block = embedding_block_size(hidden_size(model_dir) or block, block) or block
+    return block
+
+
 def _head_and_embedding(model_dir: Path, out: Path, t, precision: str, q: dict | None, backend: str, extra: dict[str, str],
-                        qinfo: dict[str, Any]) -> None:
-    """An int8 lm_head (and a tied embedding sharing its table), or an embedding we untied stored int4 too."""
+                        qinfo: dict[str, Any], head_scales=None) -> None:
+    """An int8 lm_head (and a tied embedding sharing its table), or an embedding we untied stored int4 too.
+    ``head_scales``: ``--smooth-8bit``'s for the head, folded into the float head and the final norm first."""
     if precision == "int4" and q["lm_head"] == "int8":
         tied = tied_embeddings(model_dir)
+        if head_scales is not None:
+            from .smooth import smooth_head_in
+
+            with console.step("smooth: the head's scales into its rows and the final norm"), console.results_only_stdout():
+                folded = smooth_head_in(out, head_scales)
+            qinfo["smooth"]["head"]["folded"] = folded
+            if folded is None:  # the graph's head input is not a norm's own: left as it is
+                console.warn("--smooth-8bit: the head's input is not made by a norm it alone reads; the head is not smoothed")
+                head_scales = None
         with console.step("int8 lm_head (MatMulNBits bits=8)"), console.results_only_stdout():
             # CPU: 8-bit MatMulNBits at accuracy_level 0 dequantizes the whole head every step (SmolLM2:
             # ~1 tok/s instead of ~11); level 4 (int8 activations) runs MLAS's int8 kernel at int4 speed.
             head_level = kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider)
-            block = int8_block_size(q)
-            if tied:  # the head's table is also the embedding's: its block must divide the hidden size
-                block = embedding_block_size(hidden_size(model_dir) or block, block) or block
+            block = _head_block(model_dir, q)
             quantize_lm_head_in(out, bits=8, block_size=block, symmetric=q["symmetric"], accuracy_level=head_level)
             qinfo["lm_head_block_size"] = block
         if tied:  # one int8 matrix for both, not an int8 head + an int4 copy
             with console.step("embedding: the int8 head's table (GatherBlockQuantized bits=8)"), console.results_only_stdout():
-                shared = share_embedding_with_head_in(out)
+                shared = share_embedding_with_head_in(out, head_scales=head_scales)
             if shared:
                 qinfo["embedding"] = shared["embedding"]
     if precision == "int4" and backend != "ort" and extra.get("shared_embeddings") == "false" and "embedding" not in qinfo:

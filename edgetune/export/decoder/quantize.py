@@ -152,7 +152,7 @@ def tied_embeddings(model_dir: Path) -> bool:
     return bool(tied)
 
 
-def share_embedding_with_head_in(folder: Path) -> dict[str, Any] | None:
+def share_embedding_with_head_in(folder: Path, head_scales=None) -> dict[str, Any] | None:
     """Read a tied embedding from the 8-bit lm_head's own table: one int8 matrix instead of an int8 head + an int4 copy.
 
     The builder unties a tied embedding when the head is not int4 (its GatherBlockQuantized sharing reads
@@ -163,6 +163,8 @@ def share_embedding_with_head_in(folder: Path) -> dict[str, Any] | None:
     zero points seen as ``[N, K/block]``. The Gather reads them through Reshapes of the head's initializers,
     which onnxruntime folds into constants at session start. Checked before the switch: every element of the
     embedding's table is within a quantization step of the head's (they round the same matrix).
+    With ``head_scales`` (``--smooth-8bit``: the head's rows were multiplied by them before its quantization), the
+    table is compared as ``head / scales`` and the gather's output multiplied by ``1 / scales``: the same embedding.
     Returns what was done, or None where there is no float embedding table or no 8-bit head to share.
     """
     from onnx import helper, numpy_helper
@@ -188,6 +190,9 @@ def share_embedding_with_head_in(folder: Path) -> dict[str, Any] | None:
     deq = dequantize_matmulnbits(b, scales, zp, k=k, n=n, bits=bits, block_size=block)
     # within one quantization step of each (symmetric RTN clips the far side of its largest weight by up to one)
     tol = np.repeat(np.abs(scales.reshape(n, k // block)), block, axis=1)
+    if head_scales is not None:  # the head is W * s along K: the embedding is its table over s
+        inv = (1.0 / np.asarray(head_scales, np.float32)).reshape(1, k)
+        deq, tol = deq * inv, tol * inv
     if g.op_type == "Gather":
         table = numpy_helper.to_array(inits[g.input[0]])
     else:  # the builder's own int4 copy (GatherBlockQuantized, uint4/int4 data along the hidden axis)
@@ -208,8 +213,13 @@ def share_embedding_with_head_in(folder: Path) -> dict[str, Any] | None:
         nodes.append(helper.make_node("Reshape", [names[2], f"{prefix}/scales_shape"], [f"{prefix}/zero_points"],
                                       name=f"{prefix}/Reshape_zero_points"))
         gbq_in.append(f"{prefix}/zero_points")
-    nodes.append(helper.make_node("GatherBlockQuantized", gbq_in, list(g.output), name="/model/embed_tokens/GatherBlockQuantized",
+    gathered = [f"{prefix}/scaled"] if head_scales is not None else list(g.output)
+    nodes.append(helper.make_node("GatherBlockQuantized", gbq_in, gathered, name="/model/embed_tokens/GatherBlockQuantized",
                                   domain=onnx_graph.MS_DOMAIN, bits=8, block_size=block, gather_axis=0, quantize_axis=1))
+    if head_scales is not None:  # one multiply of hidden values per token undoes the head's smoothing scales
+        nodes += [helper.make_node("Constant", [], [f"{prefix}/inverse_scales"], name=f"{prefix}/inverse_scales",
+                                   value=numpy_helper.from_array(inv.reshape(k), f"{prefix}/inverse_scales")),
+                  helper.make_node("Mul", [gathered[0], f"{prefix}/inverse_scales"], list(g.output), name=f"{prefix}/Mul_unsmooth")]
     at = list(model.graph.node).index(g)
     model.graph.node.remove(g)
     for i, nd in enumerate(nodes):
@@ -218,7 +228,8 @@ def share_embedding_with_head_in(folder: Path) -> dict[str, Any] | None:
         if name in inits and sum(name in nd.input for nd in model.graph.node) == 0:
             model.graph.initializer.remove(inits[name])
     onnx_graph.save(model, folder / "model.onnx", external=True, size_threshold=0)
-    return {"embedding": f"int8 GatherBlockQuantized, shared with lm_head (block {block})"}
+    return {"embedding": f"int8 GatherBlockQuantized, shared with lm_head (block {block})"
+                         + (", times 1 / the head's smoothing scales" if head_scales is not None else "")}
 
 
 def _gather_block_dequantized(node, inits: dict) -> tuple[Any, Any]:
