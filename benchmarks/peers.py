@@ -371,6 +371,14 @@ def edgetune_rows(group: str, s: dict, slow_algorithms: bool) -> list[dict]:
              "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj,down_proj", "--pack-siblings", "--int8-block-size", "128",
              "--calibration", "{calibration}"],
             "{merged}", [("option", "--int8-block-size")], "int8 blocks")
+        # the same with the 8-bit nodes' activation outliers folded into their weights (--smooth-8bit: down_proj's into up_proj,
+        # the head's into the final norm): at level 4 the kernel rounds their inputs to int8 in blocks of 128 / 64 too, and
+        # one outlier channel sets a block's step (docs/llm.md)
+        cli("et-imatrix-gptq-h8-acc4-vd8-pack-w128-smooth", "same, the 8-bit nodes' inputs smoothed (--smooth-8bit)",
+            ["--precision", "int4", "--int4-algorithm", "imatrix-gptq", "--int4-asymmetric", "--int4-lm-head", "int8",
+             "--int4-accuracy-level", "4", "--mixed-8bit", "v_proj,down_proj", "--pack-siblings", "--int8-block-size", "128",
+             "--smooth-8bit", "--calibration", "{calibration}"],
+            "{merged}", [("option", "--smooth-8bit")], "int8 blocks")
         # wider blocks: fewer fp32 scales to read and fewer per-block steps in the kernel (576 in blocks of 128 pads the
         # last one); the same GPTQ'd search, int8 head, every body MatMul at 4 bits
         for blk in (64, 128):
