@@ -188,8 +188,7 @@ def export_builder(model_dir: Path, out: Path, *, target, precision: str, int4=N
             temp_dir("genai") as cache_name:
         cache = Path(cache_name)
         token_ids = encode_calibration(model_dir, calib.texts) if calib else None
-        qinfo, parity = _build_quantized(model_dir, run.dir, cache, t, precision, r, extra, mixed, token_ids)
-        head_scales = _smooth_head_scales(cache)
+        qinfo, parity, head_scales = _build_quantized(model_dir, run.dir, cache, t, precision, r, extra, mixed, token_ids)
         _head_and_embedding(model_dir, run.dir, t, precision, q, r["backend"], extra, qinfo, head_scales)
         packed = None
         if pack:
@@ -254,7 +253,7 @@ def _request(model_dir: Path, t, precision: str, int4, calibration, mixed, allow
 
         check_supported(model_dir)
     calib = load_calibration(calibration) if calibrated else None  # read (and fail) before any work
-    return {"q": q, "algorithm": algorithm, "alg": alg, "backend": backend, "calib": calib}
+    return {"q": q, "algorithm": algorithm, "alg": alg, "backend": backend, "calib": calib, "smooth": bool(smooth)}
 
 
 def _builder_extra(model_dir: Path, t, precision: str, q: dict | None, mixed) -> dict[str, str]:
@@ -298,11 +297,12 @@ def _builder_extra(model_dir: Path, t, precision: str, q: dict | None, mixed) ->
 
 
 def _build_quantized(model_dir: Path, out: Path, cache: Path, t, precision: str, r: dict[str, Any], extra: dict[str, str],
-                     mixed, token_ids) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                     mixed, token_ids) -> tuple[dict[str, Any], dict[str, Any] | None, Any]:
     """The graph into ``out`` by the request's backend: onnxruntime's quantizer over an fp32 build (``ort``),
     neural-compressor's checkpoint built and checked weight for weight (``inc``), or the builder itself with AWQ's
-    scales folded in, imatrix/GPTQ values streamed into its nodes and/or mixed precision. Returns (quantization
-    record, neural-compressor's weight parity)."""
+    scales folded in, imatrix/GPTQ values streamed into its nodes and/or mixed precision, over a checkpoint whose
+    down_proj inputs ``--smooth-8bit`` smoothed. Returns (quantization record, neural-compressor's weight parity, the
+    head's smoothing scales for :func:`_head_and_embedding` or None)."""
     q, algorithm, alg, backend = r["q"], r["algorithm"], r["alg"], r["backend"]
     ep = t.runtime.resolved_builder_provider
     src = builder_input(model_dir, cache)
@@ -313,7 +313,7 @@ def _build_quantized(model_dir: Path, out: Path, cache: Path, t, precision: str,
         build(src, cache / "fp32", "fp32", ep, cache, {"shared_embeddings": "false"})
         with console.step(f"onnxruntime MatMulNBitsQuantizer ({algorithm} int4)"), console.results_only_stdout():
             qinfo = quantize_onnx(cache / "fp32", out, algorithm=algorithm, q=q, token_ids=token_ids)
-        return qinfo, parity
+        return qinfo, parity, None
     if backend == "inc":
         with console.step(f"neural-compressor ({algorithm} int4)"), console.results_only_stdout():
             qmodel, qinfo = inc_checkpoint(src, cache / "inc", algorithm=algorithm, q=q, token_ids=token_ids)
@@ -324,7 +324,7 @@ def _build_quantized(model_dir: Path, out: Path, cache: Path, t, precision: str,
         if not parity["compared"] or parity["max_abs_diff"] > 1e-5 * max(1.0, parity["max_abs_weight"]):
             raise CheckFailed(f"the graph's int4 weights differ from neural-compressor's (max |diff| {parity['max_abs_diff']:.3g} "
                               f"over {parity['compared']} MatMulNBits nodes)", hint="the builder misread the GPTQ-layout checkpoint")
-        return qinfo, parity
+        return qinfo, parity, None
     if backend == "awq":  # scales folded into a checkpoint; the builder's RTN then
         from .awq import scale_checkpoint
 
@@ -334,10 +334,9 @@ def _build_quantized(model_dir: Path, out: Path, cache: Path, t, precision: str,
             qinfo["awq"] = scale_checkpoint(model_dir, cache / "awq", token_ids=token_ids, q=q)
         (cache / "awq-view").mkdir()
         src = builder_input(cache / "awq", cache / "awq-view")
-    if precision == "int4" and q.get("smooth_8bit"):  # exact in float: the imatrix statistics and the mixed plan below read the smoothed model
-        import numpy as np
-
-        from .smooth import HEAD_SCALES, down_layers, smooth_checkpoint
+    head_scales = None
+    if r["smooth"]:  # exact in float: the imatrix statistics and the mixed plan below read the smoothed model
+        from .smooth import down_layers, smooth_checkpoint
 
         layers = down_layers(mixed, config_value(model_dir, "num_hidden_layers") or 0)
         head_block = _head_block(model_dir, q) if q["lm_head"] == "int8" else None
@@ -345,8 +344,6 @@ def _build_quantized(model_dir: Path, out: Path, cache: Path, t, precision: str,
         with console.step(f"smooth: the 8-bit nodes' activation outliers into the weights ({what})"), console.results_only_stdout():
             qinfo["smooth"], head_scales = smooth_checkpoint(model_dir, cache / "smooth", token_ids=token_ids, layers=layers,
                                                              block=int8_block_size(q), symmetric=q["symmetric"], head_block=head_block)
-        if head_scales is not None:  # folded into the graph's head and final norm by _head_and_embedding
-            np.save(cache / HEAD_SCALES, head_scales)
         if qinfo["smooth"]["checkpoint_changed"]:
             (cache / "smooth-view").mkdir()
             model_dir, src = cache / "smooth", builder_input(cache / "smooth", cache / "smooth-view")
@@ -383,19 +380,7 @@ def _build_quantized(model_dir: Path, out: Path, cache: Path, t, precision: str,
 
         with console.step(f"mixed precision: {len(plan['layers'])} MatMuls at 8 bits"), console.results_only_stdout():
             qinfo["mixed"] = finish_mixed(out, plan, q=q, execution_provider=t.runtime.execution_provider)
-    return qinfo, parity
-
-
-def _smooth_head_scales(cache: Path):
-    """The head's ``--smooth-8bit`` scales the checkpoint pass left in ``cache``, or None."""
-    from .smooth import HEAD_SCALES
-
-    path = cache / HEAD_SCALES
-    if not path.exists():
-        return None
-    import numpy as np
-
-    return np.load(path)
+    return qinfo, parity, head_scales
 
 
 def _head_block(model_dir: Path, q: dict) -> int:

@@ -40,7 +40,6 @@ from .awq import _LAYOUTS, _plan, float_logit_check, run_calibration, save_scale
 GRID = 20
 MAX_ROWS = 2048  # calibration rows kept per layer for the search (strided over all tokens)
 HEAD_OUTPUTS = 8192  # the head's search measures its error on this many vocabulary rows (a fixed random sample)
-HEAD_SCALES = "smooth-head-scales.npy"  # the head's scales, from the checkpoint pass to the graph step
 
 
 def down_layers(mixed: dict | None, num_layers: int) -> list[int]:
@@ -66,8 +65,7 @@ def check_request(mixed: dict | None, *, accuracy_level: int, lm_head: str, back
         raise BadInput(f"--smooth-8bit works with the builder's int4 algorithms (rtn, k_quant, awq, imatrix, imatrix-gptq), "
                        f"not the '{backend}' quantizer's", hint="use --int4-algorithm imatrix-gptq, or drop --smooth-8bit")
 
-    by_rule = bool(mixed) and ("modules" in mixed or "layers" in mixed) and bool(down_layers(mixed, 1 << 16))
-    if not by_rule and lm_head != "int8":
+    if not down_layers(mixed, 1) and lm_head != "int8":  # 1 layer: any down_proj at 8 bits by rule or by name
         raise BadInput("--smooth-8bit smooths the inputs of the 8-bit nodes (down_proj by rule, the int8 head); this export has none",
                        hint="add --int4-lm-head int8 and/or --mixed-8bit down_proj (a measured fraction is not known before the export)")
     if accuracy_level != 4:
