@@ -24,7 +24,7 @@ DEVICE_INSTALL = src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && \
 	find "$$src" -name __pycache__ -prune -exec rm -rf {} + && \
 	$(DEVICE_PY) -m pip install -q
 
-.PHONY: setup device-venv demo test test-heavy test-fast bench bench-quick bench-scale peers lock clean
+.PHONY: setup device-venv demo test test-heavy test-fast bench bench-quick bench-scale peers peers-avx2 lock clean
 
 # The peer (llama.cpp via llama-cpp-python) lives in its own venv: the project venv and
 # `make test` never need it. Built once from the PyPI sdist (~17 min on 2 cores), native CPU
@@ -46,6 +46,11 @@ PEERS_NO_AMX     = '-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
 PEERS_CMAKE_ARGS ?= -DGGML_NATIVE=ON $(if $(PEERS_AMX),-DCMAKE_C_FLAGS=$(PEERS_NO_AMX) -DCMAKE_CXX_FLAGS=$(PEERS_NO_AMX))
 PEERS_STAMP      = $(PEERS_VENV)/.peers-llama-cpp-python-$(LLAMA_CPP_VER)$(if $(PEERS_AMX),-$(PEERS_AMX))
 PEERS_SRC        = $(PEERS_VENV)/src/llama_cpp_python-$(LLAMA_CPP_VER)
+# `make peers-avx2`: the same llama.cpp compiled for AVX2 only (no AVX-512, AVX-VNNI or AMX), the peer of
+# `benchmarks.run --mask-cpu avx2` (onnxruntime's AVX2 kernels on this machine; docs/benchmarks.md).
+PEERS_AVX2_VENV ?= .venv-peers-avx2
+PEERS_AVX2_CMAKE_ARGS = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF
 BENCH_ARGS      ?=
 
 $(VENV)/bin/python:
@@ -98,6 +103,9 @@ test-heavy: setup device-venv
 
 test-fast: setup device-venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+peers-avx2:
+	$(MAKE) peers PEERS_VENV=$(PEERS_AVX2_VENV) PEERS_CMAKE_ARGS="$(PEERS_AVX2_CMAKE_ARGS)" PEERS_AMX=
 
 $(PEERS_STAMP):
 	$(PEERS_PYTHON) -m venv $(PEERS_VENV)

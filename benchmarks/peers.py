@@ -140,6 +140,7 @@ class Peer:
         self.converter = srcs[-1] if srcs else None
         self.convert_site = self.venv / "convert-site" if self.venv else None
         self.version = None
+        self.system_info = None
         self.build_s = None
         self.problem = None
         if self.venv is None:
@@ -147,11 +148,13 @@ class Peer:
         elif not (self.python and self.python.is_file()):
             self.problem = f"{self.venv} has no python: run `make peers PEERS_VENV={self.venv}` (~17 min on 2 cores, once)"
         else:
-            p = subprocess.run([str(self.python), "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True, timeout=120)
+            p = subprocess.run([str(self.python), "-c", "import llama_cpp; print(llama_cpp.__version__); "
+                                "print(llama_cpp.llama_print_system_info().decode())"], capture_output=True, text=True, timeout=120)
             if p.returncode != 0:
                 self.problem = f"llama_cpp does not import in {self.venv}: {tail(p.stderr)} (run `make peers`)"
             else:
-                self.version = p.stdout.strip()
+                self.version, _, info = p.stdout.strip().partition("\n")
+                self.system_info = info.strip() or None  # the instructions llama.cpp was compiled for (AVX2 = 1 | AVX512 = 1 ...)
             if self.converter is None:
                 self.problem = self.problem or f"{self.venv}/src has no unpacked llama-cpp-python sdist (convert_hf_to_gguf.py): run `make peers`"
         try:
@@ -642,8 +645,13 @@ def run(a: Any, root: Path, notes: list[str], log: Log) -> dict:
     if not any(t.role == "judge" for t in evals):
         out["notes"].append("no judge text on this machine: the quality columns are from the seen text only, and no row can meet the goal")
     peer = Peer(getattr(a, "peers_venv", None))
+    if peer.ok and getattr(a, "mask_cpu", None):  # an AVX2 run against a llama.cpp compiled for AVX-512 compares nothing
+        from .cpumask import peer_refusal
+
+        peer.problem = peer_refusal(peer.system_info)
     out["peer"] = {"venv": str(peer.venv) if peer.venv else None, "llama_cpp_python": peer.version, "problem": peer.problem,
-                   "build_seconds": peer.build_s, "converter": str(peer.converter) if peer.converter else None}
+                   "build_seconds": peer.build_s, "converter": str(peer.converter) if peer.converter else None,
+                   "system_info": peer.system_info}
     if not peer.ok:
         out["notes"].append(f"llama.cpp rows missing: {peer.problem}")
         log(f"peer: {peer.problem}")

@@ -343,8 +343,11 @@ def peers_intro(results: dict) -> str:
     m = results.get("machine") or {}
     peer = p.get("peer") or {}
     feats = m.get("doctor_cpu_features") or m.get("cpu_features") or []
+    mask = m.get("cpu_mask")
+    masked = (f" **masked to {mask['mask'].upper()} for this run** (CPUID without {mask['hidden']}: benchmarks/cpumask.py; "
+              f"llama.cpp: {peer.get('system_info') or '?'})" if mask else "")
     return (f"Machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} logical CPUs, {fmt(m.get('memory_gib'), '.0f')} GiB, CPU features "
-            f"(edgetune doctor): {', '.join(feats) or '?'}; load average at start {m.get('loadavg_start', DASH)}, at end "
+            f"(edgetune doctor): {', '.join(feats) or '?'}{masked}; load average at start {m.get('loadavg_start', DASH)}, at end "
             f"{m.get('loadavg_end', DASH)}. Date {results.get('created', '?')}; `{results.get('command', '')}`; llama-cpp-python "
             f"{peer.get('llama_cpp_python') or DASH}. Perplexity: llama-perplexity's chunked method (chunks of {s.get('chunk')}, second "
             f"half scored) on the first {fmt(s.get('eval_tokens'), 'd')} tokens of each text, the same token ids for every engine; KL / "

@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per speed run (default 128, quick 64)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per speed figure (default 3, quick 2)")
     ap.add_argument("--export-timeout", type=int, default=600, help="seconds allowed per export (--slow-algorithms: at least 1800)")
+    ap.add_argument("--mask-cpu", choices=["avx2"], default=None,
+                    help="hide AVX-512, AVX-VNNI and AMX from every process of the run (CPUID, benchmarks/cpumask.py): an "
+                         "AVX2-only CPU's onnxruntime kernels at this machine's speed; needs a peer built for AVX2 (make peers-avx2)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--export-worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -124,6 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"schema": 1, "model": "SmolLM2-135M-Instruct", "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                "command": cmd, "machine": machine(), "versions": versions(), "settings": s, "notes": []}
     notes = results["notes"]
+    if a.mask_cpu:
+        from .cpumask import MaskError, apply
+
+        try:
+            results["machine"]["cpu_mask"] = apply(a.mask_cpu, root / "cpumask")
+        except MaskError as exc:
+            print(f"edgetune bench: --mask-cpu {a.mask_cpu}: {exc}", file=sys.stderr)
+            return 2
+        notes.append(f"CPU features masked ({a.mask_cpu}): every process of this run saw {results['machine']['cpu_mask']['seen']} "
+                     "(benchmarks/cpumask.py); onnxruntime ran the kernels of a CPU with AVX2 only, at this machine's speed.")
     if (os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)):
         notes.append(f"The machine was busy when the run started (load average {results['machine']['loadavg_start']} on "
                      f"{os.cpu_count()} CPUs): timings are noisy; re-run on a quiet machine for final numbers.")

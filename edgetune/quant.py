@@ -212,7 +212,7 @@ RECIPE_CANDIDATES: tuple[dict[str, Any], ...] = (
      "int4": {"algorithm": "imatrix-gptq", "symmetric": False, "lm_head": "int8", "int8_block_size": 128},
      "mixed": {"modules": ["v_proj", "down_proj"]}, "pack": True},
     # the same at accuracy_level 4 with the 8-bit nodes' inputs smoothed (--smooth-8bit: the kernel's int8 activation
-    # blocks of 128 round finely); tried only on CPU targets whose int8 kernels run zero points right (avx512f listed)
+    # blocks of 128 round finely); tried on CPU targets (AVX2 included: tests/test_avx2_emulation.py)
     {"name": "imatrix-gptq-head8-vdown8-smooth", "precision": "int4",
      "int4": {"algorithm": "imatrix-gptq", "symmetric": False, "lm_head": "int8", "int8_block_size": 128, "accuracy_level": 4,
               "smooth_8bit": True},

@@ -16,8 +16,9 @@ for a profile with ``[quantization] recipe = "auto"``):
 2. On CPU targets whose profile accuracy_level is not 4, a **level-4 twin** of each candidate is
    made by rewriting the MatMulNBits accuracy_level attribute (the weights are the same; only the
    compute type changes), so validation decides whether int8 activations are good enough on this
-   model (onnxruntime #29849), never a silent default. Twins of candidates with zero points are
-   made only when the target lists avx512f (onnxruntime #29853: AVX2 CompInt8 wrong for asymmetric).
+   model (onnxruntime #29849), never a silent default. Zero points included: onnxruntime #29853 (MLAS's AVX2
+   M=1 CompInt8 kernel wrong for them in a direct MLAS test) does not show through MatMulNBits in onnxruntime 1.32 on
+   an emulated AVX2-only CPU (tests/test_avx2_emulation.py).
 3. Each one is validated with :func:`edgetune.validate.validate` (perplexity, KL, top-1, generation
    agreement, task metrics if the validator reports them, size, latency and decode tok/s) against the
    target's budgets, on the eval data (default: the calibration texts) vs the PyTorch reference
@@ -159,10 +160,10 @@ def candidate_list(names=None) -> list[dict[str, Any]]:
     return out
 
 
-def _level4_runs(t, *, symmetric: bool) -> bool:
-    """Whether a candidate made at accuracy_level 4 may run on the target: its CPU kernels, and zero points only where
-    the target lists avx512f (onnxruntime #29853: AVX2 CompInt8 wrong for asymmetric), as for the twins below."""
-    return t.runtime.execution_provider == "cpu" and (symmetric or "avx512f" in t.runtime.cpu_features)
+def _level4_runs(t) -> bool:
+    """Whether a candidate made at accuracy_level 4 (int8 activations) may run on the target: the CPU's kernels. With
+    zero points too, AVX2 included (tests/test_avx2_emulation.py: onnxruntime #29853 does not show through MatMulNBits)."""
+    return t.runtime.execution_provider == "cpu"
 
 
 def _level4_twin_ok(cand: dict, t, rec: dict) -> bool:
@@ -172,8 +173,7 @@ def _level4_twin_ok(cand: dict, t, rec: dict) -> bool:
     body = [p for p in (rec.get("kernel_paths") or {}).get("nodes", []) or rec.get("matmulnbits") or [] if p["bits"] == 4]
     if not body or all(p["accuracy_level"] == 4 for p in body):
         return False
-    has_zp = any(p["zero_points"] not in ("none", False) for p in body)
-    return _level4_runs(t, symmetric=not has_zp)
+    return _level4_runs(t)
 
 
 def _row(name: str, report: dict | None, rec: dict | None, error: str | None = None, failed: list[str] | None = None) -> dict[str, Any]:
@@ -255,9 +255,9 @@ def auto_export(model_dir, out, *, target, calibration=None, data=None, candidat
             int4 = dict(cand.get("int4") or {})
             alg = int4.get("algorithm", t.quantization.int4.algorithm)
             mark = time.monotonic()  # each row's seconds: the candidate's export (+ a sensitivity) and validation; a twin's validation
-            if int4.get("accuracy_level") == 4 and not _level4_runs(t, symmetric=int4.get("symmetric", t.quantization.int4.symmetric)):
-                rows.append(_row(name, None, None, error="needs the CPU's int8 kernels with zero points (accuracy_level 4): "
-                                                           "this target lists no avx512f (onnxruntime #29853)"))
+            if int4.get("accuracy_level") == 4 and not _level4_runs(t):
+                rows.append(_row(name, None, None, error="needs the CPU's int8-activation kernels (accuracy_level 4): "
+                                                           f"this target's execution provider is {t.runtime.execution_provider}"))
                 continue
             call = _export_call(cand, alg, model_dir, calib.path, lora, sens_by_alg)
             if call is None:

@@ -593,3 +593,19 @@ def test_a_speed_ratio_carries_its_range_over_paired_rounds():
     peers.goals(rows, res["peers"]["texts"])
     line = next(ln for ln in peers.summary({"rows": rows, "texts": res["peers"]["texts"]}) if ln.startswith(et["label"]))
     assert "decode 2.00x (rounds 1.50-2.50x) at 1 thread, decode 1.50x at 2 threads" in line
+
+
+# ------------------------------------------------------------------ --mask-cpu avx2 (benchmarks/cpumask.py)
+
+
+def test_cpu_mask_refuses_a_peer_compiled_for_avx512():
+    from benchmarks.cpumask import peer_refusal
+
+    native = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX_VNNI = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "
+              "AVX512_VBMI = 1 | AVX512_VNNI = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | ")
+    refusal = peer_refusal(native)
+    assert refusal and "AVX512, AVX512_VBMI, AVX512_VNNI, AVX_VNNI" in refusal and "make peers-avx2" in refusal
+    avx2 = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | "
+    assert peer_refusal(avx2) is None
+    assert "could not be read" in peer_refusal(None)
+

@@ -452,20 +452,25 @@ def test_auto_recipe_picks_fastest_passing(tiny_llama, calib_file, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auto"]
 
 
-def test_auto_recipe_smooth_candidate_runs_where_level_4_runs_zero_points(tiny_llama, calib_file, tmp_path):
-    """The smoothed candidate is made at accuracy_level 4 (--smooth-8bit shapes its int8 activations): tried on a target
-    that lists avx512f, skipped with its reason on plain AVX2 (onnxruntime #29853: asymmetric CompInt8 wrong there)."""
-    cands = ["imatrix-gptq-head8-vdown8-smooth", "rtn-head8"]
-    out = export_with_recipe(tiny_llama, tmp_path / "avx2", target="cpu-x86", recipe="auto", calibration=calib_file, data=calib_file,
-                             candidates=cands, validate_options=FAST_VALIDATE)
-    rows = {r["recipe"]: r for r in results(out)["recipe"]["table"]}
-    assert results(out)["recipe"]["chosen"].startswith("rtn-head8") and "lists no avx512f" in rows[cands[0]]["error"]
-    out = export_with_recipe(tiny_llama, tmp_path / "avx512", target="cpu-x86-avx512", recipe="auto", calibration=calib_file,
-                             data=calib_file, candidates=cands[:1], validate_options=FAST_VALIDATE)
+def test_auto_recipe_smooth_candidate_runs_on_avx2_and_asymmetric_twins_are_made(tiny_llama, calib_file, tmp_path):
+    """The smoothed candidate is made at accuracy_level 4 (--smooth-8bit shapes its int8 activations), and candidates with
+    zero points get level-4 twins: on plain AVX2 (cpu-x86) too, since onnxruntime #29853 does not show through
+    MatMulNBits there (tests/test_avx2_emulation.py). Level 4 stays a CPU matter: a GPU target skips it."""
+    from edgetune.recipes import _level4_runs
+    from edgetune.targets import resolve
+
+    smooth = "imatrix-gptq-head8-vdown8-smooth"
+    out = export_with_recipe(tiny_llama, tmp_path / "smooth", target="cpu-x86", recipe="auto", calibration=calib_file,
+                             data=calib_file, candidates=[smooth], validate_options=FAST_VALIDATE)
     rec = results(out)
-    assert rec["recipe"]["chosen"] == cands[0] and rec["int4"]["smooth_8bit"] and rec["int4"]["accuracy_level"] == 4
+    assert rec["recipe"]["chosen"] == smooth and rec["int4"]["smooth_8bit"] and rec["int4"]["accuracy_level"] == 4
     sm = rec["quantization"]["smooth"]
     assert sm["layers"] == 2 and sm["head"]["err_after"] <= sm["head"]["err_before"]
+    out = export_with_recipe(tiny_llama, tmp_path / "twin", target="cpu-x86", recipe="auto", calibration=calib_file,
+                             data=calib_file, candidates=["imatrix-head8"], validate_options=FAST_VALIDATE)
+    rows = results(out)["recipe"]["table"]  # imatrix-head8 has uint4 zero points: its level-4 twin is made and validated
+    assert [r["recipe"] for r in rows] == ["imatrix-head8", "imatrix-head8@level4"] and all("error" not in r for r in rows)
+    assert _level4_runs(resolve("cpu-x86")) and _level4_runs(resolve("cpu-arm64")) and not _level4_runs(resolve("gpu-cuda"))
 
 
 def test_auto_recipe_gptq_rule_candidate_ships_packed(tiny_llama, calib_file, tmp_path):
@@ -474,7 +479,8 @@ def test_auto_recipe_gptq_rule_candidate_ships_packed(tiny_llama, calib_file, tm
     out = export_with_recipe(tiny_llama, tmp_path / "auto", target="cpu-x86", recipe="auto", calibration=calib_file, data=calib_file,
                              candidates=["imatrix-gptq-head8-vdown8"], validate_options=FAST_VALIDATE)
     rec = results(out)
-    assert rec["recipe"]["chosen"] == "imatrix-gptq-head8-vdown8"
+    # its level-4 twin too (uint4 zero points run at level 4 on AVX2 as well): either ships packed
+    assert rec["recipe"]["chosen"] in ("imatrix-gptq-head8-vdown8", "imatrix-gptq-head8-vdown8@level4")
     layers = json.loads((tiny_llama / "config.json").read_text())["num_hidden_layers"]
     assert rec["packed"]["groups"] == 2 * layers
     assert {n.split("/")[-2] for n in rec["packed"]["nodes"]} == {"qk_proj", "gate_up_proj"}

@@ -9,9 +9,11 @@ a float offset per block) is computed exactly as
 
 because ``sum_k x_k (s (q_k - z0) + o) = s sum_k x_k (q_k - z0) + o sum_k x_k`` within a block.
 onnxruntime 1.32's CPU MatMulNBits with *float* zero points (what an asymmetric float form would
-need) skips prepacking and dequantizes B on every call (about 20x slower, docs/llm.md), and its
-asymmetric CompInt8 kernel is wrong on AVX2 (onnxruntime #29853); the symmetric node + correction
-avoids both. GGUF Q4_1/Q4_K/Q5_1/Q5_K and HQQ's float zero points all fit this form.
+need) skips prepacking and dequantizes B on every call (about 20x slower, docs/llm.md); the
+symmetric node + correction avoids it. GGUF Q4_1/Q4_K/Q5_1/Q5_K and HQQ's float zero points all
+fit this form. (It also kept these graphs clear of onnxruntime #29853, an AVX2 CompInt8 fault for
+uint zero points seen in a direct MLAS test, which MatMulNBits in onnxruntime 1.32 does not show
+on an emulated AVX2 CPU: tests/test_avx2_emulation.py.)
 
 Why own code: no library maps externally quantized blocks (GGUF, HQQ) onto MatMulNBits' storage;
 onnxruntime's quantizers only quantize float weights themselves.
@@ -217,7 +219,7 @@ class GraphEdit:
         hi_scales = f"{weight_name}.scales/x{1 << m}"
         self.nodes.append(helper.make_node("Mul", [scales, factor], [hi_scales], name=f"{weight_name}.scales/Mul{1 << m}"))
         b_hi = self.initializer(f"{weight_name}.qweight_hi", pack(hi, 4, form.block))
-        # the low plane without zero points (symmetric: no onnxruntime #29853 on AVX2's CompInt8) where l + z0 fits:
+        # the low plane without zero points (symmetric: the kernel's plainest path) where l + z0 fits:
         # s (l - 0) = s ((l + z0) - z0), z0 = 2^(lo_bits-1) (Q5_0: l < 2, z0 = 2). Else uint zero points 0.
         z0 = 1 << (lo_bits - 1)
         symmetric = (1 << m) + z0 <= (1 << lo_bits)
