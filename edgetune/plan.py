@@ -116,6 +116,7 @@ class ExportPlan:
     side_int8: bool = False  # precision gguf: the fused side weights at 8 bits (export --side-int8)
     mixed: dict | None = None  # int4: {"modules": [...]} kept at 8 bits in every layer (export --mixed-8bit)
     pack: bool = False  # int4/int8: sibling MatMulNBits packed (export --pack-siblings)
+    recipe: str | None = None  # a named recipe or "auto" (export --recipe); None: the profile's
 
     @property
     def llm_precision(self) -> str:

@@ -227,3 +227,10 @@ RECIPE_CANDIDATES: tuple[dict[str, Any], ...] = (
     {"name": "gguf-float-lora", "precision": "gguf", "float_adapter": True},
     {"name": "gguf-float-lora-side8", "precision": "gguf", "float_adapter": True, "fuse": "int8", "int4": {"accuracy_level": 4}},
 )
+# The candidates a recipe may name on its own (`edgetune export --recipe NAME`, a build target's `recipe`, a profile's
+# [quantization] recipe): every one but the float-adapter ones, which need a base and its adapter (`edgetune build`).
+NAMED_RECIPES: tuple[str, ...] = tuple(c["name"] for c in RECIPE_CANDIDATES if not c.get("float_adapter"))
+RECIPES: tuple[str, ...] = ("profile", "auto", *NAMED_RECIPES)
+# the search's own options, by their CLI flags: refused without `--recipe auto`
+SEARCH_FLAGS = {"data": "--eval-data", "candidates": "--recipe-candidates", "validate_options": "validate_options",
+                "time_budget_s": "--recipe-time-budget"}

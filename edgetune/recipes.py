@@ -44,6 +44,7 @@ from typing import Any
 from . import artifacts, console
 from .errors import BadInput, CheckFailed, EdgetuneError, UnloadableGraph
 from .quant import INT4_ALGORITHMS
+from .quant import NAMED_RECIPES, SEARCH_FLAGS
 from .quant import RECIPE_CANDIDATES as CANDIDATES  # (data: the profile checks names against it)
 from .targets import resolve
 
@@ -123,8 +124,15 @@ def export_with_recipe(model, out, *, target, precision=None, **options) -> Path
         return export(folder, out, target=target, precision=precision, **options)  # refuses recipe options itself
     target = resolve(target)  # once, for the recipe and the export
     recipe = options.pop("recipe", None)
-    if recipe is None and precision is None and not any(options.get(k) for k in ("int4", "adapters", "mixed", "pack")):
+    asked = recipe is not None
+    if recipe is None and precision is None and not any(options.get(k) for k in ("int4", "adapters", "mixed", "pack", "float_adapter")):
         recipe = target.quantization.recipe
+    if recipe in NAMED_RECIPES:
+        if search_only := [flag for k, flag in SEARCH_FLAGS.items() if k in options]:
+            raise BadInput(f"{', '.join(search_only)} only apply to --recipe auto", hint="add --recipe auto")
+        return export_named(folder, out, target=target, name=recipe, asked=asked, precision=precision, **options)
+    if recipe not in (None, "profile", "auto"):
+        raise BadInput(f"unknown recipe '{recipe}'", hint=f"use profile, auto or a candidate: {', '.join(NAMED_RECIPES)}")
     if recipe != "auto":
         return export(folder, out, target=target, precision=precision, recipe=recipe, **options)
     from .export.decoder.proof import check_runtime_shapes
@@ -138,6 +146,47 @@ def export_with_recipe(model, out, *, target, precision=None, **options) -> Path
         raise BadInput("--recipe auto chooses precision and int4 options itself",
                        hint="drop --precision/--int4-*/--mixed-8bit/--adapter, or use --recipe profile")
     return auto_export(folder, out, target=target, lora=lora_search, **options, **search)
+
+
+def export_named(folder: Path, out, *, target, name: str, asked: bool, precision=None, **options) -> Path:
+    """One candidate recipe by name (``--recipe NAME``, a build target's ``recipe``, a profile's ``[quantization] recipe``):
+    exported as the search exports it (its precision, int4 options over the profile's, mixed layers, packing; the
+    calibration given, else the generic set), validated by whoever calls (``edgetune build`` does), not searched. From a
+    profile (``asked`` False) a GGUF not fine-tuned keeps its own weights: the exact transcode stays its default."""
+    from .export import export
+    from .export.decoder.gguf_export import gguf_source
+
+    if not asked:
+        try:
+            if gguf_source(folder) is not None:
+                return export(folder, out, target=target, **options)
+        except BadInput:
+            pass  # its GGUF moved: the export says so and uses the profile's precision
+    flag = {"int4": "--int4-*", "mixed": "--mixed-8bit", "pack": "--pack-siblings", "adapters": "--adapter", "fuse": "--no-fuse/--side-int8",
+            "float_adapter": "--float-adapter"}
+    extra = sorted(k for k in options if k not in ("calibration", "task"))
+    if precision is not None or extra:
+        flags = ["--precision"] * (precision is not None) + [flag.get(k, f"--{k.replace('_', '-')}") for k in extra]
+        raise BadInput(f"--recipe {name} sets the precision and quantization options itself; {', '.join(flags)} given too",
+                       hint=f"drop {', '.join(flags)}, or use --recipe profile with your own options")
+    cand = next(copy.deepcopy(c) for c in CANDIDATES if c["name"] == name)
+    int4 = dict(cand.get("int4") or {})
+    note = None
+    if int4.get("smooth_8bit") and not asked:  # the profile's default: a layout the folds do not know loses only them
+        from .export.decoder.smooth import supported
+
+        if not supported(folder):
+            int4["smooth_8bit"] = False
+            note = "without --smooth-8bit: its folds do not know this model's layer layout"
+            console.warn(f"recipe {name} {note}")
+    _, kw = _export_call(cand, int4.get("algorithm", target.quantization.int4.algorithm), folder, options.get("calibration"), None, {})
+    out = export(folder, out, target=target, precision=cand.get("precision"), int4=int4, **kw)
+    record = artifacts.read_record(out)
+    record["results"]["recipe_name"] = name  # which named recipe made it (the options above are in the record already)
+    if note:
+        record["results"]["recipe_note"] = note
+    artifacts.write_json(Path(out) / artifacts.RECORD_NAME, record)
+    return out
 
 
 def candidate_list(names=None) -> list[dict[str, Any]]:

@@ -110,8 +110,10 @@ class Int8(_Strict):
 class Quantization(_Strict):
     # Decoder export recipe when the caller names no precision/int4 options: "profile" = [precision].llm
     # with [quantization.int4]; "auto" = search the candidate recipes against [budgets] and keep the
-    # fastest that passes (edgetune.recipes; minutes per model, so opt-in per profile).
-    recipe: Literal["profile", "auto"] = "profile"
+    # fastest that passes (edgetune.recipes; minutes per model, so opt-in per profile); or one candidate's
+    # name (quant.NAMED_RECIPES, e.g. "imatrix-gptq-head8-vdown8-smooth"): that recipe, exported as the
+    # search would export it, not searched. A GGUF not fine-tuned keeps its own weights by default either way.
+    recipe: str = "profile"
     # recipe = "auto": the candidates to try, in order (default: all of quant.RECIPE_CANDIDATES; the float-adapter
     # ones where the build gives a LoRA), and the search's time budget in seconds (a candidate starts only while the
     # search has run for less; the rest are rows "not tried"). Unset: no limit.
@@ -119,6 +121,13 @@ class Quantization(_Strict):
     recipe_time_budget_s: float | None = Field(None, gt=0)
     int4: Int4 = Int4()
     int8: Int8 = Int8()
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, name: str) -> str:
+        if name not in quant.RECIPES:
+            raise ValueError(f"unknown recipe {name!r} (profile, auto, or a candidate: {', '.join(quant.NAMED_RECIPES)})")
+        return name
 
     @field_validator("recipe_candidates")
     @classmethod

@@ -57,6 +57,7 @@ EXPORTS = "test_families::test_family_exports_fp32_exactly_past_the_sliding_wind
 COLUMNS = {
     "fp32": "fp32 export == PyTorch past the window",
     "int4": "int4 (RTN)",
+    "default": "cpu-x86's default recipe (imatrix-gptq, 8-bit v/down/head smoothed, int8 activations)",
     "pipeline": "whole pipeline: LoRA finetune -> merge -> int4 -> validate -> bundle -> run",
     "awq": "AWQ",
     "k_quant": "k_quant",
@@ -160,6 +161,7 @@ def _row(family: str) -> dict[str, Cell]:
     row: dict[str, Cell] = {
         "fp32": Yes((EXPORTS,), fp32_note),
         "int4": Yes((EXPORTS, PIPELINE)),
+        "default": Yes((EXPORTS,), "closer to PyTorch than RTN"),
         "pipeline": Yes(pipeline_tests),
         "gguf": _GGUF.get(family, NotTested()),
     }

@@ -77,6 +77,8 @@ def test_the_proof_stays_within_the_exports_context(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_exports_fp32_exactly_past_the_sliding_window_and_int4(family, tmp_path):
+    """fp32 equals PyTorch past the sliding window (full pass and cached decode); int4 RTN and cpu-x86's default recipe
+    export and run, the default closer to PyTorch."""
     src = build_family(family, tmp_path / "src")
     fp32 = json.loads((export(src, tmp_path / "fp32", target="cpu-x86", precision="fp32") / "edgetune.json").read_text())["results"]
     proof = fp32["graph_proof"]
@@ -89,6 +91,17 @@ def test_family_exports_fp32_exactly_past_the_sliding_window_and_int4(family, tm
     q = int4["graph_proof"]
     assert q["tolerance"] is None and q["tokens"] == proof["tokens"] and 0.0 < q["max_abs_logit_diff"] and q["top1_agreement"] > 0.3, q
     assert q["max_abs_logit_diff_cached_vs_full_pass"] < 0.05 * max(1.0, q["logit_scale"]), q  # same int4 graph, cached or not
+    # cpu-x86's default recipe (no precision or quantization option given; issue 33): exports every family, and its
+    # graph is closer to PyTorch than RTN's over the same tokens (past the window), one token at a time as well
+    from edgetune.recipes import export_with_recipe
+
+    fast = json.loads((export_with_recipe(src, tmp_path / "default", target="cpu-x86") / "edgetune.json").read_text())["results"]
+    d = fast["graph_proof"]
+    assert fast["recipe_name"] == "imatrix-gptq-head8-vdown8-smooth" and "recipe_note" not in fast
+    assert fast["quantization"]["smooth"]["layers"] > 0 and fast["packed"]["groups"] and fast["int4"]["accuracy_level"] == 4
+    assert d["tokens"] == proof["tokens"] and d["max_abs_logit_diff"] < q["max_abs_logit_diff"], (d, q)
+    assert d["top1_agreement"] >= q["top1_agreement"], (d, q)
+    assert d["max_abs_logit_diff_cached_vs_full_pass"] < 0.05 * max(1.0, d["logit_scale"]), d
 
 
 @pytest.mark.parametrize("family", ["gemma2", "mistral"])

@@ -177,6 +177,12 @@ def test_build_takes_the_grid_from_its_targets_and_refuses_a_mismatch(tmp_path):
         load_config(_config(tmp_path, two))
     with pytest.raises(BadInput, match="no target exports the merged model at int4"):
         load_config(_config(tmp_path, '[[targets]]\nname = "cpu-x86"\nprecision = "gguf"\nadapter = "float"\n'))
+    # cpu-x86's default recipe (a target with no precision) is imatrix-gptq with 8-bit layers: not the grid trained for
+    with pytest.raises(BadInput, match="targets.cpu-x86 exports with recipe 'imatrix-gptq-head8-vdown8-smooth' \\(its profile "
+                                       "default\\), not on the int4 RTN grid"):
+        load_config(_config(tmp_path, '[[targets]]\nname = "cpu-x86"\n'))
+    with pytest.raises(BadInput, match="recipe 'rtn-head8', not on the int4 RTN grid"):
+        load_config(_config(tmp_path, '[[targets]]\nname = "cpu-x86"\nrecipe = "rtn-head8"\n'))
     with pytest.raises(BadInput, match="needs --method lora"):
         load_config(_dora(tmp_path))
     # a target's own int4 table is the grid too: lm_head int8 there trains the head at int8

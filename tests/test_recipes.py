@@ -364,6 +364,81 @@ def test_build_target_takes_mixed_8bit_pack_and_smoothing(tiny_llama, calib_file
         assert not (root / "out").exists()
 
 
+SMOOTH = "imatrix-gptq-head8-vdown8-smooth"
+
+
+def test_a_named_recipe_exports_what_its_options_export(tiny_llama, calib_file, tmp_path, capsys):
+    """`--recipe NAME` is the candidate's options in one word (issue 33's fast recipe: seven flags), not a search: the same
+    graph, bit for bit, as the flags it stands for, and the record names it."""
+    from edgetune.recipes import graph_difference
+
+    code, out, err = run_cli(["export", str(tiny_llama), "-t", "cpu-x86", "--recipe", SMOOTH, "--calibration", str(calib_file),
+                              "-o", str(tmp_path / "named"), "--json"], capsys)
+    assert code == 0, out + err
+    rec = results(tmp_path / "named")
+    assert rec["recipe_name"] == SMOOTH and "recipe" not in rec  # no search table: nothing was searched
+    assert rec["int4"]["algorithm"] == "imatrix-gptq" and rec["int4"]["smooth_8bit"] and rec["int4"]["accuracy_level"] == 4
+    assert rec["packed"]["groups"] and rec["quantization"]["smooth"]["layers"] == 2
+    code, out, err = run_cli(["export", str(tiny_llama), "-t", "cpu-x86", "--precision", "int4", "--int4-algorithm", "imatrix-gptq",
+                              "--int4-asymmetric", "--int4-lm-head", "int8", "--int4-accuracy-level", "4", "--int8-block-size", "128",
+                              "--smooth-8bit", "--mixed-8bit", "v_proj,down_proj", "--pack-siblings", "--calibration", str(calib_file),
+                              "-o", str(tmp_path / "flags")], capsys)
+    assert code == 0, out + err
+    assert graph_difference(tmp_path / "named", tmp_path / "flags") is None
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--int4-lm-head", "int4"], "--recipe imatrix-gptq-head8-vdown8-smooth sets the precision and quantization options itself; --int4-* given"),
+    (["--precision", "int4"], "--precision given too"),
+    (["--pack-siblings"], "--pack-siblings given too"),
+])
+def test_a_named_recipe_refuses_other_quantization_options(tiny_llama, calib_file, tmp_path, capsys, extra, match):
+    code, out, err = run_cli(["export", str(tiny_llama), "-t", "cpu-x86", "--recipe", SMOOTH, "--calibration", str(calib_file),
+                              "-o", str(tmp_path / "x"), *extra], capsys)
+    assert code == 2 and match in out + err and not (tmp_path / "x").exists(), out + err
+
+
+def test_a_profile_names_its_default_recipe(tiny_llama, tmp_path, capsys):
+    """A profile's [quantization] recipe = NAME is what an export with no quantization options gets; any option given
+    is the caller's own recipe instead; a GGUF not fine-tuned keeps its own weights (the exact transcode); an unknown
+    name is refused when the profile is read."""
+    from tiny_gguf import write_tiny_llama_gguf
+    from tiny_models import build_bpe_tokenizer
+
+    prof = tmp_path / "fast.toml"
+    prof.write_text('extends = "cpu-x86"\nname = "fast"\n[quantization]\nrecipe = "rtn-head8"\n')
+    out = export_with_recipe(tiny_llama, tmp_path / "default", target=str(prof))
+    assert results(out)["recipe_name"] == "rtn-head8" and results(out)["int4"]["lm_head"] == "int8"
+    out = export_with_recipe(tiny_llama, tmp_path / "own", target=str(prof), int4={"lm_head": "int4"})
+    assert "recipe_name" not in results(out) and results(out)["int4"]["lm_head"] == "int4"
+    src = tmp_path / "gguf"
+    build_bpe_tokenizer(src)
+    out = export_with_recipe(write_tiny_llama_gguf(src / "tiny.gguf", src), tmp_path / "from-gguf", target=str(prof))
+    assert results(out)["precision"] == "gguf" and "recipe_name" not in results(out)
+    prof.write_text('extends = "cpu-x86"\nname = "bad"\n[quantization]\nrecipe = "fastest-please"\n')
+    code, out_, err = run_cli(["export", str(tiny_llama), "-t", str(prof), "-o", str(tmp_path / "bad")], capsys)
+    assert code == 2 and "unknown recipe 'fastest-please'" in out_ + err, out_ + err
+
+
+def test_a_build_target_names_a_recipe(tiny_llama, calib_file, tmp_path, capsys):
+    """A build's [[targets]] entry takes recipe = NAME (the export's --recipe); with quantization keys of its own beside it
+    the entry is refused before any work, named."""
+    from test_build import write_config
+
+    target = '[[targets]]\nname = "cpu-x86"\nrecipe = "rtn-head8"\narchive = false\n'
+    cfg = write_config(tmp_path / "b", tiny_llama, targets=target)
+    code, out, err = run_cli(["build", str(cfg), "--json", "--quiet"], capsys)
+    assert code in (0, 1), err
+    rec = json.loads((tmp_path / "b" / "out" / ".work" / "export-cpu-x86" / "edgetune.json").read_text())
+    assert rec["results"]["recipe_name"] == "rtn-head8" and rec["results"]["int4"]["lm_head"] == "int8"
+    assert json.loads(out)["targets"][0]["recipe"] == "rtn-head8"
+    root = tmp_path / "bad"
+    cfg = write_config(root, tiny_llama, targets=target + "pack = true\n")
+    code, _, err = run_cli(["build", str(cfg), "--quiet"], capsys)
+    assert code == 2 and 'targets[0].recipe = "rtn-head8" sets the precision and quantization itself; pack given too' in err, err
+    assert not (root / "out").exists()
+
+
 def test_mixed_keeps_an_fp32_head_float(tiny_llama, tmp_path):
     """The 8-bit step quantizes the planned layers only: onnxruntime's quantizer took every float MatMul, the fp32 head
     included (the export then failed its own head check)."""
@@ -546,7 +621,9 @@ def test_recipe_profile_field(tmp_path):
 
     prof = tmp_path / "a.toml"
     prof.write_text('name = "a"\nextends = "cpu-x86"\n[quantization]\nrecipe = "auto"\n')
-    assert load_target(str(prof)).quantization.recipe == "auto" and load_target("cpu-x86").quantization.recipe == "profile"
+    assert load_target(str(prof)).quantization.recipe == "auto"
+    assert load_target("cpu-x86").quantization.recipe == "imatrix-gptq-head8-vdown8-smooth"  # issue 33's recipe, by name
+    assert load_target("cpu-arm64").quantization.recipe == "profile"  # not measured on Arm
     prof.write_text('name = "a"\nextends = "cpu-x86"\n[quantization]\nrecipe = "best"\n')
     with pytest.raises(BadInput, match="recipe"):
         load_target(str(prof))

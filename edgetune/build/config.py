@@ -69,6 +69,18 @@ class TargetCfg(_Strict):
     mixed_8bit: list[str] | None = None
     # int4/int8 decoders on a CPU target: sibling MatMulNBits packed into one node (edgetune export --pack-siblings)
     pack: bool = False
+    # decoders: a named recipe (edgetune export --recipe NAME; edgetune.quant.NAMED_RECIPES) sets the precision, int4
+    # options, 8-bit layers and packing itself; "auto" searches; unset: the profile's [quantization] recipe
+    recipe: str | None = None
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, name: str | None) -> str | None:
+        from ..quant import NAMED_RECIPES, RECIPES
+
+        if name is not None and name not in RECIPES:
+            raise ValueError(f"unknown recipe {name!r} (profile, auto, or a candidate: {', '.join(NAMED_RECIPES)})")
+        return name
 
     def int4_options(self) -> dict[str, Any]:
         """The int4 overrides set (empty when none)."""
@@ -340,6 +352,13 @@ def _check_quant_aware(p: Path, cfg: BuildConfig, root: Path) -> None:
         if t.adapter != "merged":
             continue
         target = cfg.profile(t, root)
+        named = t.recipe if t.recipe not in (None, "profile") else target.quantization.recipe if t.recipe is None and \
+            t.precision is None and not (t.int4 or t.mixed_8bit or t.pack) else None
+        if named not in (None, "profile"):  # the export would not be on the grid the adapter is trained for
+            raise BadInput(f"{p}: targets.{t.name} exports with recipe {named!r}"
+                           f"{' (its profile default)' if t.recipe is None else ''}, not on the int4 RTN grid finetune.quant_aware "
+                           "trains for", hint=f"set precision = \"int4\" for targets.{t.name} (the profile's [quantization.int4]), or "
+                                              "drop quant_aware")
         if llm_precision(target, t.precision) == "int4":
             merged.append((t.name, {**target.quantization.int4.model_dump(), **t.int4_options()}))
     if not merged:

@@ -168,7 +168,7 @@ def _build(b: Build, cfg: BuildConfig, config, plans: list, train, ft_eval, vdat
                                               **({"float_adapter": xadapter} if xadapter else {})},
                 {"precision": plan.precision, **({"adapter": "float"} if xadapter else {}), **({"int4": int4} if int4 else {}),
                  **({"side_int8": True} if plan.side_int8 else {}), **({"mixed": plan.mixed} if plan.mixed else {}),
-                 **({"pack": True} if plan.pack else {})},
+                 **({"pack": True} if plan.pack else {}), **({"recipe": plan.recipe} if plan.recipe else {})},
                 lambda: run_export(xmodel, export_dir, plan, xadapter, lora), target=key)
 
         report_dir = b.work / f"validate-{key}"
@@ -212,10 +212,11 @@ def _build(b: Build, cfg: BuildConfig, config, plans: list, train, ft_eval, vdat
                 {"archive": tc.archive, "name": f"{cfg.name}-{key}", "passed": passed, **signed},
                 lambda: run_bundle(export_dir, dest, target, report_dir, tc.archive, f"{cfg.name}-{key}", b.sign, float_dir), target=key)
         manifest = read_json(dest / "manifest.json") or {}
-        search = ((artifacts.read_record(export_dir) or {}).get("results") or {}).get("recipe")
+        export_results = (artifacts.read_record(export_dir) or {}).get("results") or {}
         rows.append(summary_row(key, dest, manifest, report, passed, tc.archive, base_task, vs_float,
                                  own={"merged": "the quant-aware model's own fp32 merge", "base": "the fp32 base"}[cfg.validation.reference]
-                                 if float_model is not None else None, search=search))
+                                 if float_model is not None else None, search=export_results.get("recipe"),
+                                 recipe_name=export_results.get("recipe_name")))
         if not passed:
             failed_targets.append(key)
 

@@ -19,7 +19,13 @@ def export_plan(config, i: int, t: TargetCfg, target, calibration: Path | None):
     from ..plan import ExportPlan, Int4Plan, gguf_unused_int4
 
     plan = ExportPlan(target, t.precision, Int4Plan(target, t.int4_options()) if t.int4 else None, t.adapter, calibration,
-                      t.side_int8, {"modules": list(t.mixed_8bit)} if t.mixed_8bit else None, t.pack)
+                      t.side_int8, {"modules": list(t.mixed_8bit)} if t.mixed_8bit else None, t.pack, t.recipe)
+    if t.recipe not in (None, "profile"):  # a named recipe (or the search) decides precision and quantization itself
+        given = [k for k, v in (("precision", t.precision), ("int4", t.int4), ("mixed_8bit", t.mixed_8bit), ("pack", t.pack),
+                                ("side_int8", t.side_int8), ("adapter = \"float\"", t.adapter == "float")) if v]
+        if given:
+            raise BadInput(f"{config}: targets[{i}].recipe = \"{t.recipe}\" sets the precision and quantization itself; "
+                           f"{', '.join(given)} given too", hint=f"drop {', '.join(given)} from that target, or drop recipe")
     if t.side_int8 and plan.llm_precision != "gguf":
         raise BadInput(f"{config}: targets[{i}].side_int8 stores the fused side weights of a GGUF transcode; this target "
                        f"exports at {plan.llm_precision}", hint="set precision = \"gguf\" for that target, or drop side_int8")
@@ -105,6 +111,8 @@ def run_export(model: Path, out: Path, plan, float_adapter: Path | None = None, 
         opts["mixed"] = plan.mixed
     if plan.pack:
         opts["pack"] = True
+    if plan.recipe:
+        opts["recipe"] = plan.recipe
     export_with_recipe(model, out, target=plan.target, precision=plan.precision, **opts)
 
 

@@ -58,8 +58,9 @@ def _vs_float_row(vs_float: dict) -> dict[str, Any]:
 
 def summary_row(key: str, dest: Path, manifest: dict, report: dict, passed: bool, archive: bool,
                  base_task: dict | None = None, vs_float: dict | None = None, own: str | None = None,
-                 search: dict | None = None) -> dict[str, Any]:
-    """``search``: the export's recipe search (``results.recipe`` of a target whose profile says recipe = "auto")."""
+                 search: dict | None = None, recipe_name: str | None = None) -> dict[str, Any]:
+    """``search``: the export's recipe search (``results.recipe`` of a target whose profile says recipe = "auto");
+    ``recipe_name``: the named recipe that made the export (a target's or a profile's ``recipe = NAME``)."""
     figs = manifest.get("figures") or {}
     acc = report.get("accuracy") or {}
     lat = report.get("latency") or {}
@@ -115,6 +116,8 @@ def summary_row(key: str, dest: Path, manifest: dict, report: dict, passed: bool
         "latency_figures": {"decode_tokens_per_s_p50": p50("decode_tokens_per_s"), "time_to_first_token_ms_p50": p50("time_to_first_token_ms"),
                             "latency_ms_p50": (lat.get("latency_ms") or {}).get("p50") if isinstance(lat.get("latency_ms"), dict) else None},
     }
+    if recipe_name:
+        row["recipe"] = recipe_name
     if search and search.get("chosen"):  # recipe = "auto": which candidate ships, and why (the table is the export's record)
         tried = [r for r in search.get("table") or [] if r.get("failed") != ["time budget"]]
         row["recipe"] = f"auto: {search['chosen']} ({sum(r['passed'] for r in tried)} of {len(tried)} passed)"

@@ -58,9 +58,10 @@ class MixedSpec(click.ParamType):
               help="Calibration texts (.jsonl/.csv/.tsv/.txt): encoder int8-static, decoder int4 awq/gptq/inc-gptq.")
 @click.option("--task", help="Encoder task (sequence-classification, token-classification, question-answering, feature-extraction; "
                              "default: from the model's head). Marian/T5 models are exported for translation (fp32 or int8).")
-@click.option("--recipe", type=click.Choice(["profile", "auto"]),
+@click.option("--recipe", type=click.Choice(quant.RECIPES), metavar="profile|auto|NAME",
               help="Decoders: 'auto' searches the candidate recipes against the target's budgets and keeps the fastest that "
-                   "passes (docs/llm.md); default: the profile's [quantization].recipe.")
+                   "passes; a candidate's NAME exports that recipe (precision, int4 options, 8-bit layers, packing: e.g. "
+                   "imatrix-gptq-head8-vdown8-smooth, the fast faithful one; docs/llm.md); default: the profile's [quantization].recipe.")
 @click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), help="--recipe auto: text/JSONL to validate candidates on.")
 @click.option("--recipe-candidates", help="--recipe auto: comma-separated candidate names, tried in this order (default: the "
                                           "profile's recipe_candidates, else all; docs/llm.md).")

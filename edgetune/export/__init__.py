@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import BadInput
 from ..model_input import inspect, materialize
+from ..quant import SEARCH_FLAGS
 from ..targets import resolve
 
 # options that only a decoder export takes: refused (exit 2) for an encoder or a translation model
@@ -39,9 +40,7 @@ def export(model, out, *, target, precision=None, **options) -> Path:
                            hint="call edgetune.recipes.export_with_recipe, or `edgetune export --recipe auto`")
         if recipe not in (None, "profile"):
             raise BadInput(f"unknown recipe '{recipe}'", hint="use profile or auto")
-        flags = {"data": "--eval-data", "candidates": "--recipe-candidates", "validate_options": "validate_options",
-                 "time_budget_s": "--recipe-time-budget"}
-        search = [flag for k, flag in flags.items() if k in options]
+        search = [flag for k, flag in SEARCH_FLAGS.items() if k in options]
         if search:
             raise BadInput(f"{', '.join(search)} only apply to --recipe auto", hint="add --recipe auto")
         return export_llm(folder, out, target=resolve(target), precision=precision, **options)

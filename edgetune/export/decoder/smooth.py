@@ -77,6 +77,13 @@ def check_request(mixed: dict | None, *, accuracy_level: int, lm_head: str, back
                        hint=f"use it with {', '.join(_LAYOUTS)}, or drop --smooth-8bit")
 
 
+def supported(model_dir: Path) -> bool:
+    """Whether the folds know ``model_dir``'s layer layout (its config's model_type)."""
+    import json
+
+    return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") in _LAYOUTS
+
+
 def _kernel_a(x, block: int):
     """Activations as the CompInt8 kernel rounds them: per row, per block of K, int8 with scale amax / 127."""
     import torch
