@@ -609,3 +609,18 @@ def test_cpu_mask_refuses_a_peer_compiled_for_avx512():
     assert peer_refusal(avx2) is None
     assert "could not be read" in peer_refusal(None)
 
+
+
+def test_kernel_table_times_each_node_in_its_own_process(tmp_path):
+    """benchmarks.kernels: one MatMulNBits per shape, with and without zero points, timed in a fresh process (the CPUID
+    mask is per process); the table shows the AVX2 column only when it was measured."""
+    from benchmarks import kernels
+
+    rows = kernels.measure([("tiny 4-bit", 64, 128, 4, 32), ("tiny 8-bit", 32, 128, 8, 64)], reps=5, rounds=1, work=tmp_path)
+    assert [(r["node"], r["zero_points"]) for r in rows] == [("tiny 4-bit", True), ("tiny 4-bit", False), ("tiny 8-bit", True),
+                                                              ("tiny 8-bit", False)]
+    assert all(r["native_us"] > 0 and "avx2_us" not in r for r in rows)
+    text = kernels.table(rows)
+    assert "| tiny 8-bit | none |" in text and "AVX2" not in text
+    rows[0].update(avx2_us=2 * rows[0]["native_us"], avx2_vs_native=2.0)
+    assert "| 2.00x |" in kernels.table(rows)
