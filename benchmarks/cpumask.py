@@ -53,14 +53,20 @@ def seen(lib: Path) -> dict:
     return json.loads(p.stdout)
 
 
-def apply(mask: str, out_dir: Path) -> dict:
-    """Build, check and set the mask for every process this run starts (LD_PRELOAD in the environment); the record."""
-    if mask not in MASKS:
-        raise MaskError(f"unknown CPU mask {mask!r}: choose from {', '.join(MASKS)}")
+def checked(out_dir: Path) -> tuple[Path, dict]:
+    """The library, built, and what a process sees under it: the mask took (else MaskError)."""
     lib = build(out_dir)
     features = seen(lib)
     if features != EXPECTED:
         raise MaskError(f"under the mask a process sees {features}, not {EXPECTED}")
+    return lib, features
+
+
+def apply(mask: str, out_dir: Path) -> dict:
+    """Build, check and set the mask for every process this run starts (LD_PRELOAD in the environment); the record."""
+    if mask not in MASKS:
+        raise MaskError(f"unknown CPU mask {mask!r}: choose from {', '.join(MASKS)}")
+    lib, features = checked(out_dir)
     os.environ["LD_PRELOAD"] = " ".join(x for x in (str(lib), os.environ.get("LD_PRELOAD", "")) if x)
     os.environ["CPUID_MASK_REQUIRED"] = "1"  # a process where the mask cannot take exits 97 instead of measuring AVX-512
     return {"mask": mask, "library": str(lib), "source": str(SOURCE.relative_to(SOURCE.parents[1])), "seen": features,

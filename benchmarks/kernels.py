@@ -31,25 +31,33 @@ SHAPES = (
 )
 
 
-def _model(path: Path, n: int, k: int, bits: int, block: int, zero_points: bool) -> None:
+def matmulnbits_model(path: Path, *, n: int, k: int, bits: int, block: int, zero_points: bool, level: int = 4,
+                      seed: int = 0):
+    """One MatMulNBits node ``[1, k] x [k, n]`` (input X, output Y) with random weights, saved at ``path``; returns the
+    weights it stores as floats ``[n, k]`` (a K that is no multiple of the block is padded, as MatMulNBits pads).
+    Without zero points the kernel's default ``2**(bits-1)`` applies. tests/test_avx2_emulation.py builds its cases
+    with it too."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     nb = -(-k // block)
     q = rng.integers(0, 2 ** bits, size=(n, nb * block)).astype(np.uint8)
+    s = (rng.random((n, nb)) * 0.1 + 0.01).astype(np.float32)
+    z = rng.integers(0, 2 ** bits, size=(n, nb)).astype(np.uint8) if zero_points else np.full((n, nb), 2 ** (bits - 1), np.uint8)
     nib = (lambda a: (a[:, 0::2] | (a[:, 1::2] << 4)).astype(np.uint8)) if bits == 4 else (lambda a: a)
     inits = [helper.make_tensor("B", TensorProto.UINT8, (n, nb, block * bits // 8), nib(q).tobytes(), raw=True),
-             helper.make_tensor("S", TensorProto.FLOAT, (n * nb,), (rng.random(n * nb) * 0.1).astype(np.float32))]
-    if zero_points:
-        z = rng.integers(0, 2 ** bits, size=(n, nb + (nb % 2 if bits == 4 else 0))).astype(np.uint8)
-        inits.append(helper.make_tensor("Z", TensorProto.UINT8, (nib(z).size,), nib(z).tobytes(), raw=True))
+             helper.make_tensor("S", TensorProto.FLOAT, (n * nb,), s.ravel())]
+    if zero_points:  # 4-bit zero points: two a byte, each row padded to whole bytes
+        zz = np.concatenate([z, np.zeros((n, 1), np.uint8)], 1) if bits == 4 and nb % 2 else z
+        inits.append(helper.make_tensor("Z", TensorProto.UINT8, (nib(zz).size,), nib(zz).tobytes(), raw=True))
     node = helper.make_node("MatMulNBits", ["X", "B", "S"] + (["Z"] if zero_points else []), ["Y"], domain="com.microsoft",
-                            K=k, N=n, bits=bits, block_size=block, accuracy_level=4)
+                            K=k, N=n, bits=bits, block_size=block, accuracy_level=level)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, (1, k))],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, (1, n))], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]), path)
+    return (s.repeat(block, 1) * (q.astype(np.float32) - z.repeat(block, 1)))[:, :k]
 
 
 def _time(path: str, k: int, reps: int, rounds: int) -> float:
@@ -81,7 +89,7 @@ def measure(shapes=SHAPES, *, reps: int = 400, rounds: int = 3, mask_lib: Path |
         for label, n, k, bits, block in shapes:
             for zp in (True, False):
                 path = Path(tmp) / f"{n}x{k}-{bits}-{block}-{int(zp)}.onnx"
-                _model(path, n, k, bits, block, zp)
+                matmulnbits_model(path, n=n, k=k, bits=bits, block=block, zero_points=zp)
                 row = {"node": label, "N": n, "K": k, "bits": bits, "block": block, "zero_points": zp}
                 for key, lib in (("native_us", None), ("avx2_us", mask_lib)):
                     if key == "avx2_us" and lib is None:
@@ -124,12 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     lib = None
     if not a.no_mask:
-        from .cpumask import EXPECTED, MaskError, build, seen
+        from .cpumask import MaskError, checked
 
         try:
-            lib = build(Path(tempfile.gettempdir()) / "edgetune-cpumask")
-            if seen(lib) != EXPECTED:
-                raise MaskError("the mask did not take")
+            lib, _ = checked(Path(tempfile.gettempdir()) / "edgetune-cpumask")
         except MaskError as exc:
             print(f"benchmarks.kernels: no AVX2 column ({exc})", file=sys.stderr)
             lib = None

@@ -4,7 +4,7 @@ A stage takes its target as a profile name or path (the CLI) or as a resolved :c
 (``targets.resolve``); the build resolves each ``[[targets]]`` entry once and passes the object and an
 :class:`ExportPlan` to export, validate and bundle. The rules that turn a request into settings live here,
 once: the precision a decoder or encoder export uses when none is asked for (:func:`llm_precision`,
-:func:`encoder_precision`) and the int4 options (:func:`int4_options`, held by an :class:`Int4Plan` so that
+:func:`encoder_precision`), the recipe it follows (:func:`export_recipe`) and the int4 options (:func:`int4_options`, held by an :class:`Int4Plan` so that
 they are checked once per export however many functions read them).
 """
 
@@ -26,6 +26,14 @@ def llm_precision(target: Target, precision: str | None = None, *, gguf: bool = 
     GGUF source that was not fine-tuned, on a target that builds CPU graphs; the export knows), else the
     profile's ``[precision].llm``. Not checked here (the export refuses an unknown one)."""
     return precision or ("gguf" if gguf else target.precision.llm)
+
+
+def export_recipe(target: Target, recipe: str | None, precision: str | None, *, options_given: bool) -> str:
+    """The recipe of a decoder export: the one asked for, else the profile's ``[quantization] recipe`` when neither a
+    precision nor any quantization option (int4, adapters, mixed, pack, a float adapter) is given, else "profile"."""
+    if recipe is not None:
+        return recipe
+    return target.quantization.recipe if precision is None and not options_given else "profile"
 
 
 def check_llm_precision(target: Target, precision: str) -> None:

@@ -46,6 +46,7 @@ from .errors import BadInput, CheckFailed, EdgetuneError, UnloadableGraph
 from .quant import INT4_ALGORITHMS
 from .quant import NAMED_RECIPES, SEARCH_FLAGS
 from .quant import RECIPE_CANDIDATES as CANDIDATES  # (data: the profile checks names against it)
+from .plan import export_recipe
 from .targets import resolve
 
 TABLE_KEYS = ("size_mb", "perplexity_increase_pct", "kl_divergence", "top1_agreement", "generation_agreement",
@@ -123,15 +124,14 @@ def export_with_recipe(model, out, *, target, precision=None, **options) -> Path
     if info.kind != "decoder":
         return export(folder, out, target=target, precision=precision, **options)  # refuses recipe options itself
     target = resolve(target)  # once, for the recipe and the export
-    recipe = options.pop("recipe", None)
-    asked = recipe is not None
-    if recipe is None and precision is None and not any(options.get(k) for k in ("int4", "adapters", "mixed", "pack", "float_adapter")):
-        recipe = target.quantization.recipe
+    asked = options.get("recipe") is not None
+    recipe = export_recipe(target, options.pop("recipe", None), precision,
+                           options_given=any(options.get(k) for k in ("int4", "adapters", "mixed", "pack", "float_adapter")))
     if recipe in NAMED_RECIPES:
         if search_only := [flag for k, flag in SEARCH_FLAGS.items() if k in options]:
             raise BadInput(f"{', '.join(search_only)} only apply to --recipe auto", hint="add --recipe auto")
         return export_named(folder, out, target=target, name=recipe, asked=asked, precision=precision, **options)
-    if recipe not in (None, "profile", "auto"):
+    if recipe not in ("profile", "auto"):
         raise BadInput(f"unknown recipe '{recipe}'", hint=f"use profile, auto or a candidate: {', '.join(NAMED_RECIPES)}")
     if recipe != "auto":
         return export(folder, out, target=target, precision=precision, recipe=recipe, **options)

@@ -51,27 +51,10 @@ def test_the_emulated_cpu_has_avx2_and_no_avx512():
 
 
 def _node(path: Path, *, bits: int, block: int, zero_points: bool, level: int, n=96, k=256, seed=0) -> np.ndarray:
-    """One MatMulNBits node [1, k] x [k, n]; returns the weights it stores, as floats."""
-    import onnx
-    from onnx import TensorProto, helper
+    """One MatMulNBits node [1, k] x [k, n] (benchmarks.kernels builds it); returns the weights it stores, as floats."""
+    from benchmarks.kernels import matmulnbits_model
 
-    rng = np.random.default_rng(seed)
-    nb = k // block
-    q = rng.integers(0, 2 ** bits, size=(n, k)).astype(np.uint8)
-    s = (rng.random((n, nb)) * 0.1 + 0.01).astype(np.float32)
-    z = rng.integers(0, 2 ** bits, size=(n, nb)).astype(np.uint8) if zero_points else np.full((n, nb), 2 ** (bits - 1), np.uint8)
-    nib = (lambda a: (a[:, 0::2] | (a[:, 1::2] << 4)).astype(np.uint8)) if bits == 4 else (lambda a: a)
-    inits = [helper.make_tensor("B", TensorProto.UINT8, (n, nb, block * bits // 8), nib(q).tobytes(), raw=True),
-             helper.make_tensor("S", TensorProto.FLOAT, (n * nb,), s.ravel())]
-    if zero_points:
-        zz = np.concatenate([z, np.zeros((n, 1), np.uint8)], 1) if bits == 4 and nb % 2 else z
-        inits.append(helper.make_tensor("Z", TensorProto.UINT8, (nib(zz).size,), nib(zz).tobytes(), raw=True))
-    node = helper.make_node("MatMulNBits", ["X", "B", "S"] + (["Z"] if zero_points else []), ["Y"], domain="com.microsoft",
-                            K=k, N=n, bits=bits, block_size=block, accuracy_level=level)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, (1, k))],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, (1, n))], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]), path)
-    return s.repeat(block, 1) * (q.astype(np.float32) - z.repeat(block, 1))
+    return matmulnbits_model(path, n=n, k=k, bits=bits, block=block, zero_points=zero_points, level=level, seed=seed)
 
 
 CASES = [(4, b, zp) for b in (16, 32, 64, 128) for zp in (True, False)] + [(8, b, zp) for b in (32, 64, 128) for zp in (True, False)]

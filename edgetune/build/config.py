@@ -343,7 +343,7 @@ def _check_quant_aware(p: Path, cfg: BuildConfig, root: Path) -> None:
     target must export int4 RTN on that one grid, else exit 2 before any work (a mismatch would ship
     a model the adapter was not trained as).
     """
-    from ..plan import llm_precision
+    from ..plan import export_recipe, llm_precision
     from ..quant import QATSpec
 
     extra = cfg.finetune.model_extra
@@ -352,9 +352,8 @@ def _check_quant_aware(p: Path, cfg: BuildConfig, root: Path) -> None:
         if t.adapter != "merged":
             continue
         target = cfg.profile(t, root)
-        named = t.recipe if t.recipe not in (None, "profile") else target.quantization.recipe if t.recipe is None and \
-            t.precision is None and not (t.int4 or t.mixed_8bit or t.pack) else None
-        if named not in (None, "profile"):  # the export would not be on the grid the adapter is trained for
+        named = export_recipe(target, t.recipe, t.precision, options_given=bool(t.int4 or t.mixed_8bit or t.pack))
+        if named != "profile":  # the export would not be on the grid the adapter is trained for
             raise BadInput(f"{p}: targets.{t.name} exports with recipe {named!r}"
                            f"{' (its profile default)' if t.recipe is None else ''}, not on the int4 RTN grid finetune.quant_aware "
                            "trains for", hint=f"set precision = \"int4\" for targets.{t.name} (the profile's [quantization.int4]), or "

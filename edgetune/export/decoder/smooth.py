@@ -71,8 +71,8 @@ def check_request(mixed: dict | None, *, accuracy_level: int, lm_head: str, back
     if accuracy_level != 4:
         raise BadInput(f"--smooth-8bit shapes the int8 activations of accuracy_level 4; this export runs level {accuracy_level}",
                        hint="add --int4-accuracy-level 4, or drop --smooth-8bit")
-    mt = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") if model_dir else None
-    if model_dir and mt not in _LAYOUTS:
+    if model_dir and not supported(model_dir):
+        mt = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
         raise BadInput(f"--smooth-8bit does not know the layer layout of model type '{mt}'",
                        hint=f"use it with {', '.join(_LAYOUTS)}, or drop --smooth-8bit")
 
