@@ -183,16 +183,63 @@ def test_imatrix_gptq_export_is_rtns_graph_closer_to_the_model(outlier_llama, ca
     assert err["gptq"] < 0.95 * err["rtn"], err
 
 
-def test_gptq_correlations_that_would_not_fit_are_refused_in_the_first_forward(tiny_llama):
+def test_gptq_correlations_too_large_for_memory_go_to_disk_or_are_refused_before_the_calibration_pass(tiny_llama, tmp_path,
+                                                                                                    monkeypatch):
     from edgetune.errors import BadInput
 
-    with pytest.raises(BadInput, match="GPTQ's input correlations need more than"):
-        imatrix.collect_hessians(tiny_llama, [[1, 2, 3, 4]], max_bytes=10_000)  # 64x64 float32 is 16 KB
-    hess, imp = imatrix.collect_hessians(tiny_llama, [[1, 2, 3, 4, 5, 6]])
+    texts = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11]]
+    hess, imp = imatrix.collect_hessians(tiny_llama, texts)
     q, k = hess["model.layers.0.self_attn.q_proj"], hess["model.layers.0.self_attn.k_proj"]
     assert q is k and q.shape == (64, 64) and np.allclose(q, q.T)  # q/k/v read one tensor: one H
     assert hess["model.layers.0.self_attn.o_proj"] is not q and hess["model.layers.0.mlp.up_proj"] is hess["model.layers.0.mlp.gate_proj"]
     assert np.allclose(imp["model.layers.0.mlp.down_proj"], np.diag(hess["model.layers.0.mlp.down_proj"]))
+    assert not hasattr(hess, "record")
+    # 64x64 float64 is 32 KB per distinct input: not in 10 KB of memory; without a folder to spill to, refused
+    with pytest.raises(BadInput, match="GPTQ's input correlations need more than"):
+        imatrix.collect_hessians(tiny_llama, texts, max_bytes=10_000)
+    # with one: every distinct input's X on disk (11 tokens x K float32), each H computed from it when asked for, the
+    # same H and importance as in memory
+    spilled, imp2 = imatrix.collect_hessians(tiny_llama, texts, max_bytes=10_000, spill_dir=tmp_path / "x")
+    assert spilled.record["kept"] == "disk" and spilled.record["memory_needed_bytes"] > 10_000
+    files = sorted((tmp_path / "x").iterdir())
+    assert len(files) == 4 * 2 + 1 and all(f.stat().st_size in (11 * 64 * 4, 11 * 128 * 4) for f in files), files  # 4 per layer + the head
+    assert sorted(spilled) == sorted(hess)
+    for name in hess:
+        assert np.allclose(spilled[name], hess[name], rtol=1e-5, atol=1e-7), name
+        assert np.allclose(imp2[name], imp[name], rtol=1e-5, atol=1e-7), name
+    assert spilled["model.layers.1.self_attn.q_proj"] is spilled["model.layers.1.self_attn.v_proj"]  # computed once
+    # and without the disk for the inputs: refused before the calibration pass, naming both sizes and the folder
+    import shutil as _shutil
+
+    monkeypatch.setattr(_shutil, "disk_usage", lambda p: _shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    with pytest.raises(BadInput, match=r"or 0\.0 GiB of disk in .* \(0\.0 GiB free\)"):
+        imatrix.collect_hessians(tiny_llama, texts, max_bytes=10_000, spill_dir=tmp_path / "y")
+
+
+def test_an_imatrix_gptq_export_whose_correlations_outgrow_memory_spills_them_and_matches_the_in_memory_one(
+        outlier_llama, calib, tmp_path, monkeypatch):
+    # what a 1.5B+ model meets on a 24 GiB machine (Qwen2.5-1.5B: 20 GiB of H), made with a tiny model and a tiny limit
+    int4 = {"symmetric": False, "lm_head": "int8", "accuracy_level": 4, "algorithm": "imatrix-gptq"}
+    mem = export(outlier_llama, tmp_path / "mem", target="cpu-x86", precision="int4", calibration=calib, int4=int4)
+    monkeypatch.setenv("EDGETUNE_MEMORY_LIMIT", "64K")
+    disk = export(outlier_llama, tmp_path / "disk", target="cpu-x86", precision="int4", calibration=calib, int4=int4)
+    qm, qd = (json.loads((d / "edgetune.json").read_text())["results"]["quantization"]["imatrix"] for d in (mem, disk))
+    assert qm["correlations"] == {"kept": "memory"} and qd["correlations"]["kept"] == "disk", qd
+    assert qd["nodes"] == qm["nodes"] == 10 and abs(qd["output_error_vs_rtn"] - qm["output_error_vs_rtn"]) < 1e-3 * qm["output_error_vs_rtn"]
+    assert matmulnbits_attributes(disk) == matmulnbits_attributes(mem)
+    import onnx
+    from onnx import numpy_helper
+
+    def weights(d):  # every MatMulNBits node's packed integers
+        m = onnx.load(str(d / "model.onnx"))
+        inits = {i.name: i for i in m.graph.initializer}
+        return {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in m.graph.node if n.op_type == "MatMulNBits"}
+
+    wm, wd = weights(mem), weights(disk)
+    assert wm.keys() == wd.keys() and len(wm) >= 8
+    same = sum(int((wm[n] == wd[n]).sum()) for n in wm) / sum(wm[n].size for n in wm)
+    assert same > 0.999, same  # H from one product instead of a sum of per-text ones: float64 rounding, a rare tie flips
+    assert not any(p.name == "correlations" for p in disk.rglob("*"))  # the spilled inputs do not ship
 
 
 @pytest.mark.parametrize("algorithm", ["imatrix", "imatrix-gptq"])

@@ -16,6 +16,7 @@ options reached the graph.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -353,7 +354,12 @@ def _build_quantized(model_dir: Path, out: Path, cache: Path, t, precision: str,
         from .imatrix import Requantizer, collect_hessians
 
         with console.step(f"{algorithm}: input correlations on the calibration texts"), console.results_only_stdout():
-            hessians, importance = collect_hessians(model_dir, token_ids)
+            hessians, importance = collect_hessians(model_dir, token_ids, spill_dir=cache / "correlations")
+        if getattr(hessians, "record", None):
+            r_ = hessians.record
+            console.log(f"{algorithm}: the input correlations would need {r_['memory_needed_bytes'] / 2**30:.1f} GiB of memory "
+                         f"({r_['memory_allowed_bytes'] / 2**30:.1f} GiB may be used); the inputs are on disk "
+                         f"({r_['disk_bytes'] / 2**30:.1f} GiB) and each one's is computed when its linear is reached")
         requantize = Requantizer(importance, hessians)
     elif backend == "imatrix":  # the builder's RTN nodes, their values from the importance-weighted search
         from .imatrix import Requantizer, collect
@@ -370,6 +376,7 @@ def _build_quantized(model_dir: Path, out: Path, cache: Path, t, precision: str,
         if requantize:
             requantize.done.clear()
         build(src, out, precision, ep, cache, extra)
+    shutil.rmtree(cache / "correlations", ignore_errors=True)  # GPTQ's spilled inputs, if any: ours, and large
     if requantize:
         qinfo["imatrix"] = requantize.summary()
         if not requantize.done:

@@ -50,6 +50,8 @@ builder's, and is not in the pinned set; llama.cpp's search lives in C on its ow
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,26 +96,34 @@ def collect(model_dir: Path, token_ids: list[list[int]]) -> dict[str, np.ndarray
     return {name: (s / max(counts[name], 1)).double().numpy().astype(np.float32) for name, s in sums.items()}
 
 
-def collect_hessians(model_dir: Path, token_ids: list[list[int]], *, max_bytes: int | None = None
-                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def collect_hessians(model_dir: Path, token_ids: list[list[int]], *, max_bytes: int | None = None,
+                     spill_dir: Path | None = None) -> tuple[Mapping[str, np.ndarray], dict[str, np.ndarray]]:
     """H = X^T X / tokens of each linear's input over the calibration tokens, and the importance (its diagonal).
 
-    Linears that read the same tensor (q/k/v, gate/up) share one H (the same array). ``max_bytes``: refuse (BadInput,
-    during the first forward) once the H matrices would hold more than this (default: half the available memory)."""
+    Linears that read the same tensor (q/k/v, gate/up) share one H (the same array). The H matrices are accumulated in
+    memory when they fit in ``max_bytes`` (default: half the memory available with the model loaded), counted as 12
+    bytes per entry (the float64 sums, then the float32 H kept for the export). Llama-3.2-1B's need 14.3 GiB: held in
+    memory on a 24 GiB machine, they took the export to 21.9 GB peak. A larger model's do not fit at all (one
+    down_proj of 8,960 inputs alone is 0.6 GiB; Qwen2.5-1.5B's all 27.4 GiB): then, with ``spill_dir``, the inputs X
+    themselves are written there (float32, tokens x K per distinct input: 4,096 x 8,960 is 147 MB) and each H is
+    computed from them when the export reaches its linear (:class:`SpilledCorrelations`), so memory holds one input's X
+    and H at a time. Without ``spill_dir``, or without the disk for it, refused (BadInput) before the calibration pass.
+    The sizes come from a probe forward over a few tokens (which linears read one tensor, and its width)."""
     from ...errors import BadInput, require
     from ...host_memory import available_bytes
     from ...model_input import load_causal_lm
 
     torch = require("torch", purpose="GPTQ's input correlations")
-    if max_bytes is None:
-        max_bytes = available_bytes()[0] // 2
     model = load_causal_lm(model_dir).eval()
-    sums: dict[str, Any] = {}
-    alias: dict[str, str] = {}
+    if max_bytes is None:  # what is left with the float model loaded
+        max_bytes = available_bytes()[0] // 2
+    alias: dict[str, str] = {}  # linear -> the first linear that read the same tensor (its H's owner)
+    width: dict[str, int] = {}  # owner -> K
     counts: dict[str, int] = {}
-    last: list = [None, None]  # the previous linear's input tensor and name: q/k/v (gate/up) are called in a row on one
-    used = [0]                 # tensor; holding it keeps its memory from being reused by another tensor meanwhile
-    hooks = []
+    # the previous linear's input tensor and name: q/k/v (gate/up) are called in a row on one tensor; holding it keeps its
+    # memory from being reused by another tensor meanwhile
+    last: list = [None, None]
+    sink: list = [None]  # what the calibration pass does with each input (the probe: nothing)
 
     def hook(_m, inp, _out, name):
         x = inp[0]
@@ -121,33 +131,107 @@ def collect_hessians(model_dir: Path, token_ids: list[list[int]], *, max_bytes: 
             alias[name] = last[1]
             return
         last[0], last[1] = x, name
-        x = x.detach().reshape(-1, x.shape[-1]).double()
-        if name not in sums:
-            used[0] += 8 * x.shape[-1] ** 2  # accumulated in float64
-            if used[0] > max_bytes:
-                raise BadInput(f"GPTQ's input correlations need more than {max_bytes / 2**30:.1f} GiB for this model",
-                               hint="use --int4-algorithm imatrix (no correlations), or free memory")
-        h = x.T @ x
-        sums[name] = h if name not in sums else sums[name] + h
-        counts[name] = counts.get(name, 0) + x.shape[0]
+        x = x.detach().reshape(-1, x.shape[-1])
+        width[name] = x.shape[-1]
+        if sink[0] is not None:
+            counts[name] = counts.get(name, 0) + x.shape[0]
+            sink[0](name, x)
 
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name)))
-    try:
+    hooks = [mod.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name))
+             for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
+
+    def forward(m, sequences):
         with torch.no_grad():
-            for ids in token_ids:
-                model(torch.tensor([ids]))
+            for ids in sequences:
+                m(torch.tensor([ids]))
                 last[0] = None
+
+    try:
+        forward(model, [token_ids[0][:4]])  # the probe: no sink yet, only which linears share an input and its width
+        in_memory = sum(12 * k * k for k in width.values())  # accumulated in float64, then kept in float32
+        tokens = sum(len(ids) for ids in token_ids)
+        spilled = sum(4 * tokens * k for k in width.values())
+        if in_memory <= max_bytes:
+            sums: dict[str, Any] = {}
+
+            def accumulate(name, x):
+                x = x.double()
+                if name in sums:
+                    sums[name].addmm_(x.T, x)
+                else:
+                    sums[name] = x.T @ x
+
+            sink[0] = accumulate
+            forward(model, token_ids)
+            del model
+            hess = {name: (sums.pop(name) / max(counts[name], 1)).float().numpy() for name in list(sums)}  # one float64 freed at a time
+            for name, owner in alias.items():
+                hess[name] = hess[owner]
+            importance = {name: np.ascontiguousarray(np.diag(h)).astype(np.float32) for name, h in hess.items()}
+            return hess, importance
+        gib = 2 ** 30
+        if spill_dir is None:
+            raise BadInput(f"GPTQ's input correlations need more than {max_bytes / gib:.1f} GiB for this model "
+                           f"({in_memory / gib:.1f} GiB)", hint="use --int4-algorithm imatrix (no correlations), or free memory")
+        spill_dir = Path(spill_dir)
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(spill_dir).free
+        if spilled + (1 << 30) > free:
+            raise BadInput(f"GPTQ's input correlations need {in_memory / gib:.1f} GiB of memory ({max_bytes / gib:.1f} GiB "
+                           f"may be used) or {spilled / gib:.1f} GiB of disk in {spill_dir.parent} ({free / gib:.1f} GiB free)",
+                           hint="free disk there or point TMPDIR at a larger disk, or use --int4-algorithm imatrix")
+        files = {name: open(spill_dir / f"{i}.f32", "wb") for i, name in enumerate(width)}
+        squares: dict[str, Any] = {}
+
+        def spill(name, x):
+            x = x.float().contiguous()
+            files[name].write(x.numpy().tobytes())
+            s = (x.double() ** 2).sum(0)
+            squares[name] = s if name not in squares else squares[name] + s
+
+        sink[0] = spill
+        try:
+            forward(model, token_ids)
+        finally:
+            for f in files.values():
+                f.close()
+        del model
+        paths = {name: Path(f.name) for name, f in files.items()}
+        importance = {name: (squares[name] / max(counts[name], 1)).numpy().astype(np.float32) for name in width}
+        for name, owner in alias.items():
+            importance[name] = importance[owner]
+        return SpilledCorrelations(paths, width, counts, alias, in_memory=in_memory, max_bytes=max_bytes), importance
     finally:
         for h in hooks:
             h.remove()
-    del model
-    hess = {name: (s / max(counts[name], 1)).float().numpy() for name, s in sums.items()}
-    for name, owner in alias.items():
-        hess[name] = hess[owner]
-    importance = {name: np.ascontiguousarray(np.diag(h)).astype(np.float32) for name, h in hess.items()}
-    return hess, importance
+
+
+class SpilledCorrelations(Mapping):
+    """The H of each linear, computed in float64 from its input X on disk when first asked for (the export asks for
+    the linears in layer order: the last one is kept, so q/k/v and gate/up compute theirs once)."""
+
+    def __init__(self, paths: dict[str, Path], width: dict[str, int], counts: dict[str, int], alias: dict[str, str], *,
+                 in_memory: int, max_bytes: int):
+        self.paths, self.width, self.counts, self.alias = paths, width, counts, alias
+        self.record = {"kept": "disk", "memory_needed_bytes": in_memory, "memory_allowed_bytes": max_bytes,
+                       "disk_bytes": sum(p.stat().st_size for p in paths.values())}
+        self._last: tuple[str, np.ndarray] | None = None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        owner = self.alias.get(name, name)
+        if owner not in self.paths:
+            raise KeyError(name)
+        if self._last is None or self._last[0] != owner:
+            self._last = None  # free the previous H first
+            x = np.fromfile(self.paths[owner], np.float32).reshape(-1, self.width[owner]).astype(np.float64)
+            self._last = (owner, (x.T @ x / max(self.counts[owner], 1)).astype(np.float32))
+        return self._last[1]
+
+    def __iter__(self):
+        return iter([*self.paths, *self.alias])
+
+    def __len__(self) -> int:
+        return len(self.paths) + len(self.alias)
 
 
 DAMP = 1.0  # dampening: this times H's mean diagonal added to its diagonal (GPTQ: 0.01); see the module docstring
@@ -417,5 +501,6 @@ class Requantizer:
         out = {"nodes": len(self.done), "skipped": self.skipped,
                "weighted_error_vs_rtn": round(err / rtn, 4) if rtn else None}
         if self.hessians is not None:  # GPTQ: the outputs' error tr(dW H dW^T), summed over the nodes, vs RTN's
-            out = {"nodes": len(self.done), "skipped": self.skipped, "method": "gptq", "output_error_vs_rtn": out.pop("weighted_error_vs_rtn")}
+            out = {"nodes": len(self.done), "skipped": self.skipped, "method": "gptq", "output_error_vs_rtn": out.pop("weighted_error_vs_rtn"),
+                   "correlations": getattr(self.hessians, "record", None) or {"kept": "memory"}}
         return out
