@@ -197,6 +197,10 @@ model.generation_config.eos_token_id = tok.eos_token_id
 model.generation_config.pad_token_id = tok.pad_token_id
 model.save_pretrained(out, safe_serialization=True)
 tok.save_pretrained(out)
+# again through the class transformers picks for this model type: under transformers 5 a qwen2 folder loads
+# Qwen2Tokenizer, whose pre-tokenizer is not SmolLM2's, and the export's tokenizer check refused the folder
+tok = AutoTokenizer.from_pretrained(out)
+tok.save_pretrained(out)
 print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "vocab_size": cfg.vocab_size, "padded_tokens": pad}))
 '''
 

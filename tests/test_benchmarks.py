@@ -624,3 +624,21 @@ def test_kernel_table_times_each_node_in_its_own_process(tmp_path):
     assert "| tiny 8-bit | none |" in text and "AVX2" not in text
     rows[0].update(avx2_us=2 * rows[0]["native_us"], avx2_vs_native=2.0)
     assert "| 2.00x |" in kernels.table(rows)
+
+
+def test_scale_makes_a_qwen2_folder_whose_tokenizer_the_export_accepts(tmp_path):
+    """benchmarks.scale's random models borrow SmolLM2's tokenizer; under transformers 5 a qwen2 folder loads it as
+    Qwen2Tokenizer (another pre-tokenizer), and the export's tokenizer check refused every Qwen2 row of `make bench-scale`."""
+    pytest.importorskip("torch")
+    import subprocess
+
+    from benchmarks import scale
+    from edgetune.model_input import materialize
+    from edgetune.tokenizer_parity import check_tokenizer_files
+
+    cfg = dict(scale.SPECS["tiny"].config, model_type="qwen2")
+    out = tmp_path / "qwen2"
+    subprocess.run([sys.executable, "-c", scale.MAKE, json.dumps(cfg), str(materialize("smollm2").path), str(out)], check=True,
+                   capture_output=True)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2"
+    assert check_tokenizer_files(out)["mismatches"] == 0
