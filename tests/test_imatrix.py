@@ -218,7 +218,7 @@ def test_gptq_correlations_too_large_for_memory_go_to_disk_or_are_refused_before
 
 def test_an_imatrix_gptq_export_whose_correlations_outgrow_memory_spills_them_and_matches_the_in_memory_one(
         outlier_llama, calib, tmp_path, monkeypatch):
-    # what a 1.5B+ model meets on a 24 GiB machine (Qwen2.5-1.5B: 20 GiB of H), made with a tiny model and a tiny limit
+    # what a 1.5B+ model meets on a 24 GiB machine (Qwen2.5-1.5B's shapes: 18.3 GiB of float64 sums), made with a tiny model and a tiny limit
     int4 = {"symmetric": False, "lm_head": "int8", "accuracy_level": 4, "algorithm": "imatrix-gptq"}
     mem = export(outlier_llama, tmp_path / "mem", target="cpu-x86", precision="int4", calibration=calib, int4=int4)
     monkeypatch.setenv("EDGETUNE_MEMORY_LIMIT", "64K")

@@ -199,12 +199,13 @@ def share_embedding_with_head_in(folder: Path, head_scales=None) -> dict[str, An
     # within one quantization step of each (symmetric RTN clips the far side of its largest weight by up to one); in
     # slices of rows: a 128,256 x 2,048 vocabulary's float temporaries took a 1B model's export to 14 GB whole
     for r0 in range(0, n, 8192):
-        d, tol = deq[r0:r0 + 8192], np.repeat(step[r0:r0 + 8192], block, axis=1)
+        rows = slice(r0, r0 + 8192)
+        d, tol = deq[rows], np.repeat(step[rows], block, axis=1)
         if inv is not None:  # the head is W * s along K: the embedding is its table over s
             d, tol = d * inv, tol * inv
         if table_step is not None:
-            tol = tol + table_step[r0:r0 + 8192]
-        if not np.all(np.abs(d - table[r0:r0 + 8192]) <= tol * (1 + 1e-4) + 1e-7):
+            tol = tol + table_step[rows]
+        if not np.all(np.abs(d - table[rows]) <= tol * (1 + 1e-4) + 1e-7):
             return None  # not the head's matrix (an untied model): keep its own table
     del deq, table, table_step
     nb = k // block
