@@ -168,6 +168,23 @@ def test_gptq_feedback_lowers_the_output_error_a_weight_search_cannot():
         assert e_gptq < 0.8 * e_search, (symmetric, e_gptq, e_search)
 
 
+def test_gptq_reads_the_upper_cholesky_factor_of_h_inverse_without_inverting_h():
+    """GPTQ's column loop reads U with H^-1 = U^T U; :func:`imatrix._inverse_cholesky` gets it from one Cholesky of the
+    reversed H and a triangular solve. Against the definition (invert, then factor) on correlated inputs with
+    outlier channels, dampened as gptq() does."""
+    rng = np.random.default_rng(5)
+    k = 96
+    x = rng.normal(size=(400, k)) @ (np.eye(k) + 0.3 * rng.normal(size=(k, k)))
+    x[:, [3, 50]] *= 40.0
+    h = x.T @ x / len(x)
+    h[np.diag_indices(k)] += imatrix.DAMP * np.mean(np.diag(h))
+    u = imatrix._inverse_cholesky(h)
+    assert u.shape == (k, k) and np.array_equal(u, np.triu(u)) and np.all(np.diag(u) > 0)
+    ref = np.linalg.cholesky(np.linalg.inv(h)).T
+    np.testing.assert_allclose(u, ref, rtol=0, atol=1e-10 * np.abs(ref).max())
+    np.testing.assert_allclose(u.T @ u @ h, np.eye(k), atol=1e-9)
+
+
 def test_imatrix_gptq_export_is_rtns_graph_closer_to_the_model(outlier_llama, calib, tmp_path):
     int4 = {"symmetric": False, "lm_head": "int8", "accuracy_level": 4}
     g = export(outlier_llama, tmp_path / "g", target="cpu-x86", precision="int4", calibration=calib,

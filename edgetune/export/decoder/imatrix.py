@@ -238,6 +238,21 @@ DAMP = 1.0  # dampening: this times H's mean diagonal added to its diagonal (GPT
 LAZY = 128  # columns per lazy batch update (GPTQ's block), a multiple of the int4 block
 
 
+def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
+    """The upper Cholesky factor U of H^-1 (H^-1 = U^T U), what GPTQ's column loop reads, without inverting H.
+
+    With P the order-reversing permutation, cholesky(P H P) = M gives H = (P M P)(P M P)^T with P M P upper, so
+    H^-1 = U^T U for U = P M^-1 P: one Cholesky and one triangular solve, 4n^3/3 flops where inverting H and then
+    factoring the inverse (numpy has no triangular solve; torch's LAPACK does) takes 7n^3/3: 2.5x faster measured
+    at K = 2,048-4,096, which is minutes over a 3B model's 8,192-wide down_proj inputs."""
+    import torch
+
+    ht = torch.from_numpy(np.ascontiguousarray(h[::-1, ::-1]))
+    m = torch.linalg.cholesky(ht)
+    mi = torch.linalg.solve_triangular(m, torch.eye(len(h), dtype=m.dtype), upper=False)
+    return np.ascontiguousarray(mi.numpy()[::-1, ::-1])
+
+
 def gptq(weight: np.ndarray, hessian: np.ndarray, importance: np.ndarray, *, block: int, symmetric: bool, bits: int = 4
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """GPTQ of ``weight`` [N, K] with H [K, K]; each block's scale/zero point from :func:`search` when it is reached.
@@ -246,42 +261,43 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, importance: np.ndarray, *, blo
     n, k = weight.shape
     assert k % block == 0, (k, block)
     nmax = 2 ** bits - 1
-    w = np.array(weight, np.float32)
+    # columns are rounded one at a time: the weight is held transposed ([K, N]) so a column is one contiguous row
+    wt = np.array(weight.T, np.float32, order="C")
     h = np.array(hessian, np.float64)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    wt[dead, :] = 0.0
     h[np.diag_indices(k)] += DAMP * float(np.mean(np.diag(h)))
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # upper Cholesky factor of H^-1
-    q = np.zeros((n, k), np.uint8)
-    scales = np.zeros((n, k // block), np.float32)
-    zeros = np.full((n, k // block), 2 ** (bits - 1), np.uint8)
+    hinv = _inverse_cholesky(h).astype(np.float32)
+    qt = np.zeros((k, n), np.uint8)
+    scales = np.zeros((k // block, n), np.float32)
+    zeros = np.full((k // block, n), 2 ** (bits - 1), np.uint8)
     lazy = block * max(1, LAZY // block)
     sc = zc = None
     for b0 in range(0, k, lazy):
         b1 = min(b0 + lazy, k)
-        w1 = w[:, b0:b1].copy()
+        w1 = wt[b0:b1]  # a view: the lazy batch is updated in place
         err = np.zeros_like(w1)
         hi = hinv[b0:b1, b0:b1]
         for j in range(b1 - b0):
             col = b0 + j
             if col % block == 0:
                 g = col // block
-                _, gs, gz, _ = search(np.ascontiguousarray(w1[:, j:j + block]), importance[col:col + block], block=block,
-                                      symmetric=symmetric, bits=bits)
-                scales[:, g] = gs[:, 0]
+                _, gs, gz, _ = _search_t(w1[j:j + block][None], importance[col:col + block].reshape(1, block, 1),
+                                         symmetric=symmetric, bits=bits, rtn=None)
+                scales[g] = gs[0]
                 if gz is not None:
-                    zeros[:, g] = gz[:, 0]
-                sc = np.where(gs[:, 0] == 0, np.float32(1), gs[:, 0])
-                zc = zeros[:, g].astype(np.float32)
-            x = w1[:, j]
+                    zeros[g] = gz[0]
+                sc = np.where(gs[0] == 0, np.float32(1), gs[0])
+                zc = zeros[g].astype(np.float32)
+            x = w1[j]
             qq = np.clip(np.rint(x / sc) + zc, 0, nmax)
-            q[:, col] = qq
+            qt[col] = qq
             e = (x - (qq - zc) * sc) / hi[j, j]
-            w1[:, j + 1:] -= np.outer(e, hi[j, j + 1:])
-            err[:, j] = e
-        w[:, b1:] -= err @ hinv[b0:b1, b1:]
-    return q, scales, (None if symmetric else zeros)
+            w1[j + 1:] -= np.outer(hi[j, j + 1:], e)
+            err[j] = e
+        wt[b1:] -= hinv[b0:b1, b1:].T @ err
+    return np.ascontiguousarray(qt.T), np.ascontiguousarray(scales.T), (None if symmetric else np.ascontiguousarray(zeros.T))
 
 
 def output_error(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarray) -> float:
@@ -290,14 +306,46 @@ def output_error(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarra
     return float(((d @ hessian) * d).sum())
 
 
-def _fit(x: np.ndarray, w: np.ndarray, q: np.ndarray, z: np.ndarray | float, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted least-squares scale for fixed integers ``q - z`` per block; returns (scale, error)."""
-    d = q - z
-    num = (w * x * d).sum(-1)
-    den = (w * d * d).sum(-1)
+def _fit(w: np.ndarray, wx: np.ndarray, sxx: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least-squares scale for fixed integers ``d = q - z`` per block; returns (scale, error).
+
+    Arrays are laid out ``[blocks, block, rows]`` (see :func:`_search_t`): sums run over axis 1. The error
+    ``sum w (s d - x)^2`` is expanded into ``sxx - 2 s sum(w x d) + s^2 sum(w d^2)`` (float64), which needs no pass
+    over the block beyond the two sums the scale needs; it ranks candidates, the winner's is taken again exactly."""
+    wd = w * d
+    num = _sum(wx * d)
+    den = _sum(wd * d)
     s = np.where(den > 0, num / np.where(den > 0, den, 1), 0).astype(np.float32)
-    err = (w * (s[..., None] * d - x) ** 2).sum(-1)
-    return s, err
+    s64 = s.astype(np.float64)
+    return s, sxx - 2 * s64 * num + s64 * s64 * den
+
+
+def _sum(a: np.ndarray) -> np.ndarray:
+    """``a.sum(1)`` as a fixed tree of pairwise adds over the block axis, so a block's sum is the same bits however
+    many rows are searched at once (NumPy's own reduction picks its order by the array's shape)."""
+    while a.shape[1] > 1:
+        half = a.shape[1] // 2
+        b = a[:, :half] + a[:, half:2 * half]
+        if a.shape[1] % 2:
+            b[:, :1] += a[:, 2 * half:]
+        a = b
+    return a[:, 0]
+
+
+def _round(v: np.ndarray, lo, hi) -> np.ndarray:
+    """``clip(rint(v), lo, hi)`` in place on ``v`` (a temporary): np.clip with array bounds is several times slower."""
+    np.rint(v, out=v)
+    np.maximum(v, lo, out=v)
+    return np.minimum(v, hi, out=v)
+
+
+def _error(x: np.ndarray, w: np.ndarray, s: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``sum w (s d - x)^2`` per block, taken directly (layout as :func:`_fit`)."""
+    r = s[:, None] * d
+    r -= x
+    r *= r
+    r *= w
+    return _sum(r)
 
 
 ROWS = 2048  # output rows searched at a time (a 262k-vocabulary head would need GBs of temporaries at once)
@@ -331,72 +379,100 @@ def search(weight: np.ndarray, importance: np.ndarray, *, block: int, symmetric:
 def _search(weight, importance, *, block, symmetric, bits, rtn):
     n, k = weight.shape
     assert k % block == 0, (k, block)
-    nmax = 2 ** bits - 1
-    x = weight.astype(np.float32).reshape(n, k // block, block)
-    imp = np.asarray(importance, np.float32).reshape(-1, k // block, block)  # [1 or N, K/block, block]
-    w = imp + EPS * imp.mean(-1, keepdims=True) + np.float32(1e-12)
-    w = np.broadcast_to(w, x.shape)
-    best_err = np.full(x.shape[:2], np.inf, np.float32)
-    best_q = np.zeros(x.shape, np.float32)
-    best_s = np.zeros(x.shape[:2], np.float32)
-    best_z = np.full(x.shape[:2], 2 ** (bits - 1), np.float32)
-
-    def keep(q, s, z, err):
-        better = err < best_err
-        best_err[better] = err[better]
-        best_q[better] = q[better]
-        best_s[better] = s[better]
-        if not symmetric:
-            best_z[better] = np.broadcast_to(z, better.shape)[better]
-
-    rtn_err = None
+    nb = k // block
+    t = (1, 2, 0)  # [N, K/block, block] -> [K/block, block, N]
+    x = weight.astype(np.float32).reshape(n, nb, block).transpose(t)
+    imp = np.asarray(importance, np.float32).reshape(-1, nb, block).transpose(t)
     if rtn is not None:
         rq, rs, rz = rtn
-        rq = rq.astype(np.float32).reshape(x.shape)
-        rs = rs.astype(np.float32).reshape(x.shape[:2])
-        rz = np.float32(2 ** (bits - 1)) if rz is None else rz.astype(np.float32).reshape(x.shape[:2])
-        zz = rz[..., None] if np.ndim(rz) else rz
-        err = (w * (rs[..., None] * (rq - zz) - x) ** 2).sum(-1)
-        keep(rq, rs, rz, err)
-        rtn_err = float(err.sum())
+        rtn = (rq.reshape(n, nb, block).transpose(t), rs.reshape(n, nb).T, None if rz is None else rz.reshape(n, nb).T)
+    q, s, z, info = _search_t(np.ascontiguousarray(x), np.ascontiguousarray(imp), symmetric=symmetric, bits=bits, rtn=rtn)
+    return q.transpose(2, 0, 1).reshape(n, k), np.ascontiguousarray(s.T), None if z is None else np.ascontiguousarray(z.T), info
+
+
+def _search_t(x, importance, *, symmetric, bits, rtn):
+    """:func:`search` on blocks laid out ``[K/block, block, N]``: the sums over a block run across rows of N
+    contiguous values, and per-row scales broadcast along them (NumPy is several times faster this way than
+    reducing 32 contiguous values at a time). ``importance``: [K/block, block, 1 or N]. Returns ``(q [K/block,
+    block, N] uint8, scales [K/block, N], zero points [K/block, N] uint8 or None, info)``."""
+    nmax = 2 ** bits - 1
+    w = importance + EPS * (_sum(importance) / np.float32(importance.shape[1]))[:, None] + np.float32(1e-12)
+    wx = w * x
+    sxx = _sum(wx * x).astype(np.float64)
+    shape = x.shape[:1] + x.shape[2:]
+    best_err = np.full(shape, np.inf)
+    best_s = np.zeros(shape, np.float32)
+    best_z = np.full(shape, 2 ** (bits - 1), np.float32)
+    # the winner's integers are those of its last rounding: kept as the scale it rounded with and recomputed once
+    # at the end (the same arithmetic)
+    best_r = np.ones(shape, np.float32)
+
+    def keep(r, s, z, err):
+        better = err < best_err
+        np.copyto(best_err, err, where=better)
+        np.copyto(best_s, s, where=better)
+        np.copyto(best_z, z, where=better)
+        np.copyto(best_r, r, where=better)
+
     if symmetric:
         zc = np.float32(2 ** (bits - 1))
         # RTN's scale maps the largest-magnitude weight onto -2**(bits-1) (onnxruntime's and llama.cpp's Q4_0 rule)
-        idx = np.abs(x).argmax(-1)[..., None]
-        vmax = np.take_along_axis(x, idx, -1)[..., 0]
+        idx = np.abs(x).argmax(1)[:, None]
+        vmax = np.take_along_axis(x, idx, 1)[:, 0]
         vmax = np.where(vmax == 0, np.float32(1e-30), vmax)
         for i in range(STEPS + 1):
             iscale = -(zc + SPREAD * (2 * i / STEPS - 1)) / vmax
-            q = np.clip(np.rint(x * iscale[..., None]) + zc, 0, nmax)
-            s, _ = _fit(x, w, q, zc, nmax)
+            d = _round(x * iscale[:, None], -zc, nmax - zc)
+            s, _ = _fit(w, wx, sxx, d)
             for _ in range(2):  # round again with the fitted scale, refit
-                q = np.clip(np.rint(x / np.where(s == 0, 1, s)[..., None]) + zc, 0, nmax)
-                s, err = _fit(x, w, q, zc, nmax)
-            keep(q, s, zc, err)
+                r = np.where(s == 0, 1, s)
+                d = _round(x / r[:, None], -zc, nmax - zc)
+                s, err = _fit(w, wx, sxx, d)
+            keep(r, s, zc, err)
     else:
-        mn = np.minimum(x.min(-1), 0)
-        mx = np.maximum(x.max(-1), 0)
+        mn = np.minimum(x.min(1), 0)
+        mx = np.maximum(x.max(1), 0)
         rng = np.where(mx - mn > 0, mx - mn, np.float32(1e-30))
+        sw, sx = _sum(w), _sum(wx)
         for i in range(STEPS + 1):
             iscale = (nmax + SPREAD * (2 * i / STEPS - 1)) / rng
-            lq = np.clip(np.rint((x - mn[..., None]) * iscale[..., None]), 0, nmax)
+            lq = x - mn[:, None]
+            lq *= iscale[:, None]
+            lq = _round(lq, 0, nmax)
             # weighted least squares for x ~ s * L + m, then m onto an integer zero point: m = -s * z
-            sw, sl, sx = w.sum(-1), (w * lq).sum(-1), (w * x).sum(-1)
-            sll, slx = (w * lq * lq).sum(-1), (w * lq * x).sum(-1)
+            wl = w * lq
+            sl, sll, slx = _sum(wl), _sum(wl * lq), _sum(wx * lq)
             det = sw * sll - sl * sl
             ok = det > 0
             s = np.where(ok, (sw * slx - sl * sx) / np.where(ok, det, 1), 1 / iscale)
             m = np.where(ok, (sll * sx - sl * slx) / np.where(ok, det, 1), mn)
             s = np.where(s > 0, s, 1 / iscale).astype(np.float32)
             z = np.clip(np.rint(-m / s), 0, nmax).astype(np.float32)
+            lo, hi = -z[:, None], nmax - z[:, None]
             for _ in range(2):
-                q = np.clip(np.rint(x / s[..., None]) + z[..., None], 0, nmax)
-                s, err = _fit(x, w, q, z[..., None], nmax)
+                r = s
+                d = _round(x / r[:, None], lo, hi)
+                s, err = _fit(w, wx, sxx, d)
                 s = np.where(s > 0, s, 1 / iscale).astype(np.float32)
-            keep(q, s, z, err)
-    q = best_q.astype(np.uint8).reshape(n, k)
+            keep(r, s, z, err)
+    zz = best_z[:, None]
+    q = np.clip(np.rint(x / best_r[:, None]) + zz, 0, nmax)
+    err = _error(x, w, best_s, q - zz)
+    rtn_err = None
+    if rtn is not None:  # RTN's own integers wherever no candidate beats them (on the exact error)
+        rq, rs, rz = rtn
+        rq = rq.astype(np.float32)
+        rs = rs.astype(np.float32)
+        rz = np.full(shape, 2 ** (bits - 1), np.float32) if rz is None else rz.astype(np.float32)
+        e_rtn = _error(x, w, rs, rq - rz[:, None])
+        take = e_rtn <= err
+        np.copyto(q, rq, where=take[:, None])
+        np.copyto(best_s, rs, where=take)
+        np.copyto(best_z, rz, where=take)
+        err = np.where(take, e_rtn, err)
+        rtn_err = float(e_rtn.sum())
     zp = None if symmetric else best_z.astype(np.uint8)
-    return q, best_s, zp, {"err_rtn": rtn_err, "err": float(best_err.sum())}
+    return q.astype(np.uint8), best_s, zp, {"err_rtn": rtn_err, "err": float(err.sum())}
 
 
 def _pad(importance: np.ndarray, kp: int) -> np.ndarray:
