@@ -99,6 +99,11 @@ def test_family_exports_fp32_exactly_past_the_sliding_window_and_int4(family, tm
     d = fast["graph_proof"]
     assert fast["recipe_name"] == "imatrix-gptq-head8-vdown8-smooth" and "recipe_note" not in fast
     assert fast["quantization"]["smooth"]["layers"] > 0 and fast["packed"]["groups"] and fast["int4"]["accuracy_level"] == 4
+    # GPTQ reached every 4-bit MatMul of the body (Phi-3's q/k and gate/up, split by the builder from its packed
+    # qkv_proj / gate_up_proj, had kept RTN's values: no calibration input was found under their own names)
+    g = fast["quantization"]["imatrix"]
+    four = [a for a in fast["quantization"]["mixed"]["widths"] if a["bits"] == 4]
+    assert g["method"] == "gptq" and g["skipped"] == [] and g["nodes"] == len(four) > 0, (g, len(four))
     assert d["tokens"] == proof["tokens"] and d["max_abs_logit_diff"] < q["max_abs_logit_diff"], (d, q)
     assert d["top1_agreement"] >= q["top1_agreement"], (d, q)
     assert d["max_abs_logit_diff_cached_vs_full_pass"] < 0.05 * max(1.0, d["logit_scale"]), d

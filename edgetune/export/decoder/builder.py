@@ -382,6 +382,9 @@ def _build_quantized(model_dir: Path, out: Path, cache: Path, t, precision: str,
         if not requantize.done:
             raise CheckFailed("the importance-weighted search requantized no MatMul of the builder's graph",
                               hint="use --int4-algorithm rtn; this builder version quantizes in a way edgetune does not stream")
+        if requantize.skipped:  # kept RTN's values: said, and listed in results.quantization.imatrix.skipped
+            console.warn(f"{algorithm}: {len(requantize.skipped)} of {len(requantize.skipped) + len(requantize.done)} MatMuls "
+                         f"kept RTN's values (no calibration input was found for them; first: {requantize.skipped[0]})")
     if plan:
         from .mixed import finish_mixed
 

@@ -508,11 +508,20 @@ class Requantizer:
         self.skipped: list[str] = []
 
     def module_of(self, node_name: str) -> str | None:
+        """The HF linear whose input the builder node reads (the first part of a packed node: they share it), as the
+        calibration pass named it: a part the builder split off a checkpoint's packed linear (Phi-3 / Phi-4-mini's
+        q/k/v of ``qkv_proj``, gate/up of ``gate_up_proj``) reads the packed one's input."""
         from .mixed import base_name
-        from .packed import hf_linears
+        from .packed import PART_OF, hf_linears
 
         parts = hf_linears(base_name(node_name))
-        return parts[0] if parts and parts[0] in self.importance else None
+        if not parts:
+            return None
+        if parts[0] in self.importance:
+            return parts[0]
+        prefix, _, proj = parts[0].rpartition(".")
+        packed = f"{prefix}.{PART_OF[proj]}" if proj in PART_OF else None
+        return packed if packed in self.importance else None
 
     def __call__(self, node_name: str, weight_kn: np.ndarray, proto: Any) -> bool:
         from onnx import numpy_helper
