@@ -383,12 +383,16 @@ def test_sliced_quantization_is_the_one_shot(method, symmetric, bits):
         assert a[name].tobytes() == b[name].tobytes(), name
 
 
-@pytest.mark.parametrize("family, precision, int4", [("phi3", "int4", {"algorithm": "rtn", "lm_head": "int8"}),
-                                                     ("qwen2", "int4", {"algorithm": "k_quant"}), ("gemma2", "int8", None)])
-def test_streamed_quantization_is_the_builders_own(family, precision, int4, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, precision, int4, mixed", [
+    ("phi3", "int4", {"algorithm": "rtn", "lm_head": "int8"}, None), ("qwen2", "int4", {"algorithm": "k_quant"}, None),
+    ("gemma2", "int8", None, None),
+    # mixed precision's 8-bit nodes: streamed too (quantized after the build, the graph was loaded whole in fp32)
+    ("llama", "int4", {"algorithm": "rtn", "lm_head": "int8", "symmetric": False, "accuracy_level": 4, "int8_block_size": 64},
+     {"modules": ["v_proj", "down_proj"]})])
+def test_streamed_quantization_is_the_builders_own(family, precision, int4, mixed, tmp_path, monkeypatch):
     """int4/int8 exports quantize the MatMuls one weight at a time (llm.stream_quant: the builder's own pass holds the
     whole model in fp32, 23 GiB for a 3.8B model), the largest in column slices: the graph and every tensor must be
-    the builder pass's, byte for byte."""
+    the builder pass's (and the 8-bit pass's after it), byte for byte."""
     import onnx
 
     from edgetune.export.decoder import stream_quant
@@ -403,11 +407,30 @@ def test_streamed_quantization_is_the_builders_own(family, precision, int4, tmp_
     sliced = []
     real_slices = stream_quant.slice_columns
     monkeypatch.setattr(stream_quant, "slice_columns", lambda *a: sliced.append(real_slices(*a)) or sliced[-1])
-    streamed = export(src, tmp_path / "streamed", target="cpu-x86", precision=precision, int4=int4)
+    excluded = []
+    real_quantize = stream_quant.quantize_weight
+    monkeypatch.setattr(stream_quant, "quantize_weight",
+                        lambda w, names, **kw: (excluded.append(names[0]) if names[0] in stream_quant.EXCLUDED else None)
+                        or real_quantize(w, names, **kw))
+    streamed = export(src, tmp_path / "streamed", target="cpu-x86", precision=precision, int4=int4, mixed=mixed)
     monkeypatch.setattr(stream_quant, "ENABLED", False)
-    builders = export(src, tmp_path / "builder", target="cpu-x86", precision=precision, int4=int4)
+    builders = export(src, tmp_path / "builder", target="cpu-x86", precision=precision, int4=int4, mixed=mixed)
+    eight = json.loads((streamed / "edgetune.json").read_text())["results"]["quantization"].get("mixed") or {}
+    assert sorted(excluded) == sorted(eight.get("layers", [])) and len(excluded) == (8 if mixed else 0), excluded
     assert done and done[0] >= 4 * 4, done  # every layer's projections at least
     assert 0 in sliced and any(sliced), sliced  # some weights sliced, some not
-    a, b = (onnx.load(str(d / "model.onnx"), load_external_data=False) for d in (streamed, builders))
-    assert a.graph == b.graph  # nodes, attributes, initializer names and external-data offsets
-    assert (streamed / "model.onnx.data").read_bytes() == (builders / "model.onnx.data").read_bytes()
+    if not mixed:
+        a, b = (onnx.load(str(d / "model.onnx"), load_external_data=False) for d in (streamed, builders))
+        assert a.graph == b.graph  # nodes, attributes, initializer names and external-data offsets
+        assert (streamed / "model.onnx.data").read_bytes() == (builders / "model.onnx.data").read_bytes()
+        return
+    # the 8-bit pass after the build wrote its nodes' tensors elsewhere in the file and shape annotations the
+    # builder does not: the same nodes in the same order, and every tensor the same bytes under the same name
+    from onnx import numpy_helper
+
+    a, b = (onnx.load(str(d / "model.onnx")) for d in (streamed, builders))
+    assert list(a.graph.node) == list(b.graph.node)
+    ta, tb = ({t.name: numpy_helper.to_array(t) for t in m.graph.initializer} for m in (a, b))
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and ta[name].tobytes() == tb[name].tobytes(), name

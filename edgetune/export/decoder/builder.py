@@ -375,7 +375,8 @@ def _build_quantized(model_dir: Path, out: Path, cache: Path, t, precision: str,
             extra = {**extra, "nodes_to_exclude": ",".join(filter(None, [extra.get("nodes_to_exclude"), *plan["layers"]]))}
         if requantize:
             requantize.done.clear()
-        build(src, out, precision, ep, cache, extra)
+        with stream_quant.quantizing_excluded(_eight_bit_settings(plan, q, t) if plan else {}):
+            build(src, out, precision, ep, cache, extra)
     shutil.rmtree(cache / "correlations", ignore_errors=True)  # GPTQ's spilled inputs, if any: ours, and large
     if requantize:
         qinfo["imatrix"] = requantize.summary()
@@ -391,6 +392,14 @@ def _build_quantized(model_dir: Path, out: Path, cache: Path, t, precision: str,
         with console.step(f"mixed precision: {len(plan['layers'])} MatMuls at 8 bits"), console.results_only_stdout():
             qinfo["mixed"] = finish_mixed(out, plan, q=q, execution_provider=t.runtime.execution_provider)
     return qinfo, parity, head_scales
+
+
+def _eight_bit_settings(plan: dict, q: dict, t) -> dict[str, dict[str, Any]]:
+    """Mixed precision's 8-bit MatMuls as the streamed pass quantizes them (:mod:`.stream_quant`), with the settings
+    :func:`.mixed.finish_mixed` would give them after the build (which then only checks them)."""
+    level = kernels.eight_bit_level(q["accuracy_level"], t.runtime.execution_provider)
+    own = {"bits": 8, "block_size": int8_block_size(q), "is_symmetric": q["symmetric"], "accuracy_level": level or None}
+    return {name: own for name in plan["layers"]}
 
 
 def _head_block(model_dir: Path, q: dict) -> int:

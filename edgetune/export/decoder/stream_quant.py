@@ -15,6 +15,13 @@ with the same settings, so the tensors are the same: a test compares both export
 initializer. Used only where the builder's pass is one per-node pass (no mixed-precision passes, no
 exact-quantization overrides, no CUDA prepacking); anything else is left to the builder unchanged.
 
+Mixed precision's 8-bit MatMuls (``--mixed-8bit``, the v/down rule of cpu-x86's default recipe) are excluded from
+the builder's pass and were quantized after it (:func:`edgetune.export.decoder.mixed.finish_mixed`): the builder
+wrote them in fp32 with the whole graph, and that pass loaded the graph again, weights and all, to quantize them
+(a Phi-3-mini-shaped 3.9B export: 4.4 GB of fp32 v/down, ~40 s at up to 17.6 GiB resident). Named in
+:func:`quantizing_excluded`, they are quantized here, one at a time, with the settings that pass would use (a test
+compares both exports tensor by tensor); the pass after the build then finds none left and only checks them.
+
 A weight larger than :data:`CHUNK_BYTES` in fp32 (the tied 152k x 1536 head of Qwen2.5-1.5B is 0.93 GB) is
 quantized in slices of output columns: every block of MatMulNBits lies within one column (blocks run
 along K), so each slice's packed weights, scales and zero points are rows of the whole weight's, and the
@@ -35,6 +42,11 @@ CHUNK_BYTES = 64 << 20  # a weight above this (fp32) is quantized in slices of o
 # set by `requantizing`: called with (node name, fp32 weight [K, N], the quantizer's one-node ModelProto) to
 # replace the RTN values in place (edgetune.export.decoder.imatrix.Requantizer); None: the builder's values as they are
 REQUANTIZE: Any = None
+# set by `quantizing_excluded`: builder node name -> the quantizer's own settings (bits, block_size, is_symmetric,
+# accuracy_level) for MatMuls the builder was told to leave float that are quantized here all the same, as onnxruntime's
+# default RTN writes them (mixed precision's 8-bit nodes: quantized after the build, they were materialized in fp32
+# with the whole graph, the export's peak for a 3.8B model)
+EXCLUDED: dict[str, dict[str, Any]] = {}
 # the builder's own quantization methods (its `quant_config.weights.method`, not edgetune's algorithm names)
 # whose `to_nbits` is one pass in which each MatMul is quantized on its own
 BUILDER_PER_NODE_METHODS = frozenset({"default", "k_quant", "rtn"})
@@ -49,6 +61,18 @@ def requantizing(fn: Any) -> Iterator[None]:
         yield
     finally:
         REQUANTIZE = prev
+
+
+@contextmanager
+def quantizing_excluded(settings: dict[str, dict[str, Any]]) -> Iterator[None]:
+    """Within this block, the excluded MatMuls named in ``settings`` are quantized in the streamed pass with those
+    settings (RTN, QOperator, never handed to :data:`REQUANTIZE`)."""
+    global EXCLUDED
+    prev, EXCLUDED = EXCLUDED, dict(settings)
+    try:
+        yield
+    finally:
+        EXCLUDED = prev
 
 
 def applies(model: Any) -> bool:
@@ -70,7 +94,10 @@ def prequantize(model: Any, quantizer_cls: Any, quant_format: Any) -> int:
     graph = model.model.graph
     done = 0
     for node in list(graph):
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.name in exclude or len(node.inputs) != 2:
+        own = EXCLUDED.get(node.name)
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        if node.name in exclude and own is None:
             continue
         act, weight = node.inputs
         if weight is None or weight.const_value is None or not weight.is_initializer() or len(weight.uses()) != 1:
@@ -86,10 +113,13 @@ def prequantize(model: Any, quantizer_cls: Any, quant_format: Any) -> int:
         settings = dict(quantizer_cls=quantizer_cls, quant_format=quant_format, algo=algo, bits=attrs["bits"],
                         block_size=attrs["matmul_block_size"], is_symmetric=attrs["is_symmetric"],
                         accuracy_level=attrs["accuracy_level"])
-        step = 0 if REQUANTIZE is not None else slice_columns(array.shape, quant_format)
+        if own is not None:  # as quantize.quantize_matmuls_in would after the build: the quantizer's defaults
+            settings = dict(settings, quant_format=type(quant_format).QOperator, algo=None, **own)
+        requantize = REQUANTIZE if own is None else None
+        step = 0 if requantize is not None else slice_columns(array.shape, settings["quant_format"])
         quantized = quantize_weight(array, names, step=step, **settings)
-        if REQUANTIZE is not None:
-            REQUANTIZE(node.name, array, quantized)
+        if requantize is not None:
+            requantize(node.name, array, quantized)
         del array
         one = ir.from_proto(quantized)
         del quantized
