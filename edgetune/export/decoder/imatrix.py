@@ -33,8 +33,10 @@ so the *output* error ``tr(dW H dW^T)`` is what is minimized, cross terms includ
 each block's scale and zero point taken from the importance-weighted search when the block's first column is
 reached (on the weights as the earlier columns' errors left them), so the integers, scales and zero points have
 the same layout as before and the graph is still RTN's node for node. Cost: H per distinct linear input
-(K x K, accumulated in float64: 27 MB per SmolLM2 layer, refused before it outgrows half the free memory) and a K-step loop per
-linear (SmolLM2-135M: ~2 min on 2 cores).
+(K x K, accumulated in float64: 27 MB per SmolLM2 layer; kept in memory when they all fit half of what is free, else
+the inputs are spilled to disk and each H computed when its linear is reached: :func:`collect_hessians`), one
+Cholesky and triangular solve per H, and a K-step loop per linear whose per-block scale search is most of the time
+(docs/llm.md, "Named recipes": what it costs on 0.1-4B models).
 
 GPTQ fits H to the calibration texts, and off their domain it can do worse than the plain search (docs/llm.md:
 calibrated on tinyshakespeare, GPTQ's usual 1 % dampening took the demo fine-tune from +11.0 % to +4.6 % perplexity
