@@ -417,6 +417,9 @@ def test_streamed_quantization_is_the_builders_own(family, precision, int4, mixe
     builders = export(src, tmp_path / "builder", target="cpu-x86", precision=precision, int4=int4, mixed=mixed)
     eight = json.loads((streamed / "edgetune.json").read_text())["results"]["quantization"].get("mixed") or {}
     assert sorted(excluded) == sorted(eight.get("layers", [])) and len(excluded) == (8 if mixed else 0), excluded
+    if mixed:  # none left for the pass after the build when streamed; all of them when not
+        after = json.loads((builders / "edgetune.json").read_text())["results"]["quantization"]["mixed"]
+        assert eight["quantized_after_build"] == 0 and after["quantized_after_build"] == 8, (eight, after)
     assert done and done[0] >= 4 * 4, done  # every layer's projections at least
     assert 0 in sliced and any(sliced), sliced  # some weights sliced, some not
     if not mixed:

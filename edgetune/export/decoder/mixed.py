@@ -281,5 +281,7 @@ def finish_mixed(folder: Path, plan: dict, *, q: dict, execution_provider: str) 
             s = scores.get(r["node"])
             r["why"] = f"{r['bits']}-bit: " + (f"sensitivity rank {s['rank']}, score {s['score']:.3g}" if s else "not ranked")
     sens = plan.get("sensitivity") or {}
-    return {"layers": plan["layers"], "how": plan["how"], "accuracy_level_8bit": level, "block_size_8bit": block, "widths": layers,
+    # quantized_after_build: how many this pass quantized (0 where the build's streamed pass did them all)
+    return {"layers": plan["layers"], "how": plan["how"], "quantized_after_build": len(done), "accuracy_level_8bit": level,
+            "block_size_8bit": block, "widths": layers,
             "sensitivity": {k: v for k, v in sens.items() if k != "ranking"} | {"ranking": sens.get("ranking")} if sens else None}
