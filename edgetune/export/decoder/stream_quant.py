@@ -44,8 +44,8 @@ CHUNK_BYTES = 64 << 20  # a weight above this (fp32) is quantized in slices of o
 REQUANTIZE: Any = None
 # set by `quantizing_excluded`: builder node name -> the quantizer's own settings (bits, block_size, is_symmetric,
 # accuracy_level) for MatMuls the builder was told to leave float that are quantized here all the same, as onnxruntime's
-# default RTN writes them (mixed precision's 8-bit nodes: quantized after the build, they were materialized in fp32
-# with the whole graph, the export's peak for a 3.8B model)
+# default RTN writes them (mixed precision's 8-bit nodes, which a pass after the build quantized by loading the whole
+# graph again)
 EXCLUDED: dict[str, dict[str, Any]] = {}
 # the builder's own quantization methods (its `quant_config.weights.method`, not edgetune's algorithm names)
 # whose `to_nbits` is one pass in which each MatMul is quantized on its own
