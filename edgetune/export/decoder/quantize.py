@@ -122,13 +122,14 @@ def quantize_matmuls_in(folder: Path, select: Callable[[str], bool], *, bits: in
     """The float MatMuls of a saved export whose names ``select`` takes -> MatMulNBits with ``bits`` (onnxruntime's
     quantizer, RTN); returns their names (one whose weight is computed is skipped). Every other MatMul stays as it is."""
     mnq = require("onnxruntime.quantization.matmul_nbits_quantizer", purpose=f"{bits}-bit MatMulNBits")
-    graph = onnx_graph.read(folder / "model.onnx").graph  # the weights are loaded only if there is work
-    inits = {i.name for i in graph.initializer}
-    if not any(n.op_type == "MatMul" and select(n.name) and n.input[1] in inits for n in graph.node):
-        return []
-    del graph
-    model = onnx_graph.load(folder / "model.onnx")
+    from onnx.external_data_helper import load_external_data_for_model
+
+    model = onnx_graph.read(folder / "model.onnx")  # the weights are loaded only if there is work
+    inits = {i.name for i in model.graph.initializer}
     present = [n.name for n in model.graph.node if n.op_type == "MatMul" and select(n.name) and n.input[1] in inits]
+    if not present:
+        return []
+    load_external_data_for_model(model, str(folder))
     # onnxruntime 1.32's MatMulNBitsQuantizer quantizes a node when it is in nodes_to_include *or* of a
     # quantizable op type, so nodes_to_include alone does not restrict it: every other float MatMul (a head left
     # float for its own step, the LoRA branches of a float or runtime adapter) must be excluded by name.
